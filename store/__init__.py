@@ -1,0 +1,29 @@
+"""claypot's object store.
+
+    from store import StorageObject, LocalCluster
+
+    class Counter(StorageObject):
+        def __init__(self):
+            self.value = 0
+        def incr(self):
+            self.value += 1
+            return self.value
+
+    with LocalCluster(backends=2):
+        c = Counter()
+        c.make_persistent(alias="c")
+        c.incr()          # runs on the backend that holds c
+"""
+
+from . import errors
+from .api import (BackendStatus, backends, client, connect, delete_alias, disconnect, getByID,
+                  get_by_alias, get_by_id, get_locations, make_persistent_many)
+from .cluster import LocalCluster
+from .config import Settings
+from .objects import StorageObject, readonly
+
+__all__ = [
+    "StorageObject", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
+    "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
+    "delete_alias", "get_locations", "make_persistent_many",
+]

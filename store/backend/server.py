@@ -1,0 +1,479 @@
+"""The backend process: a gRPC server over the heap.
+
+The servicer is thin: each RPC decodes its request, calls the heap (or the
+directory), and encodes the answer. Errors travel inside replies (an
+``Error`` message), so a user exception keeps its type; gRPC status codes
+are left for transport problems and the token check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+
+from .. import objects as objmod, wire
+from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
+from ..config import Settings, parse_memory_limit
+from ..directory import Directory
+from ..errors import ClaypotError, ObjectNotFound, ProtocolError, SerializationError
+from ..generated import claypot_pb2 as pb
+from ..generated import claypot_pb2_grpc as pb_grpc
+from ..serialization import dumps, loads
+from .heap import CodeCache, Heap
+from .storage import Storage
+
+log = logging.getLogger("claypot.backend")
+
+_OPEN_METHODS = {"/claypot.v1.Backend/Ping"}
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call but Ping whose metadata lacks the cluster token.
+
+    It runs before the request is deserialized, so no byte of an
+    unauthenticated call is ever unpickled.
+    """
+
+    def __init__(self, token: str):
+        self._token = token
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing claypot token")
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
+        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if not self._token or details.method in _OPEN_METHODS:
+            return continuation(details)
+        for key, value in details.invocation_metadata:
+            if key == TOKEN_HEADER and value == self._token:
+                return continuation(details)
+        if details.method.endswith("Stream"):
+            return self._deny_stream
+        if details.method.endswith("FetchResult"):
+            return self._deny_unary_stream
+        return self._deny_unary
+
+
+def _error_reply(cls, exc: BaseException):
+    return cls(error=wire.error_to_pb(exc))
+
+
+class PendingResults:
+    """Large results waiting to be fetched as a stream (kept at most ``ttl`` seconds)."""
+
+    def __init__(self, ttl: float = 120.0):
+        self._items: dict[str, tuple[float, bytes, list]] = {}
+        self._lock = threading.Lock()
+        self.ttl = ttl
+
+    def put(self, payload, buffers) -> str:
+        handle = uuid.uuid4().hex
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, v in self._items.items() if now - v[0] > self.ttl]:
+                del self._items[key]
+            self._items[handle] = (now, payload, buffers)
+        return handle
+
+    def take(self, handle: str):
+        with self._lock:
+            item = self._items.pop(handle, None)
+        if item is None:
+            raise ObjectNotFound("unknown or expired result handle")
+        return item[1], item[2]
+
+
+class BackendServicer(pb_grpc.BackendServicer):
+    """Thin gRPC layer over a Backend."""
+
+    def __init__(self, backend: "Backend"):
+        self.b = backend
+        self.heap = backend.heap
+        self.directory = backend.directory
+        self.settings = backend.settings
+        self.pending = PendingResults()
+
+    # -- identity and directory ---------------------------------------------------
+    def Ping(self, request, context):
+        return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
+                            host=self.b.host, pid=os.getpid())
+
+    def Resolve(self, request, context):
+        try:
+            oid = request.object_id if request.WhichOneof("key") == "object_id" else \
+                self.directory.resolve_alias(request.alias)
+            entry = self.directory.lookup(oid)
+            return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
+                                                    backend_id=entry.backend_id))
+        except Exception as exc:
+            return _error_reply(pb.ResolveReply, exc)
+
+    def ListBackends(self, request, context):
+        infos = []
+        for b in self.directory.backends():
+            infos.append(pb.BackendInfo(
+                backend_id=b["backend_id"], address=b.get("address", ""), host=b.get("host", ""),
+                pid=b.get("pid", 0), up=b["up"], objects=b.get("objects", 0),
+                memory_bytes=b.get("memory_bytes", 0),
+                resident_objects=b.get("resident_objects", 0),
+                running_tasks=b.get("running_tasks", 0)))
+        return pb.ListBackendsReply(backends=infos)
+
+    def RegisterCode(self, request, context):
+        try:
+            self.directory.put_code(request.key, request.code)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def GetCode(self, request, context):
+        code = self.directory.get_code(request.key)
+        if code is None:
+            return _error_reply(pb.GetCodeReply, ObjectNotFound(f"no code {request.key}"))
+        return pb.GetCodeReply(code=code)
+
+    def SetAlias(self, request, context):
+        try:
+            self.directory.set_alias(request.alias, request.object_id)
+            if self.heap.has(request.object_id):
+                self.heap.set_alias(request.object_id, request.alias)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def DeleteAlias(self, request, context):
+        try:
+            oid = self.directory.delete_alias(request.alias)
+            if self.heap.has(oid):
+                self.heap.set_alias(oid, "")
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    # -- objects --------------------------------------------------------------------
+    def Persist(self, request, context):
+        try:
+            items = [(o.object_id, o.class_key, o.state.payload, list(o.state.buffers), o.alias)
+                     for o in request.objects]
+            self.heap.persist(items, adopt=request.adopt)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def PersistStream(self, request_iterator, context):
+        try:
+            header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
+                                                 self.b.max_value_size)
+            streamed = iter(values)
+            items = []
+            for o in header.objects:
+                if o.state.payload:
+                    payload, buffers = o.state.payload, list(o.state.buffers)
+                else:
+                    payload, buffers = next(streamed)
+                items.append((o.object_id, o.class_key, payload, buffers, o.alias))
+            self.heap.persist(items, adopt=header.adopt)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def Call(self, request, context):
+        return self._call(request, request.args.payload, list(request.args.buffers))
+
+    def CallStream(self, request_iterator, context):
+        try:
+            header, values = wire.receive_stream(request_iterator, pb.CallRequest,
+                                                 self.b.max_value_size)
+        except Exception as exc:
+            return _error_reply(pb.CallReply, exc)
+        payload, buffers = values[0] if values else (header.args.payload, [])
+        return self._call(header, payload, buffers)
+
+    def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
+        set_chain(request.chain_id or uuid.uuid4().hex)
+        chain = request.chain_id
+        try:
+            if request.kind == pb.TASK:
+                result = self.b.run_task(request, payload, buffers)
+            else:
+                if not self.heap.has(request.object_id):
+                    moved = self.heap.moved.get(request.object_id)
+                    raise ObjectNotFound(
+                        f"object {request.object_id} is not on backend {self.b.backend_id}"
+                        + (f" (moved to {moved})" if moved else ""))
+                ctx = self.heap.unpickle_context()
+                if request.kind == pb.SET_ATTR:
+                    args, kwargs = (loads(payload, buffers, ctx),), {}
+                elif payload:
+                    args, kwargs = loads(payload, buffers, ctx)
+                else:
+                    args, kwargs = (), {}
+                result = self.heap.invoke(request.object_id, request.kind, request.name,
+                                          args, kwargs, chain)
+            return self._reply(result, chain)
+        except Exception as exc:
+            return _error_reply(pb.CallReply, exc)
+        finally:
+            set_chain(None)
+
+    def _reply(self, result, chain: str) -> pb.CallReply:
+        if result is None:
+            return pb.CallReply()
+        payload, buffers = dumps(result, self.heap.pickle_context(chain))
+        size = wire.total_size(payload, buffers)
+        if size <= self.settings.inline_limit:
+            return pb.CallReply(result=wire.inline_value(payload, buffers))
+        return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
+
+    def FetchResult(self, request, context):
+        try:
+            payload, buffers = self.pending.take(request.result_handle)
+        except Exception as exc:
+            yield pb.Chunk(header=_error_reply(pb.CallReply, exc).SerializeToString())
+            return
+        value, blobs = wire.streamed_value(payload, buffers)
+        yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
+                                     self.settings.chunk_size)
+
+    def Delete(self, request, context):
+        try:
+            self.heap.drop(request.object_id)
+            self.directory.forget(request.object_id)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def Move(self, request, context):
+        try:
+            self.b.move(request.object_id, request.target_backend_id)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    # -- other languages ---------------------------------------------------------------
+    def CallJson(self, request, context):
+        try:
+            if request.WhichOneof("target") == "alias":
+                oid = self.directory.resolve_alias(request.alias)
+            else:
+                oid = request.object_id
+            entry = self.directory.lookup(oid)
+            try:
+                if request.kind == pb.SET_ATTR:
+                    args, kwargs = (json.loads(request.args_json),), {}
+                else:
+                    args = tuple(json.loads(request.args_json)) if request.args_json else ()
+                    kwargs = json.loads(request.kwargs_json) if request.kwargs_json else {}
+            except (ValueError, TypeError) as exc:
+                raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
+            if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
+                raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
+            proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
+                                      entry.class_key, entry.backend_id)
+            result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
+            try:
+                text = json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise SerializationError(f"result is not JSON-encodable: {exc}") from None
+            return pb.JsonCallReply(result_json=text)
+        except Exception as exc:
+            err = wire.error_to_pb(exc)
+            err.pickled = b""  # other languages get type, message and traceback only
+            return pb.JsonCallReply(error=err)
+
+
+class Backend:
+    """One backend: storage, heap, directory registration, gRPC server."""
+
+    def __init__(self, settings: Settings):
+        if not settings.data_dir:
+            raise ClaypotError("a backend needs a data dir")
+        if not settings.redis:
+            raise ClaypotError("a backend needs a Redis URL (--redis)")
+        self.settings = settings
+        self.host = socket.gethostname()
+        self.directory = Directory(settings.redis, timeout=settings.admin_timeout)
+        self.directory.wait_ready(settings.admin_timeout)
+        self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval)
+        self.backend_id = self.storage.backend_id
+        self.code = CodeCache(self.directory.get_code)
+        limit = parse_memory_limit(settings.memory_limit)
+        self.memory_limit = limit
+        self.max_value_size = 0
+        budget = 0
+        if limit:
+            import psutil
+            base = psutil.Process().memory_info().rss
+            budget = max(limit - base - 32 * 1024 * 1024, limit // 4)
+        self.heap = Heap(self.backend_id, self.storage, self.code, self.directory,
+                         big_object=settings.big_object, memory_budget=budget)
+        self.client = Client(address="127.0.0.1:1", token=settings.token, settings=settings)
+        self.client.local = self.heap
+        self.client.local_id = self.backend_id
+        objmod.set_dispatcher(self.client)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.server_threads,
+                                       thread_name_prefix="rpc"),
+            interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
+        pb_grpc.add_BackendServicer_to_server(BackendServicer(self), self.server)
+        port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if port == 0:
+            raise ClaypotError(f"cannot listen on {settings.host}:{settings.port}")
+        self.address = f"{settings.host}:{port}"
+        self.client._gateways = [self.address]
+        self._stop = threading.Event()
+        self._epoch: str | None = None
+        self.started = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self.storage.start()
+        self.server.start()
+        self._epoch = self.directory.epoch()
+        if self._epoch is None:
+            self._epoch = self.directory.ensure_epoch()
+            self.republish()
+        self._heartbeat()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        log.info("backend %s serving on %s", self.backend_id, self.address)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        try:
+            self.directory.unregister_backend(self.backend_id)
+        except Exception:
+            pass
+        self.server.stop(grace).wait(grace + 1)
+        self.storage.close()
+
+    def _stats(self) -> dict:
+        import psutil
+        return {"address": self.address, "host": self.host, "pid": os.getpid(),
+                "started": self.started, "objects": self.heap.count(),
+                "resident_objects": self.heap.resident_count(),
+                "memory_bytes": psutil.Process().memory_info().rss,
+                "running_tasks": self.heap.running_tasks,
+                "durability": self.settings.durability}
+
+    def _heartbeat(self) -> None:
+        self.directory.register_backend(self.backend_id, self._stats(),
+                                        self.settings.heartbeat_ttl)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                epoch = self.directory.epoch()
+                if epoch != self._epoch:
+                    # Redis lost data (restart without persistence, or a wipe):
+                    # publish this backend's part of the directory again.
+                    self._epoch = self.directory.ensure_epoch()
+                    self.republish()
+                self._heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def republish(self) -> int:
+        """Claim every object stored here, with its alias, in the directory."""
+        entries = [(oid, self.backend_id, key, alias)
+                   for oid, key, alias in self.storage.scan_headers()]
+        for i in range(0, len(entries), 1000):
+            batch = entries[i:i + 1000]
+            try:
+                self.directory.claim(batch)
+            except ClaypotError:
+                for e in batch:  # an alias taken meanwhile: keep the object, drop the alias
+                    try:
+                        self.directory.claim([e])
+                    except ClaypotError:
+                        self.directory.claim([(e[0], e[1], e[2], "")])
+        return len(entries)
+
+    # -- operations that span backends ---------------------------------------------------
+    def move(self, object_id: str, target: str) -> None:
+        if target == self.backend_id:
+            return
+        entry = self.heap.entry(object_id)
+        chain = "move:" + uuid.uuid4().hex
+        entry.lock.acquire(chain, None)
+        try:
+            key, alias, payload, buffers = self.heap.export(object_id, chain)
+            self.client._send_persist(
+                target, [pb.PersistObject(object_id=object_id, class_key=key, alias=alias)],
+                [(payload, buffers)], adopt=True)
+            self.directory.move(object_id, target)
+            self.heap.drop(object_id, moved_to=target)
+        finally:
+            entry.lock.release()
+
+    def run_task(self, request: pb.CallRequest, payload, buffers):
+        fn = self.code.get(request.name)
+        args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
+            else ((), {})
+        return self.heap.run_task(fn, args, kwargs, list(request.mutates), request.chain_id,
+                                  request.timeout)
+
+    def serve_forever(self) -> None:
+        def on_term(signum, frame):
+            self._stop.set()
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        self.start()
+        while not self._stop.wait(0.5):
+            pass
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``claypot backend``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="claypot backend", description="Run one claypot backend.")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--redis")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--token")
+    p.add_argument("--durability", choices=["sync", "async", "none"])
+    p.add_argument("--flush-interval", type=float)
+    p.add_argument("--memory-limit")
+    p.add_argument("--ready-file", help="write the address here once serving")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CLAYPOT_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
+                                 token=a.token, durability=a.durability,
+                                 flush_interval=a.flush_interval, memory_limit=a.memory_limit)
+    backend = Backend(settings)
+    if a.ready_file:
+        def announce():
+            tmp = a.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"address": backend.address, "backend_id": backend.backend_id,
+                           "pid": os.getpid()}, f)
+            os.replace(tmp, a.ready_file)
+        threading.Timer(0, lambda: None).start()
+        backend.start()
+        announce()
+        def on_term(signum, frame):
+            backend._stop.set()
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        while not backend._stop.wait(0.5):
+            pass
+        backend.stop()
+    else:
+        backend.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

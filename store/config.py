@@ -1,0 +1,122 @@
+"""The one place for claypot's defaults.
+
+Every field can be overridden by an environment variable ``CLAYPOT_<FIELD>``
+(upper case) and, for the backend, by a command-line flag of the same name.
+The README's configuration table lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """claypot settings. Build with ``Settings.from_env(**overrides)``."""
+
+    # Connection
+    address: str = ""                 # a backend to connect to, host:port
+    token: str = ""                   # shared secret every call carries
+    redis: str = ""                   # redis:// URL of the directory; empty: embedded
+    # Deadlines (seconds)
+    call_timeout: float = 600.0       # a method call or task
+    admin_timeout: float = 10.0       # directory questions, persist of small objects
+    reconnect_timeout: float = 10.0   # how long to retry a backend that refuses connections
+    stream_min_rate: float = 50 * MiB  # bytes/s a stream must sustain; scales its deadline
+    # Data path
+    inline_limit: int = 1 * MiB       # values larger than this are streamed
+    chunk_size: int = 4 * MiB         # stream chunk size
+    # Backend
+    data_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    durability: str = "sync"          # sync | async | none
+    flush_interval: float = 1.0       # async: dirty objects are flushed within this
+    big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints
+    memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
+    server_threads: int = 64
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        """Defaults, then ``CLAYPOT_*`` variables, then explicit overrides."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("CLAYPOT_" + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.durability not in ("sync", "async", "none"):
+            raise ConfigurationError(
+                f"durability must be sync, async or none, not {self.durability!r}")
+        if self.chunk_size < 64 * 1024 or self.chunk_size > 64 * MiB:
+            raise ConfigurationError("chunk_size must be between 64 KiB and 64 MiB")
+        if self.inline_limit > 3 * MiB:
+            raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
+        parse_memory_limit(self.memory_limit)
+
+    def stream_deadline(self, nbytes: int) -> float:
+        """Deadline for moving ``nbytes``: the admin timeout plus time at the minimum rate."""
+        return self.admin_timeout + nbytes / self.stream_min_rate
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
+                                                      "bool": bool}.get(str(f.type), str)
+    try:
+        if kind is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"CLAYPOT_{f.name.upper()}={raw!r}: {exc}") from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6,
+          "mib": MiB, "g": 10**9, "gb": 10**9, "gib": 1024 * MiB}
+
+
+def parse_memory_limit(text: str, total: int | None = None) -> int:
+    """Bytes from '268435456', '256MiB', '2GB' or a fraction of the machine like '0.25'.
+
+    Returns 0 for no limit.
+    """
+    text = (text or "").strip().lower()
+    if not text:
+        return 0
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None:
+        if 0 < value < 1:
+            if total is None:
+                import psutil
+                total = psutil.virtual_memory().total
+            return int(value * total)
+        if value >= 1:
+            return int(value)
+        raise ConfigurationError(f"memory limit must be positive: {text!r}")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(num):].strip()
+    if unit not in _UNITS or not num:
+        raise ConfigurationError(f"cannot read memory limit {text!r} (try 256MiB or 0.25)")
+    return int(float(num) * _UNITS[unit])
+
+
+__all__ = ["Settings", "parse_memory_limit", "MiB"]

@@ -1,0 +1,233 @@
+"""The directory: claypot's metadata in Redis.
+
+Keys (all under a prefix, ``claypot:`` by default):
+
+    objects   hash  object id -> "backend_id|class_key|alias"
+    aliases   hash  alias -> object id
+    backends  hash  backend id -> JSON (address, host, pid, stats)
+    alive:<backend id>  string with a TTL, refreshed by the backend's heartbeat
+    code      hash  code key -> cloudpickle of a class or task function
+    epoch     string set once per directory; its absence means Redis lost data
+
+Only backends talk to Redis; clients ask a backend. Updates that must be
+atomic (claiming a batch of ids and aliases, moving an object) are Lua
+scripts, so a failed batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+
+from .errors import AliasExists, AliasNotFound, ConfigurationError, ObjectNotFound
+
+_CLAIM = """
+local objects, aliases = KEYS[1], KEYS[2]
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local oid, alias = ARGV[2 + i * 3], ARGV[4 + i * 3]
+  if alias ~= '' then
+    local owner = redis.call('HGET', aliases, alias)
+    if owner and owner ~= oid then return {'alias', alias} end
+  end
+end
+for i = 0, n - 1 do
+  local oid, value, alias = ARGV[2 + i * 3], ARGV[3 + i * 3], ARGV[4 + i * 3]
+  redis.call('HSET', objects, oid, value)
+  if alias ~= '' then redis.call('HSET', aliases, alias, oid) end
+end
+return {'ok', ''}
+"""
+
+_SET_ALIAS = """
+local owner = redis.call('HGET', KEYS[2], ARGV[1])
+if owner and owner ~= ARGV[2] then return 'taken' end
+local entry = redis.call('HGET', KEYS[1], ARGV[2])
+if not entry then return 'missing' end
+local b, c, old = string.match(entry, '^([^|]*)|([^|]*)|(.*)$')
+if old ~= '' and old ~= ARGV[1] then redis.call('HDEL', KEYS[2], old) end
+redis.call('HSET', KEYS[1], ARGV[2], b .. '|' .. c .. '|' .. ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 'ok'
+"""
+
+_DELETE_ALIAS = """
+local oid = redis.call('HGET', KEYS[2], ARGV[1])
+if not oid then return false end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local entry = redis.call('HGET', KEYS[1], oid)
+if entry then
+  local b, c = string.match(entry, '^([^|]*)|([^|]*)|')
+  redis.call('HSET', KEYS[1], oid, b .. '|' .. c .. '|')
+end
+return oid
+"""
+
+_MOVE = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 0 end
+local b, rest = string.match(entry, '^([^|]*)|(.*)$')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. rest)
+return 1
+"""
+
+
+class ObjectEntry(tuple):
+    """(backend_id, class_key, alias) of one object."""
+    __slots__ = ()
+
+    backend_id = property(lambda self: self[0])
+    class_key = property(lambda self: self[1])
+    alias = property(lambda self: self[2])
+
+
+def _entry(raw: bytes | str) -> ObjectEntry:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    backend, key, alias = text.split("|", 2)
+    return ObjectEntry((backend, key, alias))
+
+
+class Directory:
+    """Typed access to the directory keys in Redis."""
+
+    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0):
+        if not url:
+            raise ConfigurationError("the directory needs a Redis URL")
+        self.url = url
+        self.prefix = prefix
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      health_check_interval=30)
+        self.k_objects = prefix + "objects"
+        self.k_aliases = prefix + "aliases"
+        self.k_backends = prefix + "backends"
+        self.k_code = prefix + "code"
+        self.k_epoch = prefix + "epoch"
+        self._claim = self.r.register_script(_CLAIM)
+        self._set_alias = self.r.register_script(_SET_ALIAS)
+        self._delete_alias = self.r.register_script(_DELETE_ALIAS)
+        self._move = self.r.register_script(_MOVE)
+
+    def close(self) -> None:
+        self.r.close()
+
+    # -- epoch: detects a wiped or data-losing Redis ----------------------------
+    def epoch(self) -> str | None:
+        raw = self.r.get(self.k_epoch)
+        return raw.decode() if raw else None
+
+    def ensure_epoch(self) -> str:
+        self.r.set(self.k_epoch, uuid.uuid4().hex, nx=True)
+        return self.epoch() or ""
+
+    # -- objects -------------------------------------------------------------------
+    def claim(self, entries: list[tuple[str, str, str, str]]) -> None:
+        """Register (object_id, backend_id, class_key, alias) entries, all or none.
+
+        Raises AliasExists if an alias belongs to another object.
+        """
+        if not entries:
+            return
+        argv: list[str] = [str(len(entries))]
+        for oid, backend, key, alias in entries:
+            argv += [oid, f"{backend}|{key}|{alias or ''}", alias or ""]
+        status, alias = self._claim(keys=[self.k_objects, self.k_aliases], args=argv)
+        if status == b"alias":
+            raise AliasExists(f"alias {alias.decode()!r} is already taken")
+
+    def lookup(self, object_id: str) -> ObjectEntry:
+        raw = self.r.hget(self.k_objects, object_id)
+        if raw is None:
+            raise ObjectNotFound(f"no object with id {object_id}")
+        return _entry(raw)
+
+    def resolve_alias(self, alias: str) -> str:
+        raw = self.r.hget(self.k_aliases, alias)
+        if raw is None:
+            raise AliasNotFound(f"no object with alias {alias!r}")
+        return raw.decode()
+
+    def forget(self, object_id: str) -> None:
+        """Remove an object and its alias."""
+        raw = self.r.hget(self.k_objects, object_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.k_objects, object_id)
+        if raw is not None:
+            alias = _entry(raw).alias
+            if alias:
+                pipe.hdel(self.k_aliases, alias)
+        pipe.execute()
+
+    def set_alias(self, alias: str, object_id: str) -> None:
+        status = self._set_alias(keys=[self.k_objects, self.k_aliases], args=[alias, object_id])
+        if status == b"taken":
+            raise AliasExists(f"alias {alias!r} is already taken")
+        if status == b"missing":
+            raise ObjectNotFound(f"no object with id {object_id}")
+
+    def delete_alias(self, alias: str) -> str:
+        oid = self._delete_alias(keys=[self.k_objects, self.k_aliases], args=[alias])
+        if oid is None:
+            raise AliasNotFound(f"no object with alias {alias!r}")
+        return oid.decode()
+
+    def move(self, object_id: str, backend_id: str) -> None:
+        if not self._move(keys=[self.k_objects], args=[object_id, backend_id]):
+            raise ObjectNotFound(f"no object with id {object_id}")
+
+    def count_objects(self) -> int:
+        return self.r.hlen(self.k_objects)
+
+    def objects_of(self, backend_id: str) -> dict[str, ObjectEntry]:
+        out = {}
+        for oid, raw in self.r.hscan_iter(self.k_objects, count=1000):
+            e = _entry(raw)
+            if e.backend_id == backend_id:
+                out[oid.decode()] = e
+        return out
+
+    # -- backends ------------------------------------------------------------------
+    def register_backend(self, backend_id: str, info: dict, ttl: float) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.k_backends, backend_id, json.dumps(info))
+        pipe.set(self.prefix + "alive:" + backend_id, "1", px=int(ttl * 1000))
+        pipe.execute()
+
+    def unregister_backend(self, backend_id: str) -> None:
+        self.r.delete(self.prefix + "alive:" + backend_id)
+
+    def backends(self) -> list[dict]:
+        raw = self.r.hgetall(self.k_backends)
+        ids = [k.decode() for k in raw]
+        alive = self.r.mget([self.prefix + "alive:" + i for i in ids]) if ids else []
+        out = []
+        for i, flag in zip(ids, alive):
+            info = json.loads(raw[i.encode()])
+            info["backend_id"] = i
+            info["up"] = flag is not None
+            out.append(info)
+        out.sort(key=lambda b: (b.get("started", 0), b["backend_id"]))
+        return out
+
+    # -- code ------------------------------------------------------------------------
+    def put_code(self, key: str, code: bytes) -> None:
+        self.r.hsetnx(self.k_code, key, code)
+
+    def get_code(self, key: str) -> bytes | None:
+        return self.r.hget(self.k_code, key)
+
+    def has_code(self, key: str) -> bool:
+        return bool(self.r.hexists(self.k_code, key))
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.r.ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -1,0 +1,147 @@
+"""The one exception tree of claypot. Users catch these, never a raw grpc.RpcError.
+
+    ClaypotError
+    ├── ConfigurationError        bad setting, or no cluster to connect to
+    ├── AuthenticationError       missing or wrong token
+    ├── ProtocolError             malformed bytes on the wire
+    ├── SerializationError        a value that cannot be pickled or unpickled
+    │   └── ClassNotFound         a class (or task function) no one can load
+    ├── ValueTooLarge             a value over a documented limit
+    ├── ObjectError
+    │   ├── ObjectNotFound        unknown object id (or deleted)
+    │   ├── AliasNotFound         unknown alias
+    │   ├── AliasExists           alias already taken
+    │   ├── NotPersistent         the operation needs a persistent object
+    │   ├── AlreadyPersistent     make_persistent on a persistent object
+    │   └── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
+    ├── BackendError
+    │   ├── BackendNotFound       unknown backend id
+    │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
+    │   ├── CallInterrupted       the connection broke mid-call: the call may have run
+    │   └── DeadlineExceeded      no answer within the call's deadline
+    ├── TaskError
+    │   ├── TaskCancelled         a task cancelled because a predecessor failed
+    │   └── TaskTimeout           a task ran past its time_out
+    └── RemoteError               user code raised an exception that cannot be rebuilt here
+
+An exception raised by user code in a remote method is re-raised in the
+caller as its own type when it can be unpickled, with the remote traceback
+added as a note; only when it cannot is it wrapped in RemoteError.
+"""
+
+from __future__ import annotations
+
+
+class ClaypotError(Exception):
+    """Base of every error claypot raises."""
+
+
+class ConfigurationError(ClaypotError):
+    """A setting is invalid, or there is no cluster to connect to."""
+
+
+class AuthenticationError(ClaypotError):
+    """The backend refused the call: missing or wrong token."""
+
+
+class ProtocolError(ClaypotError):
+    """A peer sent bytes that are not a valid claypot message."""
+
+
+class SerializationError(ClaypotError):
+    """A value could not be pickled or unpickled."""
+
+
+class ClassNotFound(SerializationError):
+    """A class or task function could not be imported nor found in the code registry."""
+
+
+class ValueTooLarge(ClaypotError):
+    """A value exceeds a documented size limit."""
+
+
+class ObjectError(ClaypotError):
+    """Base for errors about one persistent object."""
+
+
+class ObjectNotFound(ObjectError, LookupError):
+    """No persistent object has this id (never existed or was deleted)."""
+
+
+class AliasNotFound(ObjectError, LookupError):
+    """No persistent object has this alias."""
+
+
+class AliasExists(ObjectError):
+    """The alias is already taken by another object."""
+
+
+class NotPersistent(ObjectError):
+    """The operation needs a persistent object, and this one is not."""
+
+
+class AlreadyPersistent(ObjectError):
+    """make_persistent was called on an object that is already persistent."""
+
+
+class ObjectCorrupt(ObjectError):
+    """The object's stored state is torn or corrupt; the object is quarantined."""
+
+
+class BackendError(ClaypotError):
+    """Base for errors about reaching a backend."""
+
+
+class BackendNotFound(BackendError, LookupError):
+    """No backend has this id."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached; the call did not run."""
+
+
+class CallInterrupted(BackendError):
+    """The connection broke while the call was in flight: it may have run.
+
+    claypot never re-runs such a call by itself; the caller decides.
+    """
+
+
+class DeadlineExceeded(BackendError, TimeoutError):
+    """No answer arrived within the call's deadline."""
+
+
+class TaskError(ClaypotError):
+    """Base for task runtime errors."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled because a task it depends on failed."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task ran longer than its time_out."""
+
+
+class RemoteError(ClaypotError):
+    """User code raised an exception that cannot be rebuilt in this process.
+
+    Attributes: ``remote_type`` (qualified name) and ``remote_traceback``.
+    """
+
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = ""):
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+
+def by_code(code: str) -> type[ClaypotError] | None:
+    """The error class whose name is ``code`` (as carried in a wire Error)."""
+    cls = globals().get(code)
+    if isinstance(cls, type) and issubclass(cls, ClaypotError):
+        return cls
+    return None
+
+
+__all__ = [name for name, value in list(globals().items())
+           if isinstance(value, type) and issubclass(value, ClaypotError)] + ["by_code"]

@@ -1,0 +1,1 @@
+"""Code generated from proto/claypot.proto by tools/gen_proto.sh; do not edit."""

@@ -1,0 +1,259 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CallKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METHOD: _ClassVar[CallKind]
+    GET_ATTR: _ClassVar[CallKind]
+    SET_ATTR: _ClassVar[CallKind]
+    DEL_ATTR: _ClassVar[CallKind]
+    TASK: _ClassVar[CallKind]
+METHOD: CallKind
+GET_ATTR: CallKind
+SET_ATTR: CallKind
+DEL_ATTR: CallKind
+TASK: CallKind
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "remote_type", "traceback", "pickled")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    PICKLED_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    remote_type: str
+    traceback: str
+    pickled: bytes
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., remote_type: _Optional[str] = ..., traceback: _Optional[str] = ..., pickled: _Optional[bytes] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("payload", "buffers", "buffer_sizes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    buffers: _containers.RepeatedScalarFieldContainer[bytes]
+    buffer_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, payload: _Optional[bytes] = ..., buffers: _Optional[_Iterable[bytes]] = ..., buffer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    data: bytes
+    def __init__(self, header: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("backend_id", "address", "host", "pid")
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    backend_id: str
+    address: str
+    host: str
+    pid: int
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ObjectRef(_message.Message):
+    __slots__ = ("object_id", "class_key", "backend_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    class_key: str
+    backend_id: str
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
+class ResolveRequest(_message.Message):
+    __slots__ = ("object_id", "alias")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    alias: str
+    def __init__(self, object_id: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class ResolveReply(_message.Message):
+    __slots__ = ("ref", "error")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ref: ObjectRef
+    error: Error
+    def __init__(self, ref: _Optional[_Union[ObjectRef, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class BackendInfo(_message.Message):
+    __slots__ = ("backend_id", "address", "host", "pid", "up", "objects", "memory_bytes", "resident_objects", "running_tasks")
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    backend_id: str
+    address: str
+    host: str
+    pid: int
+    up: bool
+    objects: int
+    memory_bytes: int
+    resident_objects: int
+    running_tasks: int
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ...) -> None: ...
+
+class ListBackendsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBackendsReply(_message.Message):
+    __slots__ = ("backends",)
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    backends: _containers.RepeatedCompositeFieldContainer[BackendInfo]
+    def __init__(self, backends: _Optional[_Iterable[_Union[BackendInfo, _Mapping]]] = ...) -> None: ...
+
+class RegisterCodeRequest(_message.Message):
+    __slots__ = ("key", "code")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    code: bytes
+    def __init__(self, key: _Optional[str] = ..., code: _Optional[bytes] = ...) -> None: ...
+
+class GetCodeRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class GetCodeReply(_message.Message):
+    __slots__ = ("code", "error")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    code: bytes
+    error: Error
+    def __init__(self, code: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class AliasRequest(_message.Message):
+    __slots__ = ("alias", "object_id")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    object_id: str
+    def __init__(self, alias: _Optional[str] = ..., object_id: _Optional[str] = ...) -> None: ...
+
+class PersistObject(_message.Message):
+    __slots__ = ("object_id", "class_key", "state", "alias")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    class_key: str
+    state: Value
+    alias: str
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., state: _Optional[_Union[Value, _Mapping]] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class PersistRequest(_message.Message):
+    __slots__ = ("objects", "adopt")
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[PersistObject]
+    adopt: bool
+    def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ...) -> None: ...
+
+class CallRequest(_message.Message):
+    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    MUTATES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    kind: CallKind
+    name: str
+    args: Value
+    chain_id: str
+    call_id: str
+    mutates: _containers.RepeatedScalarFieldContainer[str]
+    timeout: float
+    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ...) -> None: ...
+
+class CallReply(_message.Message):
+    __slots__ = ("result", "error", "result_handle", "result_size")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    result: Value
+    error: Error
+    result_handle: str
+    result_size: int
+    def __init__(self, result: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., result_handle: _Optional[str] = ..., result_size: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("result_handle",)
+    RESULT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    result_handle: str
+    def __init__(self, result_handle: _Optional[str] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("object_id",)
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    def __init__(self, object_id: _Optional[str] = ...) -> None: ...
+
+class MoveRequest(_message.Message):
+    __slots__ = ("object_id", "target_backend_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    target_backend_id: str
+    def __init__(self, object_id: _Optional[str] = ..., target_backend_id: _Optional[str] = ...) -> None: ...
+
+class JsonCallRequest(_message.Message):
+    __slots__ = ("object_id", "alias", "kind", "name", "args_json", "kwargs_json")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    alias: str
+    kind: CallKind
+    name: str
+    args_json: str
+    kwargs_json: str
+    def __init__(self, object_id: _Optional[str] = ..., alias: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args_json: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+
+class JsonCallReply(_message.Message):
+    __slots__ = ("result_json", "error")
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result_json: str
+    error: Error
+    def __init__(self, result_json: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

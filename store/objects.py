@@ -1,0 +1,306 @@
+"""StorageObject, the base class of persistent objects, and its proxies.
+
+An object that is not persistent is a plain Python object. ``make_persistent``
+ships its state to a backend and turns the local instance into a *proxy*: its
+class becomes a generated subclass whose methods, attribute reads and writes
+are calls to the owning backend. The backend holds the real instance (of the
+user's class itself, so code running there pays nothing for being persistent).
+
+Anything that dispatches proxy operations (the client in an application, the
+backend's local dispatcher inside a backend) implements :class:`Dispatcher`
+and is installed with :func:`set_dispatcher`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+from .errors import AlreadyPersistent, ConfigurationError, NotPersistent
+from .serialization import current_pickle_context, current_unpickle_context
+
+_ID = "_claypot_id"
+_KEY = "_claypot_class_key"
+_OWNER = "_claypot_backend"
+_PREFIX = "_claypot_"
+
+METHOD, GET_ATTR, SET_ATTR, DEL_ATTR = 0, 1, 2, 3
+
+
+class Dispatcher(Protocol):
+    def call(self, proxy, kind: int, name: str, args: tuple, kwargs: dict) -> Any: ...
+    def make_persistent(self, objs: list, alias: str | None, backend: str | None) -> None: ...
+    def delete_persistent(self, proxy) -> None: ...
+    def move(self, proxy, backend_id: str) -> None: ...
+    def locate(self, proxy) -> str: ...
+    def get_by_alias(self, alias: str): ...
+    def get_by_id(self, object_id: str): ...
+    def class_for_key(self, key: str) -> type: ...
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def set_dispatcher(dispatcher: Dispatcher | None) -> None:
+    """Install what proxies in this process call through (None to disconnect)."""
+    global _dispatcher
+    _dispatcher = dispatcher
+
+
+def get_dispatcher() -> Dispatcher:
+    if _dispatcher is None:
+        raise ConfigurationError(
+            "not connected to a claypot cluster: call store.connect() or use store.LocalCluster()")
+    return _dispatcher
+
+
+def has_dispatcher() -> bool:
+    return _dispatcher is not None
+
+
+def readonly(method):
+    """Declare that a method does not change its object.
+
+    A read-only method's call is never logged nor checkpointed, which keeps
+    reads as cheap as the ``none`` durability policy. Declaring a method that
+    does change its object read-only loses that change on a crash.
+    """
+    method.__claypot_readonly__ = True
+    return method
+
+
+class StorageObject:
+    """Base class of objects that can live on a claypot backend.
+
+    Subclass it, create instances as usual, then ``make_persistent()``. From
+    then on every method defined by the subclass (public, private, and the
+    dunders it defines) runs on the owning backend, and attribute reads and
+    writes go there too.
+    """
+
+    # -- identity ------------------------------------------------------------
+    def getID(self) -> str | None:
+        """The object id, or None while the object is not persistent."""
+        return self.__dict__.get(_ID)
+
+    @property
+    def is_persistent(self) -> bool:
+        return self.__dict__.get(_ID) is not None
+
+    # -- lifecycle -------------------------------------------------------------
+    def make_persistent(self, alias: str | None = None, backend: str | None = None) -> None:
+        """Place this object on a backend (any, or ``backend`` by id), under ``alias``.
+
+        StorageObjects it references that are not persistent go with it, to
+        the same backend. Afterwards this instance is a proxy.
+        """
+        if self.__dict__.get(_ID) is not None:
+            raise AlreadyPersistent(f"object {self.getID()} is already persistent")
+        get_dispatcher().make_persistent([self], alias, backend)
+
+    def delete_persistent(self) -> None:
+        """Delete the object from the store (and its alias). The proxy becomes unusable."""
+        _require_persistent(self)
+        get_dispatcher().delete_persistent(self)
+
+    def get_location(self) -> str:
+        """Id of the backend that holds the object."""
+        _require_persistent(self)
+        return get_dispatcher().locate(self)
+
+    def move(self, backend_id: str) -> None:
+        """Move the object to another backend; its id and alias stay the same."""
+        _require_persistent(self)
+        get_dispatcher().move(self, backend_id)
+
+    # COMPSs storage API names
+    makePersistent = make_persistent
+    deletePersistent = delete_persistent
+
+    @classmethod
+    def get_by_alias(cls, alias: str):
+        """The persistent object with this alias (a proxy)."""
+        return get_dispatcher().get_by_alias(alias)
+
+    @classmethod
+    def get_by_id(cls, object_id: str):
+        """The persistent object with this id (a proxy)."""
+        return get_dispatcher().get_by_id(object_id)
+
+    getByID = get_by_id
+
+    # -- pickling --------------------------------------------------------------
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith(_PREFIX)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __reduce_ex__(self, protocol):
+        oid = self.__dict__.get(_ID)
+        if oid is None:
+            ctx = current_pickle_context()
+            if ctx is None:  # plain pickle outside claypot: an ordinary copy by value
+                return object.__reduce_ex__(self, protocol)
+            oid, key, owner = ctx.reference_new(self)
+        else:
+            key, owner = self.__dict__.get(_KEY, ""), self.__dict__.get(_OWNER, "")
+        return (load_reference, (oid, key, owner))
+
+
+def _require_persistent(obj) -> None:
+    if obj.__dict__.get(_ID) is None:
+        raise NotPersistent(f"{type(obj).__name__} object is not persistent")
+
+
+def load_reference(object_id: str, class_key: str, backend_id: str):
+    """Unpickle hook for a reference: a proxy, or whatever the active context makes of it."""
+    ctx = current_unpickle_context()
+    if ctx is not None:
+        return ctx.load_ref(object_id, class_key, backend_id)
+    return make_proxy(get_dispatcher().class_for_key(class_key), object_id, class_key, backend_id)
+
+
+def attach_identity(obj, object_id: str, class_key: str, backend_id: str) -> None:
+    """Mark a real (backend-side) instance with its identity, outside its state."""
+    d = obj.__dict__
+    d[_ID], d[_KEY], d[_OWNER] = object_id, class_key, backend_id
+
+
+def make_proxy(cls: type, object_id: str, class_key: str, backend_id: str):
+    """A new proxy of class ``cls`` for the object ``object_id``."""
+    proxy = object.__new__(proxy_class(cls))
+    attach_identity(proxy, object_id, class_key, backend_id)
+    return proxy
+
+
+def turn_into_proxy(obj, object_id: str, class_key: str, backend_id: str) -> None:
+    """Turn a local instance into a proxy in place: its state now lives elsewhere."""
+    cls = type(obj)
+    obj.__dict__.clear()
+    attach_identity(obj, object_id, class_key, backend_id)
+    obj.__class__ = proxy_class(cls)
+
+
+def is_proxy(obj) -> bool:
+    return getattr(type(obj), "__claypot_proxy__", False)
+
+
+def real_class(obj_or_cls) -> type:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return getattr(cls, "__claypot_real__", cls)
+
+
+# -- proxy classes ---------------------------------------------------------------
+
+# Dunders that belong to the object model or to pickling, never forwarded.
+_LOCAL_DUNDERS = frozenset({
+    "__init__", "__new__", "__init_subclass__", "__class_getitem__", "__getattr__",
+    "__getattribute__", "__setattr__", "__delattr__", "__getstate__", "__setstate__",
+    "__reduce__", "__reduce_ex__", "__dict__", "__weakref__", "__module__", "__qualname__",
+    "__doc__", "__slots__", "__annotations__", "__classcell__", "__firstlineno__",
+    "__static_attributes__", "__copy__", "__deepcopy__", "__del__", "__set_name__",
+    "__subclasshook__", "__abstractmethods__", "__orig_bases__", "__parameters__",
+})
+
+_proxy_lock = threading.Lock()
+_proxy_classes: dict[type, type] = {}
+
+
+def remote_members(cls: type) -> dict[str, Any]:
+    """Methods and properties of ``cls`` (below StorageObject) that run remotely."""
+    members: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or klass is StorageObject or issubclass(StorageObject, klass):
+            continue
+        for name, value in vars(klass).items():
+            if name in _LOCAL_DUNDERS or (name.startswith(_PREFIX)):
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                members.pop(name, None)
+                continue
+            if isinstance(value, property) or callable(value):
+                members[name] = value
+            else:
+                members.pop(name, None)
+    return members
+
+
+def proxy_class(cls: type) -> type:
+    """The proxy subclass of ``cls`` (built once per class)."""
+    cls = real_class(cls)
+    with _proxy_lock:
+        hit = _proxy_classes.get(cls)
+        if hit is not None:
+            return hit
+    ns: dict[str, Any] = {"__claypot_proxy__": True, "__claypot_real__": cls,
+                          "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    members = remote_members(cls)
+    for name, value in members.items():
+        if isinstance(value, property):
+            ns[name] = _remote_property(name, value)
+        else:
+            ns[name] = _remote_method(name, getattr(value, "__claypot_readonly__", False))
+    if "__eq__" not in members:
+        ns["__eq__"] = _proxy_eq
+        ns["__hash__"] = _proxy_hash
+    if "__repr__" not in members:
+        ns["__repr__"] = _proxy_repr
+    ns["__getattr__"] = _proxy_getattr
+    ns["__setattr__"] = _proxy_setattr
+    ns["__delattr__"] = _proxy_delattr
+    proxy = type(cls.__name__, (cls,), ns)
+    with _proxy_lock:
+        return _proxy_classes.setdefault(cls, proxy)
+
+
+def _remote_method(name: str, is_readonly: bool):
+    def remote(self, *args, **kwargs):
+        return get_dispatcher().call(self, METHOD, name, args, kwargs)
+    remote.__name__ = name
+    remote.__claypot_readonly__ = is_readonly
+    return remote
+
+
+def _remote_property(name: str, prop: property):
+    def fget(self):
+        return get_dispatcher().call(self, GET_ATTR, name, (), {})
+
+    def fset(self, value):
+        get_dispatcher().call(self, SET_ATTR, name, (value,), {})
+    return property(fget, fset if prop.fset is not None else None, doc=prop.__doc__)
+
+
+def _proxy_getattr(self, name):
+    if name.startswith("__") or name.startswith(_PREFIX):
+        raise AttributeError(name)
+    return get_dispatcher().call(self, GET_ATTR, name, (), {})
+
+
+def _proxy_setattr(self, name, value):
+    if name.startswith(_PREFIX):
+        object.__setattr__(self, name, value)
+    else:
+        get_dispatcher().call(self, SET_ATTR, name, (value,), {})
+
+
+def _proxy_delattr(self, name):
+    if name.startswith(_PREFIX):
+        object.__delattr__(self, name)
+    else:
+        get_dispatcher().call(self, DEL_ATTR, name, (), {})
+
+
+def _proxy_eq(self, other):
+    if is_proxy(other) or isinstance(other, StorageObject):
+        return self.getID() == other.getID()
+    return NotImplemented
+
+
+def _proxy_hash(self):
+    return hash(self.getID())
+
+
+def _proxy_repr(self):
+    return (f"<{type(self).__qualname__} proxy id={self.getID()} "
+            f"backend={self.__dict__.get(_OWNER, '')[:8]}>")
