@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -114,6 +115,8 @@ class Client:
         self._registered: set[str] = set()
         self._classes: dict[str, type] = {}
         self._round_robin = itertools.count()
+        self._up: list[str] = []
+        self._up_checked = 0.0
         self.local = None  # the heap, when this client lives inside a backend
         self.local_id: str | None = None
 
@@ -192,7 +195,11 @@ class Client:
         raise BackendNotFound(f"no backend with id {backend_id}")
 
     def _choose_backend(self) -> str:
-        up = [b.backend_id for b in self.backends() if b.up]
+        now = time.monotonic()
+        if now - self._up_checked > 2.0 or not self._up:
+            self._up = [b.backend_id for b in self.backends() if b.up]
+            self._up_checked = now
+        up = self._up
         if not up:
             raise BackendUnavailable("no backend is up")
         return up[next(self._round_robin) % len(up)]

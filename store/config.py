@@ -42,7 +42,7 @@ class Settings:
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
-    server_threads: int = 64
+    server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -1,0 +1,24 @@
+"""Shared fixtures: a real local cluster (embedded redis-server + backend processes)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from store import LocalCluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two backends on loopback, connected to this process, for one test module."""
+    with LocalCluster(backends=2) as c:
+        yield c
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path):
+    """A cluster of its own for one test (for tests that kill or restart things)."""
+    with LocalCluster(backends=2, data_dir=str(tmp_path / "cluster")) as c:
+        yield c
