@@ -1,11 +1,16 @@
 """A bare grpcio echo server: the yardstick claypot's calls are measured against.
 
-Run as a process: ``python -m bench.echo_server PORT_FILE [workers] [aio]``. It serves
-``/bench.Echo/Unary`` (bytes in, same bytes out) and ``/bench.Echo/Stream``
-(a client stream of chunks; replies with the byte count), using generic handlers
-so it needs no generated code.
+Run as a process: ``python -m bench.echo_server PORT_FILE [workers]``. It serves,
+with generic handlers and no serializers (raw bytes, no generated code):
+
+- ``/bench.Echo/Unary``: bytes in, the same bytes out;
+- ``/bench.Echo/Stream``: a client stream of chunks; replies with the byte count;
+- ``/bench.Echo/Pull``: a request ``(total, chunk)`` as two little-endian u64;
+  replies with a server stream of ``total`` bytes in ``chunk``-sized pieces, cut
+  from one preallocated buffer (what a bare server sending an array would do).
 """
 
+import os
 import sys
 from concurrent import futures
 
@@ -26,18 +31,29 @@ def _stream(request_iterator, context):
     return n.to_bytes(8, "little")
 
 
+def _pull(request, context):
+    total = int.from_bytes(request[:8], "little")
+    chunk = int.from_bytes(request[8:16], "little")
+    # Content does not matter to the transport; the buffer exists so every
+    # piece is a real slice copied out of memory, like a streamed array.
+    source = memoryview(bytearray(total))
+    for start in range(0, total, chunk):
+        yield source[start:start + chunk].tobytes()
+
+
 def serve(port_file: str, workers: int = 16) -> None:
+    """Serve on an ephemeral loopback port; write the port to ``port_file`` atomically."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Stream": grpc.stream_unary_rpc_method_handler(_stream),
+        "Pull": grpc.unary_stream_rpc_method_handler(_pull),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with open(port_file + ".tmp", "w") as f:
         f.write(str(port))
-    import os
     os.replace(port_file + ".tmp", port_file)
     server.wait_for_termination()
 
