@@ -1,0 +1,50 @@
+"""The claypot command line: up, status, down and demo, as a user runs them."""
+
+import os
+import subprocess
+import sys
+
+CLAYPOT = [sys.executable, "-m", "store.cli"]
+
+
+def run(args, env, timeout=120):
+    return subprocess.run(CLAYPOT + args, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_up_status_connect_down(tmp_path):
+    env = dict(os.environ, CLAYPOT_STATE_DIR=str(tmp_path / "state"))
+    env.pop("CLAYPOT_ADDRESS", None)
+    up = run(["up", "--backends", "2", "--data-dir", str(tmp_path / "data")], env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "CLAYPOT_ADDRESS=127.0.0.1:" in up.stdout
+        again = run(["up"], env)
+        assert again.returncode == 1 and "already running" in again.stdout
+        script = ("import store\n"
+                  "from store import StorageObject\n"
+                  "class Note(StorageObject):\n"
+                  "    def __init__(self, text): self.text = text\n"
+                  "store.connect()\n"
+                  "Note('hello').make_persistent(alias='note')\n"
+                  "print('READ', store.get_by_alias('note').text)\n")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=env, timeout=60)
+        assert "READ hello" in out.stdout, out.stderr
+        status = run(["status"], env)
+        assert status.returncode == 0, status.stderr
+        assert "2 backend(s), 2 up" in status.stdout
+        assert status.stdout.count(" up ") == 2
+    finally:
+        down = run(["down"], env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert not (tmp_path / "state" / "cluster.json").exists()
+    status = run(["status"], env)
+    assert status.returncode == 1 and "ConfigurationError" in status.stderr
+
+
+def test_demo_runs_end_to_end():
+    out = run(["demo"], dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert "alice.transfer_to(bob, 30) -> alice 120, bob 50" in out.stdout
+    assert "bob moved to backend" in out.stdout and "demo done" in out.stdout
