@@ -21,15 +21,14 @@ from typing import Any
 
 import grpc
 
-from . import errors, objects as objmod, wire
+from . import objects as objmod, wire
 from .config import Settings
 from .errors import (AuthenticationError, BackendNotFound, BackendUnavailable, CallInterrupted,
                      ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent,
-                     ObjectNotFound, ProtocolError, ValueTooLarge)
+                     ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
-from .objects import METHOD
-from .retry import Backoff, Retry
+from .retry import Retry
 from .serialization import PickleContext, code_key_and_bytes, dumps, load_code, loads, \
     remember_code
 
@@ -262,9 +261,7 @@ class Client:
         target = backend or self._choose_backend()
         if backend is not None:
             self.address_of(backend)  # BackendNotFound early, before anything is sent
-        items, assigned = self._collect(objs, target)
-        for obj, oid, key, _, _ in items:
-            pass
+        items, _ = self._collect(objs, target)
         entries = []
         for i, (obj, oid, key, payload, buffers) in enumerate(items):
             entries.append(pb.PersistObject(object_id=oid, class_key=key,
@@ -502,5 +499,3 @@ class Client:
 def _max_value_size(settings: Settings) -> int:
     return getattr(settings, "max_value_size", 0) or 0
 
-
-_ = (METHOD, errors, ObjectNotFound)
