@@ -36,6 +36,7 @@ class Settings:
     data_dir: str = ""
     host: str = "127.0.0.1"
     port: int = 0
+    advertise: str = ""               # host:port registered for others to reach; empty: host:port
     durability: str = "sync"          # sync | async | none
     flush_interval: float = 1.0       # async: dirty objects are flushed within this
     big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints

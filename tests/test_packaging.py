@@ -1,0 +1,391 @@
+"""Packaging: the pinned public API, the command lines, and the container files.
+
+Changing what ``store`` or ``store.errors`` export is a decision: update the
+lists here in the same change. docker-compose.yml is checked structurally (no
+Docker engine is needed) and its backend command line is run for real.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import grpc
+import pytest
+
+import store
+import store.errors
+from store import LocalCluster, StorageObject
+from store.config import Settings
+from store.generated import claypot_pb2 as pb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STORE_API = [
+    "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
+    "connect", "delete_alias", "disconnect", "errors", "getByID", "get_by_alias", "get_by_id",
+    "get_locations", "make_persistent_many", "readonly",
+]
+
+ERRORS_API = [
+    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendError",
+    "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
+    "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectCorrupt", "ObjectError",
+    "ObjectNotFound", "ProtocolError", "RemoteError", "SerializationError", "TaskCancelled",
+    "TaskError", "TaskTimeout", "ValueTooLarge", "by_code",
+]
+
+
+# -- public API ---------------------------------------------------------------------------
+
+def test_store_exports_exactly_the_pinned_names():
+    assert sorted(store.__all__) == STORE_API
+    assert len(set(store.__all__)) == len(store.__all__)
+    for name in store.__all__:
+        assert getattr(store, name) is not None, name
+    # Nothing public escapes __all__ (submodules such as store.api are not API names).
+    public = {name for name, value in vars(store).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public == set(STORE_API) - {"errors"}
+
+
+def test_store_errors_exports_exactly_the_pinned_names():
+    assert sorted(store.errors.__all__) == ERRORS_API
+    defined = {name for name, value in vars(store.errors).items()
+               if not name.startswith("_") and getattr(value, "__module__", "") == "store.errors"}
+    assert defined == set(ERRORS_API)
+    for name in ERRORS_API:
+        value = getattr(store.errors, name)
+        if inspect.isclass(value):
+            assert issubclass(value, store.errors.ClaypotError)
+            assert value.__doc__, f"{name} has no docstring"
+            assert store.errors.by_code(name) is value
+
+
+def test_error_tree_in_the_docstring_matches_the_classes():
+    """The tree drawn in store/errors.py's docstring is the real class tree."""
+    parents: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in store.errors.__doc__.splitlines():
+        match = re.search(r"(?:^\s*|── )([A-Z]\w+)(?:\s|$)", line)
+        if not match or ("──" not in line and line.strip() != "ClaypotError"):
+            continue
+        column, name = match.start(1), match.group(1)  # each level sits 4 columns deeper
+        while stack and stack[-1][0] >= column:
+            stack.pop()
+        if stack:
+            parents[name] = stack[-1][1]
+        stack.append((column, name))
+    classes = {n for n in ERRORS_API if inspect.isclass(getattr(store.errors, n))}
+    assert set(parents) == classes - {"ClaypotError"}
+    for name, parent in parents.items():
+        cls = getattr(store.errors, name)
+        assert getattr(store.errors, parent) in cls.__bases__, f"{name} is not a {parent}"
+
+
+# -- command lines ------------------------------------------------------------------------
+
+def _claypot() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "claypot")
+    return exe if os.path.exists(exe) else shutil.which("claypot") or pytest.fail(
+        "the claypot console script is not installed (pip install -e '.[dev]')")
+
+
+def test_backend_module_help():
+    proc = subprocess.run([sys.executable, "-m", "store.backend", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: claypot backend")
+    for flag in ("--data-dir", "--redis", "--host", "--port", "--advertise", "--token"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("command", [["claypot"], [sys.executable, "-m", "store"]],
+                         ids=["console-script", "python-m-store"])
+def test_claypot_help_lists_the_commands(command):
+    exe = [_claypot()] if command == ["claypot"] else command
+    proc = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: claypot")
+    for sub in ("up", "status", "down", "demo", "backend", "repair"):
+        assert re.search(rf"^\s+{sub}\s", proc.stdout, re.M), sub
+    backend = subprocess.run([*exe, "backend", "--help"], capture_output=True, text=True,
+                             timeout=60)
+    assert backend.returncode == 0 and "--advertise" in backend.stdout
+
+
+def test_claypot_rejects_an_unknown_command():
+    proc = subprocess.run([_claypot(), "no-such-command"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
+
+
+def test_advertise_setting_comes_from_the_environment():
+    assert Settings.from_env(env={}).advertise == ""
+    env = {"CLAYPOT_ADVERTISE": "backend1:7000"}
+    assert Settings.from_env(env=env).advertise == "backend1:7000"
+    assert Settings.from_env(env=env, advertise="b:1").advertise == "b:1"
+
+
+# -- docker-compose.yml without a YAML library ---------------------------------------------
+
+class ComposeSyntaxError(ValueError):
+    """docker-compose.yml uses YAML this checker does not read."""
+
+
+def _scalar(text: str):
+    text = text.strip()
+    if not text or text in ("null", "~"):
+        return None
+    if text[0] in "[{\"":
+        return json.loads(text)  # one-line lists and double-quoted strings, JSON style
+    if text[0] == "'" and text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    if text[0] in "&*!|>%@`":
+        raise ComposeSyntaxError(f"unsupported YAML: {text!r}")
+    text = text.split(" #", 1)[0].rstrip()  # a plain scalar ends at a comment
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def _block(lines: list[tuple[int, str, int]], i: int, indent: int):
+    if lines[i][1].startswith("- "):
+        items = []
+        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("- "):
+            item = lines[i][1][2:]
+            if re.match(r"^[\w.-]+:(\s|$)", item):
+                raise ComposeSyntaxError(f"line {lines[i][2]}: mappings inside lists")
+            items.append(_scalar(item))
+            i += 1
+        return items, i
+    mapping: dict = {}
+    while i < len(lines) and lines[i][0] == indent:
+        content, number = lines[i][1], lines[i][2]
+        match = re.match(r"^([\w.-]+):(?:\s+(.*))?$", content)
+        if not match:
+            raise ComposeSyntaxError(f"line {number}: expected 'key: value', got {content!r}")
+        key, rest = match.group(1), match.group(2)
+        if key in mapping:
+            raise ComposeSyntaxError(f"line {number}: duplicate key {key!r}")
+        i += 1
+        if rest:
+            mapping[key] = _scalar(rest)
+        elif i < len(lines) and (lines[i][0] > indent or
+                                 (lines[i][0] == indent and lines[i][1].startswith("- "))):
+            mapping[key], i = _block(lines, i, lines[i][0])
+        else:
+            mapping[key] = None
+    return mapping, i
+
+
+def parse_compose_yaml(text: str) -> dict:
+    """Block mappings, '- scalar' lists, one-line JSON lists and scalars: YAML's subset
+    that docker-compose.yml keeps to. Anything else raises ComposeSyntaxError."""
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
+            raise ComposeSyntaxError(f"line {number}: tab in indentation")
+        lines.append((len(raw) - len(raw.lstrip(" ")), stripped, number))
+    if not lines:
+        return {}
+    value, i = _block(lines, 0, lines[0][0])
+    if i != len(lines):
+        raise ComposeSyntaxError(f"line {lines[i][2]}: indentation does not match its block")
+    return value
+
+
+def load_compose() -> dict:
+    with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+        text = f.read()
+    try:
+        import yaml  # optional: when present, cross-check with a full YAML parser
+    except ImportError:
+        return parse_compose_yaml(text)
+    parsed = parse_compose_yaml(text)
+    assert parsed == yaml.safe_load(text)
+    return parsed
+
+
+def test_compose_subset_parser_reads_what_it_claims():
+    text = ('# c\nname: x\nservices:\n  a:\n    command: ["run", "--port", "7"]\n'
+            '    volumes:\n      - "v:/data"\n      - plain\n    n: 3\n    e:\n'
+            '    t: "${T:?set T}"\nvolumes:\n  v:\nlist:\n- 1\n- two\n')
+    assert parse_compose_yaml(text) == {
+        "name": "x",
+        "services": {"a": {"command": ["run", "--port", "7"], "volumes": ["v:/data", "plain"],
+                           "n": 3, "e": None, "t": "${T:?set T}"}},
+        "volumes": {"v": None}, "list": [1, "two"]}
+    for bad in ("a:\n  b: 1\n c: 2\n", "a: &anchor 1\n", "a:\n  - k: v\n", "a: 1\na: 2\n",
+                "a: |\n  text\n"):
+        with pytest.raises(ComposeSyntaxError):
+            parse_compose_yaml(bad)
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    assert len(argv) % 2 == 0 and all(a.startswith("--") for a in argv[::2]), argv
+    return dict(zip(argv[::2], argv[1::2]))
+
+
+def test_compose_file_wires_redis_backends_and_demo():
+    compose = load_compose()
+    services = compose["services"]
+    assert set(services) == {"redis", "backend1", "backend2", "demo"}
+    declared_volumes = set(compose["volumes"])
+
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    assert _flags(redis["command"][1:])["--appendonly"] == "yes"
+    assert redis["volumes"] == ["redis-data:/data"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+    tokens, data_volumes, ports = set(), set(), set()
+    for name in ("backend1", "backend2"):
+        svc = services[name]
+        assert svc["build"] == "." and svc["image"] == services["demo"]["image"]
+        assert svc["command"][0] == "backend"
+        flags = _flags(svc["command"][1:])
+        assert flags["--data-dir"] == "/data"
+        assert flags["--redis"] == "redis://redis:6379/0"
+        assert flags["--host"] == "0.0.0.0"
+        # What the backend registers must be its service name: that is what peers resolve.
+        assert flags["--advertise"] == f"{name}:{flags['--port']}"
+        ports.add(flags["--port"])
+        assert svc["ports"] == [f"127.0.0.1:{flags['--port']}:{flags['--port']}"]
+        (volume,) = svc["volumes"]
+        source, target = volume.split(":")
+        assert target == "/data" and source in declared_volumes
+        data_volumes.add(source)
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["healthcheck"]["test"][:3] == ["CMD", "claypot", "status"]
+        tokens.add(svc["environment"]["CLAYPOT_TOKEN"])
+    assert len(data_volumes) == 2 and len(ports) == 2  # each backend its own dir and port
+
+    demo = services["demo"]
+    assert demo["restart"] == "no"
+    assert demo["command"][0] == "status"
+    assert _flags(demo["command"][1:])["--address"] in {
+        _flags(services[b]["command"][1:])["--advertise"] for b in ("backend1", "backend2")}
+    assert {dep for dep, v in demo["depends_on"].items()
+            if v["condition"] == "service_healthy"} == {"backend1", "backend2"}
+    tokens.add(demo["environment"]["CLAYPOT_TOKEN"])
+    # One shared token, taken from the environment, never a secret written in the file.
+    (token,) = tokens
+    assert re.fullmatch(r"\$\{CLAYPOT_TOKEN:\?[^}]+\}", token)
+
+    for svc in services.values():
+        for dep in (svc.get("depends_on") or {}):
+            assert dep in services
+    assert declared_volumes == {"redis-data"} | data_volumes
+
+
+def test_dockerfile_builds_on_python_311_slim_and_runs_claypot():
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        dockerfile = f.read()
+    stages = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+    assert stages and all(s == "python:3.11-slim" for s in stages)
+    assert re.search(r'^ENTRYPOINT \["claypot"\]$', dockerfile, re.M)
+    assert re.search(r"^USER claypot$", dockerfile, re.M)
+    with open(os.path.join(ROOT, ".dockerignore")) as f:
+        ignored = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    assert {".git", "tests", "**/__pycache__"} <= ignored
+    copied = [path for paths in re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, re.M)
+              for path in paths.split()]
+    # Everything the package build reads is in the build context.
+    assert {"pyproject.toml", "README.md", "proto", "store", "runtime"} <= set(copied)
+    for path in copied:
+        assert os.path.exists(os.path.join(ROOT, path)), path
+        assert path not in ignored, f"{path} is copied but .dockerignore drops it"
+
+
+# -- the compose backend command line, run for real ----------------------------------------
+
+class Box(StorageObject):
+    def __init__(self, value):
+        self.value = value
+
+    def double(self):
+        self.value *= 2
+        return self.value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_compose_backend_command_registers_the_advertised_address(tmp_path):
+    """backend1's command from docker-compose.yml, with local values: the backend registers
+    --advertise (not host:port), and clients and peers reach it there."""
+    argv = load_compose()["services"]["backend1"]["command"]
+    port = _free_port()
+    advertised = f"localhost:{port}"  # differs from --host:--port, so the test can tell
+    with LocalCluster(backends=1) as cluster:
+        local = {"--data-dir": str(tmp_path / "backend"), "--redis": cluster.redis_url,
+                 "--host": "127.0.0.1", "--port": str(port), "--advertise": advertised}
+        flags = _flags(argv[1:])
+        assert set(flags) == set(local)
+        args = [argv[0]] + [x for flag in flags for x in (flag, local[flag])]
+        env = dict(os.environ, CLAYPOT_TOKEN=cluster.token)
+        log = open(tmp_path / "backend.log", "wb")
+        proc = subprocess.Popen([_claypot(), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            mine = []
+            while not mine and time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "backend.log").read_text()
+                mine = [b for b in store.backends() if b.pid == proc.pid and b.up]
+                time.sleep(0.1)
+            assert mine, "the backend never registered"
+            assert mine[0].address == advertised
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                ping = channel.unary_unary(
+                    "/claypot.v1.Backend/Ping",
+                    request_serializer=pb.PingRequest.SerializeToString,
+                    response_deserializer=pb.PingReply.FromString)(pb.PingRequest(), timeout=10)
+            assert ping.address == advertised and ping.pid == proc.pid
+
+            # This process reaches the new backend at the advertised address...
+            box = Box(21)
+            box.make_persistent(backend=mine[0].backend_id)
+            assert box.get_location() == mine[0].backend_id
+            assert box.double() == 42
+            # ...and so does the other backend, forwarding a call it does not own.
+            with grpc.insecure_channel(cluster.address) as channel:
+                reply = pb.JsonCallReply.FromString(channel.unary_unary(
+                    "/claypot.v1.Backend/CallJson")(
+                    pb.JsonCallRequest(object_id=box.getID(), kind=pb.METHOD,
+                                       name="double").SerializeToString(),
+                    metadata=[("claypot-token", cluster.token)], timeout=30))
+            assert reply.result_json == "84", reply.error
+
+            # The compose healthcheck and demo command: claypot status against it.
+            status = subprocess.run([_claypot(), "status", "--address", advertised], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert status.returncode == 0, status.stderr
+            assert advertised in status.stdout and "2 backend(s), 2 up" in status.stdout
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+    assert proc.returncode == 0
