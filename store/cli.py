@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop the cluster started by claypot up")
     demo = sub.add_parser("demo", help="run the demo on a fresh local cluster")
     demo.add_argument("--backends", type=int, default=2)
+    demo.add_argument("--address", help="run on this running cluster instead of a new one")
+    demo.add_argument("--token")
     rp = sub.add_parser("repair", help="rebuild the Redis directory from storage dirs")
     rp.add_argument("--redis")
     rp.add_argument("data_dirs", nargs="*")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "demo":
             from .demo import run
-            return run(a.backends)
+            return run(a.backends, a.address, a.token)
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status,
                 "repair": cmd_repair}[a.cmd](a)
     except ClaypotError as exc:

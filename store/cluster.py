@@ -127,6 +127,10 @@ class BackendProcess:
         if os.path.exists(ready):
             os.unlink(ready)
         env = dict(os.environ)
+        # Each local backend registers its own loopback address, whatever the
+        # parent's environment says (an advertised name is for containers).
+        env.pop("CLAYPOT_ADVERTISE", None)
+        env.pop("CLAYPOT_PORT", None)
         env.update(self.env)
         env["CLAYPOT_TOKEN"] = self.token
         # The backend can import whatever the starting process could (LocalCluster use).

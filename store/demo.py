@@ -32,34 +32,47 @@ class Account(StorageObject):
         return "backend pid", os.getpid()
 
 
-def run(backends: int = 2) -> int:
-    from . import api
-    from .cli import format_status
+def run(backends: int = 2, address: str | None = None, token: str | None = None) -> int:
+    """Run the demo on a fresh embedded cluster, or on a running one at ``address``."""
     from .cluster import LocalCluster
+    if address:
+        from . import api
+        api.connect(address, token)
+        ids = [b.backend_id for b in api.backends() if b.up]
+        print(f"connected to the cluster at {address}; this process is pid {os.getpid()}")
+        show(ids, suffix=f"-{os.getpid()}")
+        return 0
     t0 = time.monotonic()
     with LocalCluster(backends=backends) as cluster:
         print(f"started an embedded Redis and {backends} backends in "
               f"{time.monotonic() - t0:.1f}s; this process is pid {os.getpid()}")
-        alice, bob = Account("alice", 100), Account("bob", 20)
-        alice.make_persistent(alias="alice", backend=cluster.backends[0])
-        bob.make_persistent(alias="bob", backend=cluster.backends[-1])
-        print(f"alice lives on backend {alice.get_location()[:8]}, "
-              f"bob on {bob.get_location()[:8]}")
-        print(f"alice.where() -> {alice.where()}   bob.where() -> {bob.where()}")
-        print(f"alice.deposit(50) -> {alice.deposit(50)} (ran on alice's backend)")
-        a, b = alice.transfer_to(bob, 30)
-        print(f"alice.transfer_to(bob, 30) -> alice {a}, bob {b} "
-              f"(alice's backend called bob's)")
-        same = api.get_by_alias("bob")
-        print(f"get_by_alias('bob').balance -> {same.balance}, history {same.history}")
-        start = time.perf_counter()
-        n = 500
-        for _ in range(n):
-            alice.where()
-        per = (time.perf_counter() - start) / n * 1e6
-        print(f"{n} method calls: {per:.0f} us per call round trip")
-        bob.move(cluster.backends[0])
-        print(f"bob moved to backend {bob.get_location()[:8]}; balance still {bob.balance}")
-        print(format_status(api.backends()))
+        show(cluster.backends)
     print("cluster stopped; demo done")
     return 0
+
+
+def show(backend_ids: list[str], suffix: str = "") -> None:
+    """The demo proper: two accounts on two backends, calls, a nested call, a move."""
+    from . import api
+    from .cli import format_status
+    alice, bob = Account("alice", 100), Account("bob", 20)
+    alice.make_persistent(alias="alice" + suffix, backend=backend_ids[0])
+    bob.make_persistent(alias="bob" + suffix, backend=backend_ids[-1])
+    print(f"alice lives on backend {alice.get_location()[:8]}, "
+          f"bob on {bob.get_location()[:8]}")
+    print(f"alice.where() -> {alice.where()}   bob.where() -> {bob.where()}")
+    print(f"alice.deposit(50) -> {alice.deposit(50)} (ran on alice's backend)")
+    a, b = alice.transfer_to(bob, 30)
+    print(f"alice.transfer_to(bob, 30) -> alice {a}, bob {b} "
+          f"(alice's backend called bob's)")
+    same = api.get_by_alias("bob" + suffix)
+    print(f"get_by_alias('bob').balance -> {same.balance}, history {same.history}")
+    start = time.perf_counter()
+    n = 500
+    for _ in range(n):
+        alice.where()
+    per = (time.perf_counter() - start) / n * 1e6
+    print(f"{n} method calls: {per:.0f} us per call round trip")
+    bob.move(backend_ids[0])
+    print(f"bob moved to backend {bob.get_location()[:8]}; balance still {bob.balance}")
+    print(format_status(api.backends()))

@@ -31,6 +31,10 @@ def test_up_status_connect_down(tmp_path):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              env=env, timeout=60)
         assert "READ hello" in out.stdout, out.stderr
+        address = up.stdout.split("CLAYPOT_ADDRESS=")[1].split()[0]
+        demo = run(["demo", "--address", address], env)
+        assert demo.returncode == 0, demo.stderr
+        assert "alice.transfer_to(bob, 30) -> alice 120, bob 50" in demo.stdout
         status = run(["status"], env)
         assert status.returncode == 0, status.stderr
         assert "2 backend(s), 2 up" in status.stdout

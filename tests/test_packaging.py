@@ -277,7 +277,7 @@ def test_compose_file_wires_redis_backends_and_demo():
 
     demo = services["demo"]
     assert demo["restart"] == "no"
-    assert demo["command"][0] == "status"
+    assert demo["command"][0] == "demo"
     assert _flags(demo["command"][1:])["--address"] in {
         _flags(services[b]["command"][1:])["--advertise"] for b in ("backend1", "backend2")}
     assert {dep for dep, v in demo["depends_on"].items()
