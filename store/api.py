@@ -40,10 +40,11 @@ def connect(address: str | None = None, token: str | None = None) -> Client:
     global _client
     settings = Settings.from_env()
     address = address or settings.address
+    saved_address, saved_token = _from_state_file()
     if not address:
-        address, saved_token = _from_state_file()
-        if token is None and not settings.token:
-            token = saved_token
+        address = saved_address
+    if token is None and not settings.token:
+        token = saved_token  # the cluster `claypot up` started, if any
     if not address:
         raise ConfigurationError("no cluster to connect to: pass an address, set "
                                  "CLAYPOT_ADDRESS, or run `claypot up`")
