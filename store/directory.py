@@ -66,6 +66,12 @@ end
 return oid
 """
 
+_RESOLVE_ALIAS = """
+local oid = redis.call('HGET', KEYS[2], ARGV[1])
+if not oid then return false end
+return {oid, redis.call('HGET', KEYS[1], oid) or ''}
+"""
+
 _MOVE = """
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then return 0 end
@@ -109,6 +115,7 @@ class Directory:
         self._set_alias = self.r.register_script(_SET_ALIAS)
         self._delete_alias = self.r.register_script(_DELETE_ALIAS)
         self._move = self.r.register_script(_MOVE)
+        self._resolve_alias = self.r.register_script(_RESOLVE_ALIAS)
 
     def close(self) -> None:
         self.r.close()
@@ -148,6 +155,16 @@ class Directory:
         if raw is None:
             raise AliasNotFound(f"no object with alias {alias!r}")
         return raw.decode()
+
+    def lookup_alias(self, alias: str) -> tuple[str, ObjectEntry]:
+        """(object id, entry) for an alias, in one round trip."""
+        found = self._resolve_alias(keys=[self.k_objects, self.k_aliases], args=[alias])
+        if not found:
+            raise AliasNotFound(f"no object with alias {alias!r}")
+        oid, raw = found[0].decode(), found[1]
+        if not raw:
+            raise ObjectNotFound(f"alias {alias!r} names object {oid}, which no longer exists")
+        return oid, _entry(raw)
 
     def forget(self, object_id: str) -> None:
         """Remove an object and its alias."""
