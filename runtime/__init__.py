@@ -1,0 +1,67 @@
+"""claypot's task runtime, in the style of PyCOMPSs.
+
+    from runtime import task, wait_on, barrier, INOUT
+
+    @task(returns=1)
+    def block_sum(b):              # runs on the backend that holds b
+        return float(b.data.sum())
+
+    @task(b=INOUT)
+    def scale(b, factor):
+        b.data *= factor
+
+    scale(block, 2.0)              # returns at once
+    total = wait_on(block_sum(block))   # waits for scale, then block_sum
+
+Calls of a ``@task`` function return :class:`Future` objects at once.
+Dependencies follow from the arguments (futures, and persistent objects by
+direction); each task runs on the backend holding most of its persistent
+arguments, inside that backend's process. With no cluster connected, tasks
+run inline, so the same script runs under plain ``python``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store import objects as _objects
+
+from .core import current
+from .decorators import TaskFunction, constraint, task
+from .directions import (COLLECTION_IN, COLLECTION_INOUT, IN, INOUT, OUT, Direction,
+                         OnFailure)
+from .futures import Future
+
+__all__ = ["task", "constraint", "wait_on", "barrier", "Future", "TaskFunction",
+           "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction",
+           "OnFailure"]
+
+
+def wait_on(obj: Any, timeout: float | None = None) -> Any:
+    """Wait for ``obj`` and return its value.
+
+    A Future gives its task's value (or raises the task's error); a list or
+    tuple gives the same shape with each item waited on; a persistent object
+    is returned once every pending task that uses it has finished. Anything
+    else is returned as is.
+    """
+    if isinstance(obj, Future):
+        return obj.result(timeout)
+    if isinstance(obj, list):
+        return [wait_on(x, timeout) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(wait_on(x, timeout) for x in obj)
+    if isinstance(obj, _objects.StorageObject) and obj.is_persistent:
+        for f in current().futures_using(obj.getID()):
+            f.exception(timeout)
+    return obj
+
+
+def barrier(timeout: float | None = None) -> None:
+    """Wait until every task submitted so far has finished.
+
+    Raises TaskError (caused by the first error) if a task with
+    ``on_failure="FAIL"`` (or ``RETRY``, retries spent) failed since the last
+    barrier.
+    """
+    current().barrier(timeout)

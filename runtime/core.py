@@ -1,0 +1,375 @@
+"""The runtime: turns task calls into graph nodes, dispatches ready ones, settles results.
+
+One :class:`Runtime` serves one connection (or inline mode). It owns the
+dependency graph (:mod:`runtime.graph`), the scheduler
+(:mod:`runtime.scheduler`) and an executor (:mod:`runtime.executor`), and
+holds one lock around the first two. Task outcomes arrive on executor
+threads and on time_out timers; both go through :meth:`Runtime._settle`,
+which applies the task's failure policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from store import objects as objmod
+from store.errors import TaskCancelled, TaskError, TaskTimeout
+
+from .directions import Direction, OnFailure
+from .executor import InlineExecutor, Job, RemoteExecutor
+from .futures import Future
+from .graph import TaskGraph
+from .scheduler import Demand, Scheduler
+from .sizes import SizeCache
+
+log = logging.getLogger("claypot.runtime")
+
+BACKENDS_TTL = 2.0  # seconds a list of live backends is trusted before asking again
+MAX_REPORTED = 100  # failures kept for barrier(); the rest are only counted
+
+
+def task_slots() -> int:
+    """Tasks one backend runs at once for this process (``CLAYPOT_TASK_SLOTS``, default 8)."""
+    raw = os.environ.get("CLAYPOT_TASK_SLOTS", "")
+    try:
+        return max(1, int(raw)) if raw else 8
+    except ValueError:
+        raise ValueError(f"CLAYPOT_TASK_SLOTS must be an integer, not {raw!r}") from None
+
+
+@dataclass
+class Call:
+    """One task call: what to run, with what, and where it stands."""
+    task_id: int
+    defn: Any                     # the TaskFunction
+    args: tuple
+    kwargs: dict
+    futures: list[Future]
+    after: set[int]
+    reads: list[str]
+    writes: list[str]
+    owners: list[str]
+    demand: Demand
+    oids: list[str] = field(default_factory=list)   # persistent arguments, as owners
+    weights: list[float] | None = None
+    backend: str | None = None
+    attempt: int = 0
+    settled: bool = False
+    timer: threading.Timer | None = None
+    failed_deps: list[Future] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.defn.__qualname__}#{self.task_id}"
+
+
+class Runtime:
+    """Tasks of one connection (``client``), or inline tasks when ``client`` is None."""
+
+    def __init__(self, client=None):
+        self.client = client
+        self.inline = client is None
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._ids = itertools.count(1)
+        self._graph = TaskGraph()
+        self._calls: dict[int, Call] = {}
+        self._queues: dict[str, deque[Call]] = {}
+        self._failures: list[tuple[str, BaseException]] = []   # first few, for barrier()
+        self._failed = 0
+        self._backends_at = 0.0
+        self.pids: dict[str, int] = {}
+        slots = task_slots()
+        self.scheduler = Scheduler(slots)
+        if self.inline:
+            self.executor = InlineExecutor()
+        else:
+            self._refresh_backends(force=True)
+            self.sizes = SizeCache(client)
+            self.executor = RemoteExecutor(client, slots,
+                                           workers=slots * max(2, len(self.pids)) + 4)
+
+    # -- submission ---------------------------------------------------------------------
+    def submit(self, defn, args: tuple, kwargs: dict):
+        """Record a task call and return its future (or a tuple of futures)."""
+        task_id = next(self._ids)
+        n = defn.returns
+        if n > 1:
+            futures = [Future(task_id, defn.__qualname__, i) for i in range(n)]
+        else:
+            futures = [Future(task_id, defn.__qualname__)]
+        call = Call(task_id, defn, args, kwargs, futures, set(), [], [], [],
+                    Demand(defn.computing_units, defn.memory_bytes))
+        if not self.inline:
+            self.scheduler.check(call.demand)
+        self._scan(call)
+        if call.owners:
+            call.weights = self.sizes.weights(call.oids, call.owners)
+        with self._lock:
+            # Checked under the lock: a predecessor fails (and cancels its known
+            # successors) only while holding it, so none is missed in between.
+            dead = [f for f in call.failed_deps if f.failed()]
+            if dead:
+                self._cancel(call, dead[0])
+            elif not self.inline:
+                self._calls[task_id] = call
+                if self._graph.add(task_id, call.after, call.reads, call.writes):
+                    self._dispatch(call)
+        if self.inline and not dead:
+            # Outside the lock: tasks that run inline in a backend's threads must not
+            # wait for one another.
+            self._dispatch(call)
+        return tuple(futures) if n > 1 else futures[0]
+
+    def _scan(self, call: Call) -> None:
+        """Find the call's futures and persistent objects, by parameter direction."""
+        for value, direction in call.defn.bind(call.args, call.kwargs):
+            items = value if direction.collection and isinstance(value, (list, tuple)) \
+                else (value,)
+            for item in items:
+                if isinstance(item, Future):
+                    if not item.done():
+                        call.after.add(item.task_id)
+                    call.failed_deps.append(item)
+                elif isinstance(item, objmod.StorageObject) and not self.inline:
+                    if not item.is_persistent:
+                        # It needs an identity to be ordered and placed: give it one now.
+                        item.make_persistent()
+                    oid = item.getID()
+                    (call.writes if direction.writes else call.reads).append(oid)
+                    call.oids.append(oid)
+                    call.owners.append(item.__dict__.get(objmod._OWNER, ""))
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _refresh_backends(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._backends_at < BACKENDS_TTL:
+            return
+        self._backends_at = now
+        up = [b for b in self.client.backends() if b.up]
+        self.pids = {b.backend_id: b.pid for b in up}
+        self.scheduler.set_backends(sorted(self.pids))
+        if up and not self.scheduler.memory:
+            # Backends on one host share its memory: each gets an equal part for tasks.
+            import psutil
+            per_host: dict[str, int] = {}
+            for b in up:
+                per_host[b.host] = per_host.get(b.host, 0) + 1
+            self.scheduler.memory = psutil.virtual_memory().total // max(per_host.values())
+
+    def _dispatch(self, call: Call) -> None:
+        """Send a ready call to its backend, or queue it there if the backend is full.
+
+        Called with the lock held (remote mode).
+        """
+        if self.inline:
+            self._start(call, None)
+            return
+        try:
+            self._refresh_backends()
+            backend = self.scheduler.choose(call.owners, call.weights)
+        except Exception as exc:  # no backend up, or the directory unreachable
+            self._settle(call, call.attempt, None, exc, backend=None)
+            return
+        if self.scheduler.fits(backend, call.demand):
+            self.scheduler.take(backend, call.demand)
+            self._start(call, backend)
+        else:
+            self._queues.setdefault(backend, deque()).append(call)
+
+    def _start(self, call: Call, backend: str | None) -> None:
+        call.attempt += 1
+        call.backend = backend
+        attempt = call.attempt
+
+        def on_start():
+            # The time limit counts from when the task is sent, not while it waits for a lane.
+            if call.defn.time_out and not self.inline:
+                with self._lock:
+                    if call.settled or attempt != call.attempt:
+                        return
+                    call.timer = threading.Timer(call.defn.time_out, self._timed_out,
+                                                 (call, attempt))
+                    call.timer.daemon = True
+                    call.timer.start()
+
+        def done(result, error):
+            if backend is not None:
+                self._release(backend, call.demand)
+            self._settle(call, attempt, result, error, backend)
+
+        self.executor.submit(Job(backend, call.defn.fn, lambda: self._resolve(call),
+                                 call.writes, call.defn.time_out, call.demand.units, done,
+                                 on_start))
+
+    def _release(self, backend: str, demand: Demand) -> None:
+        with self._lock:
+            self.scheduler.release(backend, demand)
+            queue = self._queues.get(backend)
+            while queue and self.scheduler.fits(backend, queue[0].demand):
+                nxt = queue.popleft()
+                self.scheduler.take(backend, nxt.demand)
+                self._start(nxt, backend)
+
+    def _timed_out(self, call: Call, attempt: int) -> None:
+        self._settle(call, attempt, None, TaskTimeout(
+            f"task {call.name} did not finish within its time_out of {call.defn.time_out}s "
+            f"(it may still be running on backend {(call.backend or '')[:8]})"), call.backend)
+
+    @staticmethod
+    def _resolve(call: Call) -> tuple[tuple, dict]:
+        """The call's arguments with futures replaced by their values (all are done)."""
+        def value(x):
+            return x.result() if isinstance(x, Future) else x
+
+        def one(x, direction: Direction):
+            if direction.collection and isinstance(x, (list, tuple)):
+                return type(x)(value(i) for i in x)
+            return value(x)
+        directions = call.defn.directions
+        args = tuple(one(a, directions.get(name, Direction.IN))
+                     for a, name in zip(call.args, call.defn.positional_names(len(call.args))))
+        kwargs = {k: one(v, directions.get(k, Direction.IN)) for k, v in call.kwargs.items()}
+        return args, kwargs
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def _settle(self, call: Call, attempt: int, result, error: BaseException | None,
+                backend: str | None) -> None:
+        """Apply one attempt's outcome: finish, retry, ignore, or fail and cancel successors."""
+        with self._lock:
+            if call.settled or attempt != call.attempt:
+                return  # a late reply from an attempt that timed out or was retried
+            if call.timer is not None:
+                call.timer.cancel()
+                call.timer = None
+            policy = call.defn.on_failure
+            if error is not None and policy is OnFailure.RETRY \
+                    and call.attempt <= call.defn.retries:
+                log.warning("task %s failed (attempt %d), retrying: %r", call.name,
+                            call.attempt, error)
+                if self.inline:
+                    self._start(call, None)
+                else:
+                    self._dispatch(call)
+                return
+            call.settled = True
+            if error is not None and policy is OnFailure.IGNORE:
+                log.warning("task %s failed, ignored (on_failure=IGNORE): %r", call.name, error)
+                error, result = None, None
+            if error is None:
+                values = self._split(call, result)
+                if isinstance(values, BaseException):
+                    error = values
+            if error is None:
+                for f, v in zip(call.futures, values):
+                    f._finish(v, None, backend, call.attempt)
+                if not self.inline:
+                    ready = self._graph.finish(call.task_id)
+                    self._drop(call.task_id)
+                    for t in ready:
+                        self._dispatch(self._calls[t])
+                return
+            if policy in (OnFailure.FAIL, OnFailure.RETRY):
+                self._failed += 1
+                if len(self._failures) < MAX_REPORTED:
+                    self._failures.append((call.name, error))
+            for f in call.futures:
+                f._finish(None, error, backend, call.attempt)
+            if not self.inline:
+                for t in self._graph.cancel_successors(call.task_id):
+                    self._cancel(self._calls[t], call.futures[0])
+                    self._drop(t)
+                self._drop(call.task_id)
+
+    @staticmethod
+    def _split(call: Call, result):
+        n = call.defn.returns
+        if n <= 1:
+            return [result]
+        if result is None:
+            return [None] * n
+        try:
+            values = list(result)
+        except TypeError:
+            values = None
+        if values is None or len(values) != n:
+            return TaskError(f"task {call.name} declares returns={n} but returned "
+                             f"{type(result).__name__} {result!r:.80}")
+        return values
+
+    def _cancel(self, call: Call, because: Future) -> None:
+        """Finish a call that will never run because ``because`` failed."""
+        call.settled = True
+        cause = because.exception()
+        err = TaskCancelled(f"task {call.name} cancelled: it depends on task "
+                            f"{because.task_name}#{because.task_id}, which failed with "
+                            f"{type(cause).__name__}: {cause}")
+        err.__cause__ = cause
+        for f in call.futures:
+            f._finish(None, err, None, 0)
+
+    def _drop(self, task_id: int) -> None:
+        self._calls.pop(task_id, None)
+        if not self._calls:
+            self._idle.notify_all()
+
+    # -- synchronisation --------------------------------------------------------------------------
+    def futures_using(self, object_id: str) -> list[Future]:
+        """Futures of the unfinished tasks that read or write the object."""
+        with self._lock:
+            return [f for t in self._graph.users(object_id) for f in self._calls[t].futures[:1]]
+
+    def barrier(self, timeout: float | None = None) -> None:
+        """Wait until every task submitted so far finished; raise if a FAIL task failed."""
+        with self._lock:
+            if not self._idle.wait_for(lambda: not self._calls, timeout):
+                raise TimeoutError(f"barrier: {len(self._calls)} tasks still running "
+                                   f"after {timeout}s")
+            failures, self._failures = self._failures, []
+            failed, self._failed = self._failed, 0
+        if failures:
+            name, first = failures[0]
+            more = f" (and {failed - 1} more)" if failed > 1 else ""
+            raise TaskError(f"task {name} failed with {type(first).__name__}: {first}{more}") \
+                from first
+
+    def pending(self) -> int:
+        """Tasks submitted and not finished yet."""
+        with self._lock:
+            return len(self._calls)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def current() -> Runtime:
+    """The runtime for this process's current connection (inline when there is none).
+
+    Inside a backend (a task that calls a task) the runtime is inline too: the
+    inner task runs in place, next to the outer one's data.
+    """
+    global _runtime
+    client = objmod._dispatcher if objmod.has_dispatcher() else None
+    if client is not None and getattr(client, "local", None) is not None:
+        client = None
+    rt = _runtime
+    if rt is not None and rt.client is client:
+        return rt
+    with _runtime_lock:
+        rt = _runtime
+        if rt is None or rt.client is not client:
+            if rt is not None and not rt.inline:
+                rt.close()
+            rt = _runtime = Runtime(client)
+        return rt

@@ -1,0 +1,76 @@
+"""Parameter directions and failure policies, as PyCOMPSs spells them.
+
+A direction says what a task does with an argument:
+
+========================  ===========================================================
+``IN`` (default)          reads it; readers of the same object run in parallel
+``INOUT``                 reads and changes it; runs after earlier readers and
+                          writers of the object, and later tasks wait for it
+``OUT``                   overwrites it; ordered like ``INOUT``
+``COLLECTION_IN``         a list (or tuple) whose items are each ``IN``
+``COLLECTION_INOUT``      a list (or tuple) whose items are each ``INOUT``
+========================  ===========================================================
+
+Only persistent objects (``StorageObject`` instances) carry dependencies of
+their own; futures always do, whatever the direction.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Direction(enum.Enum):
+    """What a task does with one of its arguments (see the module docstring)."""
+
+    IN = "IN"
+    INOUT = "INOUT"
+    OUT = "OUT"
+    COLLECTION_IN = "COLLECTION_IN"
+    COLLECTION_INOUT = "COLLECTION_INOUT"
+
+    @property
+    def writes(self) -> bool:
+        """True when the task may change the argument (or the collection's items)."""
+        return self in (Direction.INOUT, Direction.OUT, Direction.COLLECTION_INOUT)
+
+    @property
+    def collection(self) -> bool:
+        """True when the argument is a collection whose items are tracked one by one."""
+        return self in (Direction.COLLECTION_IN, Direction.COLLECTION_INOUT)
+
+
+IN = Direction.IN
+INOUT = Direction.INOUT
+OUT = Direction.OUT
+COLLECTION_IN = Direction.COLLECTION_IN
+COLLECTION_INOUT = Direction.COLLECTION_INOUT
+
+
+class OnFailure(enum.Enum):
+    """What happens when a task raises (after its retries, for ``RETRY``).
+
+    - ``FAIL`` (default): the task's future holds the error, its successors are
+      cancelled (``TaskCancelled`` naming it), and the next ``barrier()`` raises.
+    - ``RETRY``: run the task again, up to ``retries`` more times; if it still
+      fails, behave as ``FAIL``.
+    - ``CANCEL_SUCCESSORS``: like ``FAIL``, but ``barrier()`` does not raise:
+      the rest of the graph goes on.
+    - ``IGNORE``: the task's value is ``None`` and its successors run.
+    """
+
+    FAIL = "FAIL"
+    RETRY = "RETRY"
+    CANCEL_SUCCESSORS = "CANCEL_SUCCESSORS"
+    IGNORE = "IGNORE"
+
+    @classmethod
+    def parse(cls, value: "str | OnFailure") -> "OnFailure":
+        """The policy named ``value`` (case-insensitive), or a clear ValueError."""
+        if isinstance(value, OnFailure):
+            return value
+        try:
+            return cls(str(value).upper())
+        except ValueError:
+            raise ValueError(f"on_failure must be one of {[p.value for p in cls]}, "
+                             f"not {value!r}") from None

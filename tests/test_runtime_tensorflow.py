@@ -1,0 +1,30 @@
+"""The TensorFlow example, run end to end. Skipped when TensorFlow is not installed.
+
+CI runs it in a step of its own: ``pip install tensorflow-cpu`` then
+``pytest tests/test_runtime_tensorflow.py`` (TensorFlow is a 270 MB wheel and
+takes several seconds to import in each backend, too heavy for the default job).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="tensorflow is not installed (pip install tensorflow-cpu)")
+
+
+def test_tensorflow_training_example_reduces_loss():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tensorflow_training.py")],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert float(lines["final_loss"]) < 0.6 * float(lines["initial_loss"])
+    assert lines["gradients_ran_where_shards_live"] == "True"
+    assert lines["shards"] == "4"
