@@ -16,8 +16,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                                reason="tensorflow is not installed (pip install tensorflow-cpu)")
+# The CI step that installs TensorFlow sets CLAYPOT_REQUIRE_TENSORFLOW=1, so a
+# failed install fails the step instead of skipping the test.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None
+    and os.environ.get("CLAYPOT_REQUIRE_TENSORFLOW") != "1",
+    reason="tensorflow is not installed (pip install tensorflow-cpu)")
 
 
 def test_tensorflow_training_example_reduces_loss():
