@@ -13,14 +13,22 @@ Starts a local cluster of 2 backends and prints one JSON document:
 - ``big_argument``: a task over a 64 MiB array run on the backend that holds
   it (chosen by the runtime) versus the same function sent to the other
   backend, which must fetch the array; and an empty task for reference.
-- ``dask``: the same 64 MiB task on Dask distributed with the array
-  scattered, when Dask is installed (otherwise the reason it was skipped).
+- ``dask`` (when ``dask[distributed]`` is installed, otherwise the reason it
+  was skipped): the cluster runs with ``dask=True``, so each backend hosts a
+  Dask worker and one Dask scheduler serves the run. The same 64 MiB task on
+  Dask with the array scattered to the owner's worker (``client.scatter``,
+  then a task on it), interleaved with the claypot task on the owning backend,
+  and their ratio; the claypot task sent through the Dask executor
+  (``runtime.use_executor("dask")``); tiny-task latency of a bare Dask submit
+  and of a claypot task through Dask, and a burst of tiny tasks through the
+  Dask executor, for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import statistics
 import sys
@@ -50,6 +58,11 @@ def touch(b):
     # Reads the array the way real work would start, without doing the work:
     # the cost measured is getting at the data, not summing it.
     return float(b.data[-1])
+
+
+def touch_array(a):
+    # The Dask twin of touch(): the scattered array is the argument itself.
+    return float(a[-1])
 
 
 def empty():
@@ -138,20 +151,67 @@ def bench_big(mib: int, n: int) -> dict:
             "on_owner": ms(local), "on_other_backend": ms(remote), "empty_task": ms(empty_s)}
 
 
-def bench_dask(mib: int, n: int) -> dict:
+def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst: int) -> dict:
     try:
-        from dask.distributed import Client, LocalCluster as DaskCluster
+        from distributed import Client
     except ImportError:
         return {"skipped": "dask[distributed] is not installed"}
-    with DaskCluster(n_workers=2, threads_per_worker=1, processes=True,
-                     dashboard_address=None) as cluster, Client(cluster) as client:
+    owner = sorted(b.backend_id for b in store.backends() if b.up)[0]
+    block = Block(np.ones(mib * 2**20 // 8))
+    block.make_persistent(backend=owner)
+    time.sleep(3)   # let the write-behind checkpoint of the new big object finish
+    touch_task = task(returns=1)(touch)
+    tiny_task = task(returns=1)(tiny)
+    f = touch_task(block)
+    assert wait_on(f) == 1.0 and f.backend == owner
+    out: dict = {"array_mib": mib, "workers": "hosted by the claypot backends"}
+    with Client(cluster.dask_scheduler, set_as_default=False) as dc:
         arr = np.ones(mib * 2**20 // 8)
-        [fut] = client.scatter([arr])
-        touch_arr = lambda a: float(a[-1])  # noqa: E731
-        client.submit(touch_arr, fut, pure=False).result()
-        big = timed(lambda: client.submit(touch_arr, fut, pure=False).result(), n, warmup=3)
-        lat = timed(lambda: client.submit(tiny, 1, pure=False).result(), n, warmup=3)
-    return {"task_on_scattered_array": ms(big), "tiny_task_latency": ms(lat)}
+        t = time.perf_counter()
+        [scattered] = dc.scatter([arr], workers=[owner])
+        out["scatter_s"] = round(time.perf_counter() - t, 3)
+
+        def dask_touch():
+            assert dc.submit(touch_array, scattered, workers=[owner], pure=False).result() == 1.0
+
+        def claypot_touch():
+            assert wait_on(touch_task(block)) == 1.0
+        dask_touch()
+        # Interleaved, so background work on the machine weighs on both series alike.
+        on_dask, on_claypot = [], []
+        for i in range(n + 3):
+            a = timed(dask_touch, 1, warmup=0)
+            b = timed(claypot_touch, 1, warmup=0)
+            if i >= 3:
+                on_dask += a
+                on_claypot += b
+        out["task_on_scattered_array"] = ms(on_dask)
+        out["claypot_task_on_owner"] = ms(on_claypot)
+        out["dask_over_claypot_p50"] = round(statistics.median(on_dask) /
+                                             statistics.median(on_claypot), 2)
+        # A function of the script travels by value with every Dask task; an
+        # importable one (operator.pos) by name: both, since Dask's cost differs.
+        out["tiny_task_latency"] = ms(timed(
+            lambda: dc.submit(tiny, 1, pure=False).result(), n_latency, warmup=10))
+        out["tiny_task_latency_importable_fn"] = ms(timed(
+            lambda: dc.submit(operator.pos, 1, pure=False).result(), n_latency, warmup=10))
+        scattered.release()   # frees the worker's copy before the next measurements
+    # The runtime's own tasks, sent through Dask to the backends' hosted workers.
+    runtime.use_executor("dask")
+    try:
+        f = touch_task(block)
+        assert wait_on(f) == 1.0 and f.backend == owner
+        via = {"task_on_owner": ms(timed(lambda: wait_on(touch_task(block)), n, warmup=3)),
+               "tiny_task_latency": ms(timed(lambda: wait_on(tiny_task(1)), n_latency,
+                                             warmup=10))}
+        t = time.perf_counter()
+        assert wait_on([tiny_task(i) for i in range(n_burst)]) == list(range(n_burst))
+        via["burst"] = {"tasks": n_burst,
+                        "tasks_per_s": round(n_burst / (time.perf_counter() - t))}
+        out["claypot_via_dask_executor"] = via
+    finally:
+        runtime.use_executor(None)
+    return out
 
 
 def main() -> None:
@@ -163,11 +223,19 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     result = {"cpus": os.cpu_count()}
-    with LocalCluster(backends=2):
+    try:
+        import distributed  # noqa: F401
+        with_dask = True
+    except ImportError:
+        with_dask = False
+    # One cluster for the whole run; with Dask its backends also host Dask workers,
+    # so both systems run their tasks in the same processes.
+    with LocalCluster(backends=2, dask=with_dask) as cluster:
         result["throughput"] = bench_throughput(args.tasks)
         result["latency"] = bench_latency(args.latency)
         result["big_argument"] = bench_big(args.big_mib, args.big_runs)
-    result["dask"] = bench_dask(args.big_mib, args.big_runs)
+        result["dask"] = bench_dask(cluster, args.big_mib, args.big_runs, args.latency,
+                                    args.tasks // 2)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
 

@@ -1,15 +1,23 @@
 """A bare grpcio echo server: the yardstick claypot's calls are measured against.
 
-Run as a process: ``python -m bench.echo_server PORT_FILE [workers]``. It serves,
+Run as a process: ``python -m bench.echo_server PORT_FILE [workers] [UNIX_SOCKET]``.
+It listens on an ephemeral loopback TCP port (written to PORT_FILE) and, when
+given a path, also on that Unix-domain socket. It serves,
 with generic handlers and no serializers (raw bytes, no generated code):
 
 - ``/bench.Echo/Unary``: bytes in, the same bytes out;
 - ``/bench.Echo/Stream``: a client stream of chunks; replies with the byte count;
+- ``/bench.Echo/StreamLand``: like Stream, but the first message is the total
+  size (u64) and every chunk is copied into a buffer of that size, allocated
+  as claypot allocates its receive buffers (private, pre-populated mmap): a
+  bare receiver that lands the data;
 - ``/bench.Echo/Pull``: a request ``(total, chunk)`` as two little-endian u64;
   replies with a server stream of ``total`` bytes in ``chunk``-sized pieces, cut
-  from one preallocated buffer (what a bare server sending an array would do).
+  from a buffer allocated (and touched) once per size, as a server holding an
+  array in memory would send it.
 """
 
+import mmap
 import os
 import sys
 from concurrent import futures
@@ -31,26 +39,53 @@ def _stream(request_iterator, context):
     return n.to_bytes(8, "little")
 
 
+def landing_buffer(nbytes: int) -> memoryview:
+    """A receive buffer made the way claypot makes its own (private, pre-populated mmap)."""
+    if not nbytes:
+        return memoryview(bytearray(0))
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, nbytes, flags=flags))
+
+
+def _stream_land(request_iterator, context):
+    total = int.from_bytes(next(request_iterator), "little")
+    target = landing_buffer(total)
+    n = 0
+    for chunk in request_iterator:
+        target[n:n + len(chunk)] = chunk
+        n += len(chunk)
+    return n.to_bytes(8, "little")
+
+
+_sources: dict[int, memoryview] = {}
+
+
 def _pull(request, context):
     total = int.from_bytes(request[:8], "little")
     chunk = int.from_bytes(request[8:16], "little")
     # Content does not matter to the transport; the buffer exists so every
-    # piece is a real slice copied out of memory, like a streamed array.
-    source = memoryview(bytearray(total))
+    # piece is a real slice copied out of memory, like a streamed array. It is
+    # kept across calls so its allocation is not timed as transport.
+    source = _sources.get(total)
+    if source is None:
+        source = _sources[total] = memoryview(bytearray(total))
     for start in range(0, total, chunk):
         yield source[start:start + chunk].tobytes()
 
 
-def serve(port_file: str, workers: int = 16) -> None:
-    """Serve on an ephemeral loopback port; write the port to ``port_file`` atomically."""
+def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> None:
+    """Serve on an ephemeral loopback port (and ``unix_socket``); write the port to ``port_file``."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Stream": grpc.stream_unary_rpc_method_handler(_stream),
+        "StreamLand": grpc.stream_unary_rpc_method_handler(_stream_land),
         "Pull": grpc.unary_stream_rpc_method_handler(_pull),
     })
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
+    if unix_socket:
+        server.add_insecure_port("unix:" + unix_socket)
     server.start()
     with open(port_file + ".tmp", "w") as f:
         f.write(str(port))
@@ -59,4 +94,5 @@ def serve(port_file: str, workers: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)
+    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16,
+          sys.argv[3] if len(sys.argv) > 3 else None)

@@ -18,6 +18,11 @@ Dependencies follow from the arguments (futures, and persistent objects by
 direction); each task runs on the backend holding most of its persistent
 arguments, inside that backend's process. With no cluster connected, tasks
 run inline, so the same script runs under plain ``python``.
+
+Tasks reach backends by ``run_task`` RPCs by default; ``use_executor("dask")``
+(or ``CLAYPOT_EXECUTOR=dask``) submits them to Dask distributed instead,
+pinned to Dask workers hosted by the chosen backends (see
+:mod:`runtime.dask_executor`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from store import objects as _objects
 
-from .core import current
+from .core import current, use_executor
 from .decorators import TaskFunction, constraint, task
 from .directions import (COLLECTION_IN, COLLECTION_INOUT, IN, INOUT, OUT, Direction,
                          OnFailure)
@@ -34,7 +39,7 @@ from .futures import Future
 
 __all__ = ["task", "constraint", "wait_on", "barrier", "Future", "TaskFunction",
            "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction",
-           "OnFailure"]
+           "OnFailure", "use_executor"]
 
 
 def wait_on(obj: Any, timeout: float | None = None) -> Any:

@@ -35,6 +35,30 @@ BACKENDS_TTL = 2.0  # seconds a list of live backends is trusted before asking a
 MAX_REPORTED = 100  # failures kept for barrier(); the rest are only counted
 
 
+EXECUTORS = ("store", "dask")
+_executor_choice: tuple[str, str | None] | None = None   # set by use_executor()
+
+
+def executor_choice() -> tuple[str, str | None]:
+    """(name, Dask scheduler or None): ``use_executor()``'s, else ``CLAYPOT_EXECUTOR``'s."""
+    if _executor_choice is not None:
+        return _executor_choice
+    name = os.environ.get("CLAYPOT_EXECUTOR", "").strip().lower() or "store"
+    if name not in EXECUTORS:
+        raise ValueError(f"CLAYPOT_EXECUTOR must be one of {', '.join(EXECUTORS)}, "
+                         f"not {name!r}")
+    return name, None
+
+
+def _make_executor(client, slots: int, backends: int):
+    name, scheduler = executor_choice()
+    if name == "dask":
+        # Imported here: Dask is an optional extra, needed only when chosen.
+        from .dask_executor import DaskExecutor, scheduler_address
+        return DaskExecutor(client, scheduler_address(client, scheduler))
+    return RemoteExecutor(client, slots, workers=slots * max(2, backends) + 4)
+
+
 def task_slots() -> int:
     """Tasks one backend runs at once for this process (``CLAYPOT_TASK_SLOTS``, default 8)."""
     raw = os.environ.get("CLAYPOT_TASK_SLOTS", "")
@@ -93,8 +117,7 @@ class Runtime:
         else:
             self._refresh_backends(force=True)
             self.sizes = SizeCache(client)
-            self.executor = RemoteExecutor(client, slots,
-                                           workers=slots * max(2, len(self.pids)) + 4)
+            self.executor = _make_executor(client, slots, len(self.pids))
 
     # -- submission ---------------------------------------------------------------------
     def submit(self, defn, args: tuple, kwargs: dict):
@@ -351,6 +374,34 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+
+def use_executor(name: str | None, scheduler: str | None = None) -> None:
+    """Run this process's next tasks with executor ``name``: ``"store"`` or ``"dask"``.
+
+    ``"store"`` (the default) sends tasks to backends with ``run_task`` RPCs;
+    ``"dask"`` submits them to Dask distributed, pinned to the chosen
+    backend's hosted worker, through the scheduler at ``scheduler`` (default:
+    the connection's ``dask_scheduler`` setting). It overrides
+    ``CLAYPOT_EXECUTOR``; ``None`` goes back to it. Tasks still pending would
+    be orphaned by the switch, so it refuses while there are any
+    (``barrier()`` first).
+    """
+    global _executor_choice, _runtime
+    name = name.strip().lower() if name is not None else None
+    if name is not None and name not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, not {name!r}")
+    with _runtime_lock:
+        rt = _runtime
+        if rt is not None and rt.pending():
+            raise RuntimeError(f"use_executor: {rt.pending()} tasks are still pending; "
+                               f"call barrier() first")
+        _executor_choice = (name, scheduler) if name is not None else None
+        # The next task builds a runtime with the new executor.
+        if rt is not None:
+            if not rt.inline:
+                rt.close()
+            _runtime = None
 
 
 def current() -> Runtime:

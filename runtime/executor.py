@@ -88,21 +88,15 @@ class _Lanes:
         self.queue: deque[Job] = deque()
 
 
-class RemoteExecutor:
-    """Runs tasks on backends through a client (see the module docstring)."""
+class CodeKeys:
+    """Function -> registry key, shipping each function by value once (any executor)."""
 
-    def __init__(self, client, slots: int, workers: int):
+    def __init__(self, client):
         self.client = client
-        self.slots = slots
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="claypot-task")
         self._keys: dict[int, tuple[object, str]] = {}
         self._register_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._lanes: dict[str, _Lanes] = {}
-        self.rpcs = 0        # RPCs sent, for tests and benchmarks
-        self.batched = 0     # tasks that travelled in a batch of two or more
 
-    def code_key(self, fn) -> str:
+    def key(self, fn) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
         hit = self._keys.get(id(fn))
         if hit is not None and hit[0] is fn:
@@ -116,6 +110,24 @@ class RemoteExecutor:
             key = self.client.register_code(fn)
             self._keys[id(fn)] = (fn, key)
             return key
+
+
+class RemoteExecutor:
+    """Runs tasks on backends through a client (see the module docstring)."""
+
+    def __init__(self, client, slots: int, workers: int):
+        self.client = client
+        self.slots = slots
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="claypot-task")
+        self._codes = CodeKeys(client)
+        self._lock = threading.Lock()
+        self._lanes: dict[str, _Lanes] = {}
+        self.rpcs = 0        # RPCs sent, for tests and benchmarks
+        self.batched = 0     # tasks that travelled in a batch of two or more
+
+    def code_key(self, fn) -> str:
+        """The registry key of ``fn``, shipping it on first use only."""
+        return self._codes.key(fn)
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` for its backend and send what the free lanes allow."""

@@ -122,7 +122,7 @@ def cmd_status(a) -> int:
 
 def cmd_repair(a) -> int:
     """Rebuild the directory from storage dirs (after Redis lost its data)."""
-    from .backend.storage import Storage
+    from .backend.storage import read_backend_id, scan_storage_dir
     from .directory import Directory
     state = _load_state() or {}
     url = a.redis or state.get("redis")
@@ -135,9 +135,12 @@ def cmd_repair(a) -> int:
     directory = Directory(url)
     total = 0
     for d in dirs:
-        storage = Storage(d, policy="none")
-        entries = [(oid, storage.backend_id, key, alias) for oid, key, alias in
-                   storage.scan_headers()]
+        backend_id = read_backend_id(d)
+        if backend_id is None:
+            print(f"{d}: not a claypot storage dir (no backend.id), skipped")
+            continue
+        # Read-only scan: the dir's backend may be running.
+        entries = [(oid, backend_id, key, alias) for oid, key, alias in scan_storage_dir(d)]
         for i in range(0, len(entries), 1000):
             directory.claim(entries[i:i + 1000])
         total += len(entries)

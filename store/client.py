@@ -132,6 +132,11 @@ class Client:
                 self._channels[address] = hit
             return hit[1]
 
+    def _streams(self, address: str) -> wire.StreamStub:
+        """The streaming RPCs to a backend, with claypot's raw chunk framing (see wire)."""
+        self._stub(address)
+        return wire.StreamStub(self._channels[address][0])
+
     def close(self) -> None:
         with self._lock:
             for channel, _ in self._channels.values():
@@ -320,7 +325,7 @@ class Client:
 
             def send(addr):
                 try:
-                    return self._stub(addr).PersistStream(
+                    return self._streams(addr).PersistStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
                         timeout=self.settings.stream_deadline(size), metadata=self._metadata)
                 except grpc.RpcError as err:
@@ -449,7 +454,7 @@ class Client:
 
             def send(addr):
                 try:
-                    return self._stub(addr).CallStream(
+                    return self._streams(addr).CallStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
                         timeout=timeout, metadata=self._metadata)
                 except grpc.RpcError as err:
@@ -471,7 +476,7 @@ class Client:
         ctx = None
         if reply.result_handle:
             try:
-                chunks = self._stub(address).FetchResult(
+                chunks = self._streams(address).FetchResult(
                     pb.FetchRequest(result_handle=reply.result_handle),
                     timeout=self.settings.stream_deadline(reply.result_size),
                     metadata=self._metadata)

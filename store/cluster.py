@@ -178,6 +178,54 @@ class BackendProcess:
             self.proc.wait()
 
 
+@dataclass
+class DaskSchedulerProcess:
+    """A Dask scheduler (``python -m distributed.cli.dask_scheduler``) on loopback.
+
+    Backends started with its address host Dask workers (see
+    :mod:`store.backend.dask_worker`). It listens on an ephemeral port, learnt
+    from the scheduler file it writes once serving.
+    """
+    data_dir: str
+    proc: subprocess.Popen | None = None
+    address: str = ""
+
+    def start(self, timeout: float = 60.0) -> "DaskSchedulerProcess":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ConfigurationError("LocalCluster(dask=True) needs Dask: "
+                                     "pip install 'claypot[dask]'") from None
+        os.makedirs(self.data_dir, exist_ok=True)
+        info = os.path.join(self.data_dir, "scheduler.json")
+        if os.path.exists(info):
+            os.unlink(info)
+        log = open(os.path.join(self.data_dir, "scheduler.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--no-dashboard", "--scheduler-file", info],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+
+        def read():
+            try:
+                with open(info) as f:
+                    return json.load(f).get("address")
+            except (FileNotFoundError, ValueError):
+                return None
+        self.address = _wait_for(read, timeout, "dask scheduler", self.proc)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class LocalCluster:
     """An embedded Redis plus ``backends`` backend processes, on loopback.
 
@@ -185,12 +233,14 @@ class LocalCluster:
     stops everything it started on exit, also when the body raised.
     ``data_dir=None`` uses a temporary directory (removed on exit);
     ``redis=URL`` uses an existing Redis instead of starting one.
+    ``dask=True`` also starts a Dask scheduler; each backend hosts a Dask
+    worker named after its backend id (``dask_scheduler`` is its address).
     """
 
     def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
                  token: str | None = None, durability: str | None = None,
                  memory_limit: str | None = None, backend_env: dict | None = None,
-                 connect: bool = True):
+                 connect: bool = True, dask: bool = False):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
@@ -208,6 +258,8 @@ class LocalCluster:
         self._env = backend_env or {}
         self._connect = connect
         self.client = None
+        self._dask = dask
+        self.dask: DaskSchedulerProcess | None = None
 
     @property
     def redis_url(self) -> str:
@@ -223,15 +275,27 @@ class LocalCluster:
         """Backend ids, in start order."""
         return [p.backend_id for p in self.processes]
 
+    @property
+    def dask_scheduler(self) -> str:
+        """Address of the Dask scheduler (``dask=True``), else empty."""
+        return self.dask.address if self.dask else ""
+
     def start(self) -> "LocalCluster":
         try:
             if not self._redis_url:
                 self.redis = RedisProcess(os.path.join(self.data_dir, "redis")).start()
+            if self._dask:
+                self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask")).start()
+                self._extra += ["--dask-scheduler", self.dask.address]
             for i in range(self._n):
                 self.processes.append(self._backend(i).start())
             if self._connect:
                 from . import api
                 self.client = api.connect(self.address, self.token)
+                if self.dask:
+                    # Where this process's runtime submits when it uses the Dask executor.
+                    self.client.settings = self.client.settings.replace(
+                        dask_scheduler=self.dask.address)
         except BaseException:
             self.stop()
             raise
@@ -268,6 +332,8 @@ class LocalCluster:
                 p.stop()
             except Exception:
                 pass
+        if self.dask is not None:
+            self.dask.stop()   # after the backends, so their workers leave it cleanly
         if self.redis is not None:
             self.redis.stop()
         if self._tmp:

@@ -39,11 +39,15 @@ class Settings:
     advertise: str = ""               # host:port registered for others to reach; empty: host:port
     durability: str = "sync"          # sync | async | none
     flush_interval: float = 1.0       # async: dirty objects are flushed within this
+    checkpoint_interval: float = 10.0  # log records are checkpointed (and the log trimmed) this often
     big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
+    # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
+    # dask executor submits there. Empty: no Dask.
+    dask_scheduler: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

@@ -16,13 +16,22 @@ scripts, so a failed batch leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-from .errors import AliasExists, AliasNotFound, ConfigurationError, ObjectNotFound
+from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ConfigurationError,
+                     ObjectNotFound)
+
+# Connection errors are retried with capped backoff for about this long, which
+# rides over a Redis restart; after that the operation fails with a claypot error.
+_REDIS_RETRIES = 8
+_REDIS_BACKOFF = ExponentialBackoff(cap=0.5, base=0.02)
 
 _CLAIM = """
 local objects, aliases = KEYS[1], KEYS[2]
@@ -96,16 +105,44 @@ def _entry(raw: bytes | str) -> ObjectEntry:
     return ObjectEntry((backend, key, alias))
 
 
+def _unreachable_as_claypot_error(cls):
+    """Wrap every public method so a Redis that stays unreachable raises BackendUnavailable.
+
+    Callers (the servicer) send errors back to clients, who must only ever
+    see claypot errors, never a redis-py exception.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise BackendUnavailable(
+                    f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
+        return method
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_") and name not in ("close", "wait_ready"):
+            setattr(cls, name, wrap(value))
+    return cls
+
+
+@_unreachable_as_claypot_error
 class Directory:
-    """Typed access to the directory keys in Redis."""
+    """Typed access to the directory keys in Redis.
+
+    A lost connection is retried with capped backoff (a Redis restart is
+    ridden over); a Redis that stays down raises BackendUnavailable.
+    """
 
     def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0):
         if not url:
             raise ConfigurationError("the directory needs a Redis URL")
         self.url = url
         self.prefix = prefix
-        self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      health_check_interval=30)
+        self.r = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.k_objects = prefix + "objects"
         self.k_aliases = prefix + "aliases"
         self.k_backends = prefix + "backends"

@@ -6,24 +6,62 @@ sent as a stream: a header message (with the sizes of its blobs) and then the
 raw bytes in ``chunk_size`` pieces. The receiver preallocates every blob and
 copies each chunk straight into place, so a 3 GiB array costs one buffer on
 each side, never a whole-message copy.
+
+The three streaming RPCs (PersistStream, CallStream, FetchResult) carry
+``Chunk`` messages, but claypot frames them itself instead of going through
+protobuf objects: a data chunk is the tag byte, a varint length and the bytes,
+built with one ``join`` straight from the array's memory. Measured on the
+project's 2-core VM, building ``pb.Chunk(data=...)`` and serializing it cost
+2.8 s per GiB (two more copies of every chunk, into and out of the message),
+``join`` 0.07 s. The bytes on the wire are the same ``Chunk`` encoding, so
+peers in other languages (or the generated stubs) interoperate unchanged;
+:func:`add_servicer` and :class:`StreamStub` install the raw framing on the
+server and the client.
+
+Copies of a streamed value, sender to receiver: one ``join`` per chunk (the
+sender's framing), gRPC's own copies into and out of its buffers, and one copy
+into the receiver's preallocated buffer. Large receive buffers are private
+anonymous ``mmap``s, pre-populated (see :func:`receive_buffer`): not
+``bytearray``, which zero-fills (a pass over memory for nothing). Landing the
+bytes in fresh memory (page faults) is the main cost of receiving here:
+claypot's round trip is at par with a bare gRPC stream whose receiver keeps
+the bytes, and below one whose receiver only counts them.
 """
 
 from __future__ import annotations
 
+import mmap
 import pickle
 from typing import Iterable, Iterator, Sequence
+
+import grpc
 
 from .errors import ProtocolError, ValueTooLarge
 from .generated import claypot_pb2 as pb
 
+_HEADER_TAG = 0x0A  # Chunk field 1 (header), length-delimited
+_DATA_TAG = 0x12    # Chunk field 2 (data), length-delimited
+
 
 def total_size(payload: bytes, buffers: Sequence) -> int:
+    """Bytes a value occupies: its pickle stream plus every out-of-band buffer."""
     return len(payload) + sum(memoryview(b).nbytes for b in buffers)
+
+
+def flat_bytes(buffer) -> memoryview:
+    """A buffer as one flat run of bytes, without copying.
+
+    ``PickleBuffer.raw()`` also accepts Fortran-ordered buffers, which
+    ``memoryview.cast`` refuses.
+    """
+    if isinstance(buffer, pickle.PickleBuffer):
+        return buffer.raw()
+    return memoryview(buffer).cast("B")
 
 
 def inline_value(payload: bytes, buffers: Sequence) -> pb.Value:
     """A Value carrying everything inline (small values only)."""
-    return pb.Value(payload=payload, buffers=[memoryview(b).cast("B").tobytes() for b in buffers])
+    return pb.Value(payload=payload, buffers=[flat_bytes(b).tobytes() for b in buffers])
 
 
 def streamed_value(payload: bytes, buffers: Sequence) -> tuple[pb.Value, list]:
@@ -38,14 +76,133 @@ def value_parts(value: pb.Value) -> tuple[bytes, list]:
     return value.payload, list(value.buffers)
 
 
-def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int) -> Iterator[pb.Chunk]:
-    """The header chunk, then every blob cut in ``chunk_size`` pieces."""
-    yield pb.Chunk(header=header)
-    for blob in blobs:
-        view = memoryview(blob).cast("B")
-        for start in range(0, view.nbytes, chunk_size):
-            yield pb.Chunk(data=view[start:start + chunk_size].tobytes())
+# -- chunk framing ---------------------------------------------------------------
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_header(header: bytes) -> bytes:
+    """A serialized ``Chunk(header=header)``."""
+    return b"".join((bytes((_HEADER_TAG,)), _varint(len(header)), header))
+
+
+def encode_data(data) -> bytes:
+    """A serialized ``Chunk(data=data)``, copied once from any buffer (no protobuf object)."""
+    view = memoryview(data)
+    return b"".join((bytes((_DATA_TAG,)), _varint(view.nbytes), view))
+
+
+def decode_chunk(chunk) -> tuple[str | None, memoryview | bytes]:
+    """(``"header"`` or ``"data"`` or None, its bytes) of a raw or parsed Chunk.
+
+    The common case (one field, as every claypot sender writes it) is read
+    in place, a view into the received bytes; anything else is handed to
+    protobuf, so any valid encoding of a Chunk is accepted.
+    """
+    if isinstance(chunk, pb.Chunk):
+        part = chunk.WhichOneof("part")
+        return part, getattr(chunk, part) if part else b""
+    raw = memoryview(chunk)
+    if raw.nbytes >= 2 and raw[0] in (_HEADER_TAG, _DATA_TAG):
+        length, shift, pos = 0, 0, 1
+        while pos < raw.nbytes and pos < 11:
+            byte = raw[pos]
+            length |= (byte & 0x7F) << shift
+            pos += 1
+            if not byte & 0x80:
+                if pos + length == raw.nbytes:
+                    return ("header" if raw[0] == _HEADER_TAG else "data"), raw[pos:]
+                break
+            shift += 7
+    try:
+        parsed = pb.Chunk.FromString(bytes(raw))
+    except Exception as exc:
+        raise ProtocolError(f"malformed stream chunk: {exc}") from None
+    return decode_chunk(parsed)
+
+
+# gRPC channels here cap messages at 16 MiB; a frame adds at most 11 bytes.
+MAX_CHUNK = 16 * 1024 * 1024 - 64
+
+
+def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int) -> Iterator[bytes]:
+    """The header chunk, then every blob cut in ``chunk_size`` pieces, framed as Chunks.
+
+    ``chunk_size`` is capped at :data:`MAX_CHUNK` so a larger setting cannot
+    produce a message the channel refuses.
+    """
+    chunk_size = min(chunk_size, MAX_CHUNK)
+    yield encode_header(header)
+    for blob in blobs:
+        view = flat_bytes(blob)
+        for start in range(0, view.nbytes, chunk_size):
+            yield encode_data(view[start:start + chunk_size])
+
+
+def _serialize_chunk(message) -> bytes:
+    """Raw frames pass through; a ``pb.Chunk`` (an error header, say) is serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+_SERVICE = "claypot.v1.Backend"
+
+
+class StreamStub:
+    """The streaming RPCs of a channel, with claypot's raw chunk framing.
+
+    Requests are frames from :func:`chunk_stream`; FetchResult yields raw
+    frames for :func:`receive_stream`. Unary RPCs keep the generated stub.
+    """
+
+    def __init__(self, channel: grpc.Channel):
+        prefix = f"/{_SERVICE}/"
+        self.PersistStream = channel.stream_unary(
+            prefix + "PersistStream", request_serializer=_serialize_chunk,
+            response_deserializer=pb.Status.FromString)
+        self.CallStream = channel.stream_unary(
+            prefix + "CallStream", request_serializer=_serialize_chunk,
+            response_deserializer=pb.CallReply.FromString)
+        self.FetchResult = channel.unary_stream(
+            prefix + "FetchResult", request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=None)
+
+
+def add_servicer(servicer, server: grpc.Server) -> None:
+    """Register a Backend servicer like the generated helper, with raw chunk framing.
+
+    The chunk-carrying directions get no protobuf (de)serializer: requests of
+    PersistStream and CallStream arrive as the raw bytes of each Chunk, and
+    FetchResult sends the frames :func:`chunk_stream` built.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Backend"].methods:
+        fn = getattr(servicer, method.name)
+        request_type = getattr(pb, method.input_type.name)
+        reply_type = getattr(pb, method.output_type.name)
+        deserialize = None if request_type is pb.Chunk else request_type.FromString
+        serialize = _serialize_chunk if reply_type is pb.Chunk else reply_type.SerializeToString
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(fn, request_deserializer=deserialize,
+                                     response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(_SERVICE, handlers)
+
+
+# -- receiving -------------------------------------------------------------------
 
 def streamed_values(message) -> list[pb.Value]:
     """The streamed Values inside a header message, in wire order."""
@@ -54,26 +211,70 @@ def streamed_values(message) -> list[pb.Value]:
     if isinstance(message, pb.CallRequest):
         return [message.args] if not message.args.payload else []
     if isinstance(message, pb.CallReply):
+        if message.HasField("error"):
+            return []  # a failed fetch streams its error header and nothing else
         return [message.result] if not message.result.payload else []
     raise ProtocolError(f"cannot stream a {type(message).__name__}")
+
+
+_MMAP_MIN = 1 << 20
+
+
+def _available_memory() -> int:
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except Exception:
+        return 0  # unknown: never populate eagerly
+
+
+def receive_buffer(nbytes: int) -> memoryview:
+    """A writable buffer of ``nbytes`` that the incoming data fills (see the module docstring).
+
+    Anonymous mmap pages are zero on first touch by the kernel, so nothing
+    writes them before the data does; small buffers use a bytearray.
+    """
+    if nbytes < _MMAP_MIN:
+        return memoryview(bytearray(nbytes))
+    # Private: mmap's default shared mapping would be shmem (slower to fill, and
+    # accounted as shared memory). MAP_POPULATE maps every page in one kernel call
+    # instead of one fault per page as chunks land (a 1 GiB fill went from
+    # 0.75-0.9 s to 0.5-0.7 s), but commits the memory at once: only done while
+    # the value fits comfortably in what the machine has free, so a header
+    # announcing a huge value cannot push the process into the OOM killer.
+    # Transparent huge pages were measured too: 0.15 s per GiB when the kernel
+    # has 2 MiB pages at hand, but 1-4 s when it must compact memory first, so
+    # a read-back of 1 GiB ranged 2.2-3.4 s against 1.9-2.7 s populated.
+    flags = mmap.MAP_PRIVATE
+    if hasattr(mmap, "MAP_POPULATE") and nbytes < _available_memory() // 2:
+        flags |= mmap.MAP_POPULATE
+    try:
+        region = mmap.mmap(-1, nbytes, flags=flags)
+    except (OSError, OverflowError) as exc:
+        raise ValueTooLarge(f"cannot allocate {nbytes} bytes to receive a value: {exc}") from None
+    return memoryview(region)
 
 
 class Assembler:
     """Rebuilds the blobs of a streamed message from its data chunks.
 
-    ``feed`` copies each chunk into preallocated bytearrays; ``finish``
-    checks every byte arrived and returns, per streamed Value, its
-    (payload, buffers) with buffers as writable memoryviews.
+    ``feed`` copies each chunk into preallocated buffers; ``finish`` checks
+    every byte arrived and returns, per streamed Value, its (payload,
+    buffers) with buffers as writable ``PickleBuffer``s over those buffers,
+    so unpickled numpy arrays use them in place.
     """
 
     def __init__(self, values: list[pb.Value], max_bytes: int):
-        sizes = [n for v in values for n in v.buffer_sizes]
+        sizes = [int(n) for v in values for n in v.buffer_sizes]
         total = sum(sizes)
         if max_bytes and total > max_bytes:
             raise ValueTooLarge(
                 f"value of {total} bytes exceeds the limit of {max_bytes} bytes (max_value_size)")
+        for v in values:
+            if not v.buffer_sizes:
+                raise ProtocolError("streamed value has no pickle stream")
         self._values = values
-        self._blobs = [bytearray(n) for n in sizes]
+        self._blobs = [receive_buffer(n) for n in sizes]
         self._index = 0
         self._offset = 0
         self.received = 0
@@ -81,26 +282,28 @@ class Assembler:
         self._skip_empty()
 
     def _skip_empty(self) -> None:
-        while self._index < len(self._blobs) and len(self._blobs[self._index]) == 0:
+        while self._index < len(self._blobs) and self._blobs[self._index].nbytes == 0:
             self._index += 1
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data) -> None:
+        """Copy one data chunk into place; more bytes than announced is a ProtocolError."""
         view = memoryview(data)
         while view.nbytes:
             if self._index >= len(self._blobs):
                 raise ProtocolError("stream carries more bytes than its header announced")
             blob = self._blobs[self._index]
-            take = min(len(blob) - self._offset, view.nbytes)
+            take = min(blob.nbytes - self._offset, view.nbytes)
             blob[self._offset:self._offset + take] = view[:take]
             self._offset += take
             self.received += take
             view = view[take:]
-            if self._offset == len(blob):
+            if self._offset == blob.nbytes:
                 self._index += 1
                 self._offset = 0
                 self._skip_empty()
 
-    def finish(self) -> list[tuple[bytes | memoryview, list]]:
+    def finish(self) -> list[tuple[memoryview, list]]:
+        """Per streamed Value: (pickle stream, [PickleBuffer, ...])."""
         if self.received != self.expected:
             raise ProtocolError(
                 f"stream ended after {self.received} of {self.expected} bytes")
@@ -109,32 +312,36 @@ class Assembler:
             n = len(value.buffer_sizes)
             blobs = self._blobs[pos:pos + n]
             pos += n
-            if not blobs:
-                raise ProtocolError("streamed value has no pickle stream")
-            out.append((memoryview(blobs[0]), [pickle.PickleBuffer(b) for b in blobs[1:]]))
+            out.append((blobs[0], [pickle.PickleBuffer(b) for b in blobs[1:]]))
         return out
 
 
-def receive_stream(chunks: Iterator[pb.Chunk], header_type, max_bytes: int):
-    """Read a header and its data from ``chunks``.
+def receive_stream(chunks: Iterator, header_type, max_bytes: int):
+    """Read a header and its data from ``chunks`` (raw frames or ``pb.Chunk``s).
 
-    Returns (header message, [(payload, buffers) per streamed Value]).
+    Returns (header message, [(payload, buffers) per streamed Value]). A
+    stream that does not start with a header, has a second header, or
+    carries fewer or more bytes than its header announced raises
+    :class:`ProtocolError`; nothing of it is kept.
     """
     try:
         first = next(chunks)
     except StopIteration:
         raise ProtocolError("empty stream") from None
-    if first.WhichOneof("part") != "header":
+    kind, body = decode_chunk(first)
+    if kind != "header":
         raise ProtocolError("stream does not start with a header")
     try:
-        header = header_type.FromString(first.header)
+        header = header_type.FromString(bytes(body))
     except Exception as exc:
         raise ProtocolError(f"malformed stream header: {exc}") from None
     assembler = Assembler(streamed_values(header), max_bytes)
     for chunk in chunks:
-        if chunk.WhichOneof("part") != "data":
-            raise ProtocolError("a second header inside one stream")
-        assembler.feed(chunk.data)
+        kind, body = decode_chunk(chunk)
+        if kind != "data":
+            raise ProtocolError("a second header inside one stream" if kind == "header"
+                                else "a stream chunk with neither header nor data")
+        assembler.feed(body)
     return header, assembler.finish()
 
 

@@ -35,6 +35,8 @@ from .storage import Record, Storage
 
 log = logging.getLogger("claypot.heap")
 
+_SNAPSHOT_LOCK_WAIT = 1.0  # seconds the checkpointer waits for a busy object's lock
+
 
 class ChainLock:
     """A lock that is re-entrant for one call chain, whatever thread carries it."""
@@ -60,6 +62,15 @@ class ChainLock:
                     self._cond.wait(remaining)
             self._owner = chain
             self._depth = 1
+
+    def try_acquire(self, chain: str) -> bool:
+        """Take the lock only if it is free right now (never waits)."""
+        with self._cond:
+            if self._owner is not None:
+                return False
+            self._owner = chain
+            self._depth = 1
+            return True
 
     def release(self) -> None:
         with self._cond:
@@ -159,13 +170,16 @@ class Heap:
         self._table: dict[str, Entry] = {}
         self._resident: OrderedDict[str, Entry] = OrderedDict()
         self._resident_bytes = 0
+        self._largest = 0  # bytes of the largest object seen: headroom for one arriving
         self._table_lock = threading.RLock()
-        self._stored_ids = storage.object_ids()
+        self._stored_ids = storage.object_ids(at_start=True)
         self.moved: dict[str, str] = {}  # object id -> backend it moved to
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
         storage.snapshot = self._snapshot
+        if memory_budget:
+            _release_big_frees_to_os()
 
     # -- lookup ----------------------------------------------------------------
     def count(self) -> int:
@@ -213,6 +227,7 @@ class Heap:
         entry.digest = b"" if entry.big else digest_of(rec.payload, rec.buffers)
         self._resident[entry.object_id] = entry
         self._resident_bytes += entry.size
+        self._largest = max(self._largest, entry.size)
 
     # -- contexts ------------------------------------------------------------------
     def unpickle_context(self) -> UnpickleContext:
@@ -253,7 +268,10 @@ class Heap:
             for i, (oid, key, payload, buffers, alias, obj) in enumerate(built):
                 rec = Record(oid, key, alias or "", payload, buffers)
                 if rec.size() > self.big_object:
-                    self.storage.write_checkpoint(rec)
+                    # Under "none" nothing is written on persist, as Storage.write does
+                    # for small objects; big ones are written only if spilled.
+                    if self.storage.policy != "none":
+                        self.storage.write_checkpoint(rec)
                 else:
                     self.storage.write(rec, durable=(i == len(built) - 1))
         except BaseException:
@@ -272,6 +290,7 @@ class Heap:
                 self._stored_ids.add(oid)
                 self._resident[oid] = entry
                 self._resident_bytes += entry.size
+                self._largest = max(self._largest, entry.size)
                 self.moved.pop(oid, None)
         self._enforce_memory()
 
@@ -375,6 +394,7 @@ class Heap:
             if entry.obj is not None and entry.object_id in self._resident:
                 self._resident_bytes += size - entry.size
             entry.size = size
+            self._largest = max(self._largest, size)
         self._enforce_memory()
 
     def _snapshot(self, object_id: str) -> Record | None:
@@ -383,7 +403,9 @@ class Heap:
             entry = self._table.get(object_id)
         if entry is None or entry.obj is None:
             return None
-        entry.lock.acquire("checkpointer:" + object_id, None)
+        # Bounded wait: a long method holding the lock must not stall the checkpointer
+        # (or a graceful stop); the storage keeps the object dirty and retries.
+        entry.lock.acquire("checkpointer:" + object_id, _SNAPSHOT_LOCK_WAIT)
         try:
             if entry.obj is None:
                 return None
@@ -408,7 +430,12 @@ class Heap:
             entry.alias = alias
             if self.storage.policy != "none":
                 payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
-                self.storage.write(Record(object_id, entry.class_key, alias, payload, buffers))
+                rec = Record(object_id, entry.class_key, alias, payload, buffers)
+                if entry.big:
+                    # Straight to its checkpoint: a big object's state never goes in the log.
+                    self.storage.write_checkpoint(rec)
+                else:
+                    self.storage.write(rec)
         finally:
             entry.lock.release()
 
@@ -427,21 +454,48 @@ class Heap:
 
     # -- memory ------------------------------------------------------------------------
     def _enforce_memory(self) -> None:
-        if not self.memory_budget or self._resident_bytes <= self.memory_budget:
+        """Spill least recently used objects until the resident bytes are back under budget.
+
+        Room for one more object as large as the largest seen is kept free,
+        since the next value arriving (a persist, or a load from disk) lands
+        in memory before anything can be spilled for it. Spilling down to 3/4
+        of that (not just under it) makes the next few loads free instead of
+        spilling one object per call. The most recently used object is never
+        spilled: it is the one being served.
+        """
+        if not self.memory_budget:
             return
-        target = int(self.memory_budget * 0.75)
+        budget = max(self.memory_budget - self._largest, self.memory_budget // 4)
+        if self._resident_bytes <= budget:
+            return
+        target = int(budget * 0.75)
+        spilled = 0
         with self._table_lock:
-            for oid in list(self._resident):
+            for oid in list(self._resident)[:-1]:
                 if self._resident_bytes <= target:
                     break
                 entry = self._resident[oid]
-                if entry.lock.held:
+                # try_acquire, not a check of .held: a call may take the lock right
+                # after such a check and then find its object gone.
+                if not entry.lock.try_acquire("spill:" + oid):
                     continue
-                self._spill(entry)
+                try:
+                    self._spill(entry)
+                    spilled += 1
+                finally:
+                    entry.lock.release()
+        if spilled:
+            _trim_malloc()
 
     def _spill(self, entry: Entry) -> None:
-        """Write the object out if the disk lacks its latest state, then drop it."""
-        if entry.big or self.storage.policy == "none":
+        """Write the object out if the disk lacks its latest state, then drop it from memory.
+
+        Small objects under ``sync``/``async`` are already in the log or their
+        checkpoint; a big one is written only if it changed since its last
+        checkpoint (write-behind); under ``none`` nothing else is on disk.
+        """
+        if self.storage.policy == "none" or (entry.big and
+                                             self.storage.is_dirty(entry.object_id)):
             payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context("spill"))
             self.storage.write_checkpoint(Record(entry.object_id, entry.class_key, entry.alias,
                                                  payload, buffers))
@@ -449,6 +503,48 @@ class Heap:
         del self._resident[entry.object_id]
         self._resident_bytes -= entry.size
         self.evictions += 1
+
+
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - raises AttributeError when not glibc
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
+
+
+def _trim_malloc() -> None:
+    """Give the free memory of every malloc arena back to the OS (after a spill).
+
+    gRPC threads each allocate message slices from their own arena; what
+    they free stays in the process unless trimmed, which showed up as
+    tens of MiB of RSS over the budget in the memory-limit test.
+    """
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def _release_big_frees_to_os() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mmap.
+
+    By default glibc raises that threshold each time such a block is freed
+    (up to 32 MiB), after which stream chunks and unpickled buffers come from
+    the heap, and the memory of spilled objects stays in the process as
+    fragmented free space: RSS would keep growing past the memory limit even
+    though the heap dropped the objects. A fixed threshold returns it at once.
+    """
+    libc = _glibc()
+    if libc:  # else not glibc: its allocator's own policy applies
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _duplicate_id(oid: str):

@@ -111,9 +111,10 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def Resolve(self, request, context):
         try:
-            oid = request.object_id if request.WhichOneof("key") == "object_id" else \
-                self.directory.resolve_alias(request.alias)
-            entry = self.directory.lookup(oid)
+            if request.WhichOneof("key") == "alias":
+                oid, entry = self.directory.lookup_alias(request.alias)
+            else:
+                oid, entry = request.object_id, self.directory.lookup(request.object_id)
             return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
                                                     backend_id=entry.backend_id))
         except Exception as exc:
@@ -305,7 +306,8 @@ class Backend:
         self.host = socket.gethostname()
         self.directory = Directory(settings.redis, timeout=settings.admin_timeout)
         self.directory.wait_ready(settings.admin_timeout)
-        self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval)
+        self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
+                               checkpoint_interval=settings.checkpoint_interval)
         self.backend_id = self.storage.backend_id
         self.code = CodeCache(self.directory.get_code)
         limit = parse_memory_limit(settings.memory_limit)
@@ -326,15 +328,18 @@ class Backend:
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
             interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
-        pb_grpc.add_BackendServicer_to_server(BackendServicer(self), self.server)
+        wire.add_servicer(BackendServicer(self), self.server)
         port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         if port == 0:
             raise ClaypotError(f"cannot listen on {settings.host}:{settings.port}")
-        self.address = f"{settings.host}:{port}"
+        # A backend listening on 0.0.0.0 (a container) must register a name
+        # its peers can reach: --advertise / CLAYPOT_ADVERTISE.
+        self.address = settings.advertise or f"{settings.host}:{port}"
         self.client._gateways = [self.address]
         self._stop = threading.Event()
         self._epoch: str | None = None
         self.started = time.time()
+        self.dask_worker = None   # a HostedDaskWorker when settings.dask_scheduler is set
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -346,10 +351,17 @@ class Backend:
             self.republish()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        if self.settings.dask_scheduler:
+            # Joins after the server is up, so a Dask task pinned here finds a serving backend.
+            from .dask_worker import HostedDaskWorker
+            self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
+                                                self.settings.host).start()
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self.dask_worker is not None:
+            self.dask_worker.stop()
         try:
             self.directory.unregister_backend(self.backend_id)
         except Exception:
@@ -377,8 +389,9 @@ class Backend:
                 if epoch != self._epoch:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.
-                    self._epoch = self.directory.ensure_epoch()
+                    # Epoch after the republish: if it fails midway, the next beat retries.
                     self.republish()
+                    self._epoch = self.directory.ensure_epoch()
                 self._heartbeat()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -442,17 +455,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--advertise", help="host:port to register for clients and peers "
+                   "(default: --host:port; set it when listening on 0.0.0.0)")
     p.add_argument("--token")
     p.add_argument("--durability", choices=["sync", "async", "none"])
     p.add_argument("--flush-interval", type=float)
     p.add_argument("--memory-limit")
+    p.add_argument("--dask-scheduler", help="tcp://host:port of a Dask scheduler: host a "
+                   "Dask worker named after this backend in this process")
     p.add_argument("--ready-file", help="write the address here once serving")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("CLAYPOT_LOG", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
+                                 advertise=a.advertise,
                                  token=a.token, durability=a.durability,
-                                 flush_interval=a.flush_interval, memory_limit=a.memory_limit)
+                                 flush_interval=a.flush_interval, memory_limit=a.memory_limit,
+                                 dask_scheduler=a.dask_scheduler)
     backend = Backend(settings)
     if a.ready_file:
         def announce():
@@ -473,6 +492,10 @@ def main(argv: list[str] | None = None) -> None:
         backend.stop()
     else:
         backend.serve_forever()
+    # Everything is on disk and closed: skip the interpreter's teardown, which
+    # spent up to a second freeing a large heap object by object at each stop.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
