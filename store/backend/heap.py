@@ -177,7 +177,7 @@ class Heap:
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
-        storage.snapshot = self._snapshot
+        storage.checkpoint_live = self._checkpoint_live
         if memory_budget:
             _release_big_frees_to_os()
 
@@ -397,21 +397,29 @@ class Heap:
             self._largest = max(self._largest, size)
         self._enforce_memory()
 
-    def _snapshot(self, object_id: str) -> Record | None:
-        """Current state of a write-behind object, for the checkpointer."""
+    def _checkpoint_live(self, object_id: str) -> bool:
+        """Write a write-behind object's checkpoint from its live state, under its lock.
+
+        The file is written while the lock is held, so no newer state (written
+        by a spill, or changed by a call) can be overtaken by this one landing
+        late. Returns False when the object is gone or spilled (a spill writes
+        the object itself first).
+        """
         with self._table_lock:
             entry = self._table.get(object_id)
         if entry is None or entry.obj is None:
-            return None
+            return False
         # Bounded wait: a long method holding the lock must not stall the checkpointer
         # (or a graceful stop); the storage keeps the object dirty and retries.
         entry.lock.acquire("checkpointer:" + object_id, _SNAPSHOT_LOCK_WAIT)
         try:
             if entry.obj is None:
-                return None
+                return False
             payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context("checkpoint"))
-            return Record(object_id, entry.class_key, entry.alias, payload,
-                          [b.raw() for b in buffers])
+            self.storage.write_checkpoint(Record(object_id, entry.class_key, entry.alias,
+                                                 payload, [b.raw() for b in buffers]),
+                                          clear_dirty=True)
+            return True
         finally:
             entry.lock.release()
 

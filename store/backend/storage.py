@@ -149,8 +149,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, parts: list, sync: bool = True) -> None:
-    """Write ``parts`` to ``path`` atomically: temp file, fsync, rename, fsync dir."""
+def atomic_write(path: str, parts: list, sync: bool = True, before_rename=None) -> None:
+    """Write ``parts`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+
+    ``before_rename``, if given, is a context manager held around the rename.
+    """
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -162,7 +165,11 @@ def atomic_write(path: str, parts: list, sync: bool = True) -> None:
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    if before_rename is None:
+        os.replace(tmp, path)
+    else:
+        with before_rename:
+            os.replace(tmp, path)
     if sync:
         fsync_dir(os.path.dirname(path))
 
@@ -238,23 +245,46 @@ def scan_storage_dir(root: str):
             yield oid, value[0], value[1]
 
 
+class _Sequenced:
+    """Held around a direct write's rename: orders it against background checkpoints."""
+
+    def __init__(self, storage: "Storage", object_id: str):
+        self._storage = storage
+        self._object_id = object_id
+
+    def __enter__(self):
+        self._storage._rename_lock.acquire()
+        self._storage._direct_seq += 1
+        self._storage._direct_writes[self._object_id] = self._storage._direct_seq
+
+    def __exit__(self, *exc):
+        self._storage._rename_lock.release()
+
+
 class Storage:
     """The storage directory of one backend (see the module docstring).
 
     ``policy``: ``sync`` (fsync before acknowledging), ``async`` (log written
     at once, fsync'd every ``flush_interval``) or ``none`` (nothing written
-    but spilled objects; scratch data). ``snapshot(id)`` is called by the
-    checkpointer for write-behind objects to get their current state.
+    but spilled objects; scratch data). ``checkpoint_live(id)`` is called by
+    the checkpointer for write-behind objects: it writes the object's current
+    state with write_checkpoint() while holding the object's lock.
     """
 
     def __init__(self, root: str, policy: str = "sync", flush_interval: float = 1.0,
-                 snapshot: Callable[[str], Record | None] | None = None,
+                 checkpoint_live: Callable[[str], bool] | None = None,
                  checkpoint_interval: float = 10.0):
         self.root = root
         self.policy = policy
         self.flush_interval = flush_interval
         self.checkpoint_interval = checkpoint_interval
-        self.snapshot = snapshot
+        self.checkpoint_live = checkpoint_live
+        # Renames of checkpoint files are ordered: a direct write (spill, big
+        # object) records a sequence number, and a background checkpoint staged
+        # before it must not rename its older file over the newer one.
+        self._rename_lock = threading.Lock()
+        self._direct_seq = 0
+        self._direct_writes: dict[str, int] = {}
         for sub in ("wal", "objects", "quarantine"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
         self.backend_id = self._load_identity()
@@ -401,7 +431,7 @@ class Storage:
             self._wake.set()
 
     def mark_dirty(self, object_id: str) -> None:
-        """Write-behind: checkpoint the object's state (taken by snapshot()) soon."""
+        """Write-behind: checkpoint the object's live state (checkpoint_live()) soon."""
         if self.policy == "none":
             return
         with self._lock:
@@ -410,12 +440,21 @@ class Storage:
         # No wake-up: repeated updates of a big object coalesce into one checkpoint
         # per flush interval instead of rewriting it after every call.
 
-    def write_checkpoint(self, rec: Record) -> None:
-        """Write a checkpoint now, bypassing the log (big objects, spills)."""
+    def write_checkpoint(self, rec: Record, clear_dirty: bool = False) -> None:
+        """Write a checkpoint now, bypassing the log (big objects, spills).
+
+        The caller holds the object's lock, so ``rec`` is its newest state:
+        any state logged for it is older. With ``clear_dirty`` (the state was
+        taken from the live object) a write-behind mark set before is settled.
+        """
         path = self._object_path(rec.object_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, encode(rec), sync=self.policy != "none")
-        # The caller holds the object's lock: any state logged for it is older.
+        atomic_write(path, encode(rec), sync=self.policy != "none",
+                     before_rename=_Sequenced(self, rec.object_id))
+        if clear_dirty:
+            with self._lock:
+                if self._pending.get(rec.object_id, _ABSENT) is None:
+                    del self._pending[rec.object_id]
         self._mark_checkpointed(rec.object_id, supersedes_logged=True)
 
     def is_dirty(self, object_id: str) -> bool:
@@ -590,6 +629,9 @@ class Storage:
             dirty = [(oid, None) for oid, rec in self._pending.items() if rec is None]
             for oid, _ in dirty:
                 del self._pending[oid]
+                # Still dirty while being written: a spill meanwhile must write the
+                # object itself (is_dirty), or its change would be dropped with it.
+                self._inflight[oid] = None
         if not dirty:
             return 0
         try:
@@ -601,6 +643,10 @@ class Storage:
             if stop is not None and stop.is_set():
                 return 0
             raise
+        finally:
+            with self._lock:
+                for oid, _ in dirty:
+                    self._inflight.pop(oid, None)
 
     def checkpoint(self, stop: threading.Event | None = None) -> int:
         """Checkpoint everything logged so far and trim the log. Returns objects written.
@@ -663,23 +709,22 @@ class Storage:
         directory is fsync'd once per batch, after its renames. Raises
         _Abandoned (leaving no file changed) as soon as ``stop`` is set.
         """
-        staged = []  # (fd, temp path, final path)
-        snapshots = []  # (object id, record) taken from live write-behind objects
+        staged = []  # (fd, temp path, final path, object id, direct-write seq when staged)
+        written_live = 0
         dirs = set()
         try:
             for oid, rec in batch:
                 if stop is not None and stop.is_set():
                     raise _Abandoned()
                 if rec is None:
+                    # A write-behind object: written from its live state, under its lock.
                     try:
-                        rec = self.snapshot(oid) if self.snapshot else None
+                        if self.checkpoint_live is not None and self.checkpoint_live(oid):
+                            written_live += 1
                     except DeadlineExceeded:
                         with self._lock:  # busy in a long call: stays dirty, next round
                             self._pending.setdefault(oid, None)
-                        continue
-                    if rec is None:
-                        continue  # dropped, or spilled (the spill wrote it)
-                    snapshots.append((oid, rec))
+                    continue
                 target = self._object_path(oid)
                 if rec.deleted:
                     self._remove_checkpoint(oid)
@@ -691,31 +736,34 @@ class Storage:
                     dirs.add(d)
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                staged.append((fd, tmp, target))
+                with self._rename_lock:
+                    seq = self._direct_writes.get(oid, 0)
+                staged.append((fd, tmp, target, oid, seq))
                 _write_all(fd, encode(rec))
-            for fd, _, _ in staged:
+            for fd, *_ in staged:
                 if stop is not None and stop.is_set():
                     raise _Abandoned()
                 os.fdatasync(fd)
         except BaseException:
-            for fd, tmp, _ in staged:
+            for fd, tmp, *_ in staged:
                 os.close(fd)
                 try:
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
             raise
-        for fd, tmp, target in staged:
+        for fd, tmp, target, oid, seq in staged:
             os.close(fd)
-            os.replace(tmp, target)
+            with self._rename_lock:
+                if self._direct_writes.get(oid, 0) == seq:
+                    os.replace(tmp, target)
+                    continue
+            # A direct write landed a newer state meanwhile: keep it.
+            os.unlink(tmp)
         for d in dirs:
             if os.path.isdir(d):
                 fsync_dir(d)
-        for oid, _ in snapshots:
-            # The snapshot was taken from a dirty marker: a Record pending now was
-            # logged after it (the object shrank back under big_object) and is newer.
-            self._mark_checkpointed(oid, supersedes_logged=False)
-        return len(staged)
+        return len(staged) + written_live
 
     def flush_log(self) -> None:
         """fsync the open log segment (the async policy's periodic flush)."""
