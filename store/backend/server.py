@@ -436,16 +436,22 @@ class Backend:
         return self.heap.run_task(fn, args, kwargs, list(request.mutates), request.chain_id,
                                   request.timeout)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready=None) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully.
+
+        ``on_ready()`` runs once the server is up and registered.
+        """
         def on_term(signum, frame):
             self._stop.set()
+        # Handlers first: a SIGTERM that arrives while starting still stops cleanly.
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         self.start()
+        if on_ready is not None:
+            on_ready()
         while not self._stop.wait(0.5):
             pass
         self.stop()
-
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``claypot backend``."""
@@ -473,25 +479,15 @@ def main(argv: list[str] | None = None) -> None:
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
                                  dask_scheduler=a.dask_scheduler)
     backend = Backend(settings)
-    if a.ready_file:
-        def announce():
+
+    def announce():
+        if a.ready_file:  # how a parent process learns the address and id
             tmp = a.ready_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"address": backend.address, "backend_id": backend.backend_id,
                            "pid": os.getpid()}, f)
             os.replace(tmp, a.ready_file)
-        threading.Timer(0, lambda: None).start()
-        backend.start()
-        announce()
-        def on_term(signum, frame):
-            backend._stop.set()
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        while not backend._stop.wait(0.5):
-            pass
-        backend.stop()
-    else:
-        backend.serve_forever()
+    backend.serve_forever(announce)
     # Everything is on disk and closed: skip the interpreter's teardown, which
     # spent up to a second freeing a large heap object by object at each stop.
     logging.shutdown()
