@@ -15,54 +15,11 @@ import runtime
 import store
 from runtime import (COLLECTION_IN, COLLECTION_INOUT, INOUT, OUT, Future, barrier, constraint,
                      task, wait_on)
-from store import StorageObject
+
 from store.errors import SerializationError, TaskCancelled, TaskError, TaskTimeout
+from tasklib import Block, Log, add, append, block_sum, inc, scale, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Block(StorageObject):
-    def __init__(self, data):
-        self.data = data
-
-
-class Log(StorageObject):
-    def __init__(self):
-        self.items = []
-
-    def add(self, x):
-        self.items.append(x)
-
-
-@task(returns=1)
-def block_sum(b):
-    return float(b.data.sum())
-
-
-@task(b=INOUT)
-def scale(b, factor):
-    b.data *= factor
-
-
-@task(returns=1)
-def add(x, y):
-    return x + y
-
-
-@task(returns=1)
-def inc(x):
-    return x + 1
-
-
-@task(log=INOUT)
-def append(log, x, pause=0.0):
-    time.sleep(pause)
-    log.add(x)
-
-
-@task(returns=1)
-def snapshot(log):
-    return list(log.items)
 
 
 @task(returns=1)

@@ -21,21 +21,9 @@ import runtime  # noqa: E402
 import runtime.core  # noqa: E402
 from runtime import INOUT, barrier, task, wait_on  # noqa: E402
 from runtime.dask_executor import DaskExecutor  # noqa: E402
-from store import LocalCluster, StorageObject  # noqa: E402
+from store import LocalCluster  # noqa: E402
 from store.errors import TaskCancelled, TaskError  # noqa: E402
-
-
-class Block(StorageObject):
-    def __init__(self, data):
-        self.data = data
-
-
-class Log(StorageObject):
-    def __init__(self):
-        self.items = []
-
-    def add(self, x):
-        self.items.append(x)
+from tasklib import Block, Log, add, append, block_sum, inc, scale, snapshot  # noqa: E402
 
 
 @task(returns=1)
@@ -43,37 +31,6 @@ def where(*objs):
     """The process and the Dask worker the task ran in."""
     from distributed import get_worker
     return os.getpid(), get_worker().name
-
-
-@task(returns=1)
-def block_sum(b):
-    return float(b.data.sum())
-
-
-@task(b=INOUT)
-def scale(b, factor):
-    b.data *= factor
-
-
-@task(returns=1)
-def add(x, y):
-    return x + y
-
-
-@task(returns=1)
-def inc(x):
-    return x + 1
-
-
-@task(log=INOUT)
-def append(log, x, pause=0.0):
-    time.sleep(pause)
-    log.add(x)
-
-
-@task(returns=1)
-def snapshot(log):
-    return list(log.items)
 
 
 @pytest.fixture(scope="module")
