@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store import objects as objmod
-from store.errors import TaskCancelled, TaskError, TaskTimeout
+from store.errors import ConfigurationError, TaskCancelled, TaskError, TaskTimeout
 
 from .directions import Direction, OnFailure
 from .executor import InlineExecutor, Job, RemoteExecutor
@@ -45,7 +45,7 @@ def executor_choice() -> tuple[str, str | None]:
         return _executor_choice
     name = os.environ.get("CLAYPOT_EXECUTOR", "").strip().lower() or "store"
     if name not in EXECUTORS:
-        raise ValueError(f"CLAYPOT_EXECUTOR must be one of {', '.join(EXECUTORS)}, "
+        raise ConfigurationError(f"CLAYPOT_EXECUTOR must be one of {', '.join(EXECUTORS)}, "
                          f"not {name!r}")
     return name, None
 
@@ -65,7 +65,7 @@ def task_slots() -> int:
     try:
         return max(1, int(raw)) if raw else 8
     except ValueError:
-        raise ValueError(f"CLAYPOT_TASK_SLOTS must be an integer, not {raw!r}") from None
+        raise ConfigurationError(f"CLAYPOT_TASK_SLOTS must be an integer, not {raw!r}") from None
 
 
 @dataclass
@@ -390,7 +390,7 @@ def use_executor(name: str | None, scheduler: str | None = None) -> None:
     global _executor_choice, _runtime
     name = name.strip().lower() if name is not None else None
     if name is not None and name not in EXECUTORS:
-        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, not {name!r}")
+        raise ConfigurationError(f"executor must be one of {', '.join(EXECUTORS)}, not {name!r}")
     with _runtime_lock:
         rt = _runtime
         if rt is not None and rt.pending():

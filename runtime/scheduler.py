@@ -14,6 +14,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
+from store.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class Demand:
@@ -62,10 +64,10 @@ class Scheduler:
     def check(self, demand: Demand) -> None:
         """Raise ValueError for a demand no backend could ever satisfy."""
         if demand.units > self.slots:
-            raise ValueError(f"computing_units={demand.units} exceeds the {self.slots} task "
+            raise ConfigurationError(f"computing_units={demand.units} exceeds the {self.slots} task "
                              f"slots of a backend (CLAYPOT_TASK_SLOTS)")
         if self.memory and demand.memory > self.memory:
-            raise ValueError(f"memory_size of {demand.memory / 2**30:.2f} GiB exceeds the "
+            raise ConfigurationError(f"memory_size of {demand.memory / 2**30:.2f} GiB exceeds the "
                              f"{self.memory / 2**30:.2f} GiB a backend may use for tasks")
 
     def choose(self, owners: list[str], weights: list[float] | None = None) -> str:

@@ -36,8 +36,8 @@ class ClaypotError(Exception):
     """Base of every error claypot raises."""
 
 
-class ConfigurationError(ClaypotError):
-    """A setting is invalid, or there is no cluster to connect to."""
+class ConfigurationError(ClaypotError, ValueError):
+    """A setting or option is invalid, or there is no cluster to connect to."""
 
 
 class AuthenticationError(ClaypotError):
