@@ -237,22 +237,66 @@ def receive_buffer(nbytes: int) -> memoryview:
     if nbytes < _MMAP_MIN:
         return memoryview(bytearray(nbytes))
     # Private: mmap's default shared mapping would be shmem (slower to fill, and
-    # accounted as shared memory). MAP_POPULATE maps every page in one kernel call
-    # instead of one fault per page as chunks land (a 1 GiB fill went from
-    # 0.75-0.9 s to 0.5-0.7 s), but commits the memory at once: only done while
+    # accounted as shared memory). Mapping the pages ahead of the data saves one
+    # fault per page as chunks land; a background thread does it (_Prefaulter),
+    # overlapping with the network: a 1 GiB round trip went from a median of
+    # about 700 MB/s (MAP_POPULATE up front) to about 880 MB/s. Only done while
     # the value fits comfortably in what the machine has free, so a header
     # announcing a huge value cannot push the process into the OOM killer.
     # Transparent huge pages were measured too: 0.15 s per GiB when the kernel
     # has 2 MiB pages at hand, but 1-4 s when it must compact memory first, so
     # a read-back of 1 GiB ranged 2.2-3.4 s against 1.9-2.7 s populated.
     flags = mmap.MAP_PRIVATE
-    if hasattr(mmap, "MAP_POPULATE") and nbytes < _available_memory() // 2:
-        flags |= mmap.MAP_POPULATE
+    populate = nbytes < _available_memory() // 2
     try:
         region = mmap.mmap(-1, nbytes, flags=flags)
     except (OSError, OverflowError) as exc:
         raise ValueTooLarge(f"cannot allocate {nbytes} bytes to receive a value: {exc}") from None
+    if populate and nbytes >= _PREFAULT_MIN:
+        _Prefaulter.start(region, nbytes)
     return memoryview(region)
+
+
+_PREFAULT_MIN = 16 << 20
+_PREFAULT_SLICE = 32 << 20
+_MADV_POPULATE_WRITE = 23
+
+
+class _Prefaulter:
+    """Maps a receive buffer's pages in a background thread, ahead of the data.
+
+    Faulting in fresh pages is the dominant cost of receiving into new memory
+    on these machines; done by a thread that releases the GIL (ctypes), it
+    overlaps with the network instead of running before or during the copy.
+    """
+
+    _libc = None
+
+    @classmethod
+    def start(cls, region: mmap.mmap, nbytes: int) -> None:
+        import ctypes
+        import threading
+        if cls._libc is None:
+            try:
+                cls._libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                cls._libc = False
+        if not cls._libc:
+            return
+        holder = ctypes.c_char.from_buffer(region)
+        base = ctypes.addressof(holder)
+        del holder
+
+        def run(region=region):
+            # ``region`` is held until the thread ends, so the mapping cannot go
+            # away (and its addresses be reused) under the madvise calls.
+            madvise = cls._libc.madvise
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            for off in range(0, nbytes, _PREFAULT_SLICE):
+                n = min(_PREFAULT_SLICE, nbytes - off)
+                if madvise(base + off, n, _MADV_POPULATE_WRITE) != 0:
+                    return  # old kernel or no memory: pages fault in on first write
+        threading.Thread(target=run, name="prefault", daemon=True).start()
 
 
 class Assembler:
