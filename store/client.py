@@ -358,7 +358,13 @@ class Client:
         return self._proxy(self.resolve(object_id=object_id))
 
     def delete_alias(self, alias: str) -> None:
-        reply = self._admin("DeleteAlias", pb.AliasRequest(alias=alias))
+        """Drop an alias. Sent to the object's owner, which also drops it from the
+        object's stored state, so a directory rebuilt from storage dirs does not
+        bring it back."""
+        owner = self.resolve(alias=alias).backend_id
+        request = pb.AliasRequest(alias=alias)
+        reply = self._on_owner(owner, lambda addr: self._rpc(
+            addr, "DeleteAlias", request, self.settings.admin_timeout, False, "delete_alias"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 

@@ -17,7 +17,7 @@ import store
 from store import LocalCluster, StorageObject, readonly
 from store.cli import main as claypot
 from store.directory import Directory
-from store.errors import BackendUnavailable, CallInterrupted
+from store.errors import AliasNotFound, BackendUnavailable, CallInterrupted
 
 import chaos
 
@@ -259,3 +259,19 @@ def test_status_command_shows_dead_backend(cluster2, capsys):
     line = [ln for ln in out.splitlines() if ln.startswith(victim[:8])][0]
     assert "DOWN" in line
     assert "1 up" in out
+
+
+def test_a_deleted_alias_stays_deleted_after_a_rebuild(cluster2):
+    """delete_alias reaches the owner's stored state: a wipe and republish keep it gone."""
+    c = cluster2
+    note = Note("kept")
+    note.make_persistent(alias="short-lived", backend=c.backends[1])
+    # Ask through the other backend: the request still goes to the owner.
+    store.delete_alias("short-lived")
+    chaos.wipe_redis(c)
+    chaos.wait_until(lambda: note.getID() in _directory_snapshot(c)[0], timeout=10,
+                     what="directory republished")
+    assert "short-lived" not in _directory_snapshot(c)[1]
+    with pytest.raises(AliasNotFound):
+        store.get_by_alias("short-lived")
+    assert store.get_by_id(note.getID()).read() == "kept"
