@@ -307,6 +307,7 @@ class Client:
 
     def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False):
         size = sum(wire.total_size(p, b) for p, b in values)
+        check_size(size, self.settings, "make_persistent")
         if size <= self.settings.inline_limit:
             for entry, (p, b) in zip(entries, values):
                 entry.state.CopyFrom(wire.inline_value(p, b))
@@ -447,6 +448,7 @@ class Client:
               owner: str | None = None) -> Any:
         size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
         timeout = self.settings.call_timeout + size / self.settings.stream_min_rate
+        check_size(size, self.settings, request.name)
         if size <= self.settings.inline_limit:
             if payload:
                 request.args.CopyFrom(wire.inline_value(payload, buffers))
@@ -508,5 +510,13 @@ class Client:
 
 
 def _max_value_size(settings: Settings) -> int:
-    return getattr(settings, "max_value_size", 0) or 0
+    return settings.max_value_bytes()
+
+
+def check_size(size: int, settings: Settings, what: str) -> None:
+    """Refuse a value over ``max_value_size`` before a byte of it is sent."""
+    limit = settings.max_value_bytes()
+    if limit and size > limit:
+        raise ValueTooLarge(f"{what}: value of {size} bytes exceeds the limit of {limit} bytes "
+                            f"(CLAYPOT_MAX_VALUE_SIZE)")
 

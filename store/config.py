@@ -8,6 +8,7 @@ The README's configuration table lists them all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Settings:
     checkpoint_interval: float = 10.0  # log records are checkpointed (and the log trimmed) this often
     big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
+    max_value_size: str = "0.75"      # largest value sent or accepted: bytes or a fraction of RAM
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
@@ -75,6 +77,11 @@ class Settings:
         if self.inline_limit > 3 * MiB:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         parse_memory_limit(self.memory_limit)
+        parse_memory_limit(self.max_value_size)
+
+    def max_value_bytes(self) -> int:
+        """The largest value (pickle plus buffers) this process sends or accepts; 0: no limit."""
+        return _cached_limit(self.max_value_size)
 
     def stream_deadline(self, nbytes: int) -> float:
         """Deadline for moving ``nbytes``: the admin timeout plus time at the minimum rate."""
@@ -90,6 +97,12 @@ def _parse(f: dataclasses.Field, raw: str):
         return kind(raw)
     except ValueError as exc:
         raise ConfigurationError(f"CLAYPOT_{f.name.upper()}={raw!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_limit(text: str) -> int:
+    # Checked on every call: the machine's memory size is read once, not per call.
+    return parse_memory_limit(text)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6,

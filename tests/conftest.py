@@ -22,3 +22,16 @@ def fresh_cluster(tmp_path):
     """A cluster of its own for one test (for tests that kill or restart things)."""
     with LocalCluster(backends=2, data_dir=str(tmp_path / "cluster")) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _cluster_connected(request):
+    """Tests that start a cluster of their own leave this process connected to it
+    (and then to nothing); reconnect to the module's cluster before each test."""
+    if "cluster" in request.fixturenames:
+        import store
+        from store import objects
+        c = request.getfixturevalue("cluster")
+        if objects._dispatcher is not c.client:
+            c.client = store.connect(c.address, c.token)
+    yield

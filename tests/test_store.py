@@ -381,3 +381,36 @@ def test_graceful_restart_brings_objects_back(fresh_cluster):
     same = store.get_by_alias("survivor")
     assert same.value == 42
     assert c.incr() == 43  # the old proxy keeps working
+
+
+def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
+    """A value over max_value_size: ValueTooLarge, nothing sent, nothing stored."""
+    np = pytest.importorskip("numpy")
+    client = store.client()
+    monkeypatch.setattr(client, "settings", client.settings.replace(max_value_size="1MiB"))
+    big = Bag([np.zeros(2 << 20, dtype=np.uint8)])
+    with pytest.raises(errors.ValueTooLarge):
+        big.make_persistent(alias="too-big")
+    assert big.getID() is None and len(big.items[0]) == 2 << 20
+    with pytest.raises(errors.AliasNotFound):
+        store.get_by_alias("too-big")
+    c = Counter()
+    c.make_persistent()
+    with pytest.raises(errors.ValueTooLarge):
+        c.hold(np.zeros(2 << 20, dtype=np.uint8))
+
+
+def test_backend_refuses_values_over_its_limit(tmp_path):
+    """The backend checks the announced size before allocating anything."""
+    np = pytest.importorskip("numpy")
+    with store.LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
+                            backend_env={"CLAYPOT_MAX_VALUE_SIZE": "1MiB"}) as c:
+        big = Bag([np.zeros(2 << 20, dtype=np.uint8)])
+        with pytest.raises(errors.ValueTooLarge):
+            big.make_persistent(alias="too-big")
+        assert big.getID() is None
+        assert store.backends()[0].objects == 0
+        small = Bag([1, 2])
+        small.make_persistent()
+        assert len(small) == 2
+        assert c.processes[0].alive()

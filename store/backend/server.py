@@ -312,7 +312,7 @@ class Backend:
         self.code = CodeCache(self.directory.get_code)
         limit = parse_memory_limit(settings.memory_limit)
         self.memory_limit = limit
-        self.max_value_size = 0
+        self.max_value_size = settings.max_value_bytes()
         budget = 0
         if limit:
             import psutil
