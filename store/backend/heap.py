@@ -177,6 +177,7 @@ class Heap:
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
+        self.on_change: Callable[[], None] | None = None  # the object count changed
         storage.checkpoint_live = self._checkpoint_live
         if memory_budget:
             _release_big_frees_to_os()
@@ -292,6 +293,7 @@ class Heap:
                 self._resident_bytes += entry.size
                 self._largest = max(self._largest, entry.size)
                 self.moved.pop(oid, None)
+        self._changed()
         self._enforce_memory()
 
     def adopt_local(self, obj, chain: str) -> tuple[str, str, str]:
@@ -459,6 +461,11 @@ class Heap:
                 self._resident_bytes -= entry.size
             if moved_to:
                 self.moved[object_id] = moved_to
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- memory ------------------------------------------------------------------------
     def _enforce_memory(self) -> None:

@@ -383,7 +383,15 @@ class Backend:
                                         self.settings.heartbeat_ttl)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval):
+        changed = threading.Event()
+        # A persist or delete publishes fresh stats within ~50 ms instead of at
+        # the next beat, so `claypot status` right after a change shows it.
+        self.heap.on_change = changed.set
+        while not self._stop.is_set():
+            changed.wait(self.settings.heartbeat_interval)
+            if self._stop.wait(0.05):
+                break
+            changed.clear()
             try:
                 epoch = self.directory.epoch()
                 if epoch != self._epoch:
