@@ -52,3 +52,11 @@ def test_demo_runs_end_to_end():
     assert out.returncode == 0, out.stderr
     assert "alice.transfer_to(bob, 30) -> alice 120, bob 50" in out.stdout
     assert "bob moved to backend" in out.stdout and "demo done" in out.stdout
+
+
+def test_quickstart_example_runs():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(here, "examples", "quickstart.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "incr(2) -> 7" in out.stdout and "get_by_alias('c1').incr() -> 11" in out.stdout
