@@ -127,7 +127,7 @@ class Client:
         with self._lock:
             hit = self._channels.get(address)
             if hit is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = self._open_channel(address)
                 hit = (channel, pb_grpc.BackendStub(channel))
                 self._channels[address] = hit
             return hit[1]
@@ -136,6 +136,12 @@ class Client:
         """The streaming RPCs to a backend, with claypot's raw chunk framing (see wire)."""
         self._stub(address)
         return wire.StreamStub(self._channels[address][0])
+
+    def _open_channel(self, address: str) -> grpc.Channel:
+        if self.settings.tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.settings.read_pem("tls_ca"))
+            return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     def close(self) -> None:
         with self._lock:

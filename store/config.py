@@ -25,6 +25,9 @@ class Settings:
     address: str = ""                 # a backend to connect to, host:port
     token: str = ""                   # shared secret every call carries
     redis: str = ""                   # redis:// URL of the directory; empty: embedded
+    tls_ca: str = ""                  # PEM file of the CA that signed backend certs: clients use TLS
+    tls_cert: str = ""                # backend: PEM certificate chain; with tls_key, serve TLS only
+    tls_key: str = ""                 # backend: PEM private key
     # Deadlines (seconds)
     call_timeout: float = 600.0       # a method call or task
     admin_timeout: float = 10.0       # directory questions, persist of small objects
@@ -78,6 +81,17 @@ class Settings:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         parse_memory_limit(self.memory_limit)
         parse_memory_limit(self.max_value_size)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("TLS needs both tls_cert and tls_key")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigurationError(f"{name}: no such file {path!r}")
+
+    def read_pem(self, name: str) -> bytes:
+        """Contents of the PEM file named by setting ``name`` (tls_ca, tls_cert, tls_key)."""
+        with open(getattr(self, name), "rb") as f:
+            return f.read()
 
     def max_value_bytes(self) -> int:
         """The largest value (pickle plus buffers) this process sends or accepts; 0: no limit."""

@@ -329,7 +329,13 @@ class Backend:
                                        thread_name_prefix="rpc"),
             interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
         wire.add_servicer(BackendServicer(self), self.server)
-        port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        listen = f"{settings.host}:{settings.port}"
+        if settings.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(settings.read_pem("tls_key"), settings.read_pem("tls_cert"))])
+            port = self.server.add_secure_port(listen, creds)
+        else:
+            port = self.server.add_insecure_port(listen)
         if port == 0:
             raise ClaypotError(f"cannot listen on {settings.host}:{settings.port}")
         # A backend listening on 0.0.0.0 (a container) must register a name
