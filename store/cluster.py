@@ -58,6 +58,18 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
         time.sleep(0.02)
 
 
+def signal_and_wait(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
+    """Send ``sig`` to a child we started (by its PID) and reap it; SIGKILL after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class RedisProcess:
     """An embedded redis-server with append-only-file persistence."""
@@ -94,13 +106,7 @@ class RedisProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        signal_and_wait(self.proc, sig, timeout)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -162,13 +168,7 @@ class BackendProcess:
     def stop(self, timeout: float = 15.0) -> float:
         """Graceful stop (SIGTERM); returns the seconds it took."""
         start = time.monotonic()
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        signal_and_wait(self.proc, signal.SIGTERM, timeout)
         return time.monotonic() - start
 
     def kill(self) -> None:
@@ -217,13 +217,7 @@ class DaskSchedulerProcess:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        signal_and_wait(self.proc, signal.SIGTERM, timeout)
 
 
 class LocalCluster:
