@@ -60,3 +60,25 @@ def test_quickstart_example_runs():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "incr(2) -> 7" in out.stdout and "get_by_alias('c1').incr() -> 11" in out.stdout
+
+
+def test_local_cluster_stops_everything_when_the_body_raises():
+    import psutil
+    from store import LocalCluster
+    pids = []
+    data_dir = None
+    try:
+        with LocalCluster(backends=2) as c:
+            pids = [p.pid for p in c.processes] + [c.redis.proc.pid]
+            data_dir = c.data_dir
+            raise RuntimeError("user code failed")
+    except RuntimeError:
+        pass
+    assert len(pids) == 3
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not os.path.exists(data_dir)   # the temporary data dir is removed too
+    import pytest
+    import store
+    with pytest.raises(store.errors.ConfigurationError):   # disconnected, too
+        store.backends()
