@@ -13,9 +13,12 @@ For 1 MiB, 64 MiB and 1 GiB uint8 arrays it measures, in the same run:
 - ``bare_landed_*``: the same bare streams with the receiver copying every
   chunk into one buffer allocated as claypot's are: what any receiver that
   keeps the data pays; the gap between it and claypot is claypot's own cost;
-- ``persist``: ``make_persistent`` of an object holding the array;
-- ``read``: reading the array back (an attribute read, streamed back);
-- ``round_trip``: 2 x size / (persist + read) beside the bare equivalent.
+- ``persist``: ``make_persistent`` of an object holding the array, on claypot's
+  default path for a backend on the same host (buffers through /dev/shm);
+- ``read``: reading the array back (an attribute read), the same way;
+- ``round_trip``: 2 x size / (persist + read) beside the bare equivalent;
+- ``stream_*``: the same with shared memory off: the chunked gRPC stream that
+  claypot uses between hosts.
 
 Then ``sum()`` of a 256 MiB float64 array run as a method next to the data
 versus pulling the array to the client and summing there; and bare push
@@ -42,6 +45,7 @@ import grpc
 import numpy as np
 
 from bench.echo_server import landing_buffer
+import store  # noqa: E402
 from store import LocalCluster, StorageObject
 from store.config import Settings
 from store.objects import readonly
@@ -172,24 +176,33 @@ def measure_size(cluster, echo: Echo, nbytes: int, repeat: int, chunk: int) -> d
     memcpy = _memcpy_seconds(array, repeat)
     backend = cluster.backends[0]
     times = {"bare_push": [], "bare_pull": [], "persist": [], "read": [],
+             "persist_stream": [], "read_stream": [],
              "bare_push_landed": [], "bare_pull_landed": []}
+    client = store.client()
+    default = client.settings
     for _ in range(repeat):
         times["bare_push"].append(_best(lambda: echo.push(array, chunk), 1))
         times["bare_pull"].append(_best(lambda: echo.pull(nbytes, chunk), 1))
         times["bare_push_landed"].append(_best(lambda: echo.push(array, chunk, land=True), 1))
         times["bare_pull_landed"].append(_best(lambda: echo.pull(nbytes, chunk, land=True), 1))
-        obj = Holder(array)
-        t = time.perf_counter()
-        obj.make_persistent(backend=backend)
-        times["persist"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        back = obj.data
-        times["read"].append(time.perf_counter() - t)
-        assert back.nbytes == nbytes and back[-1] == array[-1]
-        del back
-        obj.delete_persistent()
+        # claypot's default (same host: /dev/shm), then the gRPC stream it uses across hosts.
+        for suffix, settings in (("", default), ("_stream", default.replace(shm=False))):
+            client.settings = settings
+            obj = Holder(array)
+            t = time.perf_counter()
+            obj.make_persistent(backend=backend)
+            times["persist" + suffix].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            back = obj.data
+            times["read" + suffix].append(time.perf_counter() - t)
+            assert back.nbytes == nbytes and back[-1] == array[-1]
+            del back
+            obj.delete_persistent()
+        client.settings = default
     bare_push, bare_pull, persist, read = (min(times[k]) for k in
                                            ("bare_push", "bare_pull", "persist", "read"))
+    persist_stream, read_stream = min(times["persist_stream"]), min(times["read_stream"])
+    stream_rt = 2 * nbytes / (persist_stream + read_stream)
     push_landed, pull_landed = min(times["bare_push_landed"]), min(times["bare_pull_landed"])
     landed_rt = 2 * nbytes / (push_landed + pull_landed)
     bare_rt = 2 * nbytes / (bare_push + bare_pull)
@@ -213,6 +226,11 @@ def measure_size(cluster, echo: Echo, nbytes: int, repeat: int, chunk: int) -> d
         "bare_landed_round_trip_MBps": round(landed_rt / 1e6, 1),
         "round_trip_vs_bare_landed": round(claypot_rt / landed_rt, 3),
         "round_trip_vs_memcpy": round(claypot_rt / (nbytes / memcpy), 3),
+        "stream_persist_MBps": _mbps(nbytes, persist_stream),
+        "stream_read_MBps": _mbps(nbytes, read_stream),
+        "stream_round_trip_MBps": round(stream_rt / 1e6, 1),
+        "stream_round_trip_vs_bare": round(stream_rt / bare_rt, 3),
+        "stream_round_trip_vs_bare_landed": round(stream_rt / landed_rt, 3),
     }
 
 
@@ -274,6 +292,7 @@ def main(argv=None) -> dict:
         "round_trip_GBps>=1": big["round_trip_MBps"] >= 1000,
         "round_trip_vs_bare>=0.8": big["round_trip_vs_bare"] >= 0.8,
         "round_trip_vs_bare_landed>=0.8": big["round_trip_vs_bare_landed"] >= 0.8,
+        "stream_round_trip_vs_bare_landed>=0.8": big["stream_round_trip_vs_bare_landed"] >= 0.8,
         "sum_speedup>=10": out["sum"]["speedup"] >= 10,
     }
     out["elapsed_s"] = round(time.perf_counter() - started, 1)

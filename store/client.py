@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from . import objects as objmod, wire
+from . import objects as objmod, shm, wire
 from .config import Settings
 from .errors import (AuthenticationError, BackendNotFound, BackendUnavailable, CallInterrupted,
                      ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent,
@@ -329,8 +329,11 @@ class Client:
                 entry.state.CopyFrom(value)
                 blobs += parts
             header = pb.PersistRequest(objects=entries, adopt=adopt).SerializeToString()
+            small_payloads = sum(len(p) for p, _ in values) <= self.settings.inline_limit
 
             def send(addr):
+                if small_payloads and self._same_host(addr):
+                    return self._persist_via_shm(addr, entries, values, adopt, size)
                 try:
                     return self._streams(addr).PersistStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
@@ -345,6 +348,28 @@ class Client:
         reply = self._on_owner(target, send)
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
+
+    def _same_host(self, address: str) -> bool:
+        """Whether large buffers to ``address`` may go through /dev/shm (see store.shm)."""
+        return self.settings.shm and shm.is_local_address(address) and shm.available()
+
+    def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int):
+        names: list[str] = []
+        try:
+            objects = []
+            for entry, (p, b) in zip(entries, values):
+                segments = shm.export(b)
+                names += segments
+                obj = pb.PersistObject()
+                obj.CopyFrom(entry)
+                obj.state.CopyFrom(pb.Value(payload=p, shm=segments,
+                                            buffer_sizes=[memoryview(x).nbytes for x in b]))
+                objects.append(obj)
+            request = pb.PersistRequest(objects=objects, adopt=adopt)
+            return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
+                             False, "make_persistent")
+        finally:
+            shm.discard(names)  # the backend unlinked what it took; this clears the rest
 
     def resolve(self, *, object_id: str | None = None, alias: str | None = None) -> pb.ObjectRef:
         request = pb.ResolveRequest(object_id=object_id) if object_id else \
@@ -460,6 +485,7 @@ class Client:
                 request.args.CopyFrom(wire.inline_value(payload, buffers))
 
             def send(addr):
+                request.accept_shm = self._same_host(addr)
                 return self._rpc(addr, "Call", request, timeout, True, request.name)
         else:
             value, blobs = wire.streamed_value(payload, buffers)
@@ -467,6 +493,16 @@ class Client:
             header = request.SerializeToString()
 
             def send(addr):
+                if len(payload) <= self.settings.inline_limit and self._same_host(addr):
+                    names = shm.export(buffers)
+                    try:
+                        request.accept_shm = True
+                        request.args.CopyFrom(pb.Value(
+                            payload=payload, shm=names,
+                            buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+                        return self._rpc(addr, "Call", request, timeout, True, request.name)
+                    finally:
+                        shm.discard(names)
                 try:
                     return self._streams(addr).CallStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
@@ -504,6 +540,9 @@ class Client:
             return loads(payload, buffers, ctx)
         if not reply.result.payload:
             return None
+        if reply.result.shm:
+            buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
+            return loads(reply.result.payload, buffers, ctx)
         return loads(reply.result.payload, list(reply.result.buffers), ctx)
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,

@@ -36,6 +36,7 @@ class Settings:
     # Data path
     inline_limit: int = 1 * MiB       # values larger than this are streamed
     chunk_size: int = 4 * MiB         # stream chunk size
+    shm: bool = True                  # large values to a loopback backend go through /dev/shm
     # Backend
     data_dir: str = ""
     host: str = "127.0.0.1"

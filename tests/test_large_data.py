@@ -34,6 +34,15 @@ from store.errors import (BackendUnavailable, CallInterrupted, ClaypotError, Dea
 from store.generated import claypot_pb2 as pb
 from store.objects import readonly
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _streams_not_shared_memory():
+    """This module tests the gRPC streaming path, so same-host shared memory is off
+    (for this process and the backends it starts); tests/test_shm.py covers that path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLAYPOT_SHM", "0")
+        yield
+
 MiB = 1 << 20
 GiB = 1 << 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

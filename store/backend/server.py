@@ -20,11 +20,11 @@ from concurrent import futures
 
 import grpc
 
-from .. import objects as objmod, wire
+from .. import objects as objmod, shm, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory
-from ..errors import ClaypotError, ObjectNotFound, ProtocolError, SerializationError
+from ..errors import ClaypotError, ObjectNotFound, ProtocolError, SerializationError, ValueTooLarge
 from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
 from ..serialization import dumps, loads
@@ -103,6 +103,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         self.directory = backend.directory
         self.settings = backend.settings
         self.pending = PendingResults()
+        self.outbox = shm.Outbox()
 
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request, context):
@@ -165,7 +166,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     # -- objects --------------------------------------------------------------------
     def Persist(self, request, context):
         try:
-            items = [(o.object_id, o.class_key, o.state.payload, list(o.state.buffers), o.alias)
+            items = [(o.object_id, o.class_key, o.state.payload, self._buffers(o.state), o.alias)
                      for o in request.objects]
             self.heap.persist(items, adopt=request.adopt)
             return pb.Status()
@@ -190,7 +191,23 @@ class BackendServicer(pb_grpc.BackendServicer):
             return _error_reply(pb.Status, exc)
 
     def Call(self, request, context):
-        return self._call(request, request.args.payload, list(request.args.buffers))
+        try:
+            buffers = self._buffers(request.args)
+        except Exception as exc:
+            return _error_reply(pb.CallReply, exc)
+        return self._call(request, request.args.payload, buffers)
+
+    def _buffers(self, value: pb.Value) -> list:
+        """A Value's out-of-band buffers: inline, or mapped from /dev/shm (same host)."""
+        if not value.shm:
+            return list(value.buffers)
+        sizes = list(value.buffer_sizes)
+        limit = self.b.max_value_size
+        if limit and sum(sizes) > limit:
+            shm.discard(list(value.shm))
+            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
+                                f"bytes (max_value_size)")
+        return shm.attach(list(value.shm), sizes)
 
     def CallStream(self, request_iterator, context):
         try:
@@ -222,19 +239,24 @@ class BackendServicer(pb_grpc.BackendServicer):
                     args, kwargs = (), {}
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
                                           args, kwargs, chain)
-            return self._reply(result, chain)
+            return self._reply(result, chain, request.accept_shm)
         except Exception as exc:
             return _error_reply(pb.CallReply, exc)
         finally:
             set_chain(None)
 
-    def _reply(self, result, chain: str) -> pb.CallReply:
+    def _reply(self, result, chain: str, accept_shm: bool = False) -> pb.CallReply:
         if result is None:
             return pb.CallReply()
         payload, buffers = dumps(result, self.heap.pickle_context(chain))
         size = wire.total_size(payload, buffers)
         if size <= self.settings.inline_limit:
             return pb.CallReply(result=wire.inline_value(payload, buffers))
+        if accept_shm and self.settings.shm and shm.available() \
+                and len(payload) <= self.settings.inline_limit:
+            names = self.outbox.export(buffers)
+            return pb.CallReply(result=pb.Value(
+                payload=payload, shm=names, buffer_sizes=[memoryview(b).nbytes for b in buffers]))
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
     def FetchResult(self, request, context):

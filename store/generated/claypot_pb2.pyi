@@ -41,14 +41,16 @@ class Status(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("payload", "buffers", "buffer_sizes")
+    __slots__ = ("payload", "buffers", "buffer_sizes", "shm")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     buffers: _containers.RepeatedScalarFieldContainer[bytes]
     buffer_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, payload: _Optional[bytes] = ..., buffers: _Optional[_Iterable[bytes]] = ..., buffer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, payload: _Optional[bytes] = ..., buffers: _Optional[_Iterable[bytes]] = ..., buffer_sizes: _Optional[_Iterable[int]] = ..., shm: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data")
@@ -183,7 +185,7 @@ class PersistRequest(_message.Message):
     def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout")
+    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +194,7 @@ class CallRequest(_message.Message):
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     MUTATES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_SHM_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     kind: CallKind
     name: str
@@ -200,7 +203,8 @@ class CallRequest(_message.Message):
     call_id: str
     mutates: _containers.RepeatedScalarFieldContainer[str]
     timeout: float
-    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ...) -> None: ...
+    accept_shm: bool
+    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("result", "error", "result_handle", "result_size")

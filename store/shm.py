@@ -1,0 +1,127 @@
+"""Same-host transfer of large buffers through shared memory (/dev/shm).
+
+When a client and a backend run on one machine (the backend's address is a
+loopback address), a large value's out-of-band buffers need not cross a
+socket: the sender writes each buffer into a new segment in /dev/shm and
+sends only the segment names; the receiver maps them, unlinks them, and the
+mapping *is* the received buffer (a numpy array unpickled from it uses it
+in place). A 1 GiB buffer then costs one copy into the segment instead of
+gRPC's chunked stream (measured here: about 2 GB/s against about 1 GB/s).
+
+Segments are created with mode 0600 under random names. The receiver
+unlinks a segment as soon as it is mapped; a sender whose call failed
+unlinks what it created; a backend unlinks result segments that no client
+picked up within ``RESULT_TTL`` seconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+import uuid
+from typing import Sequence
+
+from .errors import ProtocolError
+
+SHM_DIR = "/dev/shm"
+PREFIX = "claypot-"
+RESULT_TTL = 120.0
+_WRITE_SLICE = 64 << 20
+
+
+def available() -> bool:
+    """True where /dev/shm exists and is writable (Linux)."""
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+def is_local_address(address: str) -> bool:
+    """True for loopback addresses: such a backend shares this machine's /dev/shm."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host.startswith("127.") or host in ("localhost", "::1")
+
+
+def _path(name: str) -> str:
+    if not name.startswith(PREFIX) or "/" in name or len(name) > 100:
+        raise ProtocolError(f"not a claypot shared-memory segment: {name!r}")
+    return os.path.join(SHM_DIR, name)
+
+
+def export(buffers: Sequence) -> list[str]:
+    """Write each buffer into a new segment; returns their names (all or none)."""
+    names: list[str] = []
+    try:
+        for buf in buffers:
+            view = memoryview(buf).cast("B") if memoryview(buf).contiguous else \
+                memoryview(bytes(buf))
+            name = PREFIX + uuid.uuid4().hex
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            names.append(name)
+            try:
+                os.ftruncate(fd, view.nbytes)
+                # pwrite into tmpfs measured 2-3x faster than copying through a mapping.
+                offset = 0
+                while offset < view.nbytes:
+                    offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
+            finally:
+                os.close(fd)
+    except BaseException:
+        discard(names)
+        raise
+    return names
+
+
+def attach(names: Sequence[str], sizes: Sequence[int]) -> list[memoryview]:
+    """Map and unlink the segments; each mapping is a writable buffer of its size."""
+    if len(names) != len(sizes):
+        raise ProtocolError("shared-memory segments and buffer sizes do not match")
+    out = []
+    try:
+        for name, size in zip(names, sizes):
+            path = _path(name)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise ProtocolError(f"shared-memory segment {name} is gone") from None
+            try:
+                if os.fstat(fd).st_size != size:
+                    raise ProtocolError(f"shared-memory segment {name} has the wrong size")
+                region = mmap.mmap(fd, size) if size else bytearray()
+            finally:
+                os.close(fd)
+                os.unlink(path)
+            out.append(memoryview(region))
+    except BaseException:
+        discard(names)
+        raise
+    return out
+
+
+def discard(names: Sequence[str]) -> None:
+    """Unlink segments that may still exist (a failed or abandoned transfer)."""
+    for name in names:
+        try:
+            os.unlink(_path(name))
+        except (FileNotFoundError, ProtocolError):
+            pass
+
+
+class Outbox:
+    """Result segments handed to clients: unlinked if not picked up within a TTL."""
+
+    def __init__(self, ttl: float = RESULT_TTL):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._sent: list[tuple[float, list[str]]] = []
+
+    def export(self, buffers: Sequence) -> list[str]:
+        names = export(buffers)
+        now = time.monotonic()
+        with self._lock:
+            expired = [n for t, n in self._sent if now - t > self.ttl]
+            self._sent = [(t, n) for t, n in self._sent if now - t <= self.ttl]
+            self._sent.append((now, names))
+        for group in expired:
+            discard(group)
+        return names

@@ -1,0 +1,107 @@
+"""Same-host transfers through /dev/shm: large values to a loopback backend skip the socket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from runtime import task, wait_on
+from store import StorageObject, errors, shm
+from store.generated import claypot_pb2 as pb
+from store.objects import readonly
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+MiB = 1 << 20
+
+
+class Holder(StorageObject):
+    def __init__(self, data):
+        self.data = data
+
+    @readonly
+    def address(self):
+        return self.data.ctypes.data
+
+    def replace(self, data):
+        self.data = data
+        return self.data.sum()
+
+    @readonly
+    def scaled(self, factor):
+        return self.data * factor
+
+
+@task(returns=1)
+def total(h, extra):
+    return float(h.data.sum() + extra.sum())
+
+
+def digest(a) -> str:
+    return hashlib.sha1(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+
+
+def segments() -> set[str]:
+    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts segments exported by this process (the client side)."""
+    made = []
+    real = shm.export
+
+    def export(buffers):
+        names = real(buffers)
+        made.extend(names)
+        return names
+    monkeypatch.setattr(shm, "export", export)
+    return made
+
+
+def test_every_path_goes_through_shared_memory(cluster, counted):
+    before = segments()
+    a = np.random.default_rng(1).random(3 * MiB)          # 24 MiB
+    h = Holder(a)
+    h.make_persistent(backend=cluster.backends[0])
+    assert counted, "make_persistent did not use shared memory"
+    assert digest(h.data) == digest(a)                     # result through shm
+    first = h.address()
+    assert h.address() == first                            # the backend keeps one live array
+    b = np.arange(2 * MiB, dtype=np.float64)
+    n = len(counted)
+    assert h.replace(b) == b.sum()                         # argument through shm
+    assert len(counted) > n
+    assert digest(h.scaled(2.0)) == digest(b * 2.0)
+    h.move(cluster.backends[1])                            # backend to backend, same host
+    assert digest(h.data) == digest(b)
+    assert wait_on(total(h, np.ones(2 * MiB))) == float(b.sum() + 2 * MiB)
+    assert segments() <= before                            # nothing left behind in /dev/shm
+
+
+def test_disabled_falls_back_to_streams(cluster, counted, monkeypatch):
+    import store
+    client = store.client()
+    monkeypatch.setattr(client, "settings", client.settings.replace(shm=False))
+    a = np.ones(4 * MiB)
+    h = Holder(a)
+    h.make_persistent()
+    assert digest(h.data) == digest(a)
+    assert counted == []
+
+
+def test_bad_segment_names_are_refused(cluster):
+    import store
+    client = store.client()
+    for names in (["../../etc/passwd"], ["claypot-" + "0" * 32]):
+        request = pb.PersistRequest(objects=[pb.PersistObject(
+            object_id="e" * 32, class_key="x:y#0",
+            state=pb.Value(payload=b"\x80\x05N.", buffer_sizes=[10], shm=names))])
+        reply = client._stub(cluster.address).Persist(request, timeout=10,
+                                                      metadata=client._metadata)
+        assert reply.error.code == "ProtocolError"
+    with pytest.raises(errors.ObjectNotFound):
+        store.get_by_id("e" * 32)
