@@ -333,7 +333,10 @@ class Client:
 
             def send(addr):
                 if small_payloads and self._same_host(addr):
-                    return self._persist_via_shm(addr, entries, values, adopt, size)
+                    try:
+                        return self._persist_via_shm(addr, entries, values, adopt, size)
+                    except shm.Unavailable:
+                        pass  # /dev/shm full or missing: stream instead
                 try:
                     return self._streams(addr).PersistStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
@@ -493,8 +496,13 @@ class Client:
             header = request.SerializeToString()
 
             def send(addr):
+                names = None
                 if len(payload) <= self.settings.inline_limit and self._same_host(addr):
-                    names = shm.export(buffers)
+                    try:
+                        names = shm.export(buffers)
+                    except shm.Unavailable:
+                        pass  # /dev/shm full or missing: stream instead
+                if names is not None:
                     try:
                         request.accept_shm = True
                         request.args.CopyFrom(pb.Value(

@@ -31,6 +31,10 @@ RESULT_TTL = 120.0
 _WRITE_SLICE = 64 << 20
 
 
+class Unavailable(OSError):
+    """Shared memory could not take the value (no /dev/shm, or it is full): stream it."""
+
+
 def available() -> bool:
     """True where /dev/shm exists and is writable (Linux)."""
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
@@ -66,6 +70,9 @@ def export(buffers: Sequence) -> list[str]:
                     offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
             finally:
                 os.close(fd)
+    except OSError as exc:
+        discard(names)
+        raise Unavailable(f"cannot write to {SHM_DIR}: {exc}") from exc
     except BaseException:
         discard(names)
         raise

@@ -105,3 +105,16 @@ def test_bad_segment_names_are_refused(cluster):
         assert reply.error.code == "ProtocolError"
     with pytest.raises(errors.ObjectNotFound):
         store.get_by_id("e" * 32)
+
+
+def test_full_shared_memory_falls_back_to_streams(cluster, monkeypatch):
+    """No room in /dev/shm (a small container tmpfs, say): the value streams instead."""
+    def full(buffers):
+        raise shm.Unavailable("No space left on device")
+    monkeypatch.setattr(shm, "export", full)
+    a = np.arange(3 * MiB, dtype=np.float64)
+    h = Holder(a)
+    h.make_persistent()
+    assert digest(h.data) == digest(a)
+    b = np.ones(2 * MiB)
+    assert h.replace(b) == b.sum()

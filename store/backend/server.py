@@ -254,9 +254,13 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         if accept_shm and self.settings.shm and shm.available() \
                 and len(payload) <= self.settings.inline_limit:
-            names = self.outbox.export(buffers)
-            return pb.CallReply(result=pb.Value(
-                payload=payload, shm=names, buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+            try:
+                names = self.outbox.export(buffers)
+                return pb.CallReply(result=pb.Value(
+                    payload=payload, shm=names,
+                    buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+            except shm.Unavailable:
+                pass  # /dev/shm full: the result streams instead
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
     def FetchResult(self, request, context):
