@@ -429,7 +429,7 @@ class Client:
         proxy.__dict__[objmod._OWNER] = backend_id
 
     def _with_relocation(self, proxy, fn):
-        """Run fn(address) on the object's owner; follow the object once if it moved."""
+        """Run fn(address) on the object's owner; if it moved, follow it (at most twice)."""
         oid = proxy.getID()
         if oid is None:
             raise NotPersistent("object is not persistent")

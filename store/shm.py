@@ -16,6 +16,7 @@ picked up within ``RESULT_TTL`` seconds.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -35,11 +36,14 @@ class Unavailable(OSError):
     """Shared memory could not take the value (no /dev/shm, or it is full): stream it."""
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """True where /dev/shm exists and is writable (Linux)."""
+    """True where /dev/shm exists and is writable (Linux). Asked once per process:
+    every call on the hot path consults it."""
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
+@functools.lru_cache(maxsize=256)
 def is_local_address(address: str) -> bool:
     """True for loopback addresses: such a backend shares this machine's /dev/shm."""
     host = address.rsplit(":", 1)[0].strip("[]")
