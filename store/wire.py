@@ -396,7 +396,8 @@ def error_to_pb(exc: BaseException) -> pb.Error:
     from . import errors
     from .serialization import dump_exception
     if isinstance(exc, errors.ClaypotError) and errors.by_code(type(exc).__name__):
-        return pb.Error(code=type(exc).__name__, message=str(exc))
+        return pb.Error(code=type(exc).__name__, message=str(exc),
+                        moved_to=getattr(exc, "moved_to", "") or "")
     remote_type, tb, pickled = dump_exception(exc)
     return pb.Error(code="RemoteError", message=f"{type(exc).__name__}: {exc}",
                     remote_type=remote_type, traceback=tb, pickled=pickled)
@@ -407,6 +408,8 @@ def error_from_pb(err: pb.Error) -> BaseException:
     from . import errors
     if err.code != "RemoteError":
         cls = errors.by_code(err.code) or errors.ClaypotError
+        if cls is errors.ObjectMoved:
+            return cls(err.message, err.moved_to)
         return cls(err.message)
     if err.pickled:
         try:
