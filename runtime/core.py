@@ -220,8 +220,14 @@ class Runtime:
                 with self._lock:
                     if call.settled or attempt != call.attempt:
                         return
-                    call.timer = threading.Timer(call.defn.time_out, self._timed_out,
-                                                 (call, attempt))
+                    limit = call.defn.time_out
+                    if call.writes:
+                        # The backend enforces time_out itself for a task that changes
+                        # objects: past it, the task's changes are rolled back and it
+                        # fails, so a retry cannot apply it twice. This timer is only
+                        # the safety net for a backend that stops answering.
+                        limit += max(_WRITE_TASK_GRACE, limit)
+                    call.timer = threading.Timer(limit, self._timed_out, (call, attempt))
                     call.timer.daemon = True
                     call.timer.start()
 
@@ -394,6 +400,7 @@ class Runtime:
             self._idle.notify_all()
 
 
+_WRITE_TASK_GRACE = 5.0  # seconds past time_out before a silent INOUT task is given up
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 

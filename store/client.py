@@ -107,6 +107,7 @@ class Client:
                 "no cluster address: pass one to store.connect(), set CLAYPOT_ADDRESS, "
                 "or start a cluster with `claypot up`")
         self.token = token if token is not None else self.settings.token
+        wire.set_receive_budget(self.settings.receive_budget_bytes())
         self._metadata = ((TOKEN_HEADER, self.token),)
         self._gateways = [address]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
@@ -194,6 +195,14 @@ class Client:
             for b in reply.backends:
                 self._addresses[b.backend_id] = b.address
         return list(reply.backends)
+
+    def validate_backend(self, backend_id: str) -> None:
+        """Ask a backend to check its lifecycle invariants; raises if one is broken."""
+        reply = self._on_owner(backend_id, lambda addr: self._rpc(
+            addr, "Validate", pb.ValidateRequest(), self.settings.admin_timeout, False,
+            "validate"))
+        if reply.HasField("error"):
+            raise AssertionError(reply.error.message)
 
     def address_of(self, backend_id: str, refresh: bool = False) -> str:
         if not refresh:

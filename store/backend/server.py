@@ -284,6 +284,13 @@ class BackendServicer(pb_grpc.BackendServicer):
         except Exception as exc:
             return _error_reply(pb.Status, exc)
 
+    def Validate(self, request, context):
+        try:
+            self.heap.validate()
+            return pb.Status()
+        except AssertionError as exc:
+            return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
+
     # -- other languages ---------------------------------------------------------------
     def CallJson(self, request, context):
         try:

@@ -130,6 +130,10 @@ class ListBackendsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ValidateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListBackendsReply(_message.Message):
     __slots__ = ("backends",)
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
