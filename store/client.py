@@ -204,6 +204,14 @@ class Client:
         if reply.HasField("error"):
             raise AssertionError(reply.error.message)
 
+    def checkpoint_backend(self, backend_id: str) -> None:
+        """Make a backend write every pending change to its checkpoint now."""
+        reply = self._on_owner(backend_id, lambda addr: self._rpc(
+            addr, "Checkpoint", pb.CheckpointRequest(), self.settings.call_timeout, False,
+            "checkpoint"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+
     def address_of(self, backend_id: str, refresh: bool = False) -> str:
         if not refresh:
             addr = self._addresses.get(backend_id)
@@ -409,7 +417,7 @@ class Client:
         owner = self.resolve(alias=alias).backend_id
         request = pb.AliasRequest(alias=alias)
         reply = self._on_owner(owner, lambda addr: self._rpc(
-            addr, "DeleteAlias", request, self.settings.admin_timeout, False, "delete_alias"))
+            addr, "DeleteAlias", request, self.settings.admin_timeout, True, "delete_alias"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -424,7 +432,7 @@ class Client:
         oid = proxy.getID()
         reply = self._with_relocation(proxy, lambda addr: self._rpc(
             addr, "Delete", pb.DeleteRequest(object_id=oid, chain_id=current_chain() or ""),
-            self.settings.admin_timeout, False, "delete_persistent"))
+            self.settings.admin_timeout, True, "delete_persistent"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -576,7 +584,7 @@ class Client:
         if reply.result.shm:
             buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
             return loads(reply.result.payload, buffers, ctx)
-        return loads(reply.result.payload, list(reply.result.buffers), ctx)
+        return loads(reply.result.payload, wire.writable(reply.result.buffers), ctx)
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
                  mutates: list[str], timeout: float = 0.0, chain: str | None = None,

@@ -60,6 +60,15 @@ def flat_bytes(buffer) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
+def writable(buffers) -> list:
+    """Inline buffers (protobuf bytes, read-only) as private writable copies.
+
+    Arrays unpickled over them can then be changed in place like any other;
+    inline values are at most ``inline_limit``, so the copy is small.
+    """
+    return [bytearray(b) for b in buffers]
+
+
 def inline_value(payload: bytes, buffers: Sequence) -> pb.Value:
     """A Value carrying everything inline (small values only)."""
     return pb.Value(payload=payload, buffers=[flat_bytes(b).tobytes() for b in buffers])

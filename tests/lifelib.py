@@ -91,6 +91,10 @@ class SlowState(StorageObject):
     def touch(self) -> int:
         return len(self.blob)
 
+    def poke(self) -> None:
+        """A change (its bytes stay the same size)."""
+        self.blob = bytes(len(self.blob))
+
 
 class Items(StorageObject):
     def __init__(self):

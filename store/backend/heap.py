@@ -112,7 +112,7 @@ class ChainLock:
 class Entry:
     """The live side of one object; ``obj`` is None unless it is resident."""
 
-    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest")
+    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in")
 
     def __init__(self, object_id: str, class_key: str, alias: str):
         self.object_id = object_id
@@ -121,6 +121,12 @@ class Entry:
         self.alias = alias
         self.lock = ChainLock()
         self.digest = b""
+        self.moved_in = False   # arrived by a move (see storage.Record.moved_in)
+
+    def record(self, payload, buffers) -> Record:
+        """A storage record of this object's state."""
+        return Record(self.object_id, self.class_key, self.alias, payload, buffers,
+                      moved_in=self.moved_in)
 
 
 def digest_of(payload, buffers) -> bytes:
@@ -360,6 +366,7 @@ class Heap:
         with self._mu:
             entry.obj = obj
             entry.class_key, entry.alias = rec.class_key, rec.alias
+            entry.moved_in = rec.moved_in
             entry.digest = b"" if big else digest_of(rec.payload, rec.buffers)
             todo = self.life.loaded(oid, size, big)
             self._validate_locked()
@@ -417,7 +424,7 @@ class Heap:
         lsns = []
         try:
             for oid, key, payload, buffers, alias, obj in built:
-                rec = Record(oid, key, alias, payload, buffers)
+                rec = Record(oid, key, alias, payload, buffers, moved_in=adopt)
                 if rec.size() > self.big_object:
                     if self.storage.policy == "none":
                         lsns.append(0)  # under "none" big objects are written only if spilled
@@ -447,6 +454,7 @@ class Heap:
                 if entry is None:
                     entry = self._entries[oid] = Entry(oid, key, alias)
                 entry.obj, entry.class_key, entry.alias = obj, key, alias
+                entry.moved_in = adopt
                 entry.digest = b"" if big else digest_of(payload, buffers)
                 todo += self.life.persisted(oid, lsn, size, big)
             self._validate_locked()
@@ -597,7 +605,15 @@ class Heap:
         try:
             self._perform(todo, entry=entry)
         except Exception:
-            log.exception("object %s: rollback after a failed call failed", oid)
+            # Never leave the half-changed instance in memory: drop it, so the next
+            # call loads the last acknowledged state from disk.
+            log.exception("object %s: rollback after a failed call failed; dropping the "
+                          "live instance", oid)
+            with self._mu:
+                life = self.life.get(oid)
+                if life is not None and life.state is State.LIVE:
+                    self.life.spilled(oid)
+                    entry.obj = None
 
     def life_event(self, event: Callable[[], list]) -> list:
         """Report one event to the lifecycle core; returns its instructions."""
@@ -632,8 +648,7 @@ class Heap:
         """Pickle the live object and write it straight to its checkpoint (lock held)."""
         payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
         lsn = self.storage.write_checkpoint(
-            Record(entry.object_id, entry.class_key, entry.alias, payload,
-                   [b.raw() if hasattr(b, "raw") else b for b in buffers]),
+            entry.record(payload, [b.raw() if hasattr(b, "raw") else b for b in buffers]),
             clear_dirty=clear_dirty)
         with self._mu:
             self.life.logged(entry.object_id, lsn)
@@ -647,8 +662,7 @@ class Heap:
                 self._spill(ins.object_id)
             elif isinstance(ins, lc.LogState):
                 payload, buffers, digest = state
-                lsn = self.storage.write(Record(entry.object_id, entry.class_key, entry.alias,
-                                                payload, buffers))
+                lsn = self.storage.write(entry.record(payload, buffers))
                 entry.digest = digest
                 self._perform(self.life_event(lambda: self.life.logged(entry.object_id, lsn)))
             elif isinstance(ins, lc.MarkDirty):
@@ -682,8 +696,7 @@ class Heap:
                 self._write_snapshot(entry, chain)
             else:
                 payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
-                lsn = self.storage.write(Record(object_id, entry.class_key, alias, payload,
-                                                buffers))
+                lsn = self.storage.write(entry.record(payload, buffers))
                 self.life_event(lambda: self.life.logged(object_id, lsn))
         finally:
             entry.lock.release()

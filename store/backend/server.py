@@ -181,7 +181,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             items = []
             for o in header.objects:
                 if o.state.payload:
-                    payload, buffers = o.state.payload, list(o.state.buffers)
+                    payload, buffers = o.state.payload, wire.writable(o.state.buffers)
                 else:
                     payload, buffers = next(streamed)
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
@@ -200,7 +200,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     def _buffers(self, value: pb.Value) -> list:
         """A Value's out-of-band buffers: inline, or mapped from /dev/shm (same host)."""
         if not value.shm:
-            return list(value.buffers)
+            return wire.writable(value.buffers)
         sizes = list(value.buffer_sizes)
         limit = self.b.max_value_size
         if limit and sum(sizes) > limit:
@@ -274,8 +274,22 @@ class BackendServicer(pb_grpc.BackendServicer):
         try:
             self.heap.delete(request.object_id, request.chain_id)
             return pb.Status()
+        except ObjectNotFound as exc:
+            self._forget_dangling(request.object_id)
+            return _error_reply(pb.Status, exc)
         except Exception as exc:
             return _error_reply(pb.Status, exc)
+
+    def _forget_dangling(self, object_id: str) -> None:
+        """A directory entry naming this backend for an object it does not hold is what a
+        delete interrupted between its storage write and its directory write left: the
+        object is gone, so the entry (and its alias) go too."""
+        try:
+            if not self.heap.has(object_id) and \
+                    self.directory.lookup(object_id).backend_id == self.b.backend_id:
+                self.directory.forget(object_id)
+        except ClaypotError:
+            pass
 
     def Move(self, request, context):
         try:
@@ -290,6 +304,14 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.Status()
         except AssertionError as exc:
             return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
+
+    def Checkpoint(self, request, context):
+        try:
+            self.b.storage.flush_dirty()
+            self.b.storage.checkpoint()
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
 
     # -- other languages ---------------------------------------------------------------
     def CallJson(self, request, context):
@@ -379,13 +401,14 @@ class Backend:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         self.storage.start()
-        self.server.start()
+        # The directory and this storage dir agree before the first call is served.
         self._epoch = self.directory.epoch()
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
         else:
             self.reconcile()
+        self.server.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         if self.settings.dask_scheduler:
@@ -455,20 +478,23 @@ class Backend:
         Storage is written before the directory, so a crash in between leaves
         an object stored here that the directory does not know: it is
         claimed (with its alias if still free). A copy the directory says
-        lives on another backend is what a move interrupted before it
+        lives on another backend, or one that came by a move and that the
+        directory does not know, is what a move interrupted before it
         committed left behind: the directory is the commit point, so the
         local copy is dropped.
         """
-        stored = list(self.storage.scan_headers())
+        stored = list(self.storage.scan_entries())
         claimed = dropped = 0
         for i in range(0, len(stored), 1000):
             batch = stored[i:i + 1000]
-            owners = self.directory.lookup_many([oid for oid, _, _ in batch])
+            owners = self.directory.lookup_many([oid for oid, _, _, _ in batch])
             missing = []
-            for (oid, key, alias), entry in zip(batch, owners):
-                if entry is None:
+            for (oid, key, alias, moved_in), entry in zip(batch, owners):
+                if entry is None and not moved_in:
                     missing.append((oid, self.backend_id, key, alias))
-                elif entry.backend_id != self.backend_id:
+                elif entry is None or entry.backend_id != self.backend_id:
+                    # Elsewhere, or a copy a move brought that never committed and whose
+                    # object was deleted since by its owner: not ours to bring back.
                     try:
                         self.heap.delete(oid, forget=False)
                         dropped += 1

@@ -85,6 +85,9 @@ class Record:
     buffers: list = field(default_factory=list)
     deleted: bool = False
     lsn: int = 0
+    # Arrived by a move: until the directory names this backend, a copy that the
+    # directory does not know is a leftover of a move that never committed.
+    moved_in: bool = False
 
     def size(self) -> int:
         return len(self.payload) + sum(memoryview(b).nbytes for b in self.buffers)
@@ -98,13 +101,14 @@ class _Logged:
     deleted: bool
     class_key: str
     alias: str
+    moved_in: bool = False
 
 
 def encode(rec: Record) -> bytearray:
     """The record as one contiguous, private blob (the bytes are copied here)."""
     sizes = [memoryview(b).nbytes for b in rec.buffers]
     header = pickle.dumps({"id": rec.object_id, "class": rec.class_key, "alias": rec.alias,
-                           "deleted": rec.deleted, "lsn": rec.lsn,
+                           "deleted": rec.deleted, "lsn": rec.lsn, "moved": rec.moved_in,
                            "payload": len(rec.payload), "buffers": sizes}, protocol=5)
     body_len = len(rec.payload) + sum(sizes)
     blob = bytearray(_PREFIX.size + len(header) + body_len)
@@ -148,7 +152,7 @@ def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
         buffers.append(data[pos:pos + n])
         pos += n
     rec = Record(head["id"], head["class"], head["alias"], payload, buffers, head["deleted"],
-                 head.get("lsn", 0))
+                 head.get("lsn", 0), head.get("moved", False))
     return rec, end
 
 
@@ -352,6 +356,9 @@ class Storage:
         self._wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._code_lock = threading.Lock()
+        # One checkpoint (or write-behind flush) at a time: two at once would each trim
+        # log segments whose records the other has not written yet.
+        self._checkpoint_lock = threading.Lock()
         for name in os.listdir(os.path.join(root, "quarantine")):
             if name.endswith(".obj"):  # stays an error across restarts, not a vanished object
                 self._corrupt[name[:-4]] = _QUARANTINED
@@ -414,7 +421,8 @@ class Storage:
         latest, count, _ = _replay(self.root, cut)
         for oid, rec in latest.items():
             blob = encode(rec)  # a private copy; the segment's bytes are dropped
-            self._pending[oid] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias)
+            self._pending[oid] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias,
+                                         rec.moved_in)
         segments = self._segments()
         self._segment_seq = (segments[-1] + 1) if segments else 1
         self._open_segment()
@@ -503,7 +511,7 @@ class Storage:
             ticket = self._written
             self._segment_bytes += len(blob)
             self._pending[rec.object_id] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key,
-                                                   rec.alias)
+                                                   rec.alias, rec.moved_in)
             rotate = self._segment_bytes > _SEGMENT_LIMIT
         if durable and self.policy == "sync":
             self._sync(ticket)
@@ -687,7 +695,12 @@ class Storage:
         log.error("object %s: %s", object_id, reason)
 
     def scan_headers(self):
-        """Yield (object_id, class_key, alias) of every stored object (to republish).
+        """Yield (object_id, class_key, alias) of every stored object (to republish)."""
+        for oid, key, alias, _ in self.scan_entries():
+            yield oid, key, alias
+
+    def scan_entries(self):
+        """Yield (object_id, class_key, alias, moved_in) of every stored object.
 
         Logged states come from memory; for the others only each file's
         header is read, not its body: republishing 100,000 objects must not
@@ -700,13 +713,13 @@ class Storage:
             rec = logged.get(oid)
             if rec is not None:
                 if not rec.deleted:
-                    yield oid, rec.class_key, rec.alias
+                    yield oid, rec.class_key, rec.alias, rec.moved_in
                 continue
             if oid in self._corrupt:
                 continue
             head = read_header(self._object_path(oid))
             if head is not None:
-                yield oid, head["class"], head["alias"]
+                yield oid, head["class"], head["alias"], head.get("moved", False)
 
     # -- checkpointing ------------------------------------------------------------
     def start(self) -> None:
@@ -759,6 +772,10 @@ class Storage:
 
     def flush_dirty(self, stop: threading.Event | None = None) -> int:
         """Checkpoint the write-behind objects changed since their last checkpoint."""
+        with self._checkpoint_lock:
+            return self._flush_dirty(stop)
+
+    def _flush_dirty(self, stop: threading.Event | None) -> int:
         with self._lock:
             dirty = [(oid, _DIRTY) for oid, rec in self._pending.items() if rec is _DIRTY]
             for oid, _ in dirty:
@@ -791,6 +808,10 @@ class Storage:
         """
         if self.policy == "none":
             return 0
+        with self._checkpoint_lock:
+            return self._checkpoint(stop)
+
+    def _checkpoint(self, stop: threading.Event | None) -> int:
         self._check()
         # _sync_lock first: a writer's group-commit fsync must not mark records of
         # the segment being retired as durable before that segment is fsync'd.
@@ -849,7 +870,8 @@ class Storage:
         """
         staged = []  # (fd, temp path, final path, object id, lsn)
         written_live = 0
-        dirs = set()
+        dirs = set()   # directories to fsync after the renames
+        made = set()   # directories known to exist
         try:
             for oid, rec in batch:
                 if stop is not None and stop.is_set():
@@ -869,8 +891,9 @@ class Storage:
                     self._remove(oid, rec.lsn)
                     dirs.add(d)
                     continue
-                if d not in dirs:
+                if d not in made:
                     self._ensure_dir(d)
+                    made.add(d)
                     dirs.add(d)
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -134,6 +134,10 @@ class ValidateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListBackendsReply(_message.Message):
     __slots__ = ("backends",)
     BACKENDS_FIELD_NUMBER: _ClassVar[int]

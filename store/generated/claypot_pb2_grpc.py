@@ -109,6 +109,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.ValidateRequest.SerializeToString,
                 response_deserializer=claypot__pb2.Status.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/claypot.v1.Backend/Checkpoint',
+                request_serializer=claypot__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
         self.CallJson = channel.unary_unary(
                 '/claypot.v1.Backend/CallJson',
                 request_serializer=claypot__pb2.JsonCallRequest.SerializeToString,
@@ -214,6 +219,13 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Writes every pending change to its checkpoint now and trims the log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CallJson(self, request, context):
         """Cross-language calls: arguments and results as JSON text.
         """
@@ -297,6 +309,11 @@ def add_BackendServicer_to_server(servicer, server):
             'Validate': grpc.unary_unary_rpc_method_handler(
                     servicer.Validate,
                     request_deserializer=claypot__pb2.ValidateRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=claypot__pb2.CheckpointRequest.FromString,
                     response_serializer=claypot__pb2.Status.SerializeToString,
             ),
             'CallJson': grpc.unary_unary_rpc_method_handler(
@@ -709,6 +726,33 @@ class Backend:
             target,
             '/claypot.v1.Backend/Validate',
             claypot__pb2.ValidateRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Checkpoint',
+            claypot__pb2.CheckpointRequest.SerializeToString,
             claypot__pb2.Status.FromString,
             options,
             channel_credentials,
