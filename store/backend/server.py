@@ -24,9 +24,11 @@ from .. import objects as objmod, shm, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory
-from ..errors import ClaypotError, ObjectNotFound, ProtocolError, SerializationError, ValueTooLarge
+from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, ProtocolError,
+                      SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
+from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
 from .heap import CodeCache, Heap
 from .storage import Storage
@@ -55,14 +57,21 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if not self._token or details.method in _OPEN_METHODS:
             return continuation(details)
-        for key, value in details.invocation_metadata:
-            if key == TOKEN_HEADER and value == self._token:
-                return continuation(details)
+        if carries_token(details.invocation_metadata, self._token):
+            return continuation(details)
         if details.method.endswith("Stream"):
             return self._deny_stream
         if details.method.endswith("FetchResult"):
             return self._deny_unary_stream
         return self._deny_unary
+
+
+def carries_token(metadata, token: str) -> bool:
+    """True if the call's metadata holds ``token`` (compared in constant time)."""
+    for key, value in metadata or ():
+        if key == TOKEN_HEADER and token_matches(token, value):
+            return True
+    return False
 
 
 def _error_reply(cls, exc: BaseException):
@@ -86,6 +95,15 @@ class PendingResults:
             self._items[handle] = (now, payload, buffers)
         return handle
 
+    def sweep(self) -> int:
+        """Drop results older than the TTL; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [k for k, v in self._items.items() if now - v[0] > self.ttl]
+            for key in expired:
+                del self._items[key]
+        return len(expired)
+
     def take(self, handle: str):
         with self._lock:
             item = self._items.pop(handle, None)
@@ -102,13 +120,18 @@ class BackendServicer(pb_grpc.BackendServicer):
         self.heap = backend.heap
         self.directory = backend.directory
         self.settings = backend.settings
-        self.pending = PendingResults()
-        self.outbox = shm.Outbox()
+        self.pending = PendingResults(self.settings.result_ttl)
+        self.outbox = shm.Outbox(self.settings.result_ttl)
 
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request, context):
+        # Anyone may ask whether the backend serves; only token holders learn
+        # which backend it is, on which host, with which PID.
+        token = self.settings.token
+        if token and not carries_token(context.invocation_metadata(), token):
+            return pb.PingReply(status="serving")
         return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
-                            host=self.b.host, pid=os.getpid())
+                            host=self.b.host, pid=os.getpid(), status="serving")
 
     def Resolve(self, request, context):
         try:
@@ -219,11 +242,13 @@ class BackendServicer(pb_grpc.BackendServicer):
         return self._call(header, payload, buffers)
 
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
-        set_chain(request.chain_id or uuid.uuid4().hex)
-        chain = request.chain_id
+        # A caller that names no chain gets one of its own: an empty id shared by
+        # every such caller would let their calls into one object at once.
+        chain = request.chain_id or "anon:" + uuid.uuid4().hex
+        set_chain(chain)
         try:
             if request.kind == pb.TASK:
-                result = self.b.run_task(request, payload, buffers)
+                result = self.b.run_task(request, payload, buffers, chain)
             else:
                 if not self.heap.has(request.object_id):
                     moved = self.heap.moved.get(request.object_id)
@@ -306,6 +331,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                 raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
             if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
                 raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
+            check_public_name(request.name)
             proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
                                       entry.class_key, entry.backend_id)
             result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
@@ -320,17 +346,44 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.JsonCallReply(error=err)
 
 
+def check_public_name(name: str) -> None:
+    """Refuse a CallJson target that is not a public method or attribute.
+
+    Cross-language callers reach an object's public API only: no private
+    names, no dunders (``__class__``, ``__reduce__``...) and no claypot
+    identity fields (``_claypot_*``), which all start with an underscore.
+    """
+    if not name or not name.isidentifier() or name.startswith("_"):
+        raise ProtocolError(f"CallJson reaches public methods and attributes only, "
+                            f"not {name[:80]!r}")
+
+
+def check_listen(settings: Settings) -> None:
+    """Refuse to serve a network without a token, unless told so (``--insecure``)."""
+    if settings.token or is_loopback_host(settings.host):
+        return
+    if not settings.insecure:
+        raise ConfigurationError(
+            f"refusing to listen on {settings.host} without a token: anyone who reaches "
+            f"the port could run code here. Set CLAYPOT_TOKEN (or --token), or pass "
+            f"--insecure to accept that")
+    log.warning("listening on %s WITHOUT a token (--insecure): anyone who reaches this "
+                "port can run code in this process", settings.host)
+
+
 class Backend:
     """One backend: storage, heap, directory registration, gRPC server."""
 
     def __init__(self, settings: Settings):
         if not settings.data_dir:
             raise ClaypotError("a backend needs a data dir")
+        check_listen(settings)
         if not settings.redis:
             raise ClaypotError("a backend needs a Redis URL (--redis)")
         self.settings = settings
         self.host = socket.gethostname()
-        self.directory = Directory(settings.redis, timeout=settings.admin_timeout)
+        self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
+                                   token=settings.token)
         self.directory.wait_ready(settings.admin_timeout)
         self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
                                checkpoint_interval=settings.checkpoint_interval)
@@ -354,7 +407,8 @@ class Backend:
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
             interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
-        wire.add_servicer(BackendServicer(self), self.server)
+        self.servicer = BackendServicer(self)
+        wire.add_servicer(self.servicer, self.server)
         listen = f"{settings.host}:{settings.port}"
         if settings.tls_cert:
             creds = grpc.ssl_server_credentials(
@@ -375,6 +429,10 @@ class Backend:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        # Segments left in /dev/shm by processes that died (kill -9) mid-transfer.
+        removed = shm.remove_orphans()
+        if removed:
+            log.info("removed %d orphaned shared-memory segment(s)", removed)
         self.storage.start()
         self.server.start()
         self._epoch = self.directory.epoch()
@@ -383,11 +441,13 @@ class Backend:
             self.republish()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True).start()
         if self.settings.dask_scheduler:
             # Joins after the server is up, so a Dask task pinned here finds a serving backend.
             from .dask_worker import HostedDaskWorker
             self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
-                                                self.settings.host).start()
+                                                self.settings.host,
+                                                tls_dir=self.settings.dask_tls_dir).start()
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
     def stop(self, grace: float = 1.0) -> None:
@@ -436,6 +496,16 @@ class Backend:
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
 
+    def _sweep_loop(self) -> None:
+        """Expire results no client fetched, on a timer rather than on the next transfer."""
+        interval = max(0.2, min(10.0, self.settings.result_ttl / 4))
+        while not self._stop.wait(interval):
+            try:
+                self.servicer.pending.sweep()
+                self.servicer.outbox.sweep()
+            except Exception as exc:  # never let cleanup kill the thread
+                log.warning("result sweep failed: %s", exc)
+
     def republish(self) -> int:
         """Claim every object stored here, with its alias, in the directory."""
         entries = [(oid, self.backend_id, key, alias)
@@ -469,12 +539,12 @@ class Backend:
         finally:
             entry.lock.release()
 
-    def run_task(self, request: pb.CallRequest, payload, buffers):
+    def run_task(self, request: pb.CallRequest, payload, buffers, chain: str = ""):
         fn = self.code.get(request.name)
         args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
             else ((), {})
-        return self.heap.run_task(fn, args, kwargs, list(request.mutates), request.chain_id,
-                                  request.timeout)
+        return self.heap.run_task(fn, args, kwargs, list(request.mutates),
+                                  chain or request.chain_id, request.timeout)
 
     def serve_forever(self, on_ready=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
@@ -504,6 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--advertise", help="host:port to register for clients and peers "
                    "(default: --host:port; set it when listening on 0.0.0.0)")
     p.add_argument("--token")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="serve a non-loopback address without a token (anyone who reaches "
+                        "the port can run code in this process)")
     p.add_argument("--durability", choices=["sync", "async", "none"])
     p.add_argument("--flush-interval", type=float)
     p.add_argument("--memory-limit")
@@ -515,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
                                  advertise=a.advertise,
-                                 token=a.token, durability=a.durability,
+                                 token=a.token, insecure=a.insecure, durability=a.durability,
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
                                  dask_scheduler=a.dask_scheduler)
     backend = Backend(settings)
