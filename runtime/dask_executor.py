@@ -111,6 +111,10 @@ class DaskExecutor:
         # dask code keeps whatever default client it had.
         tls_dir = getattr(getattr(client, "settings", None), "dask_tls_dir", "")
         security = None
+        if scheduler.startswith("tls://") and not tls_dir:
+            raise ConfigurationError(
+                f"the Dask scheduler {scheduler} requires the cluster's certificates: set "
+                f"CLAYPOT_DASK_TLS_DIR to the directory holding ca.pem, node.pem, node.key")
         if tls_dir:
             from store.certs import dask_security
             security = dask_security(tls_dir)

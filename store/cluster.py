@@ -308,6 +308,11 @@ class LocalCluster:
         return self.certs.ca if self.certs is not None and self._tls else ""
 
     @property
+    def dask_tls_dir(self) -> str:
+        """Where the certificates the Dask scheduler requires are (``dask=True``), else ''."""
+        return os.path.dirname(self.certs.ca) if self.dask is not None else ""
+
+    @property
     def dask_scheduler(self) -> str:
         """Address of the Dask scheduler (``dask=True``), else empty."""
         return self.dask.address if self.dask else ""
