@@ -30,6 +30,7 @@ from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
+from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .storage import Storage
 
@@ -72,6 +73,14 @@ def carries_token(metadata, token: str) -> bool:
         if key == TOKEN_HEADER and token_matches(token, value):
             return True
     return False
+
+
+def _check_items(items) -> None:
+    """Identifiers of objects to persist: checked before anything is stored."""
+    for oid, key, _, _, alias in items:
+        check_name("object id", oid)
+        check_name("class key", key)
+        check_name("alias", alias, allow_empty=True)
 
 
 def _error_reply(cls, exc: BaseException):
@@ -136,9 +145,10 @@ class BackendServicer(pb_grpc.BackendServicer):
     def Resolve(self, request, context):
         try:
             if request.WhichOneof("key") == "alias":
-                oid, entry = self.directory.lookup_alias(request.alias)
+                oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
             else:
-                oid, entry = request.object_id, self.directory.lookup(request.object_id)
+                oid = check_name("object id", request.object_id)
+                entry = self.directory.lookup(oid)
             return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
                                                     backend_id=entry.backend_id))
         except Exception as exc:
@@ -157,20 +167,24 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def RegisterCode(self, request, context):
         try:
-            self.directory.put_code(request.key, request.code)
+            self.directory.put_code(check_name("code key", request.key), request.code)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
 
     def GetCode(self, request, context):
-        code = self.directory.get_code(request.key)
+        try:
+            code = self.directory.get_code(check_name("code key", request.key))
+        except Exception as exc:
+            return _error_reply(pb.GetCodeReply, exc)
         if code is None:
             return _error_reply(pb.GetCodeReply, ObjectNotFound(f"no code {request.key}"))
         return pb.GetCodeReply(code=code)
 
     def SetAlias(self, request, context):
         try:
-            self.directory.set_alias(request.alias, request.object_id)
+            self.directory.set_alias(check_name("alias", request.alias),
+                                     check_name("object id", request.object_id))
             if self.heap.has(request.object_id):
                 self.heap.set_alias(request.object_id, request.alias)
             return pb.Status()
@@ -179,7 +193,7 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def DeleteAlias(self, request, context):
         try:
-            oid = self.directory.delete_alias(request.alias)
+            oid = self.directory.delete_alias(check_name("alias", request.alias))
             if self.heap.has(oid):
                 self.heap.set_alias(oid, "")
             return pb.Status()
@@ -191,6 +205,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         try:
             items = [(o.object_id, o.class_key, o.state.payload, self._buffers(o.state), o.alias)
                      for o in request.objects]
+            _check_items(items)
             self.heap.persist(items, adopt=request.adopt)
             return pb.Status()
         except Exception as exc:
@@ -208,6 +223,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                 else:
                     payload, buffers = next(streamed)
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
+            _check_items(items)
             self.heap.persist(items, adopt=header.adopt)
             return pb.Status()
         except Exception as exc:
@@ -247,6 +263,8 @@ class BackendServicer(pb_grpc.BackendServicer):
         chain = request.chain_id or "anon:" + uuid.uuid4().hex
         set_chain(chain)
         try:
+            check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
+            check_name("name", request.name)
             if request.kind == pb.TASK:
                 result = self.b.run_task(request, payload, buffers, chain)
             else:
@@ -317,9 +335,9 @@ class BackendServicer(pb_grpc.BackendServicer):
     def CallJson(self, request, context):
         try:
             if request.WhichOneof("target") == "alias":
-                oid = self.directory.resolve_alias(request.alias)
+                oid = self.directory.resolve_alias(check_name("alias", request.alias))
             else:
-                oid = request.object_id
+                oid = check_name("object id", request.object_id)
             entry = self.directory.lookup(oid)
             try:
                 if request.kind == pb.SET_ATTR:
@@ -406,7 +424,9 @@ class Backend:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
-            interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
+            interceptors=[TokenInterceptor(settings.token),
+                          StreamIdleGuard(settings.admin_timeout)],
+            options=CHANNEL_OPTIONS)
         self.servicer = BackendServicer(self)
         wire.add_servicer(self.servicer, self.server)
         listen = f"{settings.host}:{settings.port}"
