@@ -375,3 +375,27 @@ def test_tls_is_one_flag(tmp_path):
         # A plaintext client gets nowhere.
         with pytest.raises(grpc.RpcError):
             _raw(c.address, "Ping", pb.PingRequest(), pb.PingReply, timeout=3)
+
+
+def test_claypot_up_tls_serves_tls_and_status_finds_the_ca(tmp_path):
+    pytest.importorskip("cryptography")
+    env = dict(os.environ, CLAYPOT_STATE_DIR=str(tmp_path / "state"))
+    env.pop("CLAYPOT_ADDRESS", None)
+    env.pop("CLAYPOT_TLS_CA", None)
+    cli = [sys.executable, "-m", "store.cli"]
+    up = subprocess.run(cli + ["up", "--tls", "--backends", "1", "--data-dir",
+                               str(tmp_path / "data")], env=env, capture_output=True,
+                        text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "CLAYPOT_TLS_CA=" in up.stdout
+        status = subprocess.run(cli + ["status"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0 and "1 backend(s), 1 up" in status.stdout, status.stderr
+        address = up.stdout.split("CLAYPOT_ADDRESS=")[1].split()[0]
+        with pytest.raises(grpc.RpcError):   # plaintext gets nowhere
+            _raw(address, "Ping", pb.PingRequest(), pb.PingReply, timeout=3)
+    finally:
+        down = subprocess.run(cli + ["down"], env=env, capture_output=True, text=True,
+                              timeout=60)
+    assert down.returncode == 0 and "stopped" in down.stdout
