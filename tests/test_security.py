@@ -344,7 +344,7 @@ def test_raw_calls_without_a_chain_do_not_share_an_object_lock(cluster):
 # -- Dask ---------------------------------------------------------------------------------
 
 def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
     from store.certs import make_cluster_certs
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), dask=True,
                       connect=False) as c:
@@ -367,7 +367,6 @@ def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path
 
 
 def test_tls_is_one_flag(tmp_path):
-    pytest.importorskip("cryptography")
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), tls=True) as c:
         v = Vault("over tls")
         v.make_persistent(alias="tls-vault", backend=c.backends[1])
@@ -378,7 +377,6 @@ def test_tls_is_one_flag(tmp_path):
 
 
 def test_claypot_up_tls_serves_tls_and_status_finds_the_ca(tmp_path):
-    pytest.importorskip("cryptography")
     env = dict(os.environ, CLAYPOT_STATE_DIR=str(tmp_path / "state"))
     env.pop("CLAYPOT_ADDRESS", None)
     env.pop("CLAYPOT_TLS_CA", None)

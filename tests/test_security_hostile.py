@@ -12,7 +12,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_hostile_input_leaves_the_backend_serving_and_objects_intact(tmp_path):
-    pytest.importorskip("hypothesis")
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"),
                       backend_env={"CLAYPOT_ADMIN_TIMEOUT": "3"}) as cluster:
         summary = hostile.run(cluster, examples=12, connections=1000, random_conns=60,
