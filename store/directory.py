@@ -98,6 +98,22 @@ return 1
 """
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<redis url>"
+
+
 class ObjectEntry(tuple):
     """(backend_id, class_key, alias) of one object."""
     __slots__ = ()
@@ -146,7 +162,8 @@ class Directory:
                  token: str = ""):
         if not url:
             raise ConfigurationError("the directory needs a Redis URL")
-        self.url = url
+        # Shown in error messages, which reach clients and logs: never the password.
+        self.url = redact_url(url)
         self.keys = DirectoryKeys.from_token(token)
         self.prefix = prefix
         self.r = redis.Redis.from_url(

@@ -88,6 +88,12 @@ def test_embedded_redis_needs_its_password(cluster):
         assert cluster.redis.password not in cmdline
         assert cluster.token not in cmdline
     assert _redis(cluster).ping()   # with it, Redis answers
+    conf = os.path.join(cluster.redis.data_dir, "redis.conf")
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+    # Error messages name the Redis URL, never its password.
+    from store.directory import redact_url
+    assert cluster.redis.password not in redact_url(cluster.redis_url)
+    assert Directory(cluster.redis_url).url.endswith(f":***@127.0.0.1:{cluster.redis.port}/0")
 
 
 def test_forged_code_entry_is_never_unpickled(tmp_path):
