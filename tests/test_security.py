@@ -163,6 +163,26 @@ def test_state_file_and_dir_are_private_from_the_start(tmp_path, monkeypatch):
         cli._save_state({"token": "x"})
 
 
+def test_cluster_files_are_private(tmp_path):
+    """Objects' checkpoints and logs, the Redis AOF, logs and certificates: this user's only."""
+    old = os.umask(0o022)   # a usual umask, which would leave files world-readable
+    try:
+        with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), tls=True) as c:
+            v = Vault("on disk")
+            v.make_persistent()
+            v.secret = "changed"   # a logged change
+            data_dir = c.data_dir
+            seen = 0
+            for root, dirs, files in os.walk(data_dir):
+                for name in dirs + files:
+                    mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+                    assert not mode & 0o077, (os.path.join(root, name), oct(mode))
+                    seen += 1
+            assert seen > 5
+    finally:
+        os.umask(old)
+
+
 def test_down_signals_only_processes_it_started(tmp_path):
     """A recorded PID now running something else (PID reuse) is left alone."""
     from store.security import write_private
