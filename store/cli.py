@@ -39,6 +39,18 @@ def _recorded(state: dict) -> list[dict]:
     return []
 
 
+def _legacy_pids(state: dict) -> list[int]:
+    pids = [p for p in state.get("pids", []) if isinstance(p, int)]
+    if isinstance(state.get("redis_pid"), int):
+        pids.append(state["redis_pid"])
+    return pids
+
+
+def _pid_exists(pid: int) -> bool:
+    import psutil
+    return pid > 0 and psutil.pid_exists(pid)
+
+
 def _running(state: dict) -> list[dict]:
     """Recorded processes that are still the very processes claypot started."""
     return [p for p in _recorded(state) if same_process(p)]
@@ -47,6 +59,13 @@ def _running(state: dict) -> list[dict]:
 def cmd_up(a) -> int:
     from .cluster import LocalCluster
     old = _load_state()
+    if old and "processes" not in old and any(_pid_exists(p) for p in _legacy_pids(old)):
+        # Written by an older claypot: PIDs without identities. Something runs at
+        # them; it may be that cluster, on the same storage dirs, so do not start.
+        print(f"a cluster recorded by an older claypot may still be running (PIDs "
+              f"{', '.join(map(str, _legacy_pids(old)))}); stop it, then remove "
+              f"{api.state_file()}")
+        return 1
     if old and _running(old):
         print(f"a cluster is already running at {old['address']} (claypot down to stop it)")
         return 1
@@ -88,6 +107,8 @@ def cmd_down(a) -> int:
     start = time.monotonic()
     recorded = _recorded(state)
     skipped = [p["pid"] for p in recorded if p.get("pid") and not same_process(p)]
+    if "processes" not in state:
+        skipped += [p for p in _legacy_pids(state) if _pid_exists(p)]
     backends = [p for p in recorded if p.get("role") != "redis" and same_process(p)]
     redis = [p for p in recorded if p.get("role") == "redis" and same_process(p)]
     _stop_verified(backends, 15)

@@ -203,6 +203,19 @@ def test_down_signals_only_processes_it_started(tmp_path):
         assert "not signalled" in out.stdout
         time.sleep(0.3)
         assert bystander.poll() is None, "claypot down signalled a process it did not start"
+        # A state file from before identities were recorded: PIDs alone are never signalled,
+        # and `up` will not start a second cluster beside what may be the old one.
+        write_private(str(state_dir / "cluster.json"), json.dumps(
+            {"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid],
+             "redis_pid": None}).encode())
+        up = subprocess.run([sys.executable, "-m", "store.cli", "up"], env=env,
+                            capture_output=True, text=True, timeout=60)
+        assert up.returncode == 1 and "older claypot" in up.stdout
+        out = subprocess.run([sys.executable, "-m", "store.cli", "down"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and str(bystander.pid) in out.stdout
+        time.sleep(0.3)
+        assert bystander.poll() is None
     finally:
         bystander.kill()
         bystander.wait()
