@@ -268,6 +268,15 @@ def test_backend_refuses_an_open_address_without_a_token(cluster, tmp_path):
     check_listen(store.Settings.from_env({}, host="0.0.0.0", insecure=True))
     check_listen(store.Settings.from_env({}, host="127.0.0.1"))          # loopback: fine
     check_listen(store.Settings.from_env({}, host="0.0.0.0", token="t"))  # a token: fine
+    # A hosted Dask worker joins only a TLS scheduler, with the cluster's certificates.
+    with pytest.raises(errors.ConfigurationError, match="without TLS"):
+        check_listen(store.Settings.from_env({}, dask_scheduler="tcp://127.0.0.1:8786"))
+    with pytest.raises(errors.ConfigurationError, match="without TLS"):
+        check_listen(store.Settings.from_env({}, dask_scheduler="tls://127.0.0.1:8786"))
+    check_listen(store.Settings.from_env({}, dask_scheduler="tls://127.0.0.1:8786",
+                                         dask_tls_dir=str(tmp_path)))
+    check_listen(store.Settings.from_env({}, dask_scheduler="tcp://127.0.0.1:8786",
+                                         insecure=True))
 
 
 # -- shared memory -------------------------------------------------------------------------

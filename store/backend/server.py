@@ -377,7 +377,18 @@ def check_public_name(name: str) -> None:
 
 
 def check_listen(settings: Settings) -> None:
-    """Refuse to serve a network without a token, unless told so (``--insecure``)."""
+    """Refuse to serve a network without a token, unless told so (``--insecure``).
+
+    The same for a hosted Dask worker: it runs whatever its scheduler sends, so
+    it joins only a ``tls://`` scheduler with the cluster's certificates.
+    """
+    if settings.dask_scheduler and not (settings.dask_scheduler.startswith("tls://")
+                                        and settings.dask_tls_dir) and not settings.insecure:
+        raise ConfigurationError(
+            f"refusing to host a Dask worker on {settings.dask_scheduler} without TLS: "
+            f"anyone who reaches that scheduler could run code here. Use a tls:// "
+            f"scheduler and CLAYPOT_DASK_TLS_DIR (LocalCluster(dask=True) does), or pass "
+            f"--insecure to accept that")
     if settings.token or is_loopback_host(settings.host):
         return
     if not settings.insecure:
