@@ -149,12 +149,15 @@ def discard(names: Sequence[str]) -> None:
             pass
 
 
-def remove_orphans(min_age: float = 0.0) -> int:
+def remove_orphans(min_age: float = RESULT_TTL) -> int:
     """Unlink this user's segments whose creator is gone; returns how many.
 
     A segment is an orphan when the PID in its name runs no process, or runs
-    one started after the segment was written (the PID was reused). Segments
-    of other users are never touched (nor could they be: /dev/shm is sticky).
+    one started after the segment was written (the PID was reused), and it is
+    older than ``min_age``: by then no receiver can still be about to claim it,
+    even one whose creator lives in another PID namespace (where its PID means
+    nothing here). Segments of other users are never touched (nor could they
+    be: /dev/shm is sticky).
     """
     if not available():
         return 0

@@ -307,8 +307,14 @@ def test_shm_refuses_symlinks_foreign_modes_and_sweeps_orphans(tmp_path):
     (mine,) = shm.export([b"y" * 32])
     with open(os.path.join(shm.SHM_DIR, orphan), "wb") as f:
         f.write(b"z")
+    shm.remove_orphans()   # younger than the TTL: it may still be claimed, so it stays
+    assert os.path.exists(os.path.join(shm.SHM_DIR, orphan))
+    old = time.time() - 2 * shm.RESULT_TTL
+    os.utime(os.path.join(shm.SHM_DIR, orphan), (old, old))
     assert shm.remove_orphans() >= 1
     assert not os.path.exists(os.path.join(shm.SHM_DIR, orphan))
+    # Whatever its age, a segment whose creator still runs is not an orphan.
+    shm.remove_orphans(min_age=0)
     assert os.path.exists(os.path.join(shm.SHM_DIR, mine))
     shm.discard([mine])
 
@@ -320,6 +326,7 @@ def test_backend_sweeps_orphans_at_start_and_unclaimed_results_on_a_timer(tmp_pa
     orphan = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{uuid.uuid4().hex}")
     with open(orphan, "wb") as f:
         f.write(b"left by a kill -9")
+    os.utime(orphan, (time.time() - 60, time.time() - 60))   # older than the TTL below
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
                       backend_env={"CLAYPOT_RESULT_TTL": "1"}) as c:
         assert not os.path.exists(orphan)

@@ -461,7 +461,7 @@ class Backend:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         # Segments left in /dev/shm by processes that died (kill -9) mid-transfer.
-        removed = shm.remove_orphans()
+        removed = shm.remove_orphans(self.settings.result_ttl)
         if removed:
             log.info("removed %d orphaned shared-memory segment(s)", removed)
         self.storage.start()
@@ -530,10 +530,14 @@ class Backend:
     def _sweep_loop(self) -> None:
         """Expire results no client fetched, on a timer rather than on the next transfer."""
         interval = max(0.2, min(10.0, self.settings.result_ttl / 4))
+        last_orphan_scan = time.monotonic()
         while not self._stop.wait(interval):
             try:
                 self.servicer.pending.sweep()
                 self.servicer.outbox.sweep()
+                if time.monotonic() - last_orphan_scan > max(60.0, self.settings.result_ttl):
+                    last_orphan_scan = time.monotonic()
+                    shm.remove_orphans(self.settings.result_ttl)
             except Exception as exc:  # never let cleanup kill the thread
                 log.warning("result sweep failed: %s", exc)
 
