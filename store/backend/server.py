@@ -389,7 +389,11 @@ def check_listen(settings: Settings) -> None:
             f"anyone who reaches that scheduler could run code here. Use a tls:// "
             f"scheduler and CLAYPOT_DASK_TLS_DIR (LocalCluster(dask=True) does), or pass "
             f"--insecure to accept that")
-    if settings.token or is_loopback_host(settings.host):
+    if settings.token:
+        return
+    if is_loopback_host(settings.host):
+        log.warning("serving without a token: any user of this machine can run code in "
+                    "this process (set CLAYPOT_TOKEN)")
         return
     if not settings.insecure:
         raise ConfigurationError(
@@ -413,6 +417,10 @@ class Backend:
         self.host = socket.gethostname()
         self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
                                    token=settings.token)
+        if self.directory.r.connection_pool.connection_kwargs.get("password") is None:
+            # Signatures still keep code and addresses safe; the rest is open to anyone
+            # who reaches this Redis.
+            log.warning("the directory (%s) has no password", self.directory.url)
         self.directory.wait_ready(settings.admin_timeout)
         self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
                                checkpoint_interval=settings.checkpoint_interval)
