@@ -121,9 +121,9 @@ class DirectoryKeys:
 def private_dir(path: str) -> str:
     """Create ``path`` (and missing parents) with mode 0700; refuse one others can use.
 
-    An existing directory must belong to this user and give nothing to group
-    or others: the secrets put in it would otherwise be readable, or
-    replaceable, by another user.
+    An existing directory must belong to this user and be writable by no one
+    else (another user could have planted files in it); one that others may
+    only read (made by an older claypot, or by hand) is tightened to 0700.
     """
     try:
         os.makedirs(path, mode=0o700, exist_ok=False)
@@ -135,9 +135,11 @@ def private_dir(path: str) -> str:
         raise ConfigurationError(f"{path} is not a directory")
     if st.st_uid != os.getuid():
         raise ConfigurationError(f"{path} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o022:
+        raise ConfigurationError(f"{path} is writable by other users (mode "
+                                 f"{st.st_mode & 0o777:o}): not keeping secrets in it")
     if st.st_mode & 0o077:
-        raise ConfigurationError(f"{path} is open to other users (mode {st.st_mode & 0o777:o}); "
-                                 f"chmod 700 it")
+        os.chmod(path, 0o700)
     return path
 
 

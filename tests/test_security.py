@@ -161,6 +161,13 @@ def test_state_file_and_dir_are_private_from_the_start(tmp_path, monkeypatch):
     monkeypatch.setenv("CLAYPOT_STATE_DIR", str(open_dir))
     with pytest.raises(errors.ConfigurationError):
         cli._save_state({"token": "x"})
+    # One that others may only read (an older claypot made it 0755) is tightened.
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    os.chmod(readable, 0o755)
+    monkeypatch.setenv("CLAYPOT_STATE_DIR", str(readable))
+    cli._save_state({"token": "y"})
+    assert stat.S_IMODE(os.stat(readable).st_mode) == 0o700
 
 
 def test_cluster_files_are_private(tmp_path):
