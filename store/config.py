@@ -24,6 +24,7 @@ class Settings:
     # Connection
     address: str = ""                 # a backend to connect to, host:port
     token: str = ""                   # shared secret every call carries
+    insecure: bool = False            # backend: allow a non-loopback listen address without a token
     redis: str = ""                   # redis:// URL of the directory; empty: embedded
     tls_ca: str = ""                  # PEM file of the CA that signed backend certs: clients use TLS
     tls_cert: str = ""                # backend: PEM certificate chain; with tls_key, serve TLS only
@@ -49,12 +50,16 @@ class Settings:
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
     max_value_size: str = "0.75"      # largest value sent or accepted: bytes or a fraction of RAM
     receive_budget: str = "0.9"       # streamed bytes being received at once, per process (same units)
+    result_ttl: float = 120.0         # seconds a large result waits for its client, then dropped
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
     # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
     # dask executor submits there. Empty: no Dask.
     dask_scheduler: str = ""
+    # Directory with the cluster's ca.pem, node.pem and node.key (store.certs): Dask
+    # peers talk TLS with them and require each other's certificate.
+    dask_tls_dir: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

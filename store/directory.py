@@ -6,10 +6,15 @@ Keys (all under a prefix, ``claypot:`` by default):
     aliases   hash  alias -> object id
     backends  hash  backend id -> JSON (address, host, pid, stats)
     alive:<backend id>  string with a TTL, refreshed by the backend's heartbeat
-    code      hash  code key -> cloudpickle of a class or task function
+    code      hash  code key -> signed cloudpickle of a class or task function
     epoch     string set once per directory; its absence means Redis lost data
 
-Only backends talk to Redis; clients ask a backend. Updates that must be
+Only backends talk to Redis; clients ask a backend. The entries a Redis writer
+could abuse are signed with keys derived from the cluster token
+(:class:`store.security.DirectoryKeys`): code entries (backends unpickle them)
+and backend records (clients send their token to those addresses). A reader
+verifies them first: a forged code entry is refused, a forged backend record
+is left out. Updates that must be
 atomic (claiming a batch of ids and aliases, moving an object) are Lua
 scripts, so a failed batch leaves nothing behind.
 """
@@ -17,7 +22,7 @@ scripts, so a failed batch leaves nothing behind.
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import time
 import uuid
 
@@ -25,8 +30,11 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ConfigurationError,
-                     ObjectNotFound)
+from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ClassNotFound,
+                     ConfigurationError, ObjectNotFound)
+from .security import DirectoryKeys, TamperedEntry
+
+log = logging.getLogger("claypot.directory")
 
 # Connection errors are retried with capped backoff for about this long, which
 # rides over a Redis restart; after that the operation fails with a claypot error.
@@ -90,6 +98,22 @@ return 1
 """
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<redis url>"
+
+
 class ObjectEntry(tuple):
     """(backend_id, class_key, alias) of one object."""
     __slots__ = ()
@@ -134,10 +158,13 @@ class Directory:
     ridden over); a Redis that stays down raises BackendUnavailable.
     """
 
-    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0):
+    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0,
+                 token: str = ""):
         if not url:
             raise ConfigurationError("the directory needs a Redis URL")
-        self.url = url
+        # Shown in error messages, which reach clients and logs: never the password.
+        self.url = redact_url(url)
+        self.keys = DirectoryKeys.from_token(token)
         self.prefix = prefix
         self.r = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -252,7 +279,7 @@ class Directory:
     # -- backends ------------------------------------------------------------------
     def register_backend(self, backend_id: str, info: dict, ttl: float) -> None:
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.k_backends, backend_id, json.dumps(info))
+        pipe.hset(self.k_backends, backend_id, self.keys.seal_backend(backend_id, info))
         pipe.set(self.prefix + "alive:" + backend_id, "1", px=int(ttl * 1000))
         pipe.execute()
 
@@ -265,7 +292,12 @@ class Directory:
         alive = self.r.mget([self.prefix + "alive:" + i for i in ids]) if ids else []
         out = []
         for i, flag in zip(ids, alive):
-            info = json.loads(raw[i.encode()])
+            try:
+                info = self.keys.open_backend(i, raw[i.encode()].decode("utf-8", "replace"))
+            except TamperedEntry as exc:
+                # Not written by a token holder: never hand its address to a client.
+                log.warning("ignoring backend entry: %s", exc)
+                continue
             info["backend_id"] = i
             info["up"] = flag is not None
             out.append(info)
@@ -274,10 +306,32 @@ class Directory:
 
     # -- code ------------------------------------------------------------------------
     def put_code(self, key: str, code: bytes) -> None:
-        self.r.hsetnx(self.k_code, key, code)
+        """Register code under ``key`` (first writer wins; a forged entry is replaced)."""
+        sealed = self.keys.seal_code(key, code)
+        if self.r.hsetnx(self.k_code, key, sealed):
+            return
+        existing = self.r.hget(self.k_code, key)
+        try:
+            self.keys.open_code(key, existing or b"")
+        except TamperedEntry:
+            # Someone without the token got there first: a token holder's code wins.
+            self.r.hset(self.k_code, key, sealed)
 
     def get_code(self, key: str) -> bytes | None:
-        return self.r.hget(self.k_code, key)
+        """The code registered under ``key``, verified; None if there is none.
+
+        An entry whose signature does not verify raises ClassNotFound: it is
+        never returned, so it is never unpickled.
+        """
+        stored = self.r.hget(self.k_code, key)
+        if stored is None:
+            return None
+        try:
+            return self.keys.open_code(key, stored)
+        except TamperedEntry as exc:
+            log.warning("refusing code entry: %s", exc)
+            raise ClassNotFound(f"{exc}: refusing to load it (was the registry written "
+                                f"by something without the cluster token?)") from None
 
     def has_code(self, key: str) -> bool:
         return bool(self.r.hexists(self.k_code, key))

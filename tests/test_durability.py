@@ -245,7 +245,7 @@ def test_durability_policy_is_per_backend(tmp_path):
                                  extra_args=["--durability", "none"]).start()
         c.processes.append(scratch)  # stopped with the cluster
         durable_id = c.backends[0]
-        d = Directory(c.redis_url)
+        d = Directory(c.redis_url, token=c.token)
         try:
             policies = {b["backend_id"]: b["durability"] for b in d.backends()}
         finally:

@@ -253,6 +253,10 @@ def test_compose_file_wires_redis_backends_and_demo():
     assert _flags(redis["command"][1:])["--appendonly"] == "yes"
     assert redis["volumes"] == ["redis-data:/data"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Redis always has a password, from the environment; redis-cli reads it from REDISCLI_AUTH.
+    password = _flags(redis["command"][1:])["--requirepass"]
+    assert re.fullmatch(r"\$\{CLAYPOT_REDIS_PASSWORD:\?[^}]+\}", password)
+    assert redis["environment"]["REDISCLI_AUTH"] == password
 
     tokens, data_volumes, ports = set(), set(), set()
     for name in ("backend1", "backend2"):
@@ -261,7 +265,9 @@ def test_compose_file_wires_redis_backends_and_demo():
         assert svc["command"][0] == "backend"
         flags = _flags(svc["command"][1:])
         assert flags["--data-dir"] == "/data"
-        assert flags["--redis"] == "redis://redis:6379/0"
+        # The Redis URL carries the password: in the environment, never on the command line.
+        assert "--redis" not in flags
+        assert svc["environment"]["CLAYPOT_REDIS"] == f"redis://:{password}@redis:6379/0"
         assert flags["--host"] == "0.0.0.0"
         # What the backend registers must be its service name: that is what peers resolve.
         assert flags["--advertise"] == f"{name}:{flags['--port']}"
@@ -337,12 +343,12 @@ def test_compose_backend_command_registers_the_advertised_address(tmp_path):
     port = _free_port()
     advertised = f"localhost:{port}"  # differs from --host:--port, so the test can tell
     with LocalCluster(backends=1) as cluster:
-        local = {"--data-dir": str(tmp_path / "backend"), "--redis": cluster.redis_url,
+        local = {"--data-dir": str(tmp_path / "backend"),
                  "--host": "127.0.0.1", "--port": str(port), "--advertise": advertised}
         flags = _flags(argv[1:])
         assert set(flags) == set(local)
         args = [argv[0]] + [x for flag in flags for x in (flag, local[flag])]
-        env = dict(os.environ, CLAYPOT_TOKEN=cluster.token)
+        env = dict(os.environ, CLAYPOT_TOKEN=cluster.token, CLAYPOT_REDIS=cluster.redis_url)
         log = open(tmp_path / "backend.log", "wb")
         proc = subprocess.Popen([_claypot(), *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -359,7 +365,8 @@ def test_compose_backend_command_registers_the_advertised_address(tmp_path):
                 ping = channel.unary_unary(
                     "/claypot.v1.Backend/Ping",
                     request_serializer=pb.PingRequest.SerializeToString,
-                    response_deserializer=pb.PingReply.FromString)(pb.PingRequest(), timeout=10)
+                    response_deserializer=pb.PingReply.FromString)(
+                        pb.PingRequest(), metadata=[("claypot-token", cluster.token)], timeout=10)
             assert ping.address == advertised and ping.pid == proc.pid
 
             # This process reaches the new backend at the advertised address...

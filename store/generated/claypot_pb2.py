@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rclaypot.proto\x12\nclaypot.v1\"q\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bremote_type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x0f\n\x07pickled\x18\x05 \x01(\x0c\x12\x10\n\x08moved_to\x18\x06 \x01(\t\"*\n\x06Status\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Error\"L\n\x05Value\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62uffers\x18\x02 \x03(\x0c\x12\x14\n\x0c\x62uffer_sizes\x18\x03 \x03(\x04\x12\x0b\n\x03shm\x18\x04 \x03(\t\"1\n\x05\x43hunk\x12\x10\n\x06header\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bPingRequest\"K\n\tPingReply\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"E\n\tObjectRef\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12\x12\n\nbackend_id\x18\x03 \x01(\t\"=\n\x0eResolveRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"T\n\x0cResolveReply\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.claypot.v1.ObjectRef\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"\xb1\x01\n\x0b\x42\x61\x63kendInfo\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0f\n\x07objects\x18\x06 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x18\n\x10resident_objects\x18\x08 \x01(\x03\x12\x15\n\rrunning_tasks\x18\t \x01(\x03\"\x15\n\x13ListBackendsRequest\"\x11\n\x0fValidateRequest\"\x13\n\x11\x43heckpointRequest\">\n\x11ListBackendsReply\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.claypot.v1.BackendInfo\"0\n\x13RegisterCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\"\x1d\n\x0eGetCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\">\n\x0cGetCodeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"0\n\x0c\x41liasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"f\n\rPersistObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0b\x32\x11.claypot.v1.Value\x12\r\n\x05\x61lias\x18\x04 \x01(\t\"K\n\x0ePersistRequest\x12*\n\x07objects\x18\x01 \x03(\x0b\x32\x19.claypot.v1.PersistObject\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\"\xcc\x01\n\x0b\x43\x61llRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1f\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x11.claypot.v1.Value\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x0f\n\x07mutates\x18\x07 \x03(\t\x12\x0f\n\x07timeout\x18\x08 \x01(\x01\x12\x12\n\naccept_shm\x18\t \x01(\x08\"|\n\tCallReply\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Value\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\x12\x15\n\rresult_handle\x18\x03 \x01(\t\x12\x13\n\x0bresult_size\x18\x04 \x01(\x04\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rresult_handle\x18\x01 \x01(\t\"4\n\rDeleteRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\"M\n\x0bMoveRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x19\n\x11target_backend_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"\x9b\x01\n\x0fJsonCallRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\tB\x08\n\x06target\"F\n\rJsonCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error*J\n\x08\x43\x61llKind\x12\n\n\x06METHOD\x10\x00\x12\x0c\n\x08GET_ATTR\x10\x01\x12\x0c\n\x08SET_ATTR\x10\x02\x12\x0c\n\x08\x44\x45L_ATTR\x10\x03\x12\x08\n\x04TASK\x10\x04\x32\xa4\x08\n\x07\x42\x61\x63kend\x12\x36\n\x04Ping\x12\x17.claypot.v1.PingRequest\x1a\x15.claypot.v1.PingReply\x12?\n\x07Resolve\x12\x1a.claypot.v1.ResolveRequest\x1a\x18.claypot.v1.ResolveReply\x12N\n\x0cListBackends\x12\x1f.claypot.v1.ListBackendsRequest\x1a\x1d.claypot.v1.ListBackendsReply\x12\x43\n\x0cRegisterCode\x12\x1f.claypot.v1.RegisterCodeRequest\x1a\x12.claypot.v1.Status\x12?\n\x07GetCode\x12\x1a.claypot.v1.GetCodeRequest\x1a\x18.claypot.v1.GetCodeReply\x12;\n\x0b\x44\x65leteAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x38\n\x08SetAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x39\n\x07Persist\x12\x1a.claypot.v1.PersistRequest\x1a\x12.claypot.v1.Status\x12\x38\n\rPersistStream\x12\x11.claypot.v1.Chunk\x1a\x12.claypot.v1.Status(\x01\x12\x36\n\x04\x43\x61ll\x12\x17.claypot.v1.CallRequest\x1a\x15.claypot.v1.CallReply\x12\x38\n\nCallStream\x12\x11.claypot.v1.Chunk\x1a\x15.claypot.v1.CallReply(\x01\x12<\n\x0b\x46\x65tchResult\x12\x18.claypot.v1.FetchRequest\x1a\x11.claypot.v1.Chunk0\x01\x12\x37\n\x06\x44\x65lete\x12\x19.claypot.v1.DeleteRequest\x1a\x12.claypot.v1.Status\x12\x33\n\x04Move\x12\x17.claypot.v1.MoveRequest\x1a\x12.claypot.v1.Status\x12;\n\x08Validate\x12\x1b.claypot.v1.ValidateRequest\x1a\x12.claypot.v1.Status\x12?\n\nCheckpoint\x12\x1d.claypot.v1.CheckpointRequest\x1a\x12.claypot.v1.Status\x12\x42\n\x08\x43\x61llJson\x12\x1b.claypot.v1.JsonCallRequest\x1a\x19.claypot.v1.JsonCallReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rclaypot.proto\x12\nclaypot.v1\"q\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bremote_type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x0f\n\x07pickled\x18\x05 \x01(\x0c\x12\x10\n\x08moved_to\x18\x06 \x01(\t\"*\n\x06Status\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Error\"L\n\x05Value\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62uffers\x18\x02 \x03(\x0c\x12\x14\n\x0c\x62uffer_sizes\x18\x03 \x03(\x04\x12\x0b\n\x03shm\x18\x04 \x03(\t\"1\n\x05\x43hunk\x12\x10\n\x06header\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bPingRequest\"[\n\tPingReply\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\"E\n\tObjectRef\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12\x12\n\nbackend_id\x18\x03 \x01(\t\"=\n\x0eResolveRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"T\n\x0cResolveReply\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.claypot.v1.ObjectRef\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"\xb1\x01\n\x0b\x42\x61\x63kendInfo\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0f\n\x07objects\x18\x06 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x18\n\x10resident_objects\x18\x08 \x01(\x03\x12\x15\n\rrunning_tasks\x18\t \x01(\x03\"\x15\n\x13ListBackendsRequest\"\x11\n\x0fValidateRequest\"\x13\n\x11\x43heckpointRequest\">\n\x11ListBackendsReply\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.claypot.v1.BackendInfo\"0\n\x13RegisterCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\"\x1d\n\x0eGetCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\">\n\x0cGetCodeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"0\n\x0c\x41liasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"f\n\rPersistObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0b\x32\x11.claypot.v1.Value\x12\r\n\x05\x61lias\x18\x04 \x01(\t\"K\n\x0ePersistRequest\x12*\n\x07objects\x18\x01 \x03(\x0b\x32\x19.claypot.v1.PersistObject\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\"\xcc\x01\n\x0b\x43\x61llRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1f\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x11.claypot.v1.Value\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x0f\n\x07mutates\x18\x07 \x03(\t\x12\x0f\n\x07timeout\x18\x08 \x01(\x01\x12\x12\n\naccept_shm\x18\t \x01(\x08\"|\n\tCallReply\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Value\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\x12\x15\n\rresult_handle\x18\x03 \x01(\t\x12\x13\n\x0bresult_size\x18\x04 \x01(\x04\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rresult_handle\x18\x01 \x01(\t\"4\n\rDeleteRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\"M\n\x0bMoveRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x19\n\x11target_backend_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"\x9b\x01\n\x0fJsonCallRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\tB\x08\n\x06target\"F\n\rJsonCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error*J\n\x08\x43\x61llKind\x12\n\n\x06METHOD\x10\x00\x12\x0c\n\x08GET_ATTR\x10\x01\x12\x0c\n\x08SET_ATTR\x10\x02\x12\x0c\n\x08\x44\x45L_ATTR\x10\x03\x12\x08\n\x04TASK\x10\x04\x32\xa4\x08\n\x07\x42\x61\x63kend\x12\x36\n\x04Ping\x12\x17.claypot.v1.PingRequest\x1a\x15.claypot.v1.PingReply\x12?\n\x07Resolve\x12\x1a.claypot.v1.ResolveRequest\x1a\x18.claypot.v1.ResolveReply\x12N\n\x0cListBackends\x12\x1f.claypot.v1.ListBackendsRequest\x1a\x1d.claypot.v1.ListBackendsReply\x12\x43\n\x0cRegisterCode\x12\x1f.claypot.v1.RegisterCodeRequest\x1a\x12.claypot.v1.Status\x12?\n\x07GetCode\x12\x1a.claypot.v1.GetCodeRequest\x1a\x18.claypot.v1.GetCodeReply\x12;\n\x0b\x44\x65leteAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x38\n\x08SetAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x39\n\x07Persist\x12\x1a.claypot.v1.PersistRequest\x1a\x12.claypot.v1.Status\x12\x38\n\rPersistStream\x12\x11.claypot.v1.Chunk\x1a\x12.claypot.v1.Status(\x01\x12\x36\n\x04\x43\x61ll\x12\x17.claypot.v1.CallRequest\x1a\x15.claypot.v1.CallReply\x12\x38\n\nCallStream\x12\x11.claypot.v1.Chunk\x1a\x15.claypot.v1.CallReply(\x01\x12<\n\x0b\x46\x65tchResult\x12\x18.claypot.v1.FetchRequest\x1a\x11.claypot.v1.Chunk0\x01\x12\x37\n\x06\x44\x65lete\x12\x19.claypot.v1.DeleteRequest\x1a\x12.claypot.v1.Status\x12\x33\n\x04Move\x12\x17.claypot.v1.MoveRequest\x1a\x12.claypot.v1.Status\x12;\n\x08Validate\x12\x1b.claypot.v1.ValidateRequest\x1a\x12.claypot.v1.Status\x12?\n\nCheckpoint\x12\x1d.claypot.v1.CheckpointRequest\x1a\x12.claypot.v1.Status\x12\x42\n\x08\x43\x61llJson\x12\x1b.claypot.v1.JsonCallRequest\x1a\x19.claypot.v1.JsonCallReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'claypot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLKIND']._serialized_start=2047
-  _globals['_CALLKIND']._serialized_end=2121
+  _globals['_CALLKIND']._serialized_start=2063
+  _globals['_CALLKIND']._serialized_end=2137
   _globals['_ERROR']._serialized_start=29
   _globals['_ERROR']._serialized_end=142
   _globals['_STATUS']._serialized_start=144
@@ -44,49 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_start=317
   _globals['_PINGREQUEST']._serialized_end=330
   _globals['_PINGREPLY']._serialized_start=332
-  _globals['_PINGREPLY']._serialized_end=407
-  _globals['_OBJECTREF']._serialized_start=409
-  _globals['_OBJECTREF']._serialized_end=478
-  _globals['_RESOLVEREQUEST']._serialized_start=480
-  _globals['_RESOLVEREQUEST']._serialized_end=541
-  _globals['_RESOLVEREPLY']._serialized_start=543
-  _globals['_RESOLVEREPLY']._serialized_end=627
-  _globals['_BACKENDINFO']._serialized_start=630
-  _globals['_BACKENDINFO']._serialized_end=807
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=809
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=830
-  _globals['_VALIDATEREQUEST']._serialized_start=832
-  _globals['_VALIDATEREQUEST']._serialized_end=849
-  _globals['_CHECKPOINTREQUEST']._serialized_start=851
-  _globals['_CHECKPOINTREQUEST']._serialized_end=870
-  _globals['_LISTBACKENDSREPLY']._serialized_start=872
-  _globals['_LISTBACKENDSREPLY']._serialized_end=934
-  _globals['_REGISTERCODEREQUEST']._serialized_start=936
-  _globals['_REGISTERCODEREQUEST']._serialized_end=984
-  _globals['_GETCODEREQUEST']._serialized_start=986
-  _globals['_GETCODEREQUEST']._serialized_end=1015
-  _globals['_GETCODEREPLY']._serialized_start=1017
-  _globals['_GETCODEREPLY']._serialized_end=1079
-  _globals['_ALIASREQUEST']._serialized_start=1081
-  _globals['_ALIASREQUEST']._serialized_end=1129
-  _globals['_PERSISTOBJECT']._serialized_start=1131
-  _globals['_PERSISTOBJECT']._serialized_end=1233
-  _globals['_PERSISTREQUEST']._serialized_start=1235
-  _globals['_PERSISTREQUEST']._serialized_end=1310
-  _globals['_CALLREQUEST']._serialized_start=1313
-  _globals['_CALLREQUEST']._serialized_end=1517
-  _globals['_CALLREPLY']._serialized_start=1519
-  _globals['_CALLREPLY']._serialized_end=1643
-  _globals['_FETCHREQUEST']._serialized_start=1645
-  _globals['_FETCHREQUEST']._serialized_end=1682
-  _globals['_DELETEREQUEST']._serialized_start=1684
-  _globals['_DELETEREQUEST']._serialized_end=1736
-  _globals['_MOVEREQUEST']._serialized_start=1738
-  _globals['_MOVEREQUEST']._serialized_end=1815
-  _globals['_JSONCALLREQUEST']._serialized_start=1818
-  _globals['_JSONCALLREQUEST']._serialized_end=1973
-  _globals['_JSONCALLREPLY']._serialized_start=1975
-  _globals['_JSONCALLREPLY']._serialized_end=2045
-  _globals['_BACKEND']._serialized_start=2124
-  _globals['_BACKEND']._serialized_end=3184
+  _globals['_PINGREPLY']._serialized_end=423
+  _globals['_OBJECTREF']._serialized_start=425
+  _globals['_OBJECTREF']._serialized_end=494
+  _globals['_RESOLVEREQUEST']._serialized_start=496
+  _globals['_RESOLVEREQUEST']._serialized_end=557
+  _globals['_RESOLVEREPLY']._serialized_start=559
+  _globals['_RESOLVEREPLY']._serialized_end=643
+  _globals['_BACKENDINFO']._serialized_start=646
+  _globals['_BACKENDINFO']._serialized_end=823
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=825
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=846
+  _globals['_VALIDATEREQUEST']._serialized_start=848
+  _globals['_VALIDATEREQUEST']._serialized_end=865
+  _globals['_CHECKPOINTREQUEST']._serialized_start=867
+  _globals['_CHECKPOINTREQUEST']._serialized_end=886
+  _globals['_LISTBACKENDSREPLY']._serialized_start=888
+  _globals['_LISTBACKENDSREPLY']._serialized_end=950
+  _globals['_REGISTERCODEREQUEST']._serialized_start=952
+  _globals['_REGISTERCODEREQUEST']._serialized_end=1000
+  _globals['_GETCODEREQUEST']._serialized_start=1002
+  _globals['_GETCODEREQUEST']._serialized_end=1031
+  _globals['_GETCODEREPLY']._serialized_start=1033
+  _globals['_GETCODEREPLY']._serialized_end=1095
+  _globals['_ALIASREQUEST']._serialized_start=1097
+  _globals['_ALIASREQUEST']._serialized_end=1145
+  _globals['_PERSISTOBJECT']._serialized_start=1147
+  _globals['_PERSISTOBJECT']._serialized_end=1249
+  _globals['_PERSISTREQUEST']._serialized_start=1251
+  _globals['_PERSISTREQUEST']._serialized_end=1326
+  _globals['_CALLREQUEST']._serialized_start=1329
+  _globals['_CALLREQUEST']._serialized_end=1533
+  _globals['_CALLREPLY']._serialized_start=1535
+  _globals['_CALLREPLY']._serialized_end=1659
+  _globals['_FETCHREQUEST']._serialized_start=1661
+  _globals['_FETCHREQUEST']._serialized_end=1698
+  _globals['_DELETEREQUEST']._serialized_start=1700
+  _globals['_DELETEREQUEST']._serialized_end=1752
+  _globals['_MOVEREQUEST']._serialized_start=1754
+  _globals['_MOVEREQUEST']._serialized_end=1831
+  _globals['_JSONCALLREQUEST']._serialized_start=1834
+  _globals['_JSONCALLREQUEST']._serialized_end=1989
+  _globals['_JSONCALLREPLY']._serialized_start=1991
+  _globals['_JSONCALLREPLY']._serialized_end=2061
+  _globals['_BACKEND']._serialized_start=2140
+  _globals['_BACKEND']._serialized_end=3200
 # @@protoc_insertion_point(module_scope)

@@ -125,7 +125,8 @@ class BackendServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ping(self, request, context):
-        """Liveness and identity; needs no token.
+        """Liveness; needs no token. Without the token the reply says only
+        status "serving"; with it, also the backend's identity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
