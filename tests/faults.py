@@ -127,10 +127,12 @@ class Worker:
         op = self.rng.choice(ops)
         self.stats.operations += 1
         target = self.rng.choice(live) if live else None
-        if target is not None:
-            target.log.append(f"{op}@{self.stats.kills}k")
-            del target.log[:-8]
         getattr(self, "_" + op)(target)
+        if target is not None and op not in ("create", "checkpoint"):
+            where = target.proxy.__dict__.get("_claypot_backend", "")[:4]
+            target.log.append(f"{op}@{self.stats.kills}k:{where}:"
+                              f"{sorted(map(str, target.states))[:3]}")
+            del target.log[:-10]
 
     def _settle(self, fn, on_ok, on_open, m: Model | None = None) -> None:
         try:
@@ -219,7 +221,12 @@ class Worker:
         self.stats.acknowledged += 1
         self._observe(m, seen)
 
+    def _catch_up(self) -> None:
+        if self.stats.kills != self._kills_seen:
+            self._after_kill()
+
     def _observe(self, m: Model, seen) -> None:
+        self._catch_up()
         if True not in m.exists:
             self._violation(m, f"deleted object still answers {seen!r}")
             return
@@ -238,14 +245,18 @@ class Worker:
         m.exists = {True}
 
     def _fail(self, m: Model) -> None:
+        v = float(self.rng.randrange(2000, 3000))
         if m.kind == "counter":
             call, expected = (lambda: m.proxy.incr_then_fail(5)), ValueError
-            after = set(m.states)           # rolled back
         else:
-            v = float(self.rng.randrange(2000, 3000))
             call, expected = (lambda: m.proxy.fill_then_fail(v)), RuntimeError
-            # A big object keeps its in-place change (documented); others roll back.
-            after = {(v, s[1]) for s in m.states} if m.big else set(m.states)
+
+        def after() -> set:
+            # Computed once the call is over: a kill meanwhile widens what it started from.
+            self._catch_up()
+            if m.big:  # a big object keeps its in-place change (documented)
+                return {(v, s[1]) for s in m.states}
+            return set(m.states)  # others roll back
         try:
             call()
         except ObjectNotFound:
@@ -255,13 +266,13 @@ class Worker:
             return
         except expected:
             self.stats.acknowledged += 1
-            m.states = after
+            m.states = after()
             # Written to its checkpoint before the error returned: durable now.
-            m.round_start, m.round_history = set(after), set()
+            m.round_start, m.round_history = set(m.states), set()
             return
         except _OPEN:
             self.stats.open_outcomes += 1
-            m.states = m.states | after
+            m.states = m.states | after()
             self._remember(m)
             return
         self._violation(m, "a method that raises returned normally")
