@@ -13,7 +13,8 @@
     │   ├── AliasExists           alias already taken
     │   ├── NotPersistent         the operation needs a persistent object
     │   ├── AlreadyPersistent     make_persistent on a persistent object
-    │   └── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
+    │   ├── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
+    │   └── InvalidKey            a key or index a sharded collection cannot use
     ├── BackendError
     │   ├── BackendNotFound       unknown backend id
     │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
@@ -86,6 +87,10 @@ class AlreadyPersistent(ObjectError):
 
 class ObjectCorrupt(ObjectError):
     """The object's stored state is torn or corrupt; the object is quarantined."""
+
+
+class InvalidKey(ObjectError, TypeError):
+    """A key a StorageDict cannot place on a shard, or an index a ShardedArray cannot take."""
 
 
 class BackendError(ClaypotError):
