@@ -464,6 +464,13 @@ def _combine(partials, fn, initial):
     return functools.reduce(fn, values)
 
 
+def _forget_sizes(object_ids: list[str]) -> None:
+    from runtime import core
+    sizes = getattr(core.current(), "sizes", None)
+    if sizes is not None:
+        sizes.forget(object_ids)
+
+
 @functools.cache
 def _tasks():
     """The collections' task functions (built on first use: the runtime sits above the store)."""
@@ -640,6 +647,8 @@ class ShardedArray(_Collection):
             futures = [t.fill(b, fn, lo, hi, tuple(args), dict(kwargs or {}))
                        for b, (lo, hi) in zip(blocks, bounds)]
             infos = [f.result() for f in futures]
+            # The blocks were empty when the runtime first weighed them for locality.
+            _forget_sizes([b.getID() for b in blocks])
         except BaseException:
             _delete_quietly(blocks)
             raise
