@@ -195,6 +195,9 @@ def test_from_function_makes_each_block_on_its_backend(cluster):
         # Each block was made by a process of the backend that holds it, not by this one.
         expected = _rows(p.start, p.stop, 3) - os.getpid() + pids[p.backend]
         np.testing.assert_array_equal(data[p.start:p.stop], expected)
+    # The blocks were empty when first weighed for locality: later tasks still follow them.
+    assert wait_on(a.map_blocks(lambda b: os.getpid())) == [pids[p.backend]
+                                                           for p in a.partitions()]
     with pytest.raises(ConfigurationError):
         ShardedArray.from_function(lambda lo, hi: np.zeros(3), 100, 2)
     a.delete()
