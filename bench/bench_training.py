@@ -31,6 +31,12 @@ Systems:
   task per block (``ray.get`` of their results). Ray is not a dependency of
   claypot: if ``import ray`` fails, the JSON says so and the run goes on.
 
+Then (``--driver-gib``, 1 by default) each system loads an array that this
+process holds, in ``--shards`` blocks, the way its users would: claypot
+``ShardedArray.from_numpy``, Dask ``da.from_array(...).persist()``, Ray
+``ray.put`` per block; and one gradient over it is checked against numpy's.
+That is where moving data separates them.
+
 Measured per system: seconds to make the data, epochs per second, and the
 peak memory of this process and all its child processes (the workers), as the
 sum of their proportional set sizes (PSS: shared memory, such as Ray's object
@@ -169,6 +175,16 @@ def run_claypot(a) -> dict:
                 return _sum(wait_on(x.map_blocks(gradient, w)))
             seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
             x.delete()
+            if a.driver is not None:
+                t0 = time.perf_counter()
+                y = ShardedArray.from_numpy(a.driver, shards=a.shards)
+                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
+                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
+                                                                           - t0), 2)
+                g, _ = _sum(wait_on(y.map_blocks(gradient, w)))
+                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
+                                                               rtol=1e-3))
+                y.delete()
     out.update(_result(a, seconds, loss, mem.peak))
     return out
 
@@ -206,6 +222,18 @@ def run_dask(a) -> dict:
                 return g.astype(np.float64), float(loss)
             seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
             del data, x, y
+            if a.driver is not None:
+                t0 = time.perf_counter()
+                d = da.from_array(a.driver, chunks=(len(a.driver) // a.shards,
+                                                    a.features + 1)).persist()
+                wait(d)
+                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
+                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
+                                                                           - t0), 2)
+                g = (d[:, :-1].T @ (1.0 / (1.0 + da.exp(-(d[:, :-1] @ w))) - d[:, -1])).compute()
+                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
+                                                               rtol=1e-3))
+                del d
             client.close()
     out.update(_result(a, seconds, loss, mem.peak))
     return out
@@ -236,6 +264,18 @@ def run_ray(a) -> dict:
                 return _sum(ray.get([grad.remote(r, w_ref) for r in refs]))
             seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
             del refs
+            if a.driver is not None:
+                t0 = time.perf_counter()
+                n = len(a.driver)
+                cuts = [n * i // a.shards for i in range(a.shards + 1)]
+                drefs = [ray.put(a.driver[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
+                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
+                                                                           - t0), 2)
+                g, _ = _sum(ray.get([grad.remote(r, ray.put(w)) for r in drefs]))
+                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
+                                                               rtol=1e-3))
+                del drefs
         finally:
             ray.shutdown()
     out.update(_result(a, seconds, loss, mem.peak))
@@ -256,6 +296,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="processes per system")
     p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--driver-gib", type=float, default=1.0,
+                   help="also time loading an array of this size held by this process "
+                        "(0: skip)")
     p.add_argument("--systems", default="claypot,dask,ray")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "training.json"))
@@ -272,6 +315,19 @@ def main() -> None:
         "python": platform.python_version(), "numpy": np.__version__,
         "baseline_memory_gib": round(PeakMemory().sample() / 2**30, 2),
     }
+    a.driver = None
+    if a.driver_gib > 0:
+        per = int(a.driver_gib * 2**30 / row_bytes / a.shards)
+        a.driver = np.concatenate([make_block(1000 + i, per, a.features)
+                                   for i in range(a.shards)])
+        result["driver_array_gib"] = round(a.driver.nbytes / 2**30, 3)
+
+        def driver_gradient(w, _cache={}):
+            key = w.tobytes()
+            if key not in _cache:
+                _cache[key] = gradient(a.driver, w)[0]
+            return _cache[key]
+        a.driver_gradient = driver_gradient
     runners = {"claypot": run_claypot, "dask": run_dask, "ray": run_ray}
     started = time.perf_counter()
     for name in a.systems.split(","):
@@ -293,6 +349,9 @@ def main() -> None:
                 theirs["peak_memory_gib"] / ours["peak_memory_gib"], 2)
             ratios[f"claypot_vs_{other}_make_data"] = round(
                 theirs["make_data_seconds"] / ours["make_data_seconds"], 2)
+            if "ingest_seconds" in ours and "ingest_seconds" in theirs:
+                ratios[f"claypot_vs_{other}_ingest"] = round(
+                    theirs["ingest_seconds"] / ours["ingest_seconds"], 2)
     result["ratios"] = ratios
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
