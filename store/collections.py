@@ -113,6 +113,10 @@ class DictShard(StorageObject):
         """Set each (key, value)."""
         self.data.update(pairs)
 
+    def clear_all(self) -> None:
+        """Drop every key."""
+        self.data = {}
+
     def remove(self, key) -> bool:
         """Delete ``key``; False if it was not there."""
         return self.data.pop(key, _NoValue) is not _NoValue
@@ -945,6 +949,10 @@ class StorageDict(_Collection, MutableMapping):
                 buffers[s] = []
         _parallel(lambda s: self._parts[s].store_items(buffers[s]),
                   [s for s in range(n) if buffers[s]])
+
+    def clear(self) -> None:
+        """Remove every key (one call per shard)."""
+        _parallel(lambda p: p.clear_all(), self._parts)
 
     def __repr__(self) -> str:
         return f"<StorageDict shards={self.nshards} id={self.getID()}>"

@@ -289,6 +289,8 @@ def test_storage_dict_behaves_like_a_dict(cluster):
     assert d.get_many(list(ref)[:5] + ["nope"], default=-1) == [ref[k] for k in list(ref)[:5]] + [-1]
     d.update({"x": 1}, y=2)
     assert d["x"] == 1 and d["y"] == 2 and d.pop("x") == 1 and "x" not in d
+    d.clear()
+    assert len(d) == 0 and d.to_dict() == {}
     # Each key lives on the shard its hash names, and the shards are spread.
     assert {p.backend for p in d.partitions()} == set(cluster.backends)
     assert all(isinstance(s, DictShard) for s in d.split())
