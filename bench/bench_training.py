@@ -1,7 +1,8 @@
 """Data-parallel training side by side: claypot, Dask and Ray, same data, same workers, one run.
 
     python bench/bench_training.py [--gib 4] [--shards 4] [--features 127] [--epochs 5]
-                                   [--workers 2] [--out bench/results/training.json]
+                                   [--workers 2] [--driver-gib 1]
+                                   [--out bench/results/training.json]
 
 The workload is full-batch gradient descent for logistic regression over a
 float32 matrix of ``--gib`` GiB, rows [x | label], cut into ``--shards``
@@ -10,40 +11,43 @@ row blocks. Every system:
 - makes each block *on a worker* with the same function (:func:`make_block`),
   so no system pays for shipping the data set from this process, and the
   data is identical everywhere;
-- runs ``--epochs`` epochs (after one warm-up epoch, not timed): per epoch,
-  the gradient and loss of each block where the block is held, summed here,
-  and one update of the weights here. The weights are a few hundred bytes,
-  so what separates the systems is how each gets at the blocks.
+- runs one warm-up epoch, then ``--epochs`` timed ones: per epoch, the
+  gradient and loss of each block where the block is held, summed here, and
+  one update of the weights here. The weights are a few hundred bytes, so
+  what separates the systems is how each gets at its blocks.
 
-Systems:
-
-- **claypot**: a LocalCluster of ``--workers`` backends (durability ``none``,
-  as the others keep nothing on disk); the data is a
-  :class:`store.collections.ShardedArray` made with ``from_function``; an
-  epoch is ``x.map_blocks(gradient, w)``: one task per block, run inside the
-  backend process that holds it, over the live array.
-- **dask**: ``distributed.LocalCluster`` with ``--workers`` worker processes
-  of 2 threads; the data is a ``dask.array`` built from the same blocks and
-  ``persist()``-ed; an epoch is the dask.array expression of the same
-  gradient, computed.
-- **ray**: ``ray.init(num_cpus=--workers)``; each block is the result of a
-  task (so it lives in Ray's shared-memory object store); an epoch is one
-  task per block (``ray.get`` of their results). Ray is not a dependency of
-  claypot: if ``import ray`` fails, the JSON says so and the run goes on.
-
-Then (``--driver-gib``, 1 by default) each system loads an array that this
-process holds, in ``--shards`` blocks, the way its users would: claypot
+Then (``--driver-gib``) each system loads an array that this process holds,
+in ``--shards`` blocks, the way its users would: claypot
 ``ShardedArray.from_numpy``, Dask ``da.from_array(...).persist()``, Ray
-``ray.put`` per block; and one gradient over it is checked against numpy's.
-That is where moving data separates them.
+``ray.put`` per block; one gradient over it is checked against numpy's. That
+is where moving data separates them.
 
-Measured per system: seconds to make the data, epochs per second, and the
-peak memory of this process and all its child processes (the workers), as the
-sum of their proportional set sizes (PSS: shared memory, such as Ray's object
-store or claypot's same-host segments, counted once), sampled every 0.2 s.
-Ratios are claypot's epochs/s over each other's, and their peak memory over
-claypot's. The systems run one after another; each is shut down before the
-next starts.
+Systems (``--workers`` processes each):
+
+- **claypot**: a LocalCluster of backends (durability ``none``: the others
+  keep nothing on disk either); the data is a ``ShardedArray`` made with
+  ``from_function``; an epoch is ``x.map_blocks(gradient, w)``: one task per
+  block, run inside the backend process that holds it, over the live array.
+- **dask**: ``distributed.LocalCluster`` with worker processes of 2 threads;
+  the data is a ``dask.array`` of the same blocks, ``persist()``-ed; an epoch
+  is the dask.array expression of the same gradient, computed.
+- **ray**: ``ray.init(num_cpus=workers)``; each block is a task's result (so
+  it lives in Ray's shared-memory object store); an epoch is one task per
+  block. Ray is not a dependency of claypot: if ``import ray`` fails, the
+  JSON says so and the run goes on without it.
+
+The machine is shared, so its load changes while the benchmark runs. All
+three systems are started and hold their data at once, and the timed epochs
+are *interleaved*: epoch k of each system runs back to back (in an order that
+rotates), so a burst of outside load falls on all of them alike. The other
+phases (making data, loading the driver's array) run one system at a time.
+
+Memory: the peak, over the run, of the proportional set size (PSS: shared
+memory such as Ray's object store or claypot's same-host segments counted
+once) summed over each system's own processes (the process tree under each
+of this process's children it started), sampled every 0.2 s; this process
+is reported apart. Ratios are claypot's speed over each other's (above 1:
+claypot is faster) and their peak memory over claypot's.
 """
 
 from __future__ import annotations
@@ -90,8 +94,7 @@ def gradient(block: np.ndarray, w: np.ndarray):
     z = x @ w
     p = 1.0 / (1.0 + np.exp(-z))
     g = x.T @ (p - y)
-    # log(1 + e^z) - y z, computed stably
-    loss = float((np.logaddexp(0.0, z) - y * z).sum())
+    loss = float((np.logaddexp(0.0, z) - y * z).sum())   # log(1 + e^z) - y z, stably
     return g.astype(np.float64), loss, len(y)
 
 
@@ -99,30 +102,64 @@ def _claypot_block(lo: int, hi: int, rows_per_block: int, features: int) -> np.n
     return make_block(lo // rows_per_block, hi - lo, features)
 
 
+def _sum(parts):
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
 # -- memory sampling ---------------------------------------------------------------------------
 
 class PeakMemory:
-    """Samples the PSS of this process and every descendant; keeps the peak of their sum."""
+    """Peak PSS per group of processes: each group is the trees under some of our children."""
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
-        self.peak = 0
+        self.me = psutil.Process()
+        self.groups: dict[int, str] = {}          # pid of a child of ours -> group
+        self.peaks: dict[str, int] = {}
+        self._top: dict[int, int] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me] + me.children(recursive=True):
+    def assign(self, name: str) -> None:
+        """Our children not yet in a group (and everything they start later) form ``name``."""
+        with self._lock:
+            for p in self.me.children():
+                self.groups.setdefault(p.pid, name)
+            self.peaks.setdefault(name, 0)
+
+    def _group(self, p: psutil.Process) -> str:
+        top = self._top.get(p.pid)
+        if top is None:
+            top, q = p.pid, p
             try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                while q.ppid() != self.me.pid:
+                    q = q.parent()
+                    if q is None:
+                        break
+                    top = q.pid
+            except psutil.Error:
                 pass
-        return total
+            self._top[p.pid] = top
+        return self.groups.get(top, "other")
+
+    def sample(self) -> dict[str, int]:
+        sums: dict[str, int] = {}
+        for p in [self.me] + self.me.children(recursive=True):
+            try:
+                pss = p.memory_full_info().pss
+            except psutil.Error:
+                continue
+            name = "driver" if p.pid == self.me.pid else self._group(p)
+            sums[name] = sums.get(name, 0) + pss
+        with self._lock:
+            for name, v in sums.items():
+                self.peaks[name] = max(self.peaks.get(name, 0), v)
+        return sums
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -132,160 +169,209 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.sample())
 
-
-def _epochs(step, epochs: int, lr: float, features: int, rows: int):
-    """Run one warm-up and ``epochs`` timed epochs; (seconds, final mean loss, weights)."""
-    w = np.zeros(features, np.float32)
-    g, loss = step(w)
-    w = (w - lr * g / rows).astype(np.float32)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        g, loss = step(w)
-        w = (w - lr * g / rows).astype(np.float32)
-    return time.perf_counter() - t0, loss / rows, w
-
-
-def _sum(parts):
-    g = sum(p[0] for p in parts)
-    loss = sum(p[1] for p in parts)
-    return g, loss
+    def gib(self, name: str) -> float:
+        return round(self.peaks.get(name, 0) / 2**30, 2)
 
 
 # -- the three systems -----------------------------------------------------------------------
 
-def run_claypot(a) -> dict:
-    from runtime import wait_on
-    from store import LocalCluster
-    from store.collections import ShardedArray
-    rows = a.rows_per_block * a.shards
-    out: dict = {}
-    with PeakMemory() as mem:
+class Claypot:
+    name = "claypot"
+
+    def start(self, a):
+        from store import LocalCluster
+        self.cluster = LocalCluster(backends=a.workers, durability="none").start()
+
+    def make_data(self, a):
+        from store.collections import ShardedArray
+        self.x = ShardedArray.from_function(_claypot_block, a.rows_per_block * a.shards,
+                                            a.shards, args=(a.rows_per_block, a.features))
+        return {"backends_used": len({p.backend for p in self.x.partitions()})}
+
+    def step(self, w):
+        from runtime import wait_on
+        return _sum(wait_on(self.x.map_blocks(gradient, w)))
+
+    def drop_data(self):
+        self.x.delete()
+
+    def ingest(self, arr, shards, w):
+        from runtime import wait_on
+        from store.collections import ShardedArray
         t0 = time.perf_counter()
-        with LocalCluster(backends=a.workers, durability="none"):
-            out["start_seconds"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            x = ShardedArray.from_function(_claypot_block, rows, a.shards,
-                                           args=(a.rows_per_block, a.features))
-            out["make_data_seconds"] = round(time.perf_counter() - t0, 2)
-            out["backends_used"] = len(set(p.backend for p in x.partitions()))
+        y = ShardedArray.from_numpy(arr, shards=shards)
+        seconds = time.perf_counter() - t0
+        g, _ = _sum(wait_on(y.map_blocks(gradient, w)))
+        y.delete()
+        return seconds, g
 
-            def step(w):
-                return _sum(wait_on(x.map_blocks(gradient, w)))
-            seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
-            x.delete()
-            if a.driver is not None:
-                t0 = time.perf_counter()
-                y = ShardedArray.from_numpy(a.driver, shards=a.shards)
-                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
-                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
-                                                                           - t0), 2)
-                g, _ = _sum(wait_on(y.map_blocks(gradient, w)))
-                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
-                                                               rtol=1e-3))
-                y.delete()
-    out.update(_result(a, seconds, loss, mem.peak))
-    return out
+    def stop(self):
+        self.cluster.stop()
 
 
-def run_dask(a) -> dict:
-    try:
+class Dask:
+    name = "dask"
+
+    def start(self, a):
+        import dask
+        from distributed import Client, LocalCluster
+        self.version = dask.__version__
+        self.cluster = LocalCluster(n_workers=a.workers, threads_per_worker=2, processes=True,
+                                    memory_limit=0, dashboard_address=None)
+        self.client = Client(self.cluster)
+
+    def make_data(self, a):
         import dask
         import dask.array as da
-        from distributed import Client, LocalCluster, wait
-    except ImportError as exc:
-        return {"skipped": f"dask[distributed] is not installed: {exc}"}
-    rows = a.rows_per_block * a.shards
-    out: dict = {"version": dask.__version__}
-    with PeakMemory() as mem:
+        from distributed import wait
+        blocks = [da.from_delayed(dask.delayed(make_block)(i, a.rows_per_block, a.features),
+                                  shape=(a.rows_per_block, a.features + 1), dtype=np.float32)
+                  for i in range(a.shards)]
+        self.data = da.concatenate(blocks, axis=0).persist()
+        wait(self.data)
+        return {"version": self.version}
+
+    @staticmethod
+    def _gradient(data, w):
+        import dask
+        import dask.array as da
+        x, y = data[:, :-1], data[:, -1]
+        z = x @ w
+        p = 1.0 / (1.0 + da.exp(-z))
+        g, loss = dask.compute(x.T @ (p - y), (da.logaddexp(0.0, z) - y * z).sum())
+        return g.astype(np.float64), float(loss)
+
+    def step(self, w):
+        return self._gradient(self.data, w)
+
+    def drop_data(self):
+        del self.data
+
+    def ingest(self, arr, shards, w):
+        import dask.array as da
+        from distributed import wait
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=a.workers, threads_per_worker=2, processes=True,
-                          memory_limit=0, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            out["start_seconds"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            blocks = [da.from_delayed(dask.delayed(make_block)(i, a.rows_per_block, a.features),
-                                      shape=(a.rows_per_block, a.features + 1),
-                                      dtype=np.float32) for i in range(a.shards)]
-            data = da.concatenate(blocks, axis=0).persist()
-            wait(data)
-            out["make_data_seconds"] = round(time.perf_counter() - t0, 2)
-            x, y = data[:, :-1], data[:, -1]
+        d = da.from_array(arr, chunks=(len(arr) // shards, arr.shape[1])).persist()
+        wait(d)
+        seconds = time.perf_counter() - t0
+        g, _ = self._gradient(d, w)
+        del d
+        return seconds, g
 
-            def step(w):
-                z = x @ w
-                p = 1.0 / (1.0 + da.exp(-z))
-                g = x.T @ (p - y)
-                loss = (da.logaddexp(0.0, z) - y * z).sum()
-                g, loss = dask.compute(g, loss)
-                return g.astype(np.float64), float(loss)
-            seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
-            del data, x, y
-            if a.driver is not None:
-                t0 = time.perf_counter()
-                d = da.from_array(a.driver, chunks=(len(a.driver) // a.shards,
-                                                    a.features + 1)).persist()
-                wait(d)
-                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
-                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
-                                                                           - t0), 2)
-                g = (d[:, :-1].T @ (1.0 / (1.0 + da.exp(-(d[:, :-1] @ w))) - d[:, -1])).compute()
-                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
-                                                               rtol=1e-3))
-                del d
-            client.close()
-    out.update(_result(a, seconds, loss, mem.peak))
-    return out
+    def stop(self):
+        self.client.close()
+        self.cluster.close()
 
 
-def run_ray(a) -> dict:
-    try:
+class Ray:
+    name = "ray"
+
+    def start(self, a):
         import ray
-    except ImportError as exc:
-        return {"skipped": f"ray is not installed here ({exc}); pip install ray to compare"}
-    rows = a.rows_per_block * a.shards
-    out: dict = {"version": ray.__version__}
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
+        self.ray = ray
         ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=int((a.gib + 1.5) * 2**30))
+                 object_store_memory=int((a.gib + a.driver_gib + 1) * 2**30))
+        self.make = ray.remote(make_block)
+        self.grad = ray.remote(gradient)
+
+    def make_data(self, a):
+        self.refs = [self.make.remote(i, a.rows_per_block, a.features) for i in range(a.shards)]
+        self.ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
+        return {"version": self.ray.__version__}
+
+    def step(self, w):
+        w_ref = self.ray.put(w)
+        return _sum(self.ray.get([self.grad.remote(r, w_ref) for r in self.refs]))
+
+    def drop_data(self):
+        del self.refs
+
+    def ingest(self, arr, shards, w):
+        t0 = time.perf_counter()
+        n = len(arr)
+        cuts = [n * i // shards for i in range(shards + 1)]
+        refs = [self.ray.put(arr[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+        seconds = time.perf_counter() - t0
+        w_ref = self.ray.put(w)
+        g, _ = _sum(self.ray.get([self.grad.remote(r, w_ref) for r in refs]))
+        del refs
+        return seconds, g
+
+    def stop(self):
+        self.ray.shutdown()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+def run(a, result: dict) -> None:
+    systems = []
+    for cls in (Claypot, Dask, Ray):
+        if cls.name not in a.systems:
+            continue
         try:
-            out["start_seconds"] = round(time.perf_counter() - t0, 2)
-            make = ray.remote(make_block)
-            grad = ray.remote(gradient)
+            __import__({"claypot": "store", "dask": "distributed", "ray": "ray"}[cls.name])
+        except ImportError as exc:
+            result[cls.name] = {"skipped": f"{cls.name} is not installed here ({exc})"}
+            continue
+        systems.append(cls())
+    rows = a.rows_per_block * a.shards
+    with PeakMemory() as mem:
+        for s in systems:
             t0 = time.perf_counter()
-            refs = [make.remote(i, a.rows_per_block, a.features) for i in range(a.shards)]
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)
-            out["make_data_seconds"] = round(time.perf_counter() - t0, 2)
-
-            def step(w):
-                w_ref = ray.put(w)
-                return _sum(ray.get([grad.remote(r, w_ref) for r in refs]))
-            seconds, loss, w = _epochs(step, a.epochs, a.lr, a.features, rows)
-            del refs
-            if a.driver is not None:
+            s.start(a)
+            mem.assign(s.name)
+            result[s.name] = {"start_seconds": round(time.perf_counter() - t0, 2)}
+        try:
+            for s in systems:
                 t0 = time.perf_counter()
-                n = len(a.driver)
-                cuts = [n * i // a.shards for i in range(a.shards + 1)]
-                drefs = [ray.put(a.driver[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
-                out["ingest_seconds"] = round(time.perf_counter() - t0, 2)
-                out["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / (time.perf_counter()
-                                                                           - t0), 2)
-                g, _ = _sum(ray.get([grad.remote(r, ray.put(w)) for r in drefs]))
-                out["ingested_gradient_ok"] = bool(np.allclose(g, a.driver_gradient(w),
-                                                               rtol=1e-3))
-                del drefs
+                result[s.name].update(s.make_data(a))
+                result[s.name]["make_data_seconds"] = round(time.perf_counter() - t0, 2)
+                print(f"{s.name}: data made in {result[s.name]['make_data_seconds']} s",
+                      file=sys.stderr, flush=True)
+            # Warm-up epoch (not timed), then the timed epochs, interleaved.
+            ws = {}
+            for s in systems:
+                w = np.zeros(a.features, np.float32)
+                g, _ = s.step(w)
+                ws[s.name] = (w - a.lr * g / rows).astype(np.float32)
+            spent = {s.name: [] for s in systems}
+            losses = {}
+            for epoch in range(a.epochs):
+                k = epoch % len(systems)
+                for s in systems[k:] + systems[:k]:
+                    t0 = time.perf_counter()
+                    g, loss = s.step(ws[s.name])
+                    ws[s.name] = (ws[s.name] - a.lr * g / rows).astype(np.float32)
+                    spent[s.name].append(time.perf_counter() - t0)
+                    losses[s.name] = loss / rows
+            for s in systems:
+                t = spent[s.name]
+                result[s.name].update({
+                    "epochs": a.epochs, "epoch_seconds": round(sum(t) / len(t), 3),
+                    "epoch_seconds_min": round(min(t), 3),
+                    "epochs_per_s": round(len(t) / sum(t), 3),
+                    "final_loss": round(losses[s.name], 5)})
+                s.drop_data()
+            if a.driver is not None:
+                w = ws[systems[0].name] if systems else np.zeros(a.features, np.float32)
+                expected = gradient(a.driver, w)[0]
+                for s in systems:
+                    seconds, g = s.ingest(a.driver, a.shards, w)
+                    result[s.name]["ingest_seconds"] = round(seconds, 2)
+                    result[s.name]["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30
+                                                               / seconds, 2)
+                    result[s.name]["ingested_gradient_ok"] = bool(
+                        np.allclose(g, expected, rtol=1e-3, atol=1e-2))
         finally:
-            ray.shutdown()
-    out.update(_result(a, seconds, loss, mem.peak))
-    return out
-
-
-def _result(a, seconds: float, loss: float, peak: int) -> dict:
-    return {"epochs": a.epochs, "epoch_seconds": round(seconds / a.epochs, 3),
-            "epochs_per_s": round(a.epochs / seconds, 3), "final_loss": round(loss, 5),
-            "peak_memory_gib": round(peak / 2**30, 2)}
+            for s in reversed(systems):
+                try:
+                    s.stop()
+                except Exception as exc:  # report it, and still stop the others
+                    result[s.name]["stop_error"] = repr(exc)
+    for s in systems:
+        result[s.name]["peak_memory_gib"] = mem.gib(s.name)
+    result["driver_peak_memory_gib"] = mem.gib("driver")
 
 
 def main() -> None:
@@ -297,14 +383,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="processes per system")
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--driver-gib", type=float, default=1.0,
-                   help="also time loading an array of this size held by this process "
-                        "(0: skip)")
+                   help="also time loading an array this process holds (0: skip)")
     p.add_argument("--systems", default="claypot,dask,ray")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "training.json"))
     a = p.parse_args()
+    a.systems = a.systems.split(",")
     row_bytes = (a.features + 1) * 4
     a.rows_per_block = int(a.gib * 2**30 / row_bytes / a.shards)
+    started = time.perf_counter()
     result: dict = {
         "workload": "logistic regression, full-batch gradient descent, one task per block",
         "data": {"gib": round(a.rows_per_block * a.shards * row_bytes / 2**30, 3),
@@ -312,8 +399,8 @@ def main() -> None:
                  "dtype": "float32", "shards": a.shards},
         "workers": a.workers, "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(), "numpy": np.__version__,
-        "baseline_memory_gib": round(PeakMemory().sample() / 2**30, 2),
     }
     a.driver = None
     if a.driver_gib > 0:
@@ -321,38 +408,24 @@ def main() -> None:
         a.driver = np.concatenate([make_block(1000 + i, per, a.features)
                                    for i in range(a.shards)])
         result["driver_array_gib"] = round(a.driver.nbytes / 2**30, 3)
-
-        def driver_gradient(w, _cache={}):
-            key = w.tobytes()
-            if key not in _cache:
-                _cache[key] = gradient(a.driver, w)[0]
-            return _cache[key]
-        a.driver_gradient = driver_gradient
-    runners = {"claypot": run_claypot, "dask": run_dask, "ray": run_ray}
-    started = time.perf_counter()
-    for name in a.systems.split(","):
-        t0 = time.perf_counter()
-        try:
-            result[name] = runners[name](a)
-        except Exception as exc:  # one system failing must not lose the others' figures
-            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        result[name]["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        print(f"{name}: {result[name]}", file=sys.stderr, flush=True)
+    run(a, result)
     ours = result.get("claypot", {})
     ratios = {}
     for other in ("dask", "ray"):
         theirs = result.get(other, {})
-        if "epochs_per_s" in ours and "epochs_per_s" in theirs:
-            ratios[f"claypot_vs_{other}_epochs_per_s"] = round(
-                ours["epochs_per_s"] / theirs["epochs_per_s"], 2)
-            ratios[f"{other}_vs_claypot_peak_memory"] = round(
-                theirs["peak_memory_gib"] / ours["peak_memory_gib"], 2)
-            ratios[f"claypot_vs_{other}_make_data"] = round(
-                theirs["make_data_seconds"] / ours["make_data_seconds"], 2)
-            if "ingest_seconds" in ours and "ingest_seconds" in theirs:
-                ratios[f"claypot_vs_{other}_ingest"] = round(
-                    theirs["ingest_seconds"] / ours["ingest_seconds"], 2)
+        if "epochs_per_s" not in ours or "epochs_per_s" not in theirs:
+            continue
+        ratios[f"claypot_vs_{other}_epochs_per_s"] = round(
+            ours["epochs_per_s"] / theirs["epochs_per_s"], 2)
+        ratios[f"claypot_vs_{other}_make_data_speed"] = round(
+            theirs["make_data_seconds"] / ours["make_data_seconds"], 2)
+        if "ingest_seconds" in ours and "ingest_seconds" in theirs:
+            ratios[f"claypot_vs_{other}_ingest_speed"] = round(
+                theirs["ingest_seconds"] / ours["ingest_seconds"], 2)
+        ratios[f"{other}_vs_claypot_peak_memory"] = round(
+            theirs["peak_memory_gib"] / ours["peak_memory_gib"], 2)
     result["ratios"] = ratios
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)
