@@ -99,14 +99,17 @@ class DictShard(StorageObject):
 
     @readonly
     def size(self) -> int:
+        """Number of keys."""
         return len(self.data)
 
     @readonly
     def keys_list(self) -> list:
+        """Every key, as a list."""
         return list(self.data)
 
     @readonly
     def items_list(self) -> list:
+        """Every (key, value), as a list."""
         return list(self.data.items())
 
     def store_items(self, pairs: list) -> None:
@@ -132,6 +135,7 @@ class _Manifest(StorageObject):
 
     @readonly
     def describe(self) -> tuple[str, list, dict]:
+        """(kind, shards, metadata)."""
         return self.kind, self.parts, self.meta
 
     def set_parts(self, parts: list, meta: dict) -> None:
@@ -332,6 +336,7 @@ class _Collection:
 
     @property
     def nshards(self) -> int:
+        """Number of shards (blocks of an array, shards of a dict)."""
         return len(self._parts)
 
     def split(self) -> list:
@@ -673,14 +678,17 @@ class ShardedArray(_Collection):
     # -- shape -----------------------------------------------------------------------------
     @property
     def shape(self) -> tuple:
+        """Rows, then the blocks' other dimensions."""
         return (self._starts[-1],) + self._tail
 
     @property
     def ndim(self) -> int:
+        """Number of dimensions."""
         return 1 + len(self._tail)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the whole array (over every block)."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
