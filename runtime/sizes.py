@@ -40,7 +40,7 @@ class SizeCache:
         self._key: str | None = None
 
     def forget(self, object_ids) -> None:
-        """Drop what is known of these objects' sizes (they were refilled): ask again on next use."""
+        """Forget these objects' sizes (they were refilled): they are asked again on next use."""
         with self._lock:
             for oid in object_ids:
                 self._sizes.pop(oid, None)

@@ -286,7 +286,8 @@ def test_storage_dict_behaves_like_a_dict(cluster):
         del d["missing"]
     with pytest.raises(InvalidKey):
         d[["a"]] = 1
-    assert d.get_many(list(ref)[:5] + ["nope"], default=-1) == [ref[k] for k in list(ref)[:5]] + [-1]
+    some = list(ref)[:5]
+    assert d.get_many(some + ["nope"], default=-1) == [ref[k] for k in some] + [-1]
     d.update({"x": 1}, y=2)
     assert d["x"] == 1 and d["y"] == 2 and d.pop("x") == 1 and "x" not in d
     d.clear()

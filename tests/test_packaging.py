@@ -38,7 +38,8 @@ STORE_API = [
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendError",
     "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
-    "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent", "ObjectCorrupt", "ObjectError",
+    "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent", "ObjectCorrupt",
+    "ObjectError",
     "ObjectNotFound", "ProtocolError", "RemoteError", "SerializationError", "TaskCancelled",
     "TaskError", "TaskTimeout", "ValueTooLarge", "by_code",
 ]
