@@ -34,6 +34,12 @@ class SizeCache:
         self._lock = threading.Lock()
         self._key: str | None = None
 
+    def forget(self, object_ids) -> None:
+        """Forget these objects' sizes (they were refilled): they are asked again on next use."""
+        with self._lock:
+            for oid in object_ids:
+                self._sizes.pop(oid, None)
+
     def weights(self, object_ids: list[str], owners: list[str]) -> list[float]:
         """Bytes of each object (1 when unknown), asking owners about new ones."""
         with self._lock:

@@ -15,8 +15,9 @@
     │   ├── NotPersistent         the operation needs a persistent object
     │   ├── AlreadyPersistent     make_persistent on a persistent object
     │   ├── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
-    │   └── ObjectBusy            the operation cannot run while the object is in use
+    │   ├── ObjectBusy            the operation cannot run while the object is in use
     │                             (moving an object from inside one of its own methods)
+    │   └── InvalidKey            a key or index a sharded collection cannot use
     ├── BackendError
     │   ├── BackendNotFound       unknown backend id
     │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
@@ -106,6 +107,10 @@ class ObjectCorrupt(ObjectError):
 
 class ObjectBusy(ObjectError):
     """The operation cannot run while the object is in use by the same call chain."""
+
+
+class InvalidKey(ObjectError, TypeError):
+    """A key a StorageDict cannot place on a shard, or an index a ShardedArray cannot take."""
 
 
 class BackendError(ClaypotError):
