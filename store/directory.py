@@ -272,6 +272,10 @@ class Directory:
     def get_code(self, key: str) -> bytes | None:
         return self.r.hget(self.k_code, key)
 
+    def code_keys(self) -> list[str]:
+        """Every key of the code registry (classes and task functions)."""
+        return [k.decode() if isinstance(k, bytes) else k for k in self.r.hkeys(self.k_code)]
+
     def has_code(self, key: str) -> bool:
         return bool(self.r.hexists(self.k_code, key))
 

@@ -29,11 +29,12 @@ from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
 from ..serialization import dumps, loads
 from .heap import CodeCache, Heap
+from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
 from .storage import Storage
 
 log = logging.getLogger("claypot.backend")
 
-_OPEN_METHODS = {"/claypot.v1.Backend/Ping"}
+_OPEN_METHODS = {"/claypot.v1.Backend/Ping"} | OPEN_METHODS
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -51,6 +52,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_stream_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
         if not self._token or details.method in _OPEN_METHODS:
@@ -58,9 +60,16 @@ class TokenInterceptor(grpc.ServerInterceptor):
         for key, value in details.invocation_metadata:
             if key == TOKEN_HEADER and value == self._token:
                 return continuation(details)
-        if details.method.endswith("Stream"):
+        # The refusal must have the method's shape (unary or streaming on each
+        # side); looking the handler up deserializes nothing.
+        handler = continuation(details)
+        if handler is None:
+            return self._deny_unary
+        if handler.request_streaming and handler.response_streaming:
+            return self._deny_stream_stream
+        if handler.request_streaming:
             return self._deny_stream
-        if details.method.endswith("FetchResult"):
+        if handler.response_streaming:
             return self._deny_unary_stream
         return self._deny_unary
 
@@ -94,7 +103,7 @@ class PendingResults:
         return item[1], item[2]
 
 
-class BackendServicer(pb_grpc.BackendServicer):
+class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     """Thin gRPC layer over a Backend."""
 
     def __init__(self, backend: "Backend"):
@@ -355,6 +364,7 @@ class Backend:
                                        thread_name_prefix="rpc"),
             interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
         wire.add_servicer(BackendServicer(self), self.server)
+        self.services = StandardServices(self.server)  # health (NOT_SERVING until started), reflection
         listen = f"{settings.host}:{settings.port}"
         if settings.tls_cert:
             creds = grpc.ssl_server_credentials(
@@ -388,9 +398,11 @@ class Backend:
             from .dask_worker import HostedDaskWorker
             self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
                                                 self.settings.host).start()
+        self.services.serving(True)
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
     def stop(self, grace: float = 1.0) -> None:
+        self.services.draining()
         self._stop.set()
         if self.dask_worker is not None:
             self.dask_worker.stop()
@@ -430,7 +442,9 @@ class Backend:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.
                     # Epoch after the republish: if it fails midway, the next beat retries.
+                    self.services.serving(False)
                     self.republish()
+                    self.services.serving(True)
                     self._epoch = self.directory.ensure_epoch()
                 self._heartbeat()
             except Exception as exc:
