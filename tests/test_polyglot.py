@@ -283,3 +283,17 @@ def test_readme_error_table_matches_the_code():
     assert set(rows) == set(polyglot.error_codes()) == set(polyglot.STATUS_BY_CODE)
     for code, status in rows.items():
         assert polyglot.STATUS_BY_CODE[code].name == status, code
+
+
+def test_node_and_cpp_clients_carry_the_same_status_table():
+    """The clients' own copies of the table (for errors inside replies) match store.polyglot."""
+    root = os.path.join(os.path.dirname(__file__), "..", "clients")
+    node = open(os.path.join(root, "node", "index.js"), encoding="utf-8").read()
+    block = node.split("const STATUS_BY_CODE = Object.freeze({", 1)[1].split("});", 1)[0]
+    node_table = dict(re.findall(r"(\w+): '(\w+)'", block))
+    cpp = open(os.path.join(root, "cpp", "src", "client.cpp"), encoding="utf-8").read()
+    cpp_table = dict(re.findall(r'\{"(\w+)", grpc::StatusCode::(\w+)\}', cpp))
+    expected = {code: status.name for code, status in polyglot.STATUS_BY_CODE.items()}
+    assert node_table == expected
+    # C++ falls back to INTERNAL for codes it does not list, as ClaypotError is.
+    assert dict(cpp_table, ClaypotError="INTERNAL") == expected

@@ -81,9 +81,39 @@ Error status_error(const grpc::ClientContext& ctx, const grpc::Status& status) {
                trailer(ctx, kRemoteTypeHeader));
 }
 
+// The gRPC status of each error code (README, "Errors, in every language"),
+// for errors that arrive inside a reply rather than as a call's status.
+grpc::StatusCode status_of_code(const std::string& code) {
+  static const std::map<std::string, grpc::StatusCode> table = {
+      {"ConfigurationError", grpc::StatusCode::INVALID_ARGUMENT},
+      {"AuthenticationError", grpc::StatusCode::UNAUTHENTICATED},
+      {"ProtocolError", grpc::StatusCode::INVALID_ARGUMENT},
+      {"SerializationError", grpc::StatusCode::INVALID_ARGUMENT},
+      {"ClassNotFound", grpc::StatusCode::FAILED_PRECONDITION},
+      {"ValueTooLarge", grpc::StatusCode::RESOURCE_EXHAUSTED},
+      {"ObjectError", grpc::StatusCode::FAILED_PRECONDITION},
+      {"ObjectNotFound", grpc::StatusCode::NOT_FOUND},
+      {"AliasNotFound", grpc::StatusCode::NOT_FOUND},
+      {"AliasExists", grpc::StatusCode::ALREADY_EXISTS},
+      {"NotPersistent", grpc::StatusCode::FAILED_PRECONDITION},
+      {"AlreadyPersistent", grpc::StatusCode::ALREADY_EXISTS},
+      {"ObjectCorrupt", grpc::StatusCode::DATA_LOSS},
+      {"BackendError", grpc::StatusCode::UNAVAILABLE},
+      {"BackendNotFound", grpc::StatusCode::NOT_FOUND},
+      {"BackendUnavailable", grpc::StatusCode::UNAVAILABLE},
+      {"CallInterrupted", grpc::StatusCode::ABORTED},
+      {"DeadlineExceeded", grpc::StatusCode::DEADLINE_EXCEEDED},
+      {"TaskError", grpc::StatusCode::ABORTED},
+      {"TaskCancelled", grpc::StatusCode::CANCELLED},
+      {"TaskTimeout", grpc::StatusCode::DEADLINE_EXCEEDED},
+      {"RemoteError", grpc::StatusCode::UNKNOWN},
+  };
+  auto it = table.find(code);
+  return it == table.end() ? grpc::StatusCode::INTERNAL : it->second;
+}
+
 Error reply_error(const pb::Error& err) {
-  // Errors in replies (older RPCs) carry no status of their own: UNKNOWN.
-  return Error(err.code(), err.message(), static_cast<int>(grpc::StatusCode::UNKNOWN),
+  return Error(err.code(), err.message(), static_cast<int>(status_of_code(err.code())),
                err.remote_type());
 }
 
