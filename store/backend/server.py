@@ -3,7 +3,8 @@
 The servicer is thin: each RPC decodes its request, calls the heap (or the
 directory), and encodes the answer. Errors travel inside replies (an
 ``Error`` message), so a user exception keeps its type; gRPC status codes
-are left for transport problems and the token check.
+are left for transport problems and the token check. The cross-language
+RPCs, health checking and reflection live in :mod:`store.backend.polyglot`.
 """
 
 from __future__ import annotations
