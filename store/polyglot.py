@@ -58,6 +58,30 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
 }
 
 
+def check_health(address: str, timeout: float = 5.0, service: str = "") -> str:
+    """Ask a backend's standard health service: "SERVING", "NOT_SERVING" or "UNREACHABLE".
+
+    Needs no token (as a load balancer or a container probe would ask); uses
+    TLS when CLAYPOT_TLS_CA is set.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .config import Settings
+    settings = Settings.from_env()
+    if settings.tls_ca:
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+            root_certificates=settings.read_pem("tls_ca")))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def status_of(err: pb.Error) -> grpc.StatusCode:
     """The gRPC status a call failing with ``err`` ends with."""
     return STATUS_BY_CODE.get(err.code, grpc.StatusCode.UNKNOWN)

@@ -297,3 +297,17 @@ def test_node_and_cpp_clients_carry_the_same_status_table():
     assert node_table == expected
     # C++ falls back to INTERNAL for codes it does not list, as ClaypotError is.
     assert dict(cpp_table, ClaypotError="INTERNAL") == expected
+
+
+def test_claypot_health_command(cluster):
+    """`claypot health ADDRESS`: the probe a container or load balancer runs, no token."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "CLAYPOT_TOKEN"}
+    cmd = [sys.executable, "-m", "store", "health"]
+    proc = subprocess.run(cmd + [_address(cluster.backends[0])], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "SERVING"), proc.stderr
+    proc = subprocess.run(cmd + ["127.0.0.1:1", "--timeout", "2"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert (proc.returncode, proc.stdout.strip()) == (2, "UNREACHABLE")
