@@ -48,6 +48,7 @@ class Settings:
     big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
     max_value_size: str = "0.75"      # largest value sent or accepted: bytes or a fraction of RAM
+    receive_budget: str = "0.9"       # streamed bytes being received at once, per process (same units)
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
@@ -82,6 +83,7 @@ class Settings:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         parse_memory_limit(self.memory_limit)
         parse_memory_limit(self.max_value_size)
+        parse_memory_limit(self.receive_budget)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("TLS needs both tls_cert and tls_key")
         for name in ("tls_ca", "tls_cert", "tls_key"):
@@ -97,6 +99,10 @@ class Settings:
     def max_value_bytes(self) -> int:
         """The largest value (pickle plus buffers) this process sends or accepts; 0: no limit."""
         return _cached_limit(self.max_value_size)
+
+    def receive_budget_bytes(self) -> int:
+        """Bytes of streamed values this process receives at once, in total; 0: no limit."""
+        return _cached_limit(self.receive_budget)
 
     def stream_deadline(self, nbytes: int) -> float:
         """Deadline for moving ``nbytes``: the admin timeout plus time at the minimum rate."""

@@ -187,6 +187,13 @@ class Directory:
             raise ObjectNotFound(f"no object with id {object_id}")
         return _entry(raw)
 
+    def lookup_many(self, object_ids: list[str]) -> list[ObjectEntry | None]:
+        """The entry of each id (None where the directory has none), in one round trip."""
+        if not object_ids:
+            return []
+        return [None if raw is None else _entry(raw)
+                for raw in self.r.hmget(self.k_objects, object_ids)]
+
     def resolve_alias(self, alias: str) -> str:
         raw = self.r.hget(self.k_aliases, alias)
         if raw is None:

@@ -38,9 +38,10 @@ STORE_API = [
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendError",
     "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
-    "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectCorrupt", "ObjectError",
-    "ObjectNotFound", "ProtocolError", "RemoteError", "SerializationError", "TaskCancelled",
-    "TaskError", "TaskTimeout", "ValueTooLarge", "by_code",
+    "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectBusy", "ObjectCorrupt",
+    "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError", "RemoteError",
+    "SerializationError", "StorageFailed", "TaskCancelled", "TaskError", "TaskTimeout",
+    "ValueTooLarge", "by_code",
 ]
 
 

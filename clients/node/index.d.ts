@@ -63,9 +63,9 @@ export interface ConnectOptions {
 export type ErrorCode =
   | 'ClaypotError' | 'ConfigurationError' | 'AuthenticationError' | 'ProtocolError'
   | 'SerializationError' | 'ClassNotFound' | 'ValueTooLarge' | 'ObjectError'
-  | 'ObjectNotFound' | 'AliasNotFound' | 'AliasExists' | 'NotPersistent'
-  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'BackendError' | 'BackendNotFound'
-  | 'BackendUnavailable' | 'CallInterrupted' | 'DeadlineExceeded' | 'TaskError'
+  | 'ObjectNotFound' | 'ObjectMoved' | 'AliasNotFound' | 'AliasExists' | 'NotPersistent'
+  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'BackendError' | 'BackendNotFound'
+  | 'BackendUnavailable' | 'CallInterrupted' | 'StorageFailed' | 'DeadlineExceeded' | 'TaskError'
   | 'TaskCancelled' | 'TaskTimeout' | 'RemoteError';
 
 /** Every failure: `code` names a store.errors class (or RemoteError for user code). */

@@ -144,21 +144,7 @@ class PolyglotServicer:
             object_id = self._object_id(header)
             proxy = self._proxy(object_id)
             if header.array.chunked:
-                data = wire.receive_buffer(nbytes)
-                received = 0
-                for chunk in request_iterator:
-                    kind, body = wire.decode_chunk(chunk)
-                    if kind != "data":
-                        raise ProtocolError("a second header inside a SetArray stream")
-                    view = memoryview(body)
-                    if received + view.nbytes > nbytes:
-                        raise ProtocolError("SetArray carries more bytes than its header "
-                                            "announced")
-                    data[received:received + view.nbytes] = view
-                    received += view.nbytes
-                if received != nbytes:
-                    raise ProtocolError(f"SetArray stream ended after {received} of "
-                                        f"{nbytes} bytes")
+                data = self._receive(request_iterator, nbytes)
             else:
                 if next(request_iterator, None) is not None:
                     raise ProtocolError("data chunks after an inline SetArray header")
@@ -168,6 +154,22 @@ class PolyglotServicer:
             return pb.SetArrayResponse(ref=self._ref(proxy))
         except Exception as exc:
             _fail(context, exc)
+
+    def _receive(self, chunks, nbytes: int):
+        """The data chunks of a SetArray, landed in one buffer the way every
+        streamed value is (receive budget, pages mapped ahead of the data)."""
+        # One streamed "value" whose only blob is the array's bytes.
+        assembler = wire.Assembler([pb.Value(buffer_sizes=[nbytes])], self.b.max_value_size)
+        try:
+            for chunk in chunks:
+                kind, body = wire.decode_chunk(chunk)
+                if kind != "data":
+                    raise ProtocolError("a second header inside a SetArray stream")
+                assembler.feed(body)
+            ((data, _),) = assembler.finish()
+            return data
+        finally:
+            assembler.close()
 
     def CreateObject(self, request, context):
         try:

@@ -235,11 +235,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             if request.kind == pb.TASK:
                 result = self.b.run_task(request, payload, buffers)
             else:
-                if not self.heap.has(request.object_id):
-                    moved = self.heap.moved.get(request.object_id)
-                    raise ObjectNotFound(
-                        f"object {request.object_id} is not on backend {self.b.backend_id}"
-                        + (f" (moved to {moved})" if moved else ""))
+                # Refused before its arguments are unpickled: not here, or moved away.
+                self.heap.admit(request.object_id)
                 ctx = self.heap.unpickle_context()
                 if request.kind == pb.SET_ATTR:
                     args, kwargs = (loads(payload, buffers, ctx),), {}
@@ -285,18 +282,24 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     def Delete(self, request, context):
         try:
-            self.heap.drop(request.object_id)
-            self.directory.forget(request.object_id)
+            self.heap.delete(request.object_id, request.chain_id)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
 
     def Move(self, request, context):
         try:
-            self.b.move(request.object_id, request.target_backend_id)
+            self.b.move(request.object_id, request.target_backend_id, request.chain_id)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
+
+    def Validate(self, request, context):
+        try:
+            self.heap.validate()
+            return pb.Status()
+        except AssertionError as exc:
+            return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
 
     # -- other languages ---------------------------------------------------------------
     def CallJson(self, request, context):
@@ -345,7 +348,7 @@ class Backend:
         self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
                                checkpoint_interval=settings.checkpoint_interval)
         self.backend_id = self.storage.backend_id
-        self.code = CodeCache(self.directory.get_code)
+        self.code = CodeCache(self.directory.get_code, self.storage)
         limit = parse_memory_limit(settings.memory_limit)
         self.memory_limit = limit
         self.max_value_size = settings.max_value_bytes()
@@ -392,6 +395,8 @@ class Backend:
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
+        else:
+            self.reconcile()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         if self.settings.dask_scheduler:
@@ -437,59 +442,91 @@ class Backend:
             if self._stop.wait(0.05):
                 break
             changed.clear()
+            published = True
             try:
                 epoch = self.directory.epoch()
                 if epoch != self._epoch:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.
                     # Epoch after the republish: if it fails midway, the next beat retries.
+                    published = False
                     self.services.serving(False)
                     self.republish()
-                    self.services.serving(True)
                     self._epoch = self.directory.ensure_epoch()
+                    published = True
                 self._heartbeat()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
+            # Health: NOT_SERVING until the directory is whole again, and for good
+            # once the storage failed (the backend acknowledges nothing more).
+            self.services.serving(published and self.storage.failed is None)
 
     def republish(self) -> int:
         """Claim every object stored here, with its alias, in the directory."""
         entries = [(oid, self.backend_id, key, alias)
                    for oid, key, alias in self.storage.scan_headers()]
         for i in range(0, len(entries), 1000):
-            batch = entries[i:i + 1000]
-            try:
-                self.directory.claim(batch)
-            except ClaypotError:
-                for e in batch:  # an alias taken meanwhile: keep the object, drop the alias
-                    try:
-                        self.directory.claim([e])
-                    except ClaypotError:
-                        self.directory.claim([(e[0], e[1], e[2], "")])
+            self._claim_each(entries[i:i + 1000])
         return len(entries)
 
-    # -- operations that span backends ---------------------------------------------------
-    def move(self, object_id: str, target: str) -> None:
-        if target == self.backend_id:
-            return
-        entry = self.heap.entry(object_id)
-        chain = "move:" + uuid.uuid4().hex
-        entry.lock.acquire(chain, None)
+    def reconcile(self) -> tuple[int, int]:
+        """Make the directory and this storage dir agree after a crash; (claimed, dropped).
+
+        Storage is written before the directory, so a crash in between leaves
+        an object stored here that the directory does not know: it is
+        claimed (with its alias if still free). A copy the directory says
+        lives on another backend is what a move interrupted before it
+        committed left behind: the directory is the commit point, so the
+        local copy is dropped.
+        """
+        stored = list(self.storage.scan_headers())
+        claimed = dropped = 0
+        for i in range(0, len(stored), 1000):
+            batch = stored[i:i + 1000]
+            owners = self.directory.lookup_many([oid for oid, _, _ in batch])
+            missing = []
+            for (oid, key, alias), entry in zip(batch, owners):
+                if entry is None:
+                    missing.append((oid, self.backend_id, key, alias))
+                elif entry.backend_id != self.backend_id:
+                    try:
+                        self.heap.delete(oid, forget=False)
+                        dropped += 1
+                    except ClaypotError as exc:
+                        log.warning("stale copy of %s not dropped: %s", oid, exc)
+            if missing:
+                self._claim_each(missing)
+                claimed += len(missing)
+        if claimed or dropped:
+            log.warning("reconciled with the directory: %d objects claimed, %d stale copies "
+                        "dropped", claimed, dropped)
+        return claimed, dropped
+
+    def _claim_each(self, entries: list) -> None:
         try:
-            key, alias, payload, buffers = self.heap.export(object_id, chain)
+            self.directory.claim(entries)
+        except ClaypotError:
+            for e in entries:  # an alias taken meanwhile: keep the object, drop the alias
+                try:
+                    self.directory.claim([e])
+                except ClaypotError:
+                    self.directory.claim([(e[0], e[1], e[2], "")])
+
+    # -- operations that span backends ---------------------------------------------------
+    def move(self, object_id: str, target: str, chain: str = "") -> None:
+        """Move an object to another backend (see Heap.move)."""
+        def send(to, class_key, alias, payload, buffers):
             self.client._send_persist(
-                target, [pb.PersistObject(object_id=object_id, class_key=key, alias=alias)],
+                to, [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],
                 [(payload, buffers)], adopt=True)
-            self.directory.move(object_id, target)
-            self.heap.drop(object_id, moved_to=target)
-        finally:
-            entry.lock.release()
+        self.heap.move(object_id, target, chain, send)
 
     def run_task(self, request: pb.CallRequest, payload, buffers):
         fn = self.code.get(request.name)
         args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
             else ((), {})
         return self.heap.run_task(fn, args, kwargs, list(request.mutates), request.chain_id,
-                                  request.timeout)
+                                  request.timeout, task_key=request.call_id)
 
     def serve_forever(self, on_ready=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.

@@ -104,6 +104,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.MoveRequest.SerializeToString,
                 response_deserializer=claypot__pb2.Status.FromString,
                 _registered_method=True)
+        self.Validate = channel.unary_unary(
+                '/claypot.v1.Backend/Validate',
+                request_serializer=claypot__pb2.ValidateRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
         self.CallJson = channel.unary_unary(
                 '/claypot.v1.Backend/CallJson',
                 request_serializer=claypot__pb2.JsonCallRequest.SerializeToString,
@@ -222,6 +227,13 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Validate(self, request, context):
+        """Checks the backend's object lifecycle invariants (an error names the first broken one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CallJson(self, request, context):
         """Cross-language calls: arguments and results as JSON text.
         """
@@ -232,7 +244,7 @@ class BackendServicer:
     def GetArray(self, request, context):
         """Cross-language typed arrays (numpy arrays as dtype, shape and raw bytes).
         Failures end these calls with a gRPC status code and the trailing
-        metadata `claypot-error-code` (see ErrorCodes below), not an Error field.
+        metadata `claypot-error-code` (see "Error codes" below), not an Error field.
 
         GetArray reads an attribute (GET_ATTR) or calls a method (METHOD, JSON
         arguments) and answers with its array: one TypedArray (its bytes inline
@@ -337,6 +349,11 @@ def add_BackendServicer_to_server(servicer, server):
             'Move': grpc.unary_unary_rpc_method_handler(
                     servicer.Move,
                     request_deserializer=claypot__pb2.MoveRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
+            ),
+            'Validate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Validate,
+                    request_deserializer=claypot__pb2.ValidateRequest.FromString,
                     response_serializer=claypot__pb2.Status.SerializeToString,
             ),
             'CallJson': grpc.unary_unary_rpc_method_handler(
@@ -742,6 +759,33 @@ class Backend:
             target,
             '/claypot.v1.Backend/Move',
             claypot__pb2.MoveRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Validate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Validate',
+            claypot__pb2.ValidateRequest.SerializeToString,
             claypot__pb2.Status.FromString,
             options,
             channel_credentials,
