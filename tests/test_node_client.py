@@ -46,7 +46,7 @@ def test_node_client_against_a_cluster(node):
     assert proc.returncode == 0, out[-6000:]
     passed = int(re.search(r"^# pass (\d+)$", proc.stdout, re.M).group(1))
     failed = int(re.search(r"^# fail (\d+)$", proc.stdout, re.M).group(1))
-    assert (passed, failed) == (6, 0), out[-3000:]
+    assert (passed, failed) == (7, 0), out[-3000:]
 
 
 def test_type_definitions_compile(node):

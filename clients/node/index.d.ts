@@ -57,6 +57,12 @@ export interface ConnectOptions {
   callTimeout?: number;
   /** PEM of the CA that signed the backends' certificates: use TLS. */
   ca?: string | Buffer;
+  /**
+   * Send typed-array reads and writes straight to the object's owner (at the
+   * address it registered) instead of through the backend connected to.
+   * Falls back to that backend when the owner cannot be reached.
+   */
+  direct?: boolean;
 }
 
 /** The error codes of the README's error table. */
@@ -82,9 +88,12 @@ export class ClaypotError extends Error {
 
 export class Client {
   readonly address: string;
+  readonly direct: boolean;
   ping(): Promise<{ backendId: string; address: string; host: string; pid: number }>;
   getByAlias(alias: string): Promise<ObjectRef>;
   getById(objectId: string): Promise<ObjectRef>;
+  /** The owner backend of an object and its registered address. */
+  locate(target: Target): Promise<{ backendId: string; address: string }>;
   call(target: Target, method: string, args?: Json[], kwargs?: { [key: string]: Json },
        options?: { array?: false }): Promise<Json>;
   call(target: Target, method: string, args: Json[], kwargs: { [key: string]: Json },

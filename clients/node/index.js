@@ -222,18 +222,97 @@ function encodeArray(value) {
 /** A connection to a claypot cluster through one backend. Make it with connect(). */
 class Client {
   constructor(address, options = {}) {
-    const Backend = loadService();
     this.address = address;
     this.token = options.token !== undefined ? options.token : (process.env.CLAYPOT_TOKEN || '');
     this.timeout = options.timeout || 10;
     this.callTimeout = options.callTimeout || 600;
-    const credentials = options.ca
+    this._credentials = options.ca
       ? grpc.credentials.createSsl(Buffer.isBuffer(options.ca) ? options.ca : Buffer.from(options.ca))
       : grpc.credentials.createInsecure();
-    this._stub = new Backend(address, credentials, {
+    this._stub = this._newStub(address);
+    // direct: typed arrays go straight to the object's owner (its registered
+    // address), not through the backend connected to; caches below.
+    this.direct = Boolean(options.direct);
+    this._owners = new Map();     // alias -> backend id
+    this._addresses = new Map();  // backend id -> address
+    this._ownerStubs = new Map(); // address -> stub
+  }
+
+  _newStub(address) {
+    const Backend = loadService();
+    return new Backend(address, this._credentials, {
       'grpc.max_receive_message_length': 64 * 1024 * 1024,
       'grpc.max_send_message_length': 64 * 1024 * 1024,
     });
+  }
+
+  /** Where the object lives: { backendId, address } (one Resolve, then cached). */
+  async locate(target) {
+    let backendId;
+    if (typeof target === 'string') {
+      backendId = this._owners.get(target);
+      if (backendId === undefined) {
+        backendId = (await this.getByAlias(target)).backendId;
+        this._owners.set(target, backendId);
+      }
+    } else {
+      targetOf(target); // a TypeError for anything but an ObjectRef here
+      backendId = target.backendId;
+      if (!backendId) backendId = (await this.getById(target.objectId)).backendId;
+    }
+    if (!this._addresses.has(backendId)) {
+      for (const b of await this.backends()) this._addresses.set(b.backendId, b.address);
+    }
+    return { backendId, address: this._addresses.get(backendId) || '' };
+  }
+
+  // The stub of the target's owner in direct mode, or null (use the gateway).
+  async _ownerStub(target) {
+    if (!this.direct) return null;
+    let where;
+    try {
+      where = await this.locate(target);
+    } catch (err) {
+      return null; // the gateway gives the same error, with its status
+    }
+    if (!where.address || where.address === this.address) return null;
+    let stub = this._ownerStubs.get(where.address);
+    if (stub === undefined) {
+      // Connect first, within the directory timeout: an address that does not
+      // answer here (NAT, a container's name) must not hold a call for its
+      // whole deadline. Unreachable addresses are remembered as null.
+      const candidate = this._newStub(where.address);
+      const ready = await new Promise((resolve) => {
+        candidate.waitForReady(this._deadline(this.timeout), (err) => resolve(!err));
+      });
+      if (ready) {
+        stub = candidate;
+      } else {
+        candidate.close();
+        stub = null;
+      }
+      this._ownerStubs.set(where.address, stub);
+    }
+    return stub;
+  }
+
+  // Direct first, then the gateway when the owner did not run it: NOT_FOUND
+  // (moved or gone: routing tables are stale) or, for operations that are
+  // safe to repeat, UNAVAILABLE (the owner's address does not answer here).
+  async _routed(target, repeatable, run) {
+    const stub = await this._ownerStub(target);
+    if (stub !== null) {
+      try {
+        return await run(stub);
+      } catch (err) {
+        const stale = err instanceof ClaypotError && (err.grpcStatus === 'NOT_FOUND'
+          || (repeatable && err.grpcStatus === 'UNAVAILABLE'));
+        if (!stale) throw err;
+        if (typeof target === 'string') this._owners.delete(target);
+        this._addresses.clear();
+      }
+    }
+    return run(this._stub);
   }
 
   _metadata() {
@@ -293,8 +372,9 @@ class Client {
     const argsJson = checkJson(args, 'args');
     const kwargsJson = Object.keys(kwargs).length ? checkJson(kwargs, 'kwargs') : '';
     if (options.array) {
-      return this._getArray({ ...targetOf(target), kind: 'METHOD', name,
-        args_json: argsJson, kwargs_json: kwargsJson });
+      const request = { ...targetOf(target), kind: 'METHOD', name,
+        args_json: argsJson, kwargs_json: kwargsJson };
+      return this._routed(target, false, (stub) => this._getArray(request, stub));
     }
     return this._json(target, 'METHOD', name, argsJson, kwargsJson);
   }
@@ -319,12 +399,13 @@ class Client {
 
   /** Read numpy attribute `name` as { dtype, shape, data: TypedArray }. */
   getArray(target, name) {
-    return this._getArray({ ...targetOf(target), kind: 'GET_ATTR', name });
+    const request = { ...targetOf(target), kind: 'GET_ATTR', name };
+    return this._routed(target, true, (stub) => this._getArray(request, stub));
   }
 
-  _getArray(request) {
+  _getArray(request, stub) {
     return new Promise((resolve, reject) => {
-      const call = this._stub.GetArray(request, this._metadata(),
+      const call = stub.GetArray(request, this._metadata(),
         { deadline: this._deadline(this.callTimeout) });
       let header = null;
       const parts = [];
@@ -372,7 +453,11 @@ class Client {
 
   /** Write a TypedArray (or { data, shape, dtype? }) into attribute `name` as a numpy array. */
   setArray(target, name, value) {
-    const { dtype, shape, bytes } = encodeArray(value);
+    const encoded = encodeArray(value);
+    return this._routed(target, true, (stub) => this._setArray(stub, target, name, encoded));
+  }
+
+  _setArray(stub, target, name, { dtype, shape, bytes }) {
     const chunked = bytes.length > INLINE_LIMIT;
     const header = {
       ...targetOf(target), name,
@@ -381,7 +466,7 @@ class Client {
     };
     const seconds = this.timeout + bytes.length / STREAM_MIN_RATE;
     return new Promise((resolve, reject) => {
-      const call = this._stub.SetArray(this._metadata(), { deadline: this._deadline(seconds) },
+      const call = stub.SetArray(this._metadata(), { deadline: this._deadline(seconds) },
         (err, reply) => (err ? reject(fromGrpcError(err)) : resolve(refOf(reply.ref))));
       const pieces = [{ header }];
       if (chunked) {
@@ -438,6 +523,8 @@ class Client {
   /** Close the connection. */
   close() {
     this._stub.close();
+    for (const stub of this._ownerStubs.values()) if (stub !== null) stub.close();
+    this._ownerStubs.clear();
   }
 }
 

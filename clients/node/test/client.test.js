@@ -129,6 +129,40 @@ test('TypedArrays written from Node are numpy arrays in Python', async () => {
     { dtype: 'int64', shape: [3], native: true, sum: 2, first: 1, last: 3 });
 });
 
+test('direct: typed arrays go to the owner, and fall back when it moved', async () => {
+  const direct = await claypot.connect(info.address, { token: info.token, direct: true });
+  try {
+    const owner = (await direct.backends()).find((b) => b.backendId === info.owner);
+    assert.deepEqual(await direct.locate('field'), { backendId: info.owner, address: owner.address });
+    const samples = await direct.getArray('field', 'samples');
+    const viaGateway = await client.getArray('field', 'samples');
+    assert.ok(Buffer.from(samples.data.buffer).equals(Buffer.from(viaGateway.data.buffer)));
+    const grid = new Float64Array([9, 8, 7]);
+    await direct.set('field', 'grid', grid);
+    assert.deepEqual(Array.from((await client.getArray('field', 'grid')).data), [9, 8, 7]);
+    const halves = await direct.call('field', 'scaled', [0.5], {}, { array: true });
+    assert.equal(halves.data.length, samples.data.length);
+
+    // A stale route (the alias now names an object on the other backend) still
+    // answers: every backend forwards to the owner.
+    const alias = `moving-${process.pid}`;
+    const first = await direct.createObject('Field', [2], {}, { alias, backend: info.owner });
+    assert.equal((await direct.locate(alias)).backendId, info.owner);
+    await direct.delete(first);
+    await direct.createObject('Field', [4], {}, { alias });          // on the gateway now
+    assert.deepEqual(Array.from((await direct.getArray(alias, 'samples')).data), [0, 0.5, 1, 1.5]);
+    await direct.delete(alias);
+
+    // An owner address that does not answer from here (NAT, a container name):
+    // reads and writes fall back to the backend connected to.
+    direct._addresses.set(info.owner, '127.0.0.1:1');
+    const fallback = await direct.getArray('field', 'grid');
+    assert.deepEqual(Array.from(fallback.data), [9, 8, 7]);
+  } finally {
+    direct.close();
+  }
+});
+
 test('createObject of a class the cluster knows, then delete', async () => {
   const ref = await client.createObject('Counter', [40], { label: 'made in node' },
     { alias: `node-${process.pid}` });
