@@ -14,7 +14,9 @@ In one run, against a local cluster (durability ``none``, two backends):
   against claypot's native one;
 - ``node`` / ``cpp``: the same 64 MiB read by the Node client library and the
   C++ example program (when they are installed / built), timed inside each
-  program so process start-up is not counted for Node and is for C++.
+  program so process start-up is not counted for Node and is for C++;
+- ``node_via_gateway`` / ``node_direct_from_gateway``: Node connected to the
+  other backend, reading through it or with ``direct: true`` (to the owner).
 
 Best of N runs each; MB/s are 10^6 bytes per second.
 """
@@ -85,7 +87,7 @@ def _get_array(stub, md, alias):
     return np.frombuffer(data, dtype=head.dtype)
 
 
-def _node(address, token, alias, repeat):
+def _node(address, token, alias, repeat, direct=False):
     node = shutil.which("node")
     lib = os.path.join(ROOT, "clients", "node")
     if node is None or not os.path.isdir(os.path.join(lib, "node_modules", "@grpc")):
@@ -93,7 +95,9 @@ def _node(address, token, alias, repeat):
     script = f"""
 const claypot = require({json.dumps(lib)});
 (async () => {{
-  const c = await claypot.connect({json.dumps(address)}, {{ token: {json.dumps(token)} }});
+  const c = await claypot.connect({json.dumps(address)},
+    {{ token: {json.dumps(token)}, direct: {json.dumps(direct)} }});
+  await c.getArray({json.dumps(alias)}, 'data');  // routes and connections, once
   let best = Infinity, n = 0;
   for (let i = 0; i < {repeat}; i++) {{
     const t = process.hrtime.bigint();
@@ -169,6 +173,10 @@ def main():
                 "direct_over_python_time": round(t_direct / t_python, 2),
                 "gateway_over_direct_time": round(t_via / t_direct, 2)}
         out["node"] = _node(addr[owner], cluster.token, "bench-big", repeat)
+        # Connected to the other backend: through it, or straight to the owner.
+        out["node_via_gateway"] = _node(addr[gateway], cluster.token, "bench-big", repeat)
+        out["node_direct_from_gateway"] = _node(addr[gateway], cluster.token, "bench-big",
+                                                repeat, direct=True)
         out["cpp"] = _cpp(addr[owner], cluster.token, "bench-big", repeat)
     print(json.dumps(out, indent=2))
 

@@ -113,18 +113,22 @@ def test_example_reports_claypot_errors(cluster, binaries):
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-def test_cpp_writes_arrays_creates_and_deletes(cluster, binaries):
+@pytest.mark.parametrize("mode", ["gateway", "direct"])
+def test_cpp_writes_arrays_creates_and_deletes(cluster, binaries, mode):
+    alias = f"signal-rt-{mode}"
     sig = Signal(4, seed=1)
-    sig.make_persistent(alias="signal-rt", backend=cluster.backends[1])
+    sig.make_persistent(alias=alias, backend=cluster.backends[1])
     n = 600_000                                             # 4.6 MiB: chunked upload
+    extra = ["direct"] if mode == "direct" else []
     code, out, err = _run([binaries["claypot_roundtrip"], _address(cluster.backends[0]),
-                           "signal-rt", "Signal", str(n)], cluster.token)
+                           alias, "Signal", str(n)] + extra, cluster.token)
     assert code == 0, err
     assert out["same"] is True and (out["dtype"], out["n"]) == ("float64", n)
     assert out["too_small"] == "ValueTooLarge" and out["wrong_type"] == "ProtocolError"
     assert out["ints"] == [1, -6] and out["int_shape"] == [2, 3]
     assert out["made_backend"] == cluster.backends[0]
     assert out["after_delete"] == "AliasNotFound" and out["backends"] == 2
+    assert out["owner_address"] == _address(cluster.backends[1])
     # Python sees exactly what C++ wrote.
     assert np.array_equal(sig.samples, np.arange(n, dtype=np.float64) * 0.25)
     assert sig.small.dtype == np.int32 and sig.small.tolist() == [[1, -2, 3], [-4, 5, -6]]

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <utility>
 
 #include "claypot.grpc.pb.h"
@@ -167,7 +168,16 @@ void Array::check_type(const std::type_info& type, std::size_t size) const {
 
 struct Client::Impl {
   Options options;
+  std::string address;
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  grpc::ChannelArguments args;
   std::unique_ptr<pb::Backend::Stub> stub;
+  // Direct mode's routes: alias -> owner id, owner id -> address, address ->
+  // stub (null: the address does not answer from here).
+  std::mutex routes_lock;
+  std::map<std::string, std::string> owners;
+  std::map<std::string, std::string> addresses;
+  std::map<std::string, std::unique_ptr<pb::Backend::Stub>> owner_stubs;
 
   void prepare(grpc::ClientContext* ctx, double seconds) const {
     if (!options.token.empty()) ctx->AddMetadata(kTokenHeader, options.token);
@@ -201,11 +211,11 @@ struct Client::Impl {
   }
 
   // Runs GetArray; `place(header)` returns where the data goes (nbytes long).
-  Array get_array(const pb::GetArrayRequest& request,
+  Array get_array(pb::Backend::Stub* via, const pb::GetArrayRequest& request,
                   const std::function<unsigned char*(Array&, uint64_t)>& place) {
     grpc::ClientContext ctx;
     prepare(&ctx, options.call_timeout);
-    auto reader = stub->GetArray(&ctx, request);
+    auto reader = via->GetArray(&ctx, request);
     pb::GetArrayResponse message;
     Array array;
     bool have_header = false;
@@ -261,22 +271,105 @@ struct Client::Impl {
     if (lane > 1 && order != native_order()) swap_lanes(out, nbytes, lane);
     return array;
   }
+
+  std::pair<std::string, std::string> locate(const Target& target) {
+    std::string backend = target.backend_id();
+    if (backend.empty()) {
+      {
+        std::lock_guard<std::mutex> hold(routes_lock);
+        auto it = owners.find(target.alias());
+        if (!target.alias().empty() && it != owners.end()) backend = it->second;
+      }
+      if (backend.empty()) {
+        pb::ResolveRequest request;
+        if (!target.object_id().empty()) {
+          request.set_object_id(target.object_id());
+        } else {
+          request.set_alias(target.alias());
+        }
+        auto reply = unary(&pb::Backend::Stub::Resolve, request, options.timeout);
+        if (reply.has_error() && !reply.error().code().empty()) throw reply_error(reply.error());
+        backend = reply.ref().backend_id();
+        std::lock_guard<std::mutex> hold(routes_lock);
+        if (!target.alias().empty()) owners[target.alias()] = backend;
+      }
+    }
+    {
+      std::lock_guard<std::mutex> hold(routes_lock);
+      auto it = addresses.find(backend);
+      if (it != addresses.end()) return {backend, it->second};
+    }
+    auto reply = unary(&pb::Backend::Stub::ListBackends, pb::ListBackendsRequest(),
+                       options.timeout);
+    std::lock_guard<std::mutex> hold(routes_lock);
+    for (const auto& b : reply.backends()) addresses[b.backend_id()] = b.address();
+    return {backend, addresses[backend]};
+  }
+
+  // The owner's stub in direct mode, or null (use the backend connected to).
+  pb::Backend::Stub* owner_stub(const Target& target) {
+    if (!options.direct) return nullptr;
+    std::string where;
+    try {
+      where = locate(target).second;
+    } catch (const Error&) {
+      return nullptr;  // the gateway answers the same error, with its status
+    }
+    if (where.empty() || where == address) return nullptr;
+    {
+      std::lock_guard<std::mutex> hold(routes_lock);
+      auto it = owner_stubs.find(where);
+      if (it != owner_stubs.end()) return it->second.get();
+    }
+    // Connect within the directory timeout: an address that does not answer
+    // here (NAT, a container's name) must not hold a call for its deadline.
+    auto channel = grpc::CreateCustomChannel(where, creds, args);
+    const bool up = channel->WaitForConnected(
+        std::chrono::system_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(options.timeout * 1000)));
+    std::lock_guard<std::mutex> hold(routes_lock);
+    auto& slot = owner_stubs[where];
+    if (up && !slot) slot = pb::Backend::NewStub(channel);
+    return slot.get();
+  }
+
+  // Run on the owner (direct mode), else or then on the backend connected to:
+  // again there when the owner did not run it (NOT_FOUND: the route is stale;
+  // UNAVAILABLE, for operations safe to repeat).
+  template <class Result>
+  Result routed(const Target& target, bool repeatable,
+                const std::function<Result(pb::Backend::Stub*)>& run) {
+    if (pb::Backend::Stub* owner = owner_stub(target)) {
+      try {
+        return run(owner);
+      } catch (const Error& err) {
+        const int status = err.grpc_status();
+        const bool stale = status == static_cast<int>(grpc::StatusCode::NOT_FOUND) ||
+                           (repeatable && status == static_cast<int>(grpc::StatusCode::UNAVAILABLE));
+        if (!stale) throw;
+        std::lock_guard<std::mutex> hold(routes_lock);
+        owners.erase(target.alias());
+        addresses.clear();
+      }
+    }
+    return run(stub.get());
+  }
 };
 
 Client::Client(const std::string& address, Options options) : impl_(new Impl) {
   impl_->options = std::move(options);
-  std::shared_ptr<grpc::ChannelCredentials> creds;
+  impl_->address = address;
   if (impl_->options.ca_pem.empty()) {
-    creds = grpc::InsecureChannelCredentials();
+    impl_->creds = grpc::InsecureChannelCredentials();
   } else {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = impl_->options.ca_pem;
-    creds = grpc::SslCredentials(ssl);
+    impl_->creds = grpc::SslCredentials(ssl);
   }
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
-  args.SetMaxSendMessageSize(64 * 1024 * 1024);
-  impl_->stub = pb::Backend::NewStub(grpc::CreateCustomChannel(address, creds, args));
+  impl_->args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
+  impl_->args.SetMaxSendMessageSize(64 * 1024 * 1024);
+  impl_->stub = pb::Backend::NewStub(
+      grpc::CreateCustomChannel(address, impl_->creds, impl_->args));
   backend_id();  // fails fast (BackendUnavailable) when nothing answers
 }
 
@@ -313,9 +406,11 @@ Array Client::get_array(const Target& target, const std::string& name) {
   set_target(&request, target);
   request.set_kind(pb::GET_ATTR);
   request.set_name(name);
-  return impl_->get_array(request, [](Array& a, uint64_t n) {
-    a.data.resize(n);
-    return a.data.data();
+  return impl_->routed<Array>(target, true, [&](pb::Backend::Stub* via) {
+    return impl_->get_array(via, request, [](Array& a, uint64_t n) {
+      a.data.resize(n);
+      return a.data.data();
+    });
   });
 }
 
@@ -327,9 +422,11 @@ Array Client::call_array(const Target& target, const std::string& method,
   request.set_name(method);
   request.set_args_json(args_json);
   request.set_kwargs_json(kwargs_json);
-  return impl_->get_array(request, [](Array& a, uint64_t n) {
-    a.data.resize(n);
-    return a.data.data();
+  return impl_->routed<Array>(target, false, [&](pb::Backend::Stub* via) {
+    return impl_->get_array(via, request, [](Array& a, uint64_t n) {
+      a.data.resize(n);
+      return a.data.data();
+    });
   });
 }
 
@@ -339,14 +436,16 @@ Array Client::read_array_into(const Target& target, const std::string& name, voi
   set_target(&request, target);
   request.set_kind(pb::GET_ATTR);
   request.set_name(name);
-  return impl_->get_array(request, [buffer, capacity](Array&, uint64_t n) {
-    if (n > capacity) {
-      throw Error("ValueTooLarge",
-                  "array of " + std::to_string(n) + " bytes does not fit a buffer of " +
-                      std::to_string(capacity),
-                  static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED));
-    }
-    return static_cast<unsigned char*>(buffer);
+  return impl_->routed<Array>(target, true, [&](pb::Backend::Stub* via) {
+    return impl_->get_array(via, request, [buffer, capacity](Array&, uint64_t n) {
+      if (n > capacity) {
+        throw Error("ValueTooLarge",
+                    "array of " + std::to_string(n) + " bytes does not fit a buffer of " +
+                        std::to_string(capacity),
+                    static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+      }
+      return static_cast<unsigned char*>(buffer);
+    });
   });
 }
 
@@ -378,19 +477,22 @@ void Client::set_array(const Target& target, const std::string& name, const std:
   const auto* bytes = static_cast<const char*>(data);
   if (!chunked) array->set_data(bytes, nbytes);
 
-  grpc::ClientContext ctx;
-  impl_->prepare(&ctx, impl_->options.timeout + nbytes / kStreamMinRate);
-  pb::SetArrayResponse reply;
-  auto writer = impl_->stub->SetArray(&ctx, &reply);
-  bool open = writer->Write(first);
-  for (std::size_t at = 0; chunked && open && at < nbytes; at += kChunkBytes) {
-    pb::SetArrayRequest piece;
-    piece.set_data(bytes + at, std::min(kChunkBytes, nbytes - at));
-    open = writer->Write(piece);
-  }
-  writer->WritesDone();
-  grpc::Status status = writer->Finish();
-  if (!status.ok()) throw status_error(ctx, status);
+  impl_->routed<bool>(target, true, [&](pb::Backend::Stub* via) {
+    grpc::ClientContext ctx;
+    impl_->prepare(&ctx, impl_->options.timeout + nbytes / kStreamMinRate);
+    pb::SetArrayResponse reply;
+    auto writer = via->SetArray(&ctx, &reply);
+    bool open = writer->Write(first);
+    for (std::size_t at = 0; chunked && open && at < nbytes; at += kChunkBytes) {
+      pb::SetArrayRequest piece;
+      piece.set_data(bytes + at, std::min(kChunkBytes, nbytes - at));
+      open = writer->Write(piece);
+    }
+    writer->WritesDone();
+    grpc::Status status = writer->Finish();
+    if (!status.ok()) throw status_error(ctx, status);
+    return true;
+  });
 }
 
 ObjectRef Client::create_object(const std::string& class_name, const std::string& args_json,
@@ -410,6 +512,10 @@ void Client::remove(const Target& target) {
   pb::DeleteObjectRequest request;
   set_target(&request, target);
   impl_->unary(&pb::Backend::Stub::DeleteObject, request, impl_->options.timeout);
+}
+
+std::pair<std::string, std::string> Client::locate(const Target& target) {
+  return impl_->locate(target);
 }
 
 std::vector<BackendInfo> Client::backends() {

@@ -1,13 +1,14 @@
 // Test driver for tests/test_cpp_client.py: exercises the parts of the C++
 // client the example does not, against a real cluster, and prints one JSON line.
 //
-//   CLAYPOT_TOKEN=... claypot_roundtrip ADDRESS ALIAS CLASS N
+//   CLAYPOT_TOKEN=... claypot_roundtrip ADDRESS ALIAS CLASS N [direct]
 //
 // On the object ALIAS (a Python object with a numpy attribute `samples`):
 // writes N float64 values i * 0.25 with set_array as `samples` (chunked when
 // large) and a 2x3 int32 array as `small`, reads `samples` back with
 // read_array_into (and once into a buffer one byte too small), then creates an
 // object of CLASS with alias ALIAS-cpp, calls `total` on it, and deletes it.
+// With `direct`, arrays go straight to the owner (Options::direct).
 #include <claypot/client.hpp>
 
 #include <cstdint>
@@ -18,14 +19,15 @@
 #include <vector>
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::cerr << "usage: claypot_roundtrip ADDRESS ALIAS CLASS N\n";
+  if (argc != 5 && !(argc == 6 && std::string(argv[5]) == "direct")) {
+    std::cerr << "usage: claypot_roundtrip ADDRESS ALIAS CLASS N [direct]\n";
     return 2;
   }
   const std::string address = argv[1], alias = argv[2], cls = argv[3];
   const std::size_t n = std::strtoull(argv[4], nullptr, 10);
   claypot::Options options;
   options.token = std::getenv("CLAYPOT_TOKEN") ? std::getenv("CLAYPOT_TOKEN") : "";
+  options.direct = argc == 6;
   try {
     claypot::Client client(address, options);
     std::vector<double> values(n);
@@ -68,7 +70,8 @@ int main(int argc, char** argv) {
               << ints.shape.at(0) << "," << ints.shape.at(1) << "],\"wrong_type\":\""
               << wrong_type << "\",\"made_backend\":\"" << made.backend_id
               << "\",\"total\":" << total << ",\"after_delete\":\"" << after_delete
-              << "\",\"backends\":" << client.backends().size() << "}" << std::endl;
+              << "\",\"backends\":" << client.backends().size() << ",\"owner_address\":\""
+              << client.locate(alias).second << "\"}" << std::endl;
     return 0;
   } catch (const claypot::Error& err) {
     std::cout << "{\"error\":\"" << err.code() << "\"}" << std::endl;

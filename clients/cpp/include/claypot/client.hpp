@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 namespace claypot {
@@ -32,17 +33,20 @@ class Target {
  public:
   Target(const char* alias) : alias_(alias) {}             // NOLINT: implicit on purpose
   Target(std::string alias) : alias_(std::move(alias)) {}  // NOLINT
-  Target(const ObjectRef& ref) : object_id_(ref.object_id) {}  // NOLINT
+  Target(const ObjectRef& ref)  // NOLINT
+      : object_id_(ref.object_id), backend_id_(ref.backend_id) {}
   static Target by_id(std::string object_id) {
     Target t{ObjectRef{std::move(object_id), "", ""}};
     return t;
   }
   const std::string& alias() const { return alias_; }
   const std::string& object_id() const { return object_id_; }
+  const std::string& backend_id() const { return backend_id_; }  // the owner, when known
 
  private:
   std::string alias_;
   std::string object_id_;
+  std::string backend_id_;
 };
 
 // One backend of the cluster.
@@ -109,8 +113,13 @@ struct Options {
   double timeout = 10;         // seconds for directory calls
   double call_timeout = 600;   // seconds for a method call or an array transfer
   std::string ca_pem;          // PEM of the backends' CA: use TLS when set
+  // Send typed-array reads and writes straight to the object's owner (at the
+  // address it registered) instead of through the backend connected to; an
+  // owner that does not answer within `timeout` is skipped for the gateway.
+  bool direct = false;
 };
 
+// One Client may be used from several threads.
 class Client {
  public:
   // Connects through the backend at address ("host:port") and pings it.
@@ -148,6 +157,8 @@ class Client {
                           const std::string& backend_id = "");
   void remove(const Target& target);  // delete the object
   std::vector<BackendInfo> backends();
+  // The owner backend of an object and its registered address (cached).
+  std::pair<std::string, std::string> locate(const Target& target);
 
  private:
   struct Impl;
