@@ -219,6 +219,22 @@ function encodeArray(value) {
   return { dtype, shape, bytes };
 }
 
+// True once `channel` is READY; false at its first failure to connect (a
+// refused or unresolvable address: grpc's own waitForReady would keep
+// retrying until the deadline) or at the deadline.
+function connected(channel, deadline) {
+  const { READY, TRANSIENT_FAILURE, SHUTDOWN } = grpc.connectivityState;
+  return new Promise((resolve) => {
+    const check = () => {
+      const state = channel.getConnectivityState(true);
+      if (state === READY) resolve(true);
+      else if (state === TRANSIENT_FAILURE || state === SHUTDOWN) resolve(false);
+      else channel.watchConnectivityState(state, deadline, (err) => (err ? resolve(false) : check()));
+    };
+    check();
+  });
+}
+
 /** A connection to a claypot cluster through one backend. Make it with connect(). */
 class Client {
   constructor(address, options = {}) {
@@ -282,9 +298,7 @@ class Client {
       // answer here (NAT, a container's name) must not hold a call for its
       // whole deadline. Unreachable addresses are remembered as null.
       const candidate = this._newStub(where.address);
-      const ready = await new Promise((resolve) => {
-        candidate.waitForReady(this._deadline(this.timeout), (err) => resolve(!err));
-      });
+      const ready = await connected(candidate.getChannel(), this._deadline(this.timeout));
       if (ready) {
         stub = candidate;
       } else {

@@ -324,9 +324,17 @@ struct Client::Impl {
     // Connect within the directory timeout: an address that does not answer
     // here (NAT, a container's name) must not hold a call for its deadline.
     auto channel = grpc::CreateCustomChannel(where, creds, args);
-    const bool up = channel->WaitForConnected(
-        std::chrono::system_clock::now() +
-        std::chrono::milliseconds(static_cast<int64_t>(options.timeout * 1000)));
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(options.timeout * 1000));
+    // Ready, or given up at the first failure to connect (WaitForConnected
+    // would keep retrying a refused address until the deadline).
+    bool up = false;
+    for (;;) {
+      const grpc_connectivity_state state = channel->GetState(true);
+      if (state == GRPC_CHANNEL_READY) { up = true; break; }
+      if (state == GRPC_CHANNEL_TRANSIENT_FAILURE || state == GRPC_CHANNEL_SHUTDOWN) break;
+      if (!channel->WaitForStateChange(state, deadline)) break;
+    }
     std::lock_guard<std::mutex> hold(routes_lock);
     auto& slot = owner_stubs[where];
     if (up && !slot) slot = pb::Backend::NewStub(channel);
