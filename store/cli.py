@@ -1,4 +1,4 @@
-"""The ``claypot`` command: up, status, down, demo, backend, repair."""
+"""The ``claypot`` command: up, status, down, demo, backend, repair, health."""
 
 from __future__ import annotations
 
@@ -192,6 +192,14 @@ def cmd_repair(a) -> int:
     return 0
 
 
+def cmd_health(a) -> int:
+    """The standard gRPC health check of one backend (no token): exit 0 only when SERVING."""
+    from .polyglot import check_health
+    status = check_health(a.address, a.timeout)
+    print(status)
+    return {"SERVING": 0, "UNREACHABLE": 2}.get(status, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "backend":
@@ -221,13 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--redis")
     rp.add_argument("data_dirs", nargs="*")
     sub.add_parser("backend", help="run one backend (see claypot backend --help)")
+    hc = sub.add_parser("health", help="grpc.health.v1 check of one backend, no token: exit 0 "
+                        "SERVING, 1 NOT_SERVING, 2 unreachable")
+    hc.add_argument("address")
+    hc.add_argument("--timeout", type=float, default=5.0)
     a = p.parse_args(argv)
     try:
         if a.cmd == "demo":
             from .demo import run
             return run(a.backends, a.address, a.token)
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status,
-                "repair": cmd_repair}[a.cmd](a)
+                "repair": cmd_repair, "health": cmd_health}[a.cmd](a)
     except ClaypotError as exc:
         print(f"claypot {a.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

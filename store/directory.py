@@ -333,6 +333,10 @@ class Directory:
             raise ClassNotFound(f"{exc}: refusing to load it (was the registry written "
                                 f"by something without the cluster token?)") from None
 
+    def code_keys(self) -> list[str]:
+        """Every key of the code registry (classes and task functions)."""
+        return [k.decode() if isinstance(k, bytes) else k for k in self.r.hkeys(self.k_code)]
+
     def has_code(self, key: str) -> bool:
         return bool(self.r.hexists(self.k_code, key))
 

@@ -162,6 +162,10 @@ def _serialize_chunk(message) -> bytes:
 
 _SERVICE = "claypot.v1.Backend"
 
+# Stream messages laid out like Chunk (field 1 a header, field 2 raw data):
+# they travel with the same raw framing.
+_RAW_FRAMED = (pb.Chunk, pb.GetArrayResponse, pb.SetArrayRequest)
+
 
 class StreamStub:
     """The streaming RPCs of a channel, with claypot's raw chunk framing.
@@ -195,8 +199,8 @@ def add_servicer(servicer, server: grpc.Server) -> None:
         fn = getattr(servicer, method.name)
         request_type = getattr(pb, method.input_type.name)
         reply_type = getattr(pb, method.output_type.name)
-        deserialize = None if request_type is pb.Chunk else request_type.FromString
-        serialize = _serialize_chunk if reply_type is pb.Chunk else reply_type.SerializeToString
+        deserialize = None if request_type in _RAW_FRAMED else request_type.FromString
+        serialize = _serialize_chunk if reply_type in _RAW_FRAMED else reply_type.SerializeToString
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler
         elif method.client_streaming:

@@ -278,7 +278,9 @@ def test_compose_file_wires_redis_backends_and_demo():
         assert target == "/data" and source in declared_volumes
         data_volumes.add(source)
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert svc["healthcheck"]["test"][:3] == ["CMD", "claypot", "status"]
+        # The standard gRPC health check of this very backend, which needs no token.
+        assert svc["healthcheck"]["test"] == ["CMD", "claypot", "health",
+                                              f"127.0.0.1:{flags['--port']}"]
         tokens.add(svc["environment"]["CLAYPOT_TOKEN"])
     assert len(data_volumes) == 2 and len(ports) == 2  # each backend its own dir and port
 

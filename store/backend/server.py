@@ -3,7 +3,8 @@
 The servicer is thin: each RPC decodes its request, calls the heap (or the
 directory), and encodes the answer. Errors travel inside replies (an
 ``Error`` message), so a user exception keeps its type; gRPC status codes
-are left for transport problems and the token check.
+are left for transport problems and the token check. The cross-language
+RPCs, health checking and reflection live in :mod:`store.backend.polyglot`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
+from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
 from .storage import Storage
 
 log = logging.getLogger("claypot.backend")
 
-_OPEN_METHODS = {"/claypot.v1.Backend/Ping"}
+_OPEN_METHODS = {"/claypot.v1.Backend/Ping"} | OPEN_METHODS
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -54,15 +56,23 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_stream_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
         if not self._token or details.method in _OPEN_METHODS:
             return continuation(details)
         if carries_token(details.invocation_metadata, self._token):
             return continuation(details)
-        if details.method.endswith("Stream"):
+        # The refusal must have the method's shape (unary or streaming on each
+        # side); looking the handler up deserializes nothing.
+        handler = continuation(details)
+        if handler is None:
+            return self._deny_unary
+        if handler.request_streaming and handler.response_streaming:
+            return self._deny_stream_stream
+        if handler.request_streaming:
             return self._deny_stream
-        if details.method.endswith("FetchResult"):
+        if handler.response_streaming:
             return self._deny_unary_stream
         return self._deny_unary
 
@@ -121,7 +131,7 @@ class PendingResults:
         return item[1], item[2]
 
 
-class BackendServicer(pb_grpc.BackendServicer):
+class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     """Thin gRPC layer over a Backend."""
 
     def __init__(self, backend: "Backend"):
@@ -473,6 +483,7 @@ class Backend:
             options=CHANNEL_OPTIONS)
         self.servicer = BackendServicer(self)
         wire.add_servicer(self.servicer, self.server)
+        self.services = StandardServices(self.server)  # health (NOT_SERVING until started), reflection
         listen = f"{settings.host}:{settings.port}"
         if settings.tls_cert:
             creds = grpc.ssl_server_credentials(
@@ -515,9 +526,11 @@ class Backend:
             self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
                                                 self.settings.host,
                                                 tls_dir=self.settings.dask_tls_dir).start()
+        self.services.serving(True)
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
     def stop(self, grace: float = 1.0) -> None:
+        self.services.draining()
         self._stop.set()
         if self.dask_worker is not None:
             self.dask_worker.stop()
@@ -551,17 +564,24 @@ class Backend:
             if self._stop.wait(0.05):
                 break
             changed.clear()
+            published = True
             try:
                 epoch = self.directory.epoch()
                 if epoch != self._epoch:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.
                     # Epoch after the republish: if it fails midway, the next beat retries.
+                    published = False
+                    self.services.serving(False)
                     self.republish()
                     self._epoch = self.directory.ensure_epoch()
+                    published = True
                 self._heartbeat()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
+            # Health: NOT_SERVING until the directory is whole again, and for good
+            # once the storage failed (the backend acknowledges nothing more).
+            self.services.serving(published and self.storage.failed is None)
 
     def _sweep_loop(self) -> None:
         """Expire results no client fetched, on a timer rather than on the next transfer."""

@@ -14,11 +14,20 @@ class CallKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SET_ATTR: _ClassVar[CallKind]
     DEL_ATTR: _ClassVar[CallKind]
     TASK: _ClassVar[CallKind]
+
+class ByteOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BYTE_ORDER_UNSPECIFIED: _ClassVar[ByteOrder]
+    BYTE_ORDER_LITTLE_ENDIAN: _ClassVar[ByteOrder]
+    BYTE_ORDER_BIG_ENDIAN: _ClassVar[ByteOrder]
 METHOD: CallKind
 GET_ATTR: CallKind
 SET_ATTR: CallKind
 DEL_ATTR: CallKind
 TASK: CallKind
+BYTE_ORDER_UNSPECIFIED: ByteOrder
+BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
+BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "remote_type", "traceback", "pickled", "moved_to")
@@ -277,3 +286,101 @@ class JsonCallReply(_message.Message):
     result_json: str
     error: Error
     def __init__(self, result_json: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class TypedArray(_message.Message):
+    __slots__ = ("dtype", "shape", "byte_order", "nbytes", "data", "chunked")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_ORDER_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    byte_order: ByteOrder
+    nbytes: int
+    data: bytes
+    chunked: bool
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_order: _Optional[_Union[ByteOrder, str]] = ..., nbytes: _Optional[int] = ..., data: _Optional[bytes] = ..., chunked: _Optional[bool] = ...) -> None: ...
+
+class GetArrayRequest(_message.Message):
+    __slots__ = ("object_id", "alias", "kind", "name", "args_json", "kwargs_json")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    alias: str
+    kind: CallKind
+    name: str
+    args_json: str
+    kwargs_json: str
+    def __init__(self, object_id: _Optional[str] = ..., alias: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args_json: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+
+class GetArrayResponse(_message.Message):
+    __slots__ = ("array", "data")
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    array: TypedArray
+    data: bytes
+    def __init__(self, array: _Optional[_Union[TypedArray, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SetArrayHeader(_message.Message):
+    __slots__ = ("object_id", "alias", "name", "array")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    alias: str
+    name: str
+    array: TypedArray
+    def __init__(self, object_id: _Optional[str] = ..., alias: _Optional[str] = ..., name: _Optional[str] = ..., array: _Optional[_Union[TypedArray, _Mapping]] = ...) -> None: ...
+
+class SetArrayRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: SetArrayHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[SetArrayHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SetArrayResponse(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: ObjectRef
+    def __init__(self, ref: _Optional[_Union[ObjectRef, _Mapping]] = ...) -> None: ...
+
+class CreateObjectRequest(_message.Message):
+    __slots__ = ("class_name", "args_json", "kwargs_json", "alias", "backend_id")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    args_json: str
+    kwargs_json: str
+    alias: str
+    backend_id: str
+    def __init__(self, class_name: _Optional[str] = ..., args_json: _Optional[str] = ..., kwargs_json: _Optional[str] = ..., alias: _Optional[str] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
+class CreateObjectResponse(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: ObjectRef
+    def __init__(self, ref: _Optional[_Union[ObjectRef, _Mapping]] = ...) -> None: ...
+
+class DeleteObjectRequest(_message.Message):
+    __slots__ = ("object_id", "alias")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    alias: str
+    def __init__(self, object_id: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class DeleteObjectResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -119,6 +119,26 @@ class BackendStub:
                 request_serializer=claypot__pb2.JsonCallRequest.SerializeToString,
                 response_deserializer=claypot__pb2.JsonCallReply.FromString,
                 _registered_method=True)
+        self.GetArray = channel.unary_stream(
+                '/claypot.v1.Backend/GetArray',
+                request_serializer=claypot__pb2.GetArrayRequest.SerializeToString,
+                response_deserializer=claypot__pb2.GetArrayResponse.FromString,
+                _registered_method=True)
+        self.SetArray = channel.stream_unary(
+                '/claypot.v1.Backend/SetArray',
+                request_serializer=claypot__pb2.SetArrayRequest.SerializeToString,
+                response_deserializer=claypot__pb2.SetArrayResponse.FromString,
+                _registered_method=True)
+        self.CreateObject = channel.unary_unary(
+                '/claypot.v1.Backend/CreateObject',
+                request_serializer=claypot__pb2.CreateObjectRequest.SerializeToString,
+                response_deserializer=claypot__pb2.CreateObjectResponse.FromString,
+                _registered_method=True)
+        self.DeleteObject = channel.unary_unary(
+                '/claypot.v1.Backend/DeleteObject',
+                request_serializer=claypot__pb2.DeleteObjectRequest.SerializeToString,
+                response_deserializer=claypot__pb2.DeleteObjectResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -234,6 +254,43 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArray(self, request, context):
+        """Cross-language typed arrays (numpy arrays as dtype, shape and raw bytes).
+        Failures end these calls with a gRPC status code and the trailing
+        metadata `claypot-error-code` (see "Error codes" below), not an Error field.
+
+        GetArray reads an attribute (GET_ATTR) or calls a method (METHOD, JSON
+        arguments) and answers with its array: one TypedArray (its bytes inline
+        when they fit the inline limit), then, for larger arrays, the bytes as
+        `data` messages, back to back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetArray(self, request_iterator, context):
+        """SetArray writes an array into an attribute: a SetArrayHeader first, then
+        the bytes its TypedArray announced as `data` messages (unless inline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateObject(self, request, context):
+        """CreateObject makes an object of a class the cluster's code registry
+        holds, with JSON constructor arguments, and makes it persistent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteObject(self, request, context):
+        """DeleteObject deletes an object (by id or alias) wherever it lives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +378,26 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.CallJson,
                     request_deserializer=claypot__pb2.JsonCallRequest.FromString,
                     response_serializer=claypot__pb2.JsonCallReply.SerializeToString,
+            ),
+            'GetArray': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetArray,
+                    request_deserializer=claypot__pb2.GetArrayRequest.FromString,
+                    response_serializer=claypot__pb2.GetArrayResponse.SerializeToString,
+            ),
+            'SetArray': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetArray,
+                    request_deserializer=claypot__pb2.SetArrayRequest.FromString,
+                    response_serializer=claypot__pb2.SetArrayResponse.SerializeToString,
+            ),
+            'CreateObject': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateObject,
+                    request_deserializer=claypot__pb2.CreateObjectRequest.FromString,
+                    response_serializer=claypot__pb2.CreateObjectResponse.SerializeToString,
+            ),
+            'DeleteObject': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteObject,
+                    request_deserializer=claypot__pb2.DeleteObjectRequest.FromString,
+                    response_serializer=claypot__pb2.DeleteObjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -782,6 +859,114 @@ class Backend:
             '/claypot.v1.Backend/CallJson',
             claypot__pb2.JsonCallRequest.SerializeToString,
             claypot__pb2.JsonCallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArray(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/claypot.v1.Backend/GetArray',
+            claypot__pb2.GetArrayRequest.SerializeToString,
+            claypot__pb2.GetArrayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetArray(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/claypot.v1.Backend/SetArray',
+            claypot__pb2.SetArrayRequest.SerializeToString,
+            claypot__pb2.SetArrayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/CreateObject',
+            claypot__pb2.CreateObjectRequest.SerializeToString,
+            claypot__pb2.CreateObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/DeleteObject',
+            claypot__pb2.DeleteObjectRequest.SerializeToString,
+            claypot__pb2.DeleteObjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
