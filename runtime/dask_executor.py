@@ -57,7 +57,7 @@ class Packed:
 
 
 def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float,
-               chain: str) -> Packed:
+               chain: str, task_key: str = "") -> Packed:
     """Runs inside a backend's Dask worker: one task, exactly as a ``run_task`` RPC would.
 
     The function comes from the backend's code cache (shipped once, by the
@@ -79,7 +79,7 @@ def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float
     previous = current_chain()
     set_chain(chain)
     try:
-        result = heap.run_task(fn, args, kwargs, mutates, chain, timeout)
+        result = heap.run_task(fn, args, kwargs, mutates, chain, timeout, task_key=task_key)
         payload, buffers = dumps(result, heap.pickle_context(chain))
     finally:
         set_chain(previous)
@@ -194,11 +194,12 @@ class DaskExecutor:
                 job.done(None, exc)
                 continue
             name = getattr(job.fn, "__name__", "task")
-            group = groups.setdefault((job.backend, job.units), ([], [[], [], [], [], [], []]))
+            group = groups.setdefault((job.backend, job.units),
+                                      ([], [[], [], [], [], [], [], []]))
             group[0].append(job)
             for column, value in zip(group[1], (
                     code_key, Packed(payload, buffers), list(job.mutates), job.time_out,
-                    uuid.uuid4().hex, f"{name}-{uuid.uuid4().hex}")):
+                    uuid.uuid4().hex, job.key, f"{name}-{uuid.uuid4().hex}")):
                 column.append(value)
         for (backend, units), (group_jobs, columns) in groups.items():
             *arguments, keys = columns

@@ -48,6 +48,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "AlreadyPersistent": grpc.StatusCode.ALREADY_EXISTS,
     "ObjectCorrupt": grpc.StatusCode.DATA_LOSS,
     "ObjectBusy": grpc.StatusCode.FAILED_PRECONDITION,
+    "InvalidKey": grpc.StatusCode.INVALID_ARGUMENT,
     "BackendError": grpc.StatusCode.UNAVAILABLE,
     "BackendNotFound": grpc.StatusCode.NOT_FOUND,
     "BackendUnavailable": grpc.StatusCode.UNAVAILABLE,

@@ -70,7 +70,7 @@ export type ErrorCode =
   | 'ClaypotError' | 'ConfigurationError' | 'AuthenticationError' | 'ProtocolError'
   | 'SerializationError' | 'ClassNotFound' | 'ValueTooLarge' | 'ObjectError'
   | 'ObjectNotFound' | 'ObjectMoved' | 'AliasNotFound' | 'AliasExists' | 'NotPersistent'
-  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'BackendError' | 'BackendNotFound'
+  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'InvalidKey' | 'BackendError' | 'BackendNotFound'
   | 'BackendUnavailable' | 'CallInterrupted' | 'StorageFailed' | 'DeadlineExceeded' | 'TaskError'
   | 'TaskCancelled' | 'TaskTimeout' | 'RemoteError';
 

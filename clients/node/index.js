@@ -43,6 +43,7 @@ const STATUS_BY_CODE = Object.freeze({
   AlreadyPersistent: 'ALREADY_EXISTS',
   ObjectCorrupt: 'DATA_LOSS',
   ObjectBusy: 'FAILED_PRECONDITION',
+  InvalidKey: 'INVALID_ARGUMENT',
   BackendError: 'UNAVAILABLE',
   BackendNotFound: 'NOT_FOUND',
   BackendUnavailable: 'UNAVAILABLE',

@@ -151,6 +151,7 @@ class Lifecycle:
         self._resident: OrderedDict[str, int] = OrderedDict()  # oid -> size, LRU first
         self.resident_bytes = 0
         self.largest = 0   # bytes of the largest object seen: headroom for one arriving
+        self._present = 0  # objects held here (PRESENT states), kept as they change
 
     # -- queries ----------------------------------------------------------------------
     def get(self, object_id: str) -> Life | None:
@@ -161,7 +162,7 @@ class Lifecycle:
         return life is not None and life.state in PRESENT
 
     def count(self) -> int:
-        return sum(1 for life in self._lives.values() if life.state in PRESENT)
+        return self._present
 
     def resident_count(self) -> int:
         return len(self._resident)
@@ -184,6 +185,8 @@ class Lifecycle:
     def stored_at_start(self, object_ids) -> None:
         """Objects found in the storage dir at start: on disk, not in memory."""
         for oid in object_ids:
+            if oid not in self._lives:
+                self._present += 1
             self._lives[oid] = Life(oid, State.SPILLED)
 
     def persisted(self, object_id: str, lsn: int, size: int, big: bool) -> list:
@@ -195,6 +198,7 @@ class Lifecycle:
             life = self._lives[object_id] = Life(object_id, State.LIVE)
         else:
             life.state, life.moved_to, life.epoch = State.LIVE, "", life.epoch + 1
+        self._present += 1
         life.lsn, life.big = lsn, big
         self._make_resident(life, size)
         return self._spills()
@@ -264,6 +268,7 @@ class Lifecycle:
     def move_done(self, object_id: str, lsn: int) -> list:
         life = self._expect(object_id, State.MOVING, "move_done")
         life.state, life.epoch, life.lsn = State.MOVED, life.epoch + 1, lsn
+        self._present -= 1
         self._make_absent(life)
         return [Drop(object_id)]
 
@@ -281,6 +286,7 @@ class Lifecycle:
             raise IllegalTransition(f"{object_id} delete_done while {life.state.value}")
         was_resident = life.state is State.LIVE
         life.state, life.epoch, life.lsn = State.DELETED, life.epoch + 1, lsn
+        self._present -= 1
         self._make_absent(life)
         # A deleted id never comes back (ids are unique): keep no record of it.
         del self._lives[object_id]
@@ -353,6 +359,8 @@ class Lifecycle:
             total += size
         assert total == self.resident_bytes, \
             f"resident bytes {self.resident_bytes} != sum of sizes {total}"
+        present = sum(1 for life in self._lives.values() if life.state in PRESENT)
+        assert present == self._present, f"present count {self._present} != {present}"
         for oid, life in self._lives.items():
             assert life.object_id == oid
             assert life.state is not State.DELETED, f"{oid} deleted but still recorded"

@@ -101,6 +101,7 @@ grpc::StatusCode status_of_code(const std::string& code) {
       {"AlreadyPersistent", grpc::StatusCode::ALREADY_EXISTS},
       {"ObjectCorrupt", grpc::StatusCode::DATA_LOSS},
       {"ObjectBusy", grpc::StatusCode::FAILED_PRECONDITION},
+      {"InvalidKey", grpc::StatusCode::INVALID_ARGUMENT},
       {"BackendError", grpc::StatusCode::UNAVAILABLE},
       {"BackendNotFound", grpc::StatusCode::NOT_FOUND},
       {"BackendUnavailable", grpc::StatusCode::UNAVAILABLE},
