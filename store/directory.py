@@ -249,8 +249,14 @@ class Directory:
         pipe.set(self.prefix + "alive:" + backend_id, "1", px=int(ttl * 1000))
         pipe.execute()
 
-    def unregister_backend(self, backend_id: str) -> None:
-        self.r.delete(self.prefix + "alive:" + backend_id)
+    def unregister_backend(self, backend_id: str, info: dict | None = None) -> None:
+        """Shown down at once; ``info`` (marked stopped) tells clients it stopped on
+        purpose, so they keep retrying a restart instead of giving up on a lost host."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(self.prefix + "alive:" + backend_id)
+        if info is not None:
+            pipe.hset(self.k_backends, backend_id, json.dumps(dict(info, stopped=True)))
+        pipe.execute()
 
     def backends(self) -> list[dict]:
         raw = self.r.hgetall(self.k_backends)

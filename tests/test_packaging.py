@@ -36,8 +36,8 @@ STORE_API = [
 ]
 
 ERRORS_API = [
-    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendError",
-    "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
+    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
+    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
     "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectCorrupt", "ObjectError",
     "ObjectNotFound", "ProtocolError", "RemoteError", "SerializationError", "TaskCancelled",
     "TaskError", "TaskTimeout", "ValueTooLarge", "by_code",

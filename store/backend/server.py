@@ -108,7 +108,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request, context):
         return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
-                            host=self.b.host, pid=os.getpid())
+                            host=self.b.host, pid=os.getpid(), host_id=self.b.host_id)
 
     def Resolve(self, request, context):
         try:
@@ -129,7 +129,8 @@ class BackendServicer(pb_grpc.BackendServicer):
                 pid=b.get("pid", 0), up=b["up"], objects=b.get("objects", 0),
                 memory_bytes=b.get("memory_bytes", 0),
                 resident_objects=b.get("resident_objects", 0),
-                running_tasks=b.get("running_tasks", 0)))
+                running_tasks=b.get("running_tasks", 0), host_id=b.get("host_id", ""),
+                stopped=bool(b.get("stopped")) and not b["up"]))
         return pb.ListBackendsReply(backends=infos)
 
     def RegisterCode(self, request, context):
@@ -330,6 +331,7 @@ class Backend:
             raise ClaypotError("a backend needs a Redis URL (--redis)")
         self.settings = settings
         self.host = socket.gethostname()
+        self.host_id = shm.host_id(settings.host_id)
         self.directory = Directory(settings.redis, timeout=settings.admin_timeout)
         self.directory.wait_ready(settings.admin_timeout)
         self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
@@ -395,7 +397,7 @@ class Backend:
         if self.dask_worker is not None:
             self.dask_worker.stop()
         try:
-            self.directory.unregister_backend(self.backend_id)
+            self.directory.unregister_backend(self.backend_id, self._stats())
         except Exception:
             pass
         self.server.stop(grace).wait(grace + 1)
@@ -403,7 +405,8 @@ class Backend:
 
     def _stats(self) -> dict:
         import psutil
-        return {"address": self.address, "host": self.host, "pid": os.getpid(),
+        return {"address": self.address, "host": self.host, "host_id": self.host_id,
+                "pid": os.getpid(),
                 "started": self.started, "objects": self.heap.count(),
                 "resident_objects": self.heap.resident_count(),
                 "memory_bytes": psutil.Process().memory_info().rss,

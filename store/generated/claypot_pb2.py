@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rclaypot.proto\x12\nclaypot.v1\"_\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bremote_type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x0f\n\x07pickled\x18\x05 \x01(\x0c\"*\n\x06Status\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Error\"L\n\x05Value\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62uffers\x18\x02 \x03(\x0c\x12\x14\n\x0c\x62uffer_sizes\x18\x03 \x03(\x04\x12\x0b\n\x03shm\x18\x04 \x03(\t\"1\n\x05\x43hunk\x12\x10\n\x06header\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bPingRequest\"K\n\tPingReply\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"E\n\tObjectRef\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12\x12\n\nbackend_id\x18\x03 \x01(\t\"=\n\x0eResolveRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"T\n\x0cResolveReply\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.claypot.v1.ObjectRef\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"\xb1\x01\n\x0b\x42\x61\x63kendInfo\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0f\n\x07objects\x18\x06 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x18\n\x10resident_objects\x18\x08 \x01(\x03\x12\x15\n\rrunning_tasks\x18\t \x01(\x03\"\x15\n\x13ListBackendsRequest\">\n\x11ListBackendsReply\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.claypot.v1.BackendInfo\"0\n\x13RegisterCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\"\x1d\n\x0eGetCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\">\n\x0cGetCodeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"0\n\x0c\x41liasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"f\n\rPersistObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0b\x32\x11.claypot.v1.Value\x12\r\n\x05\x61lias\x18\x04 \x01(\t\"K\n\x0ePersistRequest\x12*\n\x07objects\x18\x01 \x03(\x0b\x32\x19.claypot.v1.PersistObject\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\"\xcc\x01\n\x0b\x43\x61llRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1f\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x11.claypot.v1.Value\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x0f\n\x07mutates\x18\x07 \x03(\t\x12\x0f\n\x07timeout\x18\x08 \x01(\x01\x12\x12\n\naccept_shm\x18\t \x01(\x08\"|\n\tCallReply\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Value\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\x12\x15\n\rresult_handle\x18\x03 \x01(\t\x12\x13\n\x0bresult_size\x18\x04 \x01(\x04\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rresult_handle\x18\x01 \x01(\t\"\"\n\rDeleteRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\";\n\x0bMoveRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x19\n\x11target_backend_id\x18\x02 \x01(\t\"\x9b\x01\n\x0fJsonCallRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\tB\x08\n\x06target\"F\n\rJsonCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error*J\n\x08\x43\x61llKind\x12\n\n\x06METHOD\x10\x00\x12\x0c\n\x08GET_ATTR\x10\x01\x12\x0c\n\x08SET_ATTR\x10\x02\x12\x0c\n\x08\x44\x45L_ATTR\x10\x03\x12\x08\n\x04TASK\x10\x04\x32\xa6\x07\n\x07\x42\x61\x63kend\x12\x36\n\x04Ping\x12\x17.claypot.v1.PingRequest\x1a\x15.claypot.v1.PingReply\x12?\n\x07Resolve\x12\x1a.claypot.v1.ResolveRequest\x1a\x18.claypot.v1.ResolveReply\x12N\n\x0cListBackends\x12\x1f.claypot.v1.ListBackendsRequest\x1a\x1d.claypot.v1.ListBackendsReply\x12\x43\n\x0cRegisterCode\x12\x1f.claypot.v1.RegisterCodeRequest\x1a\x12.claypot.v1.Status\x12?\n\x07GetCode\x12\x1a.claypot.v1.GetCodeRequest\x1a\x18.claypot.v1.GetCodeReply\x12;\n\x0b\x44\x65leteAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x38\n\x08SetAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x39\n\x07Persist\x12\x1a.claypot.v1.PersistRequest\x1a\x12.claypot.v1.Status\x12\x38\n\rPersistStream\x12\x11.claypot.v1.Chunk\x1a\x12.claypot.v1.Status(\x01\x12\x36\n\x04\x43\x61ll\x12\x17.claypot.v1.CallRequest\x1a\x15.claypot.v1.CallReply\x12\x38\n\nCallStream\x12\x11.claypot.v1.Chunk\x1a\x15.claypot.v1.CallReply(\x01\x12<\n\x0b\x46\x65tchResult\x12\x18.claypot.v1.FetchRequest\x1a\x11.claypot.v1.Chunk0\x01\x12\x37\n\x06\x44\x65lete\x12\x19.claypot.v1.DeleteRequest\x1a\x12.claypot.v1.Status\x12\x33\n\x04Move\x12\x17.claypot.v1.MoveRequest\x1a\x12.claypot.v1.Status\x12\x42\n\x08\x43\x61llJson\x12\x1b.claypot.v1.JsonCallRequest\x1a\x19.claypot.v1.JsonCallReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rclaypot.proto\x12\nclaypot.v1\"_\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bremote_type\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x0f\n\x07pickled\x18\x05 \x01(\x0c\"*\n\x06Status\x12 \n\x05\x65rror\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Error\"L\n\x05Value\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62uffers\x18\x02 \x03(\x0c\x12\x14\n\x0c\x62uffer_sizes\x18\x03 \x03(\x04\x12\x0b\n\x03shm\x18\x04 \x03(\t\"1\n\x05\x43hunk\x12\x10\n\x06header\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\r\n\x0bPingRequest\"\\\n\tPingReply\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x0f\n\x07host_id\x18\x05 \x01(\t\"E\n\tObjectRef\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12\x12\n\nbackend_id\x18\x03 \x01(\t\"=\n\x0eResolveRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"T\n\x0cResolveReply\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.claypot.v1.ObjectRef\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"\xd3\x01\n\x0b\x42\x61\x63kendInfo\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0f\n\x07objects\x18\x06 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x18\n\x10resident_objects\x18\x08 \x01(\x03\x12\x15\n\rrunning_tasks\x18\t \x01(\x03\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x0f\n\x07stopped\x18\x0b \x01(\x08\"\x15\n\x13ListBackendsRequest\">\n\x11ListBackendsReply\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.claypot.v1.BackendInfo\"0\n\x13RegisterCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\"\x1d\n\x0eGetCodeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\">\n\x0cGetCodeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\"0\n\x0c\x41liasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"f\n\rPersistObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x11\n\tclass_key\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0b\x32\x11.claypot.v1.Value\x12\r\n\x05\x61lias\x18\x04 \x01(\t\"K\n\x0ePersistRequest\x12*\n\x07objects\x18\x01 \x03(\x0b\x32\x19.claypot.v1.PersistObject\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\"\xcc\x01\n\x0b\x43\x61llRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1f\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x11.claypot.v1.Value\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x0f\n\x07mutates\x18\x07 \x03(\t\x12\x0f\n\x07timeout\x18\x08 \x01(\x01\x12\x12\n\naccept_shm\x18\t \x01(\x08\"|\n\tCallReply\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.claypot.v1.Value\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error\x12\x15\n\rresult_handle\x18\x03 \x01(\t\x12\x13\n\x0bresult_size\x18\x04 \x01(\x04\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rresult_handle\x18\x01 \x01(\t\"\"\n\rDeleteRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\";\n\x0bMoveRequest\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12\x19\n\x11target_backend_id\x18\x02 \x01(\t\"\x9b\x01\n\x0fJsonCallRequest\x12\x13\n\tobject_id\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x61lias\x18\x02 \x01(\tH\x00\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.claypot.v1.CallKind\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targs_json\x18\x05 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x06 \x01(\tB\x08\n\x06target\"F\n\rJsonCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.claypot.v1.Error*J\n\x08\x43\x61llKind\x12\n\n\x06METHOD\x10\x00\x12\x0c\n\x08GET_ATTR\x10\x01\x12\x0c\n\x08SET_ATTR\x10\x02\x12\x0c\n\x08\x44\x45L_ATTR\x10\x03\x12\x08\n\x04TASK\x10\x04\x32\xa6\x07\n\x07\x42\x61\x63kend\x12\x36\n\x04Ping\x12\x17.claypot.v1.PingRequest\x1a\x15.claypot.v1.PingReply\x12?\n\x07Resolve\x12\x1a.claypot.v1.ResolveRequest\x1a\x18.claypot.v1.ResolveReply\x12N\n\x0cListBackends\x12\x1f.claypot.v1.ListBackendsRequest\x1a\x1d.claypot.v1.ListBackendsReply\x12\x43\n\x0cRegisterCode\x12\x1f.claypot.v1.RegisterCodeRequest\x1a\x12.claypot.v1.Status\x12?\n\x07GetCode\x12\x1a.claypot.v1.GetCodeRequest\x1a\x18.claypot.v1.GetCodeReply\x12;\n\x0b\x44\x65leteAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x38\n\x08SetAlias\x12\x18.claypot.v1.AliasRequest\x1a\x12.claypot.v1.Status\x12\x39\n\x07Persist\x12\x1a.claypot.v1.PersistRequest\x1a\x12.claypot.v1.Status\x12\x38\n\rPersistStream\x12\x11.claypot.v1.Chunk\x1a\x12.claypot.v1.Status(\x01\x12\x36\n\x04\x43\x61ll\x12\x17.claypot.v1.CallRequest\x1a\x15.claypot.v1.CallReply\x12\x38\n\nCallStream\x12\x11.claypot.v1.Chunk\x1a\x15.claypot.v1.CallReply(\x01\x12<\n\x0b\x46\x65tchResult\x12\x18.claypot.v1.FetchRequest\x1a\x11.claypot.v1.Chunk0\x01\x12\x37\n\x06\x44\x65lete\x12\x19.claypot.v1.DeleteRequest\x1a\x12.claypot.v1.Status\x12\x33\n\x04Move\x12\x17.claypot.v1.MoveRequest\x1a\x12.claypot.v1.Status\x12\x42\n\x08\x43\x61llJson\x12\x1b.claypot.v1.JsonCallRequest\x1a\x19.claypot.v1.JsonCallReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'claypot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLKIND']._serialized_start=1953
-  _globals['_CALLKIND']._serialized_end=2027
+  _globals['_CALLKIND']._serialized_start=2004
+  _globals['_CALLKIND']._serialized_end=2078
   _globals['_ERROR']._serialized_start=29
   _globals['_ERROR']._serialized_end=124
   _globals['_STATUS']._serialized_start=126
@@ -44,45 +44,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_start=299
   _globals['_PINGREQUEST']._serialized_end=312
   _globals['_PINGREPLY']._serialized_start=314
-  _globals['_PINGREPLY']._serialized_end=389
-  _globals['_OBJECTREF']._serialized_start=391
-  _globals['_OBJECTREF']._serialized_end=460
-  _globals['_RESOLVEREQUEST']._serialized_start=462
-  _globals['_RESOLVEREQUEST']._serialized_end=523
-  _globals['_RESOLVEREPLY']._serialized_start=525
-  _globals['_RESOLVEREPLY']._serialized_end=609
-  _globals['_BACKENDINFO']._serialized_start=612
-  _globals['_BACKENDINFO']._serialized_end=789
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=791
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=812
-  _globals['_LISTBACKENDSREPLY']._serialized_start=814
-  _globals['_LISTBACKENDSREPLY']._serialized_end=876
-  _globals['_REGISTERCODEREQUEST']._serialized_start=878
-  _globals['_REGISTERCODEREQUEST']._serialized_end=926
-  _globals['_GETCODEREQUEST']._serialized_start=928
-  _globals['_GETCODEREQUEST']._serialized_end=957
-  _globals['_GETCODEREPLY']._serialized_start=959
-  _globals['_GETCODEREPLY']._serialized_end=1021
-  _globals['_ALIASREQUEST']._serialized_start=1023
-  _globals['_ALIASREQUEST']._serialized_end=1071
-  _globals['_PERSISTOBJECT']._serialized_start=1073
-  _globals['_PERSISTOBJECT']._serialized_end=1175
-  _globals['_PERSISTREQUEST']._serialized_start=1177
-  _globals['_PERSISTREQUEST']._serialized_end=1252
-  _globals['_CALLREQUEST']._serialized_start=1255
-  _globals['_CALLREQUEST']._serialized_end=1459
-  _globals['_CALLREPLY']._serialized_start=1461
-  _globals['_CALLREPLY']._serialized_end=1585
-  _globals['_FETCHREQUEST']._serialized_start=1587
-  _globals['_FETCHREQUEST']._serialized_end=1624
-  _globals['_DELETEREQUEST']._serialized_start=1626
-  _globals['_DELETEREQUEST']._serialized_end=1660
-  _globals['_MOVEREQUEST']._serialized_start=1662
-  _globals['_MOVEREQUEST']._serialized_end=1721
-  _globals['_JSONCALLREQUEST']._serialized_start=1724
-  _globals['_JSONCALLREQUEST']._serialized_end=1879
-  _globals['_JSONCALLREPLY']._serialized_start=1881
-  _globals['_JSONCALLREPLY']._serialized_end=1951
-  _globals['_BACKEND']._serialized_start=2030
-  _globals['_BACKEND']._serialized_end=2964
+  _globals['_PINGREPLY']._serialized_end=406
+  _globals['_OBJECTREF']._serialized_start=408
+  _globals['_OBJECTREF']._serialized_end=477
+  _globals['_RESOLVEREQUEST']._serialized_start=479
+  _globals['_RESOLVEREQUEST']._serialized_end=540
+  _globals['_RESOLVEREPLY']._serialized_start=542
+  _globals['_RESOLVEREPLY']._serialized_end=626
+  _globals['_BACKENDINFO']._serialized_start=629
+  _globals['_BACKENDINFO']._serialized_end=840
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=842
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=863
+  _globals['_LISTBACKENDSREPLY']._serialized_start=865
+  _globals['_LISTBACKENDSREPLY']._serialized_end=927
+  _globals['_REGISTERCODEREQUEST']._serialized_start=929
+  _globals['_REGISTERCODEREQUEST']._serialized_end=977
+  _globals['_GETCODEREQUEST']._serialized_start=979
+  _globals['_GETCODEREQUEST']._serialized_end=1008
+  _globals['_GETCODEREPLY']._serialized_start=1010
+  _globals['_GETCODEREPLY']._serialized_end=1072
+  _globals['_ALIASREQUEST']._serialized_start=1074
+  _globals['_ALIASREQUEST']._serialized_end=1122
+  _globals['_PERSISTOBJECT']._serialized_start=1124
+  _globals['_PERSISTOBJECT']._serialized_end=1226
+  _globals['_PERSISTREQUEST']._serialized_start=1228
+  _globals['_PERSISTREQUEST']._serialized_end=1303
+  _globals['_CALLREQUEST']._serialized_start=1306
+  _globals['_CALLREQUEST']._serialized_end=1510
+  _globals['_CALLREPLY']._serialized_start=1512
+  _globals['_CALLREPLY']._serialized_end=1636
+  _globals['_FETCHREQUEST']._serialized_start=1638
+  _globals['_FETCHREQUEST']._serialized_end=1675
+  _globals['_DELETEREQUEST']._serialized_start=1677
+  _globals['_DELETEREQUEST']._serialized_end=1711
+  _globals['_MOVEREQUEST']._serialized_start=1713
+  _globals['_MOVEREQUEST']._serialized_end=1772
+  _globals['_JSONCALLREQUEST']._serialized_start=1775
+  _globals['_JSONCALLREQUEST']._serialized_end=1930
+  _globals['_JSONCALLREPLY']._serialized_start=1932
+  _globals['_JSONCALLREPLY']._serialized_end=2002
+  _globals['_BACKEND']._serialized_start=2081
+  _globals['_BACKEND']._serialized_end=3015
 # @@protoc_insertion_point(module_scope)
