@@ -303,6 +303,16 @@ class NetBed:
         return a
 
     # -- faults --------------------------------------------------------------------------
+    def netem_missing(self) -> str | None:
+        """Why ``netem`` cannot work here (a kernel built without sch_netem), or None."""
+        h = self.hosts[0]
+        out = h.exec("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms",
+                     check=False)
+        if out.returncode != 0:
+            return f"tc netem is unavailable on this kernel: {out.stderr.strip()}"
+        h.exec("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+        return None
+
     def netem(self, host: Host, delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
         """Delay (and drop) every packet ``host`` sends to other hosts."""
         spec = ["delay", f"{delay_ms}ms"] + (["loss", f"{loss_pct}%"] if loss_pct else [])
