@@ -12,7 +12,7 @@ and client processes run in the host chosen for them. Faults are real:
         p = bed.start_backend(b, redis_url, token)   # a BackendProcess, address 10.x.y.3:port
         agent = bed.agent(c)                         # a Python process in host c
         agent.run("import store; store.connect(%r, %r)" % (p.address, token))
-        bed.netem(b, delay_ms=2)                     # tc netem on b's interface
+        bed.netem(b, delay_ms=2)                     # 2 ms on every packet b sends
         bed.partition(b, [a])                        # b cannot talk to a (iptables in b)
         bed.heal(b)
         bed.kill_host(b)                             # SIGKILL every process of b, link down
@@ -180,6 +180,10 @@ class NetBed:
         self._procs: list = []      # every process started, stopped on close
         self._forward_rule: list[str] | None = None
         self._down: set[str] = set()
+        self._netem_kind: str | None = None     # "tc", "nfqueue", or "" (unavailable)
+        self._netem_why = ""
+        self._netem_rules: dict[str, list] = {}
+        self._delayers: dict = {}
 
     # -- building and tearing down -------------------------------------------------
     def start(self) -> "NetBed":
@@ -227,6 +231,8 @@ class NetBed:
                     p.wait(5)
             except Exception:
                 pass
+        for h in self.hosts:
+            self.clear_netem(h)
         for h in self.hosts:
             for pid in h.pids():   # anything a test started in the host by other means
                 try:
@@ -304,22 +310,71 @@ class NetBed:
 
     # -- faults --------------------------------------------------------------------------
     def netem_missing(self) -> str | None:
-        """Why ``netem`` cannot work here (a kernel built without sch_netem), or None."""
+        """Why ``netem`` cannot work here, or None.
+
+        It uses the kernel's sch_netem where the kernel has it; where it was
+        built without qdiscs, an NFQUEUE listener in this process holds the
+        packets instead (tests/netdelay.py), which needs iptables and bridged
+        traffic going through it (br_netfilter, as Docker sets up).
+        """
+        if self._netem_kind is None:
+            self._netem_kind, self._netem_why = self._probe_netem()
+        return None if self._netem_kind else self._netem_why
+
+    def _probe_netem(self) -> tuple[str, str]:
         h = self.hosts[0]
         out = h.exec("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms",
                      check=False)
-        if out.returncode != 0:
-            return f"tc netem is unavailable on this kernel: {out.stderr.strip()}"
-        h.exec("tc", "qdisc", "del", "dev", "lo", "root", check=False)
-        return None
+        if out.returncode == 0:
+            h.exec("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+            return "tc", ""
+        why = f"tc netem is unavailable on this kernel ({out.stderr.strip()})"
+        try:
+            with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as f:
+                bridged = f.read().strip() == "1"
+        except OSError:
+            bridged = False
+        if not bridged or shutil.which("iptables") is None:
+            return "", why + " and bridged traffic does not pass iptables (no br_netfilter)"
+        try:
+            import netdelay
+            netdelay.Delayer(secrets.randbelow(60000) + 1000, 0).close()
+        except OSError as exc:
+            return "", why + f" and nfnetlink_queue is unavailable ({exc})"
+        return "nfqueue", ""
 
     def netem(self, host: Host, delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
         """Delay (and drop) every packet ``host`` sends to other hosts."""
-        spec = ["delay", f"{delay_ms}ms"] + (["loss", f"{loss_pct}%"] if loss_pct else [])
-        host.exec("tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *spec)
+        why = self.netem_missing()
+        if why:
+            raise RuntimeError(why)
+        self.clear_netem(host)
+        if self._netem_kind == "tc":
+            spec = ["delay", f"{delay_ms}ms"] + (["loss", f"{loss_pct}%"] if loss_pct else [])
+            host.exec("tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *spec)
+            return
+        import netdelay
+        port = ["FORWARD", "-m", "physdev", "--physdev-in", host.veth]
+        rules = []
+        if delay_ms:
+            queue = secrets.randbelow(60000) + 1000
+            self._delayers[host.name] = netdelay.Delayer(queue, delay_ms / 1000)
+            rules.append(port + ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"])
+        if loss_pct:   # inserted last, so it is first: dropped packets are never queued
+            rules.append(port + ["-m", "statistic", "--mode", "random", "--probability",
+                                 f"{loss_pct / 100:.6f}", "-j", "DROP"])
+        for rule in rules:
+            _sh("iptables", "-I", *rule)
+            self._netem_rules.setdefault(host.name, []).append(rule)
 
     def clear_netem(self, host: Host) -> None:
-        host.exec("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        if self._netem_kind == "tc":
+            host.exec("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        for rule in self._netem_rules.pop(host.name, []):
+            _sh("iptables", "-D", *rule, check=False)
+        delayer = self._delayers.pop(host.name, None)
+        if delayer is not None:
+            delayer.close()
 
     def partition(self, host: Host, others: list[Host] | None = None) -> None:
         """Cut ``host`` off from ``others`` (silently dropped packets, both ways), or

@@ -177,3 +177,24 @@ def test_everything_works_with_2ms_between_hosts(bed):
     finally:
         for h in bed.hosts:
             bed.clear_netem(h)
+
+
+def test_calls_and_transfers_survive_packet_loss(bed):
+    """5% of host2's packets dropped: TCP retransmits, every call still completes."""
+    why = bed.netem_missing()
+    if why:
+        pytest.skip(why)
+    bid = ids(bed)
+    h2 = bed.hosts[2]
+    bed.netem(h2, delay_ms=1, loss_pct=5)
+    try:
+        out = bed.agents["host0"].run(
+            f"lossy = hostlib.Box(np.arange(1 << 19, dtype=np.float64)); "
+            f"lossy.make_persistent(backend={bid['b2']!r})\n"
+            "sums = [lossy.total() for _ in range(30)]\n"
+            "copy = lossy.data\n",
+            "[len(set(sums)), sums[0], float(copy.sum()), lossy.where()[0]]", timeout=120)
+        expected = float(sum(range(1 << 19)))
+        assert out == [1, expected, expected, "host2"]
+    finally:
+        bed.clear_netem(h2)
