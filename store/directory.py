@@ -9,7 +9,9 @@ Keys (all under a prefix, ``claypot:`` by default):
     code      hash  code key -> cloudpickle of a class or task function
     epoch     string set once per directory; its absence means Redis lost data
 
-Only backends talk to Redis; clients ask a backend. Updates that must be
+Only backends talk to Redis; clients ask a backend. The URL is ``redis://...``
+or ``redis+sentinel://host:port[,host:port]/service[/db]`` (a primary watched by
+Redis Sentinels, followed through failovers). Updates that must be
 atomic (claiming a batch of ids and aliases, moving an object) are Lua
 scripts, so a failed batch leaves nothing behind.
 """
@@ -22,7 +24,7 @@ import time
 import uuid
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ConfigurationError,
@@ -90,6 +92,53 @@ return 1
 """
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """``redis+sentinel://host:port[,host:port...]/service[/db]`` as (sentinels, service, db)."""
+    rest = url[len(SENTINEL_SCHEME):]
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts or len(parts) > 2:
+        raise ConfigurationError(
+            f"a Sentinel URL is redis+sentinel://host:port[,host:port]/service[/db], not {url!r}")
+    sentinels = []
+    for item in hosts.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(f"sentinel address {item!r} in {url!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ConfigurationError(f"the database in {url!r} is not a number")
+    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0
+
+
+def _connect(url: str, timeout: float):
+    """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
+    set of Sentinels names (redis-py re-asks them after a connection error, so a
+    failover is followed by the retries)."""
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                   health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
+                   retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    if not url.startswith(SENTINEL_SCHEME):
+        return None, "", redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+    sentinels, service, db = parse_sentinel_url(url)
+    # Sentinel questions are short and never retried on one sentinel (redis-py
+    # would back off for seconds): a dead sentinel must not stall a failover,
+    # the next one is asked instead.
+    quick = min(timeout, 1.0)
+    sentinel = Sentinel(sentinels, sentinel_kwargs={
+        "socket_timeout": quick, "socket_connect_timeout": quick,
+        "retry": Retry(NoBackoff(), 0)})
+    # redis-py nests the connection's retries inside the command's: fewer of each,
+    # and a short connect timeout, so a dead primary is given up in seconds and
+    # the Sentinels asked again (they name the promoted replica after a failover).
+    options.update(socket_connect_timeout=quick, retry=Retry(_REDIS_BACKOFF, 3))
+    return sentinel, service, sentinel.master_for(service, db=db, **options)
+
+
 class ObjectEntry(tuple):
     """(backend_id, class_key, alias) of one object."""
     __slots__ = ()
@@ -139,10 +188,7 @@ class Directory:
             raise ConfigurationError("the directory needs a Redis URL")
         self.url = url
         self.prefix = prefix
-        self.r = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self.sentinel, self.service, self.r = _connect(url, timeout)
         self.k_objects = prefix + "objects"
         self.k_aliases = prefix + "aliases"
         self.k_backends = prefix + "backends"
@@ -156,6 +202,20 @@ class Directory:
 
     def close(self) -> None:
         self.r.close()
+
+    def primary(self) -> str | None:
+        """Address of the Redis primary now serving (Sentinel URLs), else None.
+
+        A change means a failover: the promoted replica may lack the last writes
+        (replication is asynchronous), so backends republish what they hold.
+        """
+        if self.sentinel is None:
+            return None
+        try:
+            host, port = self.sentinel.discover_master(self.service)
+        except redis.RedisError:
+            return None
+        return f"{host}:{port}"
 
     # -- epoch: detects a wiped or data-losing Redis ----------------------------
     def epoch(self) -> str | None:

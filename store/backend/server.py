@@ -380,6 +380,7 @@ class Backend:
         self.storage.start()
         self.server.start()
         self._epoch = self.directory.epoch()
+        self._primary = self.directory.primary()
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
@@ -429,6 +430,13 @@ class Backend:
             changed.clear()
             try:
                 epoch = self.directory.epoch()
+                primary = self.directory.primary()
+                if primary != self._primary and primary is not None:
+                    # A Sentinel failover: the promoted replica may have missed
+                    # the last writes before the old primary was lost.
+                    log.warning("directory failed over to %s: republishing", primary)
+                    self.republish()
+                    self._primary = primary
                 if epoch != self._epoch:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.
