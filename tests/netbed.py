@@ -66,10 +66,14 @@ def missing() -> str | None:
 
 def require() -> None:
     """Skip the calling test when the bed cannot run; under CI=true, fail instead."""
-    import pytest
     why = missing()
-    if why is None:
-        return
+    if why is not None:
+        skip_or_fail(why)
+
+
+def skip_or_fail(why: str) -> None:
+    """Skip with ``why``, except under CI=true, where the multi-host tests must run."""
+    import pytest
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must run the multi-host tests: {why}")
     pytest.skip(why)

@@ -156,7 +156,7 @@ def test_shared_memory_within_a_host_only(bed):
 def test_everything_works_with_2ms_between_hosts(bed):
     why = bed.netem_missing()
     if why:
-        pytest.skip(why)
+        netbed.skip_or_fail(why)
     bid = ids(bed)
     for h in bed.hosts:
         bed.netem(h, delay_ms=2)
@@ -183,7 +183,7 @@ def test_calls_and_transfers_survive_packet_loss(bed):
     """5% of host2's packets dropped: TCP retransmits, every call still completes."""
     why = bed.netem_missing()
     if why:
-        pytest.skip(why)
+        netbed.skip_or_fail(why)
     bid = ids(bed)
     h2 = bed.hosts[2]
     bed.netem(h2, delay_ms=1, loss_pct=5)

@@ -94,6 +94,34 @@ class PendingResults:
         return item[1], item[2]
 
 
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The address to register for a backend listening on ``host:port``.
+
+    A wildcard host is no address to call: use the address this machine (or
+    container) reaches others from, i.e. the source address of its route to
+    the outside (a UDP connect picks it and sends nothing), else what its
+    hostname resolves to.
+    """
+    if host not in _WILDCARDS:
+        return f"{host}:{port}"
+    ip = ""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never actually sent to
+            ip = s.getsockname()[0]
+    except OSError:
+        pass
+    if not ip or ip == "0.0.0.0":
+        try:
+            ip = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            ip = "127.0.0.1"
+    return f"{ip}:{port}"
+
+
 class BackendServicer(pb_grpc.BackendServicer):
     """Thin gRPC layer over a Backend."""
 
@@ -366,9 +394,9 @@ class Backend:
             port = self.server.add_insecure_port(listen)
         if port == 0:
             raise ClaypotError(f"cannot listen on {settings.host}:{settings.port}")
-        # A backend listening on 0.0.0.0 (a container) must register a name
-        # its peers can reach: --advertise / CLAYPOT_ADVERTISE.
-        self.address = settings.advertise or f"{settings.host}:{port}"
+        # A backend listening on 0.0.0.0 (a container) must register an address
+        # its peers can reach: --advertise / CLAYPOT_ADVERTISE, else this host's own.
+        self.address = settings.advertise or advertised_address(settings.host, port)
         self.client._gateways = [self.address]
         self._stop = threading.Event()
         self._epoch: str | None = None
