@@ -30,6 +30,7 @@ under CI=true, where the bed must run).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -208,6 +209,8 @@ class NetBed:
         except BaseException:
             self.close()
             raise
+        # Also when the test process is stopped without running its teardown.
+        atexit.register(self.close)
         return self
 
     def _allow_forwarding(self) -> None:
@@ -252,6 +255,7 @@ class NetBed:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        atexit.unregister(self.close)
 
     def __enter__(self) -> "NetBed":
         return self.start()
