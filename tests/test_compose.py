@@ -85,6 +85,7 @@ def compose():
                                  f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs.stdout[-4000:]}")
         return out
     run.project = project
+    run.env = env
     try:
         yield run
     finally:
@@ -118,6 +119,18 @@ def test_compose_cluster_builds_runs_the_demo_twice_and_keeps_objects_across_a_r
     victim = ps[0]["Name"]
     subprocess.run(["docker", "restart", "-t", "10", victim], check=True, timeout=120,
                    capture_output=True)
+    read = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ,
+                              json.dumps(sorted(made))).stdout.strip().splitlines()[-1])
+    assert read == {alias: [v[0], v[1]] for alias, v in made.items()}
+
+    # More backends from the same block (CLAYPOT_BACKENDS sets the replicas); a client
+    # uses all three, and the first two kept their objects.
+    compose.env["CLAYPOT_BACKENDS"] = "3"
+    compose("up", "-d", "--wait", "backend", timeout=300)
+    spread = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c",
+                                MAKE.replace("check-", "scaled-")).stdout.strip().splitlines()[-1])
+    assert len({v[0] for v in spread.values()}) == 3
+    assert len({v[2] for v in spread.values()}) == 3   # each registered its own address
     read = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ,
                               json.dumps(sorted(made))).stdout.strip().splitlines()[-1])
     assert read == {alias: [v[0], v[1]] for alias, v in made.items()}
