@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,7 @@ class Runtime:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._ids = itertools.count(1)
+        self._session = uuid.uuid4().hex  # task keys are unique across runtimes
         self._graph = TaskGraph()
         self._calls: dict[int, Call] = {}
         self._queues: dict[str, deque[Call]] = {}
@@ -218,8 +220,14 @@ class Runtime:
                 with self._lock:
                     if call.settled or attempt != call.attempt:
                         return
-                    call.timer = threading.Timer(call.defn.time_out, self._timed_out,
-                                                 (call, attempt))
+                    limit = call.defn.time_out
+                    if call.writes:
+                        # The backend enforces time_out itself for a task that changes
+                        # objects: past it, the task's changes are rolled back and it
+                        # fails, so a retry cannot apply it twice. This timer is only
+                        # the safety net for a backend that stops answering.
+                        limit += max(_WRITE_TASK_GRACE, limit)
+                    call.timer = threading.Timer(limit, self._timed_out, (call, attempt))
                     call.timer.daemon = True
                     call.timer.start()
 
@@ -230,7 +238,7 @@ class Runtime:
 
         self.executor.submit(Job(backend, call.defn.fn, lambda: self._resolve(call),
                                  call.writes, call.defn.time_out, call.demand.units, done,
-                                 on_start))
+                                 on_start, key=f"{self._session}:{call.task_id}"))
 
     def _release(self, backend: str, demand: Demand) -> None:
         with self._lock:
@@ -368,10 +376,31 @@ class Runtime:
         with self._lock:
             return len(self._calls)
 
-    def close(self) -> None:
+    def close(self, reason: str = "its connection was closed or replaced") -> None:
+        """Stop sending tasks; every task not finished yet fails with TaskCancelled.
+
+        None is left pending: a task still queued never ran; one already sent
+        may or may not have run (like a call that got CallInterrupted).
+        """
         self.executor.shutdown(wait=False)
+        with self._lock:
+            calls = [c for c in self._calls.values() if not c.settled]
+            for call in calls:
+                call.settled = True
+                if call.timer is not None:
+                    call.timer.cancel()
+                    call.timer = None
+                sent = "it may or may not have run" if call.attempt else "it never ran"
+                err = TaskCancelled(f"task {call.name} cancelled: the runtime stopped because "
+                                    f"{reason}; {sent}")
+                for f in call.futures:
+                    f._finish(None, err, call.backend, call.attempt)
+            self._calls.clear()
+            self._queues.clear()
+            self._idle.notify_all()
 
 
+_WRITE_TASK_GRACE = 5.0  # seconds past time_out before a silent INOUT task is given up
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
@@ -402,6 +431,22 @@ def use_executor(name: str | None, scheduler: str | None = None) -> None:
             if not rt.inline:
                 rt.close()
             _runtime = None
+
+
+def _on_dispatcher_change(new) -> None:
+    """This process connected elsewhere (or disconnected): end the old runtime's tasks."""
+    global _runtime
+    with _runtime_lock:
+        rt = _runtime
+        if rt is not None and not rt.inline and rt.client is not new:
+            _runtime = None
+        else:
+            rt = None
+    if rt is not None:
+        rt.close("this process reconnected")
+
+
+objmod.on_dispatcher_change(_on_dispatcher_change)
 
 
 def current() -> Runtime:

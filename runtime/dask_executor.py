@@ -109,7 +109,17 @@ class DaskExecutor:
         self.scheduler = scheduler
         # set_as_default=False: this client serves the runtime only; a user's own
         # dask code keeps whatever default client it had.
-        self.dask = DaskClient(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT)
+        tls_dir = getattr(getattr(client, "settings", None), "dask_tls_dir", "")
+        security = None
+        if scheduler.startswith("tls://") and not tls_dir:
+            raise ConfigurationError(
+                f"the Dask scheduler {scheduler} requires the cluster's certificates: set "
+                f"CLAYPOT_DASK_TLS_DIR to the directory holding ca.pem, node.pem, node.key")
+        if tls_dir:
+            from store.certs import dask_security
+            security = dask_security(tls_dir)
+        self.dask = DaskClient(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT,
+                               security=security)
         self._codes = CodeKeys(client)
         self._names: set[str] = set()
         self._names_lock = threading.Lock()

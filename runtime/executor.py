@@ -49,6 +49,7 @@ class Job:
     units: int
     done: Done
     on_start: Callable[[], None] = field(default=lambda: None)
+    key: str = ""   # the task's name across its retries (a backend applies it at most once)
 
     @property
     def batchable(self) -> bool:
@@ -183,7 +184,7 @@ class RemoteExecutor:
                 self.rpcs += 1
                 try:
                     result = self.client.run_task(backend, key, args, kwargs, job.mutates,
-                                                  job.time_out)
+                                                  job.time_out, task_key=job.key or None)
                 except BaseException as exc:  # the task's own error, or the store's
                     job.done(None, exc)
                 else:

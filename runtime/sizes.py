@@ -22,12 +22,7 @@ def sizes_here(object_ids: list[str]) -> list[int]:
     """Runs inside a backend: bytes of each object's last stored state (0 if unknown)."""
     from store import objects
     heap = getattr(objects.get_dispatcher(), "local", None)
-    table = getattr(heap, "_table", None) or {}
-    out = []
-    for oid in object_ids:
-        entry = table.get(oid)
-        out.append(int(getattr(entry, "size", 0) or 0))
-    return out
+    return heap.sizes(object_ids) if heap is not None else [0] * len(object_ids)
 
 
 class SizeCache:

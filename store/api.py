@@ -21,30 +21,37 @@ def state_file() -> str:
     return os.path.join(base, "cluster.json")
 
 
-def _from_state_file() -> tuple[str, str]:
+def _from_state_file() -> tuple[str, str, str]:
+    from .security import read_private
     try:
-        with open(state_file()) as f:
-            state = json.load(f)
-        return state["address"], state["token"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return "", ""
+        state = json.loads(read_private(state_file()))
+        return state["address"], state["token"], state.get("tls_ca", "")
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return "", "", ""
 
 
-def connect(address: str | None = None, token: str | None = None) -> Client:
+def connect(address: str | None = None, token: str | None = None,
+            tls_ca: str | None = None) -> Client:
     """Connect this process to a running cluster.
 
     ``address`` is any backend's host:port; by default ``CLAYPOT_ADDRESS``,
     else the cluster started by ``claypot up``. ``token`` defaults to
-    ``CLAYPOT_TOKEN`` (or that cluster's token).
+    ``CLAYPOT_TOKEN`` (or that cluster's token). ``tls_ca`` (default
+    ``CLAYPOT_TLS_CA``, or the CA of a ``claypot up --tls`` cluster) makes
+    the connection TLS, verified against that CA.
     """
     global _client
     settings = Settings.from_env()
     address = address or settings.address
-    saved_address, saved_token = _from_state_file()
+    saved_address, saved_token, saved_ca = _from_state_file()
     if not address:
         address = saved_address
     if token is None and not settings.token:
         token = saved_token  # the cluster `claypot up` started, if any
+    if tls_ca:
+        settings = settings.replace(tls_ca=tls_ca)
+    elif not settings.tls_ca and saved_ca and address == saved_address:
+        settings = settings.replace(tls_ca=saved_ca)
     if not address:
         raise ConfigurationError("no cluster to connect to: pass an address, set "
                                  "CLAYPOT_ADDRESS, or run `claypot up`")

@@ -11,28 +11,62 @@ import time
 
 from . import api
 from .errors import ClaypotError
+from .security import private_dir, process_identity, read_private, same_process, write_private
 
 
 def _save_state(state: dict) -> None:
+    # It holds the token and the Redis password: created 0600 in a 0700 dir,
+    # never readable by anyone else, not even for a moment.
     path = api.state_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    private_dir(os.path.dirname(path))
+    write_private(path, json.dumps(state, indent=2).encode())
 
 
 def _load_state() -> dict | None:
     try:
-        with open(api.state_file()) as f:
-            return json.load(f)
+        return json.loads(read_private(api.state_file()))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _recorded(state: dict) -> list[dict]:
+    """The processes a state file records (backends first, then Redis)."""
+    procs = state.get("processes")
+    if procs is not None:
+        return [p for p in procs if isinstance(p, dict)]
+    # A state file written before identities were recorded: PIDs alone are not
+    # enough to signal safely, so nothing from it is ever signalled.
+    return []
+
+
+def _legacy_pids(state: dict) -> list[int]:
+    pids = [p for p in state.get("pids", []) if isinstance(p, int)]
+    if isinstance(state.get("redis_pid"), int):
+        pids.append(state["redis_pid"])
+    return pids
+
+
+def _pid_exists(pid: int) -> bool:
+    import psutil
+    return pid > 0 and psutil.pid_exists(pid)
+
+
+def _running(state: dict) -> list[dict]:
+    """Recorded processes that are still the very processes claypot started."""
+    return [p for p in _recorded(state) if same_process(p)]
 
 
 def cmd_up(a) -> int:
     from .cluster import LocalCluster
     old = _load_state()
-    if old and any(_pid_alive(p) for p in old.get("pids", [])):
+    if old and "processes" not in old and any(_pid_exists(p) for p in _legacy_pids(old)):
+        # Written by an older claypot: PIDs without identities. Something runs at
+        # them; it may be that cluster, on the same storage dirs, so do not start.
+        print(f"a cluster recorded by an older claypot may still be running (PIDs "
+              f"{', '.join(map(str, _legacy_pids(old)))}); stop it, then remove "
+              f"{api.state_file()}")
+        return 1
+    if old and _running(old):
         print(f"a cluster is already running at {old['address']} (claypot down to stop it)")
         return 1
     data_dir = os.path.abspath(a.data_dir or os.path.join(os.path.dirname(api.state_file()),
@@ -40,28 +74,29 @@ def cmd_up(a) -> int:
     cluster = LocalCluster(backends=a.backends, data_dir=data_dir, redis=a.redis,
                            token=(old or {}).get("token") if old and
                            old.get("data_dir") == data_dir else None,
-                           durability=a.durability, memory_limit=a.memory_limit, connect=False)
+                           durability=a.durability, memory_limit=a.memory_limit, connect=False,
+                           tls=a.tls)
     cluster.start()
     pids = [p.pid for p in cluster.processes]
     redis_pid = cluster.redis.proc.pid if cluster.redis else None
-    _save_state({"address": cluster.address, "token": cluster.token, "data_dir": data_dir,
-                 "redis": cluster.redis_url, "pids": pids, "redis_pid": redis_pid,
-                 "backends": cluster.backends})
+    # Start time and command line of each process, so `claypot down` never
+    # signals a PID that has since been reused by some other program.
+    processes = [dict(process_identity(pid) or {"pid": pid}, role=role)
+                 for pid, role in [(p, "backend") for p in pids] + [(redis_pid, "redis")]
+                 if pid]
+    state = {"address": cluster.address, "token": cluster.token, "data_dir": data_dir,
+             "redis": cluster.redis_url, "pids": pids, "redis_pid": redis_pid,
+             "processes": processes, "backends": cluster.backends}
+    if cluster.tls_ca:
+        state["tls_ca"] = cluster.tls_ca
+    _save_state(state)
     print(f"claypot cluster up: {a.backends} backend(s), data in {data_dir}")
     print(f"  export CLAYPOT_ADDRESS={cluster.address}")
     print(f"  export CLAYPOT_TOKEN={cluster.token}")
+    if cluster.tls_ca:
+        print(f"  export CLAYPOT_TLS_CA={cluster.tls_ca}")
     print("  (store.connect() with no arguments finds this cluster too)")
     return 0
-
-
-def _pid_alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def cmd_down(a) -> int:
@@ -69,28 +104,35 @@ def cmd_down(a) -> int:
     if not state:
         print("no cluster recorded (nothing to stop)")
         return 0
-    pids = list(state.get("pids", []))
     start = time.monotonic()
-    for pid in pids:
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    _wait_gone(pids, 15)
-    if state.get("redis_pid") and _pid_alive(state["redis_pid"]):
-        os.kill(state["redis_pid"], signal.SIGTERM)
-        _wait_gone([state["redis_pid"]], 10)
+    recorded = _recorded(state)
+    skipped = [p["pid"] for p in recorded if p.get("pid") and not same_process(p)]
+    if "processes" not in state:
+        skipped += [p for p in _legacy_pids(state) if _pid_exists(p)]
+    backends = [p for p in recorded if p.get("role") != "redis" and same_process(p)]
+    redis = [p for p in recorded if p.get("role") == "redis" and same_process(p)]
+    _stop_verified(backends, 15)
+    _stop_verified(redis, 10)   # after the backends, which deregister through it
     os.unlink(api.state_file())
+    if skipped:
+        print(f"not signalled (gone, or the PID now belongs to another process): "
+              f"{', '.join(map(str, skipped))}")
     print(f"claypot cluster stopped in {time.monotonic() - start:.2f}s "
           f"(data kept in {state.get('data_dir')})")
     return 0
 
 
-def _wait_gone(pids, timeout) -> None:
+def _stop_verified(procs: list[dict], timeout: float) -> None:
+    """SIGTERM each process whose identity still matches, then SIGKILL what outlives timeout."""
+    for p in procs:
+        if same_process(p):
+            os.kill(p["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(same_process(p) for p in procs):
         time.sleep(0.05)
-    for p in pids:
-        if _pid_alive(p):
-            os.kill(p, signal.SIGKILL)
+    for p in procs:
+        if same_process(p):
+            os.kill(p["pid"], signal.SIGKILL)
 
 
 def _human(n: int) -> str:
@@ -164,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis", help="use this Redis URL instead of an embedded one")
     up.add_argument("--durability", choices=["sync", "async", "none"])
     up.add_argument("--memory-limit")
+    up.add_argument("--tls", action="store_true",
+                    help="make a private CA and certificate for this cluster and serve TLS "
+                         "(needs the cryptography package)")
     st = sub.add_parser("status", help="backends and objects of the running cluster")
     st.add_argument("--address")
     st.add_argument("--token")

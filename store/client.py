@@ -23,8 +23,9 @@ import grpc
 
 from . import objects as objmod, shm, wire
 from .config import Settings
-from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable, CallInterrupted,
-                     ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent,
+from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
+                     CallInterrupted,
+                     ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent, ObjectMoved,
                      ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
@@ -47,6 +48,7 @@ CHANNEL_OPTIONS = [
 TOKEN_HEADER = "claypot-token"
 
 _chain = threading.local()
+_MAX_HOPS = 4  # moves a call follows before it gives up (ObjectMoved)
 
 
 def current_chain() -> str | None:
@@ -106,6 +108,7 @@ class Client:
                 "no cluster address: pass one to store.connect(), set CLAYPOT_ADDRESS, "
                 "or start a cluster with `claypot up`")
         self.token = token if token is not None else self.settings.token
+        wire.set_receive_budget(self.settings.receive_budget_bytes())
         self._metadata = ((TOKEN_HEADER, self.token),)
         self._gateways = [address]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
@@ -285,6 +288,22 @@ class Client:
             for b in reply.backends:
                 self._addresses[b.backend_id] = b.address
         return list(reply.backends)
+
+    def validate_backend(self, backend_id: str) -> None:
+        """Ask a backend to check its lifecycle invariants; raises if one is broken."""
+        reply = self._on_owner(backend_id, lambda addr: self._rpc(
+            addr, "Validate", pb.ValidateRequest(), self.settings.admin_timeout, False,
+            "validate"))
+        if reply.HasField("error"):
+            raise AssertionError(reply.error.message)
+
+    def checkpoint_backend(self, backend_id: str) -> None:
+        """Make a backend write every pending change to its checkpoint now."""
+        reply = self._on_owner(backend_id, lambda addr: self._rpc(
+            addr, "Checkpoint", pb.CheckpointRequest(), self.settings.call_timeout, False,
+            "checkpoint"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
 
     def address_of(self, backend_id: str, refresh: bool = False) -> str:
         if not refresh:
@@ -466,7 +485,7 @@ class Client:
     def _ask_host_id(self, address: str) -> str | None:
         """The host id a backend reports (one Ping, cached per address)."""
         try:
-            reply = self._stub(address).Ping(pb.PingRequest(),
+            reply = self._stub(address).Ping(pb.PingRequest(), metadata=self._metadata,
                                               timeout=min(self.settings.admin_timeout, 2.0))
         except grpc.RpcError:
             return None  # unreachable now: stream, and ask again next time
@@ -516,7 +535,7 @@ class Client:
         owner = self.resolve(alias=alias).backend_id
         request = pb.AliasRequest(alias=alias)
         reply = self._on_owner(owner, lambda addr: self._rpc(
-            addr, "DeleteAlias", request, self.settings.admin_timeout, False, "delete_alias"))
+            addr, "DeleteAlias", request, self.settings.admin_timeout, True, "delete_alias"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -530,8 +549,8 @@ class Client:
     def delete_persistent(self, proxy) -> None:
         oid = proxy.getID()
         reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "Delete", pb.DeleteRequest(object_id=oid), self.settings.admin_timeout, False,
-            "delete_persistent"))
+            addr, "Delete", pb.DeleteRequest(object_id=oid, chain_id=current_chain() or ""),
+            self.settings.admin_timeout, True, "delete_persistent"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -539,29 +558,39 @@ class Client:
         oid = proxy.getID()
         self.address_of(backend_id)
         reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "Move", pb.MoveRequest(object_id=oid, target_backend_id=backend_id),
+            addr, "Move", pb.MoveRequest(object_id=oid, target_backend_id=backend_id,
+                                         chain_id=current_chain() or ""),
             self.settings.call_timeout, True, "move"))
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._OWNER] = backend_id
 
     def _with_relocation(self, proxy, fn):
-        """Run fn(address) on the object's owner; if it moved, follow it (at most twice)."""
+        """Run fn(address) on the object's owner; if it moved, follow it.
+
+        A backend the object left answers ``ObjectMoved`` naming the new owner
+        (the call did not run there); one that never had it, ``ObjectNotFound``,
+        after which the directory is asked. Followed a bounded number of times.
+        """
         oid = proxy.getID()
         if oid is None:
             raise NotPersistent("object is not persistent")
         owner = proxy.__dict__.get(objmod._OWNER) or self.resolve(object_id=oid).backend_id
-        for attempt in range(3):
+        for attempt in range(_MAX_HOPS + 1):
             reply = self._on_owner(owner, fn)
             err = getattr(reply, "error", None)
-            if err is not None and reply.HasField("error") and err.code == "ObjectNotFound" \
-                    and attempt < 2:
+            if err is None or not reply.HasField("error") or attempt == _MAX_HOPS:
+                return reply
+            if err.code == "ObjectMoved" and err.moved_to and err.moved_to != owner:
+                current = err.moved_to
+            elif err.code in ("ObjectMoved", "ObjectNotFound"):
                 current = self.resolve(object_id=oid).backend_id  # raises if really gone
-                if current != owner:
-                    owner = current
-                    proxy.__dict__[objmod._OWNER] = owner
-                    continue
-            return reply
+            else:
+                return reply
+            if current == owner:
+                return reply
+            owner = current
+            proxy.__dict__[objmod._OWNER] = owner
         return reply
 
     # -- calls -----------------------------------------------------------------------------
@@ -570,7 +599,12 @@ class Client:
         oid = proxy.getID()
         chain = current_chain() or uuid.uuid4().hex
         if self.local is not None and self.local.has(oid):
-            return self.local.invoke(oid, kind, name, args, kwargs, chain)
+            try:
+                return self.local.invoke(oid, kind, name, args, kwargs, chain)
+            except ObjectMoved as exc:
+                # It left this backend between the check and the call (which did not
+                # run): follow it like any remote caller.
+                proxy.__dict__[objmod._OWNER] = exc.moved_to
         owner = proxy.__dict__.get(objmod._OWNER, "")
         if kind == objmod.SET_ATTR:
             payload, buffers = self._dump_args(args[0], owner)
@@ -668,14 +702,21 @@ class Client:
         if reply.result.shm:
             buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
             return loads(reply.result.payload, buffers, ctx)
-        return loads(reply.result.payload, list(reply.result.buffers), ctx)
+        return loads(reply.result.payload, wire.writable(reply.result.buffers), ctx)
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
-                 mutates: list[str], timeout: float = 0.0, chain: str | None = None) -> Any:
-        """Run a registered task function on a backend, returning its result."""
+                 mutates: list[str], timeout: float = 0.0, chain: str | None = None,
+                 task_key: str | None = None) -> Any:
+        """Run a registered task function on a backend, returning its result.
+
+        ``task_key`` names the task across its retries: a backend that already
+        committed an attempt of it returns that result instead of applying the
+        task again.
+        """
         payload, buffers = self._dump_args((args, kwargs), backend_id)
         request = pb.CallRequest(kind=pb.TASK, name=code_key, chain_id=chain or uuid.uuid4().hex,
-                                 call_id=uuid.uuid4().hex, mutates=mutates, timeout=timeout)
+                                 call_id=task_key or uuid.uuid4().hex, mutates=mutates,
+                                 timeout=timeout)
         return self._call(None, request, payload, buffers, owner=backend_id)
 
 

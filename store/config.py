@@ -24,6 +24,7 @@ class Settings:
     # Connection
     address: str = ""                 # a backend to connect to, host:port
     token: str = ""                   # shared secret every call carries
+    insecure: bool = False            # backend: allow a non-loopback listen address without a token
     redis: str = ""                   # redis:// URL of the directory; empty: embedded
     tls_ca: str = ""                  # PEM file of the CA that signed backend certs: clients use TLS
     tls_cert: str = ""                # backend: PEM certificate chain; with tls_key, serve TLS only
@@ -49,12 +50,17 @@ class Settings:
     big_object: int = 64 * MiB        # objects larger than this use write-behind checkpoints
     memory_limit: str = ""            # bytes, "512MiB", or a fraction like "0.5"; empty: unlimited
     max_value_size: str = "0.75"      # largest value sent or accepted: bytes or a fraction of RAM
+    receive_budget: str = "0.9"       # streamed bytes being received at once, per process (same units)
+    result_ttl: float = 120.0         # seconds a large result waits for its client, then dropped
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
     # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
     # dask executor submits there. Empty: no Dask.
     dask_scheduler: str = ""
+    # Directory with the cluster's ca.pem, node.pem and node.key (store.certs): Dask
+    # peers talk TLS with them and require each other's certificate.
+    dask_tls_dir: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -83,6 +89,7 @@ class Settings:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         parse_memory_limit(self.memory_limit)
         parse_memory_limit(self.max_value_size)
+        parse_memory_limit(self.receive_budget)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("TLS needs both tls_cert and tls_key")
         for name in ("tls_ca", "tls_cert", "tls_key"):
@@ -98,6 +105,10 @@ class Settings:
     def max_value_bytes(self) -> int:
         """The largest value (pickle plus buffers) this process sends or accepts; 0: no limit."""
         return _cached_limit(self.max_value_size)
+
+    def receive_budget_bytes(self) -> int:
+        """Bytes of streamed values this process receives at once, in total; 0: no limit."""
+        return _cached_limit(self.receive_budget)
 
     def stream_deadline(self, nbytes: int) -> float:
         """Deadline for moving ``nbytes``: the admin timeout plus time at the minimum rate."""

@@ -6,12 +6,17 @@ Keys (all under a prefix, ``claypot:`` by default):
     aliases   hash  alias -> object id
     backends  hash  backend id -> JSON (address, host, pid, stats)
     alive:<backend id>  string with a TTL, refreshed by the backend's heartbeat
-    code      hash  code key -> cloudpickle of a class or task function
+    code      hash  code key -> signed cloudpickle of a class or task function
     epoch     string set once per directory; its absence means Redis lost data
 
 Only backends talk to Redis; clients ask a backend. The URL is ``redis://...``
-or ``redis+sentinel://host:port[,host:port]/service[/db]`` (a primary watched by
-Redis Sentinels, followed through failovers). Updates that must be
+or ``redis+sentinel://[:password@]host:port[,host:port]/service[/db]`` (a
+primary watched by Redis Sentinels, followed through failovers). The entries a Redis writer
+could abuse are signed with keys derived from the cluster token
+(:class:`store.security.DirectoryKeys`): code entries (backends unpickle them)
+and backend records (clients send their token to those addresses). A reader
+verifies them first: a forged code entry is refused, a forged backend record
+is left out. Updates that must be
 atomic (claiming a batch of ids and aliases, moving an object) are Lua
 scripts, so a failed batch leaves nothing behind.
 """
@@ -19,7 +24,7 @@ scripts, so a failed batch leaves nothing behind.
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import time
 import uuid
 
@@ -27,8 +32,11 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ConfigurationError,
-                     ObjectNotFound)
+from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ClassNotFound,
+                     ConfigurationError, ObjectNotFound)
+from .security import DirectoryKeys, TamperedEntry
+
+log = logging.getLogger("claypot.directory")
 
 # Connection errors are retried with capped backoff for about this long, which
 # rides over a Redis restart; after that the operation fails with a claypot error.
@@ -99,6 +107,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
     """``redis+sentinel://host:port[,host:port...]/service[/db]`` as (sentinels, service, db)."""
     rest = url[len(SENTINEL_SCHEME):]
     hosts, _, path = rest.partition("/")
+    hosts = hosts.rpartition("@")[2]   # the password is the primary's (sentinel_auth)
     parts = [p for p in path.split("/") if p]
     if not hosts or not parts or len(parts) > 2:
         raise ConfigurationError(
@@ -114,6 +123,19 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
     return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0
 
 
+def sentinel_auth(url: str) -> dict:
+    """Username and password of the primary, from a Sentinel URL's ``user:password@``."""
+    from urllib.parse import unquote
+    netloc = url[len(SENTINEL_SCHEME):].partition("/")[0]
+    if "@" not in netloc:
+        return {}
+    user, _, password = netloc.rpartition("@")[0].partition(":")
+    out = {"password": unquote(password)} if password else {}
+    if user:
+        out["username"] = unquote(user)
+    return out
+
+
 def _connect(url: str, timeout: float):
     """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
     set of Sentinels names (redis-py re-asks them after a connection error, so a
@@ -125,6 +147,7 @@ def _connect(url: str, timeout: float):
         return None, "", redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
     sentinels, service, db = parse_sentinel_url(url)
+    options.update(sentinel_auth(url))
     # Sentinel questions are short and never retried on one sentinel (redis-py
     # would back off for seconds): a dead sentinel must not stall a failover,
     # the next one is asked instead.
@@ -137,6 +160,26 @@ def _connect(url: str, timeout: float):
     # the Sentinels asked again (they name the promoted replica after a failover).
     options.update(socket_connect_timeout=quick, retry=Retry(_REDIS_BACKOFF, 3))
     return sentinel, service, sentinel.master_for(service, db=db, **options)
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+    if url.startswith(SENTINEL_SCHEME):   # several host:port: urlsplit cannot take them
+        netloc, slash, path = url[len(SENTINEL_SCHEME):].partition("/")
+        if "@" in netloc:
+            user = netloc.rpartition("@")[0].partition(":")[0]
+            netloc = f"{user}:***@" + netloc.rpartition("@")[2]
+        return SENTINEL_SCHEME + netloc + slash + path
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<redis url>"
 
 
 class ObjectEntry(tuple):
@@ -183,10 +226,13 @@ class Directory:
     ridden over); a Redis that stays down raises BackendUnavailable.
     """
 
-    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0):
+    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0,
+                 token: str = ""):
         if not url:
             raise ConfigurationError("the directory needs a Redis URL")
-        self.url = url
+        # Shown in error messages, which reach clients and logs: never the password.
+        self.url = redact_url(url)
+        self.keys = DirectoryKeys.from_token(token)
         self.prefix = prefix
         self.sentinel, self.service, self.r = _connect(url, timeout)
         self.k_objects = prefix + "objects"
@@ -247,6 +293,13 @@ class Directory:
             raise ObjectNotFound(f"no object with id {object_id}")
         return _entry(raw)
 
+    def lookup_many(self, object_ids: list[str]) -> list[ObjectEntry | None]:
+        """The entry of each id (None where the directory has none), in one round trip."""
+        if not object_ids:
+            return []
+        return [None if raw is None else _entry(raw)
+                for raw in self.r.hmget(self.k_objects, object_ids)]
+
     def resolve_alias(self, alias: str) -> str:
         raw = self.r.hget(self.k_aliases, alias)
         if raw is None:
@@ -305,7 +358,7 @@ class Directory:
     # -- backends ------------------------------------------------------------------
     def register_backend(self, backend_id: str, info: dict, ttl: float) -> None:
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.k_backends, backend_id, json.dumps(info))
+        pipe.hset(self.k_backends, backend_id, self.keys.seal_backend(backend_id, info))
         pipe.set(self.prefix + "alive:" + backend_id, "1", px=int(ttl * 1000))
         pipe.execute()
 
@@ -315,7 +368,8 @@ class Directory:
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(self.prefix + "alive:" + backend_id)
         if info is not None:
-            pipe.hset(self.k_backends, backend_id, json.dumps(dict(info, stopped=True)))
+            pipe.hset(self.k_backends, backend_id,
+                      self.keys.seal_backend(backend_id, dict(info, stopped=True)))
         pipe.execute()
 
     def backends(self) -> list[dict]:
@@ -324,7 +378,12 @@ class Directory:
         alive = self.r.mget([self.prefix + "alive:" + i for i in ids]) if ids else []
         out = []
         for i, flag in zip(ids, alive):
-            info = json.loads(raw[i.encode()])
+            try:
+                info = self.keys.open_backend(i, raw[i.encode()].decode("utf-8", "replace"))
+            except TamperedEntry as exc:
+                # Not written by a token holder: never hand its address to a client.
+                log.warning("ignoring backend entry: %s", exc)
+                continue
             info["backend_id"] = i
             info["up"] = flag is not None
             out.append(info)
@@ -333,10 +392,32 @@ class Directory:
 
     # -- code ------------------------------------------------------------------------
     def put_code(self, key: str, code: bytes) -> None:
-        self.r.hsetnx(self.k_code, key, code)
+        """Register code under ``key`` (first writer wins; a forged entry is replaced)."""
+        sealed = self.keys.seal_code(key, code)
+        if self.r.hsetnx(self.k_code, key, sealed):
+            return
+        existing = self.r.hget(self.k_code, key)
+        try:
+            self.keys.open_code(key, existing or b"")
+        except TamperedEntry:
+            # Someone without the token got there first: a token holder's code wins.
+            self.r.hset(self.k_code, key, sealed)
 
     def get_code(self, key: str) -> bytes | None:
-        return self.r.hget(self.k_code, key)
+        """The code registered under ``key``, verified; None if there is none.
+
+        An entry whose signature does not verify raises ClassNotFound: it is
+        never returned, so it is never unpickled.
+        """
+        stored = self.r.hget(self.k_code, key)
+        if stored is None:
+            return None
+        try:
+            return self.keys.open_code(key, stored)
+        except TamperedEntry as exc:
+            log.warning("refusing code entry: %s", exc)
+            raise ClassNotFound(f"{exc}: refusing to load it (was the registry written "
+                                f"by something without the cluster token?)") from None
 
     def has_code(self, key: str) -> bool:
         return bool(self.r.hexists(self.k_code, key))

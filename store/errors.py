@@ -9,16 +9,20 @@
     ├── ValueTooLarge             a value over a documented limit
     ├── ObjectError
     │   ├── ObjectNotFound        unknown object id (or deleted)
+    │   │   └── ObjectMoved       the object left this backend; the client re-routes
     │   ├── AliasNotFound         unknown alias
     │   ├── AliasExists           alias already taken
     │   ├── NotPersistent         the operation needs a persistent object
     │   ├── AlreadyPersistent     make_persistent on a persistent object
-    │   └── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
+    │   ├── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
+    │   └── ObjectBusy            the operation cannot run while the object is in use
+    │                             (moving an object from inside one of its own methods)
     ├── BackendError
     │   ├── BackendNotFound       unknown backend id
     │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
     │   ├── CallInterrupted       the connection broke mid-call: the call may have run
     │   │   └── BackendDown       its heartbeat expired (host lost); also a BackendUnavailable
+    │   ├── StorageFailed         the backend's disk failed; it acknowledges nothing more
     │   └── DeadlineExceeded      no answer within the call's deadline
     ├── TaskError
     │   ├── TaskCancelled         a task cancelled because a predecessor failed
@@ -69,6 +73,18 @@ class ObjectNotFound(ObjectError, LookupError):
     """No persistent object has this id (never existed or was deleted)."""
 
 
+class ObjectMoved(ObjectNotFound):
+    """The object left the backend that was asked (moved); ``moved_to`` names the new owner.
+
+    Clients follow it by themselves: users see it only if the object keeps
+    moving faster than calls can follow.
+    """
+
+    def __init__(self, message: str, moved_to: str = ""):
+        super().__init__(message)
+        self.moved_to = moved_to
+
+
 class AliasNotFound(ObjectError, LookupError):
     """No persistent object has this alias."""
 
@@ -87,6 +103,10 @@ class AlreadyPersistent(ObjectError):
 
 class ObjectCorrupt(ObjectError):
     """The object's stored state is torn or corrupt; the object is quarantined."""
+
+
+class ObjectBusy(ObjectError):
+    """The operation cannot run while the object is in use by the same call chain."""
 
 
 class BackendError(ClaypotError):
@@ -122,6 +142,13 @@ class BackendDown(BackendUnavailable, CallInterrupted):
 
     def __reduce__(self):
         return type(self), (str(self), self.backend_id, self.host, self.address)
+
+class StorageFailed(BackendError):
+    """The backend's storage failed (an fsync error): it acknowledges no further change.
+
+    Nothing is acknowledged after the failure; restart the backend (it
+    recovers what was acknowledged before it).
+    """
 
 
 class DeadlineExceeded(BackendError, TimeoutError):

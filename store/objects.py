@@ -14,7 +14,7 @@ and is installed with :func:`set_dispatcher`.
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .errors import AlreadyPersistent, ConfigurationError, NotPersistent
 from .serialization import current_pickle_context, current_unpickle_context
@@ -39,12 +39,25 @@ class Dispatcher(Protocol):
 
 
 _dispatcher: Dispatcher | None = None
+_listeners: list[Callable[[Dispatcher | None], None]] = []
 
 
 def set_dispatcher(dispatcher: Dispatcher | None) -> None:
     """Install what proxies in this process call through (None to disconnect)."""
     global _dispatcher
+    changed = dispatcher is not _dispatcher
     _dispatcher = dispatcher
+    if changed:
+        for listener in list(_listeners):
+            listener(dispatcher)
+
+
+def on_dispatcher_change(listener: Callable[[Dispatcher | None], None]) -> None:
+    """Call ``listener(new)`` whenever this process connects elsewhere or disconnects.
+
+    The task runtime uses it to settle the futures of the old connection.
+    """
+    _listeners.append(listener)
 
 
 def get_dispatcher() -> Dispatcher:

@@ -31,6 +31,7 @@ the bytes, and below one whose receiver only counts them.
 from __future__ import annotations
 
 import mmap
+import threading
 import pickle
 from typing import Iterable, Iterator, Sequence
 
@@ -57,6 +58,15 @@ def flat_bytes(buffer) -> memoryview:
     if isinstance(buffer, pickle.PickleBuffer):
         return buffer.raw()
     return memoryview(buffer).cast("B")
+
+
+def writable(buffers) -> list:
+    """Inline buffers (protobuf bytes, read-only) as private writable copies.
+
+    Arrays unpickled over them can then be changed in place like any other;
+    inline values are at most ``inline_limit``, so the copy is small.
+    """
+    return [bytearray(b) for b in buffers]
 
 
 def inline_value(payload: bytes, buffers: Sequence) -> pb.Value:
@@ -220,50 +230,79 @@ def streamed_values(message) -> list[pb.Value]:
 _MMAP_MIN = 1 << 20
 
 
-def _available_memory() -> int:
-    try:
-        import psutil
-        return psutil.virtual_memory().available
-    except Exception:
-        return 0  # unknown: never populate eagerly
+class ReceiveBudget:
+    """Bytes of streamed values being received at once by this process, bounded.
+
+    A stream reserves what its header announces before any buffer is made,
+    and gives it back when the value is complete (it then belongs to an
+    object) or the stream fails. A header past what is left is refused with
+    ``ValueTooLarge`` (RESOURCE_EXHAUSTED): headers alone cannot commit
+    memory, however many arrive at once.
+    """
+
+    def __init__(self, limit: int = 0):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> None:
+        with self._lock:
+            if self.limit and self.used + nbytes > self.limit:
+                raise ValueTooLarge(
+                    f"cannot receive a value of {nbytes} bytes now: {self.used} of the "
+                    f"{self.limit} bytes this process receives at once (receive_budget) are "
+                    f"in use by other streams")
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
 
 
-def receive_buffer(nbytes: int) -> memoryview:
+RECEIVING = ReceiveBudget()
+
+
+def set_receive_budget(nbytes: int) -> None:
+    """Bound the bytes of streamed values this process receives at once (0: unbounded)."""
+    RECEIVING.limit = nbytes
+
+
+def receive_buffer(nbytes: int) -> tuple[memoryview, "_Prefaulter | None"]:
     """A writable buffer of ``nbytes`` that the incoming data fills (see the module docstring).
 
     Anonymous mmap pages are zero on first touch by the kernel, so nothing
     writes them before the data does; small buffers use a bytearray.
+    Memory is committed as the data arrives: a prefaulter maps pages at most
+    a window ahead of the bytes received, never the whole announced size.
     """
     if nbytes < _MMAP_MIN:
-        return memoryview(bytearray(nbytes))
+        return memoryview(bytearray(nbytes)), None
     # Private: mmap's default shared mapping would be shmem (slower to fill, and
     # accounted as shared memory). Mapping the pages ahead of the data saves one
     # fault per page as chunks land; a background thread does it (_Prefaulter),
     # overlapping with the network: a 1 GiB round trip went from a median of
-    # about 700 MB/s (MAP_POPULATE up front) to about 880 MB/s. Only done while
-    # the value fits comfortably in what the machine has free, so a header
-    # announcing a huge value cannot push the process into the OOM killer.
+    # about 700 MB/s (MAP_POPULATE up front) to about 880 MB/s. It stays within
+    # a window ahead of the data, so a header announcing a huge value and
+    # sending nothing commits no more than that window.
     # Transparent huge pages were measured too: 0.15 s per GiB when the kernel
     # has 2 MiB pages at hand, but 1-4 s when it must compact memory first, so
     # a read-back of 1 GiB ranged 2.2-3.4 s against 1.9-2.7 s populated.
-    flags = mmap.MAP_PRIVATE
-    populate = nbytes < _available_memory() // 2
     try:
-        region = mmap.mmap(-1, nbytes, flags=flags)
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
     except (OSError, OverflowError) as exc:
         raise ValueTooLarge(f"cannot allocate {nbytes} bytes to receive a value: {exc}") from None
-    if populate and nbytes >= _PREFAULT_MIN:
-        _Prefaulter.start(region, nbytes)
-    return memoryview(region)
+    prefaulter = _Prefaulter.start(region, nbytes) if nbytes >= _PREFAULT_MIN else None
+    return memoryview(region), prefaulter
 
 
 _PREFAULT_MIN = 16 << 20
-_PREFAULT_SLICE = 32 << 20
+_PREFAULT_SLICE = 8 << 20
+_PREFAULT_WINDOW = 32 << 20   # bytes mapped ahead of the data received
 _MADV_POPULATE_WRITE = 23
 
 
 class _Prefaulter:
-    """Maps a receive buffer's pages in a background thread, ahead of the data.
+    """Maps a receive buffer's pages in a background thread, a window ahead of the data.
 
     Faulting in fresh pages is the dominant cost of receiving into new memory
     on these machines; done by a thread that releases the GIL (ctypes), it
@@ -272,20 +311,37 @@ class _Prefaulter:
 
     _libc = None
 
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._allowed = _PREFAULT_WINDOW
+        self._closed = False
+
+    def advance(self, received: int) -> None:
+        """``received`` bytes of this buffer have arrived: map up to a window past them."""
+        with self._cond:
+            if received + _PREFAULT_WINDOW > self._allowed:
+                self._allowed = received + _PREFAULT_WINDOW
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
     @classmethod
-    def start(cls, region: mmap.mmap, nbytes: int) -> None:
+    def start(cls, region: mmap.mmap, nbytes: int) -> "_Prefaulter | None":
         import ctypes
-        import threading
         if cls._libc is None:
             try:
                 cls._libc = ctypes.CDLL(None, use_errno=True)
             except OSError:
                 cls._libc = False
         if not cls._libc:
-            return
+            return None
         holder = ctypes.c_char.from_buffer(region)
         base = ctypes.addressof(holder)
         del holder
+        self = cls()
 
         def run(region=region):
             # ``region`` is held until the thread ends, so the mapping cannot go
@@ -293,10 +349,16 @@ class _Prefaulter:
             madvise = cls._libc.madvise
             madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             for off in range(0, nbytes, _PREFAULT_SLICE):
+                with self._cond:
+                    while off >= self._allowed and not self._closed:
+                        self._cond.wait(1.0)
+                    if self._closed:
+                        return
                 n = min(_PREFAULT_SLICE, nbytes - off)
                 if madvise(base + off, n, _MADV_POPULATE_WRITE) != 0:
                     return  # old kernel or no memory: pages fault in on first write
         threading.Thread(target=run, name="prefault", daemon=True).start()
+        return self
 
 
 class Assembler:
@@ -318,12 +380,32 @@ class Assembler:
             if not v.buffer_sizes:
                 raise ProtocolError("streamed value has no pickle stream")
         self._values = values
-        self._blobs = [receive_buffer(n) for n in sizes]
+        RECEIVING.reserve(total)
+        self._reserved = total
+        self._blobs = []
+        self._prefaulters = []
+        try:
+            for n in sizes:
+                blob, prefaulter = receive_buffer(n)
+                self._blobs.append(blob)
+                self._prefaulters.append(prefaulter)
+        except BaseException:
+            self.close()
+            raise
         self._index = 0
         self._offset = 0
         self.received = 0
         self.expected = total
         self._skip_empty()
+
+    def close(self) -> None:
+        """Stop prefaulting and give the reservation back (the stream is over)."""
+        for prefaulter in self._prefaulters:
+            if prefaulter is not None:
+                prefaulter.close()
+        self._prefaulters = [None] * len(self._prefaulters)
+        RECEIVING.release(self._reserved)
+        self._reserved = 0
 
     def _skip_empty(self) -> None:
         while self._index < len(self._blobs) and self._blobs[self._index].nbytes == 0:
@@ -339,6 +421,9 @@ class Assembler:
             take = min(blob.nbytes - self._offset, view.nbytes)
             blob[self._offset:self._offset + take] = view[:take]
             self._offset += take
+            prefaulter = self._prefaulters[self._index]
+            if prefaulter is not None:
+                prefaulter.advance(self._offset)
             self.received += take
             view = view[take:]
             if self._offset == blob.nbytes:
@@ -351,6 +436,7 @@ class Assembler:
         if self.received != self.expected:
             raise ProtocolError(
                 f"stream ended after {self.received} of {self.expected} bytes")
+        self.close()
         out, pos = [], 0
         for value in self._values:
             n = len(value.buffer_sizes)
@@ -380,13 +466,16 @@ def receive_stream(chunks: Iterator, header_type, max_bytes: int):
     except Exception as exc:
         raise ProtocolError(f"malformed stream header: {exc}") from None
     assembler = Assembler(streamed_values(header), max_bytes)
-    for chunk in chunks:
-        kind, body = decode_chunk(chunk)
-        if kind != "data":
-            raise ProtocolError("a second header inside one stream" if kind == "header"
-                                else "a stream chunk with neither header nor data")
-        assembler.feed(body)
-    return header, assembler.finish()
+    try:
+        for chunk in chunks:
+            kind, body = decode_chunk(chunk)
+            if kind != "data":
+                raise ProtocolError("a second header inside one stream" if kind == "header"
+                                    else "a stream chunk with neither header nor data")
+            assembler.feed(body)
+        return header, assembler.finish()
+    finally:
+        assembler.close()
 
 
 # -- errors across the wire ------------------------------------------------------
@@ -396,7 +485,8 @@ def error_to_pb(exc: BaseException) -> pb.Error:
     from . import errors
     from .serialization import dump_exception
     if isinstance(exc, errors.ClaypotError) and errors.by_code(type(exc).__name__):
-        return pb.Error(code=type(exc).__name__, message=str(exc))
+        return pb.Error(code=type(exc).__name__, message=str(exc),
+                        moved_to=getattr(exc, "moved_to", "") or "")
     remote_type, tb, pickled = dump_exception(exc)
     return pb.Error(code="RemoteError", message=f"{type(exc).__name__}: {exc}",
                     remote_type=remote_type, traceback=tb, pickled=pickled)
@@ -407,6 +497,8 @@ def error_from_pb(err: pb.Error) -> BaseException:
     from . import errors
     if err.code != "RemoteError":
         cls = errors.by_code(err.code) or errors.ClaypotError
+        if cls is errors.ObjectMoved:
+            return cls(err.message, err.moved_to)
         return cls(err.message)
     if err.pickled:
         try:

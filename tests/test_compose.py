@@ -73,7 +73,8 @@ def compose():
             pytest.fail(f"CI must run the compose test: {why}")
         pytest.skip(why)
     project = "claypot-test-" + secrets.token_hex(4)
-    env = dict(os.environ, CLAYPOT_TOKEN=secrets.token_hex(16))
+    env = dict(os.environ, CLAYPOT_TOKEN=secrets.token_hex(16),
+               CLAYPOT_REDIS_PASSWORD=secrets.token_hex(16))
 
     def run(*args, timeout=300, check=True):
         out = subprocess.run(["docker", "compose", "-p", project, *args], cwd=ROOT, env=env,

@@ -61,12 +61,12 @@ def _address_of(backend_id: str) -> str:
     raise AssertionError(f"backend {backend_id} is not in the directory")
 
 
-def _ping(address: str) -> pb.PingReply:
+def _ping(address: str, token: str) -> pb.PingReply:
     with grpc.insecure_channel(address) as channel:
         ping = channel.unary_unary("/claypot.v1.Backend/Ping",
                                    request_serializer=pb.PingRequest.SerializeToString,
                                    response_deserializer=pb.PingReply.FromString)
-        return ping(pb.PingRequest(), timeout=10)
+        return ping(pb.PingRequest(), metadata=[("claypot-token", token)], timeout=10)
 
 
 def test_node_client_calls_reads_and_writes_a_python_object(cluster):
@@ -146,7 +146,7 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
     ledger = Ledger("guard")
     ledger.make_persistent(backend=cluster.backends[0])
     address = _address_of(cluster.backends[0])
-    pid = _ping(address).pid
+    pid = _ping(address, cluster.token).pid
 
     # Raw TCP: not HTTP/2 at all; then the HTTP/2 preface followed by garbage frames.
     _send_garbage(address, os.urandom(4096) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -204,6 +204,6 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
         assert json_reply.error.code == "ProtocolError"
 
     # The same process still answers, and the object is intact and callable.
-    assert _ping(address).pid == pid
+    assert _ping(address, cluster.token).pid == pid
     assert ledger.record(2) == {"total": 3.0, "count": 2}
     assert ledger.entries == [{"amount": 1, "memo": ""}, {"amount": 2, "memo": ""}]

@@ -245,7 +245,7 @@ def test_durability_policy_is_per_backend(tmp_path):
                                  extra_args=["--durability", "none"]).start()
         c.processes.append(scratch)  # stopped with the cluster
         durable_id = c.backends[0]
-        d = Directory(c.redis_url)
+        d = Directory(c.redis_url, token=c.token)
         try:
             policies = {b["backend_id"]: b["durability"] for b in d.backends()}
         finally:
@@ -309,7 +309,7 @@ def test_damage_inside_the_log_skips_one_record_not_the_rest(tmp_path):
     Only a bad record at the very end is a torn write (cut off); one followed
     by valid records is damage, and the acknowledged records after it stay.
     """
-    from store.backend.storage import Record, Storage, encode
+    from store.backend.storage import Record, Storage, decode
 
     root = str(tmp_path / "s")
     st = Storage(root, "sync", checkpoint_interval=3600)
@@ -318,8 +318,8 @@ def test_damage_inside_the_log_skips_one_record_not_the_rest(tmp_path):
     st.close()
     wal = os.path.join(root, "wal")
     segment = os.path.join(wal, sorted(os.listdir(wal))[-1])
-    first = sum(memoryview(p).nbytes for p in encode(Record(f"{0:032x}", "k:C", "",
-                                                             b"state-0" * 50)))
+    with open(segment, "rb") as f:
+        _, first = decode(memoryview(f.read()))  # where the second record starts
     with open(segment, "r+b") as f:  # one byte of the second record's body
         f.seek(first + 200)
         byte = f.read(1)

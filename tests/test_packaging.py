@@ -37,10 +37,11 @@ STORE_API = [
 
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
-    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
-    "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectCorrupt", "ObjectError",
-    "ObjectNotFound", "ProtocolError", "RemoteError", "SerializationError", "TaskCancelled",
-    "TaskError", "TaskTimeout", "ValueTooLarge", "by_code",
+    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
+    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "NotPersistent", "ObjectBusy",
+    "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
+    "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
+    "TaskTimeout", "ValueTooLarge", "by_code",
 ]
 
 
@@ -252,6 +253,10 @@ def test_compose_file_wires_redis_backends_and_demo():
     assert _flags(redis["command"][1:])["--appendonly"] == "yes"
     assert redis["volumes"] == ["redis-data:/data"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Redis always has a password, from the environment; redis-cli reads it from REDISCLI_AUTH.
+    password = _flags(redis["command"][1:])["--requirepass"]
+    assert re.fullmatch(r"\$\{CLAYPOT_REDIS_PASSWORD:\?[^}]+\}", password)
+    assert redis["environment"]["REDISCLI_AUTH"] == password
 
     backend = services["backend"]
     # N backends from one block: replicas (or --scale backend=N), no copied services.
@@ -259,7 +264,9 @@ def test_compose_file_wires_redis_backends_and_demo():
     assert backend["command"][0] == "backend"
     flags = _flags(backend["command"][1:])
     assert flags["--data-dir"] == "/data"
-    assert flags["--redis"] == "redis://redis:6379/0"
+    # The Redis URL carries the password: in the environment, never on the command line.
+    assert "--redis" not in flags
+    assert backend["environment"]["CLAYPOT_REDIS"] == f"redis://:{password}@redis:6379/0"
     assert flags["--host"] == "0.0.0.0"
     # No --advertise: each replica registers its own container address, and every
     # replica listens on the port its image exposes (what `docker compose ps` shows).
@@ -329,12 +336,12 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
     port = _free_port()
     advertised = f"127.0.0.1:{port}"
     with LocalCluster(backends=1) as cluster:
-        local = {"--data-dir": str(tmp_path / "backend"), "--redis": cluster.redis_url,
+        local = {"--data-dir": str(tmp_path / "backend"),
                  "--host": "127.0.0.1", "--port": str(port)}
         flags = _flags(argv[1:])
         assert set(flags) == set(local)
         args = [argv[0]] + [x for flag in flags for x in (flag, local[flag])]
-        env = dict(os.environ, CLAYPOT_TOKEN=cluster.token)
+        env = dict(os.environ, CLAYPOT_TOKEN=cluster.token, CLAYPOT_REDIS=cluster.redis_url)
         log = open(tmp_path / "backend.log", "wb")
         proc = subprocess.Popen([_claypot(), *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -351,7 +358,8 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
                 ping = channel.unary_unary(
                     "/claypot.v1.Backend/Ping",
                     request_serializer=pb.PingRequest.SerializeToString,
-                    response_deserializer=pb.PingReply.FromString)(pb.PingRequest(), timeout=10)
+                    response_deserializer=pb.PingReply.FromString)(
+                        pb.PingRequest(), metadata=[("claypot-token", cluster.token)], timeout=10)
             assert ping.address == advertised and ping.pid == proc.pid
 
             # This process reaches the new backend at the advertised address...

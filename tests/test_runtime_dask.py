@@ -217,6 +217,7 @@ def test_environment_selects_the_dask_executor(dask_cluster):
     """)
     env = dict(os.environ, CLAYPOT_EXECUTOR="dask",
                CLAYPOT_DASK_SCHEDULER=dask_cluster.dask_scheduler,
+               CLAYPOT_DASK_TLS_DIR=dask_cluster.dask_tls_dir,
                CLAYPOT_ADDRESS=dask_cluster.address, CLAYPOT_TOKEN=dask_cluster.token)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120)

@@ -32,8 +32,9 @@ class HostedDaskWorker:
     """A ``distributed.Worker`` on its own event loop thread (see the module docstring)."""
 
     def __init__(self, scheduler: str, name: str, host: str = "127.0.0.1",
-                 nthreads: int | None = None):
+                 nthreads: int | None = None, tls_dir: str = ""):
         self.scheduler = scheduler
+        self.tls_dir = tls_dir
         self.name = name
         self.host = host
         self.nthreads = nthreads or _threads_from_env()
@@ -80,6 +81,13 @@ class HostedDaskWorker:
 
     async def _open(self) -> None:
         from distributed import Worker
+
+        from ..certs import dask_security
+        tls = {}
+        if self.tls_dir:
+            # The worker runs whatever the scheduler sends, in this backend: it
+            # only talks TLS, to peers holding the cluster's certificate.
+            tls = {"security": dask_security(self.tls_dir), "protocol": "tls"}
         # memory_limit=0: the backend's heap has its own memory budget; Dask
         # spilling or pausing this process would fight it.
         # "units" mirrors the runtime's computing_units, so a multi-unit task
@@ -87,7 +95,7 @@ class HostedDaskWorker:
         self._worker = await Worker(self.scheduler, name=self.name, host=self.host,
                                     nthreads=self.nthreads, memory_limit=0,
                                     resources={"units": self.nthreads}, dashboard=False,
-                                    validate=False)
+                                    validate=False, **tls)
         self.address = self._worker.address
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,17 +1,30 @@
 """The heap: a backend's live objects and everything done to them.
 
-This is the backend's pure core: no gRPC here. The servicer decodes a
-request, calls the heap, and encodes what it returns.
+No gRPC here: the servicer decodes a request, calls the heap, and encodes
+what it returns. Every rule about an object's life (which state it is in,
+what a transition must write, publish or drop) lives in the pure
+:mod:`.lifecycle` core; the heap reports events to it under one short mutex
+and carries out the instructions it returns outside that mutex.
 
 - Every object has a lock that is re-entrant per *call chain* (not per
   thread), so a call that goes A -> B -> A across backends finds A's lock
   already held by its own chain and proceeds instead of deadlocking.
-- After a call that may have changed its object, the object's state is
-  pickled and compared (by digest) with what was last stored: only a real
-  change is written. Read-only methods (``@readonly``) and attribute reads
-  skip this. Objects larger than ``big_object`` are not re-pickled after
-  every call: they are marked dirty and checkpointed in the background
-  (write-behind, within ``flush_interval``).
+- A call is admitted by the lifecycle, and admitted again once it holds the
+  object's lock: a call queued behind a move or delete is refused with
+  ``ObjectMoved`` (the client follows it) or ``ObjectNotFound``, and never
+  runs on the orphaned instance.
+- Methods are atomic: after the outermost call of a chain on an object
+  returns, its state is pickled and compared (by digest) with what was last
+  stored, and only a real change is logged (read-only methods skip this).
+  A method that raises leaves its object in its last acknowledged state:
+  small objects are rebuilt from the stored bytes; objects over
+  ``big_object`` keep their in-place changes, which are checkpointed before
+  the exception returns, so memory and disk agree.
+- Objects over ``big_object`` are not re-pickled after every call: they are
+  marked dirty and checkpointed in the background (write-behind, within
+  ``flush_interval``).
+- Disk I/O (loads, spills, checkpoints) happens under the object's own lock
+  only, never under the mutex every call needs.
 - With a memory limit, the least recently used objects are written out and
   dropped from memory, and loaded back on their next use.
 """
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -27,15 +41,18 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from .. import objects as objmod
-from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectNotFound,
-                      TaskTimeout)
+from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy,
+                      ObjectNotFound, ProtocolError, TaskTimeout)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, loads
+from . import lifecycle as lc
+from .lifecycle import Lifecycle, State
 from .storage import Record, Storage
 
 log = logging.getLogger("claypot.heap")
 
 _SNAPSHOT_LOCK_WAIT = 1.0  # seconds the checkpointer waits for a busy object's lock
+_TASK_LEDGER = 4096        # finished INOUT task attempts remembered (for retries)
 
 
 class ChainLock:
@@ -83,11 +100,19 @@ class ChainLock:
     def held(self) -> bool:
         return self._owner is not None
 
+    @property
+    def owner(self) -> str | None:
+        return self._owner
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
 
 class Entry:
-    """Bookkeeping for one object; ``obj`` is None while it is spilled to disk."""
+    """The live side of one object; ``obj`` is None unless it is resident."""
 
-    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "size", "digest", "big")
+    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in")
 
     def __init__(self, object_id: str, class_key: str, alias: str):
         self.object_id = object_id
@@ -95,9 +120,13 @@ class Entry:
         self.class_key = class_key
         self.alias = alias
         self.lock = ChainLock()
-        self.size = 0
         self.digest = b""
-        self.big = False
+        self.moved_in = False   # arrived by a move (see storage.Record.moved_in)
+
+    def record(self, payload, buffers) -> Record:
+        """A storage record of this object's state."""
+        return Record(self.object_id, self.class_key, self.alias, payload, buffers,
+                      moved_in=self.moved_in)
 
 
 def digest_of(payload, buffers) -> bytes:
@@ -108,12 +137,24 @@ def digest_of(payload, buffers) -> bytes:
     return h.digest()
 
 
-class CodeCache:
-    """Classes and task functions by code key: memory, then the registry, then import."""
+def _nbytes(payload, buffers) -> int:
+    return len(payload) + sum(memoryview(b).nbytes for b in buffers)
 
-    def __init__(self, fetch: Callable[[str], bytes | None]):
+
+class CodeCache:
+    """Classes and task functions by code key: memory, this backend's disk, the registry,
+    then import.
+
+    Code found in the registry is remembered as bytes, so that storing an
+    object can keep its class's code in the storage dir too.
+    """
+
+    def __init__(self, fetch: Callable[[str], bytes | None], storage: Storage | None = None):
         self._fetch = fetch
+        self._storage = storage
         self._cache: dict[str, Any] = {}
+        self._raw: dict[str, bytes] = {}
+        self._saved: set[str] = set()
         self._lock = threading.Lock()
 
     def get(self, key: str):
@@ -124,18 +165,42 @@ class CodeCache:
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
-            code = self._fetch(key)
+            code = self._storage.load_code(key) if self._storage is not None else None
+            if code:
+                self._saved.add(key)
+            else:
+                try:
+                    code = self._fetch(key)
+                except Exception:
+                    code = None  # the registry is unreachable: try an import
             if code:
                 from ..serialization import load_code, remember_code
                 obj = load_code(code)
                 remember_code(key, obj)
+                self._raw[key] = bytes(code)
             else:
                 obj = import_by_key(key)
             self._cache[key] = obj
             return obj
 
-    def put(self, key: str, obj) -> None:
+    def put(self, key: str, obj, code: bytes | None = None) -> None:
         self._cache[key] = obj
+        if code:
+            self._raw[key] = bytes(code)
+
+    def keep_on_disk(self, key: str) -> None:
+        """Store the code of ``key`` in the storage dir (once), if it came by value."""
+        if self._storage is None or key in self._saved:
+            return
+        code = self._raw.get(key)
+        if code is None:
+            try:
+                code = self._fetch(key)
+            except Exception:
+                code = None
+        if code:
+            self._storage.save_code(key, code)
+            self._saved.add(key)
 
 
 def import_by_key(key: str):
@@ -154,6 +219,42 @@ def import_by_key(key: str):
             f"imported on the backend: {exc}") from None
 
 
+class _TaskLedger:
+    """Attempts of tasks that change objects, by task key: a retry never applies twice.
+
+    A retry of a task whose earlier attempt is still running here waits for
+    it; if that attempt committed, the retry returns its result instead of
+    running again; if it failed (and was rolled back), the retry runs.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, list] = OrderedDict()  # key -> [event, done, result]
+
+    def begin(self, key: str, timeout: float | None):
+        """(True, None) to run the attempt, or (False, result) of a committed one."""
+        while True:
+            with self._lock:
+                item = self._items.get(key)
+                if item is None or (item[0].is_set() and not item[1]):
+                    self._items[key] = [threading.Event(), False, None]
+                    while len(self._items) > _TASK_LEDGER:
+                        self._items.popitem(last=False)
+                    return True, None
+                event = item[0]
+                if event.is_set():
+                    return False, item[2]
+            if not event.wait(timeout):
+                raise DeadlineExceeded("timed out waiting for an earlier attempt of this task")
+
+    def end(self, key: str, committed: bool, result=None) -> None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                item[1], item[2] = committed, (result if committed else None)
+                item[0].set()
+
+
 class Heap:
     """The live objects of one backend (see the module docstring)."""
 
@@ -167,68 +268,116 @@ class Heap:
         self.big_object = big_object
         self.memory_budget = memory_budget
         self.lock_timeout = lock_timeout
-        self._table: dict[str, Entry] = {}
-        self._resident: OrderedDict[str, Entry] = OrderedDict()
-        self._resident_bytes = 0
-        self._largest = 0  # bytes of the largest object seen: headroom for one arriving
-        self._table_lock = threading.RLock()
-        self._stored_ids = storage.object_ids(at_start=True)
-        self.moved: dict[str, str] = {}  # object id -> backend it moved to
+        self.life = Lifecycle(memory_budget)
+        self._mu = threading.Lock()   # guards self.life and self._entries; never held for I/O
+        self._entries: dict[str, Entry] = {}
+        self.life.stored_at_start(storage.object_ids(at_start=True))
+        self._tasks = _TaskLedger()
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
         self.on_change: Callable[[], None] | None = None  # the object count changed
+        # Check the lifecycle's invariants after every transition (tests set it).
+        self.validate_each = os.environ.get("CLAYPOT_VALIDATE", "") not in ("", "0")
         storage.checkpoint_live = self._checkpoint_live
         if memory_budget:
             _release_big_frees_to_os()
 
     # -- lookup ----------------------------------------------------------------
     def count(self) -> int:
-        with self._table_lock:
-            return len(self._stored_ids | set(self._table))
+        with self._mu:
+            return self.life.count()
 
     def resident_count(self) -> int:
-        return len(self._resident)
+        return self.life.resident_count()
 
     @property
     def resident_bytes(self) -> int:
-        return self._resident_bytes
+        return self.life.resident_bytes
 
     def has(self, object_id: str) -> bool:
-        with self._table_lock:
-            return object_id in self._table or object_id in self._stored_ids
+        """Whether the object lives here (live, spilled or being loaded or moved)."""
+        with self._mu:
+            return self.life.present(object_id)
 
-    def entry(self, object_id: str) -> Entry:
-        """The object's entry with the object in memory (loaded if spilled)."""
-        with self._table_lock:
-            entry = self._table.get(object_id)
+    def admit(self, object_id: str) -> None:
+        """Raise ObjectNotFound / ObjectMoved unless the object lives here."""
+        with self._mu:
+            self.life.admit(object_id, self.backend_id)
+
+    def sizes(self, object_ids: list[str]) -> list[int]:
+        """Bytes of each object's state as last measured (0 if unknown or not here)."""
+        with self._mu:
+            out = []
+            for oid in object_ids:
+                life = self.life.get(oid)
+                out.append(life.size if life is not None else 0)
+            return out
+
+    def state_of(self, object_id: str) -> State | None:
+        with self._mu:
+            life = self.life.get(object_id)
+            return life.state if life is not None else None
+
+    def _entry(self, object_id: str) -> Entry:
+        with self._mu:
+            self.life.admit(object_id, self.backend_id)
+            entry = self._entries.get(object_id)
             if entry is None:
-                if object_id not in self._stored_ids:
-                    raise ObjectNotFound(f"object {object_id} is not on backend {self.backend_id}")
-                entry = Entry(object_id, "", "")
-                self._table[object_id] = entry
-            if entry.obj is not None:
-                self._resident.move_to_end(object_id)
-                return entry
-            rec = self.storage.read(object_id)
-            self._load(entry, rec)
-        self._enforce_memory()
+                entry = self._entries[object_id] = Entry(object_id, "", "")
+            return entry
+
+    def _acquire(self, object_id: str, chain: str, load: bool = True) -> Entry:
+        """The object's entry, locked by ``chain`` and admitted again under the lock.
+
+        Loads the object if it is spilled (under its own lock only).
+        """
+        entry = self._entry(object_id)
+        entry.lock.acquire(chain, self.lock_timeout)
+        try:
+            with self._mu:
+                life = self.life.admit(object_id, self.backend_id)  # moved/deleted meanwhile?
+                if self._entries.get(object_id) is not entry:
+                    raise ObjectNotFound(f"object {object_id} is not on backend "
+                                         f"{self.backend_id[:8]}")
+                self.life.touch(object_id)
+                spilled = life.state is State.SPILLED
+            if spilled and load:
+                self._load(entry)
+        except BaseException:
+            entry.lock.release()
+            raise
         return entry
 
-    def _load(self, entry: Entry, rec: Record) -> None:
-        cls = self.code.get(rec.class_key)
+    def _load(self, entry: Entry) -> None:
+        """Bring a spilled object back into memory (caller holds its lock)."""
+        oid = entry.object_id
+        with self._mu:
+            self.life.load_started(oid)
+        try:
+            rec = self.storage.read(oid)
+            obj = self._build(oid, rec.class_key, rec.payload, rec.buffers)
+        except BaseException:
+            with self._mu:
+                self.life.load_failed(oid)
+            raise
+        size = rec.size()
+        big = size > self.big_object
+        with self._mu:
+            entry.obj = obj
+            entry.class_key, entry.alias = rec.class_key, rec.alias
+            entry.moved_in = rec.moved_in
+            entry.digest = b"" if big else digest_of(rec.payload, rec.buffers)
+            todo = self.life.loaded(oid, size, big)
+            self._validate_locked()
+        self._perform(todo)
+
+    def _build(self, object_id: str, class_key: str, payload, buffers):
+        cls = self.code.get(class_key)
         obj = cls.__new__(cls)
-        obj.__setstate__(loads(rec.payload, rec.buffers, self.unpickle_context()))
-        objmod.attach_identity(obj, entry.object_id, rec.class_key, self.backend_id)
-        entry.obj = obj
-        entry.class_key = rec.class_key
-        entry.alias = rec.alias
-        entry.size = rec.size()
-        entry.big = entry.size > self.big_object
-        entry.digest = b"" if entry.big else digest_of(rec.payload, rec.buffers)
-        self._resident[entry.object_id] = entry
-        self._resident_bytes += entry.size
-        self._largest = max(self._largest, entry.size)
+        obj.__setstate__(loads(payload, buffers, self.unpickle_context()))
+        objmod.attach_identity(obj, object_id, class_key, self.backend_id)
+        return obj
 
     # -- contexts ------------------------------------------------------------------
     def unpickle_context(self) -> UnpickleContext:
@@ -247,54 +396,83 @@ class Heap:
     def persist(self, items: list[tuple[str, str, Any, list, str]], adopt: bool = False) -> None:
         """Store new objects: (object_id, class_key, payload, buffers, alias) each.
 
-        All or none: an unknown class, a bad pickle or a taken alias stores nothing.
-        With ``adopt`` the ids are already in the directory (a move).
+        All or none: an unknown class, a bad pickle or a taken alias stores
+        nothing. Storage first, then the directory: every object is durable
+        before any other process can find it. Idempotent by id: a retried
+        persist whose objects are already here succeeds without storing them
+        twice. With ``adopt`` the ids are already in the directory (a move).
         """
         built = []
         ctx = self.unpickle_context()
+        retried = []
         for oid, key, payload, buffers, alias in items:
-            if self.has(oid) and not adopt:
-                raise _duplicate_id(oid)
+            if self.has(oid):
+                if adopt:
+                    self._drop_stale_copy(oid)
+                else:
+                    retried.append((oid, self.backend_id, key, alias))
+                    continue
             cls = self.code.get(key)
             if not (isinstance(cls, type) and issubclass(cls, StorageObject)):
                 raise ClassNotFound(f"{key} is not a StorageObject class")
             obj = cls.__new__(cls)
             obj.__setstate__(loads(payload, buffers, ctx))
             objmod.attach_identity(obj, oid, key, self.backend_id)
-            built.append((oid, key, payload, buffers, alias, obj))
-        if not adopt:
-            self.directory.claim([(oid, self.backend_id, key, alias)
-                                  for oid, key, _, _, alias, _ in built])
+            built.append((oid, key, payload, buffers, alias or "", obj))
+        for key in {b[1] for b in built}:
+            self.code.keep_on_disk(key)
+        lsns = []
         try:
-            for i, (oid, key, payload, buffers, alias, obj) in enumerate(built):
-                rec = Record(oid, key, alias or "", payload, buffers)
-                if rec.size() > self.big_object:
-                    # Under "none" nothing is written on persist, as Storage.write does
-                    # for small objects; big ones are written only if spilled.
-                    if self.storage.policy != "none":
-                        self.storage.write_checkpoint(rec)
-                else:
-                    self.storage.write(rec, durable=(i == len(built) - 1))
-        except BaseException:
-            if not adopt:
-                for oid, *_ in built:
-                    self.directory.forget(oid)
-            raise
-        with self._table_lock:
             for oid, key, payload, buffers, alias, obj in built:
-                entry = Entry(oid, key, alias or "")
-                entry.obj = obj
-                entry.size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
-                entry.big = entry.size > self.big_object
-                entry.digest = b"" if entry.big else digest_of(payload, buffers)
-                self._table[oid] = entry
-                self._stored_ids.add(oid)
-                self._resident[oid] = entry
-                self._resident_bytes += entry.size
-                self._largest = max(self._largest, entry.size)
-                self.moved.pop(oid, None)
-        self._changed()
-        self._enforce_memory()
+                rec = Record(oid, key, alias, payload, buffers, moved_in=adopt)
+                if rec.size() > self.big_object:
+                    if self.storage.policy == "none":
+                        lsns.append(0)  # under "none" big objects are written only if spilled
+                    else:
+                        lsns.append(self.storage.write_checkpoint(rec))
+                else:
+                    lsns.append(self.storage.write(rec, durable=False))
+            self.storage.sync()  # one fsync acknowledges the whole batch
+            if not adopt:
+                self.directory.claim([(oid, self.backend_id, key, alias)
+                                      for oid, key, _, _, alias, _ in built] + retried)
+        except BaseException:
+            for oid, *_ in built:  # nobody was told of them: take them back out
+                try:
+                    self.storage.delete(oid, durable=False)
+                except Exception:
+                    pass
+            raise
+        todo = []
+        with self._mu:
+            for (oid, key, payload, buffers, alias, obj), lsn in zip(built, lsns):
+                if self.life.present(oid):
+                    continue  # a concurrent retry of the same persist got here first
+                size = _nbytes(payload, buffers)
+                big = size > self.big_object
+                entry = self._entries.get(oid)
+                if entry is None:
+                    entry = self._entries[oid] = Entry(oid, key, alias)
+                entry.obj, entry.class_key, entry.alias = obj, key, alias
+                entry.moved_in = adopt
+                entry.digest = b"" if big else digest_of(payload, buffers)
+                todo += self.life.persisted(oid, lsn, size, big)
+            self._validate_locked()
+        if built:
+            self._changed()
+        self._perform(todo)
+
+    def _drop_stale_copy(self, object_id: str) -> None:
+        """A move is bringing ``object_id`` here while a copy is already stored.
+
+        That copy is what an earlier move left behind when it failed before
+        its directory update (the commit point): if the directory says the
+        object lives elsewhere, the copy is stale and is replaced.
+        """
+        entry = self.directory.lookup(object_id)
+        if entry.backend_id == self.backend_id:
+            raise ProtocolError(f"object {object_id} is already stored on this backend")
+        self.delete(object_id, forget=False)
 
     def adopt_local(self, obj, chain: str) -> tuple[str, str, str]:
         """Make a StorageObject created inside this backend persistent here.
@@ -306,7 +484,7 @@ class Heap:
         key, code = code_key_and_bytes(objmod.real_class(obj))
         if self.directory is not None and code and not self.directory.has_code(key):
             self.directory.put_code(key, code)
-        self.code.put(key, objmod.real_class(obj))
+        self.code.put(key, objmod.real_class(obj), code)
         oid = uuid.uuid4().hex
         cls = type(obj)
         real = cls.__new__(cls)
@@ -320,147 +498,291 @@ class Heap:
     def invoke(self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict,
                chain: str) -> Any:
         """Run a method or attribute access on a live object, under its lock."""
-        entry = self.entry(object_id)
-        entry.lock.acquire(chain, self.lock_timeout)
+        entry = self._acquire(object_id, chain)
+        # Only the outermost call of a chain on this object stores or rolls back:
+        # a nested call (A -> B -> A) is part of the outer one.
+        outermost = entry.lock.depth == 1
         try:
             obj = entry.obj
-            if obj is None:  # spilled between entry() and the lock
-                entry = self.entry(object_id)
-                obj = entry.obj
-            if kind == METHOD:
-                fn = getattr(obj, name)
-                result = fn(*args, **kwargs)
-                if not getattr(fn, "__claypot_readonly__", False):
-                    self._after_change(entry, chain, check=True)
-                return result
             if kind == GET_ATTR:
                 return getattr(obj, name)
-            if kind == SET_ATTR:
-                setattr(obj, name, args[0])
-                self._after_change(entry, chain, check=False)
-                return None
-            if kind == DEL_ATTR:
-                delattr(obj, name)
-                self._after_change(entry, chain, check=False)
-                return None
-            raise ValueError(f"unknown call kind {kind}")
+            if kind == METHOD:
+                fn = getattr(obj, name)
+                changes = not getattr(fn, "__claypot_readonly__", False)
+            elif kind == SET_ATTR:
+                value = args[0]
+                fn, args, kwargs, changes = (lambda: setattr(obj, name, value)), (), {}, True
+            elif kind == DEL_ATTR:
+                fn, args, kwargs, changes = (lambda: delattr(obj, name)), (), {}, True
+            else:
+                raise ValueError(f"unknown call kind {kind}")
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if changes and outermost:
+                    self._rollback(entry, chain)
+                raise
+            if changes and outermost:
+                self._after_change(entry, chain, check=kind == METHOD)
+            return result
         finally:
             entry.lock.release()
 
     def run_task(self, fn, args: tuple, kwargs: dict, mutates: list[str], chain: str,
-                 timeout: float = 0.0) -> Any:
-        """Run a task function here; objects it may change (INOUT) are locked and logged."""
-        entries = []
-        for oid in sorted(set(mutates)):
-            if self.has(oid):
-                entry = self.entry(oid)
-                entry.lock.acquire(chain, self.lock_timeout)
-                entries.append(entry)
+                 timeout: float = 0.0, task_key: str = "") -> Any:
+        """Run a task function here; objects it may change (INOUT) are locked and logged.
+
+        Atomic like a method: if the function raises, or runs past its
+        ``timeout``, its INOUT objects go back to their last acknowledged
+        state and nothing is stored. With a ``task_key`` (stable across the
+        retries of one task), a retry never applies the task twice.
+        """
+        local = [oid for oid in sorted(set(mutates)) if self.has(oid)]
+        ledger = bool(task_key and local)
+        if ledger:
+            run, result = self._tasks.begin(task_key, self.lock_timeout)
+            if not run:
+                return result
+        entries: list[tuple[Entry, bool]] = []
+        committed = False
         self.running_tasks += 1
         started = time.monotonic()
         try:
-            result = fn(*args, **kwargs)
-            if timeout and time.monotonic() - started > timeout:
-                raise TaskTimeout(f"task {getattr(fn, '__qualname__', fn)} ran "
-                                  f"{time.monotonic() - started:.2f}s, over its time_out "
-                                  f"of {timeout}s")
-            for entry in entries:
-                self._after_change(entry, chain, check=True)
+            for oid in local:
+                entry = self._acquire(oid, chain)
+                entries.append((entry, entry.lock.depth == 1))
+            try:
+                result = fn(*args, **kwargs)
+                elapsed = time.monotonic() - started
+                if timeout and elapsed > timeout:
+                    raise TaskTimeout(f"task {getattr(fn, '__qualname__', fn)} ran "
+                                      f"{elapsed:.2f}s, over its time_out of {timeout}s; "
+                                      f"its changes were rolled back")
+            except BaseException:
+                for entry, outermost in entries:
+                    if outermost:
+                        self._rollback(entry, chain)
+                raise
+            for entry, outermost in entries:
+                if outermost:
+                    self._after_change(entry, chain, check=True)
+            committed = True
             return result
         finally:
             self.running_tasks -= 1
-            for entry in entries:
+            for entry, _ in entries:
                 entry.lock.release()
+            if ledger:
+                self._tasks.end(task_key, committed, result if committed else None)
 
     def _after_change(self, entry: Entry, chain: str, check: bool) -> None:
-        """Store the object's new state if it changed (see the module docstring)."""
+        """Store the object's new state if it changed (caller holds its lock)."""
+        oid = entry.object_id
+        with self._mu:
+            life = self.life.get(oid)
+            if life is None or life.state is not State.LIVE:
+                return  # the call moved or deleted its own object: nothing to store here
+            big = life.big
         if self.storage.policy == "none":
             return
-        if entry.big:
-            self.storage.mark_dirty(entry.object_id)
+        if big:
+            todo = self.life_event(lambda: self.life.call_finished(oid, True, life.size, True))
+            self._perform(todo, entry=entry)
             return
         payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
-        size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
-        if size > self.big_object:
-            entry.big = True
-            entry.digest = b""
-            self.storage.mark_dirty(entry.object_id)
-        else:
-            digest = digest_of(payload, buffers)
-            if check and digest == entry.digest:
-                return
-            entry.digest = digest
-            self.storage.write(Record(entry.object_id, entry.class_key, entry.alias,
-                                      payload, buffers))
-        with self._table_lock:
-            if entry.obj is not None and entry.object_id in self._resident:
-                self._resident_bytes += size - entry.size
-            entry.size = size
-            self._largest = max(self._largest, size)
-        self._enforce_memory()
+        size = _nbytes(payload, buffers)
+        big = size > self.big_object
+        digest = b"" if big else digest_of(payload, buffers)
+        if check and not big and digest == entry.digest:
+            return
+        todo = self.life_event(lambda: self.life.call_finished(oid, True, size, big))
+        self._perform(todo, entry=entry, state=(payload, buffers, digest))
+
+    def _rollback(self, entry: Entry, chain: str) -> None:
+        """Put an object whose call raised back in its last acknowledged state."""
+        oid = entry.object_id
+        todo = self.life_event(lambda: self.life.call_failed(oid))
+        try:
+            self._perform(todo, entry=entry)
+        except Exception:
+            # Never leave the half-changed instance in memory: drop it, so the next
+            # call loads the last acknowledged state from disk.
+            log.exception("object %s: rollback after a failed call failed; dropping the "
+                          "live instance", oid)
+            with self._mu:
+                life = self.life.get(oid)
+                if life is not None and life.state is State.LIVE:
+                    self.life.spilled(oid)
+                    entry.obj = None
+
+    def life_event(self, event: Callable[[], list]) -> list:
+        """Report one event to the lifecycle core; returns its instructions."""
+        with self._mu:
+            todo = event()
+            self._validate_locked()
+        return todo
 
     def _checkpoint_live(self, object_id: str) -> bool:
-        """Write a write-behind object's checkpoint from its live state, under its lock.
+        """Write a write-behind object's checkpoint from a snapshot taken under its lock.
 
-        The file is written while the lock is held, so no newer state (written
-        by a spill, or changed by a call) can be overtaken by this one landing
-        late. Returns False when the object is gone or spilled (a spill writes
-        the object itself first).
+        Returns False when the object is gone or spilled (a spill writes the
+        object itself first).
         """
-        with self._table_lock:
-            entry = self._table.get(object_id)
-        if entry is None or entry.obj is None:
-            return False
+        with self._mu:
+            entry = self._entries.get(object_id)
+            life = self.life.get(object_id)
+            if entry is None or life is None or life.state is not State.LIVE:
+                return False
         # Bounded wait: a long method holding the lock must not stall the checkpointer
         # (or a graceful stop); the storage keeps the object dirty and retries.
         entry.lock.acquire("checkpointer:" + object_id, _SNAPSHOT_LOCK_WAIT)
         try:
-            if entry.obj is None:
+            if entry.obj is None or self.state_of(object_id) is not State.LIVE:
                 return False
-            payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context("checkpoint"))
-            self.storage.write_checkpoint(Record(object_id, entry.class_key, entry.alias,
-                                                 payload, [b.raw() for b in buffers]),
-                                          clear_dirty=True)
+            self._write_snapshot(entry, "checkpoint", clear_dirty=True)
             return True
         finally:
             entry.lock.release()
 
-    # -- state out ---------------------------------------------------------------------
-    def export(self, object_id: str, chain: str) -> tuple[str, str, bytes, list]:
-        """(class_key, alias, payload, buffers) of an object, for a move."""
-        entry = self.entry(object_id)
+    def _write_snapshot(self, entry: Entry, chain: str, clear_dirty: bool = False) -> int:
+        """Pickle the live object and write it straight to its checkpoint (lock held)."""
         payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
-        return entry.class_key, entry.alias, payload, buffers
+        lsn = self.storage.write_checkpoint(
+            entry.record(payload, [b.raw() if hasattr(b, "raw") else b for b in buffers]),
+            clear_dirty=clear_dirty)
+        with self._mu:
+            self.life.logged(entry.object_id, lsn)
+        return lsn
 
+    # -- performing instructions ----------------------------------------------------------
+    def _perform(self, todo: list, entry: Entry | None = None, state=None) -> None:
+        """Carry out the lifecycle's instructions, in order (see lifecycle)."""
+        for ins in todo:
+            if isinstance(ins, lc.Spill):
+                self._spill(ins.object_id)
+            elif isinstance(ins, lc.LogState):
+                payload, buffers, digest = state
+                lsn = self.storage.write(entry.record(payload, buffers))
+                entry.digest = digest
+                self._perform(self.life_event(lambda: self.life.logged(entry.object_id, lsn)))
+            elif isinstance(ins, lc.MarkDirty):
+                entry.digest = b""
+                self.storage.mark_dirty(ins.object_id)
+            elif isinstance(ins, lc.WriteCheckpoint):
+                self._write_snapshot(entry, "rollback", clear_dirty=True)
+            elif isinstance(ins, lc.Restore):
+                if self.storage.policy == "none":
+                    continue  # nothing stored to go back to (documented)
+                rec = self.storage.read(ins.object_id)
+                obj = self._build(ins.object_id, rec.class_key, rec.payload, rec.buffers)
+                with self._mu:
+                    entry.obj = obj
+                    entry.digest = digest_of(rec.payload, rec.buffers)
+            else:
+                raise AssertionError(f"unexpected instruction {ins!r}")
+
+    # -- state out ---------------------------------------------------------------------
     def set_alias(self, object_id: str, alias: str, chain: str = "alias") -> None:
         """Record the object's alias in its stored state (for repair)."""
-        entry = self.entry(object_id)
-        entry.lock.acquire(chain, self.lock_timeout)
+        entry = self._acquire(object_id, chain)
         try:
             entry.alias = alias
-            if self.storage.policy != "none":
+            if self.storage.policy == "none":
+                return
+            with self._mu:
+                big = self.life.get(object_id).big
+            if big:
+                # Straight to its checkpoint: a big object's state never goes in the log.
+                self._write_snapshot(entry, chain)
+            else:
                 payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
-                rec = Record(object_id, entry.class_key, alias, payload, buffers)
-                if entry.big:
-                    # Straight to its checkpoint: a big object's state never goes in the log.
-                    self.storage.write_checkpoint(rec)
-                else:
-                    self.storage.write(rec)
+                lsn = self.storage.write(entry.record(payload, buffers))
+                self.life_event(lambda: self.life.logged(object_id, lsn))
         finally:
             entry.lock.release()
 
-    def drop(self, object_id: str, moved_to: str | None = None) -> None:
-        """Remove an object (deleted, or moved to another backend)."""
-        with self._table_lock:
-            if not self.has(object_id):
-                raise ObjectNotFound(f"object {object_id} is not on backend {self.backend_id}")
-            self.storage.delete(object_id)
-            entry = self._table.pop(object_id, None)
-            self._stored_ids.discard(object_id)
-            if entry is not None and self._resident.pop(object_id, None) is not None:
-                self._resident_bytes -= entry.size
-            if moved_to:
-                self.moved[object_id] = moved_to
+    def move(self, object_id: str, target: str, chain: str,
+             send: Callable[[str, str, str, bytes, list], None]) -> None:
+        """Move an object to backend ``target``: its state there, the directory, then here.
+
+        ``send(target, class_key, alias, payload, buffers)`` stores the state
+        on the target (durably). Calls that queued on the object meanwhile
+        are refused with ObjectMoved once it is gone, and follow it.
+        """
+        if target == self.backend_id:
+            return
+        entry = self._entry(object_id)
+        if chain and entry.lock.owner == chain:
+            raise ObjectBusy(f"object {object_id} cannot be moved from inside one of its own "
+                             f"methods (the call holds it); move it after the call returns")
+        mover = "move:" + uuid.uuid4().hex
+        entry = self._acquire(object_id, mover)
+        try:
+            todo = self.life_event(lambda: self.life.move_requested(object_id, target))
+            lsn = 0
+            published = False
+            try:
+                for ins in todo:
+                    if isinstance(ins, lc.SendState):
+                        payload, buffers = dumps(entry.obj.__getstate__(),
+                                                 self.pickle_context(mover))
+                        send(target, entry.class_key, entry.alias, payload, buffers)
+                    elif isinstance(ins, lc.PublishMove):
+                        self.directory.move(object_id, target)
+                        published = True
+                    elif isinstance(ins, lc.LogDelete):
+                        lsn = self.storage.delete(object_id)
+            except BaseException:
+                if not published:
+                    self.life_event(lambda: self.life.move_failed(object_id))
+                    raise
+                # The directory already names the target, which holds the state: the
+                # move happened; only the local delete record failed (storage stopped).
+                self._finish_move(entry, lsn)
+                raise
+            self._finish_move(entry, lsn)
+        finally:
+            entry.lock.release()
+        self._changed()
+
+    def _finish_move(self, entry: Entry, lsn: int) -> None:
+        with self._mu:
+            self.life.move_done(entry.object_id, lsn)
+            entry.obj = None
+            self._validate_locked()
+
+    def delete(self, object_id: str, chain: str = "", forget: bool = True) -> None:
+        """Delete an object: durably from storage first, then from the directory.
+
+        ``forget=False`` drops only this backend's copy (a stale one, which the
+        directory says lives elsewhere) and leaves the directory alone.
+
+        Waits for a call in progress on it (or, from inside one of its own
+        methods, goes ahead in that call's chain); calls queued behind it get
+        ObjectNotFound, and the call in progress stores nothing after it.
+        """
+        entry = self._acquire(object_id, chain or "delete:" + uuid.uuid4().hex, load=False)
+        try:
+            todo = self.life_event(lambda: self.life.delete_requested(object_id))
+            lsn = 0
+            for ins in todo:
+                if isinstance(ins, lc.LogDelete):
+                    lsn = self.storage.delete(object_id)
+                elif isinstance(ins, lc.Forget) and forget:
+                    try:
+                        self.directory.forget(object_id)
+                    except Exception as exc:
+                        # Stored as deleted already; the directory entry left behind only
+                        # answers ObjectNotFound from here (repair removes it).
+                        log.warning("object %s deleted, directory not updated: %s",
+                                    object_id, exc)
+            with self._mu:
+                self.life.delete_done(object_id, lsn)
+                entry.obj = None
+                self._entries.pop(object_id, None)
+                self._validate_locked()
+        finally:
+            entry.lock.release()
         self._changed()
 
     def _changed(self) -> None:
@@ -468,56 +790,55 @@ class Heap:
             self.on_change()
 
     # -- memory ------------------------------------------------------------------------
-    def _enforce_memory(self) -> None:
-        """Spill least recently used objects until the resident bytes are back under budget.
-
-        Room for one more object as large as the largest seen is kept free,
-        since the next value arriving (a persist, or a load from disk) lands
-        in memory before anything can be spilled for it. Spilling down to 3/4
-        of that (not just under it) makes the next few loads free instead of
-        spilling one object per call. The most recently used object is never
-        spilled: it is the one being served.
-        """
-        if not self.memory_budget:
-            return
-        budget = max(self.memory_budget - self._largest, self.memory_budget // 4)
-        if self._resident_bytes <= budget:
-            return
-        target = int(budget * 0.75)
-        spilled = 0
-        with self._table_lock:
-            for oid in list(self._resident)[:-1]:
-                if self._resident_bytes <= target:
-                    break
-                entry = self._resident[oid]
-                # try_acquire, not a check of .held: a call may take the lock right
-                # after such a check and then find its object gone.
-                if not entry.lock.try_acquire("spill:" + oid):
-                    continue
-                try:
-                    self._spill(entry)
-                    spilled += 1
-                finally:
-                    entry.lock.release()
-        if spilled:
-            _trim_malloc()
-
-    def _spill(self, entry: Entry) -> None:
+    def _spill(self, object_id: str) -> None:
         """Write the object out if the disk lacks its latest state, then drop it from memory.
 
         Small objects under ``sync``/``async`` are already in the log or their
         checkpoint; a big one is written only if it changed since its last
         checkpoint (write-behind); under ``none`` nothing else is on disk.
+        try_acquire, not a check of .held: a call may take the lock right
+        after such a check and then find its object gone.
         """
-        if self.storage.policy == "none" or (entry.big and
-                                             self.storage.is_dirty(entry.object_id)):
-            payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context("spill"))
-            self.storage.write_checkpoint(Record(entry.object_id, entry.class_key, entry.alias,
-                                                 payload, buffers))
-        entry.obj = None
-        del self._resident[entry.object_id]
-        self._resident_bytes -= entry.size
-        self.evictions += 1
+        with self._mu:
+            entry = self._entries.get(object_id)
+        if entry is None or not entry.lock.try_acquire("spill:" + object_id):
+            return
+        try:
+            with self._mu:
+                life = self.life.get(object_id)
+                if life is None or life.state is not State.LIVE or entry.obj is None:
+                    return
+                big = life.big
+            if self.storage.policy == "none" or (big and self.storage.is_dirty(object_id)):
+                self._write_snapshot(entry, "spill", clear_dirty=True)
+            with self._mu:
+                self.life.spilled(object_id)
+                entry.obj = None
+                self.evictions += 1
+                self._validate_locked()
+        finally:
+            entry.lock.release()
+        _trim_malloc()
+
+    # -- invariants ---------------------------------------------------------------------
+    def _validate_locked(self) -> None:
+        if self.validate_each:
+            self._check_invariants()
+
+    def _check_invariants(self) -> None:
+        self.life.validate()
+        for oid, entry in self._entries.items():
+            life = self.life.get(oid)
+            assert life is not None, f"{oid} has a live entry but no lifecycle record"
+            resident = life.state in lc.RESIDENT
+            assert (entry.obj is not None) == resident, \
+                f"{oid} is {life.state.value} but its instance is " \
+                f"{'present' if entry.obj is not None else 'absent'}"
+
+    def validate(self) -> None:
+        """Check the heap's and the lifecycle's invariants (AssertionError if broken)."""
+        with self._mu:
+            self._check_invariants()
 
 
 _libc = None
@@ -560,11 +881,6 @@ def _release_big_frees_to_os() -> None:
     if libc:  # else not glibc: its allocator's own policy applies
         m_mmap_threshold = -3
         libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-def _duplicate_id(oid: str):
-    from ..errors import ProtocolError
-    return ProtocolError(f"object id {oid} is already stored on this backend")
 
 
 __all__ = ["Heap", "ChainLock", "CodeCache", "Entry", "NotPersistent"]

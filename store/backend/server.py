@@ -24,10 +24,13 @@ from .. import objects as objmod, shm, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory
-from ..errors import ClaypotError, ObjectNotFound, ProtocolError, SerializationError, ValueTooLarge
+from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, ProtocolError,
+                      SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
+from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
+from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .storage import Storage
 
@@ -55,14 +58,29 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if not self._token or details.method in _OPEN_METHODS:
             return continuation(details)
-        for key, value in details.invocation_metadata:
-            if key == TOKEN_HEADER and value == self._token:
-                return continuation(details)
+        if carries_token(details.invocation_metadata, self._token):
+            return continuation(details)
         if details.method.endswith("Stream"):
             return self._deny_stream
         if details.method.endswith("FetchResult"):
             return self._deny_unary_stream
         return self._deny_unary
+
+
+def carries_token(metadata, token: str) -> bool:
+    """True if the call's metadata holds ``token`` (compared in constant time)."""
+    for key, value in metadata or ():
+        if key == TOKEN_HEADER and token_matches(token, value):
+            return True
+    return False
+
+
+def _check_items(items) -> None:
+    """Identifiers of objects to persist: checked before anything is stored."""
+    for oid, key, _, _, alias in items:
+        check_name("object id", oid)
+        check_name("class key", key)
+        check_name("alias", alias, allow_empty=True)
 
 
 def _error_reply(cls, exc: BaseException):
@@ -85,6 +103,15 @@ class PendingResults:
                 del self._items[key]
             self._items[handle] = (now, payload, buffers)
         return handle
+
+    def sweep(self) -> int:
+        """Drop results older than the TTL; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [k for k, v in self._items.items() if now - v[0] > self.ttl]
+            for key in expired:
+                del self._items[key]
+        return len(expired)
 
     def take(self, handle: str):
         with self._lock:
@@ -130,20 +157,27 @@ class BackendServicer(pb_grpc.BackendServicer):
         self.heap = backend.heap
         self.directory = backend.directory
         self.settings = backend.settings
-        self.pending = PendingResults()
-        self.outbox = shm.Outbox()
+        self.pending = PendingResults(self.settings.result_ttl)
+        self.outbox = shm.Outbox(self.settings.result_ttl)
 
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request, context):
+        # Anyone may ask whether the backend serves; only token holders learn
+        # which backend it is, on which host, with which PID.
+        token = self.settings.token
+        if token and not carries_token(context.invocation_metadata(), token):
+            return pb.PingReply(status="serving")
         return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
-                            host=self.b.host, pid=os.getpid(), host_id=self.b.host_id)
+                            host=self.b.host, pid=os.getpid(), status="serving",
+                            host_id=self.b.host_id)
 
     def Resolve(self, request, context):
         try:
             if request.WhichOneof("key") == "alias":
-                oid, entry = self.directory.lookup_alias(request.alias)
+                oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
             else:
-                oid, entry = request.object_id, self.directory.lookup(request.object_id)
+                oid = check_name("object id", request.object_id)
+                entry = self.directory.lookup(oid)
             return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
                                                     backend_id=entry.backend_id))
         except Exception as exc:
@@ -163,20 +197,24 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def RegisterCode(self, request, context):
         try:
-            self.directory.put_code(request.key, request.code)
+            self.directory.put_code(check_name("code key", request.key), request.code)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
 
     def GetCode(self, request, context):
-        code = self.directory.get_code(request.key)
+        try:
+            code = self.directory.get_code(check_name("code key", request.key))
+        except Exception as exc:
+            return _error_reply(pb.GetCodeReply, exc)
         if code is None:
             return _error_reply(pb.GetCodeReply, ObjectNotFound(f"no code {request.key}"))
         return pb.GetCodeReply(code=code)
 
     def SetAlias(self, request, context):
         try:
-            self.directory.set_alias(request.alias, request.object_id)
+            self.directory.set_alias(check_name("alias", request.alias),
+                                     check_name("object id", request.object_id))
             if self.heap.has(request.object_id):
                 self.heap.set_alias(request.object_id, request.alias)
             return pb.Status()
@@ -185,7 +223,7 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def DeleteAlias(self, request, context):
         try:
-            oid = self.directory.delete_alias(request.alias)
+            oid = self.directory.delete_alias(check_name("alias", request.alias))
             if self.heap.has(oid):
                 self.heap.set_alias(oid, "")
             return pb.Status()
@@ -197,6 +235,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         try:
             items = [(o.object_id, o.class_key, o.state.payload, self._buffers(o.state), o.alias)
                      for o in request.objects]
+            _check_items(items)
             self.heap.persist(items, adopt=request.adopt)
             return pb.Status()
         except Exception as exc:
@@ -210,10 +249,11 @@ class BackendServicer(pb_grpc.BackendServicer):
             items = []
             for o in header.objects:
                 if o.state.payload:
-                    payload, buffers = o.state.payload, list(o.state.buffers)
+                    payload, buffers = o.state.payload, wire.writable(o.state.buffers)
                 else:
                     payload, buffers = next(streamed)
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
+            _check_items(items)
             self.heap.persist(items, adopt=header.adopt)
             return pb.Status()
         except Exception as exc:
@@ -229,7 +269,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     def _buffers(self, value: pb.Value) -> list:
         """A Value's out-of-band buffers: inline, or mapped from /dev/shm (same host)."""
         if not value.shm:
-            return list(value.buffers)
+            return wire.writable(value.buffers)
         sizes = list(value.buffer_sizes)
         limit = self.b.max_value_size
         if limit and sum(sizes) > limit:
@@ -248,17 +288,18 @@ class BackendServicer(pb_grpc.BackendServicer):
         return self._call(header, payload, buffers)
 
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
-        set_chain(request.chain_id or uuid.uuid4().hex)
-        chain = request.chain_id
+        # A caller that names no chain gets one of its own: an empty id shared by
+        # every such caller would let their calls into one object at once.
+        chain = request.chain_id or "anon:" + uuid.uuid4().hex
+        set_chain(chain)
         try:
+            check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
+            check_name("name", request.name)
             if request.kind == pb.TASK:
-                result = self.b.run_task(request, payload, buffers)
+                result = self.b.run_task(request, payload, buffers, chain)
             else:
-                if not self.heap.has(request.object_id):
-                    moved = self.heap.moved.get(request.object_id)
-                    raise ObjectNotFound(
-                        f"object {request.object_id} is not on backend {self.b.backend_id}"
-                        + (f" (moved to {moved})" if moved else ""))
+                # Refused before its arguments are unpickled: not here, or moved away.
+                self.heap.admit(request.object_id)
                 ctx = self.heap.unpickle_context()
                 if request.kind == pb.SET_ATTR:
                     args, kwargs = (loads(payload, buffers, ctx),), {}
@@ -304,15 +345,43 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def Delete(self, request, context):
         try:
-            self.heap.drop(request.object_id)
-            self.directory.forget(request.object_id)
+            self.heap.delete(request.object_id, request.chain_id)
+            return pb.Status()
+        except ObjectNotFound as exc:
+            self._forget_dangling(request.object_id)
+            return _error_reply(pb.Status, exc)
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def _forget_dangling(self, object_id: str) -> None:
+        """A directory entry naming this backend for an object it does not hold is what a
+        delete interrupted between its storage write and its directory write left: the
+        object is gone, so the entry (and its alias) go too."""
+        try:
+            if not self.heap.has(object_id) and \
+                    self.directory.lookup(object_id).backend_id == self.b.backend_id:
+                self.directory.forget(object_id)
+        except ClaypotError:
+            pass
+
+    def Move(self, request, context):
+        try:
+            self.b.move(request.object_id, request.target_backend_id, request.chain_id)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
 
-    def Move(self, request, context):
+    def Validate(self, request, context):
         try:
-            self.b.move(request.object_id, request.target_backend_id)
+            self.heap.validate()
+            return pb.Status()
+        except AssertionError as exc:
+            return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
+
+    def Checkpoint(self, request, context):
+        try:
+            self.b.storage.flush_dirty()
+            self.b.storage.checkpoint()
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
@@ -321,9 +390,9 @@ class BackendServicer(pb_grpc.BackendServicer):
     def CallJson(self, request, context):
         try:
             if request.WhichOneof("target") == "alias":
-                oid = self.directory.resolve_alias(request.alias)
+                oid = self.directory.resolve_alias(check_name("alias", request.alias))
             else:
-                oid = request.object_id
+                oid = check_name("object id", request.object_id)
             entry = self.directory.lookup(oid)
             try:
                 if request.kind == pb.SET_ATTR:
@@ -335,6 +404,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                 raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
             if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
                 raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
+            check_public_name(request.name)
             proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
                                       entry.class_key, entry.backend_id)
             result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
@@ -349,23 +419,69 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.JsonCallReply(error=err)
 
 
+def check_public_name(name: str) -> None:
+    """Refuse a CallJson target that is not a public method or attribute.
+
+    Cross-language callers reach an object's public API only: no private
+    names, no dunders (``__class__``, ``__reduce__``...) and no claypot
+    identity fields (``_claypot_*``), which all start with an underscore.
+    """
+    if not name or not name.isidentifier() or name.startswith("_"):
+        raise ProtocolError(f"CallJson reaches public methods and attributes only, "
+                            f"not {name[:80]!r}")
+
+
+def check_listen(settings: Settings) -> None:
+    """Refuse to serve a network without a token, unless told so (``--insecure``).
+
+    The same for a hosted Dask worker: it runs whatever its scheduler sends, so
+    it joins only a ``tls://`` scheduler with the cluster's certificates.
+    """
+    if settings.dask_scheduler and not (settings.dask_scheduler.startswith("tls://")
+                                        and settings.dask_tls_dir) and not settings.insecure:
+        raise ConfigurationError(
+            f"refusing to host a Dask worker on {settings.dask_scheduler} without TLS: "
+            f"anyone who reaches that scheduler could run code here. Use a tls:// "
+            f"scheduler and CLAYPOT_DASK_TLS_DIR (LocalCluster(dask=True) does), or pass "
+            f"--insecure to accept that")
+    if settings.token:
+        return
+    if is_loopback_host(settings.host):
+        log.warning("serving without a token: any user of this machine can run code in "
+                    "this process (set CLAYPOT_TOKEN)")
+        return
+    if not settings.insecure:
+        raise ConfigurationError(
+            f"refusing to listen on {settings.host} without a token: anyone who reaches "
+            f"the port could run code here. Set CLAYPOT_TOKEN (or --token), or pass "
+            f"--insecure to accept that")
+    log.warning("listening on %s WITHOUT a token (--insecure): anyone who reaches this "
+                "port can run code in this process", settings.host)
+
+
 class Backend:
     """One backend: storage, heap, directory registration, gRPC server."""
 
     def __init__(self, settings: Settings):
         if not settings.data_dir:
             raise ClaypotError("a backend needs a data dir")
+        check_listen(settings)
         if not settings.redis:
             raise ClaypotError("a backend needs a Redis URL (--redis)")
         self.settings = settings
         self.host = socket.gethostname()
         self.host_id = shm.host_id(settings.host_id)
-        self.directory = Directory(settings.redis, timeout=settings.admin_timeout)
+        self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
+                                   token=settings.token)
+        if self.directory.r.connection_pool.connection_kwargs.get("password") is None:
+            # Signatures still keep code and addresses safe; the rest is open to anyone
+            # who reaches this Redis.
+            log.warning("the directory (%s) has no password", self.directory.url)
         self.directory.wait_ready(settings.admin_timeout)
         self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
                                checkpoint_interval=settings.checkpoint_interval)
         self.backend_id = self.storage.backend_id
-        self.code = CodeCache(self.directory.get_code)
+        self.code = CodeCache(self.directory.get_code, self.storage)
         limit = parse_memory_limit(settings.memory_limit)
         self.memory_limit = limit
         self.max_value_size = settings.max_value_bytes()
@@ -383,8 +499,11 @@ class Backend:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
-            interceptors=[TokenInterceptor(settings.token)], options=CHANNEL_OPTIONS)
-        wire.add_servicer(BackendServicer(self), self.server)
+            interceptors=[TokenInterceptor(settings.token),
+                          StreamIdleGuard(settings.admin_timeout)],
+            options=CHANNEL_OPTIONS)
+        self.servicer = BackendServicer(self)
+        wire.add_servicer(self.servicer, self.server)
         listen = f"{settings.host}:{settings.port}"
         if settings.tls_cert:
             creds = grpc.ssl_server_credentials(
@@ -405,20 +524,29 @@ class Backend:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        # Segments left in /dev/shm by processes that died (kill -9) mid-transfer.
+        removed = shm.remove_orphans(self.settings.result_ttl)
+        if removed:
+            log.info("removed %d orphaned shared-memory segment(s)", removed)
         self.storage.start()
-        self.server.start()
+        # The directory and this storage dir agree before the first call is served.
         self._epoch = self.directory.epoch()
         self._primary = self.directory.primary()
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
+        else:
+            self.reconcile()
+        self.server.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True).start()
         if self.settings.dask_scheduler:
             # Joins after the server is up, so a Dask task pinned here finds a serving backend.
             from .dask_worker import HostedDaskWorker
             self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
-                                                self.settings.host).start()
+                                                self.settings.host,
+                                                tls_dir=self.settings.dask_tls_dir).start()
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
     def stop(self, grace: float = 1.0) -> None:
@@ -475,45 +603,90 @@ class Backend:
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
 
+    def _sweep_loop(self) -> None:
+        """Expire results no client fetched, on a timer rather than on the next transfer."""
+        interval = max(0.2, min(10.0, self.settings.result_ttl / 4))
+        last_orphan_scan = time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                self.servicer.pending.sweep()
+                self.servicer.outbox.sweep()
+                if time.monotonic() - last_orphan_scan > max(60.0, self.settings.result_ttl):
+                    last_orphan_scan = time.monotonic()
+                    shm.remove_orphans(self.settings.result_ttl)
+            except Exception as exc:  # never let cleanup kill the thread
+                log.warning("result sweep failed: %s", exc)
+
     def republish(self) -> int:
         """Claim every object stored here, with its alias, in the directory."""
         entries = [(oid, self.backend_id, key, alias)
                    for oid, key, alias in self.storage.scan_headers()]
         for i in range(0, len(entries), 1000):
-            batch = entries[i:i + 1000]
-            try:
-                self.directory.claim(batch)
-            except ClaypotError:
-                for e in batch:  # an alias taken meanwhile: keep the object, drop the alias
-                    try:
-                        self.directory.claim([e])
-                    except ClaypotError:
-                        self.directory.claim([(e[0], e[1], e[2], "")])
+            self._claim_each(entries[i:i + 1000])
         return len(entries)
 
-    # -- operations that span backends ---------------------------------------------------
-    def move(self, object_id: str, target: str) -> None:
-        if target == self.backend_id:
-            return
-        entry = self.heap.entry(object_id)
-        chain = "move:" + uuid.uuid4().hex
-        entry.lock.acquire(chain, None)
-        try:
-            key, alias, payload, buffers = self.heap.export(object_id, chain)
-            self.client._send_persist(
-                target, [pb.PersistObject(object_id=object_id, class_key=key, alias=alias)],
-                [(payload, buffers)], adopt=True)
-            self.directory.move(object_id, target)
-            self.heap.drop(object_id, moved_to=target)
-        finally:
-            entry.lock.release()
+    def reconcile(self) -> tuple[int, int]:
+        """Make the directory and this storage dir agree after a crash; (claimed, dropped).
 
-    def run_task(self, request: pb.CallRequest, payload, buffers):
+        Storage is written before the directory, so a crash in between leaves
+        an object stored here that the directory does not know: it is
+        claimed (with its alias if still free). A copy the directory says
+        lives on another backend, or one that came by a move and that the
+        directory does not know, is what a move interrupted before it
+        committed left behind: the directory is the commit point, so the
+        local copy is dropped.
+        """
+        stored = list(self.storage.scan_entries())
+        claimed = dropped = 0
+        for i in range(0, len(stored), 1000):
+            batch = stored[i:i + 1000]
+            owners = self.directory.lookup_many([oid for oid, _, _, _ in batch])
+            missing = []
+            for (oid, key, alias, moved_in), entry in zip(batch, owners):
+                if entry is None and not moved_in:
+                    missing.append((oid, self.backend_id, key, alias))
+                elif entry is None or entry.backend_id != self.backend_id:
+                    # Elsewhere, or a copy a move brought that never committed and whose
+                    # object was deleted since by its owner: not ours to bring back.
+                    try:
+                        self.heap.delete(oid, forget=False)
+                        dropped += 1
+                    except ClaypotError as exc:
+                        log.warning("stale copy of %s not dropped: %s", oid, exc)
+            if missing:
+                self._claim_each(missing)
+                claimed += len(missing)
+        if claimed or dropped:
+            log.warning("reconciled with the directory: %d objects claimed, %d stale copies "
+                        "dropped", claimed, dropped)
+        return claimed, dropped
+
+    def _claim_each(self, entries: list) -> None:
+        try:
+            self.directory.claim(entries)
+        except ClaypotError:
+            for e in entries:  # an alias taken meanwhile: keep the object, drop the alias
+                try:
+                    self.directory.claim([e])
+                except ClaypotError:
+                    self.directory.claim([(e[0], e[1], e[2], "")])
+
+    # -- operations that span backends ---------------------------------------------------
+    def move(self, object_id: str, target: str, chain: str = "") -> None:
+        """Move an object to another backend (see Heap.move)."""
+        def send(to, class_key, alias, payload, buffers):
+            self.client._send_persist(
+                to, [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],
+                [(payload, buffers)], adopt=True)
+        self.heap.move(object_id, target, chain, send)
+
+    def run_task(self, request: pb.CallRequest, payload, buffers, chain: str = ""):
         fn = self.code.get(request.name)
         args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
             else ((), {})
-        return self.heap.run_task(fn, args, kwargs, list(request.mutates), request.chain_id,
-                                  request.timeout)
+        return self.heap.run_task(fn, args, kwargs, list(request.mutates),
+                                  chain or request.chain_id, request.timeout,
+                                  task_key=request.call_id)
 
     def serve_forever(self, on_ready=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
@@ -543,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--advertise", help="host:port to register for clients and peers "
                    "(default: --host:port; set it when listening on 0.0.0.0)")
     p.add_argument("--token")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="serve a non-loopback address without a token (anyone who reaches "
+                        "the port can run code in this process)")
     p.add_argument("--durability", choices=["sync", "async", "none"])
     p.add_argument("--flush-interval", type=float)
     p.add_argument("--memory-limit")
@@ -554,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
                                  advertise=a.advertise,
-                                 token=a.token, durability=a.durability,
+                                 token=a.token, insecure=a.insecure, durability=a.durability,
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
                                  dask_scheduler=a.dask_scheduler)
     backend = Backend(settings)

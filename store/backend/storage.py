@@ -3,22 +3,38 @@
 Layout::
 
     <data_dir>/backend.id          stable identity of the backend
+    <data_dir>/boot                how many times this dir was opened (high bits of every LSN)
     <data_dir>/wal/<seq>.log       redo log segments (records below)
     <data_dir>/objects/ab/<id>.obj one checkpoint per object (ab = first 2 hex digits)
+    <data_dir>/code/<sha>.code     code of the classes stored here (restarts need no Redis)
     <data_dir>/quarantine/         checkpoints found torn or corrupt
 
-Writing an object's new state appends one record to the open log segment;
-under the ``sync`` policy the caller is acknowledged only after an fsync,
-and concurrent writers share one fsync (group commit); under ``async`` a
-flusher thread fsyncs the log every ``flush_interval``. Every
-``checkpoint_interval`` (or when the log outgrows a segment) a background
-thread writes checkpoints of the objects the log changed (temp file, fsync,
-rename, fsync of the directory) and then deletes the log segments they
-cover; write-behind objects (too big for the log) are checkpointed from
-their live state every ``flush_interval``. On start the log is replayed, so
-everything acknowledged comes back after a ``kill -9``; a torn record at
-the log's tail (a write that was never acknowledged) is cut off. A
-checkpoint file that fails its checksum quarantines that one object.
+Writing an object's new state encodes it once into a private blob (a copy,
+never a view of the live object), appends the blob to the open log segment
+and keeps it in memory as the object's pending state. Under ``sync`` the
+caller is acknowledged only after an fsync, and concurrent writers share one
+fsync (group commit); under ``async`` a flusher thread fsyncs every
+``flush_interval``. Every ``checkpoint_interval`` (or when the log outgrows a
+segment) a background thread writes the pending blobs as checkpoint files
+(temp file, fsync, rename, fsync of the directory) and deletes the log
+segments they cover: what is checkpointed is byte for byte what was logged
+and acknowledged. Write-behind objects (too big for the log) are
+checkpointed from a snapshot the heap takes under the object's lock.
+
+Ordering: every record carries a log sequence number (LSN), ``boot << 40 |
+counter``, where ``boot`` grows by one each time the directory is opened,
+so an LSN from a later run is larger than any from an earlier one. A
+checkpoint file is installed (renamed into place) or removed only if its
+LSN is larger than that of the file it replaces, checked at the rename
+under one lock: a stale state never overwrites or deletes a newer one,
+whichever path (log checkpoint, spill, write-behind, move, delete) wrote it.
+Recovery replays the log keeping the highest LSN per object, then lets a
+checkpoint file whose LSN is higher win over the logged record.
+
+An fsync that fails stops the storage: the error is kept and every later
+write raises :class:`~store.errors.StorageFailed` (after a failed fsync the
+kernel may have dropped the dirty pages, so retrying could acknowledge data
+that is not on disk).
 
 Record and checkpoint format: ``MAGIC, u32 header length, u64 body length,
 u32 crc32`` then a pickled header dict and the body blobs (pickle stream
@@ -27,6 +43,8 @@ and out-of-band buffers, back to back). The crc covers header and body.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import pickle
@@ -38,7 +56,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound
+from ..errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound, StorageFailed
 
 log = logging.getLogger("claypot.storage")
 
@@ -46,9 +64,11 @@ _MAGIC = b"CPv1"
 _PREFIX = struct.Struct("<4sIQI")
 _SEGMENT_LIMIT = 64 * 1024 * 1024
 _ABSENT = object()
+_DIRTY = None  # a pending entry that is a write-behind mark rather than a logged blob
 _QUARANTINED = ("its stored state is torn or corrupt (checksum mismatch); "
                 "the file is kept in quarantine/")
 _CHECKPOINT_BATCH = 128  # checkpoint files written (and fsync'd) together
+_BOOT_SHIFT = 40
 
 
 class _Abandoned(Exception):
@@ -64,27 +84,46 @@ class Record:
     payload: bytes | memoryview = b""
     buffers: list = field(default_factory=list)
     deleted: bool = False
-    # A log-only marker: "the checkpoint file now holds a newer state than the
-    # records logged before me" (written after a direct or write-behind checkpoint).
-    checkpointed: bool = False
+    lsn: int = 0
+    # Arrived by a move: until the directory names this backend, a copy that the
+    # directory does not know is a leftover of a move that never committed.
+    moved_in: bool = False
 
     def size(self) -> int:
         return len(self.payload) + sum(memoryview(b).nbytes for b in self.buffers)
 
 
-def encode(rec: Record) -> list:
-    """The record as a list of byte blobs ready for writev."""
+@dataclass
+class _Logged:
+    """A pending record: its LSN and its encoded bytes (private, as logged)."""
+    lsn: int
+    blob: bytearray
+    deleted: bool
+    class_key: str
+    alias: str
+    moved_in: bool = False
+
+
+def encode(rec: Record) -> bytearray:
+    """The record as one contiguous, private blob (the bytes are copied here)."""
     sizes = [memoryview(b).nbytes for b in rec.buffers]
     header = pickle.dumps({"id": rec.object_id, "class": rec.class_key, "alias": rec.alias,
-                           "deleted": rec.deleted, "ckpt": rec.checkpointed,
-                           "payload": len(rec.payload),
-                           "buffers": sizes}, protocol=5)
-    body = [rec.payload] + [memoryview(b).cast("B") for b in rec.buffers]
-    crc = zlib.crc32(header)
-    for part in body:
-        crc = zlib.crc32(part, crc)
-    body_len = sum(memoryview(p).nbytes for p in body)
-    return [_PREFIX.pack(_MAGIC, len(header), body_len, crc), header] + body
+                           "deleted": rec.deleted, "lsn": rec.lsn, "moved": rec.moved_in,
+                           "payload": len(rec.payload), "buffers": sizes}, protocol=5)
+    body_len = len(rec.payload) + sum(sizes)
+    blob = bytearray(_PREFIX.size + len(header) + body_len)
+    view = memoryview(blob)
+    pos = _PREFIX.size
+    view[pos:pos + len(header)] = header
+    pos += len(header)
+    for part in [rec.payload] + list(rec.buffers):
+        m = memoryview(part).cast("B")
+        view[pos:pos + m.nbytes] = m
+        pos += m.nbytes
+    # The checksum is taken over the copy, so it always matches the bytes written.
+    crc = zlib.crc32(view[_PREFIX.size:])
+    _PREFIX.pack_into(blob, 0, _MAGIC, len(header), body_len, crc)
+    return blob
 
 
 def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
@@ -113,7 +152,7 @@ def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
         buffers.append(data[pos:pos + n])
         pos += n
     rec = Record(head["id"], head["class"], head["alias"], payload, buffers, head["deleted"],
-                 head.get("ckpt", False))
+                 head.get("lsn", 0), head.get("moved", False))
     return rec, end
 
 
@@ -149,11 +188,8 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, parts: list, sync: bool = True, before_rename=None) -> None:
-    """Write ``parts`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
-
-    ``before_rename``, if given, is a context manager held around the rename.
-    """
+def atomic_write(path: str, parts: list, sync: bool = True) -> None:
+    """Write ``parts`` to ``path`` atomically: temp file, fsync, rename, fsync dir."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -165,17 +201,13 @@ def atomic_write(path: str, parts: list, sync: bool = True, before_rename=None) 
         os.unlink(tmp)
         raise
     os.close(fd)
-    if before_rename is None:
-        os.replace(tmp, path)
-    else:
-        with before_rename:
-            os.replace(tmp, path)
+    os.replace(tmp, path)
     if sync:
         fsync_dir(os.path.dirname(path))
 
 
 def read_header(path: str) -> dict | None:
-    """The header of a checkpoint file (id, class, alias, sizes), without reading its body.
+    """The header of a checkpoint file (id, class, alias, lsn, sizes), without its body.
 
     None when the file is missing or its header is unreadable. The body's
     checksum is not verified here: a corrupt body is found on first access.
@@ -203,13 +235,63 @@ def read_backend_id(root: str) -> str | None:
         return None
 
 
+def _object_path(root: str, object_id: str) -> str:
+    return os.path.join(root, "objects", object_id[:2], object_id + ".obj")
+
+
+def _replay(root: str, on_torn=None) -> tuple[dict[str, Record], int, int]:
+    """Read every log segment: the highest-LSN record per object, records read, highest LSN.
+
+    ``on_torn(path, offset)`` is called for a torn tail (the caller may cut it);
+    damage followed by valid records skips the bad record only.
+    """
+    latest: dict[str, Record] = {}
+    count = high = 0
+    wal = os.path.join(root, "wal")
+    names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) \
+        else []
+    for name in names:
+        path = os.path.join(wal, name)
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+        offset = 0
+        while offset < len(data):
+            parsed = decode(data, offset)
+            if parsed is None:
+                resume = _next_record(data, offset)
+                if resume is None:
+                    if on_torn is not None:
+                        on_torn(path, offset)
+                    break
+                # Valid records follow: damage inside the log, not a torn tail.
+                # Cutting there would drop acknowledged records; skip only the bad one.
+                log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path,
+                          offset, resume - offset)
+                offset = resume
+                continue
+            rec, offset = parsed
+            count += 1
+            high = max(high, rec.lsn)
+            if not rec.object_id:
+                continue  # a segment's opening mark: carries only the LSN high-water mark
+            old = latest.get(rec.object_id)
+            if old is None or rec.lsn >= old.lsn:
+                latest[rec.object_id] = rec
+    # A checkpoint file written after the logged record (a spill, a write-behind
+    # object, a move back in) is newer: it wins.
+    for oid in list(latest):
+        head = read_header(_object_path(root, oid))
+        if head is not None and head.get("lsn", 0) >= latest[oid].lsn:
+            del latest[oid]
+    return latest, count, high
+
+
 def scan_storage_dir(root: str):
     """Yield (object_id, class_key, alias) of every object in a storage dir, changing nothing.
 
     For ``claypot repair``, which may run while the dir's backend is up:
     unlike opening a :class:`Storage`, it neither cuts a torn log tail nor
-    creates a log segment. Files are read first, then the log, whose
-    records are newer (except "checkpointed" markers, which defer to the file).
+    creates a log segment.
     """
     found: dict[str, tuple[str, str] | None] = {}
     base = os.path.join(root, "objects")
@@ -222,43 +304,12 @@ def scan_storage_dir(root: str):
                     head = read_header(entry.path)
                     if head is not None and head["id"] == entry.name[:-4]:
                         found[head["id"]] = (head["class"], head["alias"])
-    wal = os.path.join(root, "wal")
-    names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) else []
-    for name in names:
-        with open(os.path.join(wal, name), "rb") as f:
-            data = memoryview(f.read())
-        offset = 0
-        while offset < len(data):
-            parsed = decode(data, offset)
-            if parsed is None:
-                offset = _next_record(data, offset)
-                if offset is None:
-                    break  # a torn tail (or a record being written right now)
-                continue
-            rec, offset = parsed
-            if rec.deleted:
-                found[rec.object_id] = None
-            elif not rec.checkpointed:
-                found[rec.object_id] = (rec.class_key, rec.alias)
+    latest, _, _ = _replay(root)
+    for oid, rec in latest.items():
+        found[oid] = None if rec.deleted else (rec.class_key, rec.alias)
     for oid, value in found.items():
         if value is not None:
             yield oid, value[0], value[1]
-
-
-class _Sequenced:
-    """Held around a direct write's rename: orders it against background checkpoints."""
-
-    def __init__(self, storage: "Storage", object_id: str):
-        self._storage = storage
-        self._object_id = object_id
-
-    def __enter__(self):
-        self._storage._rename_lock.acquire()
-        self._storage._direct_seq += 1
-        self._storage._direct_writes[self._object_id] = self._storage._direct_seq
-
-    def __exit__(self, *exc):
-        self._storage._rename_lock.release()
 
 
 class Storage:
@@ -267,8 +318,8 @@ class Storage:
     ``policy``: ``sync`` (fsync before acknowledging), ``async`` (log written
     at once, fsync'd every ``flush_interval``) or ``none`` (nothing written
     but spilled objects; scratch data). ``checkpoint_live(id)`` is called by
-    the checkpointer for write-behind objects: it writes the object's current
-    state with write_checkpoint() while holding the object's lock.
+    the checkpointer for write-behind objects: it snapshots the object under
+    its lock and writes it with write_checkpoint().
     """
 
     def __init__(self, root: str, policy: str = "sync", flush_interval: float = 1.0,
@@ -279,22 +330,24 @@ class Storage:
         self.flush_interval = flush_interval
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_live = checkpoint_live
-        # Renames of checkpoint files are ordered: a direct write (spill, big
-        # object) records a sequence number, and a background checkpoint staged
-        # before it must not rename its older file over the newer one.
-        self._rename_lock = threading.Lock()
-        self._direct_seq = 0
-        self._direct_writes: dict[str, int] = {}
-        for sub in ("wal", "objects", "quarantine"):
+        self.failed: BaseException | None = None
+        for sub in ("wal", "objects", "quarantine", "code"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
+        fsync_dir(root)
         self.backend_id = self._load_identity()
+        self._boot = self._next_boot()
+        self._counter = itertools.count(1)
+        # LSN of the checkpoint file of each object this run wrote or removed;
+        # files from earlier runs have smaller LSNs than any of this run.
+        self._rename_lock = threading.Lock()
+        self._file_lsn: dict[str, int] = {}
         self._lock = threading.Lock()          # log appends and the pending map
         self._sync_lock = threading.Lock()     # one fsync at a time (group commit)
         self._written = 0                      # records appended
         self._synced = 0                       # records known durable
-        # Logged, not yet checkpointed; None marks a write-behind object (snapshot it).
-        self._pending: dict[str, Record | None] = {}
-        self._inflight: dict[str, Record | None] = {}  # being checkpointed right now
+        # Logged, not yet checkpointed; _DIRTY marks a write-behind object (snapshot it).
+        self._pending: dict[str, _Logged | None] = {}
+        self._inflight: dict[str, _Logged | None] = {}  # being checkpointed right now
         self._corrupt: dict[str, str] = {}
         self._segment_seq = 0
         self._fd = -1
@@ -302,12 +355,16 @@ class Storage:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._code_lock = threading.Lock()
+        # One checkpoint (or write-behind flush) at a time: two at once would each trim
+        # log segments whose records the other has not written yet.
+        self._checkpoint_lock = threading.Lock()
         for name in os.listdir(os.path.join(root, "quarantine")):
             if name.endswith(".obj"):  # stays an error across restarts, not a vanished object
                 self._corrupt[name[:-4]] = _QUARANTINED
         self.recovered = self._recover()
 
-    # -- identity ---------------------------------------------------------------
+    # -- identity and sequence numbers ----------------------------------------------
     def _load_identity(self) -> str:
         path = os.path.join(self.root, "backend.id")
         try:
@@ -321,9 +378,24 @@ class Storage:
         atomic_write(path, [ident.encode()])
         return ident
 
+    def _next_boot(self) -> int:
+        path = os.path.join(self.root, "boot")
+        try:
+            with open(path) as f:
+                boot = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            boot = 0
+        boot += 1
+        atomic_write(path, [str(boot).encode()])
+        return boot
+
+    def next_lsn(self) -> int:
+        """A new log sequence number, larger than every one before (this run or earlier)."""
+        return (self._boot << _BOOT_SHIFT) | next(self._counter)
+
     # -- paths --------------------------------------------------------------------
     def _object_path(self, object_id: str) -> str:
-        return os.path.join(self.root, "objects", object_id[:2], object_id + ".obj")
+        return _object_path(self.root, object_id)
 
     def _segments(self) -> list[int]:
         out = []
@@ -341,37 +413,17 @@ class Storage:
     # -- recovery -----------------------------------------------------------------
     def _recover(self) -> int:
         """Replay log segments into the pending map; returns records replayed."""
-        count = 0
+        def cut(path, offset):
+            log.warning("log %s: torn record at byte %d, cut off", path, offset)
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+        latest, count, _ = _replay(self.root, cut)
+        for oid, rec in latest.items():
+            blob = encode(rec)  # a private copy; the segment's bytes are dropped
+            self._pending[oid] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias,
+                                         rec.moved_in)
         segments = self._segments()
-        for seq in segments:
-            path = self._segment_path(seq)
-            with open(path, "rb") as f:
-                data = memoryview(f.read())
-            offset = 0
-            while offset < len(data):
-                parsed = decode(data, offset)
-                if parsed is None:
-                    resume = _next_record(data, offset)
-                    if resume is None:
-                        log.warning("log %s: torn record at byte %d, cut off", path, offset)
-                        with open(path, "r+b") as f:
-                            f.truncate(offset)
-                            os.fsync(f.fileno())
-                        break
-                    # Valid records follow: damage inside the log, not a torn tail.
-                    # Cutting there would drop acknowledged records; skip only the bad one.
-                    log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path,
-                              offset, resume - offset)
-                    offset = resume
-                    continue
-                rec, offset = parsed
-                count += 1
-                if rec.checkpointed:
-                    self._pending.pop(rec.object_id, None)
-                    continue
-                rec.payload = bytes(rec.payload)
-                rec.buffers = [bytearray(b) for b in rec.buffers]
-                self._pending[rec.object_id] = rec
         self._segment_seq = (segments[-1] + 1) if segments else 1
         self._open_segment()
         return count
@@ -410,25 +462,71 @@ class Storage:
                 ids.add(oid)
         return ids
 
+    # -- failure --------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise StorageFailed(
+                f"the storage of backend {self.backend_id[:8]} failed ({self.failed}); it "
+                f"acknowledges nothing further: restart the backend") from None
+
+    def _fsync(self, fd: int, data_only: bool = False) -> None:
+        """fsync (or fdatasync) ``fd``; a failure stops the storage (see the module docstring)."""
+        try:
+            (os.fdatasync if data_only else os.fsync)(fd)
+        except OSError as exc:
+            self.failed = exc
+            log.critical("fsync failed, storage stopped: %s", exc)
+            self._check()
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, d: str) -> None:
+        """Create a checkpoint subdirectory durably (its parent fsync'd after the create)."""
+        if not os.path.isdir(d):
+            os.makedirs(d, exist_ok=True)
+            self._fsync_dir(os.path.dirname(d))
+
     # -- writing ------------------------------------------------------------------
-    def write(self, rec: Record, durable: bool = True) -> None:
-        """Log ``rec``; with ``durable`` under the sync policy, return once fsync'd."""
+    def write(self, rec: Record, durable: bool = True) -> int:
+        """Log ``rec`` (a private copy of its bytes); returns its LSN.
+
+        With ``durable`` under the sync policy, returns once it is fsync'd. A
+        batch writes with ``durable=False`` and calls :meth:`sync` once.
+        """
+        self._check()
+        rec.lsn = self.next_lsn()
         if self.policy == "none":
             with self._lock:
                 self._pending.pop(rec.object_id, None)
-            return
-        parts = encode(rec)
+            return rec.lsn
+        blob = encode(rec)
         with self._lock:
-            _write_all(self._fd, parts)
+            _write_all(self._fd, [blob])
             self._written += 1
             ticket = self._written
-            self._segment_bytes += sum(memoryview(p).nbytes for p in parts)
-            self._pending[rec.object_id] = rec
+            self._segment_bytes += len(blob)
+            self._pending[rec.object_id] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key,
+                                                   rec.alias, rec.moved_in)
             rotate = self._segment_bytes > _SEGMENT_LIMIT
         if durable and self.policy == "sync":
             self._sync(ticket)
         if rotate:
             self._wake.set()
+        return rec.lsn
+
+    def sync(self) -> None:
+        """Make everything logged so far durable (under ``sync``; a no-op otherwise)."""
+        self._check()
+        if self.policy != "sync":
+            return
+        with self._lock:
+            ticket = self._written
+        self._sync(ticket)
 
     def mark_dirty(self, object_id: str) -> None:
         """Write-behind: checkpoint the object's live state (checkpoint_live()) soon."""
@@ -436,58 +534,75 @@ class Storage:
             return
         with self._lock:
             # Even over a logged record: the snapshot will be newer than that record.
-            self._pending[object_id] = None
+            self._pending[object_id] = _DIRTY
         # No wake-up: repeated updates of a big object coalesce into one checkpoint
         # per flush interval instead of rewriting it after every call.
 
-    def write_checkpoint(self, rec: Record, clear_dirty: bool = False) -> None:
-        """Write a checkpoint now, bypassing the log (big objects, spills).
+    def write_checkpoint(self, rec: Record, clear_dirty: bool = False) -> int:
+        """Write a checkpoint now, bypassing the log (big objects, spills); returns its LSN.
 
-        The caller holds the object's lock, so ``rec`` is its newest state:
-        any state logged for it is older. With ``clear_dirty`` (the state was
-        taken from the live object) a write-behind mark set before is settled.
+        The caller holds the object's lock and ``rec`` is its newest state; it
+        gets a new LSN, so any state logged for it before is older (and the
+        checkpointer's rename of that older state is refused). With
+        ``clear_dirty`` (the state was snapshot from the live object) a
+        write-behind mark set before is settled.
         """
+        self._check()
+        rec.lsn = self.next_lsn()
         path = self._object_path(rec.object_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, encode(rec), sync=self.policy != "none",
-                     before_rename=_Sequenced(self, rec.object_id))
-        if clear_dirty:
-            with self._lock:
-                if self._pending.get(rec.object_id, _ABSENT) is None:
-                    del self._pending[rec.object_id]
-        self._mark_checkpointed(rec.object_id, supersedes_logged=True)
+        self._ensure_dir(os.path.dirname(path))
+        sync = self.policy != "none"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, [encode(rec)])
+            if sync:
+                self._fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        self._install(tmp, path, rec.object_id, rec.lsn)
+        if sync:
+            self._fsync_dir(os.path.dirname(path))
+        with self._lock:
+            current = self._pending.get(rec.object_id, _ABSENT)
+            if current is _DIRTY and clear_dirty:
+                del self._pending[rec.object_id]
+            elif isinstance(current, _Logged) and current.lsn < rec.lsn:
+                del self._pending[rec.object_id]  # the file is newer than the logged state
+        return rec.lsn
+
+    def _install(self, tmp: str, path: str, object_id: str, lsn: int) -> bool:
+        """Rename ``tmp`` over ``path`` unless a newer state (or delete) is already there."""
+        with self._rename_lock:
+            if lsn > self._file_lsn.get(object_id, 0):
+                os.replace(tmp, path)
+                self._file_lsn[object_id] = lsn
+                return True
+        os.unlink(tmp)
+        return False
+
+    def _remove(self, object_id: str, lsn: int) -> None:
+        """Remove the checkpoint of a deleted object, unless a newer state replaced it."""
+        with self._rename_lock:
+            if lsn > self._file_lsn.get(object_id, 0):
+                self._file_lsn[object_id] = lsn
+                try:
+                    os.unlink(self._object_path(object_id))
+                except FileNotFoundError:
+                    pass
 
     def is_dirty(self, object_id: str) -> bool:
         """True while a write-behind object has changes not yet in its checkpoint."""
         with self._lock:
-            return (self._pending.get(object_id, False) is None
-                    or self._inflight.get(object_id, False) is None)
-
-    def _mark_checkpointed(self, object_id: str, supersedes_logged: bool) -> None:
-        """Log that the checkpoint file of ``object_id`` is newer than its earlier records.
-
-        Without it, a restart would replay an older logged state of the object
-        over the newer file (the log wins over files during recovery). With
-        ``supersedes_logged`` false, a state logged meanwhile is newer than
-        the file and keeps winning: no marker then.
-        """
-        if self.policy == "none":
-            return
-        with self._lock:
-            current = self._pending.get(object_id, _ABSENT)
-            if current is not _ABSENT and current is not None:
-                if not supersedes_logged:
-                    return
-                del self._pending[object_id]
-            if self._fd < 0:
-                return
-            parts = encode(Record(object_id, checkpointed=True))
-            _write_all(self._fd, parts)
-            self._written += 1
-            self._segment_bytes += sum(memoryview(p).nbytes for p in parts)
+            return (self._pending.get(object_id, False) is _DIRTY
+                    or self._inflight.get(object_id, False) is _DIRTY)
 
     def _sync(self, ticket: int) -> None:
         with self._sync_lock:
+            self._check()
             if self._synced >= ticket:
                 return  # someone else's fsync covered our record
             with self._lock:
@@ -496,36 +611,59 @@ class Storage:
                 return  # closed: close() flushed it
             # fdatasync flushes the appended bytes and the new file size (what
             # replay needs) but skips timestamps: measured ~20% cheaper here.
-            os.fdatasync(fd)
+            self._fsync(fd, data_only=True)
             self._synced = max(self._synced, target)
 
-    def delete(self, object_id: str) -> None:
+    def delete(self, object_id: str, durable: bool = True) -> int:
         """Log the deletion of an object; its checkpoint is removed by the checkpointer."""
-        self.write(Record(object_id, deleted=True))
+        lsn = self.write(Record(object_id, deleted=True), durable)
         if self._corrupt.pop(object_id, None) is not None:
             try:  # deleting a quarantined object is how a user clears it
                 os.unlink(os.path.join(self.root, "quarantine", object_id + ".obj"))
             except FileNotFoundError:
                 pass
         if self.policy == "none":
-            self._remove_checkpoint(object_id)
+            self._remove(object_id, lsn)
+        return lsn
 
-    def _remove_checkpoint(self, object_id: str) -> None:
+    # -- code ---------------------------------------------------------------------
+    def _code_path(self, key: str) -> str:
+        return os.path.join(self.root, "code",
+                            hashlib.sha256(key.encode()).hexdigest() + ".code")
+
+    def save_code(self, key: str, code: bytes) -> None:
+        """Keep a class's code with the data, so a restart needs nothing but this dir."""
+        path = self._code_path(key)
+        if os.path.exists(path):
+            return
+        with self._code_lock:
+            if not os.path.exists(path):
+                atomic_write(path, [pickle.dumps((key, bytes(code)), protocol=5)])
+
+    def load_code(self, key: str) -> bytes | None:
+        """The code stored here for ``key``, or None."""
         try:
-            os.unlink(self._object_path(object_id))
-        except FileNotFoundError:
-            pass
+            with open(self._code_path(key), "rb") as f:
+                stored_key, code = pickle.loads(f.read())
+        except (FileNotFoundError, pickle.UnpicklingError, EOFError, ValueError):
+            return None
+        return code if stored_key == key else None
 
     # -- reading ------------------------------------------------------------------
     def read(self, object_id: str) -> Record:
-        """The latest stored state of an object (buffers are writable, no extra copy)."""
+        """The latest stored state of an object, in private writable memory."""
         if object_id in self._corrupt:
             raise ObjectCorrupt(f"object {object_id}: {self._corrupt[object_id]}")
         with self._lock:
-            rec = self._pending.get(object_id) or self._inflight.get(object_id)
-        if rec is not None:
-            if rec.deleted:
+            logged = self._pending.get(object_id) or self._inflight.get(object_id)
+        if logged is not None:
+            if logged.deleted:
                 raise ObjectNotFound(f"object {object_id} was deleted")
+            rec, _ = decode(memoryview(logged.blob))
+            # Copies: the pending blob is what the checkpointer will write, and a
+            # live object built over it would change it in place.
+            rec.payload = bytes(rec.payload)
+            rec.buffers = [bytearray(b) for b in rec.buffers]
             return rec
         path = self._object_path(object_id)
         try:
@@ -557,7 +695,12 @@ class Storage:
         log.error("object %s: %s", object_id, reason)
 
     def scan_headers(self):
-        """Yield (object_id, class_key, alias) of every stored object (to republish).
+        """Yield (object_id, class_key, alias) of every stored object (to republish)."""
+        for oid, key, alias, _ in self.scan_entries():
+            yield oid, key, alias
+
+    def scan_entries(self):
+        """Yield (object_id, class_key, alias, moved_in) of every stored object.
 
         Logged states come from memory; for the others only each file's
         header is read, not its body: republishing 100,000 objects must not
@@ -570,13 +713,13 @@ class Storage:
             rec = logged.get(oid)
             if rec is not None:
                 if not rec.deleted:
-                    yield oid, rec.class_key, rec.alias
+                    yield oid, rec.class_key, rec.alias, rec.moved_in
                 continue
             if oid in self._corrupt:
                 continue
             head = read_header(self._object_path(oid))
             if head is not None:
-                yield oid, head["class"], head["alias"]
+                yield oid, head["class"], head["alias"], head.get("moved", False)
 
     # -- checkpointing ------------------------------------------------------------
     def start(self) -> None:
@@ -595,6 +738,8 @@ class Storage:
         while not self._stop.wait(self.flush_interval):
             try:
                 self.flush_log()
+            except StorageFailed:
+                return
             except OSError:
                 log.exception("log flush failed; will retry")
 
@@ -610,7 +755,7 @@ class Storage:
         while not self._stop.is_set():
             self._wake.wait(min(self.flush_interval, self.checkpoint_interval))
             self._wake.clear()
-            if self._stop.is_set():
+            if self._stop.is_set() or self.failed is not None:
                 break
             try:
                 if (time.monotonic() - last_full >= self.checkpoint_interval
@@ -619,19 +764,25 @@ class Storage:
                     last_full = time.monotonic()
                 else:
                     self.flush_dirty(self._stop)
+            except StorageFailed:
+                break
             except Exception:
                 log.exception("checkpoint failed; will retry")
                 time.sleep(0.2)
 
     def flush_dirty(self, stop: threading.Event | None = None) -> int:
         """Checkpoint the write-behind objects changed since their last checkpoint."""
+        with self._checkpoint_lock:
+            return self._flush_dirty(stop)
+
+    def _flush_dirty(self, stop: threading.Event | None) -> int:
         with self._lock:
-            dirty = [(oid, None) for oid, rec in self._pending.items() if rec is None]
+            dirty = [(oid, _DIRTY) for oid, rec in self._pending.items() if rec is _DIRTY]
             for oid, _ in dirty:
                 del self._pending[oid]
                 # Still dirty while being written: a spill meanwhile must write the
                 # object itself (is_dirty), or its change would be dropped with it.
-                self._inflight[oid] = None
+                self._inflight[oid] = _DIRTY
         if not dirty:
             return 0
         try:
@@ -639,7 +790,7 @@ class Storage:
         except BaseException:
             with self._lock:  # not written: still dirty
                 for oid, _ in dirty:
-                    self._pending.setdefault(oid, None)
+                    self._pending.setdefault(oid, _DIRTY)
             if stop is not None and stop.is_set():
                 return 0
             raise
@@ -657,6 +808,11 @@ class Storage:
         """
         if self.policy == "none":
             return 0
+        with self._checkpoint_lock:
+            return self._checkpoint(stop)
+
+    def _checkpoint(self, stop: threading.Event | None) -> int:
+        self._check()
         # _sync_lock first: a writer's group-commit fsync must not mark records of
         # the segment being retired as durable before that segment is fsync'd.
         with self._sync_lock:
@@ -668,15 +824,17 @@ class Storage:
                 self._segment_seq += 1
                 old_fd = self._fd
                 pending, self._pending = self._pending, {}
-                self._inflight = pending
+                self._inflight = dict(pending)
                 written_before = self._written
                 self._fd = os.open(self._segment_path(self._segment_seq),
                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 self._segment_bytes = 0
-            os.fsync(old_fd)
-            os.close(old_fd)
+            try:
+                self._fsync(old_fd)
+            finally:
+                os.close(old_fd)
             self._synced = max(self._synced, written_before)
-        fsync_dir(os.path.join(self.root, "wal"))
+        self._fsync_dir(os.path.join(self.root, "wal"))
         items = list(pending.items())
         done = count = 0
         try:
@@ -704,46 +862,47 @@ class Storage:
     def _write_checkpoints(self, batch: list, stop: threading.Event | None = None) -> int:
         """Write one batch of checkpoints: all files first, then one fsync each, then renames.
 
-        Writing every file before the first fsync lets the file system commit
-        them together; each file is still durable before its rename, and each
-        directory is fsync'd once per batch, after its renames. Raises
-        _Abandoned (leaving no file changed) as soon as ``stop`` is set.
+        Each file holds exactly the logged blob. Writing every file before the
+        first fsync lets the file system commit them together; each file is
+        durable before its rename, the rename is refused if a newer state is
+        already in place, and each directory is fsync'd once per batch.
+        Raises _Abandoned (leaving no file changed) as soon as ``stop`` is set.
         """
-        staged = []  # (fd, temp path, final path, object id, direct-write seq when staged)
+        staged = []  # (fd, temp path, final path, object id, lsn)
         written_live = 0
-        dirs = set()
+        dirs = set()   # directories to fsync after the renames
+        made = set()   # directories known to exist
         try:
             for oid, rec in batch:
                 if stop is not None and stop.is_set():
                     raise _Abandoned()
-                if rec is None:
-                    # A write-behind object: written from its live state, under its lock.
+                if rec is _DIRTY:
+                    # A write-behind object: snapshot under its lock, written directly.
                     try:
                         if self.checkpoint_live is not None and self.checkpoint_live(oid):
                             written_live += 1
                     except DeadlineExceeded:
                         with self._lock:  # busy in a long call: stays dirty, next round
-                            self._pending.setdefault(oid, None)
+                            self._pending.setdefault(oid, _DIRTY)
                     continue
                 target = self._object_path(oid)
-                if rec.deleted:
-                    self._remove_checkpoint(oid)
-                    dirs.add(os.path.dirname(target))
-                    continue
                 d = os.path.dirname(target)
-                if d not in dirs:
-                    os.makedirs(d, exist_ok=True)
+                if rec.deleted:
+                    self._remove(oid, rec.lsn)
+                    dirs.add(d)
+                    continue
+                if d not in made:
+                    self._ensure_dir(d)
+                    made.add(d)
                     dirs.add(d)
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with self._rename_lock:
-                    seq = self._direct_writes.get(oid, 0)
-                staged.append((fd, tmp, target, oid, seq))
-                _write_all(fd, encode(rec))
+                staged.append((fd, tmp, target, oid, rec.lsn))
+                _write_all(fd, [rec.blob])
             for fd, *_ in staged:
                 if stop is not None and stop.is_set():
                     raise _Abandoned()
-                os.fdatasync(fd)
+                self._fsync(fd, data_only=True)
         except BaseException:
             for fd, tmp, *_ in staged:
                 os.close(fd)
@@ -752,17 +911,12 @@ class Storage:
                 except FileNotFoundError:
                     pass
             raise
-        for fd, tmp, target, oid, seq in staged:
+        for fd, tmp, target, oid, lsn in staged:
             os.close(fd)
-            with self._rename_lock:
-                if self._direct_writes.get(oid, 0) == seq:
-                    os.replace(tmp, target)
-                    continue
-            # A direct write landed a newer state meanwhile: keep it.
-            os.unlink(tmp)
+            self._install(tmp, target, oid, lsn)
         for d in dirs:
             if os.path.isdir(d):
-                fsync_dir(d)
+                self._fsync_dir(d)
         return len(staged) + written_live
 
     def flush_log(self) -> None:
@@ -784,7 +938,7 @@ class Storage:
         self._wake.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
-        if self.policy != "none":
+        if self.policy != "none" and self.failed is None:
             self.flush_dirty()
             self.flush_log()
         with self._lock:

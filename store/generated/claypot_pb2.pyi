@@ -21,18 +21,20 @@ DEL_ATTR: CallKind
 TASK: CallKind
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "remote_type", "traceback", "pickled")
+    __slots__ = ("code", "message", "remote_type", "traceback", "pickled", "moved_to")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REMOTE_TYPE_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
     PICKLED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
     remote_type: str
     traceback: str
     pickled: bytes
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., remote_type: _Optional[str] = ..., traceback: _Optional[str] = ..., pickled: _Optional[bytes] = ...) -> None: ...
+    moved_to: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., remote_type: _Optional[str] = ..., traceback: _Optional[str] = ..., pickled: _Optional[bytes] = ..., moved_to: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("error",)
@@ -65,18 +67,20 @@ class PingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("backend_id", "address", "host", "pid", "host_id")
+    __slots__ = ("backend_id", "address", "host", "pid", "status", "host_id")
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     backend_id: str
     address: str
     host: str
     pid: int
+    status: str
     host_id: str
-    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class ObjectRef(_message.Message):
     __slots__ = ("object_id", "class_key", "backend_id")
@@ -131,6 +135,14 @@ class BackendInfo(_message.Message):
     def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ..., host_id: _Optional[str] = ..., stopped: _Optional[bool] = ...) -> None: ...
 
 class ListBackendsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ValidateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
@@ -231,18 +243,22 @@ class FetchRequest(_message.Message):
     def __init__(self, result_handle: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("object_id",)
+    __slots__ = ("object_id", "chain_id")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
     object_id: str
-    def __init__(self, object_id: _Optional[str] = ...) -> None: ...
+    chain_id: str
+    def __init__(self, object_id: _Optional[str] = ..., chain_id: _Optional[str] = ...) -> None: ...
 
 class MoveRequest(_message.Message):
-    __slots__ = ("object_id", "target_backend_id")
+    __slots__ = ("object_id", "target_backend_id", "chain_id")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     target_backend_id: str
-    def __init__(self, object_id: _Optional[str] = ..., target_backend_id: _Optional[str] = ...) -> None: ...
+    chain_id: str
+    def __init__(self, object_id: _Optional[str] = ..., target_backend_id: _Optional[str] = ..., chain_id: _Optional[str] = ...) -> None: ...
 
 class JsonCallRequest(_message.Message):
     __slots__ = ("object_id", "alias", "kind", "name", "args_json", "kwargs_json")

@@ -104,6 +104,16 @@ class BackendStub:
                 request_serializer=claypot__pb2.MoveRequest.SerializeToString,
                 response_deserializer=claypot__pb2.Status.FromString,
                 _registered_method=True)
+        self.Validate = channel.unary_unary(
+                '/claypot.v1.Backend/Validate',
+                request_serializer=claypot__pb2.ValidateRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/claypot.v1.Backend/Checkpoint',
+                request_serializer=claypot__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
         self.CallJson = channel.unary_unary(
                 '/claypot.v1.Backend/CallJson',
                 request_serializer=claypot__pb2.JsonCallRequest.SerializeToString,
@@ -115,7 +125,8 @@ class BackendServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ping(self, request, context):
-        """Liveness and identity; needs no token.
+        """Liveness; needs no token. Without the token the reply says only
+        status "serving"; with it, also the backend's identity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,6 +213,20 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Validate(self, request, context):
+        """Checks the backend's object lifecycle invariants (an error names the first broken one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Writes every pending change to its checkpoint now and trims the log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CallJson(self, request, context):
         """Cross-language calls: arguments and results as JSON text.
         """
@@ -280,6 +305,16 @@ def add_BackendServicer_to_server(servicer, server):
             'Move': grpc.unary_unary_rpc_method_handler(
                     servicer.Move,
                     request_deserializer=claypot__pb2.MoveRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
+            ),
+            'Validate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Validate,
+                    request_deserializer=claypot__pb2.ValidateRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=claypot__pb2.CheckpointRequest.FromString,
                     response_serializer=claypot__pb2.Status.SerializeToString,
             ),
             'CallJson': grpc.unary_unary_rpc_method_handler(
@@ -665,6 +700,60 @@ class Backend:
             target,
             '/claypot.v1.Backend/Move',
             claypot__pb2.MoveRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Validate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Validate',
+            claypot__pb2.ValidateRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Checkpoint',
+            claypot__pb2.CheckpointRequest.SerializeToString,
             claypot__pb2.Status.FromString,
             options,
             channel_credentials,

@@ -5,7 +5,7 @@
 //   node tests/js/client.js ADDRESS TOKEN ALIAS [options]
 //
 // Against the object ALIAS it runs, in order:
-//   ping          Ping (needs no token)
+//   ping          Ping (needs no token; the backend's identity comes only with it)
 //   resolve       Resolve ALIAS to its object id, class and owner backend
 //   call          CallJson METHOD --method with --args / --kwargs
 //   read          CallJson GET_ATTR --read
@@ -110,7 +110,7 @@ async function main() {
   const deadline = Number(options.deadline);
   const out = { address };
   try {
-    const ping = await unary(client, 'Ping', {}, null, deadline);
+    const ping = await unary(client, 'Ping', {}, token, deadline);
     out.ping = { backend_id: ping.backend_id, address: ping.address, pid: Number(ping.pid) };
 
     const resolved = await unary(client, 'Resolve', { alias }, token, deadline);
