@@ -15,7 +15,7 @@ import pytest
 
 import netbed
 from store import errors
-from store.directory import parse_sentinel_url
+from store.directory import parse_sentinel_url, redact_url, sentinel_auth
 
 FAST = {"CLAYPOT_HEARTBEAT_TTL": "3", "CLAYPOT_HEARTBEAT_INTERVAL": "0.5",
         "CLAYPOT_ADMIN_TIMEOUT": "3"}
@@ -29,6 +29,12 @@ def test_sentinel_url_parsing():
                 "redis+sentinel://a:x/svc", "redis+sentinel://a:1/svc/x"):
         with pytest.raises(errors.ConfigurationError):
             parse_sentinel_url(bad)
+    # A password is the primary's; it never shows in messages.
+    url = "redis+sentinel://:s%40cret@a:1,b:2/dir"
+    assert parse_sentinel_url(url) == ([("a", 1), ("b", 2)], "dir", 0)
+    assert sentinel_auth(url) == {"password": "s@cret"}
+    assert sentinel_auth("redis+sentinel://a:1/dir") == {}
+    assert "cret" not in redact_url(url) and redact_url(url).endswith("@a:1,b:2/dir")
 
 
 def _sentinel(bed, host, primary_ip, port=26379):
