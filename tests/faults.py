@@ -105,9 +105,20 @@ class Worker:
         self.objects: list[Model] = []
         self.deleted: list[Model] = []
         self._aliases = 0
+        self._kills_seen = stats.kills
+
+    def _after_kill(self) -> None:
+        """A backend was killed: write-behind objects may be back at any state since their
+        last durable point."""
+        self._kills_seen = self.stats.kills
+        for m in self.objects:
+            if m.big:
+                m.states = m.states | m.round_start | m.round_history
 
     # -- operations -----------------------------------------------------------------
     def step(self) -> None:
+        if self.stats.kills != self._kills_seen:
+            self._after_kill()
         live = [m for m in self.objects if True in m.exists]
         ops = ["create"] * 3
         if live:
@@ -155,8 +166,9 @@ class Worker:
             self.stats.open_outcomes += 1
             return  # no id came back: nothing to check
         self.stats.acknowledged += 1
-        self.objects.append(Model(obj, kind, {state}, alias,
-                                  {True} if alias else set()))
+        m = Model(obj, kind, {state}, alias, {True} if alias else set())
+        self._remember(m)  # written when made persistent: a kill may bring it back to this
+        self.objects.append(m)
 
     def _change(self, m: Model) -> None:
         if m.kind == "counter":
@@ -317,10 +329,10 @@ class Worker:
     # -- checks -----------------------------------------------------------------------
     def check(self, killed: bool) -> None:
         """Every object against the model (the cluster is whole and quiet)."""
+        if killed or self.stats.kills != self._kills_seen:
+            self._after_kill()
         for m in list(self.objects) + list(self.deleted):
             self.stats.checks += 1
-            if killed and m.big:
-                m.states = m.states | m.round_start | m.round_history
             try:
                 seen = m.proxy.get() if m.kind == "counter" else m.proxy.values()
             except ObjectNotFound:
@@ -362,11 +374,14 @@ class Killer:
         self.cluster = cluster
         self.stats = stats
 
-    def round(self, duration: float, stop: threading.Event) -> None:
-        if self.rng.random() < 0.2:
+    def round(self, ops: int, stop: threading.Event) -> None:
+        """Kill at a random operation of this round (``ops`` operations in all)."""
+        if self.rng.random() < 0.15:
             return  # some rounds run without a kill
-        if stop.wait(self.rng.uniform(0.05, duration)):
-            return
+        target = self.stats.operations + self.rng.randrange(1, max(2, ops))
+        while self.stats.operations < target:
+            if stop.wait(0.002):
+                return
         import chaos
         victim = self.rng.choice(self.cluster.backends)
         chaos.kill_backend(self.cluster, victim)
@@ -393,7 +408,7 @@ def run_sequence(cluster: LocalCluster, seed: int, rounds: int, ops: int, worker
                    for w in crew]
         for t in threads:
             t.start()
-        kt = threading.Thread(target=killer.round, args=(ops * 0.02, stop), daemon=True)
+        kt = threading.Thread(target=killer.round, args=(ops * workers, stop), daemon=True)
         kt.start()
         for t in threads:
             t.join(300)

@@ -16,6 +16,6 @@ from store import LocalCluster
 def test_random_operations_with_kill9_keep_every_acknowledged_change(tmp_path, seed):
     stats = Stats()
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), backend_env=CLUSTER_ENV) as c:
-        run_sequence(c, seed, rounds=4, ops=25, workers=2, stats=stats)
-    assert stats.acknowledged > 50, stats.as_dict()
+        run_sequence(c, seed, rounds=6, ops=30, workers=2, stats=stats)
+    assert stats.acknowledged > 100 and stats.kills >= 1, stats.as_dict()
     assert not stats.violations, "\n".join(stats.violations[:20])
