@@ -117,12 +117,13 @@ class BackendStatus:
     memory_bytes: int
     resident_objects: int
     running_tasks: int
+    host_id: str = ""   # equal for backends that share /dev/shm (see store.shm.host_id)
 
 
 def backends() -> list[BackendStatus]:
     """Every backend of the cluster: id, address, host, object count, memory, up/down."""
     return [BackendStatus(b.backend_id, b.address, b.host, b.pid, b.up, b.objects,
-                          b.memory_bytes, b.resident_objects, b.running_tasks)
+                          b.memory_bytes, b.resident_objects, b.running_tasks, b.host_id)
             for b in client().backends()]
 
 

@@ -23,7 +23,8 @@ import grpc
 
 from . import objects as objmod, shm, wire
 from .config import Settings
-from .errors import (AuthenticationError, BackendNotFound, BackendUnavailable, CallInterrupted,
+from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
+                     CallInterrupted,
                      ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent, ObjectMoved,
                      ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
@@ -112,6 +113,14 @@ class Client:
         self._gateways = [address]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
         self._addresses: dict[str, str] = {}   # backend id -> address
+        self._host_ids: dict[str, str] = {}    # address -> host id it reported (see _same_host)
+        self._down_checked: dict[str, tuple] = {}  # address -> (when, BackendDown or None)
+        # Long calls in flight, watched for a backend whose host vanished (see _watch).
+        self._inflight: dict[int, tuple[str, float]] = {}
+        self._call_ids = itertools.count()
+        self._lost: dict[str, tuple[float, BackendDown]] = {}  # address -> (when, error)
+        self._watchdog: threading.Thread | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._registered: set[str] = set()
         self._classes: dict[str, type] = {}
@@ -146,6 +155,7 @@ class Client:
         return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             for channel, _ in self._channels.values():
                 channel.close()
@@ -153,14 +163,95 @@ class Client:
 
     def _rpc(self, address: str, method: str, request, timeout: float, may_have_run: bool,
              what: str):
+        key = None
+        if timeout > self.settings.heartbeat_ttl:
+            # Long calls are watched (see _watch); a plain dict entry, not a
+            # future: a future's result comes back through another thread, which
+            # measured 40% more per call.
+            key = next(self._call_ids)
+            started = time.monotonic()
+            self._inflight[key] = (address, started)
+            if self._watchdog is None:
+                self._start_watchdog()
         try:
             return getattr(self._stub(address), method)(request, timeout=timeout,
                                                         metadata=self._metadata)
         except grpc.RpcError as err:
+            lost = self._lost.get(address)
+            if key is not None and lost is not None and lost[0] >= started:
+                raise lost[1] from None   # cancelled by the watchdog: its host is gone
             exc = translate(err, may_have_run, what)
             if isinstance(exc, BackendUnavailable):
                 raise _NotRun(exc) from None
             raise exc from None
+        except ValueError:
+            # The watchdog closed this channel between our getting its stub and
+            # calling: the call never left, and the host is known to be gone.
+            lost = self._lost.get(address)
+            if lost is None:
+                raise
+            raise _NotRun(lost[1]) from None
+        finally:
+            if key is not None:
+                self._inflight.pop(key, None)
+
+    def _start_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="claypot-watchdog",
+                                                  daemon=True)
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Give up on calls whose backend's heartbeat expired.
+
+        A host that vanished answers nothing (no reset, no FIN): without this a
+        call to it would wait for its deadline. Every TTL/2 the backends of calls
+        older than that are checked in the directory; the channel of one that is
+        down is closed, which ends its calls, and they raise its BackendDown.
+        """
+        period = max(self.settings.heartbeat_ttl / 2, 0.2)
+        while not self._closed:
+            time.sleep(period)
+            now = time.monotonic()
+            stale = {addr for addr, t0 in list(self._inflight.values()) if now - t0 >= period}
+            for addr in stale:
+                down = self._down_at(addr)
+                if down is None:
+                    continue
+                self._lost[addr] = (time.monotonic(), down)
+                with self._lock:
+                    hit = self._channels.pop(addr, None)
+                if hit is not None:
+                    hit[0].close()
+
+    def _down_at(self, address: str) -> BackendDown | None:
+        """A BackendDown naming the backend at ``address`` if the directory (asked
+        through any other backend) shows its heartbeat expired; None if it is up
+        or no one can tell."""
+        now = time.monotonic()
+        cached = self._down_checked.get(address)
+        if cached is not None and now - cached[0] < 0.25:
+            return cached[1]
+        found = None
+        for gateway in self._gateway_order():
+            if gateway == address:
+                continue
+            try:
+                reply = self._stub(gateway).ListBackends(
+                    pb.ListBackendsRequest(), timeout=min(self.settings.admin_timeout, 2.0),
+                    metadata=self._metadata)
+            except grpc.RpcError:
+                continue
+            for b in reply.backends:
+                if b.address == address and not b.up and not b.stopped:
+                    found = BackendDown(
+                        f"backend {b.backend_id[:8]} on host {b.host} ({address}) is down: "
+                        f"no heartbeat for {self.settings.heartbeat_ttl:g}s",
+                        b.backend_id, b.host, address)
+            break
+        self._down_checked[address] = (now, found)
+        return found
 
     def _admin(self, method: str, request, address: str | None = None):
         """A directory question: safe to retry, tried on every known gateway."""
@@ -173,6 +264,8 @@ class Client:
                                      False, method)
                 except _NotRun as exc:
                     last = exc
+                except BackendDown as exc:  # a gateway on a lost host: ask the next one
+                    last = _NotRun(exc)
             raise last
         try:
             return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt)
@@ -245,6 +338,9 @@ class Client:
 
         def on_retry(exc):
             state["refresh"] = True
+            down = self._down_at(self._addresses.get(backend_id, ""))
+            if down is not None:  # its heartbeat expired: waiting longer is pointless
+                raise down
 
         try:
             return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt, on_retry)
@@ -371,8 +467,30 @@ class Client:
             raise wire.error_from_pb(reply.error)
 
     def _same_host(self, address: str) -> bool:
-        """Whether large buffers to ``address`` may go through /dev/shm (see store.shm)."""
-        return self.settings.shm and shm.is_local_address(address) and shm.available()
+        """Whether large buffers to ``address`` may go through /dev/shm (see store.shm).
+
+        Decided by host identity, not by the address: a backend on this host
+        reached by its network address qualifies, a loopback-forwarded port of
+        another host (a container) does not.
+        """
+        if not (self.settings.shm and shm.available()):
+            return False
+        peer = self._host_ids.get(address)
+        if peer is None:
+            peer = self._ask_host_id(address)
+        if not peer:  # a peer that does not tell: only loopback is known to be local
+            return shm.is_local_address(address)
+        return peer == shm.host_id(self.settings.host_id)
+
+    def _ask_host_id(self, address: str) -> str | None:
+        """The host id a backend reports (one Ping, cached per address)."""
+        try:
+            reply = self._stub(address).Ping(pb.PingRequest(), metadata=self._metadata,
+                                              timeout=min(self.settings.admin_timeout, 2.0))
+        except grpc.RpcError:
+            return None  # unreachable now: stream, and ask again next time
+        self._host_ids[address] = reply.host_id
+        return reply.host_id
 
     def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int):
         names: list[str] = []

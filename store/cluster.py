@@ -142,6 +142,9 @@ class BackendProcess:
     port: int = 0
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
+    # A command the backend runs under (e.g. ``ip netns exec NS``); it must exec
+    # the backend in place, so the PID we hold is the backend's.
+    wrapper: list = field(default_factory=list)
     proc: subprocess.Popen | None = None
     address: str = ""
     backend_id: str = ""
@@ -167,7 +170,7 @@ class BackendProcess:
                                             [env.get("PYTHONPATH", "")])
         log = _private_log(os.path.join(self.data_dir, "backend.log"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
+            [*self.wrapper, sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
              "--host", self.host, "--port", str(self.port),
              "--ready-file", ready, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -37,7 +37,8 @@ class Settings:
     # Data path
     inline_limit: int = 1 * MiB       # values larger than this are streamed
     chunk_size: int = 4 * MiB         # stream chunk size
-    shm: bool = True                  # large values to a loopback backend go through /dev/shm
+    shm: bool = True                  # large values to a same-host backend go through /dev/shm
+    host_id: str = ""                 # same-host identity (see store.shm.host_id); empty: derived
     # Backend
     data_dir: str = ""
     host: str = "127.0.0.1"

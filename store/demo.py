@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 from .objects import StorageObject, readonly
 
@@ -40,7 +41,8 @@ def run(backends: int = 2, address: str | None = None, token: str | None = None)
         api.connect(address, token)
         ids = [b.backend_id for b in api.backends() if b.up]
         print(f"connected to the cluster at {address}; this process is pid {os.getpid()}")
-        show(ids, suffix=f"-{os.getpid()}")
+        # A fresh suffix per run: the pid alone repeats (it is 1 in every container).
+        show(ids, suffix=f"-{uuid.uuid4().hex[:12]}")
         return 0
     t0 = time.monotonic()
     with LocalCluster(backends=backends) as cluster:

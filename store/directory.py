@@ -9,7 +9,9 @@ Keys (all under a prefix, ``claypot:`` by default):
     code      hash  code key -> signed cloudpickle of a class or task function
     epoch     string set once per directory; its absence means Redis lost data
 
-Only backends talk to Redis; clients ask a backend. The entries a Redis writer
+Only backends talk to Redis; clients ask a backend. The URL is ``redis://...``
+or ``redis+sentinel://[:password@]host:port[,host:port]/service[/db]`` (a
+primary watched by Redis Sentinels, followed through failovers). The entries a Redis writer
 could abuse are signed with keys derived from the cluster token
 (:class:`store.security.DirectoryKeys`): code entries (backends unpickle them)
 and backend records (clients send their token to those addresses). A reader
@@ -27,7 +29,7 @@ import time
 import uuid
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .errors import (AliasExists, AliasNotFound, BackendUnavailable, ClassNotFound,
@@ -98,9 +100,75 @@ return 1
 """
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """``redis+sentinel://host:port[,host:port...]/service[/db]`` as (sentinels, service, db)."""
+    rest = url[len(SENTINEL_SCHEME):]
+    hosts, _, path = rest.partition("/")
+    hosts = hosts.rpartition("@")[2]   # the password is the primary's (sentinel_auth)
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts or len(parts) > 2:
+        raise ConfigurationError(
+            f"a Sentinel URL is redis+sentinel://host:port[,host:port]/service[/db], not {url!r}")
+    sentinels = []
+    for item in hosts.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(f"sentinel address {item!r} in {url!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ConfigurationError(f"the database in {url!r} is not a number")
+    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0
+
+
+def sentinel_auth(url: str) -> dict:
+    """Username and password of the primary, from a Sentinel URL's ``user:password@``."""
+    from urllib.parse import unquote
+    netloc = url[len(SENTINEL_SCHEME):].partition("/")[0]
+    if "@" not in netloc:
+        return {}
+    user, _, password = netloc.rpartition("@")[0].partition(":")
+    out = {"password": unquote(password)} if password else {}
+    if user:
+        out["username"] = unquote(user)
+    return out
+
+
+def _connect(url: str, timeout: float):
+    """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
+    set of Sentinels names (redis-py re-asks them after a connection error, so a
+    failover is followed by the retries)."""
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                   health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
+                   retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    if not url.startswith(SENTINEL_SCHEME):
+        return None, "", redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+    sentinels, service, db = parse_sentinel_url(url)
+    options.update(sentinel_auth(url))
+    # Sentinel questions are short and never retried on one sentinel (redis-py
+    # would back off for seconds): a dead sentinel must not stall a failover,
+    # the next one is asked instead.
+    quick = min(timeout, 1.0)
+    sentinel = Sentinel(sentinels, sentinel_kwargs={
+        "socket_timeout": quick, "socket_connect_timeout": quick,
+        "retry": Retry(NoBackoff(), 0)})
+    # redis-py nests the connection's retries inside the command's: fewer of each,
+    # and a short connect timeout, so a dead primary is given up in seconds and
+    # the Sentinels asked again (they name the promoted replica after a failover).
+    options.update(socket_connect_timeout=quick, retry=Retry(_REDIS_BACKOFF, 3))
+    return sentinel, service, sentinel.master_for(service, db=db, **options)
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
     from urllib.parse import urlsplit, urlunsplit
+    if url.startswith(SENTINEL_SCHEME):   # several host:port: urlsplit cannot take them
+        netloc, slash, path = url[len(SENTINEL_SCHEME):].partition("/")
+        if "@" in netloc:
+            user = netloc.rpartition("@")[0].partition(":")[0]
+            netloc = f"{user}:***@" + netloc.rpartition("@")[2]
+        return SENTINEL_SCHEME + netloc + slash + path
     try:
         parts = urlsplit(url)
         if parts.password is None:
@@ -166,10 +234,7 @@ class Directory:
         self.url = redact_url(url)
         self.keys = DirectoryKeys.from_token(token)
         self.prefix = prefix
-        self.r = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self.sentinel, self.service, self.r = _connect(url, timeout)
         self.k_objects = prefix + "objects"
         self.k_aliases = prefix + "aliases"
         self.k_backends = prefix + "backends"
@@ -183,6 +248,20 @@ class Directory:
 
     def close(self) -> None:
         self.r.close()
+
+    def primary(self) -> str | None:
+        """Address of the Redis primary now serving (Sentinel URLs), else None.
+
+        A change means a failover: the promoted replica may lack the last writes
+        (replication is asynchronous), so backends republish what they hold.
+        """
+        if self.sentinel is None:
+            return None
+        try:
+            host, port = self.sentinel.discover_master(self.service)
+        except redis.RedisError:
+            return None
+        return f"{host}:{port}"
 
     # -- epoch: detects a wiped or data-losing Redis ----------------------------
     def epoch(self) -> str | None:
@@ -283,8 +362,15 @@ class Directory:
         pipe.set(self.prefix + "alive:" + backend_id, "1", px=int(ttl * 1000))
         pipe.execute()
 
-    def unregister_backend(self, backend_id: str) -> None:
-        self.r.delete(self.prefix + "alive:" + backend_id)
+    def unregister_backend(self, backend_id: str, info: dict | None = None) -> None:
+        """Shown down at once; ``info`` (marked stopped) tells clients it stopped on
+        purpose, so they keep retrying a restart instead of giving up on a lost host."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(self.prefix + "alive:" + backend_id)
+        if info is not None:
+            pipe.hset(self.k_backends, backend_id,
+                      self.keys.seal_backend(backend_id, dict(info, stopped=True)))
+        pipe.execute()
 
     def backends(self) -> list[dict]:
         raw = self.r.hgetall(self.k_backends)

@@ -22,6 +22,7 @@
     │   ├── BackendNotFound       unknown backend id
     │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
     │   ├── CallInterrupted       the connection broke mid-call: the call may have run
+    │   │   └── BackendDown       its heartbeat expired (host lost); also a BackendUnavailable
     │   ├── StorageFailed         the backend's disk failed; it acknowledges nothing more
     │   └── DeadlineExceeded      no answer within the call's deadline
     ├── TaskError
@@ -131,6 +132,21 @@ class CallInterrupted(BackendError):
     claypot never re-runs such a call by itself; the caller decides.
     """
 
+
+class BackendDown(BackendUnavailable, CallInterrupted):
+    """The backend's heartbeat expired: its process or its whole host is gone.
+
+    ``backend_id``, ``host`` and ``address`` name it. Raised for calls that
+    could not reach it and for calls in flight when it vanished; the latter
+    may have run just before it was lost, hence also a CallInterrupted.
+    """
+
+    def __init__(self, message: str, backend_id: str = "", host: str = "", address: str = ""):
+        super().__init__(message)
+        self.backend_id, self.host, self.address = backend_id, host, address
+
+    def __reduce__(self):
+        return type(self), (str(self), self.backend_id, self.host, self.address)
 
 class StorageFailed(BackendError):
     """The backend's storage failed (an fsync error): it acknowledges no further change.

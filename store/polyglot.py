@@ -52,6 +52,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "BackendError": grpc.StatusCode.UNAVAILABLE,
     "BackendNotFound": grpc.StatusCode.NOT_FOUND,
     "BackendUnavailable": grpc.StatusCode.UNAVAILABLE,
+    "BackendDown": grpc.StatusCode.UNAVAILABLE,
     "CallInterrupted": grpc.StatusCode.ABORTED,
     "StorageFailed": grpc.StatusCode.INTERNAL,
     "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -1,7 +1,7 @@
 """Same-host transfer of large buffers through shared memory (/dev/shm).
 
-When a client and a backend run on one machine (the backend's address is a
-loopback address), a large value's out-of-band buffers need not cross a
+When a client and a backend run on one machine (they have the same host
+identity, see ``host_id``), a large value's out-of-band buffers need not cross a
 socket: the sender writes each buffer into a new segment in /dev/shm and
 sends only the segment names; the receiver maps them, unlinks them, and the
 mapping *is* the received buffer (a numpy array unpickled from it uses it
@@ -21,6 +21,7 @@ whose creator died without cleaning up (``kill -9``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import mmap
 import os
 import stat
@@ -48,9 +49,41 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
+@functools.lru_cache(maxsize=4)
+def host_id(override: str = "") -> str:
+    """This process's host identity: two processes with equal ids share /dev/shm.
+
+    Derived from the kernel's boot id (one per machine and boot), the network
+    namespace and the device of /dev/shm, so two containers (or two network
+    namespaces standing in for hosts) on one machine count as different hosts,
+    while every process of one host agrees, whatever address they use for each
+    other. ``override`` (``CLAYPOT_HOST_ID``) replaces it.
+    """
+    if override:
+        return override
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+            break
+        except OSError:
+            continue
+    for path in ("/proc/self/ns/net", SHM_DIR):
+        try:
+            st = os.stat(path)
+            parts.append(f"{st.st_dev}:{st.st_ino}")
+        except OSError:
+            parts.append("-")
+    if not parts or parts[0] in ("-", ""):
+        parts.insert(0, uuid.uuid4().hex)  # unknown machine: share nothing with anyone
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=256)
 def is_local_address(address: str) -> bool:
-    """True for loopback addresses: such a backend shares this machine's /dev/shm."""
+    """True for loopback addresses: the fallback test of sameness for a peer that
+    does not tell its host id."""
     host = address.rsplit(":", 1)[0].strip("[]")
     return host.startswith("127.") or host in ("localhost", "::1")
 

@@ -36,9 +36,10 @@ STORE_API = [
 ]
 
 ERRORS_API = [
-    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendError",
-    "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound", "ClaypotError",
-    "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent", "ObjectBusy",
+    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
+    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
+    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent",
+    "ObjectBusy",
     "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
     "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
     "TaskTimeout", "ValueTooLarge", "by_code",
@@ -245,7 +246,7 @@ def _flags(argv: list[str]) -> dict[str, str]:
 def test_compose_file_wires_redis_backends_and_demo():
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"redis", "backend1", "backend2", "demo"}
+    assert set(services) == {"redis", "backend", "demo"}
     declared_volumes = set(compose["volumes"])
 
     redis = services["redis"]
@@ -258,48 +259,40 @@ def test_compose_file_wires_redis_backends_and_demo():
     assert re.fullmatch(r"\$\{CLAYPOT_REDIS_PASSWORD:\?[^}]+\}", password)
     assert redis["environment"]["REDISCLI_AUTH"] == password
 
-    tokens, data_volumes, ports = set(), set(), set()
-    for name in ("backend1", "backend2"):
-        svc = services[name]
-        assert svc["build"] == "." and svc["image"] == services["demo"]["image"]
-        assert svc["command"][0] == "backend"
-        flags = _flags(svc["command"][1:])
-        assert flags["--data-dir"] == "/data"
-        # The Redis URL carries the password: in the environment, never on the command line.
-        assert "--redis" not in flags
-        assert svc["environment"]["CLAYPOT_REDIS"] == f"redis://:{password}@redis:6379/0"
-        assert flags["--host"] == "0.0.0.0"
-        # What the backend registers must be its service name: that is what peers resolve.
-        assert flags["--advertise"] == f"{name}:{flags['--port']}"
-        ports.add(flags["--port"])
-        assert svc["ports"] == [f"127.0.0.1:{flags['--port']}:{flags['--port']}"]
-        (volume,) = svc["volumes"]
-        source, target = volume.split(":")
-        assert target == "/data" and source in declared_volumes
-        data_volumes.add(source)
-        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-        # The standard gRPC health check of this very backend, which needs no token.
-        assert svc["healthcheck"]["test"] == ["CMD", "claypot", "health",
-                                              f"127.0.0.1:{flags['--port']}"]
-        tokens.add(svc["environment"]["CLAYPOT_TOKEN"])
-    assert len(data_volumes) == 2 and len(ports) == 2  # each backend its own dir and port
+    backend = services["backend"]
+    # N backends from one block: replicas (or --scale backend=N), no copied services.
+    assert backend["deploy"]["replicas"] == "${CLAYPOT_BACKENDS:-2}"
+    assert backend["command"][0] == "backend"
+    flags = _flags(backend["command"][1:])
+    assert flags["--data-dir"] == "/data"
+    # The Redis URL carries the password: in the environment, never on the command line.
+    assert "--redis" not in flags
+    assert backend["environment"]["CLAYPOT_REDIS"] == f"redis://:{password}@redis:6379/0"
+    assert flags["--host"] == "0.0.0.0"
+    # No --advertise: each replica registers its own container address, and every
+    # replica listens on the port its image exposes (what `docker compose ps` shows).
+    assert "--advertise" not in flags and flags["--port"] == "7000"
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        assert re.findall(r"^EXPOSE (\d+)$", f.read(), re.M) == [flags["--port"]]
+    # An anonymous volume: one per replica, kept across restarts, dropped by down -v.
+    assert backend["volumes"] == ["/data"]
+    assert "ports" not in backend
+    assert backend["depends_on"]["redis"]["condition"] == "service_healthy"
+    # The standard gRPC health check of this very backend, which needs no token.
+    assert backend["healthcheck"]["test"] == ["CMD", "claypot", "health", "127.0.0.1:7000"]
 
     demo = services["demo"]
+    # The image is built once, by the backend service; the demo runs it.
+    assert backend["build"] == "." and "build" not in demo
+    assert demo["image"] == backend["image"] and demo["pull_policy"] == "never"
     assert demo["restart"] == "no"
-    assert demo["command"][0] == "demo"
-    assert _flags(demo["command"][1:])["--address"] in {
-        _flags(services[b]["command"][1:])["--advertise"] for b in ("backend1", "backend2")}
-    assert {dep for dep, v in demo["depends_on"].items()
-            if v["condition"] == "service_healthy"} == {"backend1", "backend2"}
-    tokens.add(demo["environment"]["CLAYPOT_TOKEN"])
+    assert demo["command"] == ["demo", "--address", f"backend:{flags['--port']}"]
+    assert demo["depends_on"]["backend"]["condition"] == "service_healthy"
     # One shared token, taken from the environment, never a secret written in the file.
+    tokens = {backend["environment"]["CLAYPOT_TOKEN"], demo["environment"]["CLAYPOT_TOKEN"]}
     (token,) = tokens
     assert re.fullmatch(r"\$\{CLAYPOT_TOKEN:\?[^}]+\}", token)
-
-    for svc in services.values():
-        for dep in (svc.get("depends_on") or {}):
-            assert dep in services
-    assert declared_volumes == {"redis-data"} | data_volumes
+    assert declared_volumes == {"redis-data"}
 
 
 def test_dockerfile_builds_on_python_311_slim_and_runs_claypot():
@@ -338,15 +331,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_compose_backend_command_registers_the_advertised_address(tmp_path):
-    """backend1's command from docker-compose.yml, with local values: the backend registers
-    --advertise (not host:port), and clients and peers reach it there."""
-    argv = load_compose()["services"]["backend1"]["command"]
+def test_compose_backend_command_registers_a_reachable_address(tmp_path):
+    """The backend command from docker-compose.yml, with local values: the backend
+    registers an address clients and peers reach it at."""
+    argv = load_compose()["services"]["backend"]["command"]
     port = _free_port()
-    advertised = f"localhost:{port}"  # differs from --host:--port, so the test can tell
+    advertised = f"127.0.0.1:{port}"
     with LocalCluster(backends=1) as cluster:
         local = {"--data-dir": str(tmp_path / "backend"),
-                 "--host": "127.0.0.1", "--port": str(port), "--advertise": advertised}
+                 "--host": "127.0.0.1", "--port": str(port)}
         flags = _flags(argv[1:])
         assert set(flags) == set(local)
         args = [argv[0]] + [x for flag in flags for x in (flag, local[flag])]
@@ -399,3 +392,14 @@ def test_compose_backend_command_registers_the_advertised_address(tmp_path):
                 proc.wait()
             log.close()
     assert proc.returncode == 0
+
+
+def test_a_backend_on_a_wildcard_address_registers_its_own_address():
+    """Listening on 0.0.0.0 (a container) with no --advertise: the backend registers
+    the address its host reaches others from, never the wildcard."""
+    from store.backend.server import advertised_address
+    assert advertised_address("10.1.2.3", 7000) == "10.1.2.3:7000"
+    for wildcard in ("0.0.0.0", "", "::"):
+        host, port = advertised_address(wildcard, 7000).rsplit(":", 1)
+        assert port == "7000" and host not in ("0.0.0.0", "", "::")
+        socket.inet_aton(host)

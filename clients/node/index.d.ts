@@ -71,7 +71,7 @@ export type ErrorCode =
   | 'SerializationError' | 'ClassNotFound' | 'ValueTooLarge' | 'ObjectError'
   | 'ObjectNotFound' | 'ObjectMoved' | 'AliasNotFound' | 'AliasExists' | 'NotPersistent'
   | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'InvalidKey' | 'BackendError' | 'BackendNotFound'
-  | 'BackendUnavailable' | 'CallInterrupted' | 'StorageFailed' | 'DeadlineExceeded' | 'TaskError'
+  | 'BackendUnavailable' | 'BackendDown' | 'CallInterrupted' | 'StorageFailed' | 'DeadlineExceeded' | 'TaskError'
   | 'TaskCancelled' | 'TaskTimeout' | 'RemoteError';
 
 /** Every failure: `code` names a store.errors class (or RemoteError for user code). */

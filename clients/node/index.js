@@ -47,6 +47,7 @@ const STATUS_BY_CODE = Object.freeze({
   BackendError: 'UNAVAILABLE',
   BackendNotFound: 'NOT_FOUND',
   BackendUnavailable: 'UNAVAILABLE',
+  BackendDown: 'UNAVAILABLE',
   CallInterrupted: 'ABORTED',
   StorageFailed: 'INTERNAL',
   DeadlineExceeded: 'DEADLINE_EXCEEDED',

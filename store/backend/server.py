@@ -131,6 +131,34 @@ class PendingResults:
         return item[1], item[2]
 
 
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The address to register for a backend listening on ``host:port``.
+
+    A wildcard host is no address to call: use the address this machine (or
+    container) reaches others from, i.e. the source address of its route to
+    the outside (a UDP connect picks it and sends nothing), else what its
+    hostname resolves to.
+    """
+    if host not in _WILDCARDS:
+        return f"{host}:{port}"
+    ip = ""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never actually sent to
+            ip = s.getsockname()[0]
+    except OSError:
+        pass
+    if not ip or ip == "0.0.0.0":
+        try:
+            ip = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            ip = "127.0.0.1"
+    return f"{ip}:{port}"
+
+
 class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     """Thin gRPC layer over a Backend."""
 
@@ -150,7 +178,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         if token and not carries_token(context.invocation_metadata(), token):
             return pb.PingReply(status="serving")
         return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
-                            host=self.b.host, pid=os.getpid(), status="serving")
+                            host=self.b.host, pid=os.getpid(), status="serving",
+                            host_id=self.b.host_id)
 
     def Resolve(self, request, context):
         try:
@@ -172,7 +201,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 pid=b.get("pid", 0), up=b["up"], objects=b.get("objects", 0),
                 memory_bytes=b.get("memory_bytes", 0),
                 resident_objects=b.get("resident_objects", 0),
-                running_tasks=b.get("running_tasks", 0)))
+                running_tasks=b.get("running_tasks", 0), host_id=b.get("host_id", ""),
+                stopped=bool(b.get("stopped")) and not b["up"]))
         return pb.ListBackendsReply(backends=infos)
 
     def RegisterCode(self, request, context):
@@ -450,6 +480,7 @@ class Backend:
             raise ClaypotError("a backend needs a Redis URL (--redis)")
         self.settings = settings
         self.host = socket.gethostname()
+        self.host_id = shm.host_id(settings.host_id)
         self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
                                    token=settings.token)
         if self.directory.r.connection_pool.connection_kwargs.get("password") is None:
@@ -493,9 +524,9 @@ class Backend:
             port = self.server.add_insecure_port(listen)
         if port == 0:
             raise ClaypotError(f"cannot listen on {settings.host}:{settings.port}")
-        # A backend listening on 0.0.0.0 (a container) must register a name
-        # its peers can reach: --advertise / CLAYPOT_ADVERTISE.
-        self.address = settings.advertise or f"{settings.host}:{port}"
+        # A backend listening on 0.0.0.0 (a container) must register an address
+        # its peers can reach: --advertise / CLAYPOT_ADVERTISE, else this host's own.
+        self.address = settings.advertise or advertised_address(settings.host, port)
         self.client._gateways = [self.address]
         self._stop = threading.Event()
         self._epoch: str | None = None
@@ -511,6 +542,7 @@ class Backend:
         self.storage.start()
         # The directory and this storage dir agree before the first call is served.
         self._epoch = self.directory.epoch()
+        self._primary = self.directory.primary()
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
@@ -535,7 +567,7 @@ class Backend:
         if self.dask_worker is not None:
             self.dask_worker.stop()
         try:
-            self.directory.unregister_backend(self.backend_id)
+            self.directory.unregister_backend(self.backend_id, self._stats())
         except Exception:
             pass
         self.server.stop(grace).wait(grace + 1)
@@ -543,7 +575,8 @@ class Backend:
 
     def _stats(self) -> dict:
         import psutil
-        return {"address": self.address, "host": self.host, "pid": os.getpid(),
+        return {"address": self.address, "host": self.host, "host_id": self.host_id,
+                "pid": os.getpid(),
                 "started": self.started, "objects": self.heap.count(),
                 "resident_objects": self.heap.resident_count(),
                 "memory_bytes": psutil.Process().memory_info().rss,
@@ -567,6 +600,13 @@ class Backend:
             published = True
             try:
                 epoch = self.directory.epoch()
+                primary = self.directory.primary()
+                if primary != self._primary and primary is not None:
+                    # A Sentinel failover: the promoted replica may have missed
+                    # the last writes before the old primary was lost.
+                    log.warning("directory failed over to %s: republishing", primary)
+                    self.republish()
+                    self._primary = primary
                 if epoch != self._epoch:
                     # Redis lost data (restart without persistence, or a wipe):
                     # publish this backend's part of the directory again.

@@ -76,18 +76,20 @@ class PingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("backend_id", "address", "host", "pid", "status")
+    __slots__ = ("backend_id", "address", "host", "pid", "status", "host_id")
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     backend_id: str
     address: str
     host: str
     pid: int
     status: str
-    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+    host_id: str
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class ObjectRef(_message.Message):
     __slots__ = ("object_id", "class_key", "backend_id")
@@ -116,7 +118,7 @@ class ResolveReply(_message.Message):
     def __init__(self, ref: _Optional[_Union[ObjectRef, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("backend_id", "address", "host", "pid", "up", "objects", "memory_bytes", "resident_objects", "running_tasks")
+    __slots__ = ("backend_id", "address", "host", "pid", "up", "objects", "memory_bytes", "resident_objects", "running_tasks", "host_id", "stopped")
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,8 @@ class BackendInfo(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
     backend_id: str
     address: str
     host: str
@@ -135,7 +139,9 @@ class BackendInfo(_message.Message):
     memory_bytes: int
     resident_objects: int
     running_tasks: int
-    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ...) -> None: ...
+    host_id: str
+    stopped: bool
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ..., host_id: _Optional[str] = ..., stopped: _Optional[bool] = ...) -> None: ...
 
 class ListBackendsRequest(_message.Message):
     __slots__ = ()

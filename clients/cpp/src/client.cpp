@@ -105,6 +105,7 @@ grpc::StatusCode status_of_code(const std::string& code) {
       {"BackendError", grpc::StatusCode::UNAVAILABLE},
       {"BackendNotFound", grpc::StatusCode::NOT_FOUND},
       {"BackendUnavailable", grpc::StatusCode::UNAVAILABLE},
+      {"BackendDown", grpc::StatusCode::UNAVAILABLE},
       {"CallInterrupted", grpc::StatusCode::ABORTED},
       {"StorageFailed", grpc::StatusCode::INTERNAL},
       {"DeadlineExceeded", grpc::StatusCode::DEADLINE_EXCEEDED},
