@@ -239,13 +239,27 @@ def _object_path(root: str, object_id: str) -> str:
     return os.path.join(root, "objects", object_id[:2], object_id + ".obj")
 
 
-def _replay(root: str, on_torn=None) -> tuple[dict[str, Record], int, int]:
-    """Read every log segment: the highest-LSN record per object, records read, highest LSN.
+def _checkpoint_ids(root: str) -> set[str]:
+    """Ids of the objects with a checkpoint file (one directory scan, no file opened)."""
+    ids: set[str] = set()
+    base = os.path.join(root, "objects")
+    if os.path.isdir(base):
+        for sub in os.scandir(base):
+            if sub.is_dir():
+                for entry in os.scandir(sub.path):
+                    if entry.name.endswith(".obj"):
+                        ids.add(entry.name[:-4])
+    return ids
+
+
+def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview]], int, int]:
+    """Read every log segment: per object, its highest-LSN record with the record's bytes
+    as logged; also the records read and the highest LSN.
 
     ``on_torn(path, offset)`` is called for a torn tail (the caller may cut it);
     damage followed by valid records skips the bad record only.
     """
-    latest: dict[str, Record] = {}
+    latest: dict[str, tuple[Record, memoryview]] = {}
     count = high = 0
     wal = os.path.join(root, "wal")
     names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) \
@@ -269,19 +283,18 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, Record], int, int]:
                           offset, resume - offset)
                 offset = resume
                 continue
-            rec, offset = parsed
+            rec, end = parsed
             count += 1
             high = max(high, rec.lsn)
-            if not rec.object_id:
-                continue  # a segment's opening mark: carries only the LSN high-water mark
             old = latest.get(rec.object_id)
-            if old is None or rec.lsn >= old.lsn:
-                latest[rec.object_id] = rec
+            if old is None or rec.lsn >= old[0].lsn:
+                latest[rec.object_id] = (rec, data[offset:end])
+            offset = end
     # A checkpoint file written after the logged record (a spill, a write-behind
     # object, a move back in) is newer: it wins.
-    for oid in list(latest):
+    for oid in _checkpoint_ids(root).intersection(latest):
         head = read_header(_object_path(root, oid))
-        if head is not None and head.get("lsn", 0) >= latest[oid].lsn:
+        if head is not None and head.get("lsn", 0) >= latest[oid][0].lsn:
             del latest[oid]
     return latest, count, high
 
@@ -305,7 +318,7 @@ def scan_storage_dir(root: str):
                     if head is not None and head["id"] == entry.name[:-4]:
                         found[head["id"]] = (head["class"], head["alias"])
     latest, _, _ = _replay(root)
-    for oid, rec in latest.items():
+    for oid, (rec, _) in latest.items():
         found[oid] = None if rec.deleted else (rec.class_key, rec.alias)
     for oid, value in found.items():
         if value is not None:
@@ -419,10 +432,10 @@ class Storage:
                 f.truncate(offset)
                 os.fsync(f.fileno())
         latest, count, _ = _replay(self.root, cut)
-        for oid, rec in latest.items():
-            blob = encode(rec)  # a private copy; the segment's bytes are dropped
-            self._pending[oid] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias,
-                                         rec.moved_in)
+        for oid, (rec, raw) in latest.items():
+            # The record's bytes as logged, copied out so the segment's buffer is freed.
+            self._pending[oid] = _Logged(rec.lsn, bytearray(raw), rec.deleted, rec.class_key,
+                                         rec.alias, rec.moved_in)
         segments = self._segments()
         self._segment_seq = (segments[-1] + 1) if segments else 1
         self._open_segment()
