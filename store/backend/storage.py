@@ -126,11 +126,9 @@ def encode(rec: Record) -> bytearray:
     return blob
 
 
-def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
-    """Parse one record at ``offset`` of ``data``; None when torn or corrupt.
-
-    Buffers are memoryviews into ``data`` (no copy).
-    """
+def _decode_head(data: memoryview, offset: int) -> tuple[dict, int, int] | None:
+    """(header dict, body start, record end) of the record at ``offset``; None when torn
+    or corrupt (the checksum covers header and body)."""
     if len(data) - offset < _PREFIX.size:
         return None
     magic, hlen, blen, crc = _PREFIX.unpack_from(data, offset)
@@ -144,7 +142,18 @@ def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
         head = pickle.loads(data[start:start + hlen])
     except Exception:
         return None
-    pos = start + hlen
+    return head, start + hlen, end
+
+
+def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
+    """Parse one record at ``offset`` of ``data``; None when torn or corrupt.
+
+    Buffers are memoryviews into ``data`` (no copy).
+    """
+    parsed = _decode_head(data, offset)
+    if parsed is None:
+        return None
+    head, pos, end = parsed
     payload = data[pos:pos + head["payload"]]
     pos += head["payload"]
     buffers = []
@@ -270,7 +279,7 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
             data = memoryview(f.read())
         offset = 0
         while offset < len(data):
-            parsed = decode(data, offset)
+            parsed = _decode_head(data, offset)
             if parsed is None:
                 resume = _next_record(data, offset)
                 if resume is None:
@@ -283,12 +292,18 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
                           offset, resume - offset)
                 offset = resume
                 continue
-            rec, end = parsed
+            head, _, end = parsed
             count += 1
-            high = max(high, rec.lsn)
-            old = latest.get(rec.object_id)
-            if old is None or rec.lsn >= old[0].lsn:
-                latest[rec.object_id] = (rec, data[offset:end])
+            lsn = head.get("lsn", 0)
+            if lsn > high:
+                high = lsn
+            oid = head["id"]
+            old = latest.get(oid)
+            if old is None or lsn >= old[0].lsn:
+                # Only the header is decoded here: replay needs no payload.
+                latest[oid] = (Record(oid, head["class"], head["alias"], deleted=head["deleted"],
+                                      lsn=lsn, moved_in=head.get("moved", False)),
+                               data[offset:end])
             offset = end
     # A checkpoint file written after the logged record (a spill, a write-behind
     # object, a move back in) is newer: it wins.
