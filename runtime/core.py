@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store import objects as objmod
-from store.errors import ConfigurationError, TaskCancelled, TaskError, TaskTimeout
+from store.errors import (CallInterrupted, ConfigurationError, TaskCancelled, TaskError,
+                          TaskTimeout)
 
 from .directions import Direction, OnFailure
 from .executor import InlineExecutor, Job, RemoteExecutor
@@ -282,7 +283,10 @@ class Runtime:
                 call.timer = None
             policy = call.defn.on_failure
             if error is not None and policy is OnFailure.RETRY \
-                    and call.attempt <= call.defn.retries:
+                    and call.attempt <= call.defn.retries \
+                    and not (call.writes and isinstance(error, CallInterrupted)):
+                # (A task that changes objects and may have run is never run again: its
+                # backend may have committed it before the connection broke.)
                 log.warning("task %s failed (attempt %d), retrying: %r", call.name,
                             call.attempt, error)
                 if self.inline:

@@ -386,10 +386,17 @@ class Assembler:
         self._values = values
         RECEIVING.reserve(total)
         self._reserved = total
+        self._sizes = sizes
         self._blobs = []
         self._prefaulters = []
         try:
             for n in sizes:
+                if n < _MMAP_MIN:
+                    # Made when its first byte arrives: a header announcing many small
+                    # buffers commits nothing by itself.
+                    self._blobs.append(None)
+                    self._prefaulters.append(None)
+                    continue
                 blob, prefaulter = receive_buffer(n)
                 self._blobs.append(blob)
                 self._prefaulters.append(prefaulter)
@@ -412,7 +419,7 @@ class Assembler:
         self._reserved = 0
 
     def _skip_empty(self) -> None:
-        while self._index < len(self._blobs) and self._blobs[self._index].nbytes == 0:
+        while self._index < len(self._blobs) and self._sizes[self._index] == 0:
             self._index += 1
 
     def feed(self, data) -> None:
@@ -422,6 +429,8 @@ class Assembler:
             if self._index >= len(self._blobs):
                 raise ProtocolError("stream carries more bytes than its header announced")
             blob = self._blobs[self._index]
+            if blob is None:
+                blob = self._blobs[self._index] = memoryview(bytearray(self._sizes[self._index]))
             take = min(blob.nbytes - self._offset, view.nbytes)
             blob[self._offset:self._offset + take] = view[:take]
             self._offset += take
@@ -441,6 +450,7 @@ class Assembler:
             raise ProtocolError(
                 f"stream ended after {self.received} of {self.expected} bytes")
         self.close()
+        self._blobs = [b if b is not None else memoryview(bytearray(0)) for b in self._blobs]
         out, pos = [], 0
         for value in self._values:
             n = len(value.buffer_sizes)

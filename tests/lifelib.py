@@ -121,3 +121,62 @@ def append_slow_first(log, marker_dir: str):
 def slow_value(x, seconds: float):
     time.sleep(seconds)
     return x
+
+
+class Grow(StorageObject):
+    """Small until ``grow`` makes it big (over a small big_object)."""
+
+    def __init__(self):
+        self.data = b"small"
+        self.tag = 0
+
+    def grow(self, n: int) -> None:
+        self.data = np.ones(n, dtype=np.uint8)
+
+    def settag(self, t: int) -> None:
+        self.tag = t
+
+    def slow(self, delay: float) -> None:
+        time.sleep(delay)
+        self.tag += 1000
+
+    @readonly
+    def info(self) -> tuple:
+        return self.tag, len(self.data)
+
+
+class DelayedState(StorageObject):
+    """Unpickling it on a backend takes its ``delay`` seconds (a slow persist or move)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.value = 0
+        self.delay = delay
+
+    def __setstate__(self, state):
+        time.sleep(state.get("delay", 0))
+        self.__dict__.update(state)
+
+    def setdelay(self, delay: float) -> None:
+        self.delay = delay
+
+    def incr(self) -> int:
+        self.value += 1
+        return self.value
+
+    @readonly
+    def get(self) -> int:
+        return self.value
+
+
+class Sticky(StorageObject):
+    def __init__(self):
+        self.value = 0
+
+    def incr_and_keep_lock(self) -> None:
+        import threading
+        self.value += 1
+        self.guard = threading.Lock()     # the new state cannot be pickled
+
+    @readonly
+    def get(self) -> int:
+        return self.value

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from .. import objects as objmod
 from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy,
-                      ObjectNotFound, ProtocolError, TaskTimeout)
+                      ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, loads
 from . import lifecycle as lc
@@ -112,7 +112,8 @@ class ChainLock:
 class Entry:
     """The live side of one object; ``obj`` is None unless it is resident."""
 
-    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in")
+    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in",
+                 "verified")
 
     def __init__(self, object_id: str, class_key: str, alias: str):
         self.object_id = object_id
@@ -122,6 +123,7 @@ class Entry:
         self.lock = ChainLock()
         self.digest = b""
         self.moved_in = False   # arrived by a move (see storage.Record.moved_in)
+        self.verified = False   # the directory was seen to name this backend as its owner
 
     def record(self, payload, buffers) -> Record:
         """A storage record of this object's state."""
@@ -273,6 +275,7 @@ class Heap:
         self._entries: dict[str, Entry] = {}
         self.life.stored_at_start(storage.object_ids(at_start=True))
         self._tasks = _TaskLedger()
+        self._persisting: dict[str, threading.Event] = {}  # ids a persist is storing now
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
@@ -327,7 +330,8 @@ class Heap:
                 entry = self._entries[object_id] = Entry(object_id, "", "")
             return entry
 
-    def _acquire(self, object_id: str, chain: str, load: bool = True) -> Entry:
+    def _acquire(self, object_id: str, chain: str, load: bool = True,
+                 verify: bool = True) -> Entry:
         """The object's entry, locked by ``chain`` and admitted again under the lock.
 
         Loads the object if it is spilled (under its own lock only).
@@ -344,10 +348,28 @@ class Heap:
                 spilled = life.state is State.SPILLED
             if spilled and load:
                 self._load(entry)
+            if verify and entry.moved_in and not entry.verified:
+                self._verify_owner(entry)
         except BaseException:
             entry.lock.release()
             raise
         return entry
+
+    def _verify_owner(self, entry: Entry) -> None:
+        """Serve a copy that came by a move only once the directory names this backend.
+
+        Until the move commits (the source updates the directory), the copy is
+        not the object: a call that reached it early is sent to the owner the
+        directory names. If the directory cannot be asked, the call goes ahead.
+        """
+        try:
+            owner = self.directory.lookup(entry.object_id).backend_id
+        except Exception:  # unknown (a wiped directory being republished) or unreachable
+            return
+        if owner != self.backend_id:
+            raise ObjectMoved(f"object {entry.object_id} is owned by {owner[:8]}: this "
+                              f"copy's move has not committed", owner)
+        entry.verified = True
 
     def _load(self, entry: Entry) -> None:
         """Bring a spilled object back into memory (caller holds its lock)."""
@@ -402,6 +424,30 @@ class Heap:
         persist whose objects are already here succeeds without storing them
         twice. With ``adopt`` the ids are already in the directory (a move).
         """
+        # A retry that arrives while its first attempt is still storing the same ids waits
+        # for it, then finds them stored (idempotent) instead of storing them again.
+        waits = []
+        with self._mu:
+            for oid, *_ in items:
+                ev = self._persisting.get(oid)
+                if ev is not None:
+                    waits.append(ev)
+        for ev in waits:
+            ev.wait(self.lock_timeout or 60.0)
+        mine = []
+        with self._mu:
+            for oid, *_ in items:
+                if oid not in self._persisting:
+                    self._persisting[oid] = threading.Event()
+                    mine.append(oid)
+        try:
+            self._persist(items, adopt)
+        finally:
+            with self._mu:
+                for oid in mine:
+                    self._persisting.pop(oid).set()
+
+    def _persist(self, items: list, adopt: bool) -> None:
         built = []
         ctx = self.unpickle_context()
         retried = []
@@ -523,7 +569,13 @@ class Heap:
                     self._rollback(entry, chain)
                 raise
             if changes and outermost:
-                self._after_change(entry, chain, check=kind == METHOD)
+                try:
+                    self._after_change(entry, chain, check=kind == METHOD)
+                except BaseException:
+                    # Not stored (unpicklable state, a failed disk): not applied in memory
+                    # either.
+                    self._rollback(entry, chain)
+                    raise
             return result
         finally:
             entry.lock.release()
@@ -563,9 +615,15 @@ class Heap:
                     if outermost:
                         self._rollback(entry, chain)
                 raise
-            for entry, outermost in entries:
-                if outermost:
-                    self._after_change(entry, chain, check=True)
+            try:
+                for entry, outermost in entries:
+                    if outermost:
+                        self._after_change(entry, chain, check=True)
+            except BaseException:
+                for entry, outermost in entries:
+                    if outermost:
+                        self._rollback(entry, chain)
+                raise
             committed = True
             return result
         finally:
@@ -761,7 +819,8 @@ class Heap:
         methods, goes ahead in that call's chain); calls queued behind it get
         ObjectNotFound, and the call in progress stores nothing after it.
         """
-        entry = self._acquire(object_id, chain or "delete:" + uuid.uuid4().hex, load=False)
+        entry = self._acquire(object_id, chain or "delete:" + uuid.uuid4().hex, load=False,
+                              verify=forget)
         try:
             todo = self.life_event(lambda: self.life.delete_requested(object_id))
             lsn = 0

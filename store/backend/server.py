@@ -546,8 +546,13 @@ class Backend:
         if self._epoch is None:
             self._epoch = self.directory.ensure_epoch()
             self.republish()
+        elif self._epoch != self._seen_epoch():
+            # The directory was wiped (and rebuilt by others) while this backend was down:
+            # publish everything it holds, as a running backend does on a wipe.
+            self.republish()
         else:
             self.reconcile()
+        self._remember_epoch(self._epoch)
         self.server.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
@@ -615,6 +620,7 @@ class Backend:
                     self.services.serving(False)
                     self.republish()
                     self._epoch = self.directory.ensure_epoch()
+                    self._remember_epoch(self._epoch)
                     published = True
                 self._heartbeat()
             except Exception as exc:
@@ -644,6 +650,22 @@ class Backend:
         for i in range(0, len(entries), 1000):
             self._claim_each(entries[i:i + 1000])
         return len(entries)
+
+    def _epoch_path(self) -> str:
+        return os.path.join(self.settings.data_dir, "directory.epoch")
+
+    def _seen_epoch(self) -> str | None:
+        """The directory epoch this backend last published to (kept in its storage dir)."""
+        try:
+            with open(self._epoch_path()) as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _remember_epoch(self, epoch: str | None) -> None:
+        if epoch and epoch != self._seen_epoch():
+            from .storage import atomic_write
+            atomic_write(self._epoch_path(), [epoch.encode()])
 
     def reconcile(self) -> tuple[int, int]:
         """Make the directory and this storage dir agree after a crash; (claimed, dropped).

@@ -384,6 +384,7 @@ class Storage:
         self._wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._code_lock = threading.Lock()
+        self._unsnapshot = False  # a write-behind object this checkpoint could not snapshot
         # One checkpoint (or write-behind flush) at a time: two at once would each trim
         # log segments whose records the other has not written yet.
         self._checkpoint_lock = threading.Lock()
@@ -684,6 +685,10 @@ class Storage:
             raise ObjectCorrupt(f"object {object_id}: {self._corrupt[object_id]}")
         with self._lock:
             logged = self._pending.get(object_id) or self._inflight.get(object_id)
+        with self._rename_lock:
+            file_lsn = self._file_lsn.get(object_id, 0)
+        if logged is not None and file_lsn > logged.lsn:
+            logged = None  # a direct write (spill, big object) is newer than the logged state
         if logged is not None:
             if logged.deleted:
                 raise ObjectNotFound(f"object {object_id} was deleted")
@@ -841,6 +846,7 @@ class Storage:
 
     def _checkpoint(self, stop: threading.Event | None) -> int:
         self._check()
+        self._unsnapshot = False
         # _sync_lock first: a writer's group-commit fsync must not mark records of
         # the segment being retired as durable before that segment is fsync'd.
         with self._sync_lock:
@@ -878,7 +884,9 @@ class Storage:
                     # Not written: keep it pending unless a newer state was logged meanwhile.
                     self._pending.setdefault(oid, rec)
                 self._inflight = {}
-        if done < len(items):
+        if done < len(items) or self._unsnapshot:
+            # Not everything the old segments cover is in a checkpoint: keep them (a
+            # later checkpoint trims them).
             return count
         for seq in old_segments:
             try:
@@ -909,7 +917,12 @@ class Storage:
                     try:
                         if self.checkpoint_live is not None and self.checkpoint_live(oid):
                             written_live += 1
+                        else:
+                            # Not snapshot (gone, moving, spilled): an older state of it may
+                            # be only in the log, so this checkpoint keeps the log.
+                            self._unsnapshot = True
                     except DeadlineExceeded:
+                        self._unsnapshot = True
                         with self._lock:  # busy in a long call: stays dirty, next round
                             self._pending.setdefault(oid, _DIRTY)
                     continue
