@@ -38,8 +38,8 @@ STORE_API = [
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
     "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
-    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent",
-    "ObjectBusy",
+    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "FeatureUnavailable",
+    "InvalidKey", "NotAVersion", "NotPersistent", "ObjectBusy",
     "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
     "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
     "TaskTimeout", "ValueTooLarge", "by_code",
