@@ -121,10 +121,51 @@ class StorageObject:
         _require_persistent(self)
         return get_dispatcher().locate(self)
 
-    def move(self, backend_id: str) -> None:
-        """Move the object to another backend; its id and alias stay the same."""
+    def move(self, backend_id: str, recursive: bool = False) -> None:
+        """Move the object to another backend; its id and aliases stay the same.
+
+        With ``recursive``, every persistent object reachable from it (references
+        of references, cycles followed once) moves too.
+        """
         _require_persistent(self)
-        get_dispatcher().move(self, backend_id)
+        if recursive:
+            from .objectops import move_recursive
+            move_recursive(get_dispatcher(), self, backend_id)
+        else:
+            get_dispatcher().move(self, backend_id)
+
+    # -- aliases and versions ------------------------------------------------------
+    def add_alias(self, alias: str) -> None:
+        """Give the object one more alias (it keeps the others). Raises AliasExists."""
+        _require_persistent(self)
+        get_dispatcher().add_alias(self, alias)
+
+    def get_aliases(self) -> set[str]:
+        """Every alias of the object."""
+        _require_persistent(self)
+        return set(get_dispatcher().get_aliases(self))
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove one of the object's aliases. Raises AliasNotFound if it has no such alias."""
+        _require_persistent(self)
+        if alias not in get_dispatcher().get_aliases(self):
+            from .errors import AliasNotFound
+            raise AliasNotFound(f"object {self.getID()} has no alias {alias!r}")
+        get_dispatcher().delete_alias(alias)
+
+    def new_version(self, backend: str | None = None):
+        """A persistent copy of this object that can change in isolation (see
+        store.objectops); ``consolidate_version()`` writes it back."""
+        _require_persistent(self)
+        from .objectops import new_version
+        return new_version(get_dispatcher(), self, backend)
+
+    def consolidate_version(self) -> None:
+        """Write this version into the object it is a version of, and delete the version;
+        this proxy then stands for the original. Raises NotAVersion for other objects."""
+        _require_persistent(self)
+        from .objectops import consolidate_version
+        consolidate_version(get_dispatcher(), self)
 
     # COMPSs storage API names
     makePersistent = make_persistent
@@ -147,7 +188,12 @@ class StorageObject:
         return {k: v for k, v in self.__dict__.items() if not k.startswith(_PREFIX)}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        # Replaces the state (keeping claypot's identity fields), so writing a
+        # version back into its original drops attributes the version dropped.
+        d = self.__dict__
+        for key in [k for k in d if not k.startswith(_PREFIX)]:
+            del d[key]
+        d.update(state)
 
     def __reduce_ex__(self, protocol):
         oid = self.__dict__.get(_ID)
