@@ -524,13 +524,21 @@ class Client:
         return reply.ref
 
     def _proxy(self, ref: pb.ObjectRef):
-        hit = self._proxies.get(ref.object_id)
-        if hit is not None and objmod.is_proxy(hit) and hit.getID() == ref.object_id:
-            hit.__dict__[objmod._OWNER] = ref.backend_id
+        return self.proxy_for(ref.object_id, ref.class_key, ref.backend_id)
+
+    def proxy_for(self, object_id: str, class_key: str, backend_id: str):
+        """The proxy of an object: the one this process already has, else a new one."""
+        hit = self._proxies.get(object_id)
+        if hit is not None and objmod.is_proxy(hit) and hit.getID() == object_id:
+            if backend_id:
+                hit.__dict__[objmod._OWNER] = backend_id
             return hit
-        cls = self.class_for_key(ref.class_key)
-        proxy = objmod.make_proxy(cls, ref.object_id, ref.class_key, ref.backend_id)
-        return self._proxies.setdefault(ref.object_id, proxy)
+        cls = self.class_for_key(class_key)
+        proxy = objmod.make_proxy(cls, object_id, class_key, backend_id)
+        try:
+            return self._proxies.setdefault(object_id, proxy)
+        except TypeError:
+            return proxy  # a class with __slots__ and no __weakref__: no identity map entry
 
     def get_by_alias(self, alias: str):
         return self._proxy(self.resolve(alias=alias))

@@ -76,6 +76,15 @@ def _class_members(name: str) -> tuple[str, dict[str, str]]:
     return key, kinds
 
 
+def _construct(key: str, args: tuple, kwargs: dict):
+    """Task: a new object of the registered class ``key``, made here; it is returned as a
+    reference, which makes it persistent on this backend."""
+    heap = objmod.get_dispatcher().local
+    if heap is None:
+        raise ClassNotFound("objects of a stub class are made on a backend")
+    return heap.code.get(key)(*args, **kwargs)
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 def references_in(value) -> list[tuple[str, str, str]]:
@@ -247,8 +256,15 @@ def stub_class(client, name: str) -> type:
     if cached is not None:
         return cached
     module, _, qual = key.split("#", 1)[0].partition(":")
+    def __new__(cls, *args, **kwargs):
+        # A stub has no code here: the object is made on a backend, and this is its proxy.
+        return _run(client, client._choose_backend(), _construct, key, args, kwargs)
+
+    def __init__(self, *args, **kwargs):
+        pass  # the constructor ran on the backend
+
     ns: dict[str, Any] = {"__module__": module, "__qualname__": qual,
-                          "__claypot_stub__": key}
+                          "__claypot_stub__": key, "__new__": __new__, "__init__": __init__}
     for member, kind in kinds.items():
         if kind == "property":
             ns[member] = property(lambda self: None, lambda self, value: None)

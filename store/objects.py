@@ -217,7 +217,11 @@ def load_reference(object_id: str, class_key: str, backend_id: str):
     ctx = current_unpickle_context()
     if ctx is not None:
         return ctx.load_ref(object_id, class_key, backend_id)
-    return make_proxy(get_dispatcher().class_for_key(class_key), object_id, class_key, backend_id)
+    dispatcher = get_dispatcher()
+    known = getattr(dispatcher, "proxy_for", None)
+    if known is not None:  # one proxy per object in this process (the client's identity map)
+        return known(object_id, class_key, backend_id)
+    return make_proxy(dispatcher.class_for_key(class_key), object_id, class_key, backend_id)
 
 
 def attach_identity(obj, object_id: str, class_key: str, backend_id: str) -> None:

@@ -346,5 +346,8 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
     assert s.shout() == "PSST"
     s.set("quiet")
     assert (s.shout(), s.length, s.word) == ("QUIET", 5, "quiet")
+    made = Secret("new one")   # constructed on a backend, returned as a proxy
+    assert made.getID() and made.shout() == "NEW ONE"
+    assert store.get_by_id(made.getID()) is made
     with pytest.raises(errors.ClassNotFound):
         store.stub_class("secretmod.Nothing")
