@@ -66,7 +66,9 @@ def _class_members(name: str) -> tuple[str, dict[str, str]]:
         raise ClassNotFound("class metadata is read on a backend")
     key = resolve_class_name(heap.directory.code_keys(), name)
     cls = heap.code.get(key)
-    kinds = {}
+    kinds: dict[str, str] = {}
+    for member in getattr(cls, "_dc_properties", ()):
+        kinds[member] = "property"   # a dataClay-style annotated attribute
     for member, value in objmod.remote_members(cls).items():
         if isinstance(value, property):
             kinds[member] = "property"
@@ -240,10 +242,11 @@ def _stub_placeholder(name: str, readonly: bool):
     method.__name__ = name
     if readonly:
         method.__claypot_readonly__ = True
+    method._dc_activemethod = True   # remote under dataClay semantics too
     return method
 
 
-def stub_class(client, name: str) -> type:
+def stub_class(client, name: str, base: type | None = None) -> type:
     """A class standing for the registered class ``name`` whose proxies call the cluster.
 
     ``name`` is "module.Class", "module:Class", "Class" or a registry key.
@@ -252,8 +255,9 @@ def stub_class(client, name: str) -> type:
     """
     backend = client._choose_backend()
     key, kinds = _run(client, backend, _class_members, name)
+    base = base or objmod.StorageObject
     cached = client._classes.get(key)
-    if cached is not None:
+    if cached is not None and isinstance(cached, type) and issubclass(cached, base):
         return cached
     module, _, qual = key.split("#", 1)[0].partition(":")
     def __new__(cls, *args, **kwargs):
@@ -265,11 +269,15 @@ def stub_class(client, name: str) -> type:
 
     ns: dict[str, Any] = {"__module__": module, "__qualname__": qual,
                           "__claypot_stub__": key, "__new__": __new__, "__init__": __init__}
+    annotations: dict[str, Any] = {}
     for member, kind in kinds.items():
-        if kind == "property":
+        if kind != "property":
+            ns[member] = _stub_placeholder(member, kind == "readonly")
+        elif base is objmod.StorageObject:
             ns[member] = property(lambda self: None, lambda self, value: None)
         else:
-            ns[member] = _stub_placeholder(member, kind == "readonly")
-    stub = type(qual.rpartition(".")[2], (objmod.StorageObject,), ns)
+            annotations[member] = Any   # a base with dataClay semantics: a remote property
+    ns["__annotations__"] = annotations
+    stub = type(qual.rpartition(".")[2], (base,), ns)
     client._classes[key] = stub
     return stub

@@ -312,9 +312,32 @@ def proxy_class(cls: type) -> type:
     ns["__getattr__"] = _proxy_getattr
     ns["__setattr__"] = _proxy_setattr
     ns["__delattr__"] = _proxy_delattr
+    shape = getattr(cls, "__claypot_proxy_namespace__", None)
+    if shape is not None:
+        # A base class with its own proxy semantics (store.compat.dataclay) adjusts
+        # which members run remotely.
+        shape(ns, members)
     proxy = type(cls.__name__, (cls,), ns)
     with _proxy_lock:
         return _proxy_classes.setdefault(cls, proxy)
+
+
+def remote_method(name: str, is_readonly: bool = False):
+    """A proxy method that runs ``name`` on the object's backend."""
+    return _remote_method(name, is_readonly)
+
+
+def remote_attribute(name: str) -> property:
+    """A proxy property that reads and writes the attribute ``name`` on the object's backend."""
+    def fget(self):
+        return get_dispatcher().call(self, GET_ATTR, name, (), {})
+
+    def fset(self, value):
+        get_dispatcher().call(self, SET_ATTR, name, (value,), {})
+
+    def fdel(self):
+        get_dispatcher().call(self, DEL_ATTR, name, (), {})
+    return property(fget, fset, fdel)
 
 
 def _remote_method(name: str, is_readonly: bool):
