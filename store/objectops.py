@@ -69,7 +69,10 @@ def _class_members(name: str) -> tuple[str, dict[str, str]]:
     kinds: dict[str, str] = {}
     for member in getattr(cls, "_dc_properties", ()):
         kinds[member] = "property"   # a dataClay-style annotated attribute
+    api = [k for k in cls.__mro__ if k.__module__.split(".")[0] == "store"]
     for member, value in objmod.remote_members(cls).items():
+        if any(vars(k).get(member) is value for k in api):
+            continue   # claypot's own API (a compatibility base class): runs in the caller
         if isinstance(value, property):
             kinds[member] = "property"
         else:
