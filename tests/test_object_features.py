@@ -351,3 +351,25 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
     assert store.get_by_id(made.getID()) is made
     with pytest.raises(errors.ClassNotFound):
         store.stub_class("secretmod.Nothing")
+
+
+# -- values that are not StorageObjects -----------------------------------------------------
+
+def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
+    import numpy as np
+    arr = store.Alien(np.arange(10, dtype=np.float64))
+    assert type(arr).__qualname__ == "Alien[numpy.ndarray]"
+    arr.make_persistent(alias="weights", backend=cluster.backends[1])
+    arr.fill(2.0)                                  # in place, on the backend
+    assert arr.shape == (10,) and float(arr.sum()) == 20.0
+    same = store.get_by_alias("weights")
+    assert same is arr and same.get_location() == cluster.backends[1]
+    assert float(np.asarray(same.unwrap()).sum()) == 20.0
+
+    d = store.Alien({"a": 1})
+    d.make_persistent(alias="settings")
+    d["b"] = 2
+    d.update(c=3)
+    assert len(d) == 3 and "c" in d and d["b"] == 2
+    assert sorted(d) == ["a", "b", "c"]
+    assert store.get_by_alias("settings").unwrap() == {"a": 1, "b": 2, "c": 3}

@@ -30,7 +30,7 @@ from store.generated import claypot_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_API = [
-    "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
+    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
     "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends", "get_by_alias",
     "get_by_id", "get_locations", "make_persistent_many", "readonly", "stub_class",
 ]
