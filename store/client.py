@@ -737,7 +737,6 @@ class Client:
                                  timeout=timeout)
         return self._call(None, request, payload, buffers, owner=backend_id)
 
-
     # -- aliases, backends, identity ------------------------------------------------------
     def _remember_proxy(self, object_id: str, proxy) -> None:
         try:

@@ -24,7 +24,7 @@ import grpc
 from .. import objects as objmod, shm, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
-from ..directory import Directory
+from ..directory import Directory, split_aliases
 from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, ProtocolError,
                       SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
@@ -709,6 +709,12 @@ class Backend:
                     self.directory.claim([e])
                 except ClaypotError:
                     self.directory.claim([(e[0], e[1], e[2], "")])
+                    for alias in split_aliases(e[3]):   # and keep those still free
+                        try:
+                            self.directory.add_alias(alias, e[0])
+                        except ClaypotError:
+                            log.warning("alias %r of %s is taken by another object: dropped",
+                                        alias, e[0])
 
     # -- operations that span backends ---------------------------------------------------
     def move(self, object_id: str, target: str, chain: str = "") -> None:
