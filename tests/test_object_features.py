@@ -373,3 +373,26 @@ def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
     assert len(d) == 3 and "c" in d and d["b"] == 2
     assert sorted(d) == ["a", "b", "c"]
     assert store.get_by_alias("settings").unwrap() == {"a": 1, "b": 2, "c": 3}
+
+
+def test_republish_keeps_the_aliases_still_free(tmp_path):
+    """After Redis lost everything, a backend republishes its objects; an alias another
+    object took meanwhile is dropped, the object's other aliases are kept."""
+    from store.directory import Directory
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
+        p = Person("both")
+        p.make_persistent(alias="first", backend=c.backends[0])
+        p.add_alias("second")
+        oid = p.getID()
+        chaos.stop_backend(c, c.backends[0])
+        chaos.wipe_redis(c)
+        d = Directory(c.redis_url, token=c.token)
+        try:
+            d.claim([("someone-else", "elsewhere", "k", "first")])
+        finally:
+            d.close()
+        chaos.start_backend(c, c.backends[0])
+        assert store.get_by_alias("second").getID() == oid
+        assert p.get_aliases() == {"second"}
+        with pytest.raises(errors.ClaypotError):
+            store.get_by_alias("first").greet()
