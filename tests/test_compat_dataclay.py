@@ -400,3 +400,18 @@ def test_enable_refuses_when_a_real_dataclay_is_on_the_path(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(ConfigurationError, match="will not shadow it"):
         store.compat.enable()
+
+
+def test_public_names_are_pinned():
+    import store.compat.compss as sri
+    import store.compat.dataclay as layer
+    assert sorted(layer.__all__) == sorted([
+        "Client", "DataClayObject", "AlienDataClayObject", "StubDataClayObject",
+        "activemethod", "StorageObject", "exceptions"])
+    assert sorted(sri.__all__) == sorted([
+        "init", "finish", "initWorker", "finishWorker", "initWorkerPostFork",
+        "finishWorkerPostFork", "getByID", "getLocations", "TaskContext", "StorageObject",
+        "get_client", "read_config"])
+    for name in layer.exceptions.__all__:
+        cls = getattr(layer.exceptions, name)
+        assert issubclass(cls, layer.exceptions.DataClayException) and cls.__doc__, name
