@@ -539,6 +539,16 @@ class StubDataClayObject(DataClayObject, metaclass=_StubMeta):
 
 _COMPAT_BASES = (DataClayObject, AlienDataClayObject, StubDataClayObject)
 
+for _cls in (DataClayObject, Client):
+    for _name, _value in list(vars(_cls).items()):
+        if _name.startswith("a_"):
+            _fn = _value.__func__ if isinstance(_value, classmethod) else \
+                getattr(_value, "fn", _value)
+            if not _fn.__doc__:
+                _fn.__doc__ = f"Async twin of :meth:`{_name[2:]}` (awaitable; runs off the loop)."
+            if isinstance(_value, _HybridMethod):
+                _value.__doc__ = _fn.__doc__
+
 StorageObject = DataClayObject
 
 __all__ = ["Client", "DataClayObject", "AlienDataClayObject", "StubDataClayObject",
