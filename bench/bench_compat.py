@@ -7,7 +7,9 @@ native call it builds on, measured in the same run on one cluster.
 - ``get_by_alias`` of an object this process already holds (identity map) vs a
   plain method call (both one RPC);
 - ``add_alias`` + ``delete_alias`` vs a method call that changes the object;
-- ``new_version`` + ``consolidate_version`` vs ``make_persistent`` of a fresh object.
+- ``new_version`` + ``consolidate_version`` vs ``make_persistent`` of a fresh object;
+- a 0.5 s reader task then a 0.5 s INOUT writer task on one object, with task versions
+  (the writer overlaps the reader) vs without (it waits): wall time of the pair.
 
 Prints one JSON document.
 
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import store  # noqa: E402
 from store import LocalCluster, StorageObject  # noqa: E402
 from store.compat.dataclay import DataClayObject, activemethod  # noqa: E402
+from runtime import INOUT, task, wait_on  # noqa: E402
 
 
 class Native(StorageObject):
@@ -49,6 +52,37 @@ class Compat(DataClayObject):
     def incr(self):
         self.value += 1
         return self.value
+
+
+@task(returns=1)
+def slow_read(obj, pause):
+    time.sleep(pause)
+    return obj.value
+
+
+@task(returns=1, obj=INOUT)
+def slow_write(obj, pause):
+    time.sleep(pause)
+    obj.value += 1
+
+
+@task(returns=1, obj=INOUT, versions=True)
+def slow_write_versioned(obj, pause):
+    time.sleep(pause)
+    obj.value += 1
+
+
+def reader_writer_pair(obj, writer, pause: float = 0.5, rounds: int = 4) -> float:
+    """Median wall time of a reader task followed by a writer task on one object."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        r = slow_read(obj, pause)
+        w = writer(obj, pause)
+        wait_on(w)
+        wait_on(r)
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times), 3)
 
 
 def timed(fn, n: int, warmup: int = 100) -> dict:
@@ -97,8 +131,11 @@ def main() -> None:
         out["new_version_change_consolidate"] = timed(version_round, max(n // 20, 20), warmup=5)
         out["make_persistent_fresh"] = timed(lambda: Native().make_persistent(backend=backend),
                                              max(n // 4, 50), warmup=20)
+        out["reader_then_writer_s"] = {
+            "plain": reader_writer_pair(native, slow_write),
+            "versions": reader_writer_pair(native, slow_write_versioned)}
 
-    p50 = {k: v["p50_us"] for k, v in out.items() if isinstance(v, dict)}
+    p50 = {k: v["p50_us"] for k, v in out.items() if isinstance(v, dict) and "p50_us" in v}
     out["ratios_p50"] = {
         "compat_call_over_native_call": round(p50["compat_activemethod_call"]
                                               / p50["native_call"], 2),
@@ -110,6 +147,8 @@ def main() -> None:
                                                    / p50["native_call"], 2),
         "version_round_over_make_persistent": round(p50["new_version_change_consolidate"]
                                                     / p50["make_persistent_fresh"], 2),
+        "reader_writer_pair_versions_over_plain": round(
+            out["reader_then_writer_s"]["versions"] / out["reader_then_writer_s"]["plain"], 2),
     }
     print(json.dumps(out, indent=2))
 
