@@ -90,6 +90,13 @@ class Call:
     settled: bool = False
     timer: threading.Timer | None = None
     failed_deps: list[Future] = field(default_factory=list)
+    # Task versions (``@task(versions=True)``): the run holds (original, version) pairs
+    # and the ids it changes; its commit is a second graph node that writes them back.
+    versions: list = field(default_factory=list)
+    mutates: list[str] = field(default_factory=list)
+    commit_id: int = 0
+    commit_of: "Call | None" = None
+    values: list | None = None
 
     @property
     def name(self) -> str:
@@ -146,7 +153,9 @@ class Runtime:
                 self._cancel(call, dead[0])
             elif not self.inline:
                 self._calls[task_id] = call
-                if self._graph.add(task_id, call.after, call.reads, call.writes):
+                if call.defn.versions and call.writes:
+                    self._add_versioned(call)
+                elif self._graph.add(task_id, call.after, call.reads, call.writes):
                     self._dispatch(call)
         if self.inline and not dead:
             # Outside the lock: tasks that run inline in a backend's threads must not
@@ -173,6 +182,91 @@ class Runtime:
                     call.oids.append(oid)
                     call.owners.append(item.__dict__.get(objmod._OWNER, ""))
 
+    # -- task versions ----------------------------------------------------------------------------
+    def _add_versioned(self, call: Call) -> None:
+        """Two graph nodes for a task that changes versions of its INOUT objects: the run
+        waits for the objects' last writer only; the commit, which writes the versions
+        back, is their writer (after the run and after every earlier reader). Lock held."""
+        commit = Call(next(self._ids), call.defn, (), {}, call.futures, {call.task_id}, [],
+                      list(call.writes), [], call.demand, commit_of=call)
+        call.commit_id = commit.task_id
+        self._calls[commit.task_id] = commit
+        ready = self._graph.add(call.task_id, call.after, call.reads, (), early=call.writes)
+        self._graph.add(commit.task_id, (call.task_id,), (), call.writes)
+        if ready:
+            self._dispatch(call)
+
+    def _prepare_versioned(self, call: Call) -> tuple[tuple, dict]:
+        """The call's arguments with each INOUT object replaced by a new version of it
+        (made on the object's backend); runs on an executor thread before each attempt."""
+        from store import objectops
+        args, kwargs = self._resolve(call)
+        self._discard_versions(call)        # a retry starts from fresh versions
+        call.mutates.clear()
+        writes = set(call.writes)
+
+        def one(x):
+            if isinstance(x, objmod.StorageObject) and x.getID() in writes:
+                version = objectops.new_version(self.client, x)
+                call.versions.append((x, version))
+                call.mutates.append(version.getID())
+                return version
+            return x
+
+        def swap(x, direction: Direction):
+            if not direction.writes:
+                return x
+            if direction.collection and isinstance(x, (list, tuple)):
+                return type(x)(one(i) for i in x)
+            return one(x)
+        directions = call.defn.directions
+        args = tuple(swap(a, directions.get(n, Direction.IN))
+                     for a, n in zip(args, call.defn.positional_names(len(args))))
+        kwargs = {k: swap(v, directions.get(k, Direction.IN)) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _discard_versions(self, call: Call) -> None:
+        versions, call.versions = call.versions, []
+        for _, version in versions:
+            try:
+                version.delete_persistent()
+            except Exception as exc:  # an unused copy: worth a warning, not a failure
+                log.warning("task %s: version %s not deleted: %r", call.name, version.getID(),
+                            exc)
+
+    def _commit(self, commit: Call) -> None:
+        """Write a finished run's versions back (its earlier readers are done), then
+        finish the task's futures and release its successors. On its own thread."""
+        from store import objectops
+        run = commit.commit_of
+        error = None
+        try:
+            for _, version in run.versions:
+                objectops.consolidate_version(self.client, version)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if commit.settled:
+                return
+            commit.settled = True
+            if error is None:
+                for f, v in zip(run.futures, run.values or []):
+                    f._finish(v, None, run.backend, run.attempt)
+                ready = self._graph.finish(commit.task_id)
+                self._drop(commit.task_id)
+                for t in ready:
+                    self._dispatch(self._calls[t])
+                return
+            self._failed += 1
+            if len(self._failures) < MAX_REPORTED:
+                self._failures.append((run.name, error))
+            for f in run.futures:
+                f._finish(None, error, run.backend, run.attempt)
+            for t in self._graph.cancel_successors(commit.task_id):
+                self._cancel(self._calls[t], run.futures[0])
+                self._drop(t)
+            self._drop(commit.task_id)
+
     # -- dispatch -------------------------------------------------------------------------------
     def _refresh_backends(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -197,6 +291,10 @@ class Runtime:
         """
         if self.inline:
             self._start(call, None)
+            return
+        if call.commit_of is not None:
+            threading.Thread(target=self._commit, args=(call,), name="claypot-commit",
+                             daemon=True).start()
             return
         try:
             self._refresh_backends()
@@ -237,9 +335,13 @@ class Runtime:
                 self._release(backend, call.demand)
             self._settle(call, attempt, result, error, backend)
 
-        self.executor.submit(Job(backend, call.defn.fn, lambda: self._resolve(call),
-                                 call.writes, call.defn.time_out, call.demand.units, done,
-                                 on_start, key=f"{self._session}:{call.task_id}"))
+        if call.commit_id:
+            prepare, mutates = (lambda: self._prepare_versioned(call)), call.mutates
+        else:
+            prepare, mutates = (lambda: self._resolve(call)), call.writes
+        self.executor.submit(Job(backend, call.defn.fn, prepare, mutates, call.defn.time_out,
+                                 call.demand.units, done, on_start,
+                                 key=f"{self._session}:{call.task_id}"))
 
     def _release(self, backend: str, demand: Demand) -> None:
         with self._lock:
@@ -302,6 +404,18 @@ class Runtime:
                 values = self._split(call, result)
                 if isinstance(values, BaseException):
                     error = values
+            if error is None and call.commit_id:
+                # The results wait for the commit: until then the object still holds
+                # its old state, and whoever waits on the task must see the new one.
+                call.values = values
+                ready = self._graph.finish(call.task_id)
+                self._drop(call.task_id)
+                for t in ready:
+                    self._dispatch(self._calls[t])
+                return
+            if error is not None and call.versions:
+                threading.Thread(target=self._discard_versions, args=(call,),
+                                 daemon=True).start()
             if error is None:
                 for f, v in zip(call.futures, values):
                     f._finish(v, None, backend, call.attempt)

@@ -18,7 +18,8 @@ class TaskFunction:
     """
 
     def __init__(self, fn: Callable, returns: Any = 1, on_failure: str = "FAIL",
-                 time_out: float = 0.0, retries: int = 1, directions: dict | None = None):
+                 time_out: float = 0.0, retries: int = 1, directions: dict | None = None,
+                 versions: bool = False):
         if not callable(fn):
             raise TypeError(f"@task needs a function, not {fn!r}")
         self.fn = fn
@@ -41,6 +42,7 @@ class TaskFunction:
                 raise TypeError(f"@task: direction of {name!r} must be IN, INOUT, OUT, "
                                 f"COLLECTION_IN or COLLECTION_INOUT, not {d!r}")
             self.directions[name] = d
+        self.versions = bool(versions)
         self.computing_units, self.memory_bytes = 1, 0
         cons = getattr(fn, _CONSTRAINTS, None)
         if cons:
@@ -66,7 +68,7 @@ class TaskFunction:
         # copy on the backend rebuilds the wrapper from the plain function.
         return (_rebuild, (self.fn, self.returns, self.on_failure.value, self.time_out,
                            self.retries, self.directions,
-                           (self.computing_units, self.memory_bytes)))
+                           (self.computing_units, self.memory_bytes), self.versions))
 
     # -- argument binding ---------------------------------------------------------------
     def positional_names(self, n: int) -> list[str]:
@@ -93,8 +95,8 @@ class TaskFunction:
             yield value, d.get(name, Direction.IN)
 
 
-def _rebuild(fn, returns, on_failure, time_out, retries, directions, demand):
-    t = TaskFunction(fn, returns, on_failure, time_out, retries, directions)
+def _rebuild(fn, returns, on_failure, time_out, retries, directions, demand, versions=False):
+    t = TaskFunction(fn, returns, on_failure, time_out, retries, directions, versions)
     t.computing_units, t.memory_bytes = demand
     return t
 
@@ -114,7 +116,7 @@ def _count_returns(returns: Any) -> int:
 
 
 def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAIL",
-         time_out: float = 0.0, retries: int = 1, **directions):
+         time_out: float = 0.0, retries: int = 1, versions: bool = False, **directions):
     """Make a function a task: calls return a Future at once and run where the data is.
 
     ``returns``: how many values (1 by default; ``returns=2`` gives a tuple of
@@ -122,10 +124,14 @@ def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAI
     what the task does with an argument (IN by default). ``on_failure``: FAIL,
     RETRY (``retries`` more attempts), CANCEL_SUCCESSORS or IGNORE.
     ``time_out``: seconds after which the task's future fails with TaskTimeout.
+    ``versions``: the task changes new versions of its INOUT objects (see
+    ``StorageObject.new_version``), so it runs alongside earlier readers of them
+    instead of after; each version is written back once those readers finished,
+    before any later task sees the object (PyCOMPSs with dataClay does the same).
     Usable bare (``@task``) or with options (``@task(returns=1)``).
     """
     def wrap(f: Callable) -> TaskFunction:
-        return TaskFunction(f, returns, on_failure, time_out, retries, directions)
+        return TaskFunction(f, returns, on_failure, time_out, retries, directions, versions)
     if fn is not None:
         return wrap(fn)
     return wrap

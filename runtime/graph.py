@@ -46,8 +46,13 @@ class TaskGraph:
         return task_id in self._nodes
 
     def add(self, task_id: int, after: Iterable[int] = (), reads: Iterable[Hashable] = (),
-            writes: Iterable[Hashable] = ()) -> bool:
-        """Add a task; True when it can run at once (nothing unfinished before it)."""
+            writes: Iterable[Hashable] = (), early: Iterable[Hashable] = ()) -> bool:
+        """Add a task; True when it can run at once (nothing unfinished before it).
+
+        ``early`` keys are written to a private version: the task waits for their
+        last writer only, not for their readers, and is not itself their writer
+        (the task that writes the version back is, see Runtime's task versions).
+        """
         if task_id in self._nodes:
             raise ValueError(f"task {task_id} is already in the graph")
         writes = tuple(dict.fromkeys(writes))
@@ -65,6 +70,10 @@ class TaskGraph:
                 deps.add(w)
             deps |= self._readers.pop(key, set())
             self._writer[key] = task_id
+        for key in early:
+            w = self._writer.get(key)
+            if w is not None:
+                deps.add(w)
         deps.discard(task_id)
         node.waiting = deps
         for d in deps:

@@ -17,13 +17,15 @@
 
 from . import errors
 from .api import (BackendStatus, backends, client, connect, delete_alias, disconnect, getByID,
-                  get_by_alias, get_by_id, get_locations, make_persistent_many)
+                  get_backends, get_by_alias, get_by_id, get_locations, make_persistent_many,
+                  stub_class)
+from .alien import Alien
 from .cluster import LocalCluster
 from .config import Settings
 from .objects import StorageObject, readonly
 
 __all__ = [
-    "StorageObject", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
+    "StorageObject", "Alien", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
     "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
-    "delete_alias", "get_locations", "make_persistent_many",
+    "delete_alias", "get_locations", "make_persistent_many", "get_backends", "stub_class",
 ]

@@ -132,3 +132,15 @@ def get_locations(object_id: str) -> list[str]:
     c = client()
     ref = c.resolve(object_id=object_id)
     return [b.host for b in c.backends() if b.backend_id == ref.backend_id]
+
+
+def get_backends():
+    """The backends that are up, as an ordered mapping: backend id -> BackendHandle."""
+    return client().get_backends()
+
+
+def stub_class(name: str) -> type:
+    """A proxy class for ``name`` ("module.Class"), a class registered in the cluster that
+    this process need not be able to import: its methods are asked from a backend."""
+    from .objectops import stub_class as build
+    return build(client(), name)

@@ -17,6 +17,8 @@ import logging
 import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -129,6 +131,8 @@ class Client:
         self._up_checked = 0.0
         self.local = None  # the heap, when this client lives inside a backend
         self.local_id: str | None = None
+        # Identity map: one proxy per object id in this process, while it is in use.
+        self._proxies: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     # -- plumbing -----------------------------------------------------------------
     def _stub(self, address: str) -> pb_grpc.BackendStub:
@@ -394,6 +398,7 @@ class Client:
         self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items])
         for obj, oid, key, _, _ in items:
             objmod.turn_into_proxy(obj, oid, key, target)
+            self._remember_proxy(oid, obj)
 
     def _collect(self, roots: list, target: str):
         """Assign ids to roots and every new StorageObject they reach; pickle each state."""
@@ -519,8 +524,21 @@ class Client:
         return reply.ref
 
     def _proxy(self, ref: pb.ObjectRef):
-        cls = self.class_for_key(ref.class_key)
-        return objmod.make_proxy(cls, ref.object_id, ref.class_key, ref.backend_id)
+        return self.proxy_for(ref.object_id, ref.class_key, ref.backend_id)
+
+    def proxy_for(self, object_id: str, class_key: str, backend_id: str):
+        """The proxy of an object: the one this process already has, else a new one."""
+        hit = self._proxies.get(object_id)
+        if hit is not None and objmod.is_proxy(hit) and hit.getID() == object_id:
+            if backend_id:
+                hit.__dict__[objmod._OWNER] = backend_id
+            return hit
+        cls = self.class_for_key(class_key)
+        proxy = objmod.make_proxy(cls, object_id, class_key, backend_id)
+        try:
+            return self._proxies.setdefault(object_id, proxy)
+        except TypeError:
+            return proxy  # a class with __slots__ and no __weakref__: no identity map entry
 
     def get_by_alias(self, alias: str):
         return self._proxy(self.resolve(alias=alias))
@@ -718,6 +736,64 @@ class Client:
                                  call_id=task_key or uuid.uuid4().hex, mutates=mutates,
                                  timeout=timeout)
         return self._call(None, request, payload, buffers, owner=backend_id)
+
+    # -- aliases, backends, identity ------------------------------------------------------
+    def _remember_proxy(self, object_id: str, proxy) -> None:
+        try:
+            self._proxies.setdefault(object_id, proxy)
+        except TypeError:
+            pass  # a class with __slots__ and no __weakref__: no identity map entry
+
+    def add_alias(self, proxy, alias: str) -> None:
+        """Give a persistent object one more alias (atomic in the directory; the owner
+        also keeps it in the object's stored state, for repair)."""
+        if not isinstance(alias, str) or not alias or "|" in alias:
+            raise ValueError("an alias is a non-empty string without '|'")
+        oid = proxy.getID()
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "AddAlias", pb.AliasRequest(alias=alias, object_id=oid),
+            self.settings.admin_timeout, True, "add_alias"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+
+    def get_aliases(self, proxy) -> list[str]:
+        """Every alias of a persistent object, oldest first."""
+        return list(self.resolve(object_id=proxy.getID()).aliases)
+
+    def get_backends(self) -> "OrderedDict[str, BackendHandle]":
+        """The backends that are up, in the directory's order: id -> handle."""
+        out: OrderedDict[str, BackendHandle] = OrderedDict()
+        for b in self.backends():
+            if b.up:
+                out[b.backend_id] = BackendHandle(b.backend_id, b.address, b.host)
+        return out
+
+
+class BackendHandle:
+    """One backend, as ``get_backends()`` names it: its id, address and host.
+
+    Compares equal to (and hashes like) its id, so it can be passed wherever
+    a backend id is expected.
+    """
+
+    __slots__ = ("id", "address", "host")
+
+    def __init__(self, backend_id: str, address: str, host: str):
+        self.id, self.address, self.host = backend_id, address, host
+
+    def __eq__(self, other):
+        if isinstance(other, BackendHandle):
+            return self.id == other.id
+        return self.id == other if isinstance(other, str) else NotImplemented
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __str__(self):
+        return self.id
+
+    def __repr__(self):
+        return f"<BackendHandle {self.id[:8]} at {self.address}>"
 
 
 def _max_value_size(settings: Settings) -> int:

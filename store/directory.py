@@ -2,8 +2,13 @@
 
 Keys (all under a prefix, ``claypot:`` by default):
 
-    objects   hash  object id -> "backend_id|class_key|alias"
+    objects   hash  object id -> "backend_id|class_key|alias[|alias...]"
     aliases   hash  alias -> object id
+
+An object has any number of aliases: they follow the class key, separated by
+``|`` (the one character an alias may not hold), so a backend's stored
+alias field carries the same joined string and ``claypot repair`` and the
+republish after a restart bring every alias back.
     backends  hash  backend id -> JSON (address, host, pid, stats)
     alive:<backend id>  string with a TTL, refreshed by the backend's heartbeat
     code      hash  code key -> signed cloudpickle of a class or task function
@@ -47,16 +52,16 @@ _CLAIM = """
 local objects, aliases = KEYS[1], KEYS[2]
 local n = tonumber(ARGV[1])
 for i = 0, n - 1 do
-  local oid, alias = ARGV[2 + i * 3], ARGV[4 + i * 3]
-  if alias ~= '' then
+  local oid, joined = ARGV[2 + i * 3], ARGV[4 + i * 3]
+  for alias in string.gmatch(joined, '[^|]+') do
     local owner = redis.call('HGET', aliases, alias)
     if owner and owner ~= oid then return {'alias', alias} end
   end
 end
 for i = 0, n - 1 do
-  local oid, value, alias = ARGV[2 + i * 3], ARGV[3 + i * 3], ARGV[4 + i * 3]
+  local oid, value, joined = ARGV[2 + i * 3], ARGV[3 + i * 3], ARGV[4 + i * 3]
   redis.call('HSET', objects, oid, value)
-  if alias ~= '' then redis.call('HSET', aliases, alias, oid) end
+  for alias in string.gmatch(joined, '[^|]+') do redis.call('HSET', aliases, alias, oid) end
 end
 return {'ok', ''}
 """
@@ -67,22 +72,48 @@ if owner and owner ~= ARGV[2] then return 'taken' end
 local entry = redis.call('HGET', KEYS[1], ARGV[2])
 if not entry then return 'missing' end
 local b, c, old = string.match(entry, '^([^|]*)|([^|]*)|(.*)$')
-if old ~= '' and old ~= ARGV[1] then redis.call('HDEL', KEYS[2], old) end
+for alias in string.gmatch(old, '[^|]+') do
+  if alias ~= ARGV[1] then redis.call('HDEL', KEYS[2], alias) end
+end
 redis.call('HSET', KEYS[1], ARGV[2], b .. '|' .. c .. '|' .. ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 'ok'
 """
 
+# Adds one alias to an object's list; returns the joined list after the change.
+_ADD_ALIAS = """
+local owner = redis.call('HGET', KEYS[2], ARGV[1])
+if owner and owner ~= ARGV[2] then return {'taken', ''} end
+local entry = redis.call('HGET', KEYS[1], ARGV[2])
+if not entry then return {'missing', ''} end
+local b, c, old = string.match(entry, '^([^|]*)|([^|]*)|(.*)$')
+for alias in string.gmatch(old, '[^|]+') do
+  if alias == ARGV[1] then return {'ok', old} end
+end
+local joined = ARGV[1]
+if old ~= '' then joined = old .. '|' .. ARGV[1] end
+redis.call('HSET', KEYS[1], ARGV[2], b .. '|' .. c .. '|' .. joined)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {'ok', joined}
+"""
+
+# Removes one alias (the object keeps its others); returns {oid, remaining list}.
 _DELETE_ALIAS = """
 local oid = redis.call('HGET', KEYS[2], ARGV[1])
 if not oid then return false end
 redis.call('HDEL', KEYS[2], ARGV[1])
 local entry = redis.call('HGET', KEYS[1], oid)
+local kept = ''
 if entry then
-  local b, c = string.match(entry, '^([^|]*)|([^|]*)|')
-  redis.call('HSET', KEYS[1], oid, b .. '|' .. c .. '|')
+  local b, c, old = string.match(entry, '^([^|]*)|([^|]*)|(.*)$')
+  for alias in string.gmatch(old, '[^|]+') do
+    if alias ~= ARGV[1] then
+      if kept == '' then kept = alias else kept = kept .. '|' .. alias end
+    end
+  end
+  redis.call('HSET', KEYS[1], oid, b .. '|' .. c .. '|' .. kept)
 end
-return oid
+return {oid, kept}
 """
 
 _RESOLVE_ALIAS = """
@@ -188,7 +219,17 @@ class ObjectEntry(tuple):
 
     backend_id = property(lambda self: self[0])
     class_key = property(lambda self: self[1])
-    alias = property(lambda self: self[2])
+    alias = property(lambda self: self[2])   # every alias, joined with "|"
+
+    @property
+    def aliases(self) -> list[str]:
+        """The object's aliases, oldest first."""
+        return split_aliases(self[2])
+
+
+def split_aliases(joined: str) -> list[str]:
+    """The aliases of a joined alias field ("a|b" -> ["a", "b"], "" -> [])."""
+    return [a for a in joined.split("|") if a]
 
 
 def _entry(raw: bytes | str) -> ObjectEntry:
@@ -243,6 +284,7 @@ class Directory:
         self._claim = self.r.register_script(_CLAIM)
         self._set_alias = self.r.register_script(_SET_ALIAS)
         self._delete_alias = self.r.register_script(_DELETE_ALIAS)
+        self._add_alias = self.r.register_script(_ADD_ALIAS)
         self._move = self.r.register_script(_MOVE)
         self._resolve_alias = self.r.register_script(_RESOLVE_ALIAS)
 
@@ -317,14 +359,14 @@ class Directory:
         return oid, _entry(raw)
 
     def forget(self, object_id: str) -> None:
-        """Remove an object and its alias."""
+        """Remove an object and its aliases."""
         raw = self.r.hget(self.k_objects, object_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.k_objects, object_id)
         if raw is not None:
-            alias = _entry(raw).alias
-            if alias:
-                pipe.hdel(self.k_aliases, alias)
+            aliases = _entry(raw).aliases
+            if aliases:
+                pipe.hdel(self.k_aliases, *aliases)
         pipe.execute()
 
     def set_alias(self, alias: str, object_id: str) -> None:
@@ -335,10 +377,29 @@ class Directory:
             raise ObjectNotFound(f"no object with id {object_id}")
 
     def delete_alias(self, alias: str) -> str:
-        oid = self._delete_alias(keys=[self.k_objects, self.k_aliases], args=[alias])
-        if oid is None:
+        """Remove one alias; returns the id of the object it named (which keeps the others)."""
+        return self.remove_alias(alias)[0]
+
+    def remove_alias(self, alias: str) -> tuple[str, str]:
+        """Remove one alias, atomically; (object id, its remaining aliases joined)."""
+        found = self._delete_alias(keys=[self.k_objects, self.k_aliases], args=[alias])
+        if not found:
             raise AliasNotFound(f"no object with alias {alias!r}")
-        return oid.decode()
+        return found[0].decode(), found[1].decode()
+
+    def add_alias(self, alias: str, object_id: str) -> str:
+        """Give an object one more alias, atomically; returns all its aliases joined.
+
+        Adding an alias the object already has changes nothing. Raises
+        AliasExists if another object has it, ObjectNotFound if the object is gone.
+        """
+        status, joined = self._add_alias(keys=[self.k_objects, self.k_aliases],
+                                         args=[alias, object_id])
+        if status == b"taken":
+            raise AliasExists(f"alias {alias!r} is already taken")
+        if status == b"missing":
+            raise ObjectNotFound(f"no object with id {object_id}")
+        return joined.decode()
 
     def move(self, object_id: str, backend_id: str) -> None:
         if not self._move(keys=[self.k_objects], args=[object_id, backend_id]):

@@ -17,7 +17,8 @@
     │   ├── ObjectCorrupt         the object's file is torn or corrupt (quarantined)
     │   ├── ObjectBusy            the operation cannot run while the object is in use
     │                             (moving an object from inside one of its own methods)
-    │   └── InvalidKey            a key or index a sharded collection cannot use
+    │   ├── InvalidKey            a key or index a sharded collection cannot use
+    │   └── NotAVersion           consolidate_version on an object that is not a version
     ├── BackendError
     │   ├── BackendNotFound       unknown backend id
     │   ├── BackendUnavailable    the backend cannot be reached (down, restarting)
@@ -25,6 +26,7 @@
     │   │   └── BackendDown       its heartbeat expired (host lost); also a BackendUnavailable
     │   ├── StorageFailed         the backend's disk failed; it acknowledges nothing more
     │   └── DeadlineExceeded      no answer within the call's deadline
+    ├── FeatureUnavailable        a documented feature this build does not have (replicas)
     ├── TaskError
     │   ├── TaskCancelled         a task cancelled because a predecessor failed
     │   └── TaskTimeout           a task ran past its time_out
@@ -112,6 +114,14 @@ class ObjectBusy(ObjectError):
 
 class InvalidKey(ObjectError, TypeError):
     """A key a StorageDict cannot place on a shard, or an index a ShardedArray cannot take."""
+
+
+class NotAVersion(ObjectError):
+    """consolidate_version was called on an object that new_version did not make."""
+
+
+class FeatureUnavailable(ClaypotError):
+    """The call names a feature this claypot does not have yet (for example replicas)."""
 
 
 class BackendError(ClaypotError):

@@ -121,10 +121,51 @@ class StorageObject:
         _require_persistent(self)
         return get_dispatcher().locate(self)
 
-    def move(self, backend_id: str) -> None:
-        """Move the object to another backend; its id and alias stay the same."""
+    def move(self, backend_id: str, recursive: bool = False) -> None:
+        """Move the object to another backend; its id and aliases stay the same.
+
+        With ``recursive``, every persistent object reachable from it (references
+        of references, cycles followed once) moves too.
+        """
         _require_persistent(self)
-        get_dispatcher().move(self, backend_id)
+        if recursive:
+            from .objectops import move_recursive
+            move_recursive(get_dispatcher(), self, backend_id)
+        else:
+            get_dispatcher().move(self, backend_id)
+
+    # -- aliases and versions ------------------------------------------------------
+    def add_alias(self, alias: str) -> None:
+        """Give the object one more alias (it keeps the others). Raises AliasExists."""
+        _require_persistent(self)
+        get_dispatcher().add_alias(self, alias)
+
+    def get_aliases(self) -> set[str]:
+        """Every alias of the object."""
+        _require_persistent(self)
+        return set(get_dispatcher().get_aliases(self))
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove one of the object's aliases. Raises AliasNotFound if it has no such alias."""
+        _require_persistent(self)
+        if alias not in get_dispatcher().get_aliases(self):
+            from .errors import AliasNotFound
+            raise AliasNotFound(f"object {self.getID()} has no alias {alias!r}")
+        get_dispatcher().delete_alias(alias)
+
+    def new_version(self, backend: str | None = None):
+        """A persistent copy of this object that can change in isolation (see
+        store.objectops); ``consolidate_version()`` writes it back."""
+        _require_persistent(self)
+        from .objectops import new_version
+        return new_version(get_dispatcher(), self, backend)
+
+    def consolidate_version(self) -> None:
+        """Write this version into the object it is a version of, and delete the version;
+        this proxy then stands for the original. Raises NotAVersion for other objects."""
+        _require_persistent(self)
+        from .objectops import consolidate_version
+        consolidate_version(get_dispatcher(), self)
 
     # COMPSs storage API names
     makePersistent = make_persistent
@@ -147,7 +188,12 @@ class StorageObject:
         return {k: v for k, v in self.__dict__.items() if not k.startswith(_PREFIX)}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        # Replaces the state (keeping claypot's identity fields), so writing a
+        # version back into its original drops attributes the version dropped.
+        d = self.__dict__
+        for key in [k for k in d if not k.startswith(_PREFIX)]:
+            del d[key]
+        d.update(state)
 
     def __reduce_ex__(self, protocol):
         oid = self.__dict__.get(_ID)
@@ -171,7 +217,11 @@ def load_reference(object_id: str, class_key: str, backend_id: str):
     ctx = current_unpickle_context()
     if ctx is not None:
         return ctx.load_ref(object_id, class_key, backend_id)
-    return make_proxy(get_dispatcher().class_for_key(class_key), object_id, class_key, backend_id)
+    dispatcher = get_dispatcher()
+    known = getattr(dispatcher, "proxy_for", None)
+    if known is not None:  # one proxy per object in this process (the client's identity map)
+        return known(object_id, class_key, backend_id)
+    return make_proxy(dispatcher.class_for_key(class_key), object_id, class_key, backend_id)
 
 
 def attach_identity(obj, object_id: str, class_key: str, backend_id: str) -> None:
@@ -262,9 +312,32 @@ def proxy_class(cls: type) -> type:
     ns["__getattr__"] = _proxy_getattr
     ns["__setattr__"] = _proxy_setattr
     ns["__delattr__"] = _proxy_delattr
+    shape = getattr(cls, "__claypot_proxy_namespace__", None)
+    if shape is not None:
+        # A base class with its own proxy semantics (store.compat.dataclay) adjusts
+        # which members run remotely.
+        shape(ns, members)
     proxy = type(cls.__name__, (cls,), ns)
     with _proxy_lock:
         return _proxy_classes.setdefault(cls, proxy)
+
+
+def remote_method(name: str, is_readonly: bool = False):
+    """A proxy method that runs ``name`` on the object's backend."""
+    return _remote_method(name, is_readonly)
+
+
+def remote_attribute(name: str) -> property:
+    """A proxy property that reads and writes the attribute ``name`` on the object's backend."""
+    def fget(self):
+        return get_dispatcher().call(self, GET_ATTR, name, (), {})
+
+    def fset(self, value):
+        get_dispatcher().call(self, SET_ATTR, name, (value,), {})
+
+    def fdel(self):
+        get_dispatcher().call(self, DEL_ATTR, name, (), {})
+    return property(fget, fset, fdel)
 
 
 def _remote_method(name: str, is_readonly: bool):

@@ -49,6 +49,8 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "ObjectCorrupt": grpc.StatusCode.DATA_LOSS,
     "ObjectBusy": grpc.StatusCode.FAILED_PRECONDITION,
     "InvalidKey": grpc.StatusCode.INVALID_ARGUMENT,
+    "NotAVersion": grpc.StatusCode.FAILED_PRECONDITION,
+    "FeatureUnavailable": grpc.StatusCode.UNIMPLEMENTED,
     "BackendError": grpc.StatusCode.UNAVAILABLE,
     "BackendNotFound": grpc.StatusCode.NOT_FOUND,
     "BackendUnavailable": grpc.StatusCode.UNAVAILABLE,

@@ -30,16 +30,16 @@ from store.generated import claypot_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_API = [
-    "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
-    "connect", "delete_alias", "disconnect", "errors", "getByID", "get_by_alias", "get_by_id",
-    "get_locations", "make_persistent_many", "readonly",
+    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
+    "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends", "get_by_alias",
+    "get_by_id", "get_locations", "make_persistent_many", "readonly", "stub_class",
 ]
 
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
     "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
-    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent",
-    "ObjectBusy",
+    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "FeatureUnavailable",
+    "InvalidKey", "NotAVersion", "NotPersistent", "ObjectBusy",
     "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
     "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
     "TaskTimeout", "ValueTooLarge", "by_code",

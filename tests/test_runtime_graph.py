@@ -23,6 +23,23 @@ def test_readers_after_writer_run_together_and_next_writer_waits_for_all():
     assert len(g) == 0
 
 
+def test_a_versioned_writer_waits_for_the_last_writer_only_its_commit_for_readers():
+    g = TaskGraph()
+    assert g.add(1, writes=["x"])
+    assert not g.add(2, reads=["x"])
+    assert not g.add(3, early=["x"])            # the run: after writer 1, not reader 2
+    assert not g.add(4, after=[3], writes=["x"])  # the commit: after the run and reader 2
+    assert not g.add(5, reads=["x"])            # later readers wait for the commit
+    assert g.predecessors(3) == {1}
+    assert g.predecessors(4) == {1, 2, 3}
+    assert g.finish(1) == [2, 3]
+    assert g.finish(3) == []
+    assert g.finish(2) == [4]
+    assert g.finish(4) == [5]
+    assert g.finish(5) == []
+    assert len(g) == 0
+
+
 def test_future_edges_and_diamond():
     g = TaskGraph()
     assert g.add(1)

@@ -70,7 +70,7 @@ export type ErrorCode =
   | 'ClaypotError' | 'ConfigurationError' | 'AuthenticationError' | 'ProtocolError'
   | 'SerializationError' | 'ClassNotFound' | 'ValueTooLarge' | 'ObjectError'
   | 'ObjectNotFound' | 'ObjectMoved' | 'AliasNotFound' | 'AliasExists' | 'NotPersistent'
-  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'InvalidKey' | 'BackendError' | 'BackendNotFound'
+  | 'AlreadyPersistent' | 'ObjectCorrupt' | 'ObjectBusy' | 'InvalidKey' | 'NotAVersion' | 'FeatureUnavailable' | 'BackendError' | 'BackendNotFound'
   | 'BackendUnavailable' | 'BackendDown' | 'CallInterrupted' | 'StorageFailed' | 'DeadlineExceeded' | 'TaskError'
   | 'TaskCancelled' | 'TaskTimeout' | 'RemoteError';
 

@@ -44,6 +44,8 @@ const STATUS_BY_CODE = Object.freeze({
   ObjectCorrupt: 'DATA_LOSS',
   ObjectBusy: 'FAILED_PRECONDITION',
   InvalidKey: 'INVALID_ARGUMENT',
+  NotAVersion: 'FAILED_PRECONDITION',
+  FeatureUnavailable: 'UNIMPLEMENTED',
   BackendError: 'UNAVAILABLE',
   BackendNotFound: 'NOT_FOUND',
   BackendUnavailable: 'UNAVAILABLE',

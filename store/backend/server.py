@@ -24,7 +24,7 @@ import grpc
 from .. import objects as objmod, shm, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
-from ..directory import Directory
+from ..directory import Directory, split_aliases
 from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, ProtocolError,
                       SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
@@ -90,7 +90,9 @@ def _check_items(items) -> None:
     for oid, key, _, _, alias in items:
         check_name("object id", oid)
         check_name("class key", key)
-        check_name("alias", alias, allow_empty=True)
+        # A moved or republished object carries all its aliases, joined by "|".
+        for one in (alias.split("|") if alias else [""]):
+            check_name("alias", one, allow_empty=not alias)
 
 
 def _error_reply(cls, exc: BaseException):
@@ -169,6 +171,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         self.settings = backend.settings
         self.pending = PendingResults(self.settings.result_ttl)
         self.outbox = shm.Outbox(self.settings.result_ttl)
+        self._alias_lock = threading.Lock()   # see AddAlias
 
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request, context):
@@ -189,7 +192,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 oid = check_name("object id", request.object_id)
                 entry = self.directory.lookup(oid)
             return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
-                                                    backend_id=entry.backend_id))
+                                                    backend_id=entry.backend_id,
+                                                    aliases=entry.aliases))
         except Exception as exc:
             return _error_reply(pb.ResolveReply, exc)
 
@@ -233,9 +237,24 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     def DeleteAlias(self, request, context):
         try:
-            oid = self.directory.delete_alias(check_name("alias", request.alias))
-            if self.heap.has(oid):
-                self.heap.set_alias(oid, "")
+            with self._alias_lock:
+                oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
+                if self.heap.has(oid):
+                    self.heap.set_alias(oid, kept)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
+    def AddAlias(self, request, context):
+        # The directory change and the stored alias field change together under
+        # one lock, so two alias changes to one object cannot store their lists
+        # in the opposite order from the directory's.
+        try:
+            oid = check_name("object id", request.object_id)
+            with self._alias_lock:
+                joined = self.directory.add_alias(check_name("alias", request.alias), oid)
+                if self.heap.has(oid):
+                    self.heap.set_alias(oid, joined)
             return pb.Status()
         except Exception as exc:
             return _error_reply(pb.Status, exc)
@@ -712,6 +731,12 @@ class Backend:
                     self.directory.claim([e])
                 except ClaypotError:
                     self.directory.claim([(e[0], e[1], e[2], "")])
+                    for alias in split_aliases(e[3]):   # and keep those still free
+                        try:
+                            self.directory.add_alias(alias, e[0])
+                        except ClaypotError:
+                            log.warning("alias %r of %s is taken by another object: dropped",
+                                        alias, e[0])
 
     # -- operations that span backends ---------------------------------------------------
     def move(self, object_id: str, target: str, chain: str = "") -> None:

@@ -92,14 +92,16 @@ class PingReply(_message.Message):
     def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class ObjectRef(_message.Message):
-    __slots__ = ("object_id", "class_key", "backend_id")
+    __slots__ = ("object_id", "class_key", "backend_id", "aliases")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     class_key: str
     backend_id: str
-    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., backend_id: _Optional[str] = ...) -> None: ...
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., backend_id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("object_id", "alias")

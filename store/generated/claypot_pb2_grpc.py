@@ -69,6 +69,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.AliasRequest.SerializeToString,
                 response_deserializer=claypot__pb2.Status.FromString,
                 _registered_method=True)
+        self.AddAlias = channel.unary_unary(
+                '/claypot.v1.Backend/AddAlias',
+                request_serializer=claypot__pb2.AliasRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
         self.Persist = channel.unary_unary(
                 '/claypot.v1.Backend/Persist',
                 request_serializer=claypot__pb2.PersistRequest.SerializeToString,
@@ -186,6 +191,13 @@ class BackendServicer:
 
     def SetAlias(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddAlias(self, request, context):
+        """One more alias for an object (it keeps the others); sent to its owner.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -326,6 +338,11 @@ def add_BackendServicer_to_server(servicer, server):
             ),
             'SetAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAlias,
+                    request_deserializer=claypot__pb2.AliasRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
+            ),
+            'AddAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAlias,
                     request_deserializer=claypot__pb2.AliasRequest.FromString,
                     response_serializer=claypot__pb2.Status.SerializeToString,
             ),
@@ -587,6 +604,33 @@ class Backend:
             request,
             target,
             '/claypot.v1.Backend/SetAlias',
+            claypot__pb2.AliasRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/AddAlias',
             claypot__pb2.AliasRequest.SerializeToString,
             claypot__pb2.Status.FromString,
             options,

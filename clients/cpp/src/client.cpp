@@ -102,6 +102,8 @@ grpc::StatusCode status_of_code(const std::string& code) {
       {"ObjectCorrupt", grpc::StatusCode::DATA_LOSS},
       {"ObjectBusy", grpc::StatusCode::FAILED_PRECONDITION},
       {"InvalidKey", grpc::StatusCode::INVALID_ARGUMENT},
+      {"NotAVersion", grpc::StatusCode::FAILED_PRECONDITION},
+      {"FeatureUnavailable", grpc::StatusCode::UNIMPLEMENTED},
       {"BackendError", grpc::StatusCode::UNAVAILABLE},
       {"BackendNotFound", grpc::StatusCode::NOT_FOUND},
       {"BackendUnavailable", grpc::StatusCode::UNAVAILABLE},

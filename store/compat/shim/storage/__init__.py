@@ -1,0 +1,1 @@
+"""The ``storage`` package PyCOMPSs imports, resolved to claypot (store.compat.compss)."""
