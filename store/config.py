@@ -60,6 +60,8 @@ class Settings:
     metrics_port: int = 0
     metrics_host: str = ""            # address the metrics listen on; empty: the backend's host
     log_format: str = "text"          # text | json (one object a line)
+    tracing: bool = False             # OpenTelemetry spans (the claypot[otel] extra)
+    trace_file: str = ""              # backend: append spans here as JSON lines
     # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
     # dask executor submits there. Empty: no Dask.
     dask_scheduler: str = ""

@@ -21,7 +21,7 @@ from concurrent import futures
 
 import grpc
 
-from .. import metrics, objects as objmod, shm, wire
+from .. import metrics, objects as objmod, shm, tracing, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory
@@ -92,6 +92,14 @@ def _check_items(items) -> None:
         check_name("object id", oid)
         check_name("class key", key)
         check_name("alias", alias, allow_empty=True)
+
+
+def _served_span(request: pb.CallRequest, context, streamed: bool = False):
+    """The span of a call or task served here (a no-op unless tracing is on)."""
+    kind = _KIND_NAMES.get(request.kind, "call")
+    return tracing.server_span(f"{kind} {request.name}", context,
+                               object_id=request.object_id, call_id=request.call_id,
+                               streamed=streamed or None)
 
 
 def _error_reply(cls, exc: BaseException):
@@ -257,6 +265,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return _error_reply(pb.Status, exc)
 
     def PersistStream(self, request_iterator, context):
+        with tracing.server_span("stream persist", context):
+            return self._persist_stream(request_iterator)
+
+    def _persist_stream(self, request_iterator):
         started = time.perf_counter()
         try:
             header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
@@ -284,7 +296,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             buffers = self._buffers(request.args)
         except Exception as exc:
             return _error_reply(pb.CallReply, exc)
-        return self._call(request, request.args.payload, buffers)
+        if not tracing.enabled():
+            return self._call(request, request.args.payload, buffers)
+        with _served_span(request, context):
+            return self._call(request, request.args.payload, buffers)
 
     def _buffers(self, value: pb.Value) -> list:
         """A Value's out-of-band buffers: inline, or mapped from /dev/shm (same host)."""
@@ -307,7 +322,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return _error_reply(pb.CallReply, exc)
         payload, buffers = values[0] if values else (header.args.payload, [])
         metrics.stream_done("in", wire.total_size(payload, buffers))
-        return self._call(header, payload, buffers)
+        with _served_span(header, context, streamed=True):
+            return self._call(header, payload, buffers)
 
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
         # A caller that names no chain gets one of its own: an empty id shared by
@@ -369,9 +385,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             yield pb.Chunk(header=_error_reply(pb.CallReply, exc).SerializeToString())
             return
         value, blobs = wire.streamed_value(payload, buffers)
-        metrics.stream_done("out", wire.total_size(payload, buffers))
-        yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
-                                     self.settings.chunk_size)
+        size = wire.total_size(payload, buffers)
+        metrics.stream_done("out", size)
+        with tracing.server_span("stream result", context, bytes=size):
+            yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
+                                         self.settings.chunk_size)
 
     def Delete(self, request, context):
         try:
@@ -562,6 +580,7 @@ class Backend:
             log.info("removed %d orphaned shared-memory segment(s)", removed)
         self.storage.start()
         self.metrics_address = metrics.start(self, self.settings)
+        tracing.start_backend(self.settings, self.backend_id)
         # The directory and this storage dir agree before the first call is served.
         self._epoch = self.directory.epoch()
         self._primary = self.directory.primary()
@@ -595,6 +614,7 @@ class Backend:
         self.server.stop(grace).wait(grace + 1)
         self.storage.close()
         metrics.disable()
+        tracing.stop_backend()
 
     def _stats(self) -> dict:
         import psutil

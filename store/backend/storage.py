@@ -56,7 +56,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import metrics
+from .. import metrics, tracing
 from ..errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound, StorageFailed
 
 log = logging.getLogger("claypot.storage")
@@ -826,7 +826,8 @@ class Storage:
             return 0
         with self._checkpoint_lock:
             started = time.perf_counter()
-            written = self._checkpoint(stop)
+            with tracing.span("checkpoint"):
+                written = self._checkpoint(stop)
             metrics.checkpoint_done(time.perf_counter() - started, written)
             return written
 
