@@ -5,7 +5,7 @@ settings: metrics off (``CLAYPOT_METRICS_PORT=-1``), metrics on (the default),
 and, when OpenTelemetry is installed, metrics and tracing on. The same
 read-only method call (the cheapest call, so the largest relative cost) and a
 changing call are timed against each, in interleaved rounds so that drift of a
-shared machine falls on every variant alike. Besides the end-to-end ratios, the
+shared machine falls on every variant alike (one call to each in turn). Besides the end-to-end ratios, the
 hooks a call runs are timed in-process, which gives their cost without the
 noise of a round trip. Prints one JSON document.
 
@@ -91,14 +91,18 @@ def main() -> None:
                 obj.incr()
             counters[name] = obj
         samples = {name: {"get": [], "incr": []} for name in procs}
-        for _ in range(a.rounds):
-            for name, obj in counters.items():
-                for method in ("get", "incr"):
-                    fn = getattr(obj, method)
-                    for _ in range(a.calls):
+        order = list(counters.items())
+        for r in range(a.rounds):
+            for method in ("get", "incr"):
+                fns = [(name, getattr(obj, method)) for name, obj in order]
+                # One call to each variant in turn: load from other processes on the
+                # machine falls on all of them alike.
+                for _ in range(a.calls):
+                    for name, fn in fns:
                         t = time.perf_counter()
                         fn()
                         samples[name][method].append((time.perf_counter() - t) * 1e6)
+            order.reverse()
         addresses = {name: next(b.metrics_address for b in c.client.backends()
                                 if b.backend_id == proc.backend_id)
                      for name, proc in procs.items()}

@@ -121,3 +121,39 @@ def test_metrics_can_be_turned_off(tmp_path):
                       backend_env={"CLAYPOT_METRICS_PORT": "-1"}) as c:
         infos = c.client.backends()
         assert [b.metrics_address for b in infos] == [""]
+
+
+@task(returns=1)
+def settle(i, pause):
+    import time
+    time.sleep(pause)
+    if i % 3 == 0:
+        raise ValueError(f"task {i} fails on purpose")
+    return i
+
+
+def test_progress_counts_done_and_failed_tasks(cluster):
+    import io
+
+    from runtime import progress
+    out = io.StringIO()
+    futures = [settle(i, 0.05 * (i % 4)) for i in range(9)]
+    report = progress(futures, timeout=120, file=out)
+    assert (report.total, report.done, report.failed) == (9, 6, 3)
+    text = out.getvalue()
+    assert "9/9" in text and "failed=3" in text
+    # wait_on with a bar returns the values as before (and raises the first error).
+    ok = [settle(i, 0.01) for i in (1, 2, 4)]
+    assert wait_on(ok, progress=True) == [1, 2, 4]
+    with pytest.raises(ValueError, match="fails on purpose"):
+        wait_on([settle(3, 0.0)], progress=True)
+
+
+def test_progress_times_out_clearly(cluster):
+    import io
+
+    from runtime import progress
+    slow = settle(1, 3.0)
+    with pytest.raises(TimeoutError, match="1 of 1 tasks did not finish"):
+        progress([slow], timeout=0.3, file=io.StringIO())
+    assert wait_on(slow) == 1
