@@ -182,3 +182,43 @@ def test_the_core_imports_and_refuses_tracing_without_opentelemetry():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "refused: tracing needs OpenTelemetry" in out.stdout
+
+
+class Chatty(StorageObject):
+    def __init__(self):
+        self.n = 0
+
+    def work(self):
+        import logging
+        self.n += 1
+        logging.getLogger("app").warning("working on call %d", self.n)
+        return self.n
+
+
+def test_json_logs_name_backend_object_call_and_trace(tmp_path):
+    import json
+    env = {"CLAYPOT_LOG_FORMAT": "json", "CLAYPOT_LOG": "INFO", "CLAYPOT_TRACING": "1",
+           "CLAYPOT_TRACE_FILE": str(tmp_path / "spans.jsonl")}
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env=env) as c:
+        obj = Chatty()
+        obj.make_persistent()
+        assert obj.work() == 1
+        log_path = os.path.join(c.processes[0].data_dir, "backend.log")
+        deadline = time.monotonic() + 10
+        while True:
+            with open(log_path) as f:
+                lines = [line for line in f if line.strip()]
+            records = [json.loads(line) for line in lines if line.startswith("{")]
+            work = [r for r in records if r["message"] == "working on call 1"]
+            if work or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    # Every line is a JSON object: the default text format is gone entirely.
+    assert len(records) == len(lines)
+    assert any("serving on" in r["message"] for r in records)
+    assert all(r["backend_id"] == c.backends[0] for r in records)
+    [rec] = work
+    assert rec["object_id"] == obj.getID() and rec["call_id"] and rec["level"] == "WARNING"
+    spans = tracing.read_trace_file(str(tmp_path / "spans.jsonl"))
+    served = next(s for s in spans if s["name"] == "method work")
+    assert rec["trace_id"] == served["trace_id"] and rec["span_id"] == served["span_id"]

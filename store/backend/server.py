@@ -21,7 +21,7 @@ from concurrent import futures
 
 import grpc
 
-from .. import metrics, objects as objmod, shm, tracing, wire
+from .. import logs, metrics, objects as objmod, shm, tracing, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory
@@ -332,6 +332,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         set_chain(chain)
         started = time.perf_counter()
         ok = False
+        if logs.json_on:
+            logs.set_call(request.object_id, request.call_id)
         try:
             check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
             check_name("name", request.name)
@@ -356,6 +358,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return _error_reply(pb.CallReply, exc)
         finally:
             set_chain(None)
+            if logs.json_on:
+                logs.set_call("", "")
             metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok,
                               time.perf_counter() - started)
 
@@ -802,14 +806,14 @@ def main(argv: list[str] | None = None) -> None:
                    "Dask worker named after this backend in this process")
     p.add_argument("--ready-file", help="write the address here once serving")
     a = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CLAYPOT_LOG", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
                                  advertise=a.advertise,
                                  token=a.token, insecure=a.insecure, durability=a.durability,
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
                                  dask_scheduler=a.dask_scheduler)
+    logs.configure(settings.log_format)
     backend = Backend(settings)
+    logs.set_backend_id(backend.backend_id)
 
     def announce():
         if a.ready_file:  # how a parent process learns the address and id
