@@ -83,26 +83,29 @@ def wait_for(fn, what: str, timeout: float = 30.0):
         time.sleep(0.2)
 
 
+def texts(driver, selector: str) -> list[str]:
+    """Text of every element matching ``selector``, read in one step: the page redraws
+    its tables every second, so elements found in one call may be gone by the next."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)",
+        selector)
+
+
 def column(driver, cls: str) -> list[float]:
     """The numbers in one column of the backends table, as the page shows them now."""
-    from selenium.webdriver.common.by import By
-    cells = driver.find_elements(By.CSS_SELECTOR, f"#backends tbody td.{cls}")
-    return [float(c.text or 0) for c in cells]
+    return [float(t or 0) for t in texts(driver, f"#backends tbody td.{cls}")]
 
 
 def test_page_shows_both_backends_and_updates_live(browser, tmp_path):
-    from selenium.webdriver.common.by import By
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         server = dashboard.serve(c.client, port=0)
         try:
             browser.get(server.url)
-            rows = wait_for(lambda: len(browser.find_elements(
-                By.CSS_SELECTOR, "#backends tbody tr")) == 2 and browser.find_elements(
-                By.CSS_SELECTOR, "#backends tbody tr"), "two backend rows")
-            shown = {r.get_attribute("data-backend") for r in rows}
-            assert shown == set(c.backends)
-            assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "td.up")] == \
-                ["up", "up"]
+            shown = wait_for(lambda: [x for x in browser.execute_script(
+                "return [...document.querySelectorAll('#backends tbody tr')]"
+                ".map(r => r.dataset.backend)")] or None, "backend rows")
+            assert sorted(shown) == sorted(c.backends)
+            assert texts(browser, "#backends td.up") == ["up", "up"]
             objects_before = sum(column(browser, "objects"))
             calls_before = sum(column(browser, "calls"))
             page_id = browser.execute_script("return window.performance.timeOrigin")
@@ -121,18 +124,14 @@ def test_page_shows_both_backends_and_updates_live(browser, tmp_path):
             wait_for(lambda: sum(column(browser, "calls")) > calls_before,
                      "the call count to grow")
             wait_for(lambda: sum(column(browser, "tasks-done")) >= 6, "tasks done to show")
-            counts = wait_for(lambda: browser.find_elements(By.ID, "task-counts"),
-                              "the task progress line")
-            wait_for(lambda: counts[0].text.startswith("6/6 finished: 6 done, 0 failed")
-                     or browser.find_element(By.ID, "task-counts").text.startswith(
-                         "6/6 finished: 6 done, 0 failed"), "6 of 6 tasks finished")
-            done_nodes = browser.find_elements(By.CSS_SELECTOR, "svg rect.task.done")
-            assert len(done_nodes) == 6
+            wait_for(lambda: texts(browser, "#task-counts")[:1] == [
+                "6/6 finished: 6 done, 0 failed, 0 pending"], "6 of 6 tasks finished")
+            assert len(texts(browser, "svg rect.task.done")) == 6
             # The largest object of the cluster is the 401 kB shard, on the second backend.
-            first_row = wait_for(lambda: browser.find_elements(
-                By.CSS_SELECTOR, "#largest tbody tr"), "the largest objects")[0]
-            assert shards[1].getID()[:12] in first_row.text
-            assert c.backends[1][:12] in first_row.text
+            first_row = wait_for(lambda: texts(browser, "#largest tbody tr")[:1],
+                                 "the largest objects")[0]
+            assert shards[1].getID()[:12] in first_row
+            assert c.backends[1][:12] in first_row
             # All of it without a reload.
             assert browser.execute_script("return window.performance.timeOrigin") == page_id
 
