@@ -36,20 +36,25 @@ from .decorators import TaskFunction, constraint, task
 from .directions import (COLLECTION_IN, COLLECTION_INOUT, IN, INOUT, OUT, Direction,
                          OnFailure)
 from .futures import Future
+from .progress import ProgressReport, progress
 
 __all__ = ["task", "constraint", "wait_on", "barrier", "Future", "TaskFunction",
            "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction",
-           "OnFailure", "use_executor"]
+           "OnFailure", "use_executor", "progress", "ProgressReport"]
 
 
-def wait_on(obj: Any, timeout: float | None = None) -> Any:
+def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> Any:
     """Wait for ``obj`` and return its value.
 
     A Future gives its task's value (or raises the task's error); a list or
     tuple gives the same shape with each item waited on; a persistent object
     is returned once every pending task that uses it has finished. Anything
-    else is returned as is.
+    else is returned as is. ``progress=True`` shows a bar of the futures in
+    ``obj`` while they run (see :func:`runtime.progress`).
     """
+    if progress:
+        from .progress import progress as show
+        show(obj, timeout)
     if isinstance(obj, Future):
         return obj.result(timeout)
     if isinstance(obj, list):

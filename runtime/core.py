@@ -35,6 +35,7 @@ log = logging.getLogger("claypot.runtime")
 
 BACKENDS_TTL = 2.0  # seconds a list of live backends is trusted before asking again
 MAX_REPORTED = 100  # failures kept for barrier(); the rest are only counted
+RECENT_TASKS = 200  # finished tasks kept for snapshot() (the dashboard's task graph)
 
 
 EXECUTORS = ("store", "dask")
@@ -97,6 +98,7 @@ class Call:
     commit_id: int = 0
     commit_of: "Call | None" = None
     values: list | None = None
+    deps: tuple = ()              # tasks it waited for when submitted (for the dashboard)
 
     @property
     def name(self) -> str:
@@ -118,6 +120,8 @@ class Runtime:
         self._queues: dict[str, deque[Call]] = {}
         self._failures: list[tuple[str, BaseException]] = []   # first few, for barrier()
         self._failed = 0
+        self._outcomes = [0, 0]                   # tasks finished: [done, failed]
+        self._recent: deque = deque(maxlen=RECENT_TASKS)   # finished, for snapshot()
         self._backends_at = 0.0
         self.pids: dict[str, int] = {}
         slots = task_slots()
@@ -157,6 +161,8 @@ class Runtime:
                     self._add_versioned(call)
                 elif self._graph.add(task_id, call.after, call.reads, call.writes):
                     self._dispatch(call)
+                else:
+                    call.deps = tuple(self._graph.predecessors(task_id))
         if self.inline and not dead:
             # Outside the lock: tasks that run inline in a backend's threads must not
             # wait for one another.
@@ -465,9 +471,35 @@ class Runtime:
             f._finish(None, err, None, 0)
 
     def _drop(self, task_id: int) -> None:
-        self._calls.pop(task_id, None)
+        call = self._calls.pop(task_id, None)
+        if call is not None:
+            failed = call.futures[0].failed()
+            self._outcomes[failed] += 1
+            self._recent.append({"id": task_id, "name": call.name, "backend": call.backend,
+                                 "state": "failed" if failed else "done",
+                                 "after": list(call.deps)})
         if not self._calls:
             self._idle.notify_all()
+
+    def snapshot(self) -> dict:
+        """The task graph as it stands: counts, unfinished tasks and the last finished ones.
+
+        Each task is ``{"id", "name", "state", "backend", "after"}`` with state
+        ``waiting`` (for tasks in ``after``), ``queued`` (waiting for a slot on
+        its backend), ``running``, ``done`` or ``failed``.
+        """
+        with self._lock:
+            queued = {id(c) for q in self._queues.values() for c in q}
+            tasks = list(self._recent)
+            for t, call in self._calls.items():
+                waiting = self._graph.predecessors(t) if t in self._graph else set()
+                state = ("waiting" if waiting else "queued" if id(call) in queued
+                         or call.backend is None else "running")
+                tasks.append({"id": t, "name": call.name, "backend": call.backend,
+                              "state": state, "after": list(call.deps)})
+            done, failed = self._outcomes
+            return {"submitted": done + failed + len(self._calls), "done": done,
+                    "failed": failed, "pending": len(self._calls), "tasks": tasks}
 
     # -- synchronisation --------------------------------------------------------------------------
     def futures_using(self, object_id: str) -> list[Future]:

@@ -64,12 +64,13 @@ def run_batch(items: list) -> list:
     """
     import cloudpickle
 
-    from store import objects
+    from store import objects, tracing
     code = objects.get_dispatcher().local.code
     out = []
     for key, args, kwargs in items:
         try:
-            out.append((True, code.get(key)(*args, **kwargs)))
+            with tracing.span(f"task {key}"):   # each task of the batch, under the batch's span
+                out.append((True, code.get(key)(*args, **kwargs)))
         except Exception as exc:
             exc.add_note("remote traceback (in a batch of tasks):\n" + traceback.format_exc())
             try:

@@ -118,12 +118,14 @@ class BackendStatus:
     resident_objects: int
     running_tasks: int
     host_id: str = ""   # equal for backends that share /dev/shm (see store.shm.host_id)
+    metrics_address: str = ""  # host:port of its Prometheus metrics; empty when off
 
 
 def backends() -> list[BackendStatus]:
     """Every backend of the cluster: id, address, host, object count, memory, up/down."""
     return [BackendStatus(b.backend_id, b.address, b.host, b.pid, b.up, b.objects,
-                          b.memory_bytes, b.resident_objects, b.running_tasks, b.host_id)
+                          b.memory_bytes, b.resident_objects, b.running_tasks, b.host_id,
+                          b.metrics_address)
             for b in client().backends()]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from . import objects as objmod, shm, wire
+from . import objects as objmod, shm, tracing, wire
 from .config import Settings
 from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
                      CallInterrupted,
@@ -112,6 +112,8 @@ class Client:
         self.token = token if token is not None else self.settings.token
         wire.set_receive_budget(self.settings.receive_budget_bytes())
         self._metadata = ((TOKEN_HEADER, self.token),)
+        if self.settings.tracing and not tracing.enabled():
+            tracing.enable()
         self._gateways = [address]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
         self._addresses: dict[str, str] = {}   # backend id -> address
@@ -179,7 +181,7 @@ class Client:
                 self._start_watchdog()
         try:
             return getattr(self._stub(address), method)(request, timeout=timeout,
-                                                        metadata=self._metadata)
+                                                        metadata=tracing.metadata(self._metadata))
         except grpc.RpcError as err:
             lost = self._lost.get(address)
             if key is not None and lost is not None and lost[0] >= started:
@@ -632,7 +634,10 @@ class Client:
             payload, buffers = b"", []
         request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
                                  call_id=uuid.uuid4().hex)
-        return self._call(proxy, request, payload, buffers)
+        if not tracing.enabled():
+            return self._call(proxy, request, payload, buffers)
+        with tracing.client_span(f"call {name}", object_id=oid, call_id=request.call_id):
+            return self._call(proxy, request, payload, buffers)
 
     def _dump_args(self, value, owner: str):
         """Pickle call arguments; new StorageObjects among them go to the callee's backend."""
@@ -683,7 +688,7 @@ class Client:
                 try:
                     return self._streams(addr).CallStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size),
-                        timeout=timeout, metadata=self._metadata)
+                        timeout=timeout, metadata=tracing.metadata(self._metadata))
                 except grpc.RpcError as err:
                     exc = translate(err, True, request.name)
                     if isinstance(exc, BackendUnavailable):
@@ -703,12 +708,13 @@ class Client:
         ctx = None
         if reply.result_handle:
             try:
-                chunks = self._streams(address).FetchResult(
-                    pb.FetchRequest(result_handle=reply.result_handle),
-                    timeout=self.settings.stream_deadline(reply.result_size),
-                    metadata=self._metadata)
-                header, values = wire.receive_stream(iter(chunks), pb.CallReply,
-                                                     _max_value_size(self.settings))
+                with tracing.client_span("stream result", bytes=reply.result_size):
+                    chunks = self._streams(address).FetchResult(
+                        pb.FetchRequest(result_handle=reply.result_handle),
+                        timeout=self.settings.stream_deadline(reply.result_size),
+                        metadata=tracing.metadata(self._metadata))
+                    header, values = wire.receive_stream(iter(chunks), pb.CallReply,
+                                                         _max_value_size(self.settings))
             except grpc.RpcError as err:
                 raise translate(err, True, "fetching a result") from None
             if header.HasField("error"):
@@ -735,7 +741,9 @@ class Client:
         request = pb.CallRequest(kind=pb.TASK, name=code_key, chain_id=chain or uuid.uuid4().hex,
                                  call_id=task_key or uuid.uuid4().hex, mutates=mutates,
                                  timeout=timeout)
-        return self._call(None, request, payload, buffers, owner=backend_id)
+        with tracing.client_span(f"task {code_key}", backend_id=backend_id,
+                                 call_id=request.call_id):
+            return self._call(None, request, payload, buffers, owner=backend_id)
 
     # -- aliases, backends, identity ------------------------------------------------------
     def _remember_proxy(self, object_id: str, proxy) -> None:

@@ -55,6 +55,13 @@ class Settings:
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
+    # Observability (store.metrics): Prometheus metrics on a port of their own. 0: an
+    # ephemeral port on a loopback backend, none on a network one; -1: off.
+    metrics_port: int = 0
+    metrics_host: str = ""            # address the metrics listen on; empty: the backend's host
+    log_format: str = "text"          # text | json (one object a line)
+    tracing: bool = False             # OpenTelemetry spans (the claypot[otel] extra)
+    trace_file: str = ""              # backend: append spans here as JSON lines
     # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
     # dask executor submits there. Empty: no Dask.
     dask_scheduler: str = ""
@@ -83,6 +90,11 @@ class Settings:
         if self.durability not in ("sync", "async", "none"):
             raise ConfigurationError(
                 f"durability must be sync, async or none, not {self.durability!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            raise ConfigurationError(f"metrics_port must be -1 (off), 0 (ephemeral) or a port, "
+                                     f"not {self.metrics_port}")
         if self.chunk_size < 64 * 1024 or self.chunk_size > 64 * MiB:
             raise ConfigurationError("chunk_size must be between 64 KiB and 64 MiB")
         if self.inline_limit > 3 * MiB:

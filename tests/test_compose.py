@@ -50,6 +50,20 @@ print(json.dumps(out))
 """
 
 
+# Each backend's Prometheus metrics, scraped at the address it registered:
+# {backend id: [metrics address, whether the page has the call counter]}.
+METRICS = """
+import json, urllib.request, store
+store.connect("backend:7000")
+out = {}
+for b in store.backends():
+    if b.up:
+        page = urllib.request.urlopen("http://%s/metrics" % b.metrics_address, timeout=10)
+        out[b.backend_id] = [b.metrics_address, "claypot_calls_total" in page.read().decode()]
+print(json.dumps(out))
+"""
+
+
 def _engine_missing() -> str | None:
     try:
         info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
@@ -115,6 +129,12 @@ def test_compose_cluster_builds_runs_the_demo_twice_and_keeps_objects_across_a_r
     made = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", MAKE)
                       .stdout.strip().splitlines()[-1])
     assert len(made) == 2 and len({v[0] for v in made.values()}) == 2
+    # Backends on 0.0.0.0 publish metrics because the file sets CLAYPOT_METRICS_PORT.
+    scraped = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", METRICS)
+                         .stdout.strip().splitlines()[-1])
+    assert set(scraped) == {v[0] for v in made.values()}
+    for address, has_calls in scraped.values():
+        assert address.endswith(":9100") and not address.startswith("0.0.0.0") and has_calls
 
     # Restart one backend container: its objects are back, on the same backend id.
     victim = ps[0]["Name"]

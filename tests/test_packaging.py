@@ -246,7 +246,7 @@ def _flags(argv: list[str]) -> dict[str, str]:
 def test_compose_file_wires_redis_backends_and_demo():
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"redis", "backend", "demo"}
+    assert set(services) == {"redis", "backend", "demo", "prometheus"}
     declared_volumes = set(compose["volumes"])
 
     redis = services["redis"]
@@ -293,6 +293,18 @@ def test_compose_file_wires_redis_backends_and_demo():
     (token,) = tokens
     assert re.fullmatch(r"\$\{CLAYPOT_TOKEN:\?[^}]+\}", token)
     assert declared_volumes == {"redis-data"}
+
+    # Prometheus only under its profile (the default `up` pulls and starts nothing more),
+    # scraping the port the backends publish their metrics on.
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["monitoring"]
+    assert prom["image"].startswith("prom/prometheus:")
+    assert prom["ports"] == ["127.0.0.1:9090:9090"]
+    config_path = prom["volumes"][0].split(":")[0]
+    with open(os.path.join(ROOT, config_path)) as f:
+        scrape = f.read()
+    port = backend["environment"]["CLAYPOT_METRICS_PORT"]
+    assert f"port: {port}" in scrape and 'names: ["backend"]' in scrape
 
 
 def test_dockerfile_builds_on_python_311_slim_and_runs_claypot():

@@ -57,7 +57,8 @@ def backend_ids():
 def test_public_api_is_pinned():
     assert sorted(runtime.__all__) == sorted([
         "task", "constraint", "wait_on", "barrier", "Future", "TaskFunction", "IN", "INOUT",
-        "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction", "OnFailure", "use_executor"])
+        "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction", "OnFailure", "use_executor",
+        "progress", "ProgressReport"])
 
 
 def test_issue_example_blocks_scaled_and_summed():

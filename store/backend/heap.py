@@ -317,6 +317,21 @@ class Heap:
                 out.append(life.size if life is not None else 0)
             return out
 
+    def largest(self, n: int = 10) -> list[dict]:
+        """The ``n`` largest objects here by last measured size (for the dashboard)."""
+        import heapq
+        with self._mu:
+            lives = heapq.nlargest(n, (life for oid, life in self.life._lives.items()
+                                       if self.life.present(oid)), key=lambda life: life.size)
+            out = []
+            for life in lives:
+                entry = self._entries.get(life.object_id)
+                out.append({"object_id": life.object_id, "bytes": life.size,
+                            "state": life.state.name.lower(),
+                            "class_key": entry.class_key if entry else "",
+                            "alias": entry.alias if entry else ""})
+            return out
+
     def state_of(self, object_id: str) -> State | None:
         with self._mu:
             life = self.life.get(object_id)

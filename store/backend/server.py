@@ -21,7 +21,7 @@ from concurrent import futures
 
 import grpc
 
-from .. import objects as objmod, shm, wire
+from .. import logs, metrics, objects as objmod, shm, tracing, wire
 from ..client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from ..config import Settings, parse_memory_limit
 from ..directory import Directory, split_aliases
@@ -39,6 +39,7 @@ from .storage import Storage
 log = logging.getLogger("claypot.backend")
 
 _OPEN_METHODS = {"/claypot.v1.Backend/Ping"} | OPEN_METHODS
+_KIND_NAMES = {v: k.lower() for k, v in pb.CallKind.items()}   # metric labels
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -93,6 +94,14 @@ def _check_items(items) -> None:
         # A moved or republished object carries all its aliases, joined by "|".
         for one in (alias.split("|") if alias else [""]):
             check_name("alias", one, allow_empty=not alias)
+
+
+def _served_span(request: pb.CallRequest, context, streamed: bool = False):
+    """The span of a call or task served here (a no-op unless tracing is on)."""
+    kind = _KIND_NAMES.get(request.kind, "call")
+    return tracing.server_span(f"{kind} {request.name}", context,
+                               object_id=request.object_id, call_id=request.call_id,
+                               streamed=streamed or None)
 
 
 def _error_reply(cls, exc: BaseException):
@@ -206,7 +215,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 memory_bytes=b.get("memory_bytes", 0),
                 resident_objects=b.get("resident_objects", 0),
                 running_tasks=b.get("running_tasks", 0), host_id=b.get("host_id", ""),
-                stopped=bool(b.get("stopped")) and not b["up"]))
+                stopped=bool(b.get("stopped")) and not b["up"],
+                metrics_address=b.get("metrics_address", "")))
         return pb.ListBackendsReply(backends=infos)
 
     def RegisterCode(self, request, context):
@@ -261,19 +271,29 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     # -- objects --------------------------------------------------------------------
     def Persist(self, request, context):
+        started = time.perf_counter()
         try:
             items = [(o.object_id, o.class_key, o.state.payload, self._buffers(o.state), o.alias)
                      for o in request.objects]
             _check_items(items)
             self.heap.persist(items, adopt=request.adopt)
+            metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
+            metrics.call_done("persist", False, time.perf_counter() - started)
             return _error_reply(pb.Status, exc)
 
     def PersistStream(self, request_iterator, context):
+        with tracing.server_span("stream persist", context):
+            return self._persist_stream(request_iterator)
+
+    def _persist_stream(self, request_iterator):
+        started = time.perf_counter()
         try:
             header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
                                                  self.b.max_value_size)
+            if metrics.enabled():
+                metrics.stream_done("in", sum(wire.total_size(p, b) for p, b in values))
             streamed = iter(values)
             items = []
             for o in header.objects:
@@ -284,8 +304,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
             _check_items(items)
             self.heap.persist(items, adopt=header.adopt)
+            metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
+            metrics.call_done("persist", False, time.perf_counter() - started)
             return _error_reply(pb.Status, exc)
 
     def Call(self, request, context):
@@ -293,7 +315,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             buffers = self._buffers(request.args)
         except Exception as exc:
             return _error_reply(pb.CallReply, exc)
-        return self._call(request, request.args.payload, buffers)
+        if not tracing.enabled():
+            return self._call(request, request.args.payload, buffers)
+        with _served_span(request, context):
+            return self._call(request, request.args.payload, buffers)
 
     def _buffers(self, value: pb.Value) -> list:
         """A Value's out-of-band buffers: inline, or mapped from /dev/shm (same host)."""
@@ -305,6 +330,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             shm.discard(list(value.shm))
             raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
                                 f"bytes (max_value_size)")
+        metrics.shm_done("in", sum(sizes))
         return shm.attach(list(value.shm), sizes)
 
     def CallStream(self, request_iterator, context):
@@ -314,13 +340,19 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         except Exception as exc:
             return _error_reply(pb.CallReply, exc)
         payload, buffers = values[0] if values else (header.args.payload, [])
-        return self._call(header, payload, buffers)
+        metrics.stream_done("in", wire.total_size(payload, buffers))
+        with _served_span(header, context, streamed=True):
+            return self._call(header, payload, buffers)
 
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
         # A caller that names no chain gets one of its own: an empty id shared by
         # every such caller would let their calls into one object at once.
         chain = request.chain_id or "anon:" + uuid.uuid4().hex
         set_chain(chain)
+        started = time.perf_counter()
+        ok = False
+        if logs.json_on:
+            logs.set_call(request.object_id, request.call_id)
         try:
             check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
             check_name("name", request.name)
@@ -338,11 +370,17 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     args, kwargs = (), {}
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
                                           args, kwargs, chain)
-            return self._reply(result, chain, request.accept_shm)
+            reply = self._reply(result, chain, request.accept_shm)
+            ok = True
+            return reply
         except Exception as exc:
             return _error_reply(pb.CallReply, exc)
         finally:
             set_chain(None)
+            if logs.json_on:
+                logs.set_call("", "")
+            metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok,
+                              time.perf_counter() - started)
 
     def _reply(self, result, chain: str, accept_shm: bool = False) -> pb.CallReply:
         if result is None:
@@ -355,6 +393,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 and len(payload) <= self.settings.inline_limit:
             try:
                 names = self.outbox.export(buffers)
+                metrics.shm_done("out", size)
                 return pb.CallReply(result=pb.Value(
                     payload=payload, shm=names,
                     buffer_sizes=[memoryview(b).nbytes for b in buffers]))
@@ -369,8 +408,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             yield pb.Chunk(header=_error_reply(pb.CallReply, exc).SerializeToString())
             return
         value, blobs = wire.streamed_value(payload, buffers)
-        yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
-                                     self.settings.chunk_size)
+        size = wire.total_size(payload, buffers)
+        metrics.stream_done("out", size)
+        with tracing.server_span("stream result", context, bytes=size):
+            yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
+                                         self.settings.chunk_size)
 
     def Delete(self, request, context):
         try:
@@ -551,6 +593,7 @@ class Backend:
         self._epoch: str | None = None
         self.started = time.time()
         self.dask_worker = None   # a HostedDaskWorker when settings.dask_scheduler is set
+        self.metrics_address = ""  # host:port of the Prometheus metrics, once started
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -559,6 +602,8 @@ class Backend:
         if removed:
             log.info("removed %d orphaned shared-memory segment(s)", removed)
         self.storage.start()
+        self.metrics_address = metrics.start(self, self.settings)
+        tracing.start_backend(self.settings, self.backend_id)
         # The directory and this storage dir agree before the first call is served.
         self._epoch = self.directory.epoch()
         self._primary = self.directory.primary()
@@ -596,6 +641,8 @@ class Backend:
             pass
         self.server.stop(grace).wait(grace + 1)
         self.storage.close()
+        metrics.disable()
+        tracing.stop_backend()
 
     def _stats(self) -> dict:
         import psutil
@@ -605,7 +652,8 @@ class Backend:
                 "resident_objects": self.heap.resident_count(),
                 "memory_bytes": psutil.Process().memory_info().rss,
                 "running_tasks": self.heap.running_tasks,
-                "durability": self.settings.durability}
+                "durability": self.settings.durability,
+                "metrics_address": self.metrics_address}
 
     def _heartbeat(self) -> None:
         self.directory.register_backend(self.backend_id, self._stats(),
@@ -748,12 +796,24 @@ class Backend:
         self.heap.move(object_id, target, chain, send)
 
     def run_task(self, request: pb.CallRequest, payload, buffers, chain: str = ""):
-        fn = self.code.get(request.name)
-        args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
-            else ((), {})
-        return self.heap.run_task(fn, args, kwargs, list(request.mutates),
-                                  chain or request.chain_id, request.timeout,
-                                  task_key=request.call_id)
+        metrics.task_queued(1)
+        queued = True
+        ok = False
+        try:
+            fn = self.code.get(request.name)
+            args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
+                else ((), {})
+            metrics.task_queued(-1)
+            queued = False
+            result = self.heap.run_task(fn, args, kwargs, list(request.mutates),
+                                        chain or request.chain_id, request.timeout,
+                                        task_key=request.call_id)
+            ok = True
+            return result
+        finally:
+            if queued:
+                metrics.task_queued(-1)
+            metrics.task_done(ok)
 
     def serve_forever(self, on_ready=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
@@ -793,14 +853,14 @@ def main(argv: list[str] | None = None) -> None:
                    "Dask worker named after this backend in this process")
     p.add_argument("--ready-file", help="write the address here once serving")
     a = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CLAYPOT_LOG", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
                                  advertise=a.advertise,
                                  token=a.token, insecure=a.insecure, durability=a.durability,
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
                                  dask_scheduler=a.dask_scheduler)
+    logs.configure(settings.log_format)
     backend = Backend(settings)
+    logs.set_backend_id(backend.backend_id)
 
     def announce():
         if a.ready_file:  # how a parent process learns the address and id

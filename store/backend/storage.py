@@ -56,6 +56,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import metrics, tracing
 from ..errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound, StorageFailed
 
 log = logging.getLogger("claypot.storage")
@@ -640,7 +641,9 @@ class Storage:
                 return  # closed: close() flushed it
             # fdatasync flushes the appended bytes and the new file size (what
             # replay needs) but skips timestamps: measured ~20% cheaper here.
+            started = time.perf_counter()
             self._fsync(fd, data_only=True)
+            metrics.fsync_done(time.perf_counter() - started, target - self._synced)
             self._synced = max(self._synced, target)
 
     def delete(self, object_id: str, durable: bool = True) -> int:
@@ -842,7 +845,11 @@ class Storage:
         if self.policy == "none":
             return 0
         with self._checkpoint_lock:
-            return self._checkpoint(stop)
+            started = time.perf_counter()
+            with tracing.span("checkpoint"):
+                written = self._checkpoint(stop)
+            metrics.checkpoint_done(time.perf_counter() - started, written)
+            return written
 
     def _checkpoint(self, stop: threading.Event | None) -> int:
         self._check()
