@@ -23,9 +23,11 @@ from .alien import Alien
 from .cluster import LocalCluster
 from .config import Settings
 from .objects import StorageObject, readonly
+from .transfers import show_transfers
 
 __all__ = [
     "StorageObject", "Alien", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
     "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
     "delete_alias", "get_locations", "make_persistent_many", "get_backends", "stub_class",
+    "show_transfers",
 ]

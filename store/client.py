@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from . import objects as objmod, shm, tracing, wire
+from . import objects as objmod, shm, tracing, transfers, wire
 from .config import Settings
 from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
                      CallInterrupted,
@@ -460,7 +460,8 @@ class Client:
                         pass  # /dev/shm full or missing: stream instead
                 try:
                     return self._streams(addr).PersistStream(
-                        wire.chunk_stream(header, blobs, self.settings.chunk_size),
+                        wire.chunk_stream(header, blobs, self.settings.chunk_size,
+                                          transfers.meter(size, "make_persistent")),
                         timeout=self.settings.stream_deadline(size), metadata=self._metadata)
                 except grpc.RpcError as err:
                     exc = translate(err, False, "make_persistent")
@@ -687,7 +688,8 @@ class Client:
                         shm.discard(names)
                 try:
                     return self._streams(addr).CallStream(
-                        wire.chunk_stream(header, blobs, self.settings.chunk_size),
+                        wire.chunk_stream(header, blobs, self.settings.chunk_size,
+                                          transfers.meter(size, f"{request.name} arguments")),
                         timeout=timeout, metadata=tracing.metadata(self._metadata))
                 except grpc.RpcError as err:
                     exc = translate(err, True, request.name)
@@ -714,7 +716,8 @@ class Client:
                         timeout=self.settings.stream_deadline(reply.result_size),
                         metadata=tracing.metadata(self._metadata))
                     header, values = wire.receive_stream(iter(chunks), pb.CallReply,
-                                                         _max_value_size(self.settings))
+                                                         _max_value_size(self.settings),
+                                                         progress="result")
             except grpc.RpcError as err:
                 raise translate(err, True, "fetching a result") from None
             if header.HasField("error"):

@@ -141,18 +141,27 @@ def decode_chunk(chunk) -> tuple[str | None, memoryview | bytes]:
 MAX_CHUNK = 16 * 1024 * 1024 - 64
 
 
-def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int) -> Iterator[bytes]:
+def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
+                 meter=None) -> Iterator[bytes]:
     """The header chunk, then every blob cut in ``chunk_size`` pieces, framed as Chunks.
 
     ``chunk_size`` is capped at :data:`MAX_CHUNK` so a larger setting cannot
-    produce a message the channel refuses.
+    produce a message the channel refuses. ``meter`` (a transfers.Meter)
+    counts the bytes as they are handed to gRPC.
     """
     chunk_size = min(chunk_size, MAX_CHUNK)
     yield encode_header(header)
-    for blob in blobs:
-        view = flat_bytes(blob)
-        for start in range(0, view.nbytes, chunk_size):
-            yield encode_data(view[start:start + chunk_size])
+    try:
+        for blob in blobs:
+            view = flat_bytes(blob)
+            for start in range(0, view.nbytes, chunk_size):
+                piece = view[start:start + chunk_size]
+                yield encode_data(piece)
+                if meter is not None:
+                    meter.add(piece.nbytes)
+    finally:
+        if meter is not None:
+            meter.close()
 
 
 def _serialize_chunk(message) -> bytes:
@@ -460,7 +469,7 @@ class Assembler:
         return out
 
 
-def receive_stream(chunks: Iterator, header_type, max_bytes: int):
+def receive_stream(chunks: Iterator, header_type, max_bytes: int, progress: str = ""):
     """Read a header and its data from ``chunks`` (raw frames or ``pb.Chunk``s).
 
     Returns (header message, [(payload, buffers) per streamed Value]). A
@@ -480,6 +489,8 @@ def receive_stream(chunks: Iterator, header_type, max_bytes: int):
     except Exception as exc:
         raise ProtocolError(f"malformed stream header: {exc}") from None
     assembler = Assembler(streamed_values(header), max_bytes)
+    from .transfers import meter as transfer_meter
+    bar = transfer_meter(assembler.expected, progress) if progress else None
     try:
         for chunk in chunks:
             kind, body = decode_chunk(chunk)
@@ -487,9 +498,13 @@ def receive_stream(chunks: Iterator, header_type, max_bytes: int):
                 raise ProtocolError("a second header inside one stream" if kind == "header"
                                     else "a stream chunk with neither header nor data")
             assembler.feed(body)
+            if bar is not None:
+                bar.add(memoryview(body).nbytes)
         return header, assembler.finish()
     finally:
         assembler.close()
+        if bar is not None:
+            bar.close()
 
 
 # -- errors across the wire ------------------------------------------------------

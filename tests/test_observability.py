@@ -157,3 +157,35 @@ def test_progress_times_out_clearly(cluster):
     with pytest.raises(TimeoutError, match="1 of 1 tasks did not finish"):
         progress([slow], timeout=0.3, file=io.StringIO())
     assert wait_on(slow) == 1
+
+
+def test_long_transfers_show_bytes_and_rate_when_asked(tmp_path):
+    """Inside show_transfers(), a streamed make_persistent and the streamed read of a
+    large result draw a bar of bytes with a rate; outside it, nothing is drawn."""
+    import io
+
+    import numpy as np
+
+    import store
+    from lifelib import Array
+    from store import LocalCluster
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
+        client = store.client()
+        client.settings = client.settings.replace(shm=False)  # the stream path (between hosts)
+        out = io.StringIO()
+        with store.show_transfers(min_bytes=1 << 20, file=out):
+            a = Array(2 * 1024 * 1024)          # 16 MiB of float64
+            a.make_persistent()
+            data = a.data
+        assert isinstance(data, np.ndarray) and data.nbytes == 16 * 1024 * 1024
+        text = out.getvalue()
+        assert "make_persistent" in text and "result" in text, text
+        assert "B/s" in text and "16.0M" in text, text
+        quiet = io.StringIO()
+        b = Array(2 * 1024 * 1024)
+        b.make_persistent()
+        assert quiet.getvalue() == ""
+        with store.show_transfers(min_bytes=1 << 30, file=quiet):  # under the threshold
+            b.fill(1.0)
+            assert b.data.sum() == b.data.size
+        assert quiet.getvalue() == ""

@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE_API = [
     "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
     "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends", "get_by_alias",
-    "get_by_id", "get_locations", "make_persistent_many", "readonly", "stub_class",
+    "get_by_id", "get_locations", "make_persistent_many", "readonly", "show_transfers",
+    "stub_class",
 ]
 
 ERRORS_API = [
