@@ -671,13 +671,36 @@ class Client:
                     if isinstance(exc, BackendUnavailable):
                         raise _NotRun(exc) from None
                     raise exc from None
-        if proxy is None:
-            reply = self._on_owner(owner, send)
-            addr = self.address_of(owner)
-        else:
-            reply = self._with_relocation(proxy, send)
-            addr = self.address_of(proxy.__dict__[objmod._OWNER])
+        try:
+            if proxy is None:
+                reply = self._on_owner(owner, send)
+                addr = self.address_of(owner)
+            else:
+                reply = self._with_relocation(proxy, send)
+                addr = self.address_of(proxy.__dict__[objmod._OWNER])
+        except (KeyboardInterrupt, DeadlineExceeded):
+            # The caller gave up (Ctrl-C, or its deadline passed): stop the call
+            # on the backend too, so it neither keeps running nor holds the lock.
+            self.cancel_call(owner if proxy is None else proxy.__dict__.get(objmod._OWNER, ""),
+                             request.call_id)
+            raise
         return self._result(reply, addr)
+
+    def cancel_call(self, backend_id: str, call_id: str) -> bool:
+        """Ask a backend to stop the running call ``call_id``; True if it was running there.
+
+        Best effort and quick (one attempt, a 2 s deadline): it runs on the way
+        out of a KeyboardInterrupt or a deadline.
+        """
+        if not backend_id or not call_id:
+            return False
+        try:
+            addr = self._addresses.get(backend_id) or self.address_of(backend_id)
+            reply = self._stub(addr).Cancel(pb.CancelRequest(call_id=call_id), timeout=2.0,
+                                            metadata=self._metadata)
+            return reply.found
+        except (grpc.RpcError, ClaypotError, ValueError):
+            return False
 
     def _result(self, reply: pb.CallReply, address: str) -> Any:
         if reply.HasField("error"):

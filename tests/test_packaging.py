@@ -37,7 +37,8 @@ STORE_API = [
 
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
-    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
+    "BackendError", "BackendNotFound", "BackendUnavailable", "CallCancelled", "CallInterrupted",
+    "ClassNotFound",
     "ClaypotError", "ConfigurationError", "DeadlineExceeded", "InvalidKey", "NotPersistent",
     "ObjectBusy",
     "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",

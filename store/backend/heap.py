@@ -45,7 +45,7 @@ from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy
                       ObjectNotFound, ProtocolError, TaskTimeout)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, loads
-from . import lifecycle as lc
+from . import cancel, lifecycle as lc
 from .lifecycle import Lifecycle, State
 from .storage import Record, Storage
 
@@ -517,7 +517,8 @@ class Heap:
             else:
                 raise ValueError(f"unknown call kind {kind}")
             try:
-                result = fn(*args, **kwargs)
+                with cancel.armed(f"method {name}"):   # Cancel RPC (store.backend.cancel)
+                    result = fn(*args, **kwargs)
             except BaseException:
                 if changes and outermost:
                     self._rollback(entry, chain)
@@ -552,7 +553,9 @@ class Heap:
                 entry = self._acquire(oid, chain)
                 entries.append((entry, entry.lock.depth == 1))
             try:
-                result = fn(*args, **kwargs)
+                # Cancel RPC and time_out both stop the function (store.backend.cancel).
+                with cancel.armed(f"task {getattr(fn, '__qualname__', fn)}", timeout):
+                    result = fn(*args, **kwargs)
                 elapsed = time.monotonic() - started
                 if timeout and elapsed > timeout:
                     raise TaskTimeout(f"task {getattr(fn, '__qualname__', fn)} ran "

@@ -31,6 +31,7 @@ from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
+from . import cancel
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
@@ -302,6 +303,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         # every such caller would let their calls into one object at once.
         chain = request.chain_id or "anon:" + uuid.uuid4().hex
         set_chain(chain)
+        cancel.set_current(request.call_id or None)
         try:
             check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
             check_name("name", request.name)
@@ -324,6 +326,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return _error_reply(pb.CallReply, exc)
         finally:
             set_chain(None)
+            cancel.set_current(None)
 
     def _reply(self, result, chain: str, accept_shm: bool = False) -> pb.CallReply:
         if result is None:
@@ -342,6 +345,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             except shm.Unavailable:
                 pass  # /dev/shm full: the result streams instead
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
+
+    def Cancel(self, request, context):
+        return pb.CancelReply(found=cancel.cancel(request.call_id))
 
     def FetchResult(self, request, context):
         try:

@@ -29,6 +29,18 @@ BYTE_ORDER_UNSPECIFIED: ByteOrder
 BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
 BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
+class CancelRequest(_message.Message):
+    __slots__ = ("call_id",)
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    def __init__(self, call_id: _Optional[str] = ...) -> None: ...
+
+class CancelReply(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message", "remote_type", "traceback", "pickled", "moved_to")
     CODE_FIELD_NUMBER: _ClassVar[int]

@@ -139,6 +139,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.DeleteObjectRequest.SerializeToString,
                 response_deserializer=claypot__pb2.DeleteObjectResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/claypot.v1.Backend/Cancel',
+                request_serializer=claypot__pb2.CancelRequest.SerializeToString,
+                response_deserializer=claypot__pb2.CancelReply.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -291,6 +296,17 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Cancels a running Call or task by its call_id (Ctrl-C or a timeout in the
+        caller): the backend raises CallCancelled inside it at its next bytecode
+        boundary, and its object goes back to its last acknowledged state. A call
+        not running here (finished, or never arrived) is left alone: the reply says
+        whether one was found.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +414,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.DeleteObject,
                     request_deserializer=claypot__pb2.DeleteObjectRequest.FromString,
                     response_serializer=claypot__pb2.DeleteObjectResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=claypot__pb2.CancelRequest.FromString,
+                    response_serializer=claypot__pb2.CancelReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -967,6 +988,33 @@ class Backend:
             '/claypot.v1.Backend/DeleteObject',
             claypot__pb2.DeleteObjectRequest.SerializeToString,
             claypot__pb2.DeleteObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Cancel',
+            claypot__pb2.CancelRequest.SerializeToString,
+            claypot__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,

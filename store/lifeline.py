@@ -1,0 +1,99 @@
+"""Children that die with the process that started them.
+
+A ``LocalCluster`` owned by a script or a notebook kernel must not outlive it:
+a ``kill -9`` of the owner (what a Jupyter kernel restart does) gives it no
+chance to run ``stop()``. Two mechanisms cover that:
+
+- every child is started with ``PR_SET_PDEATHSIG`` (Linux ``prctl``), so the
+  kernel sends it SIGTERM when the thread that started it exits;
+- a small reaper process watches the owner and, once it is gone, waits for the
+  recorded children to exit (SIGKILL after a grace period) and removes the
+  cluster's temporary directory, which no child can remove for itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies.
+
+    Returns None where prctl is unavailable (not Linux): the reaper and
+    ``atexit`` still apply there.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        # The parent may have died between fork and prctl: then no signal comes.
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+def start_reaper(owner: int, pid_file: str, remove_dir: str) -> subprocess.Popen:
+    """Start the reaper of a cluster owned by ``owner`` (see the module docstring)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "store.lifeline", str(owner), pid_file, remove_dir],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True)
+
+
+def _identity_matches(rec: dict) -> bool:
+    import psutil
+    try:
+        return abs(psutil.Process(rec["pid"]).create_time() - rec["started"]) < 0.01
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+        return False
+
+
+def _reap(owner: int, pid_file: str, remove_dir: str, grace: float = 15.0) -> None:
+    import shutil
+    # The reaper is the owner's child: once the owner is gone, it is re-parented.
+    while os.getppid() == owner:
+        if not os.path.isdir(remove_dir):
+            return   # the owner stopped its cluster cleanly
+        time.sleep(0.5)
+    try:
+        with open(pid_file) as f:
+            children = json.load(f)
+    except (OSError, ValueError):
+        children = []
+    deadline = time.monotonic() + grace
+    # PDEATHSIG already sent them SIGTERM; send it again for children that
+    # started without it (another platform), then wait.
+    for rec in children:
+        if _identity_matches(rec):
+            try:
+                os.kill(rec["pid"], signal.SIGTERM)
+            except OSError:
+                pass
+    while time.monotonic() < deadline and any(_identity_matches(r) for r in children):
+        time.sleep(0.1)
+    for rec in children:
+        if _identity_matches(rec):
+            try:
+                os.kill(rec["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+    shutil.rmtree(remove_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _reap(int(sys.argv[1]), sys.argv[2], sys.argv[3])
