@@ -51,6 +51,16 @@ def _preexec(die_with_parent: bool):
     return hook()
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be listened on now (so a recorded port may be reused)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -333,6 +343,16 @@ class LocalCluster:
     def backends(self) -> list[str]:
         """Backend ids, in start order."""
         return [p.backend_id for p in self.processes]
+
+    @property
+    def backend_args(self) -> list[str]:
+        """Command-line flags every backend gets (what a restart must repeat)."""
+        return list(self._extra)
+
+    @property
+    def backend_env(self) -> dict[str, str]:
+        """Environment every backend gets on top of this process's (TLS files, Dask)."""
+        return dict(self._env)
 
     @property
     def tls_ca(self) -> str:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -762,6 +763,10 @@ def main(argv: list[str] | None = None) -> None:
     backend = Backend(settings)
 
     def announce():
+        # One line in the log (claypot logs) whatever CLAYPOT_LOG says: who serves where.
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} serving at "
+              f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})",
+              file=sys.stderr, flush=True)
         if a.ready_file:  # how a parent process learns the address and id
             tmp = a.ready_file + ".tmp"
             with open(tmp, "w") as f:
@@ -769,6 +774,8 @@ def main(argv: list[str] | None = None) -> None:
                            "pid": os.getpid()}, f)
             os.replace(tmp, a.ready_file)
     backend.serve_forever(announce)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} stopped",
+          file=sys.stderr, flush=True)
     # Everything is on disk and closed: skip the interpreter's teardown, which
     # spent up to a second freeing a large heap object by object at each stop.
     logging.shutdown()
