@@ -15,7 +15,7 @@
         c.incr()          # runs on the backend that holds c
 """
 
-from . import errors
+from . import aio, errors
 from .api import (BackendStatus, backends, client, connect, delete_alias, disconnect, getByID,
                   get_by_alias, get_by_id, get_locations, make_persistent_many)
 from .cluster import LocalCluster
@@ -23,7 +23,7 @@ from .config import Settings
 from .objects import StorageObject, readonly
 
 __all__ = [
-    "StorageObject", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
+    "StorageObject", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors", "aio",
     "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
     "delete_alias", "get_locations", "make_persistent_many",
 ]

@@ -44,11 +44,11 @@ def _private_log(path: str):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
-def _preexec(die_with_parent: bool):
+def _tied(argv: list[str], die_with_parent: bool) -> list[str]:
     if not die_with_parent:
-        return None
-    from .lifeline import die_with_parent as hook
-    return hook()
+        return argv
+    from .lifeline import die_with_parent as wrap
+    return wrap(argv)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -127,9 +127,9 @@ class RedisProcess:
         write_private(conf, ("\n".join(lines) + "\n").encode())
         log = _private_log(os.path.join(self.data_dir, "redis.log"))
         self.proc = subprocess.Popen(
-            [find_redis_server(), conf],
+            _tied([find_redis_server(), conf], self.die_with_parent),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, umask=0o077, preexec_fn=_preexec(self.die_with_parent))
+            start_new_session=True, umask=0o077)
         import redis
         client = redis.Redis(port=self.port, password=self.password or None,
                              socket_connect_timeout=0.5, socket_timeout=2)
@@ -189,11 +189,12 @@ class BackendProcess:
                                             [env.get("PYTHONPATH", "")])
         log = _private_log(os.path.join(self.data_dir, "backend.log"))
         self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
-             "--host", self.host, "--port", str(self.port),
-             "--ready-file", ready, *self.extra_args],
+            [*self.wrapper, *_tied([sys.executable, "-m", "store.backend", "--data-dir",
+                                    self.data_dir, "--host", self.host, "--port", str(self.port),
+                                    "--ready-file", ready, *self.extra_args],
+                                   self.die_with_parent and not self.wrapper)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, umask=0o077, preexec_fn=_preexec(self.die_with_parent))
+            start_new_session=True, umask=0o077)
         self.pid = self.proc.pid
 
         def read():
@@ -258,8 +259,8 @@ class DaskSchedulerProcess:
                      "--tls-cert", self.certs.cert, "--tls-key", self.certs.key]
             env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
         self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, umask=0o077, preexec_fn=_preexec(True))
+            _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True, umask=0o077)
 
         def read():
             try:

@@ -13,7 +13,6 @@ chance to run ``stop()``. Two mechanisms cover that:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -21,30 +20,28 @@ import subprocess
 import sys
 import time
 
-PR_SET_PDEATHSIG = 1
+# Run by a fresh interpreter in place of the child: arm PDEATHSIG, check the
+# parent is still there, then exec the real program (the setting survives exec).
+# A preexec_fn would do the same in the forked child, but Python code between
+# fork and exec in a process with gRPC's threads can deadlock or abort.
+_ARM = ("import ctypes, os, sys\n"
+        "ctypes.CDLL(None).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
+        "os.getppid() == int(sys.argv[2]) or os._exit(1)\n"
+        "os.execv(sys.argv[3], sys.argv[3:])\n")
 
 
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies.
+def die_with_parent(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """``argv`` run so that the child receives ``sig`` when this process dies.
 
-    Returns None where prctl is unavailable (not Linux): the reaper and
+    Unchanged where ``prctl`` is unavailable (not Linux): the reaper and
     ``atexit`` still apply there.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec():
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        # The parent may have died between fork and prctl: then no signal comes.
-        if os.getppid() != parent:
-            os._exit(1)
-    return preexec
+        return list(argv)
+    import shutil
+    program = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
+    return [sys.executable, "-S", "-c", _ARM, str(int(sig)), str(os.getpid()), program,
+            *argv[1:]]
 
 
 def start_reaper(owner: int, pid_file: str, remove_dir: str) -> subprocess.Popen:

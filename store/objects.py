@@ -267,12 +267,42 @@ def proxy_class(cls: type) -> type:
         return _proxy_classes.setdefault(cls, proxy)
 
 
+class _RemoteMethod:
+    """A method of a proxy class: calling it runs the method on the object's backend."""
+
+    __slots__ = ("__name__", "__claypot_readonly__")
+
+    def __init__(self, name: str, is_readonly: bool):
+        self.__name__ = name
+        self.__claypot_readonly__ = is_readonly
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else BoundRemote(obj, self.__name__)
+
+
+class BoundRemote:
+    """A proxy's method, bound: ``obj.incr(2)`` blocks; ``await obj.incr.aio(2)`` does not."""
+
+    __slots__ = ("__self__", "__name__")
+
+    def __init__(self, obj, name: str):
+        self.__self__ = obj
+        self.__name__ = name
+
+    def __call__(self, *args, **kwargs):
+        return get_dispatcher().call(self.__self__, METHOD, self.__name__, args, kwargs)
+
+    def aio(self, *args, **kwargs):
+        """The same call as a coroutine, on grpc's asyncio channels (see store.aio)."""
+        from . import aio
+        return aio.client().call(self.__self__, METHOD, self.__name__, args, kwargs)
+
+    def __repr__(self):
+        return f"<remote method {self.__name__} of {self.__self__!r}>"
+
+
 def _remote_method(name: str, is_readonly: bool):
-    def remote(self, *args, **kwargs):
-        return get_dispatcher().call(self, METHOD, name, args, kwargs)
-    remote.__name__ = name
-    remote.__claypot_readonly__ = is_readonly
-    return remote
+    return _RemoteMethod(name, is_readonly)
 
 
 def _remote_property(name: str, prop: property):
