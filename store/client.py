@@ -595,6 +595,22 @@ class Client:
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._OWNER] = backend_id
 
+    def upgrade_class(self, proxy, cls: type) -> None:
+        """Move a persistent object to ``cls``, a new version of its class (see
+        StorageObject.upgrade_class)."""
+        key = self.register_code(objmod.real_class(cls))
+        oid = proxy.getID()
+        request = pb.UpgradeClassRequest(object_id=oid, class_key=key,
+                                          chain_id=current_chain() or "")
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "UpgradeClass", request, self.settings.call_timeout, True, "upgrade_class"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        proxy.__dict__[objmod._KEY] = key
+        if objmod.is_proxy(proxy):
+            # Not proxy.__class__ = ...: a proxy forwards attribute writes to its backend.
+            object.__setattr__(proxy, "__class__", objmod.proxy_class(cls))
+
     def _with_relocation(self, proxy, fn):
         """Run fn(address) on the object's owner; if it moved, follow it.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Protocol
 
-from .errors import AlreadyPersistent, ConfigurationError, NotPersistent
+from .errors import AlreadyPersistent, ClassNotFound, ConfigurationError, NotPersistent
 from .serialization import current_pickle_context, current_unpickle_context
 
 _ID = "_claypot_id"
@@ -36,6 +36,7 @@ class Dispatcher(Protocol):
     def get_by_alias(self, alias: str): ...
     def get_by_id(self, object_id: str): ...
     def class_for_key(self, key: str) -> type: ...
+    def upgrade_class(self, proxy, cls: type) -> None: ...
 
 
 _dispatcher: Dispatcher | None = None
@@ -125,6 +126,27 @@ class StorageObject:
         """Move the object to another backend; its id and alias stay the same."""
         _require_persistent(self)
         get_dispatcher().move(self, backend_id)
+
+    def upgrade_class(self, cls: type | None = None) -> None:
+        """Run this object with the current definition of its class from now on.
+
+        After a notebook cell redefines a class, new objects use the new code,
+        and existing ones keep the version they were made with until upgraded.
+        ``cls`` defaults to what the class's name is bound to now in its module
+        (``__main__`` in a notebook). The state is kept as it is: a new version
+        that expects other attributes must cope with the old ones.
+        """
+        _require_persistent(self)
+        if cls is None:
+            import sys
+            real = real_class(self)
+            cls = sys.modules.get(real.__module__)
+            for part in real.__qualname__.split("."):
+                cls = getattr(cls, part, None)
+            if not isinstance(cls, type):
+                raise ClassNotFound(f"no class {real.__qualname__} in module {real.__module__} "
+                                    f"to upgrade to: pass it, obj.upgrade_class(NewClass)")
+        get_dispatcher().upgrade_class(self, cls)
 
     # COMPSs storage API names
     makePersistent = make_persistent

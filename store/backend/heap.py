@@ -529,6 +529,28 @@ class Heap:
         finally:
             entry.lock.release()
 
+    def upgrade_class(self, object_id: str, class_key: str, chain: str) -> None:
+        """Give a live object another version of its class (same qualified name).
+
+        The state is kept as it is; the object's record is stored with the new
+        class key, so a restart loads it with the new code.
+        """
+        cls = self.code.get(class_key)
+        entry = self._acquire(object_id, chain)
+        try:
+            old = objmod.real_class(type(entry.obj))
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ClassNotFound(f"object {object_id} is a {old.__qualname__}, not a "
+                                    f"{cls.__qualname__}: upgrade_class takes a new version "
+                                    f"of the same class")
+            entry.obj.__class__ = cls
+            entry.class_key = class_key
+            entry.obj.__dict__[objmod._KEY] = class_key
+            self._after_change(entry, chain, check=False)
+        finally:
+            entry.lock.release()
+        self.directory.claim([(object_id, self.backend_id, class_key, entry.alias)])
+
     def run_task(self, fn, args: tuple, kwargs: dict, mutates: list[str], chain: str,
                  timeout: float = 0.0, task_key: str = "") -> Any:
         """Run a task function here; objects it may change (INOUT) are locked and logged.

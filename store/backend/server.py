@@ -347,6 +347,15 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 pass  # /dev/shm full: the result streams instead
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
+    def UpgradeClass(self, request, context):
+        try:
+            self.heap.upgrade_class(check_name("object id", request.object_id),
+                                    check_name("class key", request.class_key),
+                                    request.chain_id or "anon:" + uuid.uuid4().hex)
+            return pb.Status()
+        except Exception as exc:
+            return _error_reply(pb.Status, exc)
+
     def Cancel(self, request, context):
         return pb.CancelReply(found=cancel.cancel(request.call_id))
 

@@ -29,6 +29,16 @@ BYTE_ORDER_UNSPECIFIED: ByteOrder
 BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
 BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
+class UpgradeClassRequest(_message.Message):
+    __slots__ = ("object_id", "class_key", "chain_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    class_key: str
+    chain_id: str
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., chain_id: _Optional[str] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("call_id",)
     CALL_ID_FIELD_NUMBER: _ClassVar[int]

@@ -144,6 +144,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.CancelRequest.SerializeToString,
                 response_deserializer=claypot__pb2.CancelReply.FromString,
                 _registered_method=True)
+        self.UpgradeClass = channel.unary_unary(
+                '/claypot.v1.Backend/UpgradeClass',
+                request_serializer=claypot__pb2.UpgradeClassRequest.SerializeToString,
+                response_deserializer=claypot__pb2.Status.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -307,6 +312,15 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpgradeClass(self, request, context):
+        """Gives an object a new version of its class (registered with RegisterCode
+        under class_key, same qualified name): its state stays, its methods are
+        the new ones, and the change is stored like any acknowledged change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -419,6 +433,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=claypot__pb2.CancelRequest.FromString,
                     response_serializer=claypot__pb2.CancelReply.SerializeToString,
+            ),
+            'UpgradeClass': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeClass,
+                    request_deserializer=claypot__pb2.UpgradeClassRequest.FromString,
+                    response_serializer=claypot__pb2.Status.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1015,6 +1034,33 @@ class Backend:
             '/claypot.v1.Backend/Cancel',
             claypot__pb2.CancelRequest.SerializeToString,
             claypot__pb2.CancelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeClass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/UpgradeClass',
+            claypot__pb2.UpgradeClassRequest.SerializeToString,
+            claypot__pb2.Status.FromString,
             options,
             channel_credentials,
             insecure,
