@@ -143,3 +143,31 @@ def test_a_task_past_its_time_out_stops_running(cluster, tmp_path):
     time.sleep(0.5)
     assert os.path.getsize(log) == size       # the function no longer runs
     assert s.read() == (0, 0)                 # its change was rolled back
+
+
+def test_future_cancel_stops_a_running_task(cluster, tmp_path):
+    from runtime import INOUT, task, wait_on
+    from store.errors import TaskCancelled
+
+    @task(obj=INOUT)
+    def spin_task(obj, marker, seconds):
+        obj.value = 7
+        open(marker, "w").close()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            obj.steps += 1
+            time.sleep(0.01)
+        return "finished"
+
+    s = Spinner()
+    s.make_persistent()
+    marker = str(tmp_path / "task-running")
+    f = spin_task(s, marker, 120)
+    wait_for(marker)
+    assert f.cancel() is True
+    with pytest.raises(TaskCancelled, match="future.cancel"):
+        wait_on(f)
+    assert f.cancelled() and f.cancel() is False
+    started = time.monotonic()
+    assert s.read() == (0, 0)          # stopped on its backend and rolled back
+    assert time.monotonic() - started < 3
