@@ -66,7 +66,7 @@ def _reap(owner: int, pid_file: str, remove_dir: str, grace: float = 15.0) -> No
     while os.getppid() == owner:
         if not os.path.isdir(remove_dir):
             return   # the owner stopped its cluster cleanly
-        time.sleep(0.5)
+        time.sleep(0.25)
     try:
         with open(pid_file) as f:
             children = json.load(f)
