@@ -51,6 +51,15 @@ def _tied(argv: list[str], die_with_parent: bool) -> list[str]:
     return wrap(argv)
 
 
+def _popen(die_with_parent: bool, *args, **kwargs) -> subprocess.Popen:
+    # Children tied to this process start from its long-lived spawner thread
+    # (PDEATHSIG follows the starting thread, see store.lifeline).
+    if not die_with_parent:
+        return subprocess.Popen(*args, **kwargs)
+    from .lifeline import popen
+    return popen(*args, **kwargs)
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``port`` can be listened on now (so a recorded port may be reused)."""
     with socket.socket() as s:
@@ -126,8 +135,8 @@ class RedisProcess:
             lines.append(f"requirepass {self.password}")
         write_private(conf, ("\n".join(lines) + "\n").encode())
         log = _private_log(os.path.join(self.data_dir, "redis.log"))
-        self.proc = subprocess.Popen(
-            _tied([find_redis_server(), conf], self.die_with_parent),
+        self.proc = _popen(
+            self.die_with_parent, _tied([find_redis_server(), conf], self.die_with_parent),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, umask=0o077)
         import redis
@@ -188,7 +197,8 @@ class BackendProcess:
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                             [env.get("PYTHONPATH", "")])
         log = _private_log(os.path.join(self.data_dir, "backend.log"))
-        self.proc = subprocess.Popen(
+        self.proc = _popen(
+            self.die_with_parent and not self.wrapper,
             [*self.wrapper, *_tied([sys.executable, "-m", "store.backend", "--data-dir",
                                     self.data_dir, "--host", self.host, "--port", str(self.port),
                                     "--ready-file", ready, *self.extra_args],
@@ -258,8 +268,8 @@ class DaskSchedulerProcess:
             argv += ["--protocol", "tls", "--tls-ca-file", self.certs.ca,
                      "--tls-cert", self.certs.cert, "--tls-key", self.certs.key]
             env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
-        self.proc = subprocess.Popen(
-            _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        self.proc = _popen(
+            True, _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True, umask=0o077)
 
         def read():

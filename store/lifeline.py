@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # Run by a fresh interpreter in place of the child: arm PDEATHSIG, check the
@@ -42,6 +43,44 @@ def die_with_parent(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
     program = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
     return [sys.executable, "-S", "-c", _ARM, str(int(sig)), str(os.getpid()), program,
             *argv[1:]]
+
+
+_spawner_lock = threading.Lock()
+_spawner_queue: "queue.Queue | None" = None
+
+
+def _spawner_loop(q) -> None:
+    while True:
+        args, kwargs, outcome, done = q.get()
+        try:
+            outcome["proc"] = subprocess.Popen(*args, **kwargs)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+
+def popen(*args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` run from one thread that lives as long as this process.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that started the child ends,
+    not the process: a child started from a short-lived thread (a test's
+    killer thread, a notebook's background task) would be killed with it.
+    """
+    global _spawner_queue
+    with _spawner_lock:
+        if _spawner_queue is None:
+            import queue
+            _spawner_queue = queue.Queue()
+            threading.Thread(target=_spawner_loop, args=(_spawner_queue,),
+                             name="claypot-spawner", daemon=True).start()
+    outcome: dict = {}
+    done = threading.Event()
+    _spawner_queue.put((args, kwargs, outcome, done))
+    done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["proc"]
 
 
 def start_reaper(owner: int, pid_file: str, remove_dir: str) -> subprocess.Popen:

@@ -66,3 +66,17 @@ def test_repr_html_lists_backends(cluster):
     for p in cluster.processes:
         assert p.backend_id[:8] in html and p.address in html
     assert "backend.log" in html and "<table>" in html and ">up<" in html
+
+
+def test_a_child_started_from_a_thread_outlives_that_thread():
+    import threading
+
+    from store import LocalCluster
+    with LocalCluster(backends=1) as c:
+        bid = c.backends[0]
+        t = threading.Thread(target=lambda: c.restart(bid, kill=True))
+        t.start()
+        t.join()
+        time.sleep(1.0)   # PDEATHSIG would have killed it by now
+        assert c.processes[0].alive()
+        assert c.client.backends()[0].up
