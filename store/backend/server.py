@@ -352,12 +352,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             self.heap.upgrade_class(check_name("object id", request.object_id),
                                     check_name("class key", request.class_key),
                                     request.chain_id or "anon:" + uuid.uuid4().hex)
-            return pb.Status()
+            return pb.UpgradeClassResponse()
         except Exception as exc:
-            return _error_reply(pb.Status, exc)
+            return _error_reply(pb.UpgradeClassResponse, exc)
 
     def Cancel(self, request, context):
-        return pb.CancelReply(found=cancel.cancel(request.call_id))
+        return pb.CancelResponse(found=cancel.cancel(request.call_id))
 
     def FetchResult(self, request, context):
         try:

@@ -39,13 +39,19 @@ class UpgradeClassRequest(_message.Message):
     chain_id: str
     def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., chain_id: _Optional[str] = ...) -> None: ...
 
+class UpgradeClassResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("call_id",)
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     def __init__(self, call_id: _Optional[str] = ...) -> None: ...
 
-class CancelReply(_message.Message):
+class CancelResponse(_message.Message):
     __slots__ = ("found",)
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool

@@ -142,12 +142,12 @@ class BackendStub:
         self.Cancel = channel.unary_unary(
                 '/claypot.v1.Backend/Cancel',
                 request_serializer=claypot__pb2.CancelRequest.SerializeToString,
-                response_deserializer=claypot__pb2.CancelReply.FromString,
+                response_deserializer=claypot__pb2.CancelResponse.FromString,
                 _registered_method=True)
         self.UpgradeClass = channel.unary_unary(
                 '/claypot.v1.Backend/UpgradeClass',
                 request_serializer=claypot__pb2.UpgradeClassRequest.SerializeToString,
-                response_deserializer=claypot__pb2.Status.FromString,
+                response_deserializer=claypot__pb2.UpgradeClassResponse.FromString,
                 _registered_method=True)
 
 
@@ -432,12 +432,12 @@ def add_BackendServicer_to_server(servicer, server):
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
                     request_deserializer=claypot__pb2.CancelRequest.FromString,
-                    response_serializer=claypot__pb2.CancelReply.SerializeToString,
+                    response_serializer=claypot__pb2.CancelResponse.SerializeToString,
             ),
             'UpgradeClass': grpc.unary_unary_rpc_method_handler(
                     servicer.UpgradeClass,
                     request_deserializer=claypot__pb2.UpgradeClassRequest.FromString,
-                    response_serializer=claypot__pb2.Status.SerializeToString,
+                    response_serializer=claypot__pb2.UpgradeClassResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1033,7 +1033,7 @@ class Backend:
             target,
             '/claypot.v1.Backend/Cancel',
             claypot__pb2.CancelRequest.SerializeToString,
-            claypot__pb2.CancelReply.FromString,
+            claypot__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1060,7 +1060,7 @@ class Backend:
             target,
             '/claypot.v1.Backend/UpgradeClass',
             claypot__pb2.UpgradeClassRequest.SerializeToString,
-            claypot__pb2.Status.FromString,
+            claypot__pb2.UpgradeClassResponse.FromString,
             options,
             channel_credentials,
             insecure,
