@@ -171,3 +171,40 @@ def test_future_cancel_stops_a_running_task(cluster, tmp_path):
     started = time.monotonic()
     assert s.read() == (0, 0)          # stopped on its backend and rolled back
     assert time.monotonic() - started < 3
+
+
+def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_path):
+    import threading
+    import uuid
+
+    from store import wire
+    from store.generated import claypot_pb2 as pb
+    from store.objects import METHOD
+    from store.serialization import dumps
+    s = Spinner()
+    s.make_persistent()
+    c = store.client()
+    first = threading.Thread(target=lambda: s.spin(str(tmp_path / "first"), 2.0))
+    first.start()
+    wait_for(str(tmp_path / "first"))
+    call_id = uuid.uuid4().hex
+    payload, buffers = dumps(((str(tmp_path / "second"), 60), {}))
+    request = pb.CallRequest(object_id=s.getID(), kind=METHOD, name="spin", call_id=call_id,
+                             chain_id=uuid.uuid4().hex, args=wire.inline_value(payload, buffers))
+    outcome = {}
+
+    def second():
+        try:
+            outcome["result"] = c._call(s, request, payload, buffers)
+        except Exception as exc:
+            outcome["error"] = exc
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.3)                                  # queued behind the first call's lock
+    assert c.cancel_call(c.locate(s), call_id) is False   # not running yet
+    first.join(30)
+    t.join(30)
+    assert isinstance(outcome.get("error"), CallCancelled), outcome
+    assert not os.path.exists(str(tmp_path / "second"))   # it never ran
+    value, steps = s.read()
+    assert value == 1 and steps > 0                  # the first call's result stands

@@ -29,6 +29,13 @@ _mu = threading.Lock()
 _armed: dict[str, int] = {}        # call id -> ident of the thread running it
 _fired: dict[int, type] = {}       # thread ident -> exception type sent to it
 _local = threading.local()
+# Cancels that came before their call started running (it waited for its
+# object's lock, or was still on the way): refused when it starts. Call ids are
+# unique, so a cancel for a call that already finished only sits here until
+# it expires.
+_early: dict[str, float] = {}
+_EARLY_TTL = 120.0
+_EARLY_MAX = 10000
 
 
 def set_current(call_id: str | None) -> None:
@@ -51,10 +58,24 @@ def _fire(ident: int, exc: type) -> bool:
 
 
 def cancel(call_id: str) -> bool:
-    """Raise CallCancelled in the call ``call_id`` if it runs user code here now."""
+    """Raise CallCancelled in the call ``call_id`` if it runs user code here now.
+
+    Returns False if it does not; should it start later (it waited for its
+    object's lock), it is refused as it starts.
+    """
+    import time
     with _mu:
         ident = _armed.get(call_id)
-        return ident is not None and _fire(ident, CallCancelled)
+        if ident is not None:
+            return _fire(ident, CallCancelled)
+        if call_id:
+            now = time.monotonic()
+            if len(_early) >= _EARLY_MAX:
+                for k in [k for k, t in _early.items() if now - t > _EARLY_TTL] or \
+                        list(_early)[:_EARLY_MAX // 10]:
+                    _early.pop(k, None)
+            _early[call_id] = now
+        return False
 
 
 @contextmanager
@@ -70,6 +91,8 @@ def armed(what: str, timeout: float = 0.0):
     with _mu:
         nested = _armed.get(key) == ident
         if not nested:
+            if _early and _early.pop(key, None) is not None:
+                raise CallCancelled(f"{what} was cancelled by its caller before it started")
             _armed[key] = ident
     timer = None
     if timeout and timeout > 0 and not nested:

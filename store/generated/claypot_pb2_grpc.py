@@ -304,9 +304,9 @@ class BackendServicer:
     def Cancel(self, request, context):
         """Cancels a running Call or task by its call_id (Ctrl-C or a timeout in the
         caller): the backend raises CallCancelled inside it at its next bytecode
-        boundary, and its object goes back to its last acknowledged state. A call
-        not running here (finished, or never arrived) is left alone: the reply says
-        whether one was found.
+        boundary, and its object goes back to its last acknowledged state. `found`
+        says whether it was running; one that has not started yet (waiting for its
+        object's lock, or still on its way) is refused when it starts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
