@@ -99,6 +99,7 @@ class Call:
     commit_of: "Call | None" = None
     values: list | None = None
     deps: tuple = ()              # tasks it waited for when submitted (for the dashboard)
+    cancelled: bool = False       # by future.cancel(): never retried
 
     @property
     def name(self) -> str:
@@ -391,7 +392,7 @@ class Runtime:
                 call.timer = None
             policy = call.defn.on_failure
             if error is not None and policy is OnFailure.RETRY \
-                    and call.attempt <= call.defn.retries \
+                    and call.attempt <= call.defn.retries and not call.cancelled \
                     and not (call.writes and isinstance(error, CallInterrupted)):
                 # (A task that changes objects and may have run is never run again: its
                 # backend may have committed it before the connection broke.)
@@ -458,6 +459,25 @@ class Runtime:
             return TaskError(f"task {call.name} declares returns={n} but returned "
                              f"{type(result).__name__} {result!r:.80}")
         return values
+
+    def cancel(self, future: Future) -> bool:
+        """Cancel the task of ``future`` (see Future.cancel); False if it already finished."""
+        with self._lock:
+            call = self._calls.get(future.task_id)
+            if call is None or call.settled or future not in call.futures:
+                return False
+            call.cancelled = True
+            backend, attempt = call.backend, call.attempt
+            for queue in self._queues.values():
+                if call in queue:
+                    queue.remove(call)
+        if attempt and backend and not self.inline:
+            # Running (or about to): the backend raises CallCancelled inside it.
+            self.client.cancel_call(backend, f"{self._session}:{call.task_id}")
+        self._settle(call, attempt, None, TaskCancelled(
+            f"task {call.name} cancelled by future.cancel(); its changes were rolled back"),
+            backend)
+        return True
 
     def _cancel(self, call: Call, because: Future) -> None:
         """Finish a call that will never run because ``because`` failed."""

@@ -72,6 +72,23 @@ class Future:
         self._wait(timeout)
         return self._error
 
+    def cancel(self) -> bool:
+        """Cancel the task: a task still waiting never runs; a running one is stopped on
+        its backend (CallCancelled raised inside it, its INOUT objects rolled back).
+
+        The future, and those of tasks that depend on it, fail with TaskCancelled.
+        Returns False if the task had already finished.
+        """
+        if self._state == _DONE:
+            return False
+        from .core import current
+        return current().cancel(self)
+
+    def cancelled(self) -> bool:
+        """True if the task ended by a cancel (its own, or a failed predecessor's)."""
+        from store.errors import TaskCancelled
+        return self._state == _DONE and isinstance(self._error, TaskCancelled)
+
     def add_done_callback(self, fn: Callable[["Future"], None]) -> None:
         """Call ``fn(self)`` when the task finishes (at once if it already has)."""
         with self._cond:

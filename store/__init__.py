@@ -15,7 +15,7 @@
         c.incr()          # runs on the backend that holds c
 """
 
-from . import errors
+from . import aio, errors
 from .api import (BackendStatus, backends, client, connect, delete_alias, disconnect, getByID,
                   get_backends, get_by_alias, get_by_id, get_locations, make_persistent_many,
                   stub_class)
@@ -27,6 +27,7 @@ from .transfers import show_transfers
 
 __all__ = [
     "StorageObject", "Alien", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
+    "aio",
     "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
     "delete_alias", "get_locations", "make_persistent_many", "get_backends", "stub_class",
     "show_transfers",

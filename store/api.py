@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from . import objects as objmod
 from .client import Client
 from .config import Settings
-from .errors import ConfigurationError
+from .addresses import HINT, check_address
+from .errors import AuthenticationError, BackendUnavailable, ConfigurationError
 
 _client: Client | None = None
 
@@ -21,13 +22,39 @@ def state_file() -> str:
     return os.path.join(base, "cluster.json")
 
 
-def _from_state_file() -> tuple[str, str, str]:
+def load_state() -> dict:
+    """The cluster ``claypot up`` recorded ({} when none)."""
     from .security import read_private
     try:
         state = json.loads(read_private(state_file()))
-        return state["address"], state["token"], state.get("tls_ca", "")
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
-        return "", "", ""
+    except (FileNotFoundError, ValueError, TypeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _state_addresses(state: dict) -> list[str]:
+    out = [state["address"]] if state.get("address") else []
+    for b in state.get("members", []):
+        if isinstance(b, dict) and b.get("address") and b["address"] not in out:
+            out.append(b["address"])
+    return out
+
+
+def _stale_env(state: dict, address: str, token: str) -> list[str]:
+    """Environment variables that disagree with the cluster recorded by ``claypot up``."""
+    if not state:
+        return []
+    notes = []
+    env_address = os.environ.get("CLAYPOT_ADDRESS", "")
+    if env_address and env_address == address and address not in _state_addresses(state):
+        notes.append(f"CLAYPOT_ADDRESS={env_address} (from the environment) is not an address "
+                     f"of the cluster recorded in {state_file()} "
+                     f"({', '.join(_state_addresses(state))}): unset it or export the new value")
+    env_token = os.environ.get("CLAYPOT_TOKEN", "")
+    if env_token and env_token == token and state.get("token") and env_token != state["token"]:
+        notes.append(f"CLAYPOT_TOKEN (from the environment) differs from the token of the "
+                     f"cluster recorded in {state_file()}: unset it or export the new value")
+    return notes
 
 
 def connect(address: str | None = None, token: str | None = None,
@@ -39,24 +66,41 @@ def connect(address: str | None = None, token: str | None = None,
     ``CLAYPOT_TOKEN`` (or that cluster's token). ``tls_ca`` (default
     ``CLAYPOT_TLS_CA``, or the CA of a ``claypot up --tls`` cluster) makes
     the connection TLS, verified against that CA.
+
+    The client learns every backend of the cluster from the first one that
+    answers, and from the state file of ``claypot up``, and asks any live one:
+    one dead backend does not hide the others. When none answers within about
+    a second per address, BackendUnavailable says which addresses were tried
+    and which ``CLAYPOT_*`` variable looks stale.
     """
     global _client
     settings = Settings.from_env()
-    address = address or settings.address
-    saved_address, saved_token, saved_ca = _from_state_file()
+    state = load_state()
+    source = "address"
     if not address:
-        address = saved_address
-    if token is None and not settings.token:
-        token = saved_token  # the cluster `claypot up` started, if any
-    if tls_ca:
-        settings = settings.replace(tls_ca=tls_ca)
-    elif not settings.tls_ca and saved_ca and address == saved_address:
-        settings = settings.replace(tls_ca=saved_ca)
+        address, source = settings.address, "CLAYPOT_ADDRESS"
+    if not address:
+        address, source = state.get("address", ""), state_file()
     if not address:
         raise ConfigurationError("no cluster to connect to: pass an address, set "
                                  "CLAYPOT_ADDRESS, or run `claypot up`")
-    client = Client(address, token if token is not None else settings.token, settings)
-    client.backends()  # fail now, clearly, if the address or token is wrong
+    address = check_address(address, source)
+    if token is None:
+        token = settings.token or state.get("token", "")
+    same_cluster = address in _state_addresses(state)
+    if tls_ca:
+        settings = settings.replace(tls_ca=tls_ca)
+    elif not settings.tls_ca and state.get("tls_ca") and same_cluster:
+        settings = settings.replace(tls_ca=state["tls_ca"])
+    gateways = _state_addresses(state) if same_cluster or token == state.get("token") else []
+    client = Client(address, token, settings, gateways=gateways)
+    try:
+        client.probe(timeout=min(settings.admin_timeout, 1.0))
+    except (BackendUnavailable, AuthenticationError) as exc:
+        client.close()
+        notes = _stale_env(state, address, token)
+        hint = "" if isinstance(exc, AuthenticationError) else f"; {HINT}"
+        raise type(exc)(f"{exc}{hint}" + "".join(f"\n  - {n}" for n in notes)) from None
     if _client is not None:
         _client.close()
     _client = client

@@ -102,7 +102,7 @@ class Client:
     """A connection to a claypot cluster (see the module docstring)."""
 
     def __init__(self, address: str | None = None, token: str | None = None,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, gateways: list[str] | None = None):
         self.settings = settings or Settings.from_env()
         address = address or self.settings.address
         if not address:
@@ -114,7 +114,9 @@ class Client:
         self._metadata = ((TOKEN_HEADER, self.token),)
         if self.settings.tracing and not tracing.enabled():
             tracing.enable()
-        self._gateways = [address]
+        # Backends asked directory questions, in order: the given address, then
+        # any others known from elsewhere (the state file of `claypot up`).
+        self._gateways = [address] + [g for g in (gateways or []) if g != address]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
         self._addresses: dict[str, str] = {}   # backend id -> address
         self._host_ids: dict[str, str] = {}    # address -> host id it reported (see _same_host)
@@ -285,6 +287,34 @@ class Client:
                 seen.add(addr)
                 out.append(addr)
         return out
+
+    def probe(self, timeout: float = 1.0) -> str:
+        """Find a live gateway fast: one ListBackends per known address, ``timeout`` each.
+
+        Returns the address that answered (now asked first) and learns every
+        backend from it. Raises AuthenticationError at once on a wrong token,
+        and BackendUnavailable naming the addresses tried when none answers.
+        """
+        tried, last = [], ""
+        for addr in self._gateway_order():
+            tried.append(addr)
+            try:
+                reply = self._stub(addr).ListBackends(pb.ListBackendsRequest(), timeout=timeout,
+                                                      metadata=self._metadata)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise AuthenticationError(f"{addr}: {err.details() or 'wrong token'}") \
+                        from None
+                last = f"{err.code().name}: {err.details()}"
+                continue
+            with self._lock:
+                self._gateways = [addr] + [g for g in self._gateways if g != addr]
+                for b in reply.backends:
+                    self._addresses[b.backend_id] = b.address
+                    if b.address and b.address not in self._gateways:
+                        self._gateways.append(b.address)
+            return addr
+        raise BackendUnavailable(f"no backend answers at {', '.join(tried)} ({last})")
 
     # -- backends -------------------------------------------------------------------
     def backends(self) -> list[pb.BackendInfo]:
@@ -586,6 +616,22 @@ class Client:
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._OWNER] = backend_id
 
+    def upgrade_class(self, proxy, cls: type) -> None:
+        """Move a persistent object to ``cls``, a new version of its class (see
+        StorageObject.upgrade_class)."""
+        key = self.register_code(objmod.real_class(cls))
+        oid = proxy.getID()
+        request = pb.UpgradeClassRequest(object_id=oid, class_key=key,
+                                          chain_id=current_chain() or "")
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "UpgradeClass", request, self.settings.call_timeout, True, "upgrade_class"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        proxy.__dict__[objmod._KEY] = key
+        if objmod.is_proxy(proxy):
+            # Not proxy.__class__ = ...: a proxy forwards attribute writes to its backend.
+            object.__setattr__(proxy, "__class__", objmod.proxy_class(cls))
+
     def _with_relocation(self, proxy, fn):
         """Run fn(address) on the object's owner; if it moved, follow it.
 
@@ -696,13 +742,36 @@ class Client:
                     if isinstance(exc, BackendUnavailable):
                         raise _NotRun(exc) from None
                     raise exc from None
-        if proxy is None:
-            reply = self._on_owner(owner, send)
-            addr = self.address_of(owner)
-        else:
-            reply = self._with_relocation(proxy, send)
-            addr = self.address_of(proxy.__dict__[objmod._OWNER])
+        try:
+            if proxy is None:
+                reply = self._on_owner(owner, send)
+                addr = self.address_of(owner)
+            else:
+                reply = self._with_relocation(proxy, send)
+                addr = self.address_of(proxy.__dict__[objmod._OWNER])
+        except (KeyboardInterrupt, DeadlineExceeded):
+            # The caller gave up (Ctrl-C, or its deadline passed): stop the call
+            # on the backend too, so it neither keeps running nor holds the lock.
+            self.cancel_call(owner if proxy is None else proxy.__dict__.get(objmod._OWNER, ""),
+                             request.call_id)
+            raise
         return self._result(reply, addr)
+
+    def cancel_call(self, backend_id: str, call_id: str) -> bool:
+        """Ask a backend to stop the running call ``call_id``; True if it was running there.
+
+        Best effort and quick (one attempt, a 2 s deadline): it runs on the way
+        out of a KeyboardInterrupt or a deadline.
+        """
+        if not backend_id or not call_id:
+            return False
+        try:
+            addr = self._addresses.get(backend_id) or self.address_of(backend_id)
+            reply = self._stub(addr).Cancel(pb.CancelRequest(call_id=call_id), timeout=2.0,
+                                            metadata=self._metadata)
+            return reply.found
+        except (grpc.RpcError, ClaypotError, ValueError):
+            return False
 
     def _result(self, reply: pb.CallReply, address: str) -> Any:
         if reply.HasField("error"):

@@ -44,6 +44,32 @@ def _private_log(path: str):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
+def _tied(argv: list[str], die_with_parent: bool) -> list[str]:
+    if not die_with_parent:
+        return argv
+    from .lifeline import die_with_parent as wrap
+    return wrap(argv)
+
+
+def _popen(die_with_parent: bool, *args, **kwargs) -> subprocess.Popen:
+    # Children tied to this process start from its long-lived spawner thread
+    # (PDEATHSIG follows the starting thread, see store.lifeline).
+    if not die_with_parent:
+        return subprocess.Popen(*args, **kwargs)
+    from .lifeline import popen
+    return popen(*args, **kwargs)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be listened on now (so a recorded port may be reused)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -89,6 +115,7 @@ class RedisProcess:
     appendfsync: str = "everysec"
     password: str = ""
     proc: subprocess.Popen | None = None
+    die_with_parent: bool = False   # SIGTERM when the starting process dies (store.lifeline)
 
     @property
     def url(self) -> str:
@@ -108,8 +135,8 @@ class RedisProcess:
             lines.append(f"requirepass {self.password}")
         write_private(conf, ("\n".join(lines) + "\n").encode())
         log = _private_log(os.path.join(self.data_dir, "redis.log"))
-        self.proc = subprocess.Popen(
-            [find_redis_server(), conf],
+        self.proc = _popen(
+            self.die_with_parent, _tied([find_redis_server(), conf], self.die_with_parent),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, umask=0o077)
         import redis
@@ -149,6 +176,7 @@ class BackendProcess:
     address: str = ""
     backend_id: str = ""
     pid: int = 0
+    die_with_parent: bool = False   # SIGTERM when the starting process dies (store.lifeline)
 
     def start(self, timeout: float = 30.0) -> "BackendProcess":
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -169,10 +197,12 @@ class BackendProcess:
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
                                             [env.get("PYTHONPATH", "")])
         log = _private_log(os.path.join(self.data_dir, "backend.log"))
-        self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "store.backend", "--data-dir", self.data_dir,
-             "--host", self.host, "--port", str(self.port),
-             "--ready-file", ready, *self.extra_args],
+        self.proc = _popen(
+            self.die_with_parent and not self.wrapper,
+            [*self.wrapper, *_tied([sys.executable, "-m", "store.backend", "--data-dir",
+                                    self.data_dir, "--host", self.host, "--port", str(self.port),
+                                    "--ready-file", ready, *self.extra_args],
+                                   self.die_with_parent and not self.wrapper)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, umask=0o077)
         self.pid = self.proc.pid
@@ -238,9 +268,9 @@ class DaskSchedulerProcess:
             argv += ["--protocol", "tls", "--tls-ca-file", self.certs.ca,
                      "--tls-cert", self.certs.cert, "--tls-key", self.certs.key]
             env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
-        self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, umask=0o077)
+        self.proc = _popen(
+            True, _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True, umask=0o077)
 
         def read():
             try:
@@ -268,12 +298,21 @@ class LocalCluster:
     certificates made for this cluster (needs ``cryptography``).
     ``tls=True`` makes a private CA and a certificate for this cluster
     (:mod:`store.certs`) and serves every backend over TLS with it.
+
+    Its processes die with the process that started it (``PR_SET_PDEATHSIG``),
+    ``atexit`` stops them on a normal exit, and a reaper removes the temporary
+    data dir after a ``kill -9`` of the owner (:mod:`store.lifeline`).
+    ``detach=True`` (``claypot up``) turns that off: the cluster outlives its
+    starter. ``ports`` (one per backend), ``redis_port`` and ``redis_password``
+    pin what is otherwise chosen at random, so a restart keeps its addresses.
     """
 
     def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
                  token: str | None = None, durability: str | None = None,
                  memory_limit: str | None = None, backend_env: dict | None = None,
-                 connect: bool = True, dask: bool = False, tls: bool = False):
+                 connect: bool = True, dask: bool = False, tls: bool = False,
+                 ports: list[int] | None = None, redis_port: int = 0,
+                 redis_password: str | None = None, detach: bool = False):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
@@ -295,6 +334,12 @@ class LocalCluster:
         self.dask: DaskSchedulerProcess | None = None
         self._tls = tls
         self.certs = None   # store.certs.ClusterCerts, when tls or dask
+        self._ports = list(ports or [])
+        self._redis_port = redis_port
+        self._redis_password = redis_password or new_secret()
+        self._detach = detach
+        self._reaper = None
+        self._atexit = None
 
     @property
     def redis_url(self) -> str:
@@ -309,6 +354,16 @@ class LocalCluster:
     def backends(self) -> list[str]:
         """Backend ids, in start order."""
         return [p.backend_id for p in self.processes]
+
+    @property
+    def backend_args(self) -> list[str]:
+        """Command-line flags every backend gets (what a restart must repeat)."""
+        return list(self._extra)
+
+    @property
+    def backend_env(self) -> dict[str, str]:
+        """Environment every backend gets on top of this process's (TLS files, Dask)."""
+        return dict(self._env)
 
     @property
     def tls_ca(self) -> str:
@@ -329,6 +384,13 @@ class LocalCluster:
         try:
             # Objects' files, the AOF and the certificates live below: private.
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            if not self._detach:
+                import atexit
+                self._atexit = self.stop
+                atexit.register(self._atexit)
+                if self._tmp:
+                    from .lifeline import start_reaper
+                    self._reaper = start_reaper(os.getpid(), self._pid_file(), self._tmp)
             if self._tls or self._dask:
                 from .certs import existing_certs, make_cluster_certs
                 tls_dir = os.path.join(self.data_dir, "tls")
@@ -337,7 +399,10 @@ class LocalCluster:
                 self._env = {**self.certs.backend_env(), **self._env}
             if not self._redis_url:
                 self.redis = RedisProcess(os.path.join(self.data_dir, "redis"),
-                                          password=new_secret()).start()
+                                          port=self._redis_port,
+                                          password=self._redis_password,
+                                          die_with_parent=not self._detach).start()
+                self._record_children()
             if self._dask:
                 self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask"),
                                                  certs=self.certs).start()
@@ -345,6 +410,7 @@ class LocalCluster:
                 self._env = {**self._env, "CLAYPOT_DASK_TLS_DIR": os.path.dirname(self.certs.ca)}
             for i in range(self._n):
                 self.processes.append(self._backend(i).start())
+                self._record_children()
             if self._connect:
                 from . import api
                 self.client = api.connect(self.address, self.token, tls_ca=self.tls_ca or None)
@@ -360,11 +426,59 @@ class LocalCluster:
 
     def _backend(self, i: int) -> BackendProcess:
         return BackendProcess(os.path.join(self.data_dir, f"backend-{i}"), self.redis_url,
-                              self.token, env=dict(self._env), extra_args=list(self._extra))
+                              self.token, env=dict(self._env), extra_args=list(self._extra),
+                              port=self._ports[i] if i < len(self._ports) else 0,
+                              die_with_parent=not self._detach)
+
+    def _pid_file(self) -> str:
+        return os.path.join(self.data_dir, "children.json")
+
+    def _record_children(self) -> None:
+        # What the reaper stops if this process dies without calling stop().
+        if self._reaper is None:
+            return
+        import psutil
+        recs = []
+        for proc in [self.redis.proc if self.redis else None] + [p.proc for p in self.processes]:
+            if proc is not None and proc.poll() is None:
+                try:
+                    recs.append({"pid": proc.pid,
+                                 "started": psutil.Process(proc.pid).create_time()})
+                except psutil.NoSuchProcess:
+                    pass
+        with open(self._pid_file(), "w") as f:
+            json.dump(recs, f)
+
+    def _repr_html_(self) -> str:
+        """A table of the backends for notebooks: address, state, objects, memory, log."""
+        import html
+        rows = []
+        infos = {}
+        if self.client is not None:
+            try:
+                infos = {b.backend_id: b for b in self.client.backends()}
+            except Exception:
+                infos = {}
+        for p in self.processes:
+            b = infos.get(p.backend_id)
+            state = ("up" if b.up else "DOWN") if b is not None else \
+                ("running" if p.alive() else "stopped")
+            objects = b.objects if b is not None else ""
+            memory = f"{b.memory_bytes / 2**20:.1f} MiB" if b is not None else ""
+            log_path = os.path.join(p.data_dir, "backend.log")
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                p.backend_id[:8], p.address, state, p.pid, objects, memory)) +
+                f"<td><a href=\"file://{html.escape(log_path)}\">backend.log</a></td></tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("backend", "address", "state", "pid",
+                                                 "objects", "memory", "log"))
+        return (f"<div><b>claypot LocalCluster</b> &mdash; {len(self.processes)} backend(s), "
+                f"data in <code>{html.escape(self.data_dir)}</code>"
+                f"<table><tr>{head}</tr>{''.join(rows)}</table></div>")
 
     def add_backend(self) -> BackendProcess:
         proc = self._backend(len(self.processes)).start()
         self.processes.append(proc)
+        self._record_children()
         return proc
 
     def process_of(self, backend_id: str) -> BackendProcess:
@@ -377,9 +491,16 @@ class LocalCluster:
         """Stop (or kill -9) a backend and start it again on the same storage dir and port."""
         p = self.process_of(backend_id)
         p.kill() if kill else p.stop()
-        return p.start()
+        p.start()
+        self._record_children()
+        return p
 
     def stop(self) -> None:
+        """Stop every process this cluster started (idempotent) and drop a temporary dir."""
+        if self._atexit is not None:
+            import atexit
+            atexit.unregister(self._atexit)
+            self._atexit = None
         if self.client is not None:
             from . import api
             api.disconnect(self.client)
@@ -395,6 +516,14 @@ class LocalCluster:
             self.redis.stop()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._reaper is not None:
+            # It exits by itself once the directory is gone; reap it.
+            try:
+                self._reaper.wait(2)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -433,6 +433,13 @@ class Directory:
                       self.keys.seal_backend(backend_id, dict(info, stopped=True)))
         pipe.execute()
 
+    def forget_backend(self, backend_id: str) -> None:
+        """Remove a backend's entry for good (``claypot forget``): it is no longer listed."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hdel(self.k_backends, backend_id)
+        pipe.delete(self.prefix + "alive:" + backend_id)
+        pipe.execute()
+
     def backends(self) -> list[dict]:
         raw = self.r.hgetall(self.k_backends)
         ids = [k.decode() for k in raw]

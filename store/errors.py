@@ -30,6 +30,8 @@
     ├── TaskError
     │   ├── TaskCancelled         a task cancelled because a predecessor failed
     │   └── TaskTimeout           a task ran past its time_out
+    ├── CallCancelled             the caller cancelled a running call (Ctrl-C, timeout):
+    │                             it stopped, and its object is as before the call
     └── RemoteError               user code raised an exception that cannot be rebuilt here
 
 An exception raised by user code in a remote method is re-raised in the
@@ -180,6 +182,14 @@ class TaskCancelled(TaskError):
 
 class TaskTimeout(TaskError, TimeoutError):
     """The task ran longer than its time_out."""
+
+
+class CallCancelled(ClaypotError):
+    """The caller cancelled the call while it ran (Ctrl-C, ``future.cancel()``, a timeout).
+
+    Raised inside the running method at its next bytecode boundary; the object
+    goes back to its last acknowledged state, like any method that raises.
+    """
 
 
 class RemoteError(ClaypotError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Protocol
 
-from .errors import AlreadyPersistent, ConfigurationError, NotPersistent
+from .errors import AlreadyPersistent, ClassNotFound, ConfigurationError, NotPersistent
 from .serialization import current_pickle_context, current_unpickle_context
 
 _ID = "_claypot_id"
@@ -36,6 +36,7 @@ class Dispatcher(Protocol):
     def get_by_alias(self, alias: str): ...
     def get_by_id(self, object_id: str): ...
     def class_for_key(self, key: str) -> type: ...
+    def upgrade_class(self, proxy, cls: type) -> None: ...
 
 
 _dispatcher: Dispatcher | None = None
@@ -166,6 +167,27 @@ class StorageObject:
         _require_persistent(self)
         from .objectops import consolidate_version
         consolidate_version(get_dispatcher(), self)
+
+    def upgrade_class(self, cls: type | None = None) -> None:
+        """Run this object with the current definition of its class from now on.
+
+        After a notebook cell redefines a class, new objects use the new code,
+        and existing ones keep the version they were made with until upgraded.
+        ``cls`` defaults to what the class's name is bound to now in its module
+        (``__main__`` in a notebook). The state is kept as it is: a new version
+        that expects other attributes must cope with the old ones.
+        """
+        _require_persistent(self)
+        if cls is None:
+            import sys
+            real = real_class(self)
+            cls = sys.modules.get(real.__module__)
+            for part in real.__qualname__.split("."):
+                cls = getattr(cls, part, None)
+            if not isinstance(cls, type):
+                raise ClassNotFound(f"no class {real.__qualname__} in module {real.__module__} "
+                                    f"to upgrade to: pass it, obj.upgrade_class(NewClass)")
+        get_dispatcher().upgrade_class(self, cls)
 
     # COMPSs storage API names
     makePersistent = make_persistent
@@ -340,12 +362,42 @@ def remote_attribute(name: str) -> property:
     return property(fget, fset, fdel)
 
 
+class _RemoteMethod:
+    """A method of a proxy class: calling it runs the method on the object's backend."""
+
+    __slots__ = ("__name__", "__claypot_readonly__")
+
+    def __init__(self, name: str, is_readonly: bool):
+        self.__name__ = name
+        self.__claypot_readonly__ = is_readonly
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else BoundRemote(obj, self.__name__)
+
+
+class BoundRemote:
+    """A proxy's method, bound: ``obj.incr(2)`` blocks; ``await obj.incr.aio(2)`` does not."""
+
+    __slots__ = ("__self__", "__name__")
+
+    def __init__(self, obj, name: str):
+        self.__self__ = obj
+        self.__name__ = name
+
+    def __call__(self, *args, **kwargs):
+        return get_dispatcher().call(self.__self__, METHOD, self.__name__, args, kwargs)
+
+    def aio(self, *args, **kwargs):
+        """The same call as a coroutine, on grpc's asyncio channels (see store.aio)."""
+        from . import aio
+        return aio.client().call(self.__self__, METHOD, self.__name__, args, kwargs)
+
+    def __repr__(self):
+        return f"<remote method {self.__name__} of {self.__self__!r}>"
+
+
 def _remote_method(name: str, is_readonly: bool):
-    def remote(self, *args, **kwargs):
-        return get_dispatcher().call(self, METHOD, name, args, kwargs)
-    remote.__name__ = name
-    remote.__claypot_readonly__ = is_readonly
-    return remote
+    return _RemoteMethod(name, is_readonly)
 
 
 def _remote_property(name: str, prop: property):

@@ -61,6 +61,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "TaskError": grpc.StatusCode.ABORTED,
     "TaskCancelled": grpc.StatusCode.CANCELLED,
     "TaskTimeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "CallCancelled": grpc.StatusCode.CANCELLED,
     "RemoteError": grpc.StatusCode.UNKNOWN,
 }
 

@@ -16,6 +16,7 @@ into proxies.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import pickle
@@ -29,6 +30,51 @@ from .errors import ClassNotFound, SerializationError
 
 OUT_OF_BAND_MIN = 64 * 1024
 _local = threading.local()
+
+
+def _file_copied(f):
+    # cloudpickle stores an open file as a copy of what it can read now (an
+    # in-memory StringIO when loaded): never the file itself. Say so.
+    import warnings
+    warnings.warn(f"the open file {getattr(f, 'name', f)!r} is stored as a copy of its "
+                  f"contents (an in-memory StringIO when loaded), not as the file; store "
+                  f"its path instead, and open it in the method that needs it",
+                  UserWarning, stacklevel=2)
+    return _FILE_REDUCE(f)
+
+
+_FILE_REDUCE = cloudpickle.Pickler.dispatch_table[io.TextIOWrapper]
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, warning about values it silently changes (open files)."""
+
+    dispatch_table = collections.ChainMap({io.TextIOWrapper: _file_copied},
+                                          cloudpickle.Pickler.dispatch_table)
+
+
+def _culprit(value, path: str = "", depth: int = 4) -> str | None:
+    """Where in ``value`` the part that cannot be pickled is, as ``.attr[key]...``.
+
+    Only run after pickling failed, so it may pickle parts again.
+    """
+    if depth == 0:
+        return None
+    if isinstance(value, dict):
+        children = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        children = [(f"[{i}]", v) for i, v in enumerate(value)]
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        children = [(f".{k}", v) for k, v in vars(value).items()]
+    else:
+        return None
+    for name, child in children:
+        try:
+            cloudpickle.dumps(child, protocol=5)
+        except Exception:
+            deeper = _culprit(child, path + name, depth - 1)
+            return deeper or f"{path + name} (a {type(child).__name__})"
+    return None
 
 
 class PickleContext:
@@ -79,7 +125,7 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
     _local.pickle_ctx = ctx
     try:
         out = io.BytesIO()
-        cloudpickle.Pickler(out, protocol=5, buffer_callback=keep_out_of_band).dump(value)
+        _Pickler(out, protocol=5, buffer_callback=keep_out_of_band).dump(value)
         return out.getvalue(), buffers
     except SerializationError:
         raise
@@ -89,6 +135,14 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
         from .errors import ClaypotError
         if isinstance(exc, ClaypotError):
             raise
+        where = None
+        try:
+            where = _culprit(value)
+        except Exception:
+            pass  # looking for the culprit is a courtesy; the error stands without it
+        if where is not None:
+            raise SerializationError(f"cannot pickle {where} of a {type(value).__name__}: "
+                                     f"{exc}") from exc
         raise SerializationError(
             f"cannot pickle value of type {type(value).__name__}: {exc}") from exc
     finally:
@@ -207,3 +261,67 @@ def dump_exception(exc: BaseException) -> tuple[str, str, bytes]:
     except Exception:
         pickled = b""
     return qualname, tb, pickled
+
+
+_DYNAMIC_FRAME = None
+
+
+def _codes_of(obj, out: list) -> None:
+    """Code objects of a shipped function or class (methods, properties, nested code)."""
+    import types
+    if isinstance(obj, type):
+        for value in vars(obj).values():
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if isinstance(value, property):
+                for f in (value.fget, value.fset, value.fdel):
+                    if f is not None:
+                        _codes_of(f, out)
+            elif isinstance(value, types.FunctionType):
+                _codes_of(value, out)
+        return
+    code = getattr(obj, "__code__", None)
+    stack = [code] if isinstance(code, types.CodeType) else []
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+
+
+def annotate_remote_traceback(text: str) -> str:
+    """A remote traceback with its ``<dynamic-code>`` frames pointed back at their source.
+
+    Code shipped by value loses its file name on the way (cloudpickle keeps
+    payloads deterministic that way). This process shipped it, so it knows
+    which of its functions has that name and line, and where its source is
+    (a notebook cell included: IPython keeps cells in linecache).
+    """
+    global _DYNAMIC_FRAME
+    if "<dynamic-code>" not in text:
+        return text
+    import linecache
+    import re
+    if _DYNAMIC_FRAME is None:
+        _DYNAMIC_FRAME = re.compile(r'^(\s*)File "<dynamic-code>", line (\d+), in (.+)$')
+    with _code_lock:
+        shipped = list(_code_cache)
+    codes: list = []
+    for obj in shipped:
+        _codes_of(obj, codes)
+    out = []
+    for line in text.splitlines():
+        m = _DYNAMIC_FRAME.match(line)
+        if m is None:
+            out.append(line)
+            continue
+        indent, number, name = m.group(1), int(m.group(2)), m.group(3)
+        found = next((c for c in codes if c.co_name == name
+                      and any(ln == number for _, _, ln in c.co_lines())), None)
+        if found is None:
+            out.append(line)
+            continue
+        out.append(f'{indent}File "{found.co_filename}", line {number}, in {name}')
+        source = linecache.getline(found.co_filename, number).strip()
+        if source:
+            out.append(f"{indent}  {source}")
+    return "\n".join(out)

@@ -534,9 +534,12 @@ def error_from_pb(err: pb.Error) -> BaseException:
             exc = pickle.loads(err.pickled)
             if isinstance(exc, BaseException):
                 if err.traceback:
+                    from .serialization import annotate_remote_traceback
                     exc.add_note("Remote traceback (on the claypot backend):\n"
-                                 + err.traceback.rstrip())
+                                 + annotate_remote_traceback(err.traceback.rstrip()))
                 return exc
         except Exception:
             pass
-    return errors.RemoteError(err.message, err.remote_type, err.traceback)
+    from .serialization import annotate_remote_traceback
+    return errors.RemoteError(err.message, err.remote_type,
+                              annotate_remote_traceback(err.traceback))

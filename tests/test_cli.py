@@ -20,7 +20,7 @@ def test_up_status_connect_down(tmp_path):
         assert up.returncode == 0, up.stderr
         assert "CLAYPOT_ADDRESS=127.0.0.1:" in up.stdout
         again = run(["up"], env)
-        assert again.returncode == 1 and "already running" in again.stdout
+        assert again.returncode == 1 and "already running" in again.stderr
         script = ("import store\n"
                   "from store import StorageObject\n"
                   "class Note(StorageObject):\n"

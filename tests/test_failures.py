@@ -248,13 +248,13 @@ def test_dead_backend_is_shown_down_and_fails_fast(cluster2):
 
 
 def test_status_command_shows_dead_backend(cluster2, capsys):
-    """``claypot status`` marks a backend whose heartbeat expired as DOWN."""
+    """``claypot status`` marks a backend whose heartbeat expired as DOWN, and exits 3."""
     c = cluster2
     victim = c.backends[1]
     chaos.kill_backend(c, victim)
     chaos.wait_until(lambda: not [b for b in store.backends() if b.backend_id == victim][0].up,
                      timeout=6, what="heartbeat expiry")
-    assert claypot(["status", "--address", c.address, "--token", c.token]) == 0
+    assert claypot(["status", "--address", c.address, "--token", c.token]) == 3
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith(victim[:8])][0]
     assert "DOWN" in line

@@ -20,6 +20,7 @@ import types
 
 import grpc
 import pytest
+import yaml
 
 import store
 import store.errors
@@ -30,17 +31,17 @@ from store.generated import claypot_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_API = [
-    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "backends", "client",
-    "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends", "get_by_alias",
-    "get_by_id", "get_locations", "make_persistent_many", "readonly", "show_transfers",
-    "stub_class",
+    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "aio", "backends",
+    "client", "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends",
+    "get_by_alias", "get_by_id", "get_locations", "make_persistent_many", "readonly",
+    "show_transfers", "stub_class",
 ]
 
 ERRORS_API = [
     "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
-    "BackendError", "BackendNotFound", "BackendUnavailable", "CallInterrupted", "ClassNotFound",
-    "ClaypotError", "ConfigurationError", "DeadlineExceeded", "FeatureUnavailable",
-    "InvalidKey", "NotAVersion", "NotPersistent", "ObjectBusy",
+    "BackendError", "BackendNotFound", "BackendUnavailable", "CallCancelled", "CallInterrupted",
+    "ClassNotFound", "ClaypotError", "ConfigurationError", "DeadlineExceeded",
+    "FeatureUnavailable", "InvalidKey", "NotAVersion", "NotPersistent", "ObjectBusy",
     "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
     "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
     "TaskTimeout", "ValueTooLarge", "by_code",
@@ -57,7 +58,7 @@ def test_store_exports_exactly_the_pinned_names():
     # Nothing public escapes __all__ (submodules such as store.api are not API names).
     public = {name for name, value in vars(store).items()
               if not name.startswith("_") and not isinstance(value, types.ModuleType)}
-    assert public == set(STORE_API) - {"errors"}
+    assert public == set(STORE_API) - {"errors", "aio"}
 
 
 def test_store_errors_exports_exactly_the_pinned_names():
@@ -117,8 +118,9 @@ def test_claypot_help_lists_the_commands(command):
     exe = [_claypot()] if command == ["claypot"] else command
     proc = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: claypot")
-    for sub in ("up", "status", "down", "demo", "backend", "repair"):
+    assert proc.stdout.startswith("Usage: claypot")
+    for sub in ("up", "status", "down", "demo", "backend", "repair", "restart", "logs",
+                "forget", "health"):
         assert re.search(rf"^\s+{sub}\s", proc.stdout, re.M), sub
     backend = subprocess.run([*exe, "backend", "--help"], capture_output=True, text=True,
                              timeout=60)
@@ -129,7 +131,7 @@ def test_claypot_rejects_an_unknown_command():
     proc = subprocess.run([_claypot(), "no-such-command"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2
-    assert "invalid choice" in proc.stderr
+    assert "No such command 'no-such-command'" in proc.stderr
 
 
 def test_advertise_setting_comes_from_the_environment():
@@ -141,102 +143,28 @@ def test_advertise_setting_comes_from_the_environment():
 
 # -- docker-compose.yml without a YAML library ---------------------------------------------
 
-class ComposeSyntaxError(ValueError):
-    """docker-compose.yml uses YAML this checker does not read."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice (docker compose refuses it too,
+    while plain safe_load keeps the last one silently)."""
 
-
-def _scalar(text: str):
-    text = text.strip()
-    if not text or text in ("null", "~"):
-        return None
-    if text[0] in "[{\"":
-        return json.loads(text)  # one-line lists and double-quoted strings, JSON style
-    if text[0] == "'" and text[-1] == "'":
-        return text[1:-1].replace("''", "'")
-    if text[0] in "&*!|>%@`":
-        raise ComposeSyntaxError(f"unsupported YAML: {text!r}")
-    text = text.split(" #", 1)[0].rstrip()  # a plain scalar ends at a comment
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    if text in ("true", "false"):
-        return text == "true"
-    return text
-
-
-def _block(lines: list[tuple[int, str, int]], i: int, indent: int):
-    if lines[i][1].startswith("- "):
-        items = []
-        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("- "):
-            item = lines[i][1][2:]
-            if re.match(r"^[\w.-]+:(\s|$)", item):
-                raise ComposeSyntaxError(f"line {lines[i][2]}: mappings inside lists")
-            items.append(_scalar(item))
-            i += 1
-        return items, i
-    mapping: dict = {}
-    while i < len(lines) and lines[i][0] == indent:
-        content, number = lines[i][1], lines[i][2]
-        match = re.match(r"^([\w.-]+):(?:\s+(.*))?$", content)
-        if not match:
-            raise ComposeSyntaxError(f"line {number}: expected 'key: value', got {content!r}")
-        key, rest = match.group(1), match.group(2)
-        if key in mapping:
-            raise ComposeSyntaxError(f"line {number}: duplicate key {key!r}")
-        i += 1
-        if rest:
-            mapping[key] = _scalar(rest)
-        elif i < len(lines) and (lines[i][0] > indent or
-                                 (lines[i][0] == indent and lines[i][1].startswith("- "))):
-            mapping[key], i = _block(lines, i, lines[i][0])
-        else:
-            mapping[key] = None
-    return mapping, i
-
-
-def parse_compose_yaml(text: str) -> dict:
-    """Block mappings, '- scalar' lists, one-line JSON lists and scalars: YAML's subset
-    that docker-compose.yml keeps to. Anything else raises ComposeSyntaxError."""
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
-            raise ComposeSyntaxError(f"line {number}: tab in indentation")
-        lines.append((len(raw) - len(raw.lstrip(" ")), stripped, number))
-    if not lines:
-        return {}
-    value, i = _block(lines, 0, lines[0][0])
-    if i != len(lines):
-        raise ComposeSyntaxError(f"line {lines[i][2]}: indentation does not match its block")
-    return value
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def load_compose() -> dict:
     with open(os.path.join(ROOT, "docker-compose.yml")) as f:
-        text = f.read()
-    try:
-        import yaml  # optional: when present, cross-check with a full YAML parser
-    except ImportError:
-        return parse_compose_yaml(text)
-    parsed = parse_compose_yaml(text)
-    assert parsed == yaml.safe_load(text)
-    return parsed
+        return yaml.load(f, Loader=_UniqueKeyLoader)
 
 
-def test_compose_subset_parser_reads_what_it_claims():
-    text = ('# c\nname: x\nservices:\n  a:\n    command: ["run", "--port", "7"]\n'
-            '    volumes:\n      - "v:/data"\n      - plain\n    n: 3\n    e:\n'
-            '    t: "${T:?set T}"\nvolumes:\n  v:\nlist:\n- 1\n- two\n')
-    assert parse_compose_yaml(text) == {
-        "name": "x",
-        "services": {"a": {"command": ["run", "--port", "7"], "volumes": ["v:/data", "plain"],
-                           "n": 3, "e": None, "t": "${T:?set T}"}},
-        "volumes": {"v": None}, "list": [1, "two"]}
-    for bad in ("a:\n  b: 1\n c: 2\n", "a: &anchor 1\n", "a:\n  - k: v\n", "a: 1\na: 2\n",
-                "a: |\n  text\n"):
-        with pytest.raises(ComposeSyntaxError):
-            parse_compose_yaml(bad)
+def test_compose_loader_refuses_duplicate_keys():
+    assert yaml.load("a:\n  b: 1\n", Loader=_UniqueKeyLoader) == {"a": {"b": 1}}
+    with pytest.raises(yaml.YAMLError, match="duplicate key"):
+        yaml.load("a: 1\na: 2\n", Loader=_UniqueKeyLoader)
 
 
 def _flags(argv: list[str]) -> dict[str, str]:

@@ -227,7 +227,7 @@ def test_down_signals_only_processes_it_started(tmp_path):
              "redis_pid": None}).encode())
         up = subprocess.run([sys.executable, "-m", "store.cli", "up"], env=env,
                             capture_output=True, text=True, timeout=60)
-        assert up.returncode == 1 and "older claypot" in up.stdout
+        assert up.returncode == 1 and "older claypot" in up.stderr
         out = subprocess.run([sys.executable, "-m", "store.cli", "down"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and str(bystander.pid) in out.stdout

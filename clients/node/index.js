@@ -56,6 +56,7 @@ const STATUS_BY_CODE = Object.freeze({
   TaskError: 'ABORTED',
   TaskCancelled: 'CANCELLED',
   TaskTimeout: 'DEADLINE_EXCEEDED',
+  CallCancelled: 'CANCELLED',
   RemoteError: 'UNKNOWN',
 });
 

@@ -45,7 +45,7 @@ from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy
                       ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, loads
-from . import lifecycle as lc
+from . import cancel, lifecycle as lc
 from .lifecycle import Lifecycle, State
 from .storage import Record, Storage
 
@@ -578,7 +578,8 @@ class Heap:
             else:
                 raise ValueError(f"unknown call kind {kind}")
             try:
-                result = fn(*args, **kwargs)
+                with cancel.armed(f"method {name}"):   # Cancel RPC (store.backend.cancel)
+                    result = fn(*args, **kwargs)
             except BaseException:
                 if changes and outermost:
                     self._rollback(entry, chain)
@@ -594,6 +595,28 @@ class Heap:
             return result
         finally:
             entry.lock.release()
+
+    def upgrade_class(self, object_id: str, class_key: str, chain: str) -> None:
+        """Give a live object another version of its class (same qualified name).
+
+        The state is kept as it is; the object's record is stored with the new
+        class key, so a restart loads it with the new code.
+        """
+        cls = self.code.get(class_key)
+        entry = self._acquire(object_id, chain)
+        try:
+            old = objmod.real_class(type(entry.obj))
+            if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ClassNotFound(f"object {object_id} is a {old.__qualname__}, not a "
+                                    f"{cls.__qualname__}: upgrade_class takes a new version "
+                                    f"of the same class")
+            entry.obj.__class__ = cls
+            entry.class_key = class_key
+            entry.obj.__dict__[objmod._KEY] = class_key
+            self._after_change(entry, chain, check=False)
+        finally:
+            entry.lock.release()
+        self.directory.claim([(object_id, self.backend_id, class_key, entry.alias)])
 
     def run_task(self, fn, args: tuple, kwargs: dict, mutates: list[str], chain: str,
                  timeout: float = 0.0, task_key: str = "") -> Any:
@@ -619,7 +642,9 @@ class Heap:
                 entry = self._acquire(oid, chain)
                 entries.append((entry, entry.lock.depth == 1))
             try:
-                result = fn(*args, **kwargs)
+                # Cancel RPC and time_out both stop the function (store.backend.cancel).
+                with cancel.armed(f"task {getattr(fn, '__qualname__', fn)}", timeout):
+                    result = fn(*args, **kwargs)
                 elapsed = time.monotonic() - started
                 if timeout and elapsed > timeout:
                     raise TaskTimeout(f"task {getattr(fn, '__qualname__', fn)} ran "

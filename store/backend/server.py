@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
+from . import cancel
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
@@ -353,6 +355,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         ok = False
         if logs.json_on:
             logs.set_call(request.object_id, request.call_id)
+        cancel.set_current(request.call_id or None)
         try:
             check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
             check_name("name", request.name)
@@ -381,6 +384,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 logs.set_call("", "")
             metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok,
                               time.perf_counter() - started)
+            cancel.set_current(None)
 
     def _reply(self, result, chain: str, accept_shm: bool = False) -> pb.CallReply:
         if result is None:
@@ -400,6 +404,18 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             except shm.Unavailable:
                 pass  # /dev/shm full: the result streams instead
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
+
+    def UpgradeClass(self, request, context):
+        try:
+            self.heap.upgrade_class(check_name("object id", request.object_id),
+                                    check_name("class key", request.class_key),
+                                    request.chain_id or "anon:" + uuid.uuid4().hex)
+            return pb.UpgradeClassResponse()
+        except Exception as exc:
+            return _error_reply(pb.UpgradeClassResponse, exc)
+
+    def Cancel(self, request, context):
+        return pb.CancelResponse(found=cancel.cancel(request.call_id))
 
     def FetchResult(self, request, context):
         try:
@@ -863,6 +879,10 @@ def main(argv: list[str] | None = None) -> None:
     logs.set_backend_id(backend.backend_id)
 
     def announce():
+        # One line in the log (claypot logs) whatever CLAYPOT_LOG says: who serves where.
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} serving at "
+              f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})",
+              file=sys.stderr, flush=True)
         if a.ready_file:  # how a parent process learns the address and id
             tmp = a.ready_file + ".tmp"
             with open(tmp, "w") as f:
@@ -870,6 +890,8 @@ def main(argv: list[str] | None = None) -> None:
                            "pid": os.getpid()}, f)
             os.replace(tmp, a.ready_file)
     backend.serve_forever(announce)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} stopped",
+          file=sys.stderr, flush=True)
     # Everything is on disk and closed: skip the interpreter's teardown, which
     # spent up to a second freeing a large heap object by object at each stop.
     logging.shutdown()

@@ -29,6 +29,34 @@ BYTE_ORDER_UNSPECIFIED: ByteOrder
 BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
 BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
+class UpgradeClassRequest(_message.Message):
+    __slots__ = ("object_id", "class_key", "chain_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    class_key: str
+    chain_id: str
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., chain_id: _Optional[str] = ...) -> None: ...
+
+class UpgradeClassResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("call_id",)
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    def __init__(self, call_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message", "remote_type", "traceback", "pickled", "moved_to")
     CODE_FIELD_NUMBER: _ClassVar[int]

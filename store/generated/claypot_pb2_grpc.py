@@ -144,6 +144,16 @@ class BackendStub:
                 request_serializer=claypot__pb2.DeleteObjectRequest.SerializeToString,
                 response_deserializer=claypot__pb2.DeleteObjectResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/claypot.v1.Backend/Cancel',
+                request_serializer=claypot__pb2.CancelRequest.SerializeToString,
+                response_deserializer=claypot__pb2.CancelResponse.FromString,
+                _registered_method=True)
+        self.UpgradeClass = channel.unary_unary(
+                '/claypot.v1.Backend/UpgradeClass',
+                request_serializer=claypot__pb2.UpgradeClassRequest.SerializeToString,
+                response_deserializer=claypot__pb2.UpgradeClassResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -303,6 +313,26 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Cancels a running Call or task by its call_id (Ctrl-C or a timeout in the
+        caller): the backend raises CallCancelled inside it at its next bytecode
+        boundary, and its object goes back to its last acknowledged state. `found`
+        says whether it was running; one that has not started yet (waiting for its
+        object's lock, or still on its way) is refused when it starts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpgradeClass(self, request, context):
+        """Gives an object a new version of its class (registered with RegisterCode
+        under class_key, same qualified name): its state stays, its methods are
+        the new ones, and the change is stored like any acknowledged change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -415,6 +445,16 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.DeleteObject,
                     request_deserializer=claypot__pb2.DeleteObjectRequest.FromString,
                     response_serializer=claypot__pb2.DeleteObjectResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=claypot__pb2.CancelRequest.FromString,
+                    response_serializer=claypot__pb2.CancelResponse.SerializeToString,
+            ),
+            'UpgradeClass': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeClass,
+                    request_deserializer=claypot__pb2.UpgradeClassRequest.FromString,
+                    response_serializer=claypot__pb2.UpgradeClassResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1011,6 +1051,60 @@ class Backend:
             '/claypot.v1.Backend/DeleteObject',
             claypot__pb2.DeleteObjectRequest.SerializeToString,
             claypot__pb2.DeleteObjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Cancel',
+            claypot__pb2.CancelRequest.SerializeToString,
+            claypot__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeClass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/UpgradeClass',
+            claypot__pb2.UpgradeClassRequest.SerializeToString,
+            claypot__pb2.UpgradeClassResponse.FromString,
             options,
             channel_credentials,
             insecure,

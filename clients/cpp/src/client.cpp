@@ -114,6 +114,7 @@ grpc::StatusCode status_of_code(const std::string& code) {
       {"TaskError", grpc::StatusCode::ABORTED},
       {"TaskCancelled", grpc::StatusCode::CANCELLED},
       {"TaskTimeout", grpc::StatusCode::DEADLINE_EXCEEDED},
+      {"CallCancelled", grpc::StatusCode::CANCELLED},
       {"RemoteError", grpc::StatusCode::UNKNOWN},
   };
   auto it = table.find(code);
