@@ -848,6 +848,17 @@ class Backend:
             pass
         self.stop()
 
+def _announce(backend_id: str, message: str) -> None:
+    """One line in the backend's log whatever CLAYPOT_LOG says, in the log's format."""
+    if logs.json_on:
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "level": "INFO",
+                           "logger": "claypot.backend", "message": message,
+                           "backend_id": backend_id})
+    else:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``claypot backend``."""
     import argparse
@@ -880,9 +891,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def announce():
         # One line in the log (claypot logs) whatever CLAYPOT_LOG says: who serves where.
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} serving at "
-              f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})",
-              file=sys.stderr, flush=True)
+        _announce(backend.backend_id, f"backend {backend.backend_id} serving at "
+                  f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})")
         if a.ready_file:  # how a parent process learns the address and id
             tmp = a.ready_file + ".tmp"
             with open(tmp, "w") as f:
@@ -890,8 +900,7 @@ def main(argv: list[str] | None = None) -> None:
                            "pid": os.getpid()}, f)
             os.replace(tmp, a.ready_file)
     backend.serve_forever(announce)
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} backend {backend.backend_id} stopped",
-          file=sys.stderr, flush=True)
+    _announce(backend.backend_id, f"backend {backend.backend_id} stopped")
     # Everything is on disk and closed: skip the interpreter's teardown, which
     # spent up to a second freeing a large heap object by object at each stop.
     logging.shutdown()
