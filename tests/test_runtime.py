@@ -56,8 +56,10 @@ def backend_ids():
 
 def test_public_api_is_pinned():
     assert sorted(runtime.__all__) == sorted([
-        "task", "constraint", "wait_on", "barrier", "Future", "TaskFunction", "IN", "INOUT",
-        "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction", "OnFailure", "use_executor"])
+        "task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
+        "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "FILE_IN",
+        "FILE_OUT", "FILE_INOUT", "FILE_OUT_STDOUT", "FILE_OUT_STDERR", "Direction",
+        "OnFailure", "use_executor", "wait_on_file", "open_file"])
 
 
 def test_issue_example_blocks_scaled_and_summed():
