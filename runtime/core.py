@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from store import elastic as _elastic
 from store import objects as objmod
 from store.errors import (CallInterrupted, ConfigurationError, TaskCancelled, TaskError,
                           TaskTimeout)
@@ -566,6 +567,20 @@ def _on_dispatcher_change(new) -> None:
 
 
 objmod.on_dispatcher_change(_on_dispatcher_change)
+
+
+def _on_backend_change(event: str, backend_id: str) -> None:
+    """A backend joined (use it for the next ready tasks) or is draining (stop using it)."""
+    rt = _runtime
+    if rt is None or rt.inline:
+        return
+    with rt._lock:
+        if event == "drain":
+            rt.scheduler.exclude(backend_id)
+        rt._refresh_backends(force=True)
+
+
+_elastic.on_change(_on_backend_change)
 
 
 def current() -> Runtime:

@@ -59,18 +59,24 @@ class Scheduler:
         self.memory = memory                  # bytes per backend; 0: not limited
         self.backends: list[str] = []
         self.offers: dict[str, dict] = {}     # declared resources per backend
+        self.excluded: set[str] = set()       # draining: no new tasks
         self.units: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
         self._rr = itertools.count()
 
     def set_backends(self, backend_ids: list[str], offers: dict[str, dict] | None = None) -> None:
         """The backends that are up, in a stable order, with their declared resources."""
-        self.backends = list(backend_ids)
+        self.backends = [b for b in backend_ids if b not in self.excluded]
         if offers is not None:
             self.offers = {b: dict(offers.get(b) or {}) for b in self.backends}
         for b in self.backends:
             self.units.setdefault(b, 0)
             self.bytes.setdefault(b, 0)
+
+    def exclude(self, backend: str) -> None:
+        """Give ``backend`` no new tasks (it is draining); tasks it runs finish there."""
+        self.excluded.add(backend)
+        self.backends = [b for b in self.backends if b != backend]
 
     def slots_of(self, backend: str) -> int:
         """Computing units ``backend`` offers: its declaration, else the runtime's slots."""
