@@ -96,6 +96,7 @@ class Call:
     variants: list = field(default_factory=list)    # this task and its @implement ones
     fn: Any = None                                   # what runs: the chosen variant's runner
     files: list = field(default_factory=list)        # (param, path, direction, read v, written v)
+    submitted: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
@@ -495,6 +496,14 @@ class Runtime:
         """Tasks submitted and not finished yet."""
         with self._lock:
             return len(self._calls)
+
+    def workload(self) -> tuple[int, float]:
+        """(tasks not finished, seconds the oldest of them has waited): what autoscaling reads."""
+        with self._lock:
+            if not self._calls:
+                return 0, 0.0
+            oldest = min(c.submitted for c in self._calls.values())
+            return len(self._calls), time.monotonic() - oldest
 
     def close(self, reason: str = "its connection was closed or replaced") -> None:
         """Stop sending tasks; every task not finished yet fails with TaskCancelled.

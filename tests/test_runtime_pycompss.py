@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import runtime
+import runtime.elastic
 import store
 from runtime import (FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR, FILE_OUT_STDOUT, INOUT,
                      barrier, binary, compss_open, compss_wait_on_file, constraint, implement,
@@ -289,3 +290,42 @@ def test_elastic_scale_uses_new_backends_at_once_and_drains(tmp_path):
         assert wait_on(where()) == c.processes[0].pid
         with pytest.raises(ConfigurationError, match="zone"):
             burst()
+
+
+def test_autoscaling_policy():
+    from runtime.elastic import target
+    assert target(0, 0.0, 3, 1, 4) == 1                 # idle: down to the minimum
+    assert target(20, 0.1, 1, 1, 4, tasks_per_backend=8) == 3
+    assert target(100, 0.1, 1, 1, 4) == 4                # capped at the maximum
+    assert target(2, 9.0, 1, 1, 4, max_wait=5.0) == 2    # long waits add one
+    assert target(1, 0.0, 3, 1, 4) == 3                  # never shrinks under pending tasks
+    with pytest.raises(ConfigurationError):
+        runtime.elastic.Autoscaler(None, minimum=3, maximum=2)
+
+
+@task(returns=1)
+def nap(seconds, after=None):
+    import time
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_autoscaler_grows_with_the_queue_and_shrinks_when_idle(tmp_path):
+    import time
+
+    from runtime.elastic import Autoscaler
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "auto")) as c:
+        with Autoscaler(c, minimum=1, maximum=2, tasks_per_backend=4, interval=0.2,
+                        cooldown=0.5) as auto:
+            # Tasks are placed when they become ready: these wait behind a gate long
+            # enough for the queue to be seen and a backend to join.
+            gate = nap(3.0)
+            futures = [nap(0.2, gate) for _ in range(40)]
+            pids = set(wait_on(futures))
+            deadline = time.monotonic() + 30
+            while auto.size() > 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert auto.error is None
+        assert [n for _, n in auto.history][:1] == [2] and auto.history[-1][1] == 1
+        assert len(pids) == 2            # the new backend took tasks that became ready
+        assert auto.size() == 1
