@@ -329,3 +329,67 @@ def test_autoscaler_grows_with_the_queue_and_shrinks_when_idle(tmp_path):
         assert [n for _, n in auto.history][:1] == [2] and auto.history[-1][1] == 1
         assert len(pids) == 2            # the new backend took tasks that became ready
         assert auto.size() == 1
+
+
+def test_workflow_of_python_binary_and_mpi_tasks_over_files(tmp_path):
+    _need("mpirun")
+    data, sorted_out, ranks_out = (str(tmp_path / n) for n in ("data.txt", "sorted.txt",
+                                                               "ranks.txt"))
+
+    @task(path=FILE_OUT)
+    def generate(path, n):
+        with open(path, "w") as f:
+            f.write("".join(f"{(i * 7919) % n}\n" for i in range(n)))
+
+    @binary(binary="sort", args="-n {{src}}")
+    @task(returns=int, src=FILE_IN, out=FILE_OUT_STDOUT)
+    def sort_numbers(src, out):
+        pass
+
+    @mpi(runner="mpirun", binary="sh", processes=3,
+         args="-c 'echo $OMPI_COMM_WORLD_RANK $(wc -l < {{src}})'")
+    @task(returns=int, src=FILE_IN, out=FILE_OUT_STDOUT)
+    def count_on_ranks(src, out):
+        pass
+
+    @task(returns=1, path=FILE_IN)
+    def total(path):
+        with open(path) as f:
+            return sum(int(line.split()[1]) for line in f)
+
+    generate(data, 50)
+    sort_numbers(data, sorted_out)
+    count_on_ranks(sorted_out, ranks_out)
+    assert wait_on(total(ranks_out)) == 3 * 50
+    with open(compss_wait_on_file(sorted_out)) as f:
+        assert [int(x) for x in f] == sorted((i * 7919) % 50 for i in range(50))
+
+
+def test_file_and_binary_tasks_run_inline_without_a_cluster(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        from runtime import task, binary, FILE_IN, FILE_INOUT, FILE_OUT_STDOUT, wait_on
+        from runtime import compss_wait_on_file
+
+        @task(path=FILE_INOUT)
+        def add_line(path, text):
+            with open(path, "a") as f:
+                f.write(text + "\\n")
+
+        @binary(binary="wc", args="-l {{{{path}}}}")
+        @task(returns=int, path=FILE_IN, out=FILE_OUT_STDOUT)
+        def lines(path, out):
+            pass
+
+        p = {str(tmp_path / 'inline.txt')!r}
+        add_line(p, "a"); add_line(p, "b")
+        assert wait_on(lines(p, p + ".wc")) == 0
+        print(open(compss_wait_on_file(p + ".wc")).read().split()[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAYPOT_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2"
