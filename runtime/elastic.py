@@ -4,8 +4,8 @@ The policy (:func:`target`) is pure: from the tasks not finished, how long
 the oldest has waited and the current size, it returns the size to ask for,
 between a minimum and a maximum. :class:`Autoscaler` applies it every
 ``interval`` seconds through an engine that knows how to add and remove
-backends: anything with ``scale(n)`` and ``backends`` (``LocalCluster``
-here). Shrinking happens only when no task is pending, after ``cooldown``
+backends: anything with ``scale(n)`` and ``processes`` (``LocalCluster``,
+or :class:`store.slurm.SlurmCluster`, which asks SLURM for jobs). Shrinking happens only when no task is pending, after ``cooldown``
 seconds of quiet, so a backend never leaves under a running task; each one
 that leaves is drained first (its objects move to the others).
 """
@@ -59,6 +59,9 @@ class Autoscaler:
         self._quiet_since: float | None = None
 
     def size(self) -> int:
+        """Backends the engine has now (its ``size()``, else its live processes)."""
+        if hasattr(self.cluster, "size"):
+            return self.cluster.size()
         return len([p for p in self.cluster.processes if p.alive()])
 
     def step(self) -> int:

@@ -393,3 +393,35 @@ def test_file_and_binary_tasks_run_inline_without_a_cluster(tmp_path):
                          timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2"
+
+
+def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
+    from slurmbed import SlurmBed, missing
+
+    from store.slurm import SlurmCluster
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"SLURM test bed unavailable: {why} (.ci/run installs slurm-wlm)")
+        pytest.skip(why)
+    bed = SlurmBed(str(tmp_path / "slurm")).start()
+    try:
+        with LocalCluster(backends=1, data_dir=str(tmp_path / "local")) as c:
+            engine = SlurmCluster(c.redis_url, c.token, str(tmp_path / "jobs"))
+            try:
+                joined = engine.scale(1, resources="zone=slurm")
+                job = engine.processes[0]
+                assert job.state() == "RUNNING" and joined == [job.backend_id]
+                on_slurm = constraint(zone="slurm")(task(returns=1)(where.fn))
+                assert wait_on(on_slurm()) == job.pid     # used at once
+                obj = Block(np.arange(4.0))
+                obj.make_persistent(backend=job.backend_id)
+                assert engine.scale(0) == [job.backend_id]
+                assert job.state() == "" and engine.size() == 0   # the job ended
+                assert obj.data.tolist() == [0.0, 1.0, 2.0, 3.0]  # moved before it left
+                with pytest.raises(ConfigurationError, match="zone"):
+                    on_slurm()
+            finally:
+                engine.stop()
+    finally:
+        bed.stop()
