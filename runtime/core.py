@@ -527,6 +527,7 @@ class Runtime:
             self._calls.clear()
             self._queues.clear()
             self._idle.notify_all()
+        self.files.close()
 
 
 _WRITE_TASK_GRACE = 5.0  # seconds past time_out before a silent INOUT task is given up

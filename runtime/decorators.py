@@ -220,7 +220,8 @@ def implement(source_class: str, method: str):
     """Declare this task as another implementation of task ``source_class.method``.
 
     ``source_class`` is the module (or class) of the original task and
-    ``method`` its name. Each call of the original then runs one of its
+    ``method`` its name. Implementations share the original's parameters,
+    directions and ``returns`` (the original's are used for every call). Each call of the original then runs one of its
     implementations: one whose ``@constraint`` a backend meets, preferring
     the backend that holds the call's data, then the least loaded.
     """

@@ -225,6 +225,14 @@ class FileVersions:
         with self._lock:
             self.stored[(path, version)] = where
 
+    def close(self) -> None:
+        """Drop the versions kept (the runtime that made them is ending)."""
+        with self._lock:
+            where, self._dir = self._dir, None
+            self.stored.clear()
+        if where is not None:
+            shutil.rmtree(where, ignore_errors=True)
+
     def final(self, path: str) -> str:
         """Copy the newest version back to ``path`` (call once its writer finished)."""
         with self._lock:

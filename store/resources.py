@@ -34,7 +34,7 @@ NUMERIC = frozenset({
 # Names whose values are comma-separated sets: the task's set must be contained.
 LISTS = frozenset({"host_queues", "app_software"})
 
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")   # "GPU" stays one word
 
 
 def canonical(name: str) -> str:

@@ -425,3 +425,25 @@ def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
                 engine.stop()
     finally:
         bed.stop()
+
+
+def test_resource_names_parsing_and_matching():
+    from runtime.resources import constraints, satisfies, unmet
+    from store import resources as res
+    assert [res.canonical(n) for n in ("MemorySize", "computingUnits", "GPU", "zone")] == \
+        ["memory_size", "computing_units", "gpu", "zone"]
+    offered = res.parse("computing_units=4, MemorySize=8,processorType=ARM,"
+                        "app_software=numpy;gromacs,zone=edge")
+    assert offered == {"computing_units": 4.0, "memory_size": 8.0, "processor_type": "ARM",
+                       "app_software": ["gromacs", "numpy"], "zone": "edge"}
+    assert satisfies(constraints(computingUnits="2", processor_type="arm",
+                                 appSoftware="numpy"), offered)
+    assert unmet(constraints(memory_size=16, app_software=["numpy", "tf"], zone="cloud"),
+                 offered) == ["memory_size=16.0 (offered: 8.0)",
+                              "app_software=['numpy', 'tf'] (offered: ['gromacs', 'numpy'])",
+                              "zone='cloud' (offered: 'edge')"]
+    for bad in ("computing_units", "memory_size=-1", "gpus=many"):
+        with pytest.raises(ConfigurationError):
+            res.parse(bad)
+    with pytest.raises(ConfigurationError, match="resources"):
+        store.config.Settings.from_env(env={"CLAYPOT_RESOURCES": "zone"})
