@@ -33,13 +33,15 @@ from store import objects as _objects
 
 from .core import current, use_executor
 from .decorators import TaskFunction, binary, constraint, implement, mpi, task
-from .directions import (COLLECTION_IN, COLLECTION_INOUT, FILE_IN, FILE_INOUT, FILE_OUT,
-                         FILE_OUT_STDERR, FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
+from .directions import (COLLECTION_IN, COLLECTION_INOUT, DIRECTORY_IN, DIRECTORY_INOUT,
+                         DIRECTORY_OUT, FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR,
+                         FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
 from .futures import Future
 
 __all__ = ["task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
            "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT",
            "FILE_IN", "FILE_OUT", "FILE_INOUT", "FILE_OUT_STDOUT", "FILE_OUT_STDERR",
+           "DIRECTORY_IN", "DIRECTORY_OUT", "DIRECTORY_INOUT",
            "Direction", "OnFailure", "use_executor", "wait_on_file", "open_file"]
 
 

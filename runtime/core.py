@@ -212,6 +212,8 @@ class Runtime:
             if direction is None or value is None:
                 continue
             path = self.files.canonical(value)
+            if direction.directory:
+                self.files.directories.add(path)
             if direction.writes:
                 old, new = self.files.new_version(path)
                 if direction.reads_file:
@@ -365,8 +367,9 @@ class Runtime:
             return args, kwargs
         values = {}
         for name, path, direction, old, _new in call.files:
-            data = self.files.read(path, old) if direction.reads_file else None
-            values[name] = FileValue(os.path.basename(path), data)
+            data = self.files.read(path, old, direction.directory) \
+                if direction.reads_file else None
+            values[name] = FileValue(os.path.basename(path), data, direction.directory)
         names = call.defn.positional_names(len(args))
         args = tuple(values.get(n, a) for n, a in zip(names, args))
         kwargs = {k: values.get(k, v) for k, v in kwargs.items()}

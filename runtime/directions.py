@@ -14,6 +14,9 @@ A direction says what a task does with an argument:
 ``FILE_INOUT``            a path the task reads and rewrites (a new version)
 ``FILE_OUT_STDOUT``       a path that receives a ``@binary``/``@mpi`` task's stdout
 ``FILE_OUT_STDERR``       a path that receives its stderr
+``DIRECTORY_IN``          a directory the task reads (its whole tree travels)
+``DIRECTORY_OUT``         a directory the task fills (a new version)
+``DIRECTORY_INOUT``       a directory the task reads and changes (a new version)
 ========================  ===========================================================
 
 Files are versioned like PyCOMPSs renames them: each writer makes a new
@@ -43,23 +46,33 @@ class Direction(enum.Enum):
     FILE_INOUT = "FILE_INOUT"
     FILE_OUT_STDOUT = "FILE_OUT_STDOUT"
     FILE_OUT_STDERR = "FILE_OUT_STDERR"
+    DIRECTORY_IN = "DIRECTORY_IN"
+    DIRECTORY_OUT = "DIRECTORY_OUT"
+    DIRECTORY_INOUT = "DIRECTORY_INOUT"
 
     @property
     def writes(self) -> bool:
         """True when the task may change the argument (or the collection's items)."""
         return self in (Direction.INOUT, Direction.OUT, Direction.COLLECTION_INOUT,
                         Direction.FILE_OUT, Direction.FILE_INOUT, Direction.FILE_OUT_STDOUT,
-                        Direction.FILE_OUT_STDERR)
+                        Direction.FILE_OUT_STDERR, Direction.DIRECTORY_OUT,
+                        Direction.DIRECTORY_INOUT)
 
     @property
     def file(self) -> bool:
-        """True when the argument is a path whose file the task reads or writes."""
-        return self.value.startswith("FILE_")
+        """True when the argument is a path whose file (or directory) the task reads or writes."""
+        return self.value.startswith(("FILE_", "DIRECTORY_"))
+
+    @property
+    def directory(self) -> bool:
+        """True when the path is a directory (it travels as one tar archive)."""
+        return self.value.startswith("DIRECTORY_")
 
     @property
     def reads_file(self) -> bool:
         """True for a file direction whose current contents the task needs."""
-        return self in (Direction.FILE_IN, Direction.FILE_INOUT)
+        return self in (Direction.FILE_IN, Direction.FILE_INOUT, Direction.DIRECTORY_IN,
+                        Direction.DIRECTORY_INOUT)
 
     @property
     def collection(self) -> bool:
@@ -77,6 +90,9 @@ FILE_OUT = Direction.FILE_OUT
 FILE_INOUT = Direction.FILE_INOUT
 FILE_OUT_STDOUT = Direction.FILE_OUT_STDOUT
 FILE_OUT_STDERR = Direction.FILE_OUT_STDERR
+DIRECTORY_IN = Direction.DIRECTORY_IN
+DIRECTORY_OUT = Direction.DIRECTORY_OUT
+DIRECTORY_INOUT = Direction.DIRECTORY_INOUT
 
 
 class OnFailure(enum.Enum):

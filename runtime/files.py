@@ -15,10 +15,12 @@ runner works on the paths themselves.
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import shlex
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +35,37 @@ class FileValue:
     """A file parameter as it travels to a backend: its name and (for inputs) its bytes."""
     name: str
     data: bytes | None = None
+    directory: bool = False     # data is a tar archive of the directory's contents
+
+
+def pack(directory: str) -> bytes:
+    """A directory's tree as one uncompressed tar archive (paths relative to it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for entry in sorted(os.listdir(directory)):
+            tar.add(os.path.join(directory, entry), arcname=entry)
+    return buf.getvalue()
+
+
+def unpack(data: bytes, directory: str) -> None:
+    """Extract ``pack``'s archive into ``directory``, refusing links and paths outside it."""
+    os.makedirs(directory, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tar.extractall(directory, filter="data")
+            except tarfile.FilterError as exc:
+                raise TaskError(f"refusing archive member: {exc}") from None
+            return
+        # A Python without extraction filters: check each member the same way.
+        root = os.path.realpath(directory)
+        for m in tar.getmembers():
+            target = os.path.realpath(os.path.join(root, m.name))
+            if not (m.isfile() or m.isdir()) or os.path.isabs(m.name) or \
+                    os.path.commonpath([root, target]) != root:
+                raise TaskError(f"refusing archive member {m.name!r}: only plain files and "
+                                f"directories inside the tree travel")
+        tar.extractall(directory)
 
 
 @dataclass
@@ -67,7 +100,11 @@ class TaskRunner:
                 if isinstance(v, FileValue):
                     local = os.path.join(work, name, os.path.basename(v.name) or name)
                     os.makedirs(os.path.dirname(local), exist_ok=True)
-                    if v.data is not None:
+                    if v.directory:
+                        os.makedirs(local, exist_ok=True)
+                        if v.data is not None:
+                            unpack(v.data, local)
+                    elif v.data is not None:
                         with open(local, "wb") as f:
                             f.write(v.data)
                     values[name] = local
@@ -80,7 +117,11 @@ class TaskRunner:
                 return result
             outs = {}
             for name, local in remote.items():
-                if self.files[name].writes and os.path.exists(local):
+                if not self.files[name].writes or not os.path.exists(local):
+                    continue
+                if self.files[name].directory:
+                    outs[name] = pack(local)
+                else:
                     with open(local, "rb") as f:
                         outs[name] = f.read()
             return FileResult(result, outs)
@@ -178,6 +219,7 @@ class FileVersions:
         self._lock = threading.Lock()
         self._dir: str | None = None
         self.current: dict[str, int] = {}       # path -> newest version number handed out
+        self.directories: set[str] = set()      # paths whose versions are tar archives
         self.stored: dict[tuple[str, int], str] = {}
 
     @staticmethod
@@ -211,8 +253,12 @@ class FileVersions:
                             f"(the task that should write it failed)")
         return where
 
-    def read(self, path: str, version: int) -> bytes:
-        with open(self.location(path, version), "rb") as f:
+    def read(self, path: str, version: int, directory: bool = False) -> bytes:
+        """The bytes of one version (of a directory: a tar archive of its tree)."""
+        where = self.location(path, version)
+        if directory and version == 0:
+            return pack(where)
+        with open(where, "rb") as f:
             return f.read()
 
     def store(self, path: str, version: int, data: bytes) -> None:
@@ -238,8 +284,16 @@ class FileVersions:
         with self._lock:
             v = self.current.get(path, 0)
             where = self.stored.get((path, v)) if v else None
-        if where is not None:
-            tmp = path + ".claypot-tmp"
+        if where is None:
+            return path
+        tmp = path + ".claypot-tmp"
+        if path in self.directories:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with open(where, "rb") as f:
+                unpack(f.read(), tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        else:
             shutil.copyfile(where, tmp)
             os.replace(tmp, path)
         return path

@@ -447,3 +447,51 @@ def test_resource_names_parsing_and_matching():
             res.parse(bad)
     with pytest.raises(ConfigurationError, match="resources"):
         store.config.Settings.from_env(env={"CLAYPOT_RESOURCES": "zone"})
+
+
+def test_directory_directions_travel_as_trees_with_versions(tmp_path):
+    from runtime import DIRECTORY_IN, DIRECTORY_INOUT, DIRECTORY_OUT
+    out = str(tmp_path / "tree")
+
+    @task(d=DIRECTORY_OUT)
+    def fill(d, n):
+        os.makedirs(os.path.join(d, "sub"), exist_ok=True)
+        for i in range(n):
+            with open(os.path.join(d, "sub", f"{i}.txt"), "w") as f:
+                f.write(str(i))
+
+    @task(d=DIRECTORY_INOUT)
+    def add(d, name):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(name)
+
+    @task(returns=1, d=DIRECTORY_IN)
+    def listing(d):
+        return sorted(os.path.relpath(os.path.join(r, f), d)
+                      for r, _, fs in os.walk(d) for f in fs)
+
+    fill(out, 3)
+    before = listing(out)                 # version 1
+    add(out, "extra")                     # version 2: does not wait for `before`
+    after = listing(out)
+    assert wait_on(before) == ["sub/0.txt", "sub/1.txt", "sub/2.txt"]
+    assert wait_on(after) == ["extra", "sub/0.txt", "sub/1.txt", "sub/2.txt"]
+    compss_wait_on_file(out)
+    with open(os.path.join(out, "sub", "2.txt")) as f:
+        assert f.read() == "2"
+    assert sorted(os.listdir(out)) == ["extra", "sub"]
+
+
+def test_a_directory_archive_cannot_write_outside_its_tree(tmp_path):
+    import io
+    import tarfile
+
+    from runtime.files import unpack
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(TaskError, match="refusing archive member"):
+        unpack(buf.getvalue(), str(tmp_path / "tree"))
+    assert not (tmp_path / "escaped").exists()
