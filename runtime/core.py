@@ -327,10 +327,11 @@ class Runtime:
         def done(result, error):
             if backend is not None:
                 self._release(backend, call.demand)
-            if isinstance(result, FileResult):
+            if error is None and call.files:
                 try:
-                    self._keep_files(call, result)
-                    result = result.value
+                    self._keep_files(call, result if isinstance(result, FileResult) else None)
+                    if isinstance(result, FileResult):
+                        result = result.value
                 except Exception as exc:   # the program's disk is full, say
                     result, error = None, exc
             self._settle(call, attempt, result, error, backend)
@@ -355,10 +356,29 @@ class Runtime:
             f"task {call.name} did not finish within its time_out of {call.defn.time_out}s "
             f"(it may still be running on backend {(call.backend or '')[:8]})"), call.backend)
 
-    def _keep_files(self, call: Call, result: FileResult) -> None:
+    def _keep_files(self, call: Call, result: FileResult | None) -> None:
         for name, path, direction, _old, new in call.files:
-            if direction.writes and name in result.outputs:
+            if not direction.writes:
+                continue
+            shared = self._shared_version(path, direction, new)
+            if shared is not None:
+                if os.path.exists(shared):   # written in place on the shared filesystem
+                    self.files.adopt(path, new, shared)
+            elif result is not None and name in result.outputs:
                 self.files.store(path, new, result.outputs[name])
+
+    def _shared_version(self, path: str, direction: Direction, version: int) -> str | None:
+        """Where version ``version`` of ``path`` lives on the shared filesystem, if it does."""
+        shared = getattr(getattr(self.client, "settings", None), "shared_dir", "")
+        if not shared or direction.directory:
+            return None
+        root = os.path.realpath(shared)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return None
+        if version == 0:
+            return path
+        return os.path.join(root, ".claypot-versions", f"{self._session}-{version}-"
+                            f"{abs(hash(path)):x}-{os.path.basename(path)}")
 
     def _resolve_files(self, call: Call) -> tuple[tuple, dict]:
         """``_resolve``, with FILE parameters as FileValue (the bytes of the version read)."""
@@ -366,7 +386,20 @@ class Runtime:
         if not call.files:
             return args, kwargs
         values = {}
-        for name, path, direction, old, _new in call.files:
+        for name, path, direction, old, new in call.files:
+            src = self._shared_version(path, direction, old)
+            if src is not None:
+                # On the shared filesystem: the task reads (and writes) the versions
+                # there; no byte travels with it.
+                if old:
+                    src = self.files.location(path, old)
+                dst = self._shared_version(path, direction, new) if direction.writes else None
+                if dst is not None:
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                values[name] = FileValue(os.path.basename(path), None, False,
+                                         shared_in=src if direction.reads_file or not dst
+                                         else None, shared_out=dst)
+                continue
             data = self.files.read(path, old, direction.directory) \
                 if direction.reads_file else None
             values[name] = FileValue(os.path.basename(path), data, direction.directory)

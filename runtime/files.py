@@ -36,6 +36,8 @@ class FileValue:
     name: str
     data: bytes | None = None
     directory: bool = False     # data is a tar archive of the directory's contents
+    shared_in: str | None = None    # on a shared filesystem: the version to read
+    shared_out: str | None = None   # ... and where to write the new one
 
 
 def pack(directory: str) -> bytes:
@@ -97,6 +99,14 @@ class TaskRunner:
         try:
             for name, direction in self.files.items():
                 v = values.get(name)
+                if isinstance(v, FileValue) and (v.shared_in or v.shared_out):
+                    if v.shared_out:
+                        if v.shared_in and direction.reads_file:
+                            shutil.copyfile(v.shared_in, v.shared_out)
+                        values[name] = v.shared_out
+                    else:
+                        values[name] = v.shared_in
+                    continue
                 if isinstance(v, FileValue):
                     local = os.path.join(work, name, os.path.basename(v.name) or name)
                     os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -278,6 +288,11 @@ class FileVersions:
             self.stored.clear()
         if where is not None:
             shutil.rmtree(where, ignore_errors=True)
+
+    def adopt(self, path: str, version: int, where: str) -> None:
+        """Record a version a task wrote in place (on the shared filesystem)."""
+        with self._lock:
+            self.stored[(path, version)] = where
 
     def final(self, path: str) -> str:
         """Copy the newest version back to ``path`` (call once its writer finished)."""

@@ -57,6 +57,9 @@ class Settings:
     # What this backend offers tasks, for @constraint: "computing_units=4,memory_size=8,
     # processor_type=ARM,gpus=1,zone=edge" (see store.resources). Empty: detected only.
     resources: str = ""
+    # A directory every backend sees at the same path (a shared filesystem): FILE
+    # parameters under it are read and written there instead of travelling.
+    shared_dir: str = ""
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
     # Dask (optional extra): a backend hosts a worker on this scheduler; a client's
     # dask executor submits there. Empty: no Dask.

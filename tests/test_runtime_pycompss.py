@@ -495,3 +495,39 @@ def test_a_directory_archive_cannot_write_outside_its_tree(tmp_path):
     with pytest.raises(TaskError, match="refusing archive member"):
         unpack(buf.getvalue(), str(tmp_path / "tree"))
     assert not (tmp_path / "escaped").exists()
+
+
+def test_files_on_the_shared_filesystem_do_not_travel(cluster, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = str(shared / "data.txt")
+    client = cluster.client
+    saved = client.settings
+    client.settings = saved.replace(shared_dir=str(shared))
+    try:
+        @task(returns=1, path=FILE_INOUT)
+        def grow(path, text):
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+
+        @task(returns=2, path=FILE_IN)
+        def seen(path):
+            with open(path) as f:
+                return path, f.read()
+
+        with open(path, "w") as f:
+            f.write("a")
+        first = seen(path)
+        where = grow(path, "b")
+        second = seen(path)
+        p1, t1 = wait_on(list(first))
+        p2, t2 = wait_on(list(second))
+        assert (t1, t2) == ("a", "ab")
+        # The tasks worked on the shared directory itself, not on copies.
+        assert p1 == path and os.path.dirname(wait_on(where)).startswith(str(shared))
+        assert p2 == wait_on(where)
+        with open(compss_wait_on_file(path)) as f:
+            assert f.read() == "ab"
+    finally:
+        client.settings = saved
