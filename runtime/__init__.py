@@ -32,15 +32,19 @@ from typing import Any
 from store import objects as _objects
 
 from .core import current, use_executor
-from .decorators import TaskFunction, constraint, task
-from .directions import (COLLECTION_IN, COLLECTION_INOUT, IN, INOUT, OUT, Direction,
-                         OnFailure)
+from .decorators import TaskFunction, binary, constraint, implement, mpi, task
+from .directions import (COLLECTION_IN, COLLECTION_INOUT, DIRECTORY_IN, DIRECTORY_INOUT,
+                         DIRECTORY_OUT, FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR,
+                         FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
 from .futures import Future
 from .progress import ProgressReport, progress
 
-__all__ = ["task", "constraint", "wait_on", "barrier", "Future", "TaskFunction",
-           "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "Direction",
-           "OnFailure", "use_executor", "progress", "ProgressReport"]
+__all__ = ["task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
+           "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT",
+           "FILE_IN", "FILE_OUT", "FILE_INOUT", "FILE_OUT_STDOUT", "FILE_OUT_STDERR",
+           "DIRECTORY_IN", "DIRECTORY_OUT", "DIRECTORY_INOUT",
+           "Direction", "OnFailure", "use_executor", "wait_on_file", "open_file", "progress",
+           "ProgressReport"]
 
 
 def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> Any:
@@ -75,3 +79,22 @@ def barrier(timeout: float | None = None) -> None:
     barrier.
     """
     current().barrier(timeout)
+
+
+def wait_on_file(path, timeout: float | None = None) -> str:
+    """Wait for the tasks that write ``path``, put its last version there, return the path.
+
+    PyCOMPSs calls it ``compss_wait_on_file``.
+    """
+    return current().wait_on_file(path, timeout)
+
+
+def open_file(path, mode: str = "r", timeout: float | None = None):
+    """``open()`` the last version of ``path`` once its writers finished (``compss_open``)."""
+    return open(wait_on_file(path, timeout), mode)
+
+
+compss_wait_on = wait_on
+compss_barrier = barrier
+compss_wait_on_file = wait_on_file
+compss_open = open_file

@@ -11,6 +11,7 @@ which applies the task's failure policy.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -20,12 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from store import elastic as _elastic
 from store import objects as objmod
 from store.errors import (CallInterrupted, ConfigurationError, TaskCancelled, TaskError,
                           TaskTimeout)
 
 from .directions import Direction, OnFailure
 from .executor import InlineExecutor, Job, RemoteExecutor
+from .files import FileResult, FileValue, FileVersions
 from .futures import Future
 from .graph import TaskGraph
 from .scheduler import Demand, Scheduler
@@ -100,6 +103,10 @@ class Call:
     values: list | None = None
     deps: tuple = ()              # tasks it waited for when submitted (for the dashboard)
     cancelled: bool = False       # by future.cancel(): never retried
+    variants: list = field(default_factory=list)    # this task and its @implement ones
+    fn: Any = None                                   # what runs: the chosen variant's runner
+    files: list = field(default_factory=list)        # (param, path, direction, read v, written v)
+    submitted: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
@@ -125,6 +132,7 @@ class Runtime:
         self._recent: deque = deque(maxlen=RECENT_TASKS)   # finished, for snapshot()
         self._backends_at = 0.0
         self.pids: dict[str, int] = {}
+        self.files = FileVersions()
         slots = task_slots()
         self.scheduler = Scheduler(slots)
         if self.inline:
@@ -133,6 +141,8 @@ class Runtime:
             self._refresh_backends(force=True)
             self.sizes = SizeCache(client)
             self.executor = _make_executor(client, slots, len(self.pids))
+            if hasattr(self.executor, "slots_for"):
+                self.executor.slots_for = self.scheduler.slots_of
 
     # -- submission ---------------------------------------------------------------------
     def submit(self, defn, args: tuple, kwargs: dict):
@@ -145,8 +155,10 @@ class Runtime:
             futures = [Future(task_id, defn.__qualname__)]
         call = Call(task_id, defn, args, kwargs, futures, set(), [], [], [],
                     Demand(defn.computing_units, defn.memory_bytes))
+        call.variants = defn.alternatives() if not self.inline else [defn]
+        call.fn = defn.runner
         if not self.inline:
-            self.scheduler.check(call.demand)
+            self._check_runnable(call)
         self._scan(call)
         if call.owners:
             call.weights = self.sizes.weights(call.oids, call.owners)
@@ -170,8 +182,24 @@ class Runtime:
             self._dispatch(call)
         return tuple(futures) if n > 1 else futures[0]
 
+    def _check_runnable(self, call: Call) -> None:
+        """Fail at the call when no backend that is up can run any variant of the task."""
+        with self._lock:
+            self._refresh_backends()
+            first = None
+            for v in call.variants:
+                try:
+                    self.scheduler.check(Demand(v.computing_units, v.memory_bytes),
+                                         v.constraints)
+                    return
+                except ConfigurationError as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
+
     def _scan(self, call: Call) -> None:
-        """Find the call's futures and persistent objects, by parameter direction."""
+        """Find the call's futures, persistent objects and files, by parameter direction."""
+        self._scan_files(call)
         for value, direction in call.defn.bind(call.args, call.kwargs):
             items = value if direction.collection and isinstance(value, (list, tuple)) \
                 else (value,)
@@ -274,6 +302,38 @@ class Runtime:
                 self._drop(t)
             self._drop(commit.task_id)
 
+    def _scan_files(self, call: Call) -> None:
+        params = call.defn.file_params
+        if not params or self.inline:
+            return   # inline: the task works on the paths themselves, in program order
+        named = list(zip(call.defn.positional_names(len(call.args)), call.args))
+        named += list(call.kwargs.items())
+        for name, value in named:
+            direction = params.get(name)
+            if direction is None or value is None:
+                continue
+            path = self.files.canonical(value)
+            if direction.directory:
+                self.files.directories.add(path)
+            if direction.writes:
+                old, new = self.files.new_version(path)
+                if direction.reads_file:
+                    call.reads.append(self.files.key(path, old))
+                call.writes.append(self.files.key(path, new))
+            else:
+                old = new = self.files.read_version(path)
+                call.reads.append(self.files.key(path, old))
+            call.files.append((name, path, direction, old, new))
+
+    def wait_on_file(self, path, timeout: float | None = None) -> str:
+        """Wait for the last task that writes ``path``; leave its version there; the path."""
+        p = self.files.canonical(path)
+        if not self.inline:
+            key = self.files.key(p, self.files.read_version(p))
+            for f in self.futures_using(key):
+                f.exception(timeout)
+        return self.files.final(p)
+
     # -- dispatch -------------------------------------------------------------------------------
     def _refresh_backends(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -282,7 +342,13 @@ class Runtime:
         self._backends_at = now
         up = [b for b in self.client.backends() if b.up]
         self.pids = {b.backend_id: b.pid for b in up}
-        self.scheduler.set_backends(sorted(self.pids))
+        offers = {}
+        for b in up:
+            try:
+                offers[b.backend_id] = json.loads(getattr(b, "resources_json", "") or "{}")
+            except ValueError:
+                offers[b.backend_id] = {}
+        self.scheduler.set_backends(sorted(self.pids), offers)
         if up and not self.scheduler.memory:
             # Backends on one host share its memory: each gets an equal part for tasks.
             import psutil
@@ -305,7 +371,7 @@ class Runtime:
             return
         try:
             self._refresh_backends()
-            backend = self.scheduler.choose(call.owners, call.weights)
+            backend = self._place(call)
         except Exception as exc:  # no backend up, or the directory unreachable
             self._settle(call, call.attempt, None, exc, backend=None)
             return
@@ -314,6 +380,32 @@ class Runtime:
             self._start(call, backend)
         else:
             self._queues.setdefault(backend, deque()).append(call)
+
+    def _place(self, call: Call) -> str:
+        """Choose the variant (``@implement``) and backend of a ready call.
+
+        Each variant goes to the best backend meeting its constraints; the
+        call takes the one whose backend holds most of its data, then the
+        least loaded, then the first declared.
+        """
+        best = None
+        for i, v in enumerate(call.variants):
+            demand = Demand(v.computing_units, v.memory_bytes)
+            among = self.scheduler.eligible(demand, v.constraints)
+            if not among:
+                continue
+            b = self.scheduler.choose(call.owners, call.weights, among=among)
+            rank = (-self.scheduler.score(b, call.owners, call.weights),
+                    self.scheduler.load(b) / max(1, self.scheduler.slots_of(b)), i)
+            if best is None or rank < best[0]:
+                best = (rank, b, v, demand)
+        if best is None:
+            self._check_runnable(call)   # raises the detailed error
+            raise LookupError("no backend that is up meets the task's constraints")
+        _, backend, variant, demand = best
+        call.demand = demand
+        call.fn = variant.runner
+        return backend
 
     def _start(self, call: Call, backend: str | None) -> None:
         call.attempt += 1
@@ -340,14 +432,23 @@ class Runtime:
         def done(result, error):
             if backend is not None:
                 self._release(backend, call.demand)
+            if error is None and call.files:
+                try:
+                    self._keep_files(call, result if isinstance(result, FileResult) else None)
+                    if isinstance(result, FileResult):
+                        result = result.value
+                except Exception as exc:   # the program's disk is full, say
+                    result, error = None, exc
             self._settle(call, attempt, result, error, backend)
 
         if call.commit_id:
             prepare, mutates = (lambda: self._prepare_versioned(call)), call.mutates
         else:
-            prepare, mutates = (lambda: self._resolve(call)), call.writes
-        self.executor.submit(Job(backend, call.defn.fn, prepare, mutates, call.defn.time_out,
-                                 call.demand.units, done, on_start,
+            prepare = lambda: self._resolve_files(call)  # noqa: E731
+            # File keys order tasks here; only object ids are the backend's to lock.
+            mutates = [w for w in call.writes if not w.startswith("file:")]
+        self.executor.submit(Job(backend, call.fn or call.defn.fn, prepare, mutates,
+                                 call.defn.time_out, call.demand.units, done, on_start,
                                  key=f"{self._session}:{call.task_id}"))
 
     def _release(self, backend: str, demand: Demand) -> None:
@@ -363,6 +464,58 @@ class Runtime:
         self._settle(call, attempt, None, TaskTimeout(
             f"task {call.name} did not finish within its time_out of {call.defn.time_out}s "
             f"(it may still be running on backend {(call.backend or '')[:8]})"), call.backend)
+
+    def _keep_files(self, call: Call, result: FileResult | None) -> None:
+        for name, path, direction, _old, new in call.files:
+            if not direction.writes:
+                continue
+            shared = self._shared_version(path, direction, new)
+            if shared is not None:
+                if os.path.exists(shared):   # written in place on the shared filesystem
+                    self.files.adopt(path, new, shared)
+            elif result is not None and name in result.outputs:
+                self.files.store(path, new, result.outputs[name])
+
+    def _shared_version(self, path: str, direction: Direction, version: int) -> str | None:
+        """Where version ``version`` of ``path`` lives on the shared filesystem, if it does."""
+        shared = getattr(getattr(self.client, "settings", None), "shared_dir", "")
+        if not shared or direction.directory:
+            return None
+        root = os.path.realpath(shared)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return None
+        if version == 0:
+            return path
+        return os.path.join(root, ".claypot-versions", f"{self._session}-{version}-"
+                            f"{abs(hash(path)):x}-{os.path.basename(path)}")
+
+    def _resolve_files(self, call: Call) -> tuple[tuple, dict]:
+        """``_resolve``, with FILE parameters as FileValue (the bytes of the version read)."""
+        args, kwargs = self._resolve(call)
+        if not call.files:
+            return args, kwargs
+        values = {}
+        for name, path, direction, old, new in call.files:
+            src = self._shared_version(path, direction, old)
+            if src is not None:
+                # On the shared filesystem: the task reads (and writes) the versions
+                # there; no byte travels with it.
+                if old:
+                    src = self.files.location(path, old)
+                dst = self._shared_version(path, direction, new) if direction.writes else None
+                if dst is not None:
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                values[name] = FileValue(os.path.basename(path), None, False,
+                                         shared_in=src if direction.reads_file or not dst
+                                         else None, shared_out=dst)
+                continue
+            data = self.files.read(path, old, direction.directory) \
+                if direction.reads_file else None
+            values[name] = FileValue(os.path.basename(path), data, direction.directory)
+        names = call.defn.positional_names(len(args))
+        args = tuple(values.get(n, a) for n, a in zip(names, args))
+        kwargs = {k: values.get(k, v) for k, v in kwargs.items()}
+        return args, kwargs
 
     @staticmethod
     def _resolve(call: Call) -> tuple[tuple, dict]:
@@ -546,6 +699,14 @@ class Runtime:
         with self._lock:
             return len(self._calls)
 
+    def workload(self) -> tuple[int, float]:
+        """(tasks not finished, seconds the oldest of them has waited): what autoscaling reads."""
+        with self._lock:
+            if not self._calls:
+                return 0, 0.0
+            oldest = min(c.submitted for c in self._calls.values())
+            return len(self._calls), time.monotonic() - oldest
+
     def close(self, reason: str = "its connection was closed or replaced") -> None:
         """Stop sending tasks; every task not finished yet fails with TaskCancelled.
 
@@ -568,6 +729,7 @@ class Runtime:
             self._calls.clear()
             self._queues.clear()
             self._idle.notify_all()
+        self.files.close()
 
 
 _WRITE_TASK_GRACE = 5.0  # seconds past time_out before a silent INOUT task is given up
@@ -617,6 +779,20 @@ def _on_dispatcher_change(new) -> None:
 
 
 objmod.on_dispatcher_change(_on_dispatcher_change)
+
+
+def _on_backend_change(event: str, backend_id: str) -> None:
+    """A backend joined (use it for the next ready tasks) or is draining (stop using it)."""
+    rt = _runtime
+    if rt is None or rt.inline:
+        return
+    with rt._lock:
+        if event == "drain":
+            rt.scheduler.exclude(backend_id)
+        rt._refresh_backends(force=True)
+
+
+_elastic.on_change(_on_backend_change)
 
 
 def current() -> Runtime:

@@ -9,7 +9,20 @@ A direction says what a task does with an argument:
 ``OUT``                   overwrites it; ordered like ``INOUT``
 ``COLLECTION_IN``         a list (or tuple) whose items are each ``IN``
 ``COLLECTION_INOUT``      a list (or tuple) whose items are each ``INOUT``
+``FILE_IN``               a path the task reads
+``FILE_OUT``              a path the task writes (a new version of the file)
+``FILE_INOUT``            a path the task reads and rewrites (a new version)
+``FILE_OUT_STDOUT``       a path that receives a ``@binary``/``@mpi`` task's stdout
+``FILE_OUT_STDERR``       a path that receives its stderr
+``DIRECTORY_IN``          a directory the task reads (its whole tree travels)
+``DIRECTORY_OUT``         a directory the task fills (a new version)
+``DIRECTORY_INOUT``       a directory the task reads and changes (a new version)
 ========================  ===========================================================
+
+Files are versioned like PyCOMPSs renames them: each writer makes a new
+version, a reader waits only for the writer of the version it reads, and a
+writer never waits for readers of an older version (they keep reading
+theirs). See :mod:`runtime.files`.
 
 Only persistent objects (``StorageObject`` instances) carry dependencies of
 their own; futures always do, whatever the direction.
@@ -28,11 +41,38 @@ class Direction(enum.Enum):
     OUT = "OUT"
     COLLECTION_IN = "COLLECTION_IN"
     COLLECTION_INOUT = "COLLECTION_INOUT"
+    FILE_IN = "FILE_IN"
+    FILE_OUT = "FILE_OUT"
+    FILE_INOUT = "FILE_INOUT"
+    FILE_OUT_STDOUT = "FILE_OUT_STDOUT"
+    FILE_OUT_STDERR = "FILE_OUT_STDERR"
+    DIRECTORY_IN = "DIRECTORY_IN"
+    DIRECTORY_OUT = "DIRECTORY_OUT"
+    DIRECTORY_INOUT = "DIRECTORY_INOUT"
 
     @property
     def writes(self) -> bool:
         """True when the task may change the argument (or the collection's items)."""
-        return self in (Direction.INOUT, Direction.OUT, Direction.COLLECTION_INOUT)
+        return self in (Direction.INOUT, Direction.OUT, Direction.COLLECTION_INOUT,
+                        Direction.FILE_OUT, Direction.FILE_INOUT, Direction.FILE_OUT_STDOUT,
+                        Direction.FILE_OUT_STDERR, Direction.DIRECTORY_OUT,
+                        Direction.DIRECTORY_INOUT)
+
+    @property
+    def file(self) -> bool:
+        """True when the argument is a path whose file (or directory) the task reads or writes."""
+        return self.value.startswith(("FILE_", "DIRECTORY_"))
+
+    @property
+    def directory(self) -> bool:
+        """True when the path is a directory (it travels as one tar archive)."""
+        return self.value.startswith("DIRECTORY_")
+
+    @property
+    def reads_file(self) -> bool:
+        """True for a file direction whose current contents the task needs."""
+        return self in (Direction.FILE_IN, Direction.FILE_INOUT, Direction.DIRECTORY_IN,
+                        Direction.DIRECTORY_INOUT)
 
     @property
     def collection(self) -> bool:
@@ -45,6 +85,14 @@ INOUT = Direction.INOUT
 OUT = Direction.OUT
 COLLECTION_IN = Direction.COLLECTION_IN
 COLLECTION_INOUT = Direction.COLLECTION_INOUT
+FILE_IN = Direction.FILE_IN
+FILE_OUT = Direction.FILE_OUT
+FILE_INOUT = Direction.FILE_INOUT
+FILE_OUT_STDOUT = Direction.FILE_OUT_STDOUT
+FILE_OUT_STDERR = Direction.FILE_OUT_STDERR
+DIRECTORY_IN = Direction.DIRECTORY_IN
+DIRECTORY_OUT = Direction.DIRECTORY_OUT
+DIRECTORY_INOUT = Direction.DIRECTORY_INOUT
 
 
 class OnFailure(enum.Enum):

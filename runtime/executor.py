@@ -124,6 +124,7 @@ class RemoteExecutor:
         self._codes = CodeKeys(client)
         self._lock = threading.Lock()
         self._lanes: dict[str, _Lanes] = {}
+        self.slots_for: Callable[[str], int] | None = None   # per-backend lanes, if declared
         self.rpcs = 0        # RPCs sent, for tests and benchmarks
         self.batched = 0     # tasks that travelled in a batch of two or more
 
@@ -136,7 +137,8 @@ class RemoteExecutor:
         with self._lock:
             lanes = self._lanes.get(job.backend)
             if lanes is None:
-                lanes = self._lanes[job.backend] = _Lanes(self.slots)
+                n = self.slots_for(job.backend) if self.slots_for is not None else self.slots
+                lanes = self._lanes[job.backend] = _Lanes(max(1, n))
             lanes.queue.append(job)
             sends = self._take(lanes)
         for jobs, units in sends:

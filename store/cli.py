@@ -273,6 +273,35 @@ def restart(backend, kill):
     click.echo(f"backend {m['backend_id'][:8]} restarted at {bp.address} (pid {bp.pid})")
 
 
+@cli.command()
+@click.argument("backend")
+def drain(backend):
+    """Move a backend's objects to the other live backends, then stop it for good.
+
+    BACKEND is a backend id (a prefix is enough) or its index. Tasks stop going
+    to it first; it leaves the cluster (and `claypot status`) once empty.
+    """
+    from . import api
+    from .elastic import drain as drain_backend, retire
+    state = _need_state()
+    m = _member(state, backend)
+    client = api.connect(state["members"][0]["address"] if state.get("members") else None,
+                         state["token"])
+    targets = [b.backend_id for b in client.backends()
+               if b.up and b.backend_id != m["backend_id"]]
+    if not targets:
+        _fail("cannot drain the last live backend: its objects have nowhere to go")
+    moved = drain_backend(client, state["redis"], state["token"], m["backend_id"], targets)
+    proc = m.get("process") or {}
+    if same_process(proc):
+        _stop_verified([proc], 15)
+    retire(state["redis"], state["token"], m["backend_id"])
+    state["members"] = [x for x in state.get("members", []) if x is not m]
+    state["processes"] = [p for p in state.get("processes", []) if p.get("pid") != proc.get("pid")]
+    _save_state(state)
+    click.echo(f"backend {m['backend_id'][:8]} drained ({moved} object(s) moved) and stopped")
+
+
 def _log_files(state: dict, backend: str | None) -> list[tuple[str, str]]:
     members = [_member(state, backend)] if backend and backend != "redis" else \
         ([] if backend == "redis" else state.get("members", []))

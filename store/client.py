@@ -644,7 +644,17 @@ class Client:
             raise NotPersistent("object is not persistent")
         owner = proxy.__dict__.get(objmod._OWNER) or self.resolve(object_id=oid).backend_id
         for attempt in range(_MAX_HOPS + 1):
-            reply = self._on_owner(owner, fn)
+            try:
+                reply = self._on_owner(owner, fn)
+            except BackendUnavailable:
+                # Its owner left (drained, then stopped): the object moved before it
+                # went, and the directory says where. Still there: the error stands.
+                current = self.resolve(object_id=oid).backend_id
+                if current == owner or attempt == _MAX_HOPS:
+                    raise
+                owner = current
+                proxy.__dict__[objmod._OWNER] = owner
+                continue
             err = getattr(reply, "error", None)
             if err is None or not reply.HasField("error") or attempt == _MAX_HOPS:
                 return reply

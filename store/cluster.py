@@ -305,6 +305,10 @@ class LocalCluster:
     ``detach=True`` (``claypot up``) turns that off: the cluster outlives its
     starter. ``ports`` (one per backend), ``redis_port`` and ``redis_password``
     pin what is otherwise chosen at random, so a restart keeps its addresses.
+    ``resources``: what each backend offers tasks (:mod:`store.resources`),
+    one declaration per backend in start order (a string: the same for all).
+    ``scale(n)`` grows or shrinks the cluster while it runs; a backend that
+    leaves is drained first (its objects move to the others).
     """
 
     def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
@@ -312,7 +316,8 @@ class LocalCluster:
                  memory_limit: str | None = None, backend_env: dict | None = None,
                  connect: bool = True, dask: bool = False, tls: bool = False,
                  ports: list[int] | None = None, redis_port: int = 0,
-                 redis_password: str | None = None, detach: bool = False):
+                 redis_password: str | None = None, detach: bool = False,
+                 resources: list[str] | str | None = None):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
@@ -333,6 +338,7 @@ class LocalCluster:
         self._dask = dask
         self.dask: DaskSchedulerProcess | None = None
         self._tls = tls
+        self._resources = resources
         self.certs = None   # store.certs.ClusterCerts, when tls or dask
         self._ports = list(ports or [])
         self._redis_port = redis_port
@@ -424,9 +430,13 @@ class LocalCluster:
             raise
         return self
 
-    def _backend(self, i: int) -> BackendProcess:
+    def _backend(self, i: int, resources: str | None = None) -> BackendProcess:
+        if resources is None:
+            r = self._resources
+            resources = r if isinstance(r, str) else (r[i] if r and i < len(r) else "")
+        extra = list(self._extra) + (["--resources", resources] if resources else [])
         return BackendProcess(os.path.join(self.data_dir, f"backend-{i}"), self.redis_url,
-                              self.token, env=dict(self._env), extra_args=list(self._extra),
+                              self.token, env=dict(self._env), extra_args=extra,
                               port=self._ports[i] if i < len(self._ports) else 0,
                               die_with_parent=not self._detach)
 
@@ -475,11 +485,51 @@ class LocalCluster:
                 f"data in <code>{html.escape(self.data_dir)}</code>"
                 f"<table><tr>{head}</tr>{''.join(rows)}</table></div>")
 
-    def add_backend(self) -> BackendProcess:
-        proc = self._backend(len(self.processes)).start()
+    def add_backend(self, resources: str | None = None) -> BackendProcess:
+        """Start one more backend (``resources``: what it offers tasks)."""
+        proc = self._backend(len(self.processes), resources).start()
         self.processes.append(proc)
         self._record_children()
         return proc
+
+    def scale(self, n: int, resources: str | None = None) -> list[str]:
+        """Grow or shrink to ``n`` live backends; returns the ids that joined or left.
+
+        New backends are used by the runtime for its next ready tasks at once.
+        Backends leave newest first, each drained (:func:`store.elastic.drain`:
+        its objects move to the others) before it stops.
+        """
+        if n < 1:
+            raise ConfigurationError("a cluster needs at least one backend")
+        live = [p for p in self.processes if p.alive()]
+        changed = []
+        from .elastic import joined
+        for _ in range(n - len(live)):
+            changed.append(self.add_backend(resources).backend_id)
+            joined(changed[-1])
+        for p in reversed(live[n:]):
+            self.drain(p.backend_id)
+            changed.append(p.backend_id)
+        return changed
+
+    def drain(self, backend_id: str) -> int:
+        """Move a backend's objects to the other live backends, then stop it.
+
+        Returns how many objects moved. The runtime of this process stops
+        sending it tasks first.
+        """
+        from .elastic import drain, retire
+        p = self.process_of(backend_id)
+        targets = [q.backend_id for q in self.processes if q.alive() and q is not p]
+        if not targets:
+            raise ConfigurationError("cannot drain the last backend: its objects have "
+                                     "nowhere to go")
+        from . import api
+        client = self.client or api.client()
+        moved = drain(client, self.redis_url, self.token, backend_id, targets)
+        p.stop()
+        retire(self.redis_url, self.token, backend_id)
+        return moved
 
     def process_of(self, backend_id: str) -> BackendProcess:
         for p in self.processes:

@@ -54,6 +54,12 @@ class Settings:
     result_ttl: float = 120.0         # seconds a large result waits for its client, then dropped
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
+    # What this backend offers tasks, for @constraint: "computing_units=4,memory_size=8,
+    # processor_type=ARM,gpus=1,zone=edge" (see store.resources). Empty: detected only.
+    resources: str = ""
+    # A directory every backend sees at the same path (a shared filesystem): FILE
+    # parameters under it are read and written there instead of travelling.
+    shared_dir: str = ""
     server_threads: int = 16         # more threads cost latency (measured); nested calls need one each
     # Observability (store.metrics): Prometheus metrics on a port of their own. 0: an
     # ephemeral port on a loopback backend, none on a network one; -1: off.
@@ -100,6 +106,8 @@ class Settings:
         if self.inline_limit > 3 * MiB:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         parse_memory_limit(self.memory_limit)
+        from .resources import parse as parse_resources
+        parse_resources(self.resources)
         parse_memory_limit(self.max_value_size)
         parse_memory_limit(self.receive_budget)
         if bool(self.tls_cert) != bool(self.tls_key):

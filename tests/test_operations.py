@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from store import errors
@@ -187,3 +188,29 @@ def test_cli_has_help_for_every_flag_version_and_completion():
     completion = subprocess.run(CLAYPOT, capture_output=True, text=True, timeout=30,
                                 env=dict(os.environ, _CLAYPOT_COMPLETE="bash_source"))
     assert "complete" in completion.stdout and "_CLAYPOT_COMPLETE" in completion.stdout
+
+
+def test_drain_moves_a_backends_objects_away_and_stops_it(env, tmp_path):
+    assert run(["up", "--backends", "2", "--data-dir", str(tmp_path / "data")], env).returncode == 0
+    st = state_of(env)
+    leaving, staying = st["members"][0], st["members"][1]
+    script = ("import store\nfrom lifelib import Counter\nstore.connect()\n"
+              f"for i in range(5):\n    Counter(i).make_persistent(alias=f'd{{i}}', "
+              f"backend={leaving['backend_id']!r})\n")
+    e = dict(env, PYTHONPATH=os.path.dirname(__file__) + os.pathsep + env.get("PYTHONPATH", ""))
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=e, timeout=60)
+    assert made.returncode == 0, made.stderr
+    out = run(["drain", leaving["backend_id"][:8]], e)
+    assert out.returncode == 0, out.stderr
+    assert "5 object(s) moved" in out.stdout
+    assert not psutil.pid_exists(leaving["process"]["pid"]) or \
+        psutil.Process(leaving["process"]["pid"]).status() == psutil.STATUS_ZOMBIE
+    check = ("import store\nstore.connect()\n"
+             "print(sorted((store.get_by_alias(f'd{i}').get_location(), "
+             "store.get_by_alias(f'd{i}').value) for i in range(5)))\n")
+    got = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         env=e, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == str([(staying["backend_id"], i) for i in range(5)])
+    assert [m["backend_id"] for m in state_of(env)["members"]] == [staying["backend_id"]]

@@ -218,7 +218,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 resident_objects=b.get("resident_objects", 0),
                 running_tasks=b.get("running_tasks", 0), host_id=b.get("host_id", ""),
                 stopped=bool(b.get("stopped")) and not b["up"],
-                metrics_address=b.get("metrics_address", "")))
+                metrics_address=b.get("metrics_address", ""),
+                resources_json=json.dumps(b.get("resources") or {}, sort_keys=True)))
         return pb.ListBackendsReply(backends=infos)
 
     def RegisterCode(self, request, context):
@@ -558,6 +559,8 @@ class Backend:
         self.settings = settings
         self.host = socket.gethostname()
         self.host_id = shm.host_id(settings.host_id)
+        from store import resources as _resources
+        self.resources = _resources.declared(settings.resources)
         self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
                                    token=settings.token)
         if self.directory.r.connection_pool.connection_kwargs.get("password") is None:
@@ -669,7 +672,8 @@ class Backend:
                 "memory_bytes": psutil.Process().memory_info().rss,
                 "running_tasks": self.heap.running_tasks,
                 "durability": self.settings.durability,
-                "metrics_address": self.metrics_address}
+                "metrics_address": self.metrics_address,
+                "resources": self.resources}
 
     def _heartbeat(self) -> None:
         self.directory.register_backend(self.backend_id, self._stats(),
@@ -878,13 +882,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-limit")
     p.add_argument("--dask-scheduler", help="tcp://host:port of a Dask scheduler: host a "
                    "Dask worker named after this backend in this process")
+    p.add_argument("--resources", help="what this backend offers tasks, name=value pairs: "
+                   "computing_units=4,memory_size=8,processor_type=ARM,gpus=1,zone=edge")
     p.add_argument("--ready-file", help="write the address here once serving")
     a = p.parse_args(argv)
     settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
                                  advertise=a.advertise,
                                  token=a.token, insecure=a.insecure, durability=a.durability,
                                  flush_interval=a.flush_interval, memory_limit=a.memory_limit,
-                                 dask_scheduler=a.dask_scheduler)
+                                 dask_scheduler=a.dask_scheduler, resources=a.resources)
     logs.configure(settings.log_format)
     backend = Backend(settings)
     logs.set_backend_id(backend.backend_id)

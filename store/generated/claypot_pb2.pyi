@@ -148,7 +148,7 @@ class ResolveReply(_message.Message):
     def __init__(self, ref: _Optional[_Union[ObjectRef, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("backend_id", "address", "host", "pid", "up", "objects", "memory_bytes", "resident_objects", "running_tasks", "host_id", "stopped", "metrics_address")
+    __slots__ = ("backend_id", "address", "host", "pid", "up", "objects", "memory_bytes", "resident_objects", "running_tasks", "host_id", "stopped", "metrics_address", "resources_json")
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class BackendInfo(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
     backend_id: str
     address: str
     host: str
@@ -173,7 +174,8 @@ class BackendInfo(_message.Message):
     host_id: str
     stopped: bool
     metrics_address: str
-    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ..., host_id: _Optional[str] = ..., stopped: _Optional[bool] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    resources_json: str
+    def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., objects: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., resident_objects: _Optional[int] = ..., running_tasks: _Optional[int] = ..., host_id: _Optional[str] = ..., stopped: _Optional[bool] = ..., metrics_address: _Optional[str] = ..., resources_json: _Optional[str] = ...) -> None: ...
 
 class ListBackendsRequest(_message.Message):
     __slots__ = ()
