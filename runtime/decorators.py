@@ -285,14 +285,19 @@ def mpi(binary: str = "", runner: str = "mpirun", processes: int = 1, args: str 
 
     ``runner`` is ``mpirun`` (Open MPI; as root it adds ``--allow-run-as-root``,
     and always ``--oversubscribe`` so more ranks than cores run) or ``srun``.
-    Arguments, streams and exit codes as for :func:`binary`. Running a Python
-    function across ranks (no ``binary``) needs mpi4py and is refused.
+    Arguments, streams and exit codes as for :func:`binary`.
+
+    Without ``binary`` the decorated Python function itself runs on every
+    rank, under mpi4py (which the backends need): the task's value is the
+    list of the ranks' results, in rank order; a rank that raises fails the
+    task with its exception.
     """
-    if not binary:
-        raise ConfigurationError("@mpi without binary= (a Python function across ranks under "
-                                 "mpi4py) is not supported: give the program to run")
     if int(processes) < 1:
         raise ValueError("processes must be >= 1")
+    if not binary:
+        return _program_decorator({"kind": "mpi_python", "runner": runner,
+                                   "processes": int(processes), "working_dir": working_dir,
+                                   "flags": flags})
     return _program_decorator({"kind": "mpi", "binary": binary, "runner": runner,
                                "processes": int(processes), "args": args,
                                "working_dir": working_dir, "flags": flags,

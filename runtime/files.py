@@ -184,8 +184,71 @@ def command_line(program: dict, fn, values: dict, files: dict) -> list[str]:
     return argv
 
 
+def _mpi_prefix(program: dict) -> list[str]:
+    runner = program.get("runner") or "mpirun"
+    n = str(int(program.get("processes") or 1))
+    flags = shlex.split(program.get("flags") or "")
+    if os.path.basename(runner) == "mpirun":
+        pre = [runner, "-np", n]
+        # Open MPI refuses root and more ranks than cores unless told otherwise.
+        if _as_root():
+            pre.append("--allow-run-as-root")
+        pre.append("--oversubscribe")
+    else:
+        pre = [runner, "-n", n]
+    return pre + flags
+
+
+def run_python_ranks(program: dict, fn, values: dict) -> list:
+    """Run ``fn(**values)`` on every rank of an MPI job; the ranks' results, in order."""
+    import sys
+
+    import cloudpickle
+    work = tempfile.mkdtemp(prefix="claypot-mpi-")
+    try:
+        call = os.path.join(work, "call.pkl")
+        with open(call, "wb") as f:
+            f.write(cloudpickle.dumps((fn, dict(values))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        from store import objects
+        dispatcher = objects._dispatcher
+        gateways = getattr(dispatcher, "_gateways", None)
+        if gateways:   # inside a backend: the ranks reach the cluster through it
+            env["CLAYPOT_ADDRESS"] = gateways[0]
+            env["CLAYPOT_TOKEN"] = getattr(dispatcher, "token", "") or ""
+        argv = _mpi_prefix(program) + [sys.executable, "-m", "runtime.mpi_rank", call, work]
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, cwd=program.get("working_dir") or None,
+                                  env=env, check=False)
+        except FileNotFoundError:
+            raise TaskError(f"task {fn.__qualname__}: {argv[0]!r} not found") from None
+        results = []
+        for rank in range(int(program.get("processes") or 1)):
+            path = os.path.join(work, f"rank-{rank}.pkl")
+            if not os.path.exists(path):
+                tail = proc.stderr[-500:].decode("utf-8", "replace").strip()
+                raise TaskError(f"task {fn.__qualname__}: rank {rank} left no result "
+                                f"({shlex.join(argv[:3])}... exited with {proc.returncode})"
+                                + (f": {tail}" if tail else ""))
+            with open(path, "rb") as f:
+                ok, value = cloudpickle.loads(f.read())
+            if not ok:
+                raise value
+            results.append(value)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_program(program: dict, fn, values: dict, files: dict):
-    """Run a ``@binary``/``@mpi`` task's command; its exit code, or TaskError when it fails."""
+    """Run a ``@binary``/``@mpi`` task's command; its exit code, or TaskError when it fails.
+
+    An ``@mpi`` task without a binary runs ``fn`` on every rank (see
+    :func:`run_python_ranks`) and its value is the list of their results.
+    """
+    if program["kind"] == "mpi_python":
+        return run_python_ranks(program, fn, values)
     argv = command_line(program, fn, values, files)
     streams = {Direction.FILE_OUT_STDOUT: None, Direction.FILE_OUT_STDERR: None}
     for p, d in files.items():

@@ -239,6 +239,47 @@ def test_mpi_task_runs_ranks_and_fails_by_exit_code(tmp_path):
     assert wait_on(broken()) is None         # IGNORE: the failure is logged, not raised
 
 
+def _need_mpi4py():
+    _need("mpirun")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("mpi4py is not installed (the dev extra installs it)")
+        pytest.skip("mpi4py is not installed (pip install mpi4py)")
+
+
+def test_mpi_task_runs_a_python_function_on_every_rank(cluster):
+    """``@mpi`` without a binary: the function runs under mpi4py on each rank, the ranks
+    talk to each other, read a persistent object, and the value is every rank's result."""
+    _need_mpi4py()
+    block = Block(np.arange(8.0))
+    block.make_persistent(backend=cluster.backends[2])
+
+    @mpi(runner="mpirun", processes=3)
+    @task(returns=1)
+    def spread(b, scale):
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        mine = float(b.data[rank::size].sum()) * scale
+        return rank, size, comm.allreduce(mine)
+
+    results = wait_on(spread(block, 2.0))
+    assert [r[:2] for r in results] == [(0, 3), (1, 3), (2, 3)]
+    assert all(r[2] == 2.0 * np.arange(8.0).sum() for r in results)
+
+    @mpi(runner="mpirun", processes=2)
+    @task(returns=1)
+    def one_rank_fails():
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_rank() == 1:
+            raise ValueError("rank 1 failed")
+        return "ok"
+    with pytest.raises(ValueError, match="rank 1 failed"):
+        wait_on(one_rank_fails())
+
+
 @task(c=INOUT)
 def multiply(a, b, c):
     c.data += a.data @ b.data
