@@ -62,8 +62,11 @@ def test_memory_limit_spills_and_returns_every_array(tmp_path):
             assert np.array_equal(tensors[0].get(), _array(0) + np.uint64(5))
         assert c.processes[0].alive()
         # The heap keeps room for one arriving array under the limit; gRPC's own
-        # transient buffers while a stream is in flight may pass it briefly.
-        assert sampler.peak < LIMIT + 32 * MiB, f"peak RSS {sampler.peak / MiB:.0f} MiB"
+        # transient buffers while a stream is in flight may pass it briefly, and a
+        # changed state waits in the log's private copy until its checkpoint (at most
+        # one 64 MiB log segment's worth, outside the budget: see the README's limits).
+        assert sampler.peak < LIMIT + 32 * MiB + 64 * MiB, \
+            f"peak RSS {sampler.peak / MiB:.0f} MiB"
         info = store.backends()[0]
         assert info.objects == N_ARRAYS
         assert info.resident_objects < N_ARRAYS // 4

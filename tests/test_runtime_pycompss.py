@@ -278,6 +278,8 @@ def test_mpi_task_runs_a_python_function_on_every_rank(cluster):
         return "ok"
     with pytest.raises(ValueError, match="rank 1 failed"):
         wait_on(one_rank_fails())
+    with pytest.raises(TaskError):   # and the next barrier reports it, once
+        barrier()
 
 
 @task(c=INOUT)
