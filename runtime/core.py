@@ -23,6 +23,7 @@ from typing import Any
 
 from store import elastic as _elastic
 from store import objects as objmod
+from store.config import Settings
 from store.errors import (CallInterrupted, ConfigurationError, TaskCancelled, TaskError,
                           TaskTimeout)
 
@@ -45,19 +46,15 @@ EXECUTORS = ("store", "dask")
 _executor_choice: tuple[str, str | None] | None = None   # set by use_executor()
 
 
-def executor_choice() -> tuple[str, str | None]:
-    """(name, Dask scheduler or None): ``use_executor()``'s, else ``CLAYPOT_EXECUTOR``'s."""
+def executor_choice(settings: Settings | None = None) -> tuple[str, str | None]:
+    """(name, Dask scheduler or None): ``use_executor()``'s, else the settings' ``executor``."""
     if _executor_choice is not None:
         return _executor_choice
-    name = os.environ.get("CLAYPOT_EXECUTOR", "").strip().lower() or "store"
-    if name not in EXECUTORS:
-        raise ConfigurationError(f"CLAYPOT_EXECUTOR must be one of {', '.join(EXECUTORS)}, "
-                         f"not {name!r}")
-    return name, None
+    return (settings or Settings()).executor, None
 
 
 def _make_executor(client, slots: int, backends: int):
-    name, scheduler = executor_choice()
+    name, scheduler = executor_choice(client.settings)
     if name == "dask":
         # Imported here: Dask is an optional extra, needed only when chosen.
         from .dask_executor import DaskExecutor, scheduler_address
@@ -65,13 +62,9 @@ def _make_executor(client, slots: int, backends: int):
     return RemoteExecutor(client, slots, workers=slots * max(2, backends) + 4)
 
 
-def task_slots() -> int:
-    """Tasks one backend runs at once for this process (``CLAYPOT_TASK_SLOTS``, default 8)."""
-    raw = os.environ.get("CLAYPOT_TASK_SLOTS", "")
-    try:
-        return max(1, int(raw)) if raw else 8
-    except ValueError:
-        raise ConfigurationError(f"CLAYPOT_TASK_SLOTS must be an integer, not {raw!r}") from None
+def task_slots(settings: Settings | None = None) -> int:
+    """Tasks one backend runs at once for this process (the settings' ``task_slots``)."""
+    return (settings or Settings()).task_slots
 
 
 @dataclass
@@ -133,7 +126,7 @@ class Runtime:
         self._backends_at = 0.0
         self.pids: dict[str, int] = {}
         self.files = FileVersions()
-        slots = task_slots()
+        slots = task_slots(client.settings if client is not None else None)
         self.scheduler = Scheduler(slots)
         if self.inline:
             self.executor = InlineExecutor()
@@ -802,7 +795,7 @@ def current() -> Runtime:
     inner task runs in place, next to the outer one's data.
     """
     global _runtime
-    client = objmod._dispatcher if objmod.has_dispatcher() else None
+    client = objmod.get_dispatcher() if objmod.has_dispatcher() else None
     if client is not None and getattr(client, "local", None) is not None:
         client = None
     rt = _runtime

@@ -189,7 +189,7 @@ class DaskExecutor:
                 code_key = self._codes.key(job.fn)
                 # The store's client pickles the arguments: new StorageObjects among
                 # them become persistent on the backend that will run the task.
-                payload, buffers = self.client._dump_args((args, kwargs), job.backend)
+                payload, buffers = self.client.encode_args((args, kwargs), job.backend)
             except BaseException as exc:
                 job.done(None, exc)
                 continue

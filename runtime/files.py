@@ -211,10 +211,9 @@ def run_python_ranks(program: dict, fn, values: dict) -> list:
             f.write(cloudpickle.dumps((fn, dict(values))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         from store import objects
-        dispatcher = objects._dispatcher
-        gateways = getattr(dispatcher, "_gateways", None)
-        if gateways:   # inside a backend: the ranks reach the cluster through it
-            env["CLAYPOT_ADDRESS"] = gateways[0]
+        dispatcher = objects.get_dispatcher() if objects.has_dispatcher() else None
+        if dispatcher is not None and getattr(dispatcher, "gateway", ""):   # inside a backend: the ranks reach the cluster through it
+            env["CLAYPOT_ADDRESS"] = getattr(dispatcher, "gateway", "")
             env["CLAYPOT_TOKEN"] = getattr(dispatcher, "token", "") or ""
         argv = _mpi_prefix(program) + [sys.executable, "-m", "runtime.mpi_rank", call, work]
         try:

@@ -21,6 +21,7 @@ import click
 
 from . import api
 from .errors import ClaypotError
+from .status_table import COLUMNS, format_status, status_row, status_summary
 from .security import private_dir, process_identity, read_private, same_process, write_private
 
 EXIT_BACKEND_DOWN = 3
@@ -351,41 +352,6 @@ def logs(backend, follow, lines):
         pass
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-COLUMNS = ("BACKEND", "STATE", "ADDRESS", "HOST", "PID", "OBJECTS", "IN MEMORY", "RSS")
-
-
-def _row(b) -> tuple:
-    state = "up" if b.up else ("stopped" if getattr(b, "stopped", False) else "DOWN")
-    return (b.backend_id[:8], state, b.address, b.host[:14], str(b.pid), str(b.objects),
-            str(b.resident_objects), _human(b.memory_bytes))
-
-
-def format_status(rows) -> str:
-    """The status table as plain text (what `claypot status` prints when piped)."""
-    head = f"{'BACKEND':<10} {'STATE':<7} {'ADDRESS':<22} {'HOST':<14} {'PID':>7} " \
-           f"{'OBJECTS':>8} {'IN MEMORY':>9} {'RSS':>10}"
-    lines = [head]
-    for b in rows:
-        r = _row(b)
-        lines.append(f"{r[0]:<10} {r[1]:<7} {r[2]:<22} {r[3]:<14} {r[4]:>7} {r[5]:>8} "
-                     f"{r[6]:>9} {r[7]:>10}")
-    lines.append(_summary(rows))
-    return "\n".join(lines)
-
-
-def _summary(rows) -> str:
-    total = sum(b.objects for b in rows)
-    return f"{len(rows)} backend(s), {sum(1 for b in rows if b.up)} up, {total} object(s)"
-
-
 def _print_table(rows) -> None:
     try:
         if not sys.stdout.isatty():
@@ -395,9 +361,9 @@ def _print_table(rows) -> None:
     except ImportError:   # piped, or without the `cli` extra: plain text
         click.echo(format_status(rows))
         return
-    table = Table(*COLUMNS, caption=_summary(rows))
+    table = Table(*COLUMNS, caption=status_summary(rows))
     for b in rows:
-        r = list(_row(b))
+        r = list(status_row(b))
         r[1] = "[green]up[/green]" if b.up else f"[bold red]{r[1]}[/bold red]"
         table.add_row(*r)
     Console().print(table)

@@ -32,8 +32,8 @@ from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendU
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
 from .retry import Retry
-from .serialization import PickleContext, code_key_and_bytes, dumps, load_code, loads, \
-    remember_code
+from .serialization import PickleContext, code_key_and_bytes, dumps, import_by_key, load_code, \
+    loads, remember_code
 
 log = logging.getLogger("claypot.client")
 
@@ -137,6 +137,24 @@ class Client:
         self.local_id: str | None = None
         # Identity map: one proxy per object id in this process, while it is in use.
         self._proxies: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+
+    @classmethod
+    def inside_backend(cls, heap, backend_id: str, address: str, settings: Settings) -> "Client":
+        """The client a backend's own code uses (methods calling other objects, tasks).
+
+        Calls to objects in ``heap`` run in place; everything else goes out
+        like any client's, with the backend itself (at ``address``) as the
+        gateway for directory questions.
+        """
+        client = cls(address=address, token=settings.token, settings=settings)
+        client.local = heap
+        client.local_id = backend_id
+        return client
+
+    @property
+    def gateway(self) -> str:
+        """The backend this client asks directory questions first."""
+        return self._gateways[0]
 
     # -- plumbing -----------------------------------------------------------------
     def _stub(self, address: str) -> pb_grpc.BackendStub:
@@ -405,7 +423,6 @@ class Client:
         else:
             reply = self._admin("GetCode", pb.GetCodeRequest(key=key))
             if reply.HasField("error"):
-                from .backend.heap import import_by_key
                 cls = import_by_key(key)
             else:
                 cls = load_code(reply.code)
@@ -461,6 +478,14 @@ class Client:
             items.append((obj, oid, key, payload, buffers))
             i += 1
         return items, assigned
+
+    def send_states(self, target: str, entries: list, values: list, adopt: bool = False) -> None:
+        """Send encoded object states (``(payload, buffers)`` per entry) to backend ``target``.
+
+        ``adopt`` marks them as arriving by a move (the sender still holds
+        them until the move commits).
+        """
+        self._send_persist(target, entries, values, adopt=adopt)
 
     def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False):
         size = sum(wire.total_size(p, b) for p, b in values)
@@ -695,6 +720,13 @@ class Client:
             return self._call(proxy, request, payload, buffers)
         with tracing.client_span(f"call {name}", object_id=oid, call_id=request.call_id):
             return self._call(proxy, request, payload, buffers)
+
+    def encode_args(self, value, backend_id: str) -> tuple[bytes, list]:
+        """Pickle call arguments for a call on ``backend_id``: ``(payload, buffers)``.
+
+        New StorageObjects among them are made persistent there first.
+        """
+        return self._dump_args(value, backend_id)
 
     def _dump_args(self, value, owner: str):
         """Pickle call arguments; new StorageObjects among them go to the callee's backend."""

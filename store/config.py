@@ -74,6 +74,11 @@ class Settings:
     # Directory with the cluster's ca.pem, node.pem and node.key (store.certs): Dask
     # peers talk TLS with them and require each other's certificate.
     dask_tls_dir: str = ""
+    # Task runtime (runtime/): how a client's tasks reach backends, "store" (run_task
+    # RPCs) or "dask" (the Dask scheduler above), and how many tasks one backend runs
+    # at once for one client (a hosted Dask worker uses it as its thread count).
+    executor: str = "store"
+    task_slots: int = 8
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -105,6 +110,10 @@ class Settings:
             raise ConfigurationError("chunk_size must be between 64 KiB and 64 MiB")
         if self.inline_limit > 3 * MiB:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
+        if self.executor not in ("store", "dask"):
+            raise ConfigurationError(f"executor must be store or dask, not {self.executor!r}")
+        if self.task_slots < 1:
+            raise ConfigurationError(f"task_slots must be at least 1, not {self.task_slots}")
         parse_memory_limit(self.memory_limit)
         from .resources import parse as parse_resources
         parse_resources(self.resources)

@@ -56,7 +56,7 @@ def run(backends: int = 2, address: str | None = None, token: str | None = None)
 def show(backend_ids: list[str], suffix: str = "") -> None:
     """The demo proper: two accounts on two backends, calls, a nested call, a move."""
     from . import api
-    from .cli import format_status
+    from .status_table import format_status
     alice, bob = Account("alice", 100), Account("bob", 20)
     alice.make_persistent(alias="alice" + suffix, backend=backend_ids[0])
     bob.make_persistent(alias="bob" + suffix, backend=backend_ids[-1])

@@ -221,6 +221,22 @@ def remember_code(key: str, obj) -> None:
         _code_cache.setdefault(obj, (key, b""))
 
 
+def import_by_key(key: str):
+    """Import the class or function behind a code key ('module:qualname[#digest]') by name."""
+    import importlib
+    name = key.split("#", 1)[0]
+    module, _, qualname = name.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except Exception as exc:
+        raise ClassNotFound(
+            f"class or function {name!r} was not shipped to the cluster and cannot be "
+            f"imported on the backend: {exc}") from None
+
+
 def _is_installed(module) -> bool:
     """True for stdlib, site-packages and claypot's own modules: import them by name."""
     name = module.__name__.split(".")[0]

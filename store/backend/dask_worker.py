@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 
 from ..errors import ConfigurationError
@@ -23,7 +22,7 @@ from ..errors import ConfigurationError
 log = logging.getLogger("claypot.backend")
 
 # Threads of the hosted worker, and the "units" resource it offers: as many as a
-# client's runtime runs at once on one backend by default (CLAYPOT_TASK_SLOTS).
+# client's runtime runs at once on one backend by default (Settings.task_slots).
 DEFAULT_THREADS = 8
 START_TIMEOUT = 30.0
 
@@ -37,7 +36,7 @@ class HostedDaskWorker:
         self.tls_dir = tls_dir
         self.name = name
         self.host = host
-        self.nthreads = nthreads or _threads_from_env()
+        self.nthreads = nthreads or DEFAULT_THREADS
         self.address = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = None
@@ -112,11 +111,3 @@ class HostedDaskWorker:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
-
-
-def _threads_from_env() -> int:
-    raw = os.environ.get("CLAYPOT_TASK_SLOTS", "")
-    try:
-        return max(1, int(raw)) if raw else DEFAULT_THREADS
-    except ValueError:
-        return DEFAULT_THREADS

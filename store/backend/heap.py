@@ -44,7 +44,7 @@ from .. import objects as objmod
 from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy,
                       ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
-from ..serialization import PickleContext, UnpickleContext, dumps, loads
+from ..serialization import PickleContext, UnpickleContext, dumps, import_by_key, loads
 from . import cancel, lifecycle as lc
 from .lifecycle import Lifecycle, State
 from .storage import Record, Storage
@@ -203,22 +203,6 @@ class CodeCache:
         if code:
             self._storage.save_code(key, code)
             self._saved.add(key)
-
-
-def import_by_key(key: str):
-    """Import 'module:qualname[#digest]' by name."""
-    import importlib
-    name = key.split("#", 1)[0]
-    module, _, qualname = name.partition(":")
-    try:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except Exception as exc:
-        raise ClassNotFound(
-            f"class or function {name!r} was not shipped to the cluster and cannot be "
-            f"imported on the backend: {exc}") from None
 
 
 class _TaskLedger:

@@ -582,10 +582,6 @@ class Backend:
             budget = max(limit - base - 32 * 1024 * 1024, limit // 4)
         self.heap = Heap(self.backend_id, self.storage, self.code, self.directory,
                          big_object=settings.big_object, memory_budget=budget)
-        self.client = Client(address="127.0.0.1:1", token=settings.token, settings=settings)
-        self.client.local = self.heap
-        self.client.local_id = self.backend_id
-        objmod.set_dispatcher(self.client)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
@@ -607,7 +603,8 @@ class Backend:
         # A backend listening on 0.0.0.0 (a container) must register an address
         # its peers can reach: --advertise / CLAYPOT_ADVERTISE, else this host's own.
         self.address = settings.advertise or advertised_address(settings.host, port)
-        self.client._gateways = [self.address]
+        self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings)
+        objmod.set_dispatcher(self.client)
         self._stop = threading.Event()
         self._epoch: str | None = None
         self.started = time.time()
@@ -645,6 +642,7 @@ class Backend:
             from .dask_worker import HostedDaskWorker
             self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
                                                 self.settings.host,
+                                                nthreads=self.settings.task_slots,
                                                 tls_dir=self.settings.dask_tls_dir).start()
         self.services.serving(True)
         log.info("backend %s serving on %s", self.backend_id, self.address)
@@ -810,7 +808,7 @@ class Backend:
     def move(self, object_id: str, target: str, chain: str = "") -> None:
         """Move an object to another backend (see Heap.move)."""
         def send(to, class_key, alias, payload, buffers):
-            self.client._send_persist(
+            self.client.send_states(
                 to, [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],
                 [(payload, buffers)], adopt=True)
         self.heap.move(object_id, target, chain, send)
