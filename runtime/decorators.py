@@ -10,7 +10,6 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from store.errors import ConfigurationError
 
 from .directions import Direction, OnFailure
 

@@ -24,7 +24,7 @@ from typing import Hashable, Iterable
 class _Node:
     __slots__ = ("waiting", "successors", "reads", "writes")
 
-    def __init__(self, reads: tuple, writes: tuple):
+    def __init__(self, reads: tuple[Hashable, ...], writes: tuple[Hashable, ...]):
         self.waiting: set[int] = set()      # unfinished predecessors
         self.successors: set[int] = set()
         self.reads = reads

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Hashable, Iterable
+from typing import Any, Iterable
 
 from store.errors import ConfigurationError
 
@@ -58,13 +58,13 @@ class Scheduler:
         self.slots = slots
         self.memory = memory                  # bytes per backend; 0: not limited
         self.backends: list[str] = []
-        self.offers: dict[str, dict] = {}     # declared resources per backend
+        self.offers: dict[str, dict[str, Any]] = {}     # declared resources per backend
         self.excluded: set[str] = set()       # draining: no new tasks
         self.units: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
         self._rr = itertools.count()
 
-    def set_backends(self, backend_ids: list[str], offers: dict[str, dict] | None = None) -> None:
+    def set_backends(self, backend_ids: list[str], offers: dict[str, dict[str, Any]] | None = None) -> None:
         """The backends that are up, in a stable order, with their declared resources."""
         self.backends = [b for b in backend_ids if b not in self.excluded]
         if offers is not None:
@@ -88,7 +88,7 @@ class Scheduler:
         gib = self.offers.get(backend, {}).get("memory_size")
         return int(float(gib) * 2**30) if gib is not None else self.memory
 
-    def offer(self, backend: str) -> dict:
+    def offer(self, backend: str) -> dict[str, Any]:
         """Everything ``backend`` offers, with computing units and memory filled in."""
         out = dict(self.offers.get(backend, {}))
         out["computing_units"] = self.slots_of(backend)
@@ -97,14 +97,14 @@ class Scheduler:
             out["memory_size"] = mem / 2**30
         return out
 
-    def _required(self, demand: Demand, required: dict | None) -> dict:
+    def _required(self, demand: Demand, required: dict[str, Any] | None) -> dict[str, Any]:
         req = dict(required or {})
         req["computing_units"] = max(float(req.get("computing_units", 0)), demand.units)
         if demand.memory:
             req["memory_size"] = max(float(req.get("memory_size", 0)), demand.memory / 2**30)
         return req
 
-    def eligible(self, demand: Demand, required: dict | None = None) -> list[str]:
+    def eligible(self, demand: Demand, required: dict[str, Any] | None = None) -> list[str]:
         """Up backends whose resources meet the task's constraints, in stable order."""
         req = self._required(demand, required)
         out = []
@@ -118,7 +118,7 @@ class Scheduler:
                 out.append(b)
         return out
 
-    def check(self, demand: Demand, required: dict | None = None) -> None:
+    def check(self, demand: Demand, required: dict[str, Any] | None = None) -> None:
         """Raise ConfigurationError (a ValueError) for a task no up backend can ever run."""
         if not self.backends:
             if demand.units > self.slots:
@@ -190,10 +190,10 @@ class Scheduler:
         self.units[backend] = self.units.get(backend, 0) - demand.units
         self.bytes[backend] = self.bytes.get(backend, 0) - demand.memory
 
-    def load(self, backend: Hashable) -> int:
+    def load(self, backend: str) -> int:
         """Computing units in use on ``backend`` by this runtime's tasks."""
         return self.units.get(backend, 0)
 
 
-def _show(req: dict) -> str:
+def _show(req: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in sorted(req.items()))

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from . import objects as objmod, wire
-from .errors import BackendUnavailable, DeadlineExceeded, ObjectMoved, ValueTooLarge
+from .errors import BackendUnavailable, DeadlineExceeded, ValueTooLarge
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
 from .serialization import loads

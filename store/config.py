@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigurationError
 
@@ -81,12 +83,12 @@ class Settings:
     task_slots: int = 8
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Defaults, then ``CLAYPOT_*`` variables, then explicit overrides."""
-        env = os.environ if env is None else env
-        values = {}
+        source: Mapping[str, str] = os.environ if env is None else env
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = env.get("CLAYPOT_" + f.name.upper())
+            raw = source.get("CLAYPOT_" + f.name.upper())
             if raw is not None and raw != "":
                 values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -94,7 +96,8 @@ class Settings:
         settings.validate()
         return settings
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
@@ -144,7 +147,7 @@ class Settings:
         return self.admin_timeout + nbytes / self.stream_min_rate
 
 
-def _parse(f: dataclasses.Field, raw: str):
+def _parse(f: "dataclasses.Field[Any]", raw: str) -> Any:
     kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
                                                       "bool": bool}.get(str(f.type), str)
     try:

@@ -22,7 +22,6 @@ only. The page has no login: it listens on loopback unless told otherwise
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading

@@ -157,7 +157,7 @@ class BackendDown(BackendUnavailable, CallInterrupted):
         super().__init__(message)
         self.backend_id, self.host, self.address = backend_id, host, address
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
         return type(self), (str(self), self.backend_id, self.host, self.address)
 
 class StorageFailed(BackendError):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import queue
 import time
 
 # Run by a fresh interpreter in place of the child: arm PDEATHSIG, check the
@@ -70,7 +71,6 @@ def popen(*args, **kwargs) -> subprocess.Popen:
     global _spawner_queue
     with _spawner_lock:
         if _spawner_queue is None:
-            import queue
             _spawner_queue = queue.Queue()
             threading.Thread(target=_spawner_loop, args=(_spawner_queue,),
                              name="claypot-spawner", daemon=True).start()

@@ -169,7 +169,7 @@ def test_long_transfers_show_bytes_and_rate_when_asked(tmp_path):
     import store
     from lifelib import Array
     from store import LocalCluster
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c")):
         client = store.client()
         client.settings = client.settings.replace(shm=False)  # the stream path (between hosts)
         out = io.StringIO()

@@ -8,7 +8,6 @@ Docker engine is needed) and its backend command line is run for real.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import shutil

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import ObjectMoved, ObjectNotFound
@@ -138,6 +139,11 @@ class Spill:
     object_id: str
 
 
+# What a transition asks the heap to do, in order.
+Instruction = (LogState | MarkDirty | WriteCheckpoint | Restore | LogDelete | SendState
+               | PublishMove | Forget | Drop | Spill)
+
+
 class Lifecycle:
     """The states of all objects of one backend (see the module docstring).
 
@@ -182,14 +188,14 @@ class Lifecycle:
             self._resident.move_to_end(object_id)
 
     # -- transitions ------------------------------------------------------------------
-    def stored_at_start(self, object_ids) -> None:
+    def stored_at_start(self, object_ids: Iterable[str]) -> None:
         """Objects found in the storage dir at start: on disk, not in memory."""
         for oid in object_ids:
             if oid not in self._lives:
                 self._present += 1
             self._lives[oid] = Life(oid, State.SPILLED)
 
-    def persisted(self, object_id: str, lsn: int, size: int, big: bool) -> list:
+    def persisted(self, object_id: str, lsn: int, size: int, big: bool) -> list[Instruction]:
         """A new object (or one moved back here) was stored durably and is live."""
         life = self._lives.get(object_id)
         if life is not None and life.state in PRESENT:
@@ -207,7 +213,7 @@ class Lifecycle:
         life = self._expect(object_id, State.SPILLED, "load_started")
         life.state = State.LOADING
 
-    def loaded(self, object_id: str, size: int, big: bool) -> list:
+    def loaded(self, object_id: str, size: int, big: bool) -> list[Instruction]:
         life = self._expect(object_id, State.LOADING, "loaded")
         life.state, life.big = State.LIVE, big
         self._make_resident(life, size)
@@ -217,7 +223,7 @@ class Lifecycle:
         life = self._expect(object_id, State.LOADING, "load_failed")
         life.state = State.SPILLED
 
-    def call_finished(self, object_id: str, changed: bool, size: int, big: bool) -> list:
+    def call_finished(self, object_id: str, changed: bool, size: int, big: bool) -> list[Instruction]:
         """A call that may change its object returned. Instructions to store the change.
 
         Nothing when the object did not change, or when the call itself moved
@@ -230,14 +236,14 @@ class Lifecycle:
         self._resize(life, size)
         return [MarkDirty(object_id) if big else LogState(object_id)]
 
-    def logged(self, object_id: str, lsn: int) -> list:
+    def logged(self, object_id: str, lsn: int) -> list[Instruction]:
         """A state of the object is durable with ``lsn``."""
         life = self._lives.get(object_id)
         if life is not None and lsn > life.lsn:
             life.lsn = lsn
         return self._spills()
 
-    def call_failed(self, object_id: str) -> list:
+    def call_failed(self, object_id: str) -> list[Instruction]:
         """A call that may have changed its object raised: put it back as acknowledged.
 
         Small objects are rolled back from their last acknowledged bytes; a big
@@ -254,7 +260,7 @@ class Lifecycle:
         life.state = State.SPILLED
         self._make_absent(life)
 
-    def move_requested(self, object_id: str, to: str) -> list:
+    def move_requested(self, object_id: str, to: str) -> list[Instruction]:
         """Start moving: the state goes to ``to``, then the directory, then the local delete."""
         life = self._expect(object_id, State.LIVE, "move_requested")
         life.state = State.MOVING
@@ -265,14 +271,14 @@ class Lifecycle:
         life = self._expect(object_id, State.MOVING, "move_failed")
         life.state, life.moved_to = State.LIVE, ""
 
-    def move_done(self, object_id: str, lsn: int) -> list:
+    def move_done(self, object_id: str, lsn: int) -> list[Instruction]:
         life = self._expect(object_id, State.MOVING, "move_done")
         life.state, life.epoch, life.lsn = State.MOVED, life.epoch + 1, lsn
         self._present -= 1
         self._make_absent(life)
         return [Drop(object_id)]
 
-    def delete_requested(self, object_id: str) -> list:
+    def delete_requested(self, object_id: str) -> list[Instruction]:
         """Delete: durable in storage first, then out of the directory."""
         life = self._lives.get(object_id)
         if life is None or life.state not in (State.LIVE, State.SPILLED):
@@ -280,7 +286,7 @@ class Lifecycle:
                                     f"{life.state.value if life else 'absent'}")
         return [LogDelete(object_id), Forget(object_id)]
 
-    def delete_done(self, object_id: str, lsn: int) -> list:
+    def delete_done(self, object_id: str, lsn: int) -> list[Instruction]:
         life = self._lives[object_id]
         if life.state not in (State.LIVE, State.SPILLED):
             raise IllegalTransition(f"{object_id} delete_done while {life.state.value}")
@@ -315,7 +321,7 @@ class Lifecycle:
         life.size = size
         self.largest = max(self.largest, size)
 
-    def _spills(self) -> list:
+    def _spills(self) -> list[Instruction]:
         """Spill instructions that bring resident bytes back under budget, LRU first.
 
         Room for one more object as large as the largest seen is kept free,
@@ -331,7 +337,8 @@ class Lifecycle:
         if self.resident_bytes <= budget:
             return []
         target = int(budget * 0.75)
-        out, freed = [], 0
+        out: list[Instruction] = []
+        freed = 0
         for oid in list(self._resident)[:-1]:
             if self.resident_bytes - freed <= target:
                 break
