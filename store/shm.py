@@ -255,3 +255,248 @@ class Outbox:
         for group in expired:
             discard(group)
         return len(expired)
+
+
+# -- segments a backend keeps: zero-copy reads --------------------------------------
+#
+# A persisted object's large buffers stay in the segments the client wrote them
+# to: the backend renames each one to a name of its own (so the sender's cleanup
+# leaves it alone and an orphan sweep knows its keeper) and maps it *private*
+# (copy-on-write). Nobody writes such a file after that: the backend's in-place
+# changes land in private pages, page by page, so a reader that maps the file
+# read-only sees the state it was given for as long as it keeps the mapping.
+
+
+def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ProtocolError(f"shared-memory segment {name} is gone") from None
+    except OSError as exc:
+        raise ProtocolError(f"shared-memory segment {name} cannot be opened "
+                            f"safely: {exc.strerror}") from None
+    try:
+        _check_segment(fd, name, os.fstat(fd).st_size if size is None else size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mmap | None]]:
+    """Take the segments over: rename each to this process's name, map it private.
+
+    Returns (new name, private mapping) per segment (``None`` for an empty
+    buffer, which has no segment worth keeping). All or none: on error the
+    segments are unlinked.
+    """
+    if len(names) != len(sizes):
+        raise ProtocolError("shared-memory segments and buffer sizes do not match")
+    out: list[tuple[str, mmap.mmap | None]] = []
+    try:
+        for name, size in zip(names, sizes):
+            path = _path(name)
+            fd = _open_checked(path, name, os.O_RDWR, size)
+            try:
+                if not size:
+                    os.unlink(path)
+                    out.append(("", None))
+                    continue
+                region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                mine = _new_name()
+                os.rename(path, os.path.join(SHM_DIR, mine))
+                out.append((mine, region))
+            finally:
+                os.close(fd)
+    except BaseException:
+        discard(names)
+        discard([n for n, _ in out if n])
+        raise
+    return out
+
+
+def map_readonly(name: str, offset: int, size: int) -> memoryview:
+    """A read-only view of ``size`` bytes at ``offset`` of a segment another process keeps.
+
+    The segment is not unlinked (its keeper does that once its leases end);
+    the mapping stays valid after that, for as long as the view lives.
+    """
+    path = _path(name)
+    fd = _open_checked(path, name, os.O_RDONLY, None)
+    try:
+        total = os.fstat(fd).st_size
+        if offset < 0 or size < 0 or offset + size > total:
+            raise ProtocolError(f"shared-memory segment {name} holds {total} bytes, not "
+                                f"{size} at offset {offset}")
+        region = mmap.mmap(fd, total, access=mmap.ACCESS_READ) if total else None
+    finally:
+        os.close(fd)
+    if region is None:
+        return memoryview(b"")
+    return memoryview(region)[offset:offset + size]
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def buffer_address(buf) -> int | None:
+    """The memory address of a contiguous buffer, or None if it cannot be told.
+
+    Only numpy can tell it for a read-only buffer (numpy is an optional
+    dependency: without it, nothing is leased).
+    """
+    np = _numpy()
+    if np is None:
+        return None
+    try:
+        view = memoryview(buf)
+        if not view.contiguous or not view.nbytes:
+            return None
+        return int(np.frombuffer(view.cast("B"), dtype=np.uint8).ctypes.data)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- arrays built in shared memory by the client: zero-copy puts ------------------------
+
+_MAP_FIXED = 0x10
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    return libc
+
+
+class _Made:
+    """A segment this process created for an array (see ``make_array``)."""
+
+    __slots__ = ("name", "size", "region", "frozen", "__weakref__")
+
+    def __init__(self, name: str, size: int, region: mmap.mmap):
+        self.name, self.size, self.region, self.frozen = name, size, region, False
+
+
+_made_lock = threading.Lock()
+_made: dict[int, "_Made"] = {}   # start address -> segment, while its mapping lives
+
+
+def make_array(shape, dtype, zero: bool):
+    """A numpy array whose memory is a new shared-memory segment of this process.
+
+    ``make_persistent`` of an object holding it hands the segment itself to a
+    same-host backend (no copy). The file is unlinked when the array is
+    garbage collected, unless a backend took it over.
+    """
+    import weakref
+
+    import numpy as np
+    dt = np.dtype(dtype)
+    count = 1
+    for n in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+        if int(n) < 0:
+            raise ValueError(f"negative dimension in shape {shape!r}")
+        count *= int(n)
+    size = count * dt.itemsize
+    if not available() or size == 0:
+        return np.zeros(shape, dt) if zero else np.empty(shape, dt)
+    name = _new_name()
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
+    try:
+        os.ftruncate(fd, size)   # a new tmpfs file reads as zeros: zeros() costs nothing more
+        region = mmap.mmap(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        discard([name])
+        raise Unavailable(f"cannot size a segment in {SHM_DIR}: {exc}") from exc
+    os.close(fd)
+    arr = np.frombuffer(region, dtype=dt, count=count).reshape(shape)
+    made = _Made(name, size, region)
+    start = buffer_address(arr)
+    with _made_lock:
+        _made[start] = made
+
+    def gone(start=start, made=made):
+        with _made_lock:
+            if _made.get(start) is made:
+                del _made[start]
+        if not made.frozen:
+            discard([made.name])
+    weakref.finalize(region, gone)
+    return arr
+
+
+def made_segment(buf) -> "_Made | None":
+    """The segment of ``make_array`` that ``buf`` covers exactly, if any."""
+    with _made_lock:
+        if not _made:
+            return None
+    start = buffer_address(buf)
+    if start is None:
+        return None
+    with _made_lock:
+        made = _made.get(start)
+    if made is None or made.frozen or memoryview(buf).nbytes != made.size \
+            or not os.path.exists(os.path.join(SHM_DIR, made.name)):
+        return None
+    return made
+
+
+def freeze(made: "_Made") -> None:
+    """Turn this process's mapping of a segment private (copy-on-write), in place.
+
+    After this, writes through the caller's array land in private pages and
+    never in the file, which another process (a backend) now serves from.
+    """
+    libc = _libc()
+    path = _path(made.name)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        start = buffer_address(made.region)
+        got = libc.mmap(start, made.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        if got != start:
+            err = __import__("ctypes").get_errno()
+            raise Unavailable(f"cannot remap segment {made.name} private: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    made.frozen = True
+
+
+def hand_over(buffers: Sequence) -> list[str]:
+    """Segments holding ``buffers`` for a same-host receiver that keeps them.
+
+    A buffer that is exactly an array of :func:`make_array` goes as its own
+    segment (frozen first, see :func:`freeze`): no copy. Others are written
+    into new segments (:func:`export`).
+    """
+    names: list[str] = []
+    try:
+        for buf in buffers:
+            made = made_segment(buf)
+            if made is not None:
+                freeze(made)
+                names.append(made.name)
+            else:
+                names += export([buf])
+    except BaseException:
+        discard(names)
+        raise
+    return names

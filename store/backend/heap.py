@@ -280,6 +280,10 @@ class Heap:
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
         self.on_change: Callable[[], None] | None = None  # the object count changed
+        # Called with an object id before anything may change or remove that object
+        # (a changing method, an INOUT task, a move, a delete), under its lock: the
+        # shared-memory segments readers lease stop describing it (see .segments).
+        self.before_change: Callable[[str], None] | None = None
         # Check the lifecycle's invariants after every transition (tests set it).
         self.validate_each = os.environ.get("CLAYPOT_VALIDATE", "") not in ("", "0")
         storage.checkpoint_live = self._checkpoint_live
@@ -577,6 +581,8 @@ class Heap:
                 fn, args, kwargs, changes = (lambda: delattr(obj, name)), (), {}, True
             else:
                 raise ValueError(f"unknown call kind {kind}")
+            if changes and self.before_change is not None:
+                self.before_change(object_id)
             try:
                 with cancel.armed(f"method {name}"):   # Cancel RPC (store.backend.cancel)
                     result = fn(*args, **kwargs)
@@ -641,6 +647,8 @@ class Heap:
             for oid in local:
                 entry = self._acquire(oid, chain)
                 entries.append((entry, entry.lock.depth == 1))
+                if self.before_change is not None:
+                    self.before_change(oid)
             try:
                 # Cancel RPC and time_out both stop the function (store.backend.cancel).
                 with cancel.armed(f"task {getattr(fn, '__qualname__', fn)}", timeout):
@@ -848,6 +856,8 @@ class Heap:
             self.life.move_done(entry.object_id, lsn)
             entry.obj = None
             self._validate_locked()
+        if self.before_change is not None:
+            self.before_change(entry.object_id)
 
     def delete(self, object_id: str, chain: str = "", forget: bool = True) -> None:
         """Delete an object: durably from storage first, then from the directory.
@@ -880,6 +890,8 @@ class Heap:
                 entry.obj = None
                 self._entries.pop(object_id, None)
                 self._validate_locked()
+            if self.before_change is not None:
+                self.before_change(object_id)
         finally:
             entry.lock.release()
         self._changed()
