@@ -17,6 +17,7 @@ False and the caller writes the usual way.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import queue
@@ -65,6 +66,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
     for b in bounce:
         free.put(b)
     failure: list[BaseException] = []
+    wrote: list[int] = []   # offsets written: a refusal before any means no O_DIRECT here
 
     def writer():
         while True:
@@ -79,6 +81,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                     while done < n:
                         done += os.pwrite(fd, view[done:], offset + done)
                     view.release()
+                    wrote.append(offset)
             except BaseException as exc:
                 failure.append(exc)
             free.put(buf)
@@ -125,11 +128,13 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
             raise OSError(f"short write of the first block ({written} bytes)")
         os.ftruncate(fd, total)
         fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         todo.put(None)
         w.join()
         os.close(fd)
         os.unlink(path)
+        if isinstance(exc, OSError) and exc.errno == errno.EINVAL and not wrote:
+            return False   # opened, but its first direct write was refused: write buffered
         raise
     finally:
         crc_thread.join()
