@@ -536,19 +536,25 @@ class Client:
         names: list[str] = []
         try:
             objects = []
+            held = []
             for entry, (p, b) in zip(entries, values):
                 # The backend keeps these segments as the object's memory: buffers
-                # built in shared memory (store.empty) go as they are.
-                segments = shm.hand_over(b)
+                # built in shared memory (store.empty) go as they are, under a lease
+                # of this process (its own mapping of them must not see changes).
+                segments, leases, made = shm.hand_over(b)
                 names += segments
+                held += [(lease, m) for lease, m in zip([x for x in leases if x], made)]
                 obj = pb.PersistObject()
                 obj.CopyFrom(entry)
-                obj.state.CopyFrom(pb.Value(payload=p, shm=segments,
+                obj.state.CopyFrom(pb.Value(payload=p, shm=segments, leases=leases,
                                             buffer_sizes=[memoryview(x).nbytes for x in b]))
                 objects.append(obj)
             request = pb.PersistRequest(objects=objects, adopt=adopt)
-            return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
-                             False, "make_persistent")
+            reply = self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
+                              False, "make_persistent")
+            for lease, made in held:
+                self.lease_returns.track(memoryview(made.region), addr, lease)
+            return reply
         finally:
             shm.discard(names)  # the backend unlinked what it took; this clears the rest
 
@@ -863,7 +869,8 @@ class Client:
         reply = self._return_leases(self.address_of(backend_id), [], self.settings.admin_timeout)
         return {"segments": reply.segments, "segment_bytes": reply.segment_bytes,
                 "leases": reply.leases, "leased_bytes": reply.leased_bytes,
-                "stale_leased_bytes": reply.stale_leased_bytes, "limit": reply.limit}
+                "stale_leased_bytes": reply.stale_leased_bytes, "limit": reply.limit,
+                "relocations": reply.relocations}
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
                  mutates: list[str], timeout: float = 0.0, chain: str | None = None,

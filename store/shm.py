@@ -261,10 +261,11 @@ class Outbox:
 #
 # A persisted object's large buffers stay in the segments the client wrote them
 # to: the backend renames each one to a name of its own (so the sender's cleanup
-# leaves it alone and an orphan sweep knows its keeper) and maps it *private*
-# (copy-on-write). Nobody writes such a file after that: the backend's in-place
-# changes land in private pages, page by page, so a reader that maps the file
-# read-only sees the state it was given for as long as it keeps the mapping.
+# leaves it alone and an orphan sweep knows its keeper) and maps it shared: the
+# file *is* the object's memory. Before the backend changes a buffer that
+# readers lease, it moves the object's memory to a copy in a new segment
+# (``relocate``: same address, so every reference stays valid), and the old
+# file, which nobody writes any more, stays with its readers.
 
 
 def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
@@ -283,12 +284,18 @@ def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
     return fd
 
 
-def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mmap | None]]:
-    """Take the segments over: rename each to this process's name, map it private.
+def creator_pid(name: str) -> int:
+    """The PID in a segment's name (0 if there is none)."""
+    text = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+    return int(text) if text.isdigit() else 0
 
-    Returns (new name, private mapping) per segment (``None`` for an empty
-    buffer, which has no segment worth keeping). All or none: on error the
-    segments are unlinked.
+
+def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mmap | None]]:
+    """Take the segments over: rename each to this process's name, map it shared.
+
+    Returns (new name, mapping) per segment (``None`` for an empty buffer,
+    which has no segment worth keeping). All or none: on error the segments
+    are unlinked.
     """
     if len(names) != len(sizes):
         raise ProtocolError("shared-memory segments and buffer sizes do not match")
@@ -302,8 +309,7 @@ def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mma
                     os.unlink(path)
                     out.append(("", None))
                     continue
-                region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                region = mmap.mmap(fd, size)
                 mine = _new_name()
                 os.rename(path, os.path.join(SHM_DIR, mine))
                 out.append((mine, region))
@@ -377,7 +383,66 @@ def _libc():
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
+
+
+_MAP_FAILED = (1 << 64) - 1
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+
+
+def relocate(region: mmap.mmap, reuse: str = "") -> str:
+    """Move ``region``'s memory to a copy in a new segment, at the same address.
+
+    Every array over ``region`` keeps working, now on the copy; the old file
+    is no longer mapped here (its readers keep it). The copy goes into
+    ``reuse`` (a free segment of this process: its pages exist already, so
+    the copy runs at memory speed) or into a new segment. Returns the new
+    segment's name.
+    """
+    import ctypes
+    libc = _libc()
+    size = len(region)
+    start = buffer_address(region)
+    if start is None:
+        raise Unavailable("numpy is needed to relocate a segment")
+    name = reuse or _new_name()
+    path = os.path.join(SHM_DIR, name)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if reuse else os.O_CREAT | os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
+    try:
+        try:
+            os.ftruncate(fd, size)
+            view = memoryview(region)
+            offset = 0
+            while offset < size:
+                offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
+            view.release()
+        except OSError as exc:
+            raise Unavailable(f"cannot copy into {SHM_DIR}: {exc}") from exc
+        # Mapped by libc, not by an mmap object: once moved, no Python object owns the
+        # temporary address (one would unmap it on collection, whatever lives there then).
+        got = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if got in (None, _MAP_FAILED):
+            raise Unavailable(f"cannot map a copy: {os.strerror(ctypes.get_errno())}")
+        moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
+        if moved != start:
+            err = ctypes.get_errno()
+            libc.munmap(got, size)
+            raise Unavailable(f"cannot move a copy in place: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        discard([name])
+        raise
+    os.close(fd)
+    return name
 
 
 class _Made:
@@ -480,23 +545,30 @@ def freeze(made: "_Made") -> None:
     made.frozen = True
 
 
-def hand_over(buffers: Sequence) -> list[str]:
+def hand_over(buffers: Sequence) -> tuple[list[str], list[str], list["_Made"]]:
     """Segments holding ``buffers`` for a same-host receiver that keeps them.
 
     A buffer that is exactly an array of :func:`make_array` goes as its own
-    segment (frozen first, see :func:`freeze`): no copy. Others are written
-    into new segments (:func:`export`).
+    segment (frozen first, see :func:`freeze`): no copy, and this process
+    keeps a lease on it (its mapping still shows the file's pages). Others are
+    written into new segments (:func:`export`). Returns the names, the lease
+    per segment ("" for none) and the arrays' segments handed over.
     """
     names: list[str] = []
+    leases: list[str] = []
+    made_list: list[_Made] = []
     try:
         for buf in buffers:
             made = made_segment(buf)
             if made is not None:
                 freeze(made)
                 names.append(made.name)
+                leases.append(uuid.uuid4().hex)
+                made_list.append(made)
             else:
                 names += export([buf])
+                leases.append("")
     except BaseException:
         discard(names)
         raise
-    return names
+    return names, leases, made_list

@@ -90,6 +90,8 @@ def test_read_is_a_leased_view_that_stays_unchanged_while_a_writer_changes(clust
     expected = np.arange(N, dtype=np.float64) + len(bumps)
     now = g.data
     assert np.array_equal(now, expected)        # a later read sees the new state, whole
+    assert not now.flags.writeable              # ... again without a copy (a new segment)
+    assert report(cluster, g)["relocations"] >= 1
     assert np.array_equal(view, np.arange(N, dtype=np.float64))
     # The snapshot's segment no longer describes a live object: reported as extra memory.
     assert report(cluster, g)["stale_leased_bytes"] >= N * 8
@@ -124,6 +126,9 @@ def test_store_zeros_is_handed_over_without_a_copy(cluster, monkeypatch):
     assert g.head() == 7.0
     view = g.data
     assert not view.flags.writeable and view[0] == 7.0 and view[-1] == 7.0
+    g.bump()                              # this process still maps the segment: moved aside
+    assert a[0] == -1.0 and a[1] == 7.0 and a[-1] == 7.0
+    assert view[1] == 7.0 and g.head() == 8.0
     e = store.empty((3, 5), dtype=np.int32)
     assert e.shape == (3, 5) and e.dtype == np.int32
 

@@ -2,24 +2,29 @@
 
 A same-host ``make_persistent`` leaves an object's large buffers in the
 segments the client wrote (or built them in, see ``store.empty``): the
-backend takes each file over (:func:`store.shm.keep`) and the object's arrays
-are a *private* mapping of it. So:
+backend takes each file over (:func:`store.shm.keep`) and maps it shared, so
+the object's arrays *are* the file. So:
 
 - A same-host read of such a buffer costs no copy: the reply names the
   segment and an offset, the reader maps it read-only, and holds a lease.
-- The file is never written after it was taken over: a changing method's
-  in-place writes land in the backend's private pages (the kernel copies
-  each page on its first write: copy-on-write at page granularity, costing
-  at most one memcpy of what the method changes), so a reader's view is the
-  state it was given, whole, for as long as it keeps it.
-- Before a changing (non-``@readonly``) method, a task that may change the
-  object, a move or a delete, the heap reports the object here: its segments
-  stop being handed out (they no longer describe the object), and each is
-  unlinked as soon as no lease holds it. Reads then get a copy, as before.
+- Copy-on-write at method granularity: before a changing (non-``@readonly``)
+  method or a task that may change the object runs, each of its segments
+  that a reader leases is copied to a new segment and the object's memory
+  moved onto the copy at the same address (:func:`store.shm.relocate`): the
+  method changes the copy, the readers keep the old file, which nobody
+  writes any more, whole. One memcpy of the leased buffers; none at all when
+  nobody leases them (the method writes the file in place, which stays the
+  object's state, so the next read is zero-copy again).
+- While such a call runs, the object's segments are not leased (a reader
+  would see it half done); the read gets a copy instead.
+- A move or a delete ends the segments' tie to the object; each file is
+  unlinked as soon as no lease holds it.
 - A lease ends when the reader's view is garbage collected (the reader
   returns it, :meth:`Segments.release`) or the reader process dies (its PID
   is checked on a timer, :meth:`Segments.sweep`; a PID reused by a younger
-  process counts as dead).
+  process counts as dead). A segment handed over by its creator
+  (``store.empty``) starts with a lease of the creator, whose own (now
+  copy-on-write) mapping must not see the object change either.
 - Leased bytes are bounded by ``limit``: past it, reads get copies. Leased
   segments that no live object uses any more are memory the heap does not
   count, so they are reported to the lifecycle as extra resident bytes
@@ -61,7 +66,7 @@ class Segment:
     start: int                       # address of the backend's private mapping
     region: weakref.ref              # the mapping: dead once the object dropped it
     object_id: str = ""              # "" until the persist that brought it committed
-    current: bool = True             # still the object's state (no change since)
+    current: bool = True             # still the object's memory
     leases: set[str] = field(default_factory=set)
 
 
@@ -76,15 +81,23 @@ class Segments:
         self._by_object: dict[str, list[str]] = {}
         self._leases: dict[str, Lease] = {}
         self._starts: list[tuple[int, int, str]] = []   # (start, end, name), for lookups
+        self._busy: dict[str, int] = {}   # object id -> changing calls running on it
         self._reported_stale = 0
+        self.relocations = 0
 
     # -- taking segments over ------------------------------------------------------------
-    def keep(self, names: Sequence[str], sizes: Sequence[int]) -> tuple[list, list[str]]:
-        """Take a persist's segments over; returns (buffers, kept names)."""
+    def keep(self, names: Sequence[str], sizes: Sequence[int],
+             creator_leases: Sequence[str] = ()) -> tuple[list, list[str]]:
+        """Take a persist's segments over; returns (buffers, kept names).
+
+        ``creator_leases[i]`` (if given and not empty) is a lease the segment's
+        creator keeps on segment i: it still maps it (see ``store.empty``).
+        """
+        creators = [shm.creator_pid(n) for n in names]
         kept = shm.keep(names, sizes)
         buffers, mine = [], []
         with self._mu:
-            for name, region in kept:
+            for i, (name, region) in enumerate(kept):
                 if region is None:
                     buffers.append(bytearray())
                     continue
@@ -98,6 +111,13 @@ class Segments:
                 self._starts.append((start, start + seg.size, name))
                 buffers.append(memoryview(region))
                 mine.append(name)
+                lease_id = creator_leases[i] if i < len(creator_leases) else ""
+                if lease_id and creators[i]:
+                    # Whatever happens to the creator, its lease is sweepable: an unknown
+                    # PID is a dead one.
+                    started = _process_start(creators[i])
+                    self._leases[lease_id] = Lease(name, creators[i], started or 0.0)
+                    seg.leases.add(lease_id)
         return buffers, mine
 
     def bind(self, object_id: str, names: Sequence[str]) -> None:
@@ -120,7 +140,53 @@ class Segments:
         self._finish(drop)
 
     def changing(self, object_id: str) -> None:
-        """``object_id`` may change (or leave): its segments no longer describe it."""
+        """A call that may change ``object_id`` starts (its lock is held).
+
+        Leased segments move aside first (see the module docstring); until
+        :meth:`changed`, none of the object's segments is leased.
+        """
+        with self._mu:
+            self._busy[object_id] = self._busy.get(object_id, 0) + 1
+            names = list(self._by_object.get(object_id, ()))
+            leased = [self._segments[n] for n in names
+                      if n in self._segments and self._segments[n].leases
+                      and self._segments[n].current]
+        for seg in leased:
+            region = seg.region()
+            if region is None:
+                continue
+            try:
+                fresh = shm.relocate(region)
+            except shm.Unavailable as exc:
+                # No room for a copy: the method must not write into what readers map.
+                from ..errors import ObjectBusy
+                self.changed(object_id)
+                raise ObjectBusy(f"object {object_id} is leased by readers and no copy of "
+                                 f"it fits in shared memory ({exc}); retry once they let go")
+            with self._mu:
+                self.relocations += 1
+                seg.current = False
+                moved = Segment(fresh, seg.size, seg.start, seg.region, object_id)
+                self._segments[fresh] = moved
+                self._starts = [t for t in self._starts if t[2] != seg.name]
+                self._starts.append((seg.start, seg.start + seg.size, fresh))
+                owned = self._by_object.setdefault(object_id, [])
+                if seg.name in owned:
+                    owned.remove(seg.name)
+                owned.append(fresh)
+        self._finish([])
+
+    def changed(self, object_id: str) -> None:
+        """The call that :meth:`changing` announced is over."""
+        with self._mu:
+            n = self._busy.get(object_id, 0) - 1
+            if n > 0:
+                self._busy[object_id] = n
+            else:
+                self._busy.pop(object_id, None)
+
+    def gone(self, object_id: str) -> None:
+        """``object_id`` moved or was deleted: its segments are no longer its memory."""
         with self._mu:
             names = self._by_object.pop(object_id, None)
             if not names:
@@ -155,7 +221,7 @@ class Segments:
             found = []
             for start, nbytes in addresses:
                 seg = self._find_locked(start, nbytes)
-                if seg is None:
+                if seg is None or self._busy.get(seg.object_id):
                     return None
                 found.append((seg, start - seg.start))
             extra = sum(seg.size for seg in {s.name: s for s, _ in found}.values()
@@ -176,7 +242,7 @@ class Segments:
                 seg = self._segments.get(name)
                 # A dead mapping's addresses may belong to a new one: never trust them.
                 if seg is None or not seg.current or seg.region() is None:
-                    return None
+                    continue   # an old tie of this address range; a current one may follow
                 return seg
         return None
 
@@ -252,6 +318,7 @@ class Segments:
                 "stale_leased_bytes": sum(s.size for s in self._segments.values()
                                           if s.leases and not s.current),
                 "limit": self.limit,
+                "relocations": self.relocations,
             }
 
     def close(self) -> None:

@@ -280,7 +280,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         try:
             items = []
             for o in request.objects:
-                if o.state.shm and self.b.segments.limit:
+                if o.state.shm and self.b.segments.limit and shm.buffer_address(b"x") is not None:
                     buffers, names = self._kept_buffers(o.state)
                     kept.append((o.object_id, names))
                 else:
@@ -306,7 +306,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
                                 f"bytes (max_value_size)")
         metrics.shm_done("in", sum(sizes))
-        return self.b.segments.keep(list(value.shm), sizes)
+        return self.b.segments.keep(list(value.shm), sizes, list(value.leases))
 
     def PersistStream(self, request_iterator, context):
         with tracing.server_span("stream persist", context):
@@ -626,6 +626,8 @@ class Backend:
             parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
             on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)))
         self.heap.before_change = self.segments.changing
+        self.heap.change_done = self.segments.changed
+        self.heap.on_gone = self.segments.gone
         self.client = Client(address="127.0.0.1:1", token=settings.token, settings=settings)
         self.client.local = self.heap
         self.client.local_id = self.backend_id

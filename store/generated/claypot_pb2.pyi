@@ -438,7 +438,7 @@ class LeasesRequest(_message.Message):
     def __init__(self, release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeasesReply(_message.Message):
-    __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error")
+    __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error", "relocations")
     LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +446,7 @@ class LeasesReply(_message.Message):
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     STALE_LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RELOCATIONS_FIELD_NUMBER: _ClassVar[int]
     leased_bytes: int
     leases: int
     segment_bytes: int
@@ -453,4 +454,5 @@ class LeasesReply(_message.Message):
     limit: int
     stale_leased_bytes: int
     error: Error
-    def __init__(self, leased_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., limit: _Optional[int] = ..., stale_leased_bytes: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    relocations: int
+    def __init__(self, leased_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., limit: _Optional[int] = ..., stale_leased_bytes: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., relocations: _Optional[int] = ...) -> None: ...
