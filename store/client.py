@@ -731,6 +731,7 @@ class Client:
             def send(addr):
                 request.accept_shm = self._same_host(addr)
                 request.reader_pid = os.getpid() if request.accept_shm else 0
+                request.reader_pid_ns = shm.pid_namespace() if request.accept_shm else 0
                 return self._rpc(addr, "Call", request, timeout, True, request.name)
         else:
             value, blobs = wire.streamed_value(payload, buffers)
@@ -748,6 +749,7 @@ class Client:
                     try:
                         request.accept_shm = True
                         request.reader_pid = os.getpid()
+                        request.reader_pid_ns = shm.pid_namespace()
                         request.args.CopyFrom(pb.Value(
                             payload=payload, shm=names,
                             buffer_sizes=[memoryview(b).nbytes for b in buffers]))

@@ -284,6 +284,16 @@ def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
     return fd
 
 
+@functools.lru_cache(maxsize=1)
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 if unknown): PIDs mean the same
+    process only between processes with equal ones."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def creator_pid(name: str) -> int:
     """The PID in a segment's name (0 if there is none)."""
     text = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
@@ -429,7 +439,9 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
             raise Unavailable(f"cannot copy into {SHM_DIR}: {exc}") from exc
         # Mapped by libc, not by an mmap object: once moved, no Python object owns the
         # temporary address (one would unmap it on collection, whatever lives there then).
-        got = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        # Populated: the change about to run writes these pages without a fault each.
+        got = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
         if got in (None, _MAP_FAILED):
             raise Unavailable(f"cannot map a copy: {os.strerror(ctypes.get_errno())}")
         moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)

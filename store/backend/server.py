@@ -396,7 +396,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     args, kwargs = (), {}
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
                                           args, kwargs, chain)
-            reply = self._reply(result, chain, request.accept_shm, request.reader_pid)
+            pid = request.reader_pid \
+                if request.reader_pid_ns == shm.pid_namespace() else 0
+            reply = self._reply(result, chain, request.accept_shm, pid)
             ok = True
             return reply
         except Exception as exc:

@@ -250,7 +250,7 @@ class PersistRequest(_message.Message):
     def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm", "reader_pid")
+    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm", "reader_pid", "reader_pid_ns")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,7 @@ class CallRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_SHM_FIELD_NUMBER: _ClassVar[int]
     READER_PID_FIELD_NUMBER: _ClassVar[int]
+    READER_PID_NS_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     kind: CallKind
     name: str
@@ -271,7 +272,8 @@ class CallRequest(_message.Message):
     timeout: float
     accept_shm: bool
     reader_pid: int
-    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ...) -> None: ...
+    reader_pid_ns: int
+    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ..., reader_pid_ns: _Optional[int] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("result", "error", "result_handle", "result_size")
