@@ -872,7 +872,8 @@ class Client:
         return {"segments": reply.segments, "segment_bytes": reply.segment_bytes,
                 "leases": reply.leases, "leased_bytes": reply.leased_bytes,
                 "stale_leased_bytes": reply.stale_leased_bytes, "limit": reply.limit,
-                "relocations": reply.relocations}
+                "relocations": reply.relocations, "pool_bytes": reply.pool_bytes,
+                "pool_segments": reply.pool_segments}
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
                  mutates: list[str], timeout: float = 0.0, chain: str | None = None,

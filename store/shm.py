@@ -101,6 +101,67 @@ def _new_name() -> str:
     return f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
 
 
+FREE_MARK = "free"
+
+
+def free_name() -> str:
+    """A name for a free segment that a backend keeps for reuse (see ``claim_free``)."""
+    return f"{PREFIX}{os.getpid()}-{FREE_MARK}{uuid.uuid4().hex}"
+
+
+def claim_free(nbytes: int) -> str:
+    """Take a free segment of this user (one a same-host backend keeps for reuse) that
+    holds at least ``nbytes``; returns its new name (this process's), or "".
+
+    A rename is the claim: of two processes after one segment, one wins. Its
+    pages exist already, so filling it runs at memory speed.
+    """
+    try:
+        names = [n for n in os.listdir(SHM_DIR)
+                 if n.startswith(PREFIX) and f"-{FREE_MARK}" in n]
+    except OSError:
+        return ""
+    sized = []
+    for n in names:
+        try:
+            st = os.stat(os.path.join(SHM_DIR, n), follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size >= nbytes:
+            sized.append((st.st_size, n))
+    for _, n in sorted(sized):
+        mine = _new_name()
+        try:
+            os.rename(os.path.join(SHM_DIR, n), os.path.join(SHM_DIR, mine))
+        except OSError:
+            continue   # another process claimed it first
+        return mine
+    return ""
+
+
+def fill(name: str, buf) -> None:
+    """Copy ``buf`` into segment ``name`` (cut to its size), through a populated mapping."""
+    view = memoryview(buf)
+    view = view.cast("B") if view.contiguous else memoryview(bytes(buf))
+    fd = _open_checked(_path(name), name, os.O_RDWR, None)
+    try:
+        os.ftruncate(fd, view.nbytes)
+        if not view.nbytes:
+            return
+        region = mmap.mmap(fd, view.nbytes,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    try:
+        np = _numpy()
+        if np is not None:
+            np.copyto(np.frombuffer(region, dtype=np.uint8), np.frombuffer(view, dtype=np.uint8))
+        else:
+            region[:] = view
+    finally:
+        region.close()
+
+
 def _check_segment(fd: int, name: str, size: int) -> None:
     """Refuse anything but a regular file of this user, mode 0600, of the announced size."""
     st = os.fstat(fd)
@@ -420,13 +481,21 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
     start = buffer_address(region)
     if start is None:
         raise Unavailable("numpy is needed to relocate a segment")
-    name = reuse or _new_name()
-    path = os.path.join(SHM_DIR, name)
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if reuse else os.O_CREAT | os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
+    fd = -1
+    if reuse:   # a free segment (renamed to a name of ours first: a client may claim it)
+        name = _new_name()
+        try:
+            os.rename(os.path.join(SHM_DIR, reuse), os.path.join(SHM_DIR, name))
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+    if fd < 0:
+        name = _new_name()
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name),
+                         os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
     try:
         try:
             os.ftruncate(fd, size)
@@ -577,9 +646,18 @@ def hand_over(buffers: Sequence) -> tuple[list[str], list[str], list["_Made"]]:
                 names.append(made.name)
                 leases.append(uuid.uuid4().hex)
                 made_list.append(made)
-            else:
-                names += export([buf])
-                leases.append("")
+                continue
+            leases.append("")
+            free = claim_free(memoryview(buf).nbytes) if memoryview(buf).nbytes else ""
+            if free:
+                names.append(free)
+                try:
+                    fill(free, buf)
+                    continue
+                except (OSError, ProtocolError):
+                    names.pop()
+                    discard([free])
+            names += export([buf])
     except BaseException:
         discard(names)
         raise

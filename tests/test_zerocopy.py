@@ -238,3 +238,28 @@ def test_big_object_under_sync_survives_kill_9(tmp_path):
         g.make_persistent(alias="zc-big-sync")
         restart_backend(c, g.get_location(), kill=True)
         assert np.array_equal(store.get_by_alias("zc-big-sync").data, data)
+
+
+def test_freed_segments_are_reused_and_never_while_a_reader_maps_them(tmp_path):
+    M = N + 4096   # a size of its own: other clusters' free segments do not fit it exactly
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
+        first = Grid(np.full(M, 1.0))
+        first.make_persistent()
+        bid = first.get_location()
+        view = first.data                      # a reader maps the segment
+        first.delete_persistent()
+        r = c.client.shm_report(bid)
+        assert r["pool_segments"] == 0 and r["leases"] == 1   # held by the view: not reusable
+        second = Grid(np.full(M, 2.0))
+        second.make_persistent()               # a new segment: the leased one is untouchable
+        assert view[0] == 1.0 and view[-1] == 1.0
+        del view
+        gc.collect()
+        r = wait_for(lambda: (lambda r: r if r["pool_segments"] == 1 else None)(
+            c.client.shm_report(bid)))
+        assert r["pool_bytes"] == M * 8 and r["leases"] == 0
+        third = Grid(np.full(M, 3.0))
+        third.make_persistent()                # claims the free segment: pages already there
+        assert c.client.shm_report(bid)["pool_segments"] == 0
+        assert np.array_equal(third.data, np.full(M, 3.0))
+        assert np.array_equal(second.data, np.full(M, 2.0))

@@ -67,14 +67,21 @@ class Segment:
     region: weakref.ref              # the mapping: dead once the object dropped it
     object_id: str = ""              # "" until the persist that brought it committed
     current: bool = True             # still the object's memory
+    mapped: bool = True              # the backend maps it (false once copied aside)
     leases: set[str] = field(default_factory=set)
 
 
 class Segments:
     """The segments of one backend and their leases (see the module docstring)."""
 
-    def __init__(self, limit: int, on_stale_bytes: Callable[[int], None] | None = None):
+    def __init__(self, limit: int, on_stale_bytes: Callable[[int], None] | None = None,
+                 pool_limit: int = 0):
         self.limit = limit
+        # Free segments kept for reuse (their pages exist: a copy into one runs at
+        # memory speed), up to pool_limit bytes, oldest dropped first. Same-host
+        # clients claim them for puts (store.shm.claim_free), this backend for copies.
+        self.pool_limit = pool_limit
+        self._pool: list[tuple[str, int]] = []
         self.on_stale_bytes = on_stale_bytes
         self._mu = threading.Lock()
         self._segments: dict[str, Segment] = {}
@@ -156,7 +163,7 @@ class Segments:
             if region is None:
                 continue
             try:
-                fresh = shm.relocate(region)
+                fresh = shm.relocate(region, self._take_free(seg.size))
             except shm.Unavailable as exc:
                 # No room for a copy: the method must not write into what readers map.
                 from ..errors import ObjectBusy
@@ -166,6 +173,7 @@ class Segments:
             with self._mu:
                 self.relocations += 1
                 seg.current = False
+                seg.mapped = False
                 moved = Segment(fresh, seg.size, seg.start, seg.region, object_id)
                 self._segments[fresh] = moved
                 self._starts = [t for t in self._starts if t[2] != seg.name]
@@ -174,7 +182,8 @@ class Segments:
                 if seg.name in owned:
                     owned.remove(seg.name)
                 owned.append(fresh)
-        self._finish([])
+        if leased:
+            self._finish([])   # the old files are now extra memory: report it
 
     def changed(self, object_id: str) -> None:
         """The call that :meth:`changing` announced is over."""
@@ -273,33 +282,76 @@ class Segments:
             if _process_start(pid) != started:
                 dead += ids
         # Mappings whose object dropped them (spilled, rolled back, replaced) are no
-        # longer the object's state either.
+        # longer the object's state either. Free segments a client claimed are gone.
         with self._mu:
             for seg in self._segments.values():
                 if seg.current and seg.region() is None:
                     seg.current = False
+            self._pool = [(n, sz) for n, sz in self._pool
+                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
         return self.release(dead) if dead else self.release([])
 
     # -- bookkeeping -------------------------------------------------------------------------
     def leased_bytes_locked(self) -> int:
         return sum(seg.size for seg in self._segments.values() if seg.leases)
 
-    def _collect_locked(self) -> list[str]:
-        """Segments neither current nor leased: forget them (their files go)."""
+    def _collect_locked(self) -> list[tuple[str, int, bool]]:
+        """Segments neither current nor leased: forget them.
+
+        Returns (name, size, reusable) for each: reusable when nobody maps
+        it any more (no lease, and this backend copied it aside or dropped
+        the object that used it), so new data may go into it.
+        """
+        # One this backend still maps (an array of the dropped object lives on
+        # somewhere, say in a log record not yet checkpointed) is unlinked: its
+        # memory goes with that array, and no new data may go into it.
         drop = [name for name, seg in self._segments.items()
                 if not seg.current and not seg.leases]
+        out = []
         for name in drop:
             seg = self._segments.pop(name)
             names = self._by_object.get(seg.object_id)
             if names and name in names:
                 names.remove(name)
+            out.append((name, seg.size, not seg.mapped or seg.region() is None))
         if drop:
             gone = set(drop)
             self._starts = [t for t in self._starts if t[2] not in gone]
-        return drop
+        return out
 
-    def _finish(self, drop: list[str]) -> None:
-        shm.discard(drop)
+    def _take_free(self, size: int) -> str:
+        """A free segment of at least ``size`` bytes, or "" (the smallest that fits)."""
+        with self._mu:
+            fits = [(n, sz) for n, sz in self._pool if sz >= size]
+            if not fits:
+                return ""
+            best = min(fits, key=lambda t: t[1])
+            self._pool.remove(best)
+            return best[0]
+
+    def _keep_free(self, dropped: list[tuple[str, int, bool]]) -> list[str]:
+        """Put reusable dropped segments in the pool; returns the names to unlink."""
+        unlink = []
+        for name, size, reusable in dropped:
+            if not reusable or size > self.pool_limit:
+                unlink.append(name)
+                continue
+            free = shm.free_name()
+            try:
+                os.rename(os.path.join(shm.SHM_DIR, name), os.path.join(shm.SHM_DIR, free))
+            except OSError:
+                continue
+            with self._mu:
+                self._pool.append((free, size))
+                total = sum(sz for _, sz in self._pool)
+                while total > self.pool_limit and self._pool:
+                    old, sz = self._pool.pop(0)
+                    total -= sz
+                    unlink.append(old)
+        return unlink
+
+    def _finish(self, drop: list[tuple[str, int, bool]]) -> None:
+        shm.discard(self._keep_free(drop) if drop else [])
         if self.on_stale_bytes is None:
             return
         stale = self.stats()["stale_leased_bytes"]
@@ -310,6 +362,9 @@ class Segments:
     def stats(self) -> dict:
         """Bytes and counts of segments and leases (reported by the Leases RPC)."""
         with self._mu:
+            # Free segments a client claimed since (renamed away) are not ours any more.
+            self._pool = [(n, sz) for n, sz in self._pool
+                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
             return {
                 "segments": len(self._segments),
                 "segment_bytes": sum(s.size for s in self._segments.values()),
@@ -319,12 +374,15 @@ class Segments:
                                           if s.leases and not s.current),
                 "limit": self.limit,
                 "relocations": self.relocations,
+                "pool_bytes": sum(sz for _, sz in self._pool),
+                "pool_segments": len(self._pool),
             }
 
     def close(self) -> None:
         """The backend stops: unlink every segment (readers keep their mappings)."""
         with self._mu:
-            names = list(self._segments)
+            names = list(self._segments) + [n for n, _ in self._pool]
+            self._pool.clear()
             self._segments.clear()
             self._by_object.clear()
             self._leases.clear()

@@ -626,7 +626,8 @@ class Backend:
                          big_object=settings.big_object, memory_budget=budget)
         self.segments = Segments(
             parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
-            on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)))
+            on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)),
+            pool_limit=parse_memory_limit(settings.shm_pool))
         self.heap.before_change = self.segments.changing
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone

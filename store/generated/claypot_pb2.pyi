@@ -440,7 +440,7 @@ class LeasesRequest(_message.Message):
     def __init__(self, release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeasesReply(_message.Message):
-    __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error", "relocations")
+    __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error", "relocations", "pool_bytes", "pool_segments")
     LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +449,8 @@ class LeasesReply(_message.Message):
     STALE_LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RELOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     leased_bytes: int
     leases: int
     segment_bytes: int
@@ -457,4 +459,6 @@ class LeasesReply(_message.Message):
     stale_leased_bytes: int
     error: Error
     relocations: int
-    def __init__(self, leased_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., limit: _Optional[int] = ..., stale_leased_bytes: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., relocations: _Optional[int] = ...) -> None: ...
+    pool_bytes: int
+    pool_segments: int
+    def __init__(self, leased_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., limit: _Optional[int] = ..., stale_leased_bytes: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., relocations: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., pool_segments: _Optional[int] = ...) -> None: ...
