@@ -17,8 +17,11 @@ For 64 MiB and 1 GiB float64 arrays (``--quick``: 64 and 256 MiB), in one run:
     (``change_again``): the difference is what copy-on-write costs, beside a
     memcpy of the array;
 - claypot, durability ``sync``: ``put`` of the same array (on disk before it
-  returns) beside a dd-like direct write (O_DIRECT, 16 MiB blocks, fsync) of
-  as many bytes into the same directory: the disk's sequential speed;
+  returns; into a fresh backend, so it includes ``put_fresh``'s transfer) beside
+  a dd-like direct write (O_DIRECT, 16 MiB blocks, fsync) of as many bytes into
+  the same directory: the disk's sequential speed; and the checkpoint write
+  alone (``checkpoint_write``: the O_DIRECT path a big object takes under
+  ``sync``) beside the buffered write it replaced;
 - Ray, when it is importable (``pip install ray``; the ``bench`` extra):
   ``ray.put`` into a fresh store and into memory it used before, and
   ``ray.get`` (a read-only view). Absent, the JSON says so.
@@ -71,6 +74,12 @@ def _best(fn, repeat: int) -> float:
 
 def _mbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e6, 1)
+
+
+def _memcpy_seconds(src: np.ndarray) -> float:
+    """np.copyto into an array allocated once (warm after the first of three)."""
+    dst = np.empty_like(src)
+    return _best(lambda: np.copyto(dst, src), 3)
 
 
 def _direct_write_rate(directory: str, nbytes: int) -> float:
@@ -173,6 +182,26 @@ def sync_figures(nbytes: int, src: np.ndarray) -> dict:
         b.delete_persistent()
         out["dd_direct_MBps"] = _direct_write_rate(data_dir, nbytes)
         out["sync_put_vs_dd_direct"] = round(out["sync_put_MBps"] / out["dd_direct_MBps"], 3)
+        # The backend's own sync write of this record (storage.write_checkpoint's O_DIRECT
+        # path), alone, beside the old one (encode into one buffer, write, fsync).
+        from store.backend import direct, storage
+        rec = storage.Record("bench", "k#1", "", b"p", [memoryview(src).cast("B")])
+        rec.lsn = 1
+        path = os.path.join(data_dir, "ckpt-probe")
+        t = time.perf_counter()
+        direct.write(path, storage._PREFIX, storage._MAGIC, storage.record_header(rec),
+                     [rec.payload] + list(rec.buffers), os.fsync)
+        out["checkpoint_write_MBps"] = _mbps(nbytes, time.perf_counter() - t)
+        os.unlink(path)
+        t = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        storage._write_all(fd, [storage.encode(rec)])
+        os.fsync(fd)
+        os.close(fd)
+        out["checkpoint_write_buffered_MBps"] = _mbps(nbytes, time.perf_counter() - t)
+        os.unlink(path)
+        out["checkpoint_write_vs_dd_direct"] = round(
+            out["checkpoint_write_MBps"] / out["dd_direct_MBps"], 3)
     return out
 
 
@@ -213,11 +242,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [64 * MiB, 256 * MiB] if args.quick else [64 * MiB, 1024 * MiB]
     repeat = 3
-    try:
-        import ray  # noqa: F401
-        have_ray = True
-    except ImportError:
-        have_ray = False
+    import importlib.util
+    have_ray = importlib.util.find_spec("ray") is not None
     import psutil
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -230,10 +256,8 @@ def main() -> None:
     for nbytes in sizes:
         src = np.random.default_rng(0).random(nbytes // 8)
         row: dict = {"bytes": nbytes}
-        dst = np.empty_like(src)
-        row["memcpy_s"] = round(_best(lambda: np.copyto(dst, src), 3), 4)
+        row["memcpy_s"] = round(_memcpy_seconds(src), 4)
         row["memcpy_MBps"] = _mbps(nbytes, row["memcpy_s"])
-        del dst
         row.update(claypot_figures(nbytes, src, repeat))
         row["cow_copy_vs_memcpy"] = round(row["cow_copy_s"] / row["memcpy_s"], 2)
         row["put_vs_memcpy"] = round(row["put_MBps"] / row["memcpy_MBps"], 3)

@@ -159,8 +159,10 @@ class Lifecycle:
     def leased(self, nbytes: int) -> list:
         """Readers' leases now hold ``nbytes`` that no live object accounts for.
 
-        They count against the memory budget like resident objects; the
-        returned spills (if any) make room for them.
+        They count against the memory budget like resident objects. Returns
+        the spills that would make room now; a caller that may not perform
+        them where it stands (it holds an object's lock) leaves them to the
+        next transition, which asks again.
         """
         self.leased_bytes = max(0, int(nbytes))
         return self._spills()

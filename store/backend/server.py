@@ -280,7 +280,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         try:
             items = []
             for o in request.objects:
-                if o.state.shm and self.b.segments.limit and shm.buffer_address(b"x") is not None:
+                # Kept even with reader leases off: the sender of a store.empty array
+                # maps it still, and must not see the object change (see .segments).
+                if o.state.shm and shm.buffer_address(b"x") is not None:
                     buffers, names = self._kept_buffers(o.state)
                     kept.append((o.object_id, names))
                 else:
@@ -453,9 +455,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def Leases(self, request, context):
         try:
             self.b.segments.release(list(request.release))
-            return pb.LeasesReply(**self.b.segments.stats())
+            return pb.LeasesResponse(**self.b.segments.stats())
         except Exception as exc:
-            return _error_reply(pb.LeasesReply, exc)
+            return _error_reply(pb.LeasesResponse, exc)
 
     def Cancel(self, request, context):
         return pb.CancelResponse(found=cancel.cancel(request.call_id))
@@ -626,6 +628,7 @@ class Backend:
                          big_object=settings.big_object, memory_budget=budget)
         self.segments = Segments(
             parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
+            # Reported under an object's lock: the spills wait for the next transition.
             on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)),
             pool_limit=parse_memory_limit(settings.shm_pool))
         self.heap.before_change = self.segments.changing

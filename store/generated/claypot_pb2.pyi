@@ -439,7 +439,7 @@ class LeasesRequest(_message.Message):
     release: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, release: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class LeasesReply(_message.Message):
+class LeasesResponse(_message.Message):
     __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error", "relocations", "pool_bytes", "pool_segments")
     LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]

@@ -157,7 +157,7 @@ class BackendStub:
         self.Leases = channel.unary_unary(
                 '/claypot.v1.Backend/Leases',
                 request_serializer=claypot__pb2.LeasesRequest.SerializeToString,
-                response_deserializer=claypot__pb2.LeasesReply.FromString,
+                response_deserializer=claypot__pb2.LeasesResponse.FromString,
                 _registered_method=True)
 
 
@@ -473,7 +473,7 @@ def add_BackendServicer_to_server(servicer, server):
             'Leases': grpc.unary_unary_rpc_method_handler(
                     servicer.Leases,
                     request_deserializer=claypot__pb2.LeasesRequest.FromString,
-                    response_serializer=claypot__pb2.LeasesReply.SerializeToString,
+                    response_serializer=claypot__pb2.LeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1150,7 +1150,7 @@ class Backend:
             target,
             '/claypot.v1.Backend/Leases',
             claypot__pb2.LeasesRequest.SerializeToString,
-            claypot__pb2.LeasesReply.FromString,
+            claypot__pb2.LeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
