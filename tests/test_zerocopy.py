@@ -103,11 +103,11 @@ def test_read_is_a_leased_view_that_stays_unchanged_while_a_writer_changes(clust
     g.delete_persistent()
 
 
-def test_changing_method_after_a_read_copies_only_what_it_changes(cluster):
+def test_a_small_change_after_a_read_leaves_the_whole_view_alone(cluster):
     g = Grid(np.zeros(N))
     g.make_persistent()
     view = g.data
-    g.bump_head()                       # changes 1024 elements: only their pages are copied
+    g.bump_head()                       # changes 1024 elements, after the copy aside
     assert view[0] == 0.0 and g.head() == 1.0
     assert np.array_equal(view, np.zeros(N))
 
