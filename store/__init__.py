@@ -22,6 +22,7 @@ from .api import (BackendStatus, backends, client, connect, delete_alias, discon
 from .alien import Alien
 from .cluster import LocalCluster
 from .config import Settings
+from .leases import empty, zeros
 from .objects import StorageObject, readonly
 from .transfers import show_transfers
 
@@ -30,5 +31,5 @@ __all__ = [
     "aio",
     "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
     "delete_alias", "get_locations", "make_persistent_many", "get_backends", "stub_class",
-    "show_transfers",
+    "show_transfers", "empty", "zeros",
 ]

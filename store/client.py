@@ -12,7 +12,9 @@ call (no pickling, no RPC).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import logging
 import threading
 import time
@@ -559,17 +561,25 @@ class Client:
         names: list[str] = []
         try:
             objects = []
+            held = []
             for entry, (p, b) in zip(entries, values):
-                segments = shm.export(b)
+                # The backend keeps these segments as the object's memory: buffers
+                # built in shared memory (store.empty) go as they are, under a lease
+                # of this process (its own mapping of them must not see changes).
+                segments, leases, made = shm.hand_over(b)
                 names += segments
+                held += [(lease, m) for lease, m in zip([x for x in leases if x], made)]
                 obj = pb.PersistObject()
                 obj.CopyFrom(entry)
-                obj.state.CopyFrom(pb.Value(payload=p, shm=segments,
+                obj.state.CopyFrom(pb.Value(payload=p, shm=segments, leases=leases,
                                             buffer_sizes=[memoryview(x).nbytes for x in b]))
                 objects.append(obj)
             request = pb.PersistRequest(objects=objects, adopt=adopt)
-            return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
-                             False, "make_persistent")
+            reply = self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
+                              False, "make_persistent")
+            for lease, made in held:
+                self.lease_returns.track(memoryview(made.region), addr, lease)
+            return reply
         finally:
             shm.discard(names)  # the backend unlinked what it took; this clears the rest
 
@@ -752,6 +762,8 @@ class Client:
 
             def send(addr):
                 request.accept_shm = self._same_host(addr)
+                request.reader_pid = os.getpid() if request.accept_shm else 0
+                request.reader_pid_ns = shm.pid_namespace() if request.accept_shm else 0
                 return self._rpc(addr, "Call", request, timeout, True, request.name)
         else:
             value, blobs = wire.streamed_value(payload, buffers)
@@ -768,6 +780,8 @@ class Client:
                 if names is not None:
                     try:
                         request.accept_shm = True
+                        request.reader_pid = os.getpid()
+                        request.reader_pid_ns = shm.pid_namespace()
                         request.args.CopyFrom(pb.Value(
                             payload=payload, shm=names,
                             buffer_sizes=[memoryview(b).nbytes for b in buffers]))
@@ -837,10 +851,61 @@ class Client:
             return loads(payload, buffers, ctx)
         if not reply.result.payload:
             return None
+        if reply.result.leases:
+            return loads(reply.result.payload, self._leased(reply.result, address), ctx)
         if reply.result.shm:
             buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
             return loads(reply.result.payload, buffers, ctx)
         return loads(reply.result.payload, wire.writable(reply.result.buffers), ctx)
+
+    def _leased(self, value: pb.Value, address: str) -> list[memoryview]:
+        """Read-only views of a backend's segments, each holding its lease (store.leases)."""
+        names, offsets = list(value.shm), list(value.shm_offsets)
+        sizes, leases = list(value.buffer_sizes), list(value.leases)
+        if not len(names) == len(offsets) == len(sizes) == len(leases):
+            raise ProtocolError("leased segments, offsets, sizes and leases do not match")
+        views = []
+        try:
+            for name, offset, size, lease in zip(names, offsets, sizes, leases):
+                view = shm.map_readonly(name, offset, size)
+                views.append(view)
+                if size:
+                    self.lease_returns.track(view, address, lease)
+                else:
+                    self._return_leases(address, [lease], 2.0)
+        except BaseException:
+            done = len(views)
+            self._return_leases(address, leases[done:], 2.0)
+            raise
+        return views
+
+    @functools.cached_property
+    def lease_returns(self):
+        from .leases import LeaseReturns
+        return LeaseReturns(self._return_leases)
+
+    def _return_leases(self, address: str, lease_ids: list[str], timeout: float):
+        """Tell a backend these leases ended; returns its report of shared memory held."""
+        reply = self._stub(address).Leases(pb.LeasesRequest(release=lease_ids),
+                                           metadata=self._metadata, timeout=timeout)
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        return reply
+
+    def shm_report(self, backend_id: str) -> dict:
+        """Shared memory a same-host backend keeps for zero-copy reads, and its leases.
+
+        Leases this process no longer needs are returned first, so the report
+        counts only views still alive somewhere.
+        """
+        if "lease_returns" in self.__dict__:
+            self.lease_returns.flush()
+        reply = self._return_leases(self.address_of(backend_id), [], self.settings.admin_timeout)
+        return {"segments": reply.segments, "segment_bytes": reply.segment_bytes,
+                "leases": reply.leases, "leased_bytes": reply.leased_bytes,
+                "stale_leased_bytes": reply.stale_leased_bytes, "limit": reply.limit,
+                "relocations": reply.relocations, "pool_bytes": reply.pool_bytes,
+                "pool_segments": reply.pool_segments}
 
     def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
                  mutates: list[str], timeout: float = 0.0, chain: str | None = None,

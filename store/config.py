@@ -41,6 +41,11 @@ class Settings:
     chunk_size: int = 4 * MiB         # stream chunk size
     shm: bool = True                  # large values to a same-host backend go through /dev/shm
     host_id: str = ""                 # same-host identity (see store.shm.host_id); empty: derived
+    # Backend: same-host reads of large buffers are leased read-only views of its own
+    # segments (store.backend.segments); leases hold at most this (bytes or fraction of RAM).
+    shm_leases: bool = True
+    shm_lease_limit: str = "0.25"
+    shm_pool: str = "0.1"             # free segments a backend keeps for reuse (bytes or fraction)
     # Backend
     data_dir: str = ""
     host: str = "127.0.0.1"
@@ -121,6 +126,8 @@ class Settings:
         from .resources import parse as parse_resources
         parse_resources(self.resources)
         parse_memory_limit(self.max_value_size)
+        parse_memory_limit(self.shm_lease_limit)
+        parse_memory_limit(self.shm_pool)
         parse_memory_limit(self.receive_budget)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("TLS needs both tls_cert and tls_key")

@@ -101,6 +101,67 @@ def _new_name() -> str:
     return f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
 
 
+FREE_MARK = "free"
+
+
+def free_name() -> str:
+    """A name for a free segment that a backend keeps for reuse (see ``claim_free``)."""
+    return f"{PREFIX}{os.getpid()}-{FREE_MARK}{uuid.uuid4().hex}"
+
+
+def claim_free(nbytes: int) -> str:
+    """Take a free segment of this user (one a same-host backend keeps for reuse) that
+    holds at least ``nbytes``; returns its new name (this process's), or "".
+
+    A rename is the claim: of two processes after one segment, one wins. Its
+    pages exist already, so filling it runs at memory speed.
+    """
+    try:
+        names = [n for n in os.listdir(SHM_DIR)
+                 if n.startswith(PREFIX) and f"-{FREE_MARK}" in n]
+    except OSError:
+        return ""
+    sized = []
+    for n in names:
+        try:
+            st = os.stat(os.path.join(SHM_DIR, n), follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size >= nbytes:
+            sized.append((st.st_size, n))
+    for _, n in sorted(sized):
+        mine = _new_name()
+        try:
+            os.rename(os.path.join(SHM_DIR, n), os.path.join(SHM_DIR, mine))
+        except OSError:
+            continue   # another process claimed it first
+        return mine
+    return ""
+
+
+def fill(name: str, buf) -> None:
+    """Copy ``buf`` into segment ``name`` (cut to its size), through a populated mapping."""
+    view = memoryview(buf)
+    view = view.cast("B") if view.contiguous else memoryview(bytes(buf))
+    fd = _open_checked(_path(name), name, os.O_RDWR, None)
+    try:
+        os.ftruncate(fd, view.nbytes)
+        if not view.nbytes:
+            return
+        region = mmap.mmap(fd, view.nbytes,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    try:
+        np = _numpy()
+        if np is not None:
+            np.copyto(np.frombuffer(region, dtype=np.uint8), np.frombuffer(view, dtype=np.uint8))
+        else:
+            region[:] = view
+    finally:
+        region.close()
+
+
 def _check_segment(fd: int, name: str, size: int) -> None:
     """Refuse anything but a regular file of this user, mode 0600, of the announced size."""
     st = os.fstat(fd)
@@ -255,3 +316,356 @@ class Outbox:
         for group in expired:
             discard(group)
         return len(expired)
+
+
+# -- segments a backend keeps: zero-copy reads --------------------------------------
+#
+# A persisted object's large buffers stay in the segments the client wrote them
+# to: the backend renames each one to a name of its own (so the sender's cleanup
+# leaves it alone and an orphan sweep knows its keeper) and maps it shared: the
+# file *is* the object's memory. Before the backend changes a buffer that
+# readers lease, it moves the object's memory to a copy in a new segment
+# (``relocate``: same address, so every reference stays valid), and the old
+# file, which nobody writes any more, stays with its readers.
+
+
+def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ProtocolError(f"shared-memory segment {name} is gone") from None
+    except OSError as exc:
+        raise ProtocolError(f"shared-memory segment {name} cannot be opened "
+                            f"safely: {exc.strerror}") from None
+    try:
+        _check_segment(fd, name, os.fstat(fd).st_size if size is None else size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@functools.lru_cache(maxsize=1)
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 if unknown): PIDs mean the same
+    process only between processes with equal ones."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def creator_pid(name: str) -> int:
+    """The PID in a segment's name (0 if there is none)."""
+    text = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+    return int(text) if text.isdigit() else 0
+
+
+def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mmap | None]]:
+    """Take the segments over: rename each to this process's name, map it shared.
+
+    Returns (new name, mapping) per segment (``None`` for an empty buffer,
+    which has no segment worth keeping). All or none: on error the segments
+    are unlinked.
+    """
+    if len(names) != len(sizes):
+        raise ProtocolError("shared-memory segments and buffer sizes do not match")
+    out: list[tuple[str, mmap.mmap | None]] = []
+    try:
+        for name, size in zip(names, sizes):
+            path = _path(name)
+            fd = _open_checked(path, name, os.O_RDWR, size)
+            try:
+                if not size:
+                    os.unlink(path)
+                    out.append(("", None))
+                    continue
+                region = mmap.mmap(fd, size)
+                mine = _new_name()
+                os.rename(path, os.path.join(SHM_DIR, mine))
+                out.append((mine, region))
+            finally:
+                os.close(fd)
+    except BaseException:
+        discard(names)
+        discard([n for n, _ in out if n])
+        raise
+    return out
+
+
+def map_readonly(name: str, offset: int, size: int) -> memoryview:
+    """A read-only view of ``size`` bytes at ``offset`` of a segment another process keeps.
+
+    The segment is not unlinked (its keeper does that once its leases end);
+    the mapping stays valid after that, for as long as the view lives.
+    """
+    path = _path(name)
+    fd = _open_checked(path, name, os.O_RDONLY, None)
+    try:
+        total = os.fstat(fd).st_size
+        if offset < 0 or size < 0 or offset + size > total:
+            raise ProtocolError(f"shared-memory segment {name} holds {total} bytes, not "
+                                f"{size} at offset {offset}")
+        region = mmap.mmap(fd, total, access=mmap.ACCESS_READ) if total else None
+    finally:
+        os.close(fd)
+    if region is None:
+        return memoryview(b"")
+    return memoryview(region)[offset:offset + size]
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def buffer_address(buf) -> int | None:
+    """The memory address of a contiguous buffer, or None if it cannot be told.
+
+    Only numpy can tell it for a read-only buffer (numpy is an optional
+    dependency: without it, nothing is leased).
+    """
+    np = _numpy()
+    if np is None:
+        return None
+    try:
+        view = memoryview(buf)
+        if not view.contiguous or not view.nbytes:
+            return None
+        return int(np.frombuffer(view.cast("B"), dtype=np.uint8).ctypes.data)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- arrays built in shared memory by the client: zero-copy puts ------------------------
+
+_MAP_FIXED = 0x10
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_MAP_FAILED = (1 << 64) - 1
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+
+
+def relocate(region: mmap.mmap, reuse: str = "") -> str:
+    """Move ``region``'s memory to a copy in a new segment, at the same address.
+
+    Every array over ``region`` keeps working, now on the copy; the old file
+    is no longer mapped here (its readers keep it). The copy goes into
+    ``reuse`` (a free segment of this process: its pages exist already, so
+    the copy runs at memory speed) or into a new segment. Returns the new
+    segment's name.
+    """
+    import ctypes
+    libc = _libc()
+    size = len(region)
+    start = buffer_address(region)
+    if start is None:
+        raise Unavailable("numpy is needed to relocate a segment")
+    fd = -1
+    reused = False
+    if reuse:   # a free segment (renamed to a name of ours first: a client may claim it)
+        name = _new_name()
+        try:
+            os.rename(os.path.join(SHM_DIR, reuse), os.path.join(SHM_DIR, name))
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            reused = True
+        except OSError:
+            fd = -1
+    if fd < 0:
+        name = _new_name()
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name),
+                         os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
+    try:
+        try:
+            os.ftruncate(fd, size)
+            if not reused:
+                # New pages: pwrite allocates and fills them in one pass (measured faster
+                # than faulting them in through a mapping).
+                view = memoryview(region)
+                offset = 0
+                while offset < size:
+                    offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
+                view.release()
+        except OSError as exc:
+            raise Unavailable(f"cannot copy into {SHM_DIR}: {exc}") from exc
+        # Mapped by libc, not by an mmap object: once moved, no Python object owns the
+        # temporary address (one would unmap it on collection, whatever lives there then).
+        # Populated: the copy and the change about to run touch pages without a fault each.
+        got = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+        if got in (None, _MAP_FAILED):
+            raise Unavailable(f"cannot map a copy: {os.strerror(ctypes.get_errno())}")
+        if reused:
+            ctypes.memmove(got, start, size)   # existing pages: a plain memcpy
+        moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
+        if moved != start:
+            err = ctypes.get_errno()
+            libc.munmap(got, size)
+            raise Unavailable(f"cannot move a copy in place: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        discard([name])
+        raise
+    os.close(fd)
+    return name
+
+
+class _Made:
+    """A segment this process created for an array (see ``make_array``)."""
+
+    __slots__ = ("name", "size", "region", "frozen", "__weakref__")
+
+    def __init__(self, name: str, size: int, region: mmap.mmap):
+        self.name, self.size, self.region, self.frozen = name, size, region, False
+
+
+_made_lock = threading.Lock()
+_made: dict[int, "_Made"] = {}   # start address -> segment, while its mapping lives
+
+
+def make_array(shape, dtype, zero: bool):
+    """A numpy array whose memory is a new shared-memory segment of this process.
+
+    ``make_persistent`` of an object holding it hands the segment itself to a
+    same-host backend (no copy). The file is unlinked when the array is
+    garbage collected, unless a backend took it over.
+    """
+    import weakref
+
+    import numpy as np
+    dt = np.dtype(dtype)
+    count = 1
+    for n in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+        if int(n) < 0:
+            raise ValueError(f"negative dimension in shape {shape!r}")
+        count *= int(n)
+    size = count * dt.itemsize
+    if not available() or size == 0:
+        return np.zeros(shape, dt) if zero else np.empty(shape, dt)
+    name = _new_name()
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
+    try:
+        os.ftruncate(fd, size)   # a new tmpfs file reads as zeros: zeros() costs nothing more
+        region = mmap.mmap(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        discard([name])
+        raise Unavailable(f"cannot size a segment in {SHM_DIR}: {exc}") from exc
+    os.close(fd)
+    arr = np.frombuffer(region, dtype=dt, count=count).reshape(shape)
+    made = _Made(name, size, region)
+    start = buffer_address(arr)
+    with _made_lock:
+        _made[start] = made
+
+    def gone(start=start, made=made):
+        with _made_lock:
+            if _made.get(start) is made:
+                del _made[start]
+        if not made.frozen:
+            discard([made.name])
+    weakref.finalize(region, gone)
+    return arr
+
+
+def made_segment(buf) -> "_Made | None":
+    """The segment of ``make_array`` that ``buf`` covers exactly, if any."""
+    with _made_lock:
+        if not _made:
+            return None
+    start = buffer_address(buf)
+    if start is None:
+        return None
+    with _made_lock:
+        made = _made.get(start)
+    if made is None or made.frozen or memoryview(buf).nbytes != made.size \
+            or not os.path.exists(os.path.join(SHM_DIR, made.name)):
+        return None
+    return made
+
+
+def freeze(made: "_Made") -> None:
+    """Turn this process's mapping of a segment private (copy-on-write), in place.
+
+    After this, writes through the caller's array land in private pages and
+    never in the file, which another process (a backend) now serves from.
+    """
+    libc = _libc()
+    path = _path(made.name)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        start = buffer_address(made.region)
+        got = libc.mmap(start, made.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        if got != start:
+            err = __import__("ctypes").get_errno()
+            raise Unavailable(f"cannot remap segment {made.name} private: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    made.frozen = True
+
+
+def hand_over(buffers: Sequence) -> tuple[list[str], list[str], list["_Made"]]:
+    """Segments holding ``buffers`` for a same-host receiver that keeps them.
+
+    A buffer that is exactly an array of :func:`make_array` goes as its own
+    segment (frozen first, see :func:`freeze`): no copy, and this process
+    keeps a lease on it (its mapping still shows the file's pages). Others are
+    written into new segments (:func:`export`). Returns the names, the lease
+    per segment ("" for none) and the arrays' segments handed over.
+    """
+    names: list[str] = []
+    leases: list[str] = []
+    made_list: list[_Made] = []
+    try:
+        for buf in buffers:
+            made = made_segment(buf)
+            if made is not None:
+                freeze(made)
+                names.append(made.name)
+                leases.append(uuid.uuid4().hex)
+                made_list.append(made)
+                continue
+            leases.append("")
+            free = claim_free(memoryview(buf).nbytes) if memoryview(buf).nbytes else ""
+            if free:
+                names.append(free)
+                try:
+                    fill(free, buf)
+                    continue
+                except (OSError, ProtocolError):
+                    names.pop()
+                    discard([free])
+            names += export([buf])
+    except BaseException:
+        discard(names)
+        raise
+    return names, leases, made_list

@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_API = [
     "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "aio", "backends",
-    "client", "connect", "delete_alias", "disconnect", "errors", "getByID", "get_backends",
-    "get_by_alias", "get_by_id", "get_locations", "make_persistent_many", "readonly",
-    "show_transfers", "stub_class",
+    "client", "connect", "delete_alias", "disconnect", "empty", "errors", "getByID",
+    "get_backends", "get_by_alias", "get_by_id", "get_locations", "make_persistent_many",
+    "readonly", "show_transfers", "stub_class", "zeros",
 ]
 
 ERRORS_API = [

@@ -264,6 +264,12 @@ class Heap:
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
         self.on_change: Callable[[], None] | None = None  # the object count changed
+        # Shared-memory segments readers lease (see .segments): told, under the object's
+        # lock, before and after a call that may change an object (a changing method,
+        # an INOUT task), and when an object moves or is deleted.
+        self.before_change: Callable[[str], None] | None = None
+        self.change_done: Callable[[str], None] | None = None
+        self.on_gone: Callable[[str], None] | None = None
         # Check the lifecycle's invariants after every transition (tests set it).
         self.validate_each = os.environ.get("CLAYPOT_VALIDATE", "") not in ("", "0")
         storage.checkpoint_live = self._checkpoint_live
@@ -547,6 +553,7 @@ class Heap:
         # Only the outermost call of a chain on this object stores or rolls back:
         # a nested call (A -> B -> A) is part of the outer one.
         outermost = entry.lock.depth == 1
+        announced = False
         try:
             obj = entry.obj
             if kind == GET_ATTR:
@@ -561,6 +568,9 @@ class Heap:
                 fn, args, kwargs, changes = (lambda: delattr(obj, name)), (), {}, True
             else:
                 raise ValueError(f"unknown call kind {kind}")
+            if changes and self.before_change is not None:
+                self.before_change(object_id)
+                announced = True
             try:
                 with cancel.armed(f"method {name}"):   # Cancel RPC (store.backend.cancel)
                     result = fn(*args, **kwargs)
@@ -578,6 +588,8 @@ class Heap:
                     raise
             return result
         finally:
+            if announced and self.change_done is not None:
+                self.change_done(object_id)
             entry.lock.release()
 
     def upgrade_class(self, object_id: str, class_key: str, chain: str) -> None:
@@ -618,6 +630,7 @@ class Heap:
             if not run:
                 return result
         entries: list[tuple[Entry, bool]] = []
+        announced: list[str] = []
         committed = False
         self.running_tasks += 1
         started = time.monotonic()
@@ -625,6 +638,9 @@ class Heap:
             for oid in local:
                 entry = self._acquire(oid, chain)
                 entries.append((entry, entry.lock.depth == 1))
+                if self.before_change is not None:
+                    self.before_change(oid)
+                    announced.append(oid)
             try:
                 # Cancel RPC and time_out both stop the function (store.backend.cancel).
                 with cancel.armed(f"task {getattr(fn, '__qualname__', fn)}", timeout):
@@ -652,6 +668,9 @@ class Heap:
             return result
         finally:
             self.running_tasks -= 1
+            if self.change_done is not None:
+                for oid in announced:
+                    self.change_done(oid)
             for entry, _ in entries:
                 entry.lock.release()
             if ledger:
@@ -832,6 +851,8 @@ class Heap:
             self.life.move_done(entry.object_id, lsn)
             entry.obj = None
             self._validate_locked()
+        if self.on_gone is not None:
+            self.on_gone(entry.object_id)
 
     def delete(self, object_id: str, chain: str = "", forget: bool = True) -> None:
         """Delete an object: durably from storage first, then from the directory.
@@ -864,6 +885,8 @@ class Heap:
                 entry.obj = None
                 self._entries.pop(object_id, None)
                 self._validate_locked()
+            if self.on_gone is not None:
+                self.on_gone(object_id)
         finally:
             entry.lock.release()
         self._changed()

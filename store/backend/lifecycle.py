@@ -158,6 +158,20 @@ class Lifecycle:
         self.resident_bytes = 0
         self.largest = 0   # bytes of the largest object seen: headroom for one arriving
         self._present = 0  # objects held here (PRESENT states), kept as they change
+        # Memory held outside the objects: shared-memory segments that readers still
+        # lease after their object changed or left (store.backend.segments).
+        self.leased_bytes = 0
+
+    def leased(self, nbytes: int) -> list[Instruction]:
+        """Readers' leases now hold ``nbytes`` that no live object accounts for.
+
+        They count against the memory budget like resident objects. Returns
+        the spills that would make room now; a caller that may not perform
+        them where it stands (it holds an object's lock) leaves them to the
+        next transition, which asks again.
+        """
+        self.leased_bytes = max(0, int(nbytes))
+        return self._spills()
 
     # -- queries ----------------------------------------------------------------------
     def get(self, object_id: str) -> Life | None:
@@ -334,13 +348,14 @@ class Lifecycle:
         if not self.memory_budget:
             return []
         budget = max(self.memory_budget - self.largest, self.memory_budget // 4)
-        if self.resident_bytes <= budget:
+        used = self.resident_bytes + self.leased_bytes
+        if used <= budget:
             return []
         target = int(budget * 0.75)
         out: list[Instruction] = []
         freed = 0
         for oid in list(self._resident)[:-1]:
-            if self.resident_bytes - freed <= target:
+            if used - freed <= target:
                 break
             if self._lives[oid].state is State.LIVE:
                 out.append(Spill(oid))
@@ -364,6 +379,7 @@ class Lifecycle:
             assert life.state in RESIDENT, f"{oid} resident while {life.state.value}"
             assert size == life.size, f"{oid} resident size {size} != {life.size}"
             total += size
+        assert self.leased_bytes >= 0, f"leased bytes {self.leased_bytes} < 0"
         assert total == self.resident_bytes, \
             f"resident bytes {self.resident_bytes} != sum of sizes {total}"
         present = sum(1 for life in self._lives.values() if life.state in PRESENT)

@@ -35,6 +35,7 @@ from ..serialization import dumps, loads
 from . import cancel
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
+from .segments import Segments
 from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
 from .storage import Storage
 
@@ -275,16 +276,39 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     # -- objects --------------------------------------------------------------------
     def Persist(self, request, context):
         started = time.perf_counter()
+        kept: list[tuple[str, list[str]]] = []
         try:
-            items = [(o.object_id, o.class_key, o.state.payload, self._buffers(o.state), o.alias)
-                     for o in request.objects]
+            items = []
+            for o in request.objects:
+                # Kept even with reader leases off: the sender of a store.empty array
+                # maps it still, and must not see the object change (see .segments).
+                if o.state.shm and shm.buffer_address(b"x") is not None:
+                    buffers, names = self._kept_buffers(o.state)
+                    kept.append((o.object_id, names))
+                else:
+                    buffers = self._buffers(o.state)
+                items.append((o.object_id, o.class_key, o.state.payload, buffers, o.alias))
             _check_items(items)
             self.heap.persist(items, adopt=request.adopt)
+            for oid, names in kept:
+                self.b.segments.bind(oid, names)
             metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
+            self.b.segments.abandon([n for _, names in kept for n in names])
             metrics.call_done("persist", False, time.perf_counter() - started)
             return _error_reply(pb.Status, exc)
+
+    def _kept_buffers(self, value: pb.Value) -> tuple[list, list[str]]:
+        """A persisted value's segments, taken over and mapped private (see .segments)."""
+        sizes = list(value.buffer_sizes)
+        limit = self.b.max_value_size
+        if limit and sum(sizes) > limit:
+            shm.discard(list(value.shm))
+            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
+                                f"bytes (max_value_size)")
+        metrics.shm_done("in", sum(sizes))
+        return self.b.segments.keep(list(value.shm), sizes, list(value.leases))
 
     def PersistStream(self, request_iterator, context):
         with tracing.server_span("stream persist", context):
@@ -374,7 +398,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     args, kwargs = (), {}
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
                                           args, kwargs, chain)
-            reply = self._reply(result, chain, request.accept_shm)
+            pid = request.reader_pid \
+                if request.reader_pid_ns == shm.pid_namespace() else 0
+            reply = self._reply(result, chain, request.accept_shm, pid)
             ok = True
             return reply
         except Exception as exc:
@@ -387,7 +413,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                               time.perf_counter() - started)
             cancel.set_current(None)
 
-    def _reply(self, result, chain: str, accept_shm: bool = False) -> pb.CallReply:
+    def _reply(self, result, chain: str, accept_shm: bool = False,
+               reader_pid: int = 0) -> pb.CallReply:
         if result is None:
             return pb.CallReply()
         payload, buffers = dumps(result, self.heap.pickle_context(chain))
@@ -396,6 +423,16 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         if accept_shm and self.settings.shm and shm.available() \
                 and len(payload) <= self.settings.inline_limit:
+            leased = self.b.segments.lease([b.raw() for b in buffers], reader_pid) \
+                if reader_pid else None
+            if leased is not None:
+                # Zero copies: the reader maps the backend's own segments read-only.
+                metrics.shm_done("out", size)
+                return pb.CallReply(result=pb.Value(
+                    payload=payload, shm=[name for name, _, _ in leased],
+                    buffer_sizes=[memoryview(b).nbytes for b in buffers],
+                    shm_offsets=[offset for _, offset, _ in leased],
+                    leases=[lease for _, _, lease in leased]))
             try:
                 names = self.outbox.export(buffers)
                 metrics.shm_done("out", size)
@@ -414,6 +451,13 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.UpgradeClassResponse()
         except Exception as exc:
             return _error_reply(pb.UpgradeClassResponse, exc)
+
+    def Leases(self, request, context):
+        try:
+            self.b.segments.release(list(request.release))
+            return pb.LeasesResponse(**self.b.segments.stats())
+        except Exception as exc:
+            return _error_reply(pb.LeasesResponse, exc)
 
     def Cancel(self, request, context):
         return pb.CancelResponse(found=cancel.cancel(request.call_id))
@@ -582,6 +626,14 @@ class Backend:
             budget = max(limit - base - 32 * 1024 * 1024, limit // 4)
         self.heap = Heap(self.backend_id, self.storage, self.code, self.directory,
                          big_object=settings.big_object, memory_budget=budget)
+        self.segments = Segments(
+            parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
+            # Reported under an object's lock: the spills wait for the next transition.
+            on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)),
+            pool_limit=parse_memory_limit(settings.shm_pool))
+        self.heap.before_change = self.segments.changing
+        self.heap.change_done = self.segments.changed
+        self.heap.on_gone = self.segments.gone
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
@@ -657,6 +709,7 @@ class Backend:
         except Exception:
             pass
         self.server.stop(grace).wait(grace + 1)
+        self.segments.close()
         self.storage.close()
         metrics.disable()
         tracing.stop_backend()
@@ -716,12 +769,14 @@ class Backend:
 
     def _sweep_loop(self) -> None:
         """Expire results no client fetched, on a timer rather than on the next transfer."""
-        interval = max(0.2, min(10.0, self.settings.result_ttl / 4))
+        # At most a second: leases of readers that died (kill -9) end this soon.
+        interval = max(0.2, min(1.0, self.settings.result_ttl / 4))
         last_orphan_scan = time.monotonic()
         while not self._stop.wait(interval):
             try:
                 self.servicer.pending.sweep()
                 self.servicer.outbox.sweep()
+                self.segments.sweep()
                 if time.monotonic() - last_orphan_scan > max(60.0, self.settings.result_ttl):
                     last_orphan_scan = time.monotonic()
                     shm.remove_orphans(self.settings.result_ttl)

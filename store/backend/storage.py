@@ -58,6 +58,7 @@ from typing import Callable
 
 from .. import metrics, tracing
 from ..errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound, StorageFailed
+from . import direct
 
 log = logging.getLogger("claypot.storage")
 
@@ -105,12 +106,18 @@ class _Logged:
     moved_in: bool = False
 
 
+def record_header(rec: Record) -> bytes:
+    """The pickled header of a record (what :func:`encode` puts after the prefix)."""
+    sizes = [memoryview(b).nbytes for b in rec.buffers]
+    return pickle.dumps({"id": rec.object_id, "class": rec.class_key, "alias": rec.alias,
+                         "deleted": rec.deleted, "lsn": rec.lsn, "moved": rec.moved_in,
+                         "payload": len(rec.payload), "buffers": sizes}, protocol=5)
+
+
 def encode(rec: Record) -> bytearray:
     """The record as one contiguous, private blob (the bytes are copied here)."""
     sizes = [memoryview(b).nbytes for b in rec.buffers]
-    header = pickle.dumps({"id": rec.object_id, "class": rec.class_key, "alias": rec.alias,
-                           "deleted": rec.deleted, "lsn": rec.lsn, "moved": rec.moved_in,
-                           "payload": len(rec.payload), "buffers": sizes}, protocol=5)
+    header = record_header(rec)
     body_len = len(rec.payload) + sum(sizes)
     blob = bytearray(_PREFIX.size + len(header) + body_len)
     view = memoryview(blob)
@@ -583,16 +590,21 @@ class Storage:
         self._ensure_dir(os.path.dirname(path))
         sync = self.policy != "none"
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, [encode(rec)])
-            if sync:
-                self._fsync(fd)
-        except BaseException:
+        # A big record under sync goes straight to the disk (O_DIRECT, see .direct):
+        # no encoded copy, no page-cache writeback before the fsync.
+        if not (sync and rec.size() >= direct.MIN_BYTES and direct.write(
+                tmp, _PREFIX, _MAGIC, record_header(rec), [rec.payload] + list(rec.buffers),
+                self._fsync)):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, [encode(rec)])
+                if sync:
+                    self._fsync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
             os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
         self._install(tmp, path, rec.object_id, rec.lsn)
         if sync:
             self._fsync_dir(os.path.dirname(path))

@@ -80,16 +80,20 @@ class Status(_message.Message):
     def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("payload", "buffers", "buffer_sizes", "shm")
+    __slots__ = ("payload", "buffers", "buffer_sizes", "shm", "shm_offsets", "leases")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_SIZES_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     buffers: _containers.RepeatedScalarFieldContainer[bytes]
     buffer_sizes: _containers.RepeatedScalarFieldContainer[int]
     shm: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, payload: _Optional[bytes] = ..., buffers: _Optional[_Iterable[bytes]] = ..., buffer_sizes: _Optional[_Iterable[int]] = ..., shm: _Optional[_Iterable[str]] = ...) -> None: ...
+    shm_offsets: _containers.RepeatedScalarFieldContainer[int]
+    leases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, payload: _Optional[bytes] = ..., buffers: _Optional[_Iterable[bytes]] = ..., buffer_sizes: _Optional[_Iterable[int]] = ..., shm: _Optional[_Iterable[str]] = ..., shm_offsets: _Optional[_Iterable[int]] = ..., leases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data")
@@ -246,7 +250,7 @@ class PersistRequest(_message.Message):
     def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm")
+    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm", "reader_pid", "reader_pid_ns")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +260,8 @@ class CallRequest(_message.Message):
     MUTATES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_SHM_FIELD_NUMBER: _ClassVar[int]
+    READER_PID_FIELD_NUMBER: _ClassVar[int]
+    READER_PID_NS_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     kind: CallKind
     name: str
@@ -265,7 +271,9 @@ class CallRequest(_message.Message):
     mutates: _containers.RepeatedScalarFieldContainer[str]
     timeout: float
     accept_shm: bool
-    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ...) -> None: ...
+    reader_pid: int
+    reader_pid_ns: int
+    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ..., reader_pid_ns: _Optional[int] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("result", "error", "result_handle", "result_size")
@@ -424,3 +432,33 @@ class DeleteObjectRequest(_message.Message):
 class DeleteObjectResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LeasesRequest(_message.Message):
+    __slots__ = ("release",)
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    release: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, release: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LeasesResponse(_message.Message):
+    __slots__ = ("leased_bytes", "leases", "segment_bytes", "segments", "limit", "stale_leased_bytes", "error", "relocations", "pool_bytes", "pool_segments")
+    LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STALE_LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RELOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    leased_bytes: int
+    leases: int
+    segment_bytes: int
+    segments: int
+    limit: int
+    stale_leased_bytes: int
+    error: Error
+    relocations: int
+    pool_bytes: int
+    pool_segments: int
+    def __init__(self, leased_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., limit: _Optional[int] = ..., stale_leased_bytes: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., relocations: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., pool_segments: _Optional[int] = ...) -> None: ...

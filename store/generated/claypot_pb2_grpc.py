@@ -154,6 +154,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.UpgradeClassRequest.SerializeToString,
                 response_deserializer=claypot__pb2.UpgradeClassResponse.FromString,
                 _registered_method=True)
+        self.Leases = channel.unary_unary(
+                '/claypot.v1.Backend/Leases',
+                request_serializer=claypot__pb2.LeasesRequest.SerializeToString,
+                response_deserializer=claypot__pb2.LeasesResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -333,6 +338,15 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leases(self, request, context):
+        """Zero-copy reads: returns the leases a same-host reader no longer needs
+        (its views were garbage collected) and reports the shared memory that
+        the backend's segments and their leases hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -455,6 +469,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.UpgradeClass,
                     request_deserializer=claypot__pb2.UpgradeClassRequest.FromString,
                     response_serializer=claypot__pb2.UpgradeClassResponse.SerializeToString,
+            ),
+            'Leases': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leases,
+                    request_deserializer=claypot__pb2.LeasesRequest.FromString,
+                    response_serializer=claypot__pb2.LeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1105,6 +1124,33 @@ class Backend:
             '/claypot.v1.Backend/UpgradeClass',
             claypot__pb2.UpgradeClassRequest.SerializeToString,
             claypot__pb2.UpgradeClassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Leases',
+            claypot__pb2.LeasesRequest.SerializeToString,
+            claypot__pb2.LeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,401 @@
+"""Segments a backend keeps in /dev/shm, and the leases same-host readers hold on them.
+
+A same-host ``make_persistent`` leaves an object's large buffers in the
+segments the client wrote (or built them in, see ``store.empty``): the
+backend takes each file over (:func:`store.shm.keep`) and maps it shared, so
+the object's arrays *are* the file. So:
+
+- A same-host read of such a buffer costs no copy: the reply names the
+  segment and an offset, the reader maps it read-only, and holds a lease.
+- Copy-on-write at method granularity: before a changing (non-``@readonly``)
+  method or a task that may change the object runs, each of its segments
+  that a reader leases is copied to a new segment and the object's memory
+  moved onto the copy at the same address (:func:`store.shm.relocate`): the
+  method changes the copy, the readers keep the old file, which nobody
+  writes any more, whole. One memcpy of the leased buffers; none at all when
+  nobody leases them (the method writes the file in place, which stays the
+  object's state, so the next read is zero-copy again).
+- While such a call runs, the object's segments are not leased (a reader
+  would see it half done); the read gets a copy instead.
+- A move or a delete ends the segments' tie to the object; each file is
+  unlinked as soon as no lease holds it.
+- A lease ends when the reader's view is garbage collected (the reader
+  returns it, :meth:`Segments.release`) or the reader process dies (its PID
+  is checked on a timer, :meth:`Segments.sweep`; a PID reused by a younger
+  process counts as dead). A segment handed over by its creator
+  (``store.empty``) starts with a lease of the creator, whose own (now
+  copy-on-write) mapping must not see the object change either.
+- Leased bytes are bounded by ``limit``: past it, reads get copies. Leased
+  segments that no live object uses any more are memory the heap does not
+  count, so they are reported to the lifecycle as extra resident bytes
+  (``on_stale_bytes``), and spilling makes room for them.
+
+A backend killed with ``kill -9`` leaves its segments behind; they carry its
+PID in their names, so the next start's orphan sweep removes them
+(:func:`store.shm.remove_orphans`). A restart never reads them: objects come
+back from the storage directory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .. import shm
+
+
+@dataclass
+class Lease:
+    """A reader's hold on one segment."""
+
+    segment: str
+    pid: int
+    started: float   # the reader process's start time, to tell a reused PID
+
+
+@dataclass
+class Segment:
+    """A file in /dev/shm that holds one buffer of one persisted object."""
+
+    name: str
+    size: int
+    start: int                       # address of the backend's private mapping
+    region: weakref.ref              # the mapping: dead once the object dropped it
+    object_id: str = ""              # "" until the persist that brought it committed
+    current: bool = True             # still the object's memory
+    mapped: bool = True              # the backend maps it (false once copied aside)
+    leases: set[str] = field(default_factory=set)
+
+
+class Segments:
+    """The segments of one backend and their leases (see the module docstring)."""
+
+    def __init__(self, limit: int, on_stale_bytes: Callable[[int], None] | None = None,
+                 pool_limit: int = 0):
+        self.limit = limit
+        # Free segments kept for reuse (their pages exist: a copy into one runs at
+        # memory speed), up to pool_limit bytes, oldest dropped first. Same-host
+        # clients claim them for puts (store.shm.claim_free), this backend for copies.
+        self.pool_limit = pool_limit
+        self._pool: list[tuple[str, int]] = []
+        self.on_stale_bytes = on_stale_bytes
+        self._mu = threading.Lock()
+        self._segments: dict[str, Segment] = {}
+        self._by_object: dict[str, list[str]] = {}
+        self._leases: dict[str, Lease] = {}
+        self._starts: list[tuple[int, int, str]] = []   # (start, end, name), for lookups
+        self._busy: dict[str, int] = {}   # object id -> changing calls running on it
+        self._reported_stale = 0
+        self.relocations = 0
+
+    # -- taking segments over ------------------------------------------------------------
+    def keep(self, names: Sequence[str], sizes: Sequence[int],
+             creator_leases: Sequence[str] = ()) -> tuple[list, list[str]]:
+        """Take a persist's segments over; returns (buffers, kept names).
+
+        ``creator_leases[i]`` (if given and not empty) is a lease the segment's
+        creator keeps on segment i: it still maps it (see ``store.empty``).
+        """
+        creators = [shm.creator_pid(n) for n in names]
+        kept = shm.keep(names, sizes)
+        buffers, mine = [], []
+        with self._mu:
+            for i, (name, region) in enumerate(kept):
+                if region is None:
+                    buffers.append(bytearray())
+                    continue
+                start = shm.buffer_address(region)
+                if start is None:   # numpy absent: an ordinary private buffer, never leased
+                    buffers.append(memoryview(region))
+                    shm.discard([name])
+                    continue
+                seg = Segment(name, len(region), start, weakref.ref(region))
+                self._segments[name] = seg
+                self._starts.append((start, start + seg.size, name))
+                buffers.append(memoryview(region))
+                mine.append(name)
+                lease_id = creator_leases[i] if i < len(creator_leases) else ""
+                if lease_id and creators[i]:
+                    # Whatever happens to the creator, its lease is sweepable: an unknown
+                    # PID is a dead one.
+                    started = _process_start(creators[i])
+                    self._leases[lease_id] = Lease(name, creators[i], started or 0.0)
+                    seg.leases.add(lease_id)
+        return buffers, mine
+
+    def bind(self, object_id: str, names: Sequence[str]) -> None:
+        """The persist committed: these segments hold ``object_id``'s buffers."""
+        with self._mu:
+            for name in names:
+                seg = self._segments.get(name)
+                if seg is not None:
+                    seg.object_id = object_id
+                    self._by_object.setdefault(object_id, []).append(name)
+
+    def abandon(self, names: Sequence[str]) -> None:
+        """The persist failed: forget its segments."""
+        with self._mu:
+            for name in names:
+                seg = self._segments.get(name)
+                if seg is not None:
+                    seg.current = False
+            drop = self._collect_locked()
+        self._finish(drop)
+
+    def changing(self, object_id: str) -> None:
+        """A call that may change ``object_id`` starts (its lock is held).
+
+        Leased segments move aside first (see the module docstring); until
+        :meth:`changed`, none of the object's segments is leased.
+        """
+        with self._mu:
+            self._busy[object_id] = self._busy.get(object_id, 0) + 1
+            names = list(self._by_object.get(object_id, ()))
+            leased = [self._segments[n] for n in names
+                      if n in self._segments and self._segments[n].leases
+                      and self._segments[n].current]
+        for seg in leased:
+            region = seg.region()
+            if region is None:
+                continue
+            try:
+                fresh = shm.relocate(region, self._take_free(seg.size))
+            except shm.Unavailable as exc:
+                # No room for a copy: the method must not write into what readers map.
+                from ..errors import ObjectBusy
+                self.changed(object_id)
+                raise ObjectBusy(f"object {object_id} is leased by readers and no copy of "
+                                 f"it fits in shared memory ({exc}); retry once they let go")
+            with self._mu:
+                self.relocations += 1
+                seg.current = False
+                seg.mapped = False
+                moved = Segment(fresh, seg.size, seg.start, seg.region, object_id)
+                self._segments[fresh] = moved
+                self._starts = [t for t in self._starts if t[2] != seg.name]
+                self._starts.append((seg.start, seg.start + seg.size, fresh))
+                owned = self._by_object.setdefault(object_id, [])
+                if seg.name in owned:
+                    owned.remove(seg.name)
+                owned.append(fresh)
+        if leased:
+            self._finish([])   # the old files are now extra memory: report it
+
+    def changed(self, object_id: str) -> None:
+        """The call that :meth:`changing` announced is over."""
+        with self._mu:
+            n = self._busy.get(object_id, 0) - 1
+            if n > 0:
+                self._busy[object_id] = n
+            else:
+                self._busy.pop(object_id, None)
+
+    def gone(self, object_id: str) -> None:
+        """``object_id`` moved or was deleted: its segments are no longer its memory."""
+        with self._mu:
+            names = self._by_object.pop(object_id, None)
+            if not names:
+                return
+            for name in names:
+                seg = self._segments.get(name)
+                if seg is not None:
+                    seg.current = False
+            drop = self._collect_locked()
+        self._finish(drop)
+
+    # -- leases ----------------------------------------------------------------------------
+    def lease(self, buffers: Sequence, pid: int) -> list[tuple[str, int, str]] | None:
+        """Leases on the segments holding each of ``buffers``, for reader ``pid``.
+
+        Returns (segment, offset, lease id) per buffer, or None (all or none)
+        when a buffer is not in a current segment or the leases would pass
+        the limit: the caller then copies.
+        """
+        if not self._segments or pid <= 0:
+            return None
+        addresses = []
+        for buf in buffers:
+            start = shm.buffer_address(buf)
+            if start is None:
+                return None
+            addresses.append((start, memoryview(buf).nbytes))
+        started = _process_start(pid)
+        if started is None:
+            return None
+        with self._mu:
+            found = []
+            for start, nbytes in addresses:
+                seg = self._find_locked(start, nbytes)
+                if seg is None or self._busy.get(seg.object_id):
+                    return None
+                found.append((seg, start - seg.start))
+            extra = sum(seg.size for seg in {s.name: s for s, _ in found}.values()
+                        if not seg.leases)
+            if self.leased_bytes_locked() + extra > self.limit:
+                return None
+            out = []
+            for seg, offset in found:
+                lease_id = uuid.uuid4().hex
+                self._leases[lease_id] = Lease(seg.name, pid, started)
+                seg.leases.add(lease_id)
+                out.append((seg.name, offset, lease_id))
+            return out
+
+    def _find_locked(self, start: int, nbytes: int) -> Segment | None:
+        for lo, hi, name in self._starts:
+            if lo <= start and start + nbytes <= hi:
+                seg = self._segments.get(name)
+                # A dead mapping's addresses may belong to a new one: never trust them.
+                if seg is None or not seg.current or seg.region() is None:
+                    continue   # an old tie of this address range; a current one may follow
+                return seg
+        return None
+
+    def release(self, lease_ids: Sequence[str]) -> int:
+        """End leases (the reader's views are gone); returns how many were held."""
+        with self._mu:
+            n = 0
+            for lease_id in lease_ids:
+                lease = self._leases.pop(lease_id, None)
+                if lease is None:
+                    continue
+                n += 1
+                seg = self._segments.get(lease.segment)
+                if seg is not None:
+                    seg.leases.discard(lease_id)
+            drop = self._collect_locked()
+        self._finish(drop)
+        return n
+
+    def sweep(self) -> int:
+        """End the leases of readers that died; returns how many ended."""
+        with self._mu:
+            by_pid: dict[tuple[int, float], list[str]] = {}
+            for lease_id, lease in self._leases.items():
+                by_pid.setdefault((lease.pid, lease.started), []).append(lease_id)
+        dead = []
+        for (pid, started), ids in by_pid.items():
+            if _process_start(pid) != started:
+                dead += ids
+        # Mappings whose object dropped them (spilled, rolled back, replaced) are no
+        # longer the object's state either. Free segments a client claimed are gone.
+        with self._mu:
+            for seg in self._segments.values():
+                if seg.current and seg.region() is None:
+                    seg.current = False
+            self._pool = [(n, sz) for n, sz in self._pool
+                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
+        return self.release(dead) if dead else self.release([])
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def leased_bytes_locked(self) -> int:
+        return sum(seg.size for seg in self._segments.values() if seg.leases)
+
+    def _collect_locked(self) -> list[tuple[str, int, bool]]:
+        """Segments neither current nor leased: forget them.
+
+        Returns (name, size, reusable) for each: reusable when nobody maps
+        it any more (no lease, and this backend copied it aside or dropped
+        the object that used it), so new data may go into it.
+        """
+        # One this backend still maps (an array of the dropped object lives on
+        # somewhere, say in a log record not yet checkpointed) is unlinked: its
+        # memory goes with that array, and no new data may go into it.
+        drop = [name for name, seg in self._segments.items()
+                if not seg.current and not seg.leases]
+        out = []
+        for name in drop:
+            seg = self._segments.pop(name)
+            names = self._by_object.get(seg.object_id)
+            if names and name in names:
+                names.remove(name)
+            out.append((name, seg.size, not seg.mapped or seg.region() is None))
+        if drop:
+            gone = set(drop)
+            self._starts = [t for t in self._starts if t[2] not in gone]
+        return out
+
+    def _take_free(self, size: int) -> str:
+        """A free segment of at least ``size`` bytes, or "" (the smallest that fits)."""
+        with self._mu:
+            fits = [(n, sz) for n, sz in self._pool if sz >= size]
+            if not fits:
+                return ""
+            best = min(fits, key=lambda t: t[1])
+            self._pool.remove(best)
+            return best[0]
+
+    def _keep_free(self, dropped: list[tuple[str, int, bool]]) -> list[str]:
+        """Put reusable dropped segments in the pool; returns the names to unlink."""
+        unlink = []
+        for name, size, reusable in dropped:
+            if not reusable or size > self.pool_limit:
+                unlink.append(name)
+                continue
+            free = shm.free_name()
+            try:
+                os.rename(os.path.join(shm.SHM_DIR, name), os.path.join(shm.SHM_DIR, free))
+            except OSError:
+                continue
+            with self._mu:
+                self._pool.append((free, size))
+                total = sum(sz for _, sz in self._pool)
+                while total > self.pool_limit and self._pool:
+                    old, sz = self._pool.pop(0)
+                    total -= sz
+                    unlink.append(old)
+        return unlink
+
+    def _finish(self, drop: list[tuple[str, int, bool]]) -> None:
+        shm.discard(self._keep_free(drop) if drop else [])
+        if self.on_stale_bytes is None:
+            return
+        stale = self.stats()["stale_leased_bytes"]
+        if stale != self._reported_stale:
+            self._reported_stale = stale
+            self.on_stale_bytes(stale)
+
+    def stats(self) -> dict:
+        """Bytes and counts of segments and leases (reported by the Leases RPC)."""
+        with self._mu:
+            # Free segments a client claimed since (renamed away) are not ours any more.
+            self._pool = [(n, sz) for n, sz in self._pool
+                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
+            return {
+                "segments": len(self._segments),
+                "segment_bytes": sum(s.size for s in self._segments.values()),
+                "leases": len(self._leases),
+                "leased_bytes": self.leased_bytes_locked(),
+                "stale_leased_bytes": sum(s.size for s in self._segments.values()
+                                          if s.leases and not s.current),
+                "limit": self.limit,
+                "relocations": self.relocations,
+                "pool_bytes": sum(sz for _, sz in self._pool),
+                "pool_segments": len(self._pool),
+            }
+
+    def close(self) -> None:
+        """The backend stops: unlink every segment (readers keep their mappings)."""
+        with self._mu:
+            names = list(self._segments) + [n for n, _ in self._pool]
+            self._pool.clear()
+            self._segments.clear()
+            self._by_object.clear()
+            self._leases.clear()
+            self._starts = []
+        shm.discard(names)
+
+
+def _process_start(pid: int) -> float | None:
+    """A process's start time (None if it does not exist): PID plus this names one process."""
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return -1.0 if os.path.exists(f"/proc/{pid}") else None
