@@ -262,6 +262,14 @@ def _entry(raw: bytes | str) -> ObjectEntry:
     return ObjectEntry((backend, key, alias))
 
 
+def _claim_argv(entries: list[tuple[str, str, str, str]]) -> list[str]:
+    """The ARGV of the claim scripts: a count, then (id, entry, aliases) per entry."""
+    argv: list[str] = [str(len(entries))]
+    for oid, backend, key, alias in entries:
+        argv += [oid, f"{backend}|{key}|{alias or ''}", alias or ""]
+    return argv
+
+
 def _pool_connection(pool):
     """A connection from ``pool`` (redis-py 5 wants a command name, later ones none)."""
     try:
@@ -376,10 +384,7 @@ class Directory:
             if settled:
                 self.r.srem(self._k_unsynced(owner), *settled)
             return
-        argv: list[str] = [str(len(entries))]
-        for oid, backend, key, alias in entries:
-            argv += [oid, f"{backend}|{key}|{alias or ''}", alias or ""]
-        argv += list(settled)
+        argv = _claim_argv(entries) + list(settled)
         status, alias = self._claim_unsynced(
             keys=[self.k_objects, self.k_aliases, self._k_unsynced(owner)], args=argv)
         if status == b"alias":
@@ -395,10 +400,7 @@ class Directory:
         the claim is sent again the ordinary way (with retries): running the
         script twice is harmless, its writes are the same both times.
         """
-        argv: list[str] = [str(len(entries))]
-        for oid, backend, key, alias in entries:
-            argv += [oid, f"{backend}|{key}|{alias or ''}", alias or ""]
-        argv += list(settled)
+        argv = _claim_argv(entries) + list(settled)
         keys = [self.k_objects, self.k_aliases, self._k_unsynced(owner)]
         pool = self.r.connection_pool
         conn = None

@@ -117,3 +117,39 @@ def test_claim_without_stored_state_is_forgotten_at_restart(tmp_path):
             assert [store.get_by_alias(f"kept-{i}").get() for i in range(20)] == list(range(20))
         finally:
             d.close()
+
+
+def test_claim_sent_ahead_survives_a_lost_script_cache_and_a_dropped_connection(tmp_path):
+    """The reply of a claim sent before the fsync may never come: it is sent again."""
+    import redis as redis_py
+
+    from store.cluster import RedisProcess
+
+    r = RedisProcess(str(tmp_path / "redis")).start()
+    try:
+        d = Directory(r.url)
+        admin = redis_py.Redis(port=r.port)
+        try:
+            # Redis restarted meanwhile (script cache empty): NOSCRIPT, then loaded and run.
+            admin.script_flush()
+            d.claim_unsynced_send([("a" * 32, "b1", "k", "first")], "b1")()
+            assert d.resolve_alias("first") == "a" * 32
+            # The connection is cut after the claim was sent: the reply is lost, the
+            # claim runs again (same writes) on a new connection and succeeds.
+            finish = d.claim_unsynced_send([("b" * 32, "b1", "k", "second")], "b1",
+                                           settled=["a" * 32])
+            admin.client_kill_filter(_type="normal", skipme=True)
+            finish()
+            assert d.resolve_alias("second") == "b" * 32
+            assert d.unsynced("b1") == ["b" * 32]
+            # An alias of another object is refused the same way as by claim().
+            finish = d.claim_unsynced_send([("c" * 32, "b1", "k", "second")], "b1")
+            with pytest.raises(AliasExists):
+                finish()
+            with pytest.raises(ObjectNotFound):
+                d.lookup("c" * 32)
+        finally:
+            admin.close()
+            d.close()
+    finally:
+        r.stop()
