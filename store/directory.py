@@ -322,12 +322,12 @@ class Directory:
         self.k_code = prefix + "code"
         self.k_epoch = prefix + "epoch"
         self._claim = self.r.register_script(_CLAIM)
+        self._claim_unsynced = self.r.register_script(_CLAIM_UNSYNCED)
         self._set_alias = self.r.register_script(_SET_ALIAS)
         self._delete_alias = self.r.register_script(_DELETE_ALIAS)
         self._add_alias = self.r.register_script(_ADD_ALIAS)
         self._move = self.r.register_script(_MOVE)
         self._resolve_alias = self.r.register_script(_RESOLVE_ALIAS)
-        self._claim_unsynced = self.r.register_script(_CLAIM_UNSYNCED)
 
     def close(self) -> None:
         self.r.close()
