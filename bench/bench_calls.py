@@ -1,8 +1,24 @@
-"""Method-call round trip, make_persistent rate and get_by_alias latency.
+"""Method calls, make_persistent and concurrency, each beside its yardstick in the same run.
 
-Each figure sits beside a bare grpcio unary echo measured in the same run
-(bench/echo_server.py, a separate process, same payload size), so the ratio
-shows what claypot adds on top of one gRPC call. Prints one JSON document.
+Yardsticks, measured in the same run: a bare grpcio unary echo
+(bench/echo_server.py, a separate process, same payload size, same number of
+server threads) alone, from 8 threads and from 4 processes; one fdatasync of a
+small append on this disk; and, when an interpreter with dataClay is given
+(``--dataclay-python`` or ``CLAYPOT_DATACLAY_PYTHON``, see bench_dataclay.py),
+dataClay 4.3.1 on this machine. Reported:
+
+- latencies (p50/p99) of read-only, changing and attribute calls and of
+  get_by_alias, with their ratio to the bare echo;
+- make_persistent of one small object per call, of batches, from 4 threads;
+  the one-at-a-time rate against the floor of one RPC plus one fdatasync in
+  series (``floor_per_s``) and against dataClay's;
+- a changing call under ``sync`` against the echo plus one fdatasync;
+- 8 callers changing 8 objects under ``sync``: rate against one caller, and
+  the average number of records each fsync made durable (group commit);
+- read-only calls from 8 threads and from 4 processes against the echo at the
+  same concurrency, and the 8-thread rate against dataClay's.
+
+Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 
     python bench/bench_calls.py [--calls 3000] [--durability sync]
 """
@@ -71,23 +87,148 @@ def start_echo(workers: int):
         return proc, int(f.read())
 
 
+def fdatasync_us(directory: str, n: int = 400) -> dict:
+    """One small append made durable with fdatasync, as the log's group commit does it."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, b"x" * 100)
+            os.fdatasync(fd)
+            samples.append((time.perf_counter() - t) * 1e6)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return percentiles(samples)
+
+
+def run_threads(fns: list, seconds: float) -> float:
+    """Calls per second of ``fns`` (one per thread), each called in a loop for ``seconds``."""
+    counts = [0] * len(fns)
+    errors: list = []
+    stop = [False]
+
+    def loop(k):
+        fn, n = fns[k], 0
+        try:
+            while not stop[0]:
+                fn()
+                n += 1
+        except Exception as exc:  # a failing caller must not pass for a slow one
+            errors.append(exc)
+        counts[k] = n
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(fns))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    time.sleep(seconds)
+    stop[0] = True
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    if errors:
+        raise errors[0]
+    return sum(counts) / elapsed
+
+
+_PROCESS_CALLER = r"""
+import sys, time
+mode, target, token, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+if mode == "echo":
+    import grpc
+    unary = grpc.insecure_channel(target).unary_unary("/bench.Echo/Unary")
+    payload = b"x" * 90
+    call = lambda: unary(payload, timeout=10)
+else:
+    import store
+    from store.errors import BackendUnavailable
+    deadline = time.monotonic() + 30
+    while True:  # processes starting together on a busy machine may miss the first probe
+        try:
+            store.connect(target, token)
+            break
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    call = store.get_by_alias(mode).get
+for _ in range(100):
+    call()
+print("ready", flush=True)
+sys.stdin.readline()
+n, stop = 0, time.perf_counter() + seconds
+while time.perf_counter() < stop:
+    call()
+    n += 1
+print(n, flush=True)
+"""
+
+
+def run_processes(modes: list[str], target: str, token: str, seconds: float) -> float:
+    """Calls per second of one process per entry of ``modes``, all started together."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_CALLER, m, target, token,
+                               str(seconds)], cwd=root, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for m in modes]
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a calling process did not start")
+        for p in procs:  # go: all at once
+            p.stdin.write("\n")
+            p.stdin.flush()
+        return sum(int(p.stdout.readline()) for p in procs) / seconds
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=30)
+
+
+def group_commit_counts(backend_id: str) -> tuple[float, float]:
+    """(records, fsyncs) the backend's group commits made durable so far (its metrics)."""
+    import urllib.request
+    address = next(b.metrics_address for b in store.backends() if b.backend_id == backend_id)
+    if not address:
+        return 0.0, 0.0
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("claypot_group_commit_records_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("claypot_group_commit_records_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--objects", type=int, default=2000)
     p.add_argument("--durability", default="sync")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="length of each concurrent phase")
+    p.add_argument("--dataclay-python", default=os.environ.get("CLAYPOT_DATACLAY_PYTHON", ""),
+                   help="an interpreter with dataclay installed (see bench_dataclay.py)")
     a = p.parse_args()
     settings = store.Settings.from_env()
     echo, port = start_echo(settings.server_threads)
-    result: dict = {"bench": "calls", "durability": a.durability, "cpus": os.cpu_count()}
+    result: dict = {"bench": "calls", "durability": a.durability, "cpus": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)}
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         unary = channel.unary_unary("/bench.Echo/Unary")
         # A claypot call request for incr() is about 90 bytes; echo the same size.
         payload = b"x" * 90
-        echo_us = timed(lambda: unary(payload, timeout=10), a.calls)
+
+        def echo_call():
+            return unary(payload, timeout=10)
+        echo_us = timed(echo_call, a.calls)
         result["bare_grpc_unary"] = percentiles(echo_us)
         with LocalCluster(backends=2, durability=a.durability) as cluster:
+            result["fdatasync"] = fdatasync_us(cluster.data_dir)
             c = Counter()
             c.make_persistent(alias="bench-counter", backend=cluster.backends[0])
             result["method_call_readonly"] = percentiles(timed(c.get, a.calls))
@@ -96,6 +237,8 @@ def main() -> None:
             result["get_by_alias"] = percentiles(
                 timed(lambda: store.get_by_alias("bench-counter"), a.calls // 2))
             # make_persistent: one object per call, then batches, then 4 threads.
+            for i in range(200):
+                Counter(i).make_persistent(backend=cluster.backends[1])
             objs = [Counter(i) for i in range(a.objects)]
             t = time.perf_counter()
             for o in objs:
@@ -118,19 +261,80 @@ def main() -> None:
             for th in threads:
                 th.join()
             threaded = a.objects / (time.perf_counter() - t)
+            floor_us = result["bare_grpc_unary"]["p50_us"] + result["fdatasync"]["p50_us"]
             result["make_persistent_per_s"] = {"one_at_a_time": round(single),
                                                "batched_500": round(batched),
-                                               "four_threads": round(threaded)}
-        bare = result["bare_grpc_unary"]["p50_us"]
-        result["ratio_to_bare_grpc_p50"] = {
-            k: round(result[k]["p50_us"] / bare, 2)
-            for k in ("method_call_readonly", "method_call_mutating", "attribute_read",
-                      "get_by_alias")}
-        result["targets"] = {"method_call_within_1.5x_bare": result["ratio_to_bare_grpc_p50"][
-            "method_call_readonly"] <= 1.5, "make_persistent_5000_per_s": batched >= 5000}
+                                               "four_threads": round(threaded),
+                                               "floor_per_s": round(1e6 / floor_us)}
+
+            # Changing calls under the durability policy: one caller, then 8 on 8 objects.
+            owner = cluster.backends[0]
+            mine = [Counter() for _ in range(8)]
+            for k, o in enumerate(mine):
+                o.make_persistent(alias=f"bench-c{k}", backend=owner)
+            one = run_threads([mine[0].incr], a.seconds)
+            before = group_commit_counts(owner)
+            eight = run_threads([o.incr for o in mine], a.seconds)
+            after = group_commit_counts(owner)
+            fsyncs = after[1] - before[1]
+            result["changing_calls_per_s"] = {
+                "one_caller": round(one), "eight_callers": round(eight),
+                "avg_group_size": round((after[0] - before[0]) / fsyncs, 2) if fsyncs else None}
+
+            # Read-only calls at the same concurrency as the echo: 8 threads, 4 processes.
+            echo8 = run_threads([echo_call] * 8, a.seconds)
+            calls8 = run_threads([o.get for o in mine], a.seconds)
+            echo4p = run_processes(["echo"] * 4, f"127.0.0.1:{port}", "", a.seconds)
+            calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address,
+                                    cluster.token, a.seconds)
+            result["readonly_calls_per_s"] = {
+                "threads_8": round(calls8), "bare_echo_threads_8": round(echo8),
+                "processes_4": round(calls4p), "bare_echo_processes_4": round(echo4p)}
     finally:
         echo.kill()
         echo.wait()
+    if a.dataclay_python:
+        from bench.bench_dataclay import run as run_dataclay
+        result["dataclay"] = run_dataclay(a.dataclay_python, a.objects, a.calls // 2, a.seconds)
+    else:
+        result["dataclay"] = {"available": False}
+
+    bare = result["bare_grpc_unary"]["p50_us"]
+    result["ratio_to_bare_grpc_p50"] = {
+        k: round(result[k]["p50_us"] / bare, 2)
+        for k in ("method_call_readonly", "method_call_mutating", "attribute_read",
+                  "get_by_alias")}
+    mp, cc, ro = (result["make_persistent_per_s"], result["changing_calls_per_s"],
+                  result["readonly_calls_per_s"])
+    ratios = {
+        "readonly_call_over_echo_p50": result["ratio_to_bare_grpc_p50"]["method_call_readonly"],
+        "mutating_call_over_echo_plus_fdatasync_p50": round(
+            result["method_call_mutating"]["p50_us"] / floor_us, 2),
+        "make_persistent_over_floor": round(mp["one_at_a_time"] / mp["floor_per_s"], 2),
+        "eight_changing_callers_over_one": round(cc["eight_callers"] / cc["one_caller"], 2),
+        "threads_8_over_echo": round(ro["threads_8"] / ro["bare_echo_threads_8"], 2),
+        "processes_4_over_echo": round(ro["processes_4"] / ro["bare_echo_processes_4"], 2),
+    }
+    dc = result["dataclay"]
+    if dc.get("available"):
+        ratios["make_persistent_over_dataclay"] = round(
+            mp["one_at_a_time"] / dc["make_persistent_per_s"], 2)
+        ratios["threads_8_over_dataclay"] = round(ro["threads_8"] / dc["threads_8_calls_per_s"], 2)
+    result["ratios"] = ratios
+    result["targets"] = {
+        "method_call_within_1.5x_bare": ratios["readonly_call_over_echo_p50"] <= 1.5,
+        "make_persistent_5000_per_s_batched": batched >= 5000,
+        "make_persistent_1500_per_s": mp["one_at_a_time"] >= 1500,
+        "mutating_call_within_echo_plus_fdatasync_plus_10pct":
+            ratios["mutating_call_over_echo_plus_fdatasync_p50"] <= 1.10,
+        "eight_changing_callers_3x_one": ratios["eight_changing_callers_over_one"] >= 3.0,
+        "threads_8_at_least_0.8_echo": ratios["threads_8_over_echo"] >= 0.8,
+        "processes_4_at_least_0.8_echo": ratios["processes_4_over_echo"] >= 0.8,
+    }
+    if dc.get("available"):
+        result["targets"]["make_persistent_2x_dataclay"] = \
+            ratios["make_persistent_over_dataclay"] >= 2.0
+        result["targets"]["threads_8_2x_dataclay"] = ratios["threads_8_over_dataclay"] >= 2.0
     print(json.dumps(result, indent=2))
 
 

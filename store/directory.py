@@ -66,6 +66,30 @@ end
 return {'ok', ''}
 """
 
+# _CLAIM, and each claimed id is also noted in a per-backend set of claims whose
+# storage fsync may still be running (KEYS[3]); ids whose fsync has since finished
+# (after the entries in ARGV) leave that set in the same round trip.
+_CLAIM_UNSYNCED = """
+local objects, aliases, unsynced = KEYS[1], KEYS[2], KEYS[3]
+local n = tonumber(ARGV[1])
+local settled = 2 + n * 3
+for i = settled, #ARGV do redis.call('SREM', unsynced, ARGV[i]) end
+for i = 0, n - 1 do
+  local oid, joined = ARGV[2 + i * 3], ARGV[4 + i * 3]
+  for alias in string.gmatch(joined, '[^|]+') do
+    local owner = redis.call('HGET', aliases, alias)
+    if owner and owner ~= oid then return {'alias', alias} end
+  end
+end
+for i = 0, n - 1 do
+  local oid, value, joined = ARGV[2 + i * 3], ARGV[3 + i * 3], ARGV[4 + i * 3]
+  redis.call('SADD', unsynced, oid)
+  redis.call('HSET', objects, oid, value)
+  for alias in string.gmatch(joined, '[^|]+') do redis.call('HSET', aliases, alias, oid) end
+end
+return {'ok', ''}
+"""
+
 _SET_ALIAS = """
 local owner = redis.call('HGET', KEYS[2], ARGV[1])
 if owner and owner ~= ARGV[2] then return 'taken' end
@@ -238,6 +262,22 @@ def _entry(raw: bytes | str) -> ObjectEntry:
     return ObjectEntry((backend, key, alias))
 
 
+def _claim_argv(entries: list[tuple[str, str, str, str]]) -> list[str]:
+    """The ARGV of the claim scripts: a count, then (id, entry, aliases) per entry."""
+    argv: list[str] = [str(len(entries))]
+    for oid, backend, key, alias in entries:
+        argv += [oid, f"{backend}|{key}|{alias or ''}", alias or ""]
+    return argv
+
+
+def _pool_connection(pool):
+    """A connection from ``pool`` (redis-py 5 wants a command name, later ones none)."""
+    try:
+        return pool.get_connection()
+    except TypeError:
+        return pool.get_connection("EVALSHA")
+
+
 def _unreachable_as_claypot_error(cls):
     """Wrap every public method so a Redis that stays unreachable raises BackendUnavailable.
 
@@ -282,6 +322,7 @@ class Directory:
         self.k_code = prefix + "code"
         self.k_epoch = prefix + "epoch"
         self._claim = self.r.register_script(_CLAIM)
+        self._claim_unsynced = self.r.register_script(_CLAIM_UNSYNCED)
         self._set_alias = self.r.register_script(_SET_ALIAS)
         self._delete_alias = self.r.register_script(_DELETE_ALIAS)
         self._add_alias = self.r.register_script(_ADD_ALIAS)
@@ -328,6 +369,84 @@ class Directory:
         status, alias = self._claim(keys=[self.k_objects, self.k_aliases], args=argv)
         if status == b"alias":
             raise AliasExists(f"alias {alias.decode()!r} is already taken")
+
+    def claim_unsynced(self, entries: list[tuple[str, str, str, str]], owner: str,
+                       settled: list[str] = ()) -> None:
+        """:meth:`claim` made while ``owner`` is still fsync'ing the entries' storage.
+
+        The ids are noted in ``owner``'s set of unsynced claims until a later
+        call names them in ``settled`` (their fsync finished). If the owner
+        crashes in between, its restart finds in that set the entries whose
+        storage did not survive and forgets them (see :meth:`unsynced`).
+        Raises AliasExists if an alias belongs to another object.
+        """
+        if not entries:
+            if settled:
+                self.r.srem(self._k_unsynced(owner), *settled)
+            return
+        argv = _claim_argv(entries) + list(settled)
+        status, alias = self._claim_unsynced(
+            keys=[self.k_objects, self.k_aliases, self._k_unsynced(owner)], args=argv)
+        if status == b"alias":
+            raise AliasExists(f"alias {alias.decode()!r} is already taken")
+
+    def claim_unsynced_send(self, entries: list[tuple[str, str, str, str]], owner: str,
+                            settled: list[str] = ()):
+        """Send :meth:`claim_unsynced` without waiting for Redis; returns ``finish()``.
+
+        The caller does other work (the fsync of the entries' storage) while
+        Redis runs the claim, then calls ``finish()``, which reads the reply
+        and raises what :meth:`claim_unsynced` would. If the connection fails
+        the claim is sent again the ordinary way (with retries): running the
+        script twice is harmless, its writes are the same both times.
+        """
+        argv = _claim_argv(entries) + list(settled)
+        keys = [self.k_objects, self.k_aliases, self._k_unsynced(owner)]
+        pool = self.r.connection_pool
+        conn = None
+        try:
+            conn = _pool_connection(pool)
+            conn.send_command("EVALSHA", self._claim_unsynced.sha, len(keys), *keys, *argv)
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if conn is not None:
+                conn.disconnect()
+                pool.release(conn)
+            conn = None
+
+        def finish() -> None:
+            reply = None
+            if conn is not None:
+                try:
+                    reply = conn.read_response()
+                except redis.exceptions.NoScriptError:
+                    reply = None  # Redis restarted and lost its script cache
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    conn.disconnect()
+                    reply = None
+                finally:
+                    pool.release(conn)
+            try:
+                if reply is None:
+                    reply = self._claim_unsynced(keys=keys, args=argv)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise BackendUnavailable(
+                    f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
+            status, alias = reply
+            if status == b"alias":
+                raise AliasExists(f"alias {alias.decode()!r} is already taken")
+        return finish
+
+    def unsynced(self, owner: str) -> list[str]:
+        """Ids ``owner`` claimed while their storage fsync may not have finished."""
+        return [m.decode() for m in self.r.smembers(self._k_unsynced(owner))]
+
+    def clear_unsynced(self, owner: str, object_ids: list[str]) -> None:
+        """Take ``object_ids`` out of ``owner``'s set of unsynced claims."""
+        if object_ids:
+            self.r.srem(self._k_unsynced(owner), *object_ids)
+
+    def _k_unsynced(self, owner: str) -> str:
+        return f"{self.prefix}unsynced:{owner}"
 
     def lookup(self, object_id: str) -> ObjectEntry:
         raw = self.r.hget(self.k_objects, object_id)

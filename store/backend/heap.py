@@ -260,6 +260,9 @@ class Heap:
         self.life.stored_at_start(storage.object_ids(at_start=True))
         self._tasks = _TaskLedger()
         self._persisting: dict[str, threading.Event] = {}  # ids a persist is storing now
+        # Ids claimed in the directory while their fsync ran, fsync'd since: the next
+        # claim takes them out of the directory's set of unsynced claims.
+        self._settled_claims: list[str] = []
         self.running_tasks = 0
         self.evictions = 0
         self.remote_call: Callable | None = None  # set by the server: calls other backends
@@ -483,10 +486,11 @@ class Heap:
                         lsns.append(self.storage.write_checkpoint(rec))
                 else:
                     lsns.append(self.storage.write(rec, durable=False))
-            self.storage.sync()  # one fsync acknowledges the whole batch
-            if not adopt:
-                self.directory.claim([(oid, self.backend_id, key, alias)
-                                      for oid, key, _, _, alias, _ in built] + retried)
+            if adopt:
+                self.storage.sync()  # one fsync acknowledges the whole batch
+            else:
+                self._claim_while_syncing([(oid, self.backend_id, key, alias)
+                                           for oid, key, _, _, alias, _ in built] + retried)
         except BaseException:
             for oid, *_ in built:  # nobody was told of them: take them back out
                 try:
@@ -512,6 +516,49 @@ class Heap:
         if built:
             self._changed()
         self._perform(todo)
+
+    def _claim_while_syncing(self, entries: list) -> None:
+        """Claim ``entries`` in the directory while their records are fsync'd: the
+        claim is sent to Redis, the batch fsync'd, then Redis's reply read, so
+        the fsync and the directory's round trip overlap.
+
+        The call succeeds only if both do. An entry claimed before its fsync
+        finished is noted in the directory's set of unsynced claims: if the
+        fsync fails its entries are taken back out here, and if the process
+        dies first, the restart's reconcile forgets those whose storage is
+        missing. Either way no entry outlives the call without stored state.
+        """
+        if self.storage.policy != "sync" or not entries:
+            self.storage.sync()  # a no-op unless there is something to make durable
+            self.directory.claim(entries)
+            return
+        with self._mu:
+            settled, self._settled_claims = self._settled_claims, []
+        finish = self.directory.claim_unsynced_send(entries, self.backend_id, settled)
+        try:
+            self.storage.sync()  # one fsync acknowledges the whole batch
+        except BaseException:
+            try:
+                finish()
+            except Exception:
+                pass  # not claimed: nothing to take back
+            else:
+                for oid, *_ in entries:
+                    if self.has(oid):
+                        continue  # stored and acknowledged before: a retry's entry
+                    try:
+                        self.directory.forget(oid)
+                    except Exception:
+                        pass  # the set of unsynced claims still names it: reconcile
+            raise
+        try:
+            finish()
+        except BaseException:
+            with self._mu:  # perhaps not taken out of the set: the next claim does it
+                self._settled_claims += settled
+            raise
+        with self._mu:
+            self._settled_claims += [oid for oid, *_ in entries]
 
     def _drop_stale_copy(self, object_id: str) -> None:
         """A move is bringing ``object_id`` here while a copy is already stored.

@@ -820,6 +820,7 @@ class Backend:
         """
         stored = list(self.storage.scan_entries())
         claimed = dropped = 0
+        dropped += self._forget_unsynced({oid for oid, _, _, _ in stored})
         for i in range(0, len(stored), 1000):
             batch = stored[i:i + 1000]
             owners = self.directory.lookup_many([oid for oid, _, _, _ in batch])
@@ -842,6 +843,30 @@ class Backend:
             log.warning("reconciled with the directory: %d objects claimed, %d stale copies "
                         "dropped", claimed, dropped)
         return claimed, dropped
+
+    def _forget_unsynced(self, stored: set) -> int:
+        """Forget directory entries claimed while their fsync ran, if the state is not here.
+
+        A persist writes the directory while its records are fsync'd; a crash
+        in that window can leave an entry whose state never reached the disk.
+        Such entries are in this backend's set of unsynced claims: those still
+        naming this backend with nothing stored are removed. Returns how many.
+        """
+        pending = self.directory.unsynced(self.backend_id)
+        forgotten = 0
+        for i in range(0, len(pending), 1000):
+            batch = pending[i:i + 1000]
+            owners = self.directory.lookup_many(batch)
+            for oid, entry in zip(batch, owners):
+                if oid not in stored and entry is not None \
+                        and entry.backend_id == self.backend_id:
+                    self.directory.forget(oid)
+                    forgotten += 1
+            self.directory.clear_unsynced(self.backend_id, batch)
+        if forgotten:
+            log.warning("forgot %d directory entries whose state was not stored before a crash",
+                        forgotten)
+        return forgotten
 
     def _claim_each(self, entries: list) -> None:
         try:
