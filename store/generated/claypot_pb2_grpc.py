@@ -154,6 +154,11 @@ class BackendStub:
                 request_serializer=claypot__pb2.UpgradeClassRequest.SerializeToString,
                 response_deserializer=claypot__pb2.UpgradeClassResponse.FromString,
                 _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/claypot.v1.Backend/Replicate',
+                request_serializer=claypot__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=claypot__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -333,6 +338,17 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request, context):
+        """Replication (README "Replicas"): the primary of a replicated object sends
+        each acknowledged state of it (the bytes it logged, with its epoch and LSN,
+        and its recent call ids with their results) to every replica, and
+        acknowledges the change only once they all accepted it. A replica refuses a
+        state from an epoch older than the one it knows (a deposed primary).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -455,6 +471,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.UpgradeClass,
                     request_deserializer=claypot__pb2.UpgradeClassRequest.FromString,
                     response_serializer=claypot__pb2.UpgradeClassResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=claypot__pb2.ReplicateRequest.FromString,
+                    response_serializer=claypot__pb2.ReplicateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1105,6 +1126,33 @@ class Backend:
             '/claypot.v1.Backend/UpgradeClass',
             claypot__pb2.UpgradeClassRequest.SerializeToString,
             claypot__pb2.UpgradeClassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Replicate',
+            claypot__pb2.ReplicateRequest.SerializeToString,
+            claypot__pb2.ReplicateResponse.FromString,
             options,
             channel_credentials,
             insecure,
