@@ -762,10 +762,17 @@ class Client:
 
     def _call_replica(self, proxy, request: pb.CallRequest, payload, buffers):
         """Try a read on one of the object's replicas (round robin); _MISS if none answers."""
-        ref = self.resolve(object_id=request.object_id)
-        if not ref.replicas:
+        # The replica set is cached on the proxy for a second: reads spread without a
+        # directory question each.
+        cached = proxy.__dict__.get(objmod._PREFIX + "replicas")
+        if cached is None or time.monotonic() - cached[0] > 1.0:
+            ref = self.resolve(object_id=request.object_id)
+            cached = (time.monotonic(), list(ref.replicas))
+            proxy.__dict__[objmod._PREFIX + "replicas"] = cached
+        replicas = cached[1]
+        if not replicas:
             return _MISS
-        replica = ref.replicas[next(self._round_robin) % len(ref.replicas)]
+        replica = replicas[next(self._round_robin) % len(replicas)]
         request.on_replica = True
         if payload:
             request.args.CopyFrom(wire.inline_value(payload, buffers))
@@ -774,6 +781,7 @@ class Client:
                 addr, "Call", request, self.settings.call_timeout, True, request.name))
             return self._result(reply, self.address_of(replica))
         except (ObjectNotFound, BackendUnavailable, CallInterrupted):
+            proxy.__dict__.pop(objmod._PREFIX + "replicas", None)
             return _MISS   # not current there, or gone: the primary answers
         finally:
             request.on_replica = False
