@@ -652,6 +652,18 @@ class Client:
             # Not proxy.__class__ = ...: a proxy forwards attribute writes to its backend.
             object.__setattr__(proxy, "__class__", objmod.proxy_class(cls))
 
+    def add_replica(self, proxy, backend_id: str | None = None) -> str:
+        """One more synchronous replica of a persistent object; returns its backend id."""
+        oid = proxy.getID()
+        if backend_id:
+            self.address_of(backend_id)   # BackendNotFound early
+        request = pb.AddReplicaRequest(object_id=oid, backend_id=backend_id or "")
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "AddReplica", request, self.settings.call_timeout, True, "add_replica"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        return reply.backend_id
+
     def _with_relocation(self, proxy, fn):
         """Run fn(address) on the object's owner; if it moved, follow it.
 

@@ -119,6 +119,12 @@ class StorageObject:
         else:
             get_dispatcher().make_persistent([self], alias, backend, replicas=replicas)
 
+    def add_replica(self, backend_id: str | None = None) -> str:
+        """Keep one more synchronous replica of this object (on ``backend_id``, or on a
+        backend of another host); returns the backend that holds it."""
+        _require_persistent(self)
+        return get_dispatcher().add_replica(self, backend_id)
+
     def call_on_replica(self, enabled: bool = True):
         """Let read-only calls and attribute reads on this proxy run on a replica.
 

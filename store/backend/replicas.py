@@ -233,6 +233,44 @@ class Replicator:
                  for b in sorted(ups, key=lambda b: b.get("objects", 0))]
         return rp.choose_targets(n, self.me, taken, cands, hosts)
 
+    def add(self, object_id: str, backend_id: str = "") -> str:
+        """One more replica of an object held here (its factor grows by one); returns where.
+
+        ``backend_id`` names the backend; empty: one is chosen, other hosts first.
+        """
+        entry = self.heap._acquire(object_id, "replicas:" + uuid.uuid4().hex)
+        try:
+            rset = self.sets.get(object_id) or ReplicaSet(0, self.me, (), 0)
+            if backend_id:
+                if backend_id == self.me or backend_id in rset.replicas:
+                    raise ConfigurationError(f"backend {backend_id[:8]} already holds "
+                                             f"object {object_id}")
+                target = backend_id
+            else:
+                found = self._targets(1, rset.replicas)
+                if not found:
+                    raise ConfigurationError(f"no other backend is up to hold a replica of "
+                                             f"{object_id}")
+                target = found[0]
+            payload, buffers = dumps(entry.obj.__getstate__(),
+                                     self.heap.pickle_context("replicas"))
+            request = self._request(object_id, rset.epoch + 1, entry.class_key, entry.alias,
+                                    payload, buffers, self.heap.calls.recent(object_id))
+            accepted, refused = self._ship((target,), request)
+            if refused:
+                raise self._deposed(object_id)
+            if target not in accepted:
+                raise BackendUnavailable(f"backend {target[:8]} did not take a replica of "
+                                         f"{object_id}")
+            new = ReplicaSet(rset.epoch + 1, self.me, rset.replicas + (target,),
+                             rset.target + 1)
+            if not self.directory.replace_replica_set(object_id, rset.epoch, self.me, new):
+                raise self._deposed(object_id)
+            self.sets[object_id] = new
+            return target
+        finally:
+            entry.lock.release()
+
     def deleted(self, object_id: str) -> None:
         """The object was deleted here: its replicas drop their copies (best effort)."""
         rset = self.sets.pop(object_id, None)

@@ -333,6 +333,15 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     pass
             raise
 
+    def AddReplica(self, request, context):
+        try:
+            oid = check_name("object id", request.object_id)
+            self.heap.admit(oid)
+            where = self.b.replicator.add(oid, request.backend_id)
+            return pb.AddReplicaResponse(backend_id=where)
+        except Exception as exc:
+            return _error_reply(pb.AddReplicaResponse, exc)
+
     def Replicate(self, request, context):
         try:
             check_name("object id", request.object_id)

@@ -29,6 +29,22 @@ BYTE_ORDER_UNSPECIFIED: ByteOrder
 BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
 BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
+class AddReplicaRequest(_message.Message):
+    __slots__ = ("object_id", "backend_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    backend_id: str
+    def __init__(self, object_id: _Optional[str] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
+class AddReplicaResponse(_message.Message):
+    __slots__ = ("error", "backend_id")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    backend_id: str
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
 class ReplicateRequest(_message.Message):
     __slots__ = ("object_id", "primary_id", "epoch", "lsn", "class_key", "alias", "state", "deleted", "calls")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
