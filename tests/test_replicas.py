@@ -20,6 +20,7 @@ import store
 from lifelib import Counter
 from replicalib import ENV, TTL, RoundStats, run_round
 from store import LocalCluster
+from store.backend.replicas import ReplicaLog
 from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
 from store.errors import ConfigurationError, FeatureUnavailable, ProtocolError
 from store.generated import claypot_pb2 as pb
@@ -55,6 +56,12 @@ def _raw_call(cluster, address: str, object_id: str, name: str, args, call_id: s
     return loads(reply.result.payload, list(reply.result.buffers))
 
 
+def _copies(cluster, backend_id: str) -> dict:
+    """The replica copies a backend's log holds (read from its file, as a restart would)."""
+    d = os.path.join(cluster.process_of(backend_id).data_dir, "replicas")
+    return ReplicaLog(d, False).read()[0]
+
+
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,14 +87,12 @@ def test_replicas_are_placed_elsewhere_read_and_deleted_with_the_object(rcluster
     assert reader.incr() == 16   # a changing call still goes to the primary
     ctr.call_on_replica(False)
     for rid in ref.replicas:
-        d = os.path.join(c.process_of(rid).data_dir, "replicas")
-        assert os.listdir(d) == [ctr.getID() + ".rep"]
+        assert list(_copies(c, rid)) == [ctr.getID()]
     with pytest.raises(FeatureUnavailable):
         ctr.move(ref.replicas[0])
     ctr.delete_persistent()
     for rid in ref.replicas:
-        d = os.path.join(c.process_of(rid).data_dir, "replicas")
-        _wait(lambda: os.listdir(d) == [], 10, "replica copies dropped")
+        _wait(lambda: _copies(c, rid) == {}, 10, "replica copies dropped")
     with pytest.raises(ConfigurationError):
         Counter().make_persistent(replicas=3)   # only 2 other backends
     with pytest.raises(ConfigurationError):
@@ -158,5 +163,5 @@ def test_replica_reads_refuse_changing_methods(rcluster):
             timeout=30, metadata=((TOKEN_HEADER, c.token),))
     finally:
         channel.close()
-    assert reply.error.code == ProtocolError.__name__
+    assert reply.error.code == ProtocolError.__name__, reply.error
     assert ctr.get() == 1

@@ -15,8 +15,10 @@ The rules are in the pure :mod:`.replication`; this module does the I/O:
   expires before the directory's key does), so a primary cut off from the
   directory stops serving before any replica can be promoted.
 - As a **replica**, :meth:`Replicator.apply` keeps the newest state per
-  object in ``<data_dir>/replicas/`` (fsync'd under ``sync``) and refuses
-  states from an older epoch. Replicas never run changing methods;
+  object in memory and in an append-only log, ``<data_dir>/replicas/copies.log``
+  (fdatasync'd under ``sync``, concurrent appends sharing one sync; rewritten
+  compactly once it outgrows its live contents), and refuses states from an
+  older epoch. Replicas never run changing methods;
   read-only calls that ask for it run on a private instance built from the
   copy.
 - A **monitor** thread, every heartbeat interval: replicas whose primary's
@@ -32,7 +34,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import struct
 import threading
+import zlib
 import time
 import uuid
 from concurrent import futures
@@ -51,6 +55,110 @@ from .storage import atomic_write
 log = logging.getLogger("claypot.replicas")
 
 _LEASE_SHARE = 0.8   # of the heartbeat TTL: a primary's lease ends before its key expires
+_HEAD = struct.Struct("<II")   # record length, crc32 of the record
+_COMPACT_MIN = 16 * 1024 * 1024   # log bytes before a compaction is considered
+
+
+class ReplicaLog:
+    """The replica copies of one backend, durable: an append-only, checksummed log.
+
+    Records are ``("put", Copy)`` and ``("drop", object_id)``; loading replays
+    them in order (a torn tail, from a kill mid-append, is cut off). Appends to
+    one object happen under that object's lock, so the log order is the order
+    its states were accepted in. Under ``durable``, an append returns once it
+    is fdatasync'd; appends that arrive during a sync share the next one.
+    """
+
+    def __init__(self, root: str, durable: bool):
+        self.path = os.path.join(root, "copies.log")
+        self.durable = durable
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._written = self._synced = 0
+        self._fd = -1
+        self.size = 0
+
+    def load(self) -> dict[str, Copy]:
+        """The copies in the log; then it is open for appends (a torn tail cut off)."""
+        copies, pos, total = self.read()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        if pos < total:
+            log.warning("replica log %s: torn tail of %d bytes cut", self.path, total - pos)
+        os.ftruncate(self._fd, pos)
+        os.lseek(self._fd, pos, os.SEEK_SET)
+        self.size = pos
+        return copies
+
+    def read(self) -> tuple[dict[str, Copy], int, int]:
+        """(copies, bytes of whole records, file size), changing nothing."""
+        copies: dict[str, Copy] = {}
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        pos = 0
+        while pos + _HEAD.size <= len(data):
+            n, crc = _HEAD.unpack_from(data, pos)
+            body = data[pos + _HEAD.size:pos + _HEAD.size + n]
+            if len(body) < n or zlib.crc32(body) != crc:
+                break
+            item = pickle.loads(body)
+            if item[0] == "put":
+                copies[item[1].object_id] = item[1]
+            else:
+                copies.pop(item[1], None)
+            pos += _HEAD.size + n
+        return copies, pos, len(data)
+
+    def append(self, item: tuple, then=None) -> None:
+        """Append ``item``; ``then()`` runs under the log's lock once it is written."""
+        body = pickle.dumps(item, protocol=5)
+        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        with self._lock:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self.size += len(record)
+            self._written += 1
+            seq = self._written
+            if then is not None:
+                then()
+        if self.durable:
+            self._sync(seq)
+
+    def _sync(self, seq: int) -> None:
+        if self._synced >= seq:
+            return
+        with self._sync_lock:
+            if self._synced >= seq:
+                return
+            target = self._written
+            os.fdatasync(self._fd)
+            self._synced = target
+
+    def compact(self, copies: dict[str, Copy]) -> bool:
+        """Rewrite the log as one record per copy when it has grown well past them."""
+        with self._lock:
+            live = sum(len(c.payload) + sum(len(b) for b in c.buffers) for c in copies.values())
+            if self.size < max(_COMPACT_MIN, 4 * live):
+                return False
+            parts = []
+            for c in list(copies.values()):
+                body = pickle.dumps(("put", c), protocol=5)
+                parts.append(_HEAD.pack(len(body), zlib.crc32(body)) + body)
+            atomic_write(self.path, parts)
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY, 0o600)
+            self.size = os.lseek(self._fd, 0, os.SEEK_END)
+            self._synced = self._written
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class Replicator:
@@ -67,6 +175,7 @@ class Replicator:
         self.sets: dict[str, ReplicaSet] = {}     # objects this backend is primary of
         self.copies: dict[str, Copy] = {}         # replicas held here
         self.confirmed: dict[str, float] = {}     # oid -> when the copy was last known current
+        self.received: dict[str, float] = {}      # oid -> when a state last arrived
         self._locks: dict[str, threading.Lock] = {}
         self._mu = threading.Lock()
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ship")
@@ -75,20 +184,12 @@ class Replicator:
         self.failovers = 0
         self.repairs = 0
         self.ship_timeout = max(1.0, self.settings.heartbeat_ttl)
-        self.durable = self.settings.durability == "sync"
+        self.log = ReplicaLog(self.root, self.settings.durability == "sync")
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
         """Load the copies kept here and the sets of objects this backend is primary of."""
-        for name in os.listdir(self.root):
-            if not name.endswith(".rep"):
-                continue
-            try:
-                with open(os.path.join(self.root, name), "rb") as f:
-                    copy = pickle.load(f)
-                self.copies[copy.object_id] = copy
-            except Exception as exc:   # torn (killed mid-write before the rename): skip
-                log.warning("replica file %s unreadable: %s", name, exc)
+        self.copies.update(self.log.load())
         for oid, rset in self.directory.all_replica_sets().items():
             if rset.primary == self.me and self.heap.has(oid):
                 self.sets[oid] = rset
@@ -308,23 +409,17 @@ class Replicator:
                                 [(c.call_id, bytes(c.result.payload),
                                   [bytes(b) for b in c.result.buffers])
                                  for c in request.calls])
-                    atomic_write(self._path(oid), [pickle.dumps(copy, protocol=5)],
-                                 sync=self.durable)
-                    self.copies[oid] = copy
-            self.confirmed[oid] = time.monotonic()
+                    self.log.append(("put", copy),
+                                    lambda: self.copies.__setitem__(oid, copy))
+            self.confirmed[oid] = self.received[oid] = time.monotonic()
             return pb.ReplicateResponse(epoch=request.epoch)
 
-    def _path(self, object_id: str) -> str:
-        return os.path.join(self.root, object_id + ".rep")
-
     def _drop_copy(self, object_id: str) -> None:
-        self.copies.pop(object_id, None)
         self.confirmed.pop(object_id, None)
+        self.received.pop(object_id, None)
         self._instances.pop(object_id, None)
-        try:
-            os.unlink(self._path(object_id))
-        except FileNotFoundError:
-            pass
+        if object_id in self.copies:
+            self.log.append(("drop", object_id), lambda: self.copies.pop(object_id, None))
 
     def has_copy(self, object_id: str) -> bool:
         return object_id in self.copies
@@ -364,6 +459,7 @@ class Replicator:
         ups = {b["backend_id"]: b for b in self.directory.backends()}
         self._watch_primaries(ups)
         self._check_own(ups)
+        self.log.compact(self.copies)
 
     def _watch_primaries(self, ups: dict) -> None:
         oids = list(self.copies)
@@ -375,8 +471,14 @@ class Replicator:
             if copy is None:
                 continue
             if rset is None or (self.me not in rset.replicas and rset.primary != self.me):
-                with self._lock(oid):   # deleted, or dropped from the set: not ours to keep
-                    if rset is None or self.me not in rset.replicas:
+                # Deleted, or dropped from the set: not ours to keep. But a copy newer than
+                # the set read (or just received) may be one whose set is being written now.
+                with self._lock(oid):
+                    copy = self.copies.get(oid)
+                    fresh = copy is not None and (
+                        (rset is not None and copy.epoch > rset.epoch)
+                        or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout)
+                    if copy is not None and not fresh:
                         self._drop_copy(oid)
                 continue
             if rset.primary == self.me:
@@ -485,6 +587,7 @@ class Replicator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.log.close()
 
 
 __all__ = ["Replicator"]
