@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from .. import objects as objmod
 from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy,
-                      ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout)
+                      ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout, ValueTooLarge)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, loads
 from . import cancel, lifecycle as lc
@@ -54,6 +54,8 @@ log = logging.getLogger("claypot.heap")
 
 _SNAPSHOT_LOCK_WAIT = 1.0  # seconds the checkpointer waits for a busy object's lock
 _TASK_LEDGER = 4096        # finished INOUT task attempts remembered (for retries)
+_KEPT_RESULT = 64 * 1024   # bytes of a changing call's result kept for its retries
+_NOT_KEPT = (None, [])     # ledger entry of a call whose result was too large or unpicklable
 
 
 class ChainLock:
@@ -425,10 +427,19 @@ class Heap:
         return obj
 
     def pickle_result(self, result, chain: str) -> tuple:
-        """A call's result as (payload, buffers of bytes) for the call ledger."""
+        """A call's result as (payload, buffers of bytes) for the call ledger.
+
+        Results over 64 KiB, or that cannot be pickled, are not kept: a retry of
+        their call gets ValueTooLarge instead of a second run.
+        """
         if result is None:
             return (b"", [])
-        payload, buffers = dumps(result, self.pickle_context(chain))
+        try:
+            payload, buffers = dumps(result, self.pickle_context(chain))
+        except Exception:
+            return _NOT_KEPT   # the reply will say why, as before
+        if len(payload) + sum(memoryview(b).nbytes for b in buffers) > _KEPT_RESULT:
+            return _NOT_KEPT
         return (bytes(payload), [bytes(memoryview(b)) for b in buffers])
 
     # -- contexts ------------------------------------------------------------------
@@ -587,6 +598,10 @@ class Heap:
             if call_id and outermost and kind != GET_ATTR:
                 hit = self.calls.lookup(object_id, call_id)
                 if hit is not None:
+                    if hit[0] is None:
+                        raise ValueTooLarge(
+                            f"call {call_id} on {object_id} already ran; its result was not "
+                            f"kept for retries (over {_KEPT_RESULT} bytes, or unpicklable)")
                     return loads(hit[0], hit[1], self.unpickle_context()) if hit[0] else None
             obj = entry.obj
             if kind == GET_ATTR:

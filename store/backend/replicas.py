@@ -54,6 +54,7 @@ from .storage import atomic_write
 
 log = logging.getLogger("claypot.replicas")
 
+_NOT_KEPT_SIZE = 2 ** 63 - 1   # marks a call whose result was not kept (see heap)
 _LEASE_SHARE = 0.8   # of the heartbeat TTL: a primary's lease ends before its key expires
 _HEAD = struct.Struct("<II")   # record length, crc32 of the record
 _COMPACT_MIN = 16 * 1024 * 1024   # log bytes before a compaction is considered
@@ -159,6 +160,19 @@ class ReplicaLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _result_value(result: tuple) -> pb.Value:
+    """A ledger entry on the wire; a result that was not kept travels as buffer_sizes [-1]."""
+    if result[0] is None:
+        return pb.Value(buffer_sizes=[_NOT_KEPT_SIZE])
+    return pb.Value(payload=result[0], buffers=result[1])
+
+
+def _result_of(value: pb.Value) -> tuple:
+    if list(value.buffer_sizes) == [_NOT_KEPT_SIZE]:
+        return (None, [])
+    return (bytes(value.payload), [bytes(b) for b in value.buffers])
 
 
 class Replicator:
@@ -277,8 +291,7 @@ class Replicator:
             class_key=class_key, alias=alias,
             state=pb.Value(payload=bytes(payload),
                            buffers=[bytes(memoryview(b)) for b in buffers]),
-            calls=[pb.ReplicatedCall(call_id=c, result=pb.Value(payload=r[0], buffers=r[1]))
-                   for c, r in calls])
+            calls=[pb.ReplicatedCall(call_id=c, result=_result_value(r)) for c, r in calls])
 
     def _ship(self, replicas, request) -> tuple[set[str], set[str]]:
         """Send ``request`` to each replica at once; (accepted, refused with a higher epoch)."""
@@ -406,9 +419,7 @@ class Replicator:
                     copy = Copy(oid, request.primary_id, request.epoch, request.lsn,
                                 request.class_key, request.alias, bytes(request.state.payload),
                                 [bytes(b) for b in request.state.buffers],
-                                [(c.call_id, bytes(c.result.payload),
-                                  [bytes(b) for b in c.result.buffers])
-                                 for c in request.calls])
+                                [(c.call_id, *_result_of(c.result)) for c in request.calls])
                     self.log.append(("put", copy),
                                     lambda: self.copies.__setitem__(oid, copy))
             self.confirmed[oid] = self.received[oid] = time.monotonic()
@@ -456,6 +467,8 @@ class Replicator:
     # -- monitor: failover, step-down, repair ---------------------------------------------
     def monitor_once(self) -> None:
         """One round of the monitor (see the module docstring)."""
+        if not (self.copies or self.sets):
+            return   # nothing replicated here: no directory traffic
         ups = {b["backend_id"]: b for b in self.directory.backends()}
         self._watch_primaries(ups)
         self._check_own(ups)
