@@ -44,7 +44,7 @@ def test_current_proto_passes_lint_and_breaking_check(buf):
 
 
 @pytest.mark.parametrize("change, expect", [
-    (("bool accept_shm = 9;", "bool accept_shm = 10;"), "accept_shm"),
+    (("bool accept_shm = 9;", "bool accept_shm = 19;"), "accept_shm"),
     (("  rpc Move(MoveRequest) returns (Status);\n", ""), "Move"),
     (("message DeleteObjectResponse {}", "message DeleteObjectResponse {}\nmessage bad_name {}"),
      "bad_name"),
