@@ -10,6 +10,7 @@ acknowledges anything again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -97,6 +98,29 @@ def test_replicas_are_placed_elsewhere_read_and_deleted_with_the_object(rcluster
         Counter().make_persistent(replicas=3)   # only 2 other backends
     with pytest.raises(ConfigurationError):
         Counter().make_persistent(replicas=-1)
+
+
+class ReplicatedCounter(Counter):
+    """Every instance keeps one replica unless make_persistent says otherwise."""
+    claypot_replicas = 1
+
+
+def test_the_factor_comes_from_the_call_the_class_or_the_cluster(rcluster, monkeypatch):
+    c = rcluster
+    by_class = ReplicatedCounter(1)
+    by_class.make_persistent()
+    assert len(c.client.resolve(object_id=by_class.getID()).replicas) == 1
+    overridden = ReplicatedCounter(1)
+    overridden.make_persistent(replicas=0)
+    assert c.client.resolve(object_id=overridden.getID()).epoch == 0
+    # As CLAYPOT_REPLICAS=2 would:
+    monkeypatch.setattr(c.client, "settings", dataclasses.replace(c.client.settings, replicas=2))
+    plain = Counter(1)
+    plain.make_persistent()
+    assert len(c.client.resolve(object_id=plain.getID()).replicas) == 2
+    # A replica added later counts too, and serves reads.
+    overridden.add_replica()
+    assert overridden.call_on_replica().get() == 1
 
 
 def test_a_retried_call_id_runs_once_even_across_a_failover(rcluster):
