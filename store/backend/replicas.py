@@ -175,6 +175,21 @@ def _result_of(value: pb.Value) -> tuple:
     return (bytes(value.payload), [bytes(b) for b in value.buffers])
 
 
+class _Done:
+    """A call made at once, with a future's ``result()`` (raises what the call raised)."""
+
+    def __init__(self, fn, *args):
+        try:
+            self._value, self._error = fn(*args), None
+        except Exception as exc:
+            self._value, self._error = None, exc
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Replicator:
     """One backend's part in replication (see the module docstring)."""
 
@@ -192,7 +207,7 @@ class Replicator:
         self.received: dict[str, float] = {}      # oid -> when a state last arrived
         self._locks: dict[str, threading.Lock] = {}
         self._mu = threading.Lock()
-        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ship")
+        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="ship")
         self._instances: dict[str, tuple[int, int, object]] = {}   # replica-read instances
         self.lease_until = 0.0
         self.failovers = 0
@@ -299,7 +314,10 @@ class Replicator:
             addr = self.b.client.address_of(backend_id)
             return self.b.client._stub(addr).Replicate(
                 request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
-        pending = {self._pool.submit(one, r): r for r in replicas}
+        if len(replicas) == 1:   # one replica: no hand-off to another thread
+            pending = {_Done(one, replicas[0]): replicas[0]}
+        else:
+            pending = {self._pool.submit(one, r): r for r in replicas}
         accepted, refused = set(), set()
         for fut, r in pending.items():
             try:
