@@ -757,6 +757,10 @@ class Client:
                 time.sleep(min(0.2, self.settings.heartbeat_ttl / 10))
                 try:
                     ref = self.resolve(object_id=request.object_id)
+                    addr = self._addresses.get(ref.backend_id, "")
+                    if isinstance(last, BackendDown) and addr == last.address \
+                            and self._down_at(addr) is not None:
+                        continue   # not promoted yet: a frozen host would hold the call
                     proxy.__dict__[objmod._OWNER] = ref.backend_id
                     return self._call(proxy, request, payload, buffers)
                 except (CallInterrupted, BackendUnavailable) as exc:

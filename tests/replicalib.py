@@ -40,6 +40,7 @@ class RoundStats:
     open_outcome: int = 0
     failovers: int = 0
     failover_seconds: list = field(default_factory=list)
+    by_fault: dict = field(default_factory=dict)   # fault -> [failover seconds]
     lost_updates: int = 0
     duplicates: int = 0
     violations: list = field(default_factory=list)
@@ -50,6 +51,7 @@ class RoundStats:
                 "open_outcome": self.open_outcome, "failovers": self.failovers,
                 "failover_seconds_max": round(fs[-1], 3) if fs else None,
                 "failover_seconds_median": round(fs[len(fs) // 2], 3) if fs else None,
+                "failover_seconds_by_fault": self.by_fault,
                 "lost_updates": self.lost_updates, "duplicates": self.duplicates,
                 "violations": self.violations[:5]}
 
@@ -111,6 +113,7 @@ def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int 
         spans = [o.end - max(o.start, lost_at[0]) for o in done if o.end >= lost_at[0]
                  and o.start <= lost_at[0] + TTL * 3]
         stats.failover_seconds.append(max(spans) if spans else 0.0)
+        stats.by_fault.setdefault(fault, []).append(round(stats.failover_seconds[-1], 3))
     acked_incrs = sum(1 for o in done if o.name == "incr")
     open_incrs = sum(1 for o in history.ops if o.name == "incr" and o.result is UNKNOWN)
     if final < acked_incrs:
