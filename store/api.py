@@ -174,10 +174,12 @@ def backends() -> list[BackendStatus]:
 
 
 def get_locations(object_id: str) -> list[str]:
-    """Host names holding the object (for locality-aware schedulers)."""
+    """Host names holding the object, its primary's first, then its replicas' (for
+    locality-aware schedulers)."""
     c = client()
     ref = c.resolve(object_id=object_id)
-    return [b.host for b in c.backends() if b.backend_id == ref.backend_id]
+    hosts = {b.backend_id: b.host for b in c.backends()}
+    return [hosts[b] for b in [ref.backend_id, *ref.replicas] if b in hosts]
 
 
 def get_backends():

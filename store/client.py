@@ -30,6 +30,7 @@ from .config import Settings
 from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
                      CallInterrupted,
                      ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent, ObjectMoved,
+                     ObjectNotFound,
                      ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
@@ -70,6 +71,9 @@ class _NotRun(Exception):
     def __init__(self, error: ClaypotError):
         super().__init__(str(error))
         self.error = error
+
+
+_MISS = object()   # a replica read that did not happen (the primary answers instead)
 
 
 def _is_connect_failure(err: grpc.RpcError) -> bool:
@@ -434,10 +438,21 @@ class Client:
 
     # -- objects ---------------------------------------------------------------------------
     def make_persistent(self, objs: list, alias: str | None = None,
-                        backend: str | None = None) -> None:
-        """Persist ``objs`` (and the new StorageObjects they reference) in one batch."""
+                        backend: str | None = None, replicas: int | None = None) -> None:
+        """Persist ``objs`` (and the new StorageObjects they reference) in one batch.
+
+        ``replicas``: synchronous replicas of each (default: the first object's
+        class attribute ``claypot_replicas``, else the ``replicas`` setting).
+        """
         if alias is not None and (not isinstance(alias, str) or not alias or "|" in alias):
             raise ValueError("an alias is a non-empty string without '|'")
+        if replicas is None:
+            replicas = getattr(objmod.real_class(objs[0]), "claypot_replicas", None) \
+                if objs else None
+            if replicas is None:
+                replicas = self.settings.replicas
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise ConfigurationError(f"replicas is a count of 0 or more, not {replicas!r}")
         target = backend or self._choose_backend()
         if backend is not None:
             self.address_of(backend)  # BackendNotFound early, before anything is sent
@@ -446,7 +461,8 @@ class Client:
         for i, (obj, oid, key, payload, buffers) in enumerate(items):
             entries.append(pb.PersistObject(object_id=oid, class_key=key,
                                             alias=(alias or "") if i == 0 else ""))
-        self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items])
+        self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items],
+                           replicas=replicas)
         for obj, oid, key, _, _ in items:
             objmod.turn_into_proxy(obj, oid, key, target)
             self._remember_proxy(oid, obj)
@@ -489,13 +505,14 @@ class Client:
         """
         self._send_persist(target, entries, values, adopt=adopt)
 
-    def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False):
+    def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False,
+                      replicas: int = 0):
         size = sum(wire.total_size(p, b) for p, b in values)
         check_size(size, self.settings, "make_persistent")
         if size <= self.settings.inline_limit:
             for entry, (p, b) in zip(entries, values):
                 entry.state.CopyFrom(wire.inline_value(p, b))
-            request = pb.PersistRequest(objects=entries, adopt=adopt)
+            request = pb.PersistRequest(objects=entries, adopt=adopt, replicas=replicas)
 
             def send(addr):
                 return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
@@ -506,13 +523,15 @@ class Client:
                 value, parts = wire.streamed_value(p, b)
                 entry.state.CopyFrom(value)
                 blobs += parts
-            header = pb.PersistRequest(objects=entries, adopt=adopt).SerializeToString()
+            header = pb.PersistRequest(objects=entries, adopt=adopt,
+                                       replicas=replicas).SerializeToString()
             small_payloads = sum(len(p) for p, _ in values) <= self.settings.inline_limit
 
             def send(addr):
                 if small_payloads and self._same_host(addr):
                     try:
-                        return self._persist_via_shm(addr, entries, values, adopt, size)
+                        return self._persist_via_shm(addr, entries, values, adopt, size,
+                                                     replicas)
                     except shm.Unavailable:
                         pass  # /dev/shm full or missing: stream instead
                 try:
@@ -557,7 +576,8 @@ class Client:
         self._host_ids[address] = reply.host_id
         return reply.host_id
 
-    def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int):
+    def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int,
+                         replicas: int = 0):
         names: list[str] = []
         try:
             objects = []
@@ -574,7 +594,7 @@ class Client:
                 obj.state.CopyFrom(pb.Value(payload=p, shm=segments, leases=leases,
                                             buffer_sizes=[memoryview(x).nbytes for x in b]))
                 objects.append(obj)
-            request = pb.PersistRequest(objects=objects, adopt=adopt)
+            request = pb.PersistRequest(objects=objects, adopt=adopt, replicas=replicas)
             reply = self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
                               False, "make_persistent")
             for lease, made in held:
@@ -667,6 +687,18 @@ class Client:
             # Not proxy.__class__ = ...: a proxy forwards attribute writes to its backend.
             object.__setattr__(proxy, "__class__", objmod.proxy_class(cls))
 
+    def add_replica(self, proxy, backend_id: str | None = None) -> str:
+        """One more synchronous replica of a persistent object; returns its backend id."""
+        oid = proxy.getID()
+        if backend_id:
+            self.address_of(backend_id)   # BackendNotFound early
+        request = pb.AddReplicaRequest(object_id=oid, backend_id=backend_id or "")
+        reply = self._with_relocation(proxy, lambda addr: self._rpc(
+            addr, "AddReplica", request, self.settings.call_timeout, True, "add_replica"))
+        if reply.HasField("error"):
+            raise wire.error_from_pb(reply.error)
+        return reply.backend_id
+
     def _with_relocation(self, proxy, fn):
         """Run fn(address) on the object's owner; if it moved, follow it.
 
@@ -726,10 +758,85 @@ class Client:
             payload, buffers = b"", []
         request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
                                  call_id=uuid.uuid4().hex)
+        if proxy.__dict__.get(objmod._PREFIX + "on_replica") and self._reads(proxy, kind, name):
+            hit = self._call_replica(proxy, request, payload, buffers)
+            if hit is not _MISS:
+                return hit
         if not tracing.enabled():
-            return self._call(proxy, request, payload, buffers)
+            return self._call_failing_over(proxy, request, payload, buffers)
         with tracing.client_span(f"call {name}", object_id=oid, call_id=request.call_id):
+            return self._call_failing_over(proxy, request, payload, buffers)
+
+    def _call_failing_over(self, proxy, request: pb.CallRequest, payload, buffers):
+        """A call on an object with replicas rides over its primary's loss.
+
+        When the primary is lost or cut off (BackendDown, CallInterrupted,
+        BackendUnavailable), the call is sent again, with the same call id, to
+        whichever backend the directory names next, until ``failover_timeout``:
+        a changing call that had already run returns its recorded result there
+        instead of running twice. Objects without replicas fail as before.
+        """
+        try:
             return self._call(proxy, request, payload, buffers)
+        except (CallInterrupted, BackendUnavailable) as first:
+            try:
+                ref = self.resolve(object_id=request.object_id)
+            except ClaypotError:
+                raise first from None
+            if not ref.epoch:
+                raise
+            deadline = time.monotonic() + (self.settings.failover_timeout
+                                            or 3 * self.settings.heartbeat_ttl)
+            last: ClaypotError = first
+            while time.monotonic() < deadline:
+                time.sleep(min(0.2, self.settings.heartbeat_ttl / 10))
+                try:
+                    ref = self.resolve(object_id=request.object_id)
+                    addr = self._addresses.get(ref.backend_id, "")
+                    if isinstance(last, BackendDown) and addr == last.address \
+                            and self._down_at(addr) is not None:
+                        continue   # not promoted yet: a frozen host would hold the call
+                    proxy.__dict__[objmod._OWNER] = ref.backend_id
+                    return self._call(proxy, request, payload, buffers)
+                except (CallInterrupted, BackendUnavailable) as exc:
+                    last = exc
+            raise last from None
+
+    def _reads(self, proxy, kind: int, name: str) -> bool:
+        """Whether a call only reads: an attribute read or a @readonly method."""
+        if kind == objmod.GET_ATTR:
+            return True
+        if kind != objmod.METHOD:
+            return False
+        fn = getattr(objmod.real_class(type(proxy)), name, None)
+        return bool(getattr(fn, "__claypot_readonly__", False))
+
+    def _call_replica(self, proxy, request: pb.CallRequest, payload, buffers):
+        """Try a read on one of the object's replicas (round robin); _MISS if none answers."""
+        # The replica set is cached on the proxy for a second: reads spread without a
+        # directory question each.
+        cached = proxy.__dict__.get(objmod._PREFIX + "replicas")
+        if cached is None or time.monotonic() - cached[0] > 1.0:
+            ref = self.resolve(object_id=request.object_id)
+            cached = (time.monotonic(), list(ref.replicas))
+            proxy.__dict__[objmod._PREFIX + "replicas"] = cached
+        replicas = cached[1]
+        if not replicas:
+            return _MISS
+        replica = replicas[next(self._round_robin) % len(replicas)]
+        request.on_replica = True
+        if payload:
+            request.args.CopyFrom(wire.inline_value(payload, buffers))
+        try:
+            reply = self._on_owner(replica, lambda addr: self._rpc(
+                addr, "Call", request, self.settings.call_timeout, True, request.name))
+            return self._result(reply, self.address_of(replica))
+        except (ObjectNotFound, BackendUnavailable, CallInterrupted):
+            proxy.__dict__.pop(objmod._PREFIX + "replicas", None)
+            return _MISS   # not current there, or gone: the primary answers
+        finally:
+            request.on_replica = False
+            request.ClearField("args")
 
     def encode_args(self, value, backend_id: str) -> tuple[bytes, list]:
         """Pickle call arguments for a call on ``backend_id``: ``(payload, buffers)``.

@@ -61,6 +61,9 @@ class Settings:
     result_ttl: float = 120.0         # seconds a large result waits for its client, then dropped
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0        # a backend silent this long is shown as down
+    replicas: int = 0                 # synchronous replicas of each new object (README "Replicas")
+    failover_timeout: float = 0.0     # a call on a replicated object retries its failover this
+                                      # long; 0: 3 heartbeat TTLs
     # What this backend offers tasks, for @constraint: "computing_units=4,memory_size=8,
     # processor_type=ARM,gpus=1,zone=edge" (see store.resources). Empty: detected only.
     resources: str = ""
@@ -109,6 +112,8 @@ class Settings:
         if self.durability not in ("sync", "async", "none"):
             raise ConfigurationError(
                 f"durability must be sync, async or none, not {self.durability!r}")
+        if self.replicas < 0 or self.failover_timeout < 0:
+            raise ConfigurationError("replicas and failover_timeout must be 0 or more")
         if self.log_format not in ("text", "json"):
             raise ConfigurationError(f"log_format must be text or json, not {self.log_format!r}")
         if self.metrics_port < -1 or self.metrics_port > 65535:

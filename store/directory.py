@@ -13,6 +13,9 @@ republish after a restart bring every alias back.
     alive:<backend id>  string with a TTL, refreshed by the backend's heartbeat
     code      hash  code key -> signed cloudpickle of a class or task function
     epoch     string set once per directory; its absence means Redis lost data
+    replicas  hash  object id -> "epoch|primary|factor|replica,replica" (replicated objects;
+                    see store.backend.replication). Changed only by a compare-and-set on
+                    the epoch and primary, which also switches the objects entry's owner.
 
 Only backends talk to Redis; clients ask a backend. The URL is ``redis://...``
 or ``redis+sentinel://[:password@]host:port[,host:port]/service[/db]`` (a
@@ -152,6 +155,24 @@ if not entry then return 0 end
 local b, rest = string.match(entry, '^([^|]*)|(.*)$')
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. rest)
 return 1
+"""
+
+
+# Replica set compare-and-set: ARGV = oid, expected epoch (0: no set yet), expected
+# primary, new encoded set, new primary. Applies only if the set in Redis still has
+# that epoch and the objects entry still names that primary; then both change together.
+_REPLICA_CAS = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 'missing' end
+local b, rest = string.match(entry, '^([^|]*)|(.*)$')
+if b ~= ARGV[3] then return 'owner' end
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+local epoch = 0
+if cur then epoch = tonumber(string.match(cur, '^([^|]*)|')) end
+if epoch ~= tonumber(ARGV[2]) then return 'epoch' end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+if ARGV[5] ~= b then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5] .. '|' .. rest) end
+return 'ok'
 """
 
 
@@ -321,6 +342,7 @@ class Directory:
         self.k_backends = prefix + "backends"
         self.k_code = prefix + "code"
         self.k_epoch = prefix + "epoch"
+        self.k_replicas = prefix + "replicas"
         self._claim = self.r.register_script(_CLAIM)
         self._claim_unsynced = self.r.register_script(_CLAIM_UNSYNCED)
         self._set_alias = self.r.register_script(_SET_ALIAS)
@@ -328,6 +350,7 @@ class Directory:
         self._add_alias = self.r.register_script(_ADD_ALIAS)
         self._move = self.r.register_script(_MOVE)
         self._resolve_alias = self.r.register_script(_RESOLVE_ALIAS)
+        self._replica_cas = self.r.register_script(_REPLICA_CAS)
 
     def close(self) -> None:
         self.r.close()
@@ -482,6 +505,7 @@ class Directory:
         raw = self.r.hget(self.k_objects, object_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.k_objects, object_id)
+        pipe.hdel(self.k_replicas, object_id)
         if raw is not None:
             aliases = _entry(raw).aliases
             if aliases:
@@ -523,6 +547,42 @@ class Directory:
     def move(self, object_id: str, backend_id: str) -> None:
         if not self._move(keys=[self.k_objects], args=[object_id, backend_id]):
             raise ObjectNotFound(f"no object with id {object_id}")
+
+    # -- replicas ----------------------------------------------------------------
+    def replica_set(self, object_id: str):
+        """The object's ReplicaSet (store.backend.replication), or None if it has none."""
+        from .replica_set import ReplicaSet
+        raw = self.r.hget(self.k_replicas, object_id)
+        return None if raw is None else ReplicaSet.decode(raw.decode())
+
+    def replica_sets(self, object_ids: list[str]) -> list:
+        """The ReplicaSet (or None) of each id, in one round trip."""
+        from .replica_set import ReplicaSet
+        if not object_ids:
+            return []
+        return [None if raw is None else ReplicaSet.decode(raw.decode())
+                for raw in self.r.hmget(self.k_replicas, object_ids)]
+
+    def all_replica_sets(self) -> dict:
+        """Every replicated object's ReplicaSet, by object id."""
+        from .replica_set import ReplicaSet
+        return {oid.decode(): ReplicaSet.decode(raw.decode())
+                for oid, raw in self.r.hscan_iter(self.k_replicas, count=1000)}
+
+    def replace_replica_set(self, object_id: str, expected_epoch: int, expected_primary: str,
+                            new) -> bool:
+        """Compare-and-set of an object's replica set (and owner, if ``new.primary`` differs).
+
+        True if the directory still had ``expected_epoch`` (0: no set) and named
+        ``expected_primary`` as owner; False if anything changed meanwhile.
+        Raises ObjectNotFound if the object is gone.
+        """
+        status = self._replica_cas(keys=[self.k_objects, self.k_replicas],
+                                   args=[object_id, expected_epoch, expected_primary,
+                                         new.encode(), new.primary])
+        if status == b"missing":
+            raise ObjectNotFound(f"no object with id {object_id}")
+        return status == b"ok"
 
     def count_objects(self) -> int:
         return self.r.hlen(self.k_objects)

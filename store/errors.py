@@ -26,7 +26,7 @@
     │   │   └── BackendDown       its heartbeat expired (host lost); also a BackendUnavailable
     │   ├── StorageFailed         the backend's disk failed; it acknowledges nothing more
     │   └── DeadlineExceeded      no answer within the call's deadline
-    ├── FeatureUnavailable        a documented feature this build does not have (replicas)
+    ├── FeatureUnavailable        a documented feature this build does not have (moving a replicated object)
     ├── TaskError
     │   ├── TaskCancelled         a task cancelled because a predecessor failed
     │   └── TaskTimeout           a task ran past its time_out
@@ -123,7 +123,7 @@ class NotAVersion(ObjectError):
 
 
 class FeatureUnavailable(ClaypotError):
-    """The call names a feature this claypot does not have yet (for example replicas)."""
+    """The call names a feature this claypot does not have yet (for example moving an object that has replicas)."""
 
 
 class BackendError(ClaypotError):

@@ -102,15 +102,40 @@ class StorageObject:
         return self.__dict__.get(_ID) is not None
 
     # -- lifecycle -------------------------------------------------------------
-    def make_persistent(self, alias: str | None = None, backend: str | None = None) -> None:
+    def make_persistent(self, alias: str | None = None, backend: str | None = None,
+                        replicas: int | None = None) -> None:
         """Place this object on a backend (any, or ``backend`` by id), under ``alias``.
 
         StorageObjects it references that are not persistent go with it, to
-        the same backend. Afterwards this instance is a proxy.
+        the same backend. Afterwards this instance is a proxy. ``replicas``
+        keeps that many synchronous replicas of it on other backends (other
+        hosts first); default: the class's ``claypot_replicas``, else the
+        cluster's ``CLAYPOT_REPLICAS`` (README "Replicas").
         """
         if self.__dict__.get(_ID) is not None:
             raise AlreadyPersistent(f"object {self.getID()} is already persistent")
-        get_dispatcher().make_persistent([self], alias, backend)
+        if replicas is None:
+            get_dispatcher().make_persistent([self], alias, backend)
+        else:
+            get_dispatcher().make_persistent([self], alias, backend, replicas=replicas)
+
+    def add_replica(self, backend_id: str | None = None) -> str:
+        """Keep one more synchronous replica of this object (on ``backend_id``, or on a
+        backend of another host); returns the backend that holds it."""
+        _require_persistent(self)
+        return get_dispatcher().add_replica(self, backend_id)
+
+    def call_on_replica(self, enabled: bool = True):
+        """Let read-only calls and attribute reads on this proxy run on a replica.
+
+        Changing calls still go to the primary. A replica answers with a state
+        at most ``heartbeat_ttl`` seconds behind the primary's acknowledged one
+        (README "Replicas"); an object without replicas is read on its owner.
+        Returns the proxy, so ``obj.call_on_replica().value`` reads.
+        """
+        _require_persistent(self)
+        self.__dict__[_PREFIX + "on_replica"] = bool(enabled)
+        return self
 
     def delete_persistent(self) -> None:
         """Delete the object from the store (and its alias). The proxy becomes unusable."""

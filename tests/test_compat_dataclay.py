@@ -15,14 +15,14 @@ import pytest
 import store
 import store.compat
 from store import LocalCluster
-from store.errors import ConfigurationError, FeatureUnavailable
+from store.errors import ConfigurationError
 
 store.compat.enable()   # the models below import ``dataclay``, as dataClay documents them
 
 from dataclay import (AlienDataClayObject, Client, DataClayObject,  # noqa: E402
                       StubDataClayObject, activemethod)
 from dataclay.exceptions import (AliasAlreadyExistError, AliasDoesNotExistError,  # noqa: E402
-                                 DataClayFeatureUnavailable, ObjectIsNotVersionError,
+                                 ObjectIsNotVersionError,
                                  ObjectNotRegisteredError)
 from dataclay_model.company import Company, Employee  # noqa: E402
 
@@ -253,9 +253,12 @@ def test_dataclay_exceptions_and_messages(client):
         Employee("Other", 2.0).make_persistent("ex-alias")
     with pytest.raises(ObjectIsNotVersionError, match="is not a version!"):
         employee.consolidate_version()
-    with pytest.raises(DataClayFeatureUnavailable, match="new_replica") as info:
-        employee.new_replica()
-    assert isinstance(info.value, FeatureUnavailable)
+    # new_replica makes a consistent replica (README "Replicas"): changes reach it.
+    employee.new_replica()
+    assert len(store.api.get_locations(employee.getID())) == 2
+    employee.salary = 7.0
+    assert employee.call_on_replica().salary == 7.0
+    employee.call_on_replica(False)
     with pytest.raises(AliasDoesNotExistError):
         Employee.get_by_alias("never-made")
 
@@ -279,8 +282,8 @@ def test_async_twins_and_sync_calls_inside_a_running_loop(client):
         await Employee.a_delete_alias("async-2b")
         # A synchronous call inside the running loop works too.
         assert Employee.get_by_alias("async-2").salary == 3.0
-        with pytest.raises(DataClayFeatureUnavailable):
-            await got.a_new_replica()
+        await got.a_new_replica()
+        assert len(store.api.get_locations(got.getID())) == 2
     asyncio.run(main())
 
 

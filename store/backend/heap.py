@@ -42,17 +42,20 @@ from typing import Any, Callable
 
 from .. import objects as objmod
 from ..errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy,
-                      ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout)
+                      ObjectMoved, ObjectNotFound, ProtocolError, TaskTimeout, ValueTooLarge)
 from ..objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from ..serialization import PickleContext, UnpickleContext, dumps, import_by_key, loads
 from . import cancel, lifecycle as lc
 from .lifecycle import Lifecycle, State
+from .replication import CallLedger
 from .storage import Record, Storage
 
 log = logging.getLogger("claypot.heap")
 
 _SNAPSHOT_LOCK_WAIT = 1.0  # seconds the checkpointer waits for a busy object's lock
 _TASK_LEDGER = 4096        # finished INOUT task attempts remembered (for retries)
+_KEPT_RESULT = 64 * 1024   # bytes of a changing call's result kept for its retries
+_NOT_KEPT = (None, [])     # ledger entry of a call whose result was too large or unpicklable
 
 
 class ChainLock:
@@ -273,6 +276,13 @@ class Heap:
         self.before_change: Callable[[str], None] | None = None
         self.change_done: Callable[[str], None] | None = None
         self.on_gone: Callable[[str], None] | None = None
+        # Set by the server when replication is on: replicate(entry, payload, buffers, call)
+        # sends a new state to the object's replicas before it is logged here, and raises
+        # (the call is rolled back) unless every replica has it (store.backend.replicas).
+        self.replicate: Callable | None = None
+        # Recent changing calls with their results, by call id: a retry returns the first
+        # result instead of running again (the replicas receive them with each state).
+        self.calls = CallLedger()
         # Check the lifecycle's invariants after every transition (tests set it).
         self.validate_each = os.environ.get("CLAYPOT_VALIDATE", "") not in ("", "0")
         storage.checkpoint_live = self._checkpoint_live
@@ -408,6 +418,22 @@ class Heap:
         obj.__setstate__(loads(payload, buffers, self.unpickle_context()))
         objmod.attach_identity(obj, object_id, class_key, self.backend_id)
         return obj
+
+    def pickle_result(self, result, chain: str) -> tuple:
+        """A call's result as (payload, buffers of bytes) for the call ledger.
+
+        Results over 64 KiB, or that cannot be pickled, are not kept: a retry of
+        their call gets ValueTooLarge instead of a second run.
+        """
+        if result is None:
+            return (b"", [])
+        try:
+            payload, buffers = dumps(result, self.pickle_context(chain))
+        except Exception:
+            return _NOT_KEPT   # the reply will say why, as before
+        if len(payload) + sum(memoryview(b).nbytes for b in buffers) > _KEPT_RESULT:
+            return _NOT_KEPT
+        return (bytes(payload), [bytes(memoryview(b)) for b in buffers])
 
     # -- contexts ------------------------------------------------------------------
     def unpickle_context(self) -> UnpickleContext:
@@ -594,14 +620,27 @@ class Heap:
 
     # -- calls ---------------------------------------------------------------------
     def invoke(self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict,
-               chain: str) -> Any:
-        """Run a method or attribute access on a live object, under its lock."""
+               chain: str, call_id: str = "") -> Any:
+        """Run a method or attribute access on a live object, under its lock.
+
+        A changing call with a ``call_id`` that already changed the object
+        (a retry, here or on a replica promoted since) returns the recorded
+        result instead of running again.
+        """
         entry = self._acquire(object_id, chain)
         # Only the outermost call of a chain on this object stores or rolls back:
         # a nested call (A -> B -> A) is part of the outer one.
         outermost = entry.lock.depth == 1
         announced = False
         try:
+            if call_id and outermost and kind != GET_ATTR:
+                hit = self.calls.lookup(object_id, call_id)
+                if hit is not None:
+                    if hit[0] is None:
+                        raise ValueTooLarge(
+                            f"call {call_id} on {object_id} already ran; its result was not "
+                            f"kept for retries (over {_KEPT_RESULT} bytes, or unpicklable)")
+                    return loads(hit[0], hit[1], self.unpickle_context()) if hit[0] else None
             obj = entry.obj
             if kind == GET_ATTR:
                 return getattr(obj, name)
@@ -627,7 +666,8 @@ class Heap:
                 raise
             if changes and outermost:
                 try:
-                    self._after_change(entry, chain, check=kind == METHOD)
+                    self._after_change(entry, chain, check=kind == METHOD,
+                                       call=[call_id, result, None] if call_id else None)
                 except BaseException:
                     # Not stored (unpicklable state, a failed disk): not applied in memory
                     # either.
@@ -723,8 +763,12 @@ class Heap:
             if ledger:
                 self._tasks.end(task_key, committed, result if committed else None)
 
-    def _after_change(self, entry: Entry, chain: str, check: bool) -> None:
-        """Store the object's new state if it changed (caller holds its lock)."""
+    def _after_change(self, entry: Entry, chain: str, check: bool, call=None) -> None:
+        """Store the object's new state if it changed (caller holds its lock).
+
+        ``call`` is [call id, result, pickled result or None] of the changing
+        call that made the change, recorded (and replicated) with the state.
+        """
         oid = entry.object_id
         with self._mu:
             life = self.life.get(oid)
@@ -744,7 +788,7 @@ class Heap:
         if check and not big and digest == entry.digest:
             return
         todo = self.life_event(lambda: self.life.call_finished(oid, True, size, big))
-        self._perform(todo, entry=entry, state=(payload, buffers, digest))
+        self._perform(todo, entry=entry, state=(payload, buffers, digest), call=call)
 
     def _rollback(self, entry: Entry, chain: str) -> None:
         """Put an object whose call raised back in its last acknowledged state."""
@@ -793,8 +837,14 @@ class Heap:
             entry.lock.release()
 
     def _write_snapshot(self, entry: Entry, chain: str, clear_dirty: bool = False) -> int:
-        """Pickle the live object and write it straight to its checkpoint (lock held)."""
+        """Pickle the live object and write it straight to its checkpoint (lock held).
+
+        A replicated object over ``big_object`` ships its state to its replicas
+        here, at its checkpoint (write-behind), not at every change.
+        """
         payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
+        if self.replicate is not None:
+            self.replicate(entry, payload, buffers, None)
         lsn = self.storage.write_checkpoint(
             entry.record(payload, [b.raw() if hasattr(b, "raw") else b for b in buffers]),
             clear_dirty=clear_dirty)
@@ -803,14 +853,22 @@ class Heap:
         return lsn
 
     # -- performing instructions ----------------------------------------------------------
-    def _perform(self, todo: list, entry: Entry | None = None, state=None) -> None:
+    def _perform(self, todo: list, entry: Entry | None = None, state=None, call=None) -> None:
         """Carry out the lifecycle's instructions, in order (see lifecycle)."""
         for ins in todo:
             if isinstance(ins, lc.Spill):
                 self._spill(ins.object_id)
             elif isinstance(ins, lc.LogState):
                 payload, buffers, digest = state
+                if call is not None and call[2] is None:
+                    call[2] = self.pickle_result(call[1], "ledger")
+                if self.replicate is not None:
+                    # Replicas first: a state they refuse is never logged here, so the
+                    # rollback that follows finds the last acknowledged one.
+                    self.replicate(entry, payload, buffers, call)
                 lsn = self.storage.write(entry.record(payload, buffers))
+                if call is not None:
+                    self.calls.record(entry.object_id, call[0], call[2])
                 entry.digest = digest
                 self._perform(self.life_event(lambda: self.life.logged(entry.object_id, lsn)))
             elif isinstance(ins, lc.MarkDirty):

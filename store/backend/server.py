@@ -37,6 +37,7 @@ from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .segments import Segments
 from .polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
+from .replicas import Replicator
 from .storage import Storage
 
 log = logging.getLogger("claypot.backend")
@@ -203,9 +204,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             else:
                 oid = check_name("object id", request.object_id)
                 entry = self.directory.lookup(oid)
+            rset = self.directory.replica_set(oid)
             return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
                                                     backend_id=entry.backend_id,
-                                                    aliases=entry.aliases))
+                                                    aliases=entry.aliases,
+                                                    replicas=rset.replicas if rset else (),
+                                                    epoch=rset.epoch if rset else 0))
         except Exception as exc:
             return _error_reply(pb.ResolveReply, exc)
 
@@ -292,6 +296,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             self.heap.persist(items, adopt=request.adopt)
             for oid, names in kept:
                 self.b.segments.bind(oid, names)
+            self._replicate_new(items, request.replicas)
             metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
@@ -331,11 +336,42 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
             _check_items(items)
             self.heap.persist(items, adopt=header.adopt)
+            self._replicate_new(items, header.replicas)
             metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
             metrics.call_done("persist", False, time.perf_counter() - started)
             return _error_reply(pb.Status, exc)
+
+    def _replicate_new(self, items: list, factor: int) -> None:
+        """Replicas for objects just persisted; if they cannot be made, the objects go."""
+        if factor <= 0:
+            return
+        try:
+            self.b.replicator.create(items, factor)
+        except BaseException:
+            for oid, *_ in items:
+                try:
+                    self.heap.delete(oid)
+                except ClaypotError:
+                    pass
+            raise
+
+    def AddReplica(self, request, context):
+        try:
+            oid = check_name("object id", request.object_id)
+            self.heap.admit(oid)
+            where = self.b.replicator.add(oid, request.backend_id)
+            return pb.AddReplicaResponse(backend_id=where)
+        except Exception as exc:
+            return _error_reply(pb.AddReplicaResponse, exc)
+
+    def Replicate(self, request, context):
+        try:
+            check_name("object id", request.object_id)
+            return self.b.replicator.apply(request)
+        except Exception as exc:
+            return _error_reply(pb.ReplicateResponse, exc)
 
     def Call(self, request, context):
         try:
@@ -386,9 +422,16 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             check_name("name", request.name)
             if request.kind == pb.TASK:
                 result = self.b.run_task(request, payload, buffers, chain)
+            elif request.on_replica and request.kind in (pb.METHOD, pb.GET_ATTR) \
+                    and self.b.replicator.has_copy(request.object_id):
+                args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) \
+                    if payload else ((), {})
+                result = self.b.replicator.read(request.object_id, request.kind, request.name,
+                                                args, kwargs)
             else:
                 # Refused before its arguments are unpickled: not here, or moved away.
                 self.heap.admit(request.object_id)
+                self.b.replicator.check_serving(request.object_id)
                 ctx = self.heap.unpickle_context()
                 if request.kind == pb.SET_ATTR:
                     args, kwargs = (loads(payload, buffers, ctx),), {}
@@ -397,7 +440,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 else:
                     args, kwargs = (), {}
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
-                                          args, kwargs, chain)
+                                          args, kwargs, chain, call_id=request.call_id)
             pid = request.reader_pid \
                 if request.reader_pid_ns == shm.pid_namespace() else 0
             reply = self._reply(result, chain, request.accept_shm, pid)
@@ -478,6 +521,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def Delete(self, request, context):
         try:
             self.heap.delete(request.object_id, request.chain_id)
+            self.b.replicator.deleted(request.object_id)
             return pb.Status()
         except ObjectNotFound as exc:
             self._forget_dangling(request.object_id)
@@ -661,6 +705,7 @@ class Backend:
         self._epoch: str | None = None
         self.started = time.time()
         self.dask_worker = None   # a HostedDaskWorker when settings.dask_scheduler is set
+        self.replicator = Replicator(self)
         self.metrics_address = ""  # host:port of the Prometheus metrics, once started
 
     # -- lifecycle ------------------------------------------------------------------
@@ -685,9 +730,11 @@ class Backend:
         else:
             self.reconcile()
         self._remember_epoch(self._epoch)
+        self.replicator.start()
         self.server.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._replica_loop, name="replicas", daemon=True).start()
         threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True).start()
         if self.settings.dask_scheduler:
             # Joins after the server is up, so a Dask task pinned here finds a serving backend.
@@ -710,6 +757,7 @@ class Backend:
             pass
         self.server.stop(grace).wait(grace + 1)
         self.segments.close()
+        self.replicator.close()
         self.storage.close()
         metrics.disable()
         tracing.stop_backend()
@@ -727,8 +775,18 @@ class Backend:
                 "resources": self.resources}
 
     def _heartbeat(self) -> None:
+        sent = time.monotonic()
         self.directory.register_backend(self.backend_id, self._stats(),
                                         self.settings.heartbeat_ttl)
+        self.replicator.renewed(sent)   # a stored heartbeat extends the primary's lease
+
+    def _replica_loop(self) -> None:
+        """Failover, step-down and repair of replicated objects (store.backend.replicas)."""
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.replicator.monitor_once()
+            except Exception as exc:   # the directory unreachable: try again next round
+                log.warning("replica monitor: %s", exc)
 
     def _heartbeat_loop(self) -> None:
         changed = threading.Event()
@@ -887,6 +945,10 @@ class Backend:
     # -- operations that span backends ---------------------------------------------------
     def move(self, object_id: str, target: str, chain: str = "") -> None:
         """Move an object to another backend (see Heap.move)."""
+        if object_id in self.replicator.sets:
+            from ..errors import FeatureUnavailable
+            raise FeatureUnavailable(f"object {object_id} has replicas: a replicated object "
+                                     f"is not moved (it fails over to a replica instead)")
         def send(to, class_key, alias, payload, buffers):
             self.client.send_states(
                 to, [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],

@@ -29,6 +29,60 @@ BYTE_ORDER_UNSPECIFIED: ByteOrder
 BYTE_ORDER_LITTLE_ENDIAN: ByteOrder
 BYTE_ORDER_BIG_ENDIAN: ByteOrder
 
+class AddReplicaRequest(_message.Message):
+    __slots__ = ("object_id", "backend_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    backend_id: str
+    def __init__(self, object_id: _Optional[str] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
+class AddReplicaResponse(_message.Message):
+    __slots__ = ("error", "backend_id")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    backend_id: str
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., backend_id: _Optional[str] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("object_id", "primary_id", "epoch", "lsn", "class_key", "alias", "state", "deleted", "calls")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    primary_id: str
+    epoch: int
+    lsn: int
+    class_key: str
+    alias: str
+    state: Value
+    deleted: bool
+    calls: _containers.RepeatedCompositeFieldContainer[ReplicatedCall]
+    def __init__(self, object_id: _Optional[str] = ..., primary_id: _Optional[str] = ..., epoch: _Optional[int] = ..., lsn: _Optional[int] = ..., class_key: _Optional[str] = ..., alias: _Optional[str] = ..., state: _Optional[_Union[Value, _Mapping]] = ..., deleted: _Optional[bool] = ..., calls: _Optional[_Iterable[_Union[ReplicatedCall, _Mapping]]] = ...) -> None: ...
+
+class ReplicatedCall(_message.Message):
+    __slots__ = ("call_id", "result")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    result: Value
+    def __init__(self, call_id: _Optional[str] = ..., result: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("error", "epoch")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    epoch: int
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class UpgradeClassRequest(_message.Message):
     __slots__ = ("object_id", "class_key", "chain_id")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -124,16 +178,20 @@ class PingReply(_message.Message):
     def __init__(self, backend_id: _Optional[str] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., status: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class ObjectRef(_message.Message):
-    __slots__ = ("object_id", "class_key", "backend_id", "aliases")
+    __slots__ = ("object_id", "class_key", "backend_id", "aliases", "replicas", "epoch")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_ID_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     class_key: str
     backend_id: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., backend_id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., backend_id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("object_id", "alias")
@@ -242,15 +300,17 @@ class PersistObject(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., class_key: _Optional[str] = ..., state: _Optional[_Union[Value, _Mapping]] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class PersistRequest(_message.Message):
-    __slots__ = ("objects", "adopt")
+    __slots__ = ("objects", "adopt", "replicas")
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     ADOPT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     objects: _containers.RepeatedCompositeFieldContainer[PersistObject]
     adopt: bool
-    def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ...) -> None: ...
+    replicas: int
+    def __init__(self, objects: _Optional[_Iterable[_Union[PersistObject, _Mapping]]] = ..., adopt: _Optional[bool] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm", "reader_pid", "reader_pid_ns")
+    __slots__ = ("object_id", "kind", "name", "args", "chain_id", "call_id", "mutates", "timeout", "accept_shm", "reader_pid", "reader_pid_ns", "on_replica")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +322,7 @@ class CallRequest(_message.Message):
     ACCEPT_SHM_FIELD_NUMBER: _ClassVar[int]
     READER_PID_FIELD_NUMBER: _ClassVar[int]
     READER_PID_NS_FIELD_NUMBER: _ClassVar[int]
+    ON_REPLICA_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     kind: CallKind
     name: str
@@ -273,7 +334,8 @@ class CallRequest(_message.Message):
     accept_shm: bool
     reader_pid: int
     reader_pid_ns: int
-    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ..., reader_pid_ns: _Optional[int] = ...) -> None: ...
+    on_replica: bool
+    def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ..., reader_pid_ns: _Optional[int] = ..., on_replica: _Optional[bool] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("result", "error", "result_handle", "result_size")

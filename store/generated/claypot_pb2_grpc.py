@@ -159,6 +159,16 @@ class BackendStub:
                 request_serializer=claypot__pb2.LeasesRequest.SerializeToString,
                 response_deserializer=claypot__pb2.LeasesResponse.FromString,
                 _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/claypot.v1.Backend/Replicate',
+                request_serializer=claypot__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=claypot__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.AddReplica = channel.unary_unary(
+                '/claypot.v1.Backend/AddReplica',
+                request_serializer=claypot__pb2.AddReplicaRequest.SerializeToString,
+                response_deserializer=claypot__pb2.AddReplicaResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -347,6 +357,25 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request, context):
+        """Replication (README "Replicas"): the primary of a replicated object sends
+        each acknowledged state of it (the bytes it logged, with its epoch and LSN,
+        and its recent call ids with their results) to every replica, and
+        acknowledges the change only once they all accepted it. A replica refuses a
+        state from an epoch older than the one it knows (a deposed primary).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddReplica(self, request, context):
+        """Gives a persistent object one more replica (on backend_id, or on a backend
+        of another host chosen by the primary); its replication factor grows by one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -474,6 +503,16 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.Leases,
                     request_deserializer=claypot__pb2.LeasesRequest.FromString,
                     response_serializer=claypot__pb2.LeasesResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=claypot__pb2.ReplicateRequest.FromString,
+                    response_serializer=claypot__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'AddReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReplica,
+                    request_deserializer=claypot__pb2.AddReplicaRequest.FromString,
+                    response_serializer=claypot__pb2.AddReplicaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1151,6 +1190,60 @@ class Backend:
             '/claypot.v1.Backend/Leases',
             claypot__pb2.LeasesRequest.SerializeToString,
             claypot__pb2.LeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/Replicate',
+            claypot__pb2.ReplicateRequest.SerializeToString,
+            claypot__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/claypot.v1.Backend/AddReplica',
+            claypot__pb2.AddReplicaRequest.SerializeToString,
+            claypot__pb2.AddReplicaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,7 +46,7 @@ from store import objectops as _ops
 
 from . import exceptions
 from .exceptions import (AliasAlreadyExistError, AliasDoesNotExistError, BackendDoesNotExistError,
-                         DataClayFeatureUnavailable, ObjectIsNotVersionError, ObjectNotFound,
+                         ObjectIsNotVersionError, ObjectNotFound,
                          ObjectNotRegisteredError)
 
 __version__ = "4.3.1"   # the dataClay API this layer mirrors
@@ -344,12 +344,23 @@ class DataClayObject(_obj.StorageObject):
                 raise _err.NotPersistent("not persistent")
             _ops.consolidate_version(_obj.get_dispatcher(), self)
 
-    def new_replica(self, backend_id=None, recursive: bool = False, remotes: bool = True):
-        """Not available: claypot has no replicas yet. Raises DataClayFeatureUnavailable
-        (also a ``store.errors.FeatureUnavailable``)."""
-        raise DataClayFeatureUnavailable(
-            "new_replica: claypot has no object replicas yet; an object lives on one "
-            "backend (move it with move(), copy it with new_version())")
+    def new_replica(self, backend_id=None, recursive: bool = True, remotes: bool = True):
+        """One more replica of this object (and, with ``recursive``, of every persistent
+        object reachable from it), on ``backend_id`` or on a backend of another host.
+
+        Unlike dataClay's copies, claypot's replicas are consistent: the primary
+        ships every change to them before acknowledging it, changing calls
+        always run on the primary, and a replica takes over when the primary is
+        lost (README "Replicas"). ``remotes`` is accepted for compatibility.
+        """
+        with _as_dataclay(object_id=self.getID()):
+            if not self.is_persistent:
+                raise _err.NotPersistent("not persistent")
+            client = _obj.get_dispatcher()
+            target = _id(backend_id) if backend_id is not None else None
+            objs = list(_ops.reachable(client, self)) if recursive else [self]
+            for obj in objs:
+                client.add_replica(obj, target)
 
     # -- properties as a dict; get / put / update -----------------------------------------------
     def get_properties(self) -> dict[str, Any]:
@@ -420,7 +431,7 @@ class DataClayObject(_obj.StorageObject):
     async def a_consolidate_version(self):
         return await _in_thread(self.consolidate_version)
 
-    async def a_new_replica(self, backend_id=None, recursive=False, remotes=True):
+    async def a_new_replica(self, backend_id=None, recursive=True, remotes=True):
         return self.new_replica(backend_id, recursive, remotes)
 
     async def a_sync(self):
