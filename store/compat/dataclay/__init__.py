@@ -432,7 +432,7 @@ class DataClayObject(_obj.StorageObject):
         return await _in_thread(self.consolidate_version)
 
     async def a_new_replica(self, backend_id=None, recursive=True, remotes=True):
-        return self.new_replica(backend_id, recursive, remotes)
+        return await _in_thread(self.new_replica, backend_id, recursive, remotes)
 
     async def a_sync(self):
         return await _in_thread(self.sync)
