@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -30,6 +31,7 @@ from . import shm
 log = logging.getLogger("claypot.leases")
 
 _RELEASE_DEADLINE = 5.0
+_RELEASE_ATTEMPTS = 4
 
 
 class LeaseReturns:
@@ -69,16 +71,24 @@ class LeaseReturns:
                 self._inflight += 1
             try:
                 for address, ids in batch.items():
-                    try:
-                        self._send(address, ids, _RELEASE_DEADLINE)
-                    except Exception as exc:
-                        # The backend may be gone (then its leases are too); if it is
-                        # not, it ends them when this process exits.
-                        log.debug("returning %d leases to %s failed: %s", len(ids), address, exc)
+                    self._return(address, ids)
             finally:
                 with self._cv:
                     self._inflight -= 1
                     self._cv.notify_all()
+
+    def _return(self, address: str, ids: list[str]) -> None:
+        # A busy backend may miss one deadline: try a few times before giving up.
+        # After that the backend is taken to be gone (its leases with it); if it
+        # is not, it ends them when this process exits.
+        for attempt in range(_RELEASE_ATTEMPTS):
+            try:
+                self._send(address, ids, _RELEASE_DEADLINE)
+                return
+            except Exception as exc:
+                log.debug("returning %d leases to %s failed (attempt %d): %s",
+                          len(ids), address, attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued lease was sent (for tests and orderly exits)."""
