@@ -631,7 +631,9 @@ class Backend:
             # Reported under an object's lock: the spills wait for the next transition.
             on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)),
             pool_limit=parse_memory_limit(settings.shm_pool))
-        self.heap.before_change = self.segments.changing
+        # The live object goes along: its arrays may live in another object's segments.
+        self.heap.before_change = lambda oid: self.segments.changing(
+            oid, getattr(self.heap._entries.get(oid), "obj", None))
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone
         self.client = Client(address="127.0.0.1:1", token=settings.token, settings=settings)
