@@ -253,7 +253,8 @@ class Segments:
         self._finish(drop)
 
     # -- leases ----------------------------------------------------------------------------
-    def lease(self, buffers: Sequence, pid: int) -> list[tuple[str, int, str]] | None:
+    def lease(self, buffers: Sequence, pid: int,
+              wait: bool = True) -> list[tuple[str, int, str]] | None:
         """Leases on the segments holding each of ``buffers``, for reader ``pid``.
 
         Returns (segment, offset, lease id) per buffer, or None (all or none)
@@ -279,7 +280,7 @@ class Segments:
             def settled() -> bool:
                 got[:] = [self._found_locked(addresses)]
                 return got[0] is not None
-            if not self._idle.wait_for(settled, self.lease_wait):
+            if not self._idle.wait_for(settled, self.lease_wait if wait else 0):
                 return None
             found = got[0]
             if not found:
