@@ -108,7 +108,18 @@ KEPT_MARK = "kept"
 def kept_name() -> str:
     """A name for a segment a backend keeps as an object's memory: no transfer is in
     flight under it, so an orphan sweep removes it as soon as its keeper is dead."""
-    return f"{PREFIX}{os.getpid()}-{KEPT_MARK}{uuid.uuid4().hex}"
+    return f"{PREFIX}{os.getpid()}-{KEPT_MARK}{pid_namespace()}n{uuid.uuid4().hex}"
+
+
+def _settled(name: str) -> bool:
+    """A kept or free segment of a keeper in this PID namespace: its PID tells all."""
+    rest = name[len(PREFIX):].split("-", 1)[-1]
+    if rest.startswith(FREE_MARK):
+        return True
+    if not rest.startswith(KEPT_MARK):
+        return False
+    ns = rest[len(KEPT_MARK):].split("n", 1)[0]
+    return ns.isdigit() and int(ns) == pid_namespace()
 
 
 def free_name() -> str:
@@ -278,7 +289,9 @@ def remove_orphans(min_age: float = RESULT_TTL) -> int:
         except OSError:
             continue
         # Kept and free segments are never in flight: only their keeper's life counts.
-        settled = f"-{KEPT_MARK}" in name or f"-{FREE_MARK}" in name
+        # (A keeper in another PID namespace sharing /dev/shm: its PID means nothing
+        # here, so its segments wait out min_age like any.)
+        settled = _settled(name)
         if st.st_uid != os.getuid() or (now - st.st_mtime < min_age and not settled):
             continue
         orphan = True
