@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -458,7 +459,7 @@ class Segments:
         shm.discard(names)
 
 
-def _array_ranges(obj, limit: int = 10000) -> list[tuple[int, int]]:
+def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:
     """Address ranges of the numpy arrays (their whole base memory) reachable from
     ``obj``'s attributes and the containers in them (up to ``limit`` values)."""
     np = shm._numpy()
@@ -483,9 +484,19 @@ def _array_ranges(obj, limit: int = 10000) -> list[tuple[int, int]]:
             todo += value.values()
         elif isinstance(value, (list, tuple, set, frozenset)):
             todo += value
-        elif hasattr(value, "__dict__") and not isinstance(value, type):
-            todo += vars(value).values()
+        elif not isinstance(value, _OPAQUE):
+            try:   # never through __getattr__: a proxy's would make a remote call
+                attrs = object.__getattribute__(value, "__dict__")
+            except (AttributeError, TypeError):
+                continue
+            if isinstance(attrs, dict):
+                todo += attrs.values()
     return out
+
+
+# Values whose attributes are no object's state (a module's would be walked whole).
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, str, bytes, int, float)
 
 
 def _process_start(pid: int) -> float | None:
