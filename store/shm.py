@@ -657,7 +657,15 @@ def _after_fork() -> None:
             made.forked = True
 
 
-os.register_at_fork(after_in_parent=_after_fork, after_in_child=_after_fork)
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at the fork: the child's
+    # copy would never be released. The child runs one thread now.
+    global _made_lock
+    _made_lock = threading.Lock()
+    _after_fork()
+
+
+os.register_at_fork(after_in_parent=_after_fork, after_in_child=_after_fork_in_child)
 
 
 def make_array(shape, dtype, zero: bool):
