@@ -713,3 +713,36 @@ def test_a_backend_keeping_many_segments_does_not_run_out_of_file_descriptors(tm
             objs.append(g)
         assert objs[-1].head() == 159.0
         assert len(os.listdir(f"/proc/{pid}/fd")) < limit
+
+
+class Peeker(StorageObject):
+    def __init__(self):
+        self.n = 0
+
+    def peek(self, grid):
+        return float(grid.data[-1])      # a same-host read back into the caller's backend
+
+
+class Stepper(StorageObject):
+    def __init__(self, data):
+        self.data = data
+
+    def step(self, peeker):
+        self.data += 1.0
+        return peeker.peek(self)          # a callback while this changing call runs
+
+
+def test_a_read_nested_in_its_own_changing_call_does_not_wait_for_it(cluster):
+    # Same-host reads wait for a changing call on the object to end (never torn); a
+    # read that the changing call itself is waiting for (a callback of its chain)
+    # must not, or it would wait for itself until the lease wait runs out.
+    ids = [p.backend_id for p in cluster.processes]
+    s = Stepper(np.zeros(N))
+    s.make_persistent(backend=ids[0])
+    p = Peeker()
+    p.make_persistent(backend=ids[1])
+    view = s.data                                     # leased: the step copies aside
+    started = time.monotonic()
+    assert s.step(p) == 1.0
+    assert time.monotonic() - started < 10.0
+    assert view[-1] == 0.0 and float(s.data[-1]) == 1.0
