@@ -15,8 +15,9 @@ the object's arrays *are* the file. So:
   writes any more, whole. One memcpy of the leased buffers; none at all when
   nobody leases them (the method writes the file in place, which stays the
   object's state, so the next read is zero-copy again).
-- While such a call runs, the object's segments are not leased (a reader
-  would see it half done); the read gets a copy instead.
+- While such a call runs, the object's segments (and any other segment its
+  arrays live in) are not leased (a reader would see it half done): the read
+  waits for the call's end (``lease_wait``), then leases.
 - A move or a delete ends the segments' tie to the object; each file is
   unlinked as soon as no lease holds it.
 - A lease ends when the reader's view is garbage collected (the reader
@@ -24,14 +25,17 @@ the object's arrays *are* the file. So:
   is checked on a timer, :meth:`Segments.sweep`; a PID reused by a younger
   process counts as dead). A segment handed over by its creator
   (``store.empty``) starts with a lease of the creator, whose own (now
-  copy-on-write) mapping must not see the object change either.
+  copy-on-write) mapping must not see the object change either; when that
+  lease cannot be held (over the limit, or a creator this backend cannot
+  watch), the backend keeps a private copy instead.
 - Leased bytes are bounded by ``limit``: past it, reads get copies. Leased
   segments that no live object uses any more are memory the heap does not
   count, so they are reported to the lifecycle as extra resident bytes
   (``on_stale_bytes``), and spilling makes room for them.
 
 A backend killed with ``kill -9`` leaves its segments behind; they carry its
-PID in their names, so the next start's orphan sweep removes them
+PID and PID namespace in their names, so the next start's orphan sweep removes
+them at once
 (:func:`store.shm.remove_orphans`). A restart never reads them: objects come
 back from the storage directory.
 """
