@@ -1,8 +1,9 @@
 """Hostile review of same-host zero-copy (issue 19): leases, copy-on-write, store.empty.
 
 Real processes only: LocalCluster backends on loopback, readers/creators in child
-processes (some in their own PID or mount namespace, which needs root). Each test
-that fails on the branch as reviewed names the guarantee it breaks.
+processes (some in their own PID or mount namespace, which needs root). A test
+marked FAILS failed on the branch as reviewed; its comment names the guarantee it
+broke and why (all pass since the fixes).
 """
 
 from __future__ import annotations
