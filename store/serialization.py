@@ -17,6 +17,7 @@ into proxies.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import pickle
@@ -154,6 +155,9 @@ def loads(payload: bytes | memoryview, buffers=(), ctx: UnpickleContext | None =
     previous = getattr(_local, "unpickle_ctx", None)
     _local.unpickle_ctx = ctx
     try:
+        if buffers and _READONLY_BUFFER in (payload if isinstance(payload, (bytes, bytearray))
+                                            else bytes(payload)):
+            return _WritableUnpickler(io.BytesIO(payload), buffers=buffers).load()
         return pickle.loads(payload, buffers=buffers)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise ClassNotFound(f"cannot load a class or function the value needs: {exc}") from exc
@@ -164,6 +168,45 @@ def loads(payload: bytes | memoryview, buffers=(), ctx: UnpickleContext | None =
         raise SerializationError(f"cannot unpickle value: {type(exc).__name__}: {exc}") from exc
     finally:
         _local.unpickle_ctx = previous
+
+
+# NEXT_BUFFER then READONLY_BUFFER: an out-of-band buffer pickled from read-only memory
+# (say a leased view of a same-host read).
+_READONLY_BUFFER = pickle.NEXT_BUFFER + pickle.READONLY_BUFFER
+
+
+class _WritableUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays over writable received buffers as writable arrays.
+
+    Pickle marks a buffer read-only when the sender's memory was (a leased
+    view is): the array rebuilt from it would be read-only in the receiver
+    too, although the receiver's buffer is its own writable copy, and every
+    changing method of an object stored from it would fail. Buffers the
+    receiver cannot write (its own leased views) stay read-only.
+    """
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name)
+        if name == "_frombuffer" and module.startswith("numpy"):
+            return functools.partial(_frombuffer_writable, found)
+        return found
+
+
+def _frombuffer_writable(rebuild, buf, *args):
+    try:
+        view = memoryview(buf)
+        if view.readonly and view.obj is not None and view.c_contiguous:
+            whole = memoryview(view.obj)
+            if not whole.readonly and whole.c_contiguous and whole.nbytes:
+                import numpy as np
+                whole = whole.cast("B")
+                offset = (np.frombuffer(view.cast("B"), np.uint8).ctypes.data
+                          - np.frombuffer(whole, np.uint8).ctypes.data) if view.nbytes else 0
+                if 0 <= offset and offset + view.nbytes <= whole.nbytes:
+                    buf = whole[offset:offset + view.nbytes]
+    except (TypeError, ValueError):
+        pass   # not a plain buffer: rebuilt as pickled
+    return rebuild(buf, *args)
 
 
 def buffer_sizes(buffers) -> list[int]:

@@ -102,6 +102,24 @@ def _new_name() -> str:
 
 
 FREE_MARK = "free"
+KEPT_MARK = "kept"
+
+
+def kept_name() -> str:
+    """A name for a segment a backend keeps as an object's memory: no transfer is in
+    flight under it, so an orphan sweep removes it as soon as its keeper is dead."""
+    return f"{PREFIX}{os.getpid()}-{KEPT_MARK}{pid_namespace()}n{uuid.uuid4().hex}"
+
+
+def _settled(name: str) -> bool:
+    """A kept or free segment of a keeper in this PID namespace: its PID tells all."""
+    rest = name[len(PREFIX):].split("-", 1)[-1]
+    if rest.startswith(FREE_MARK):
+        return True
+    if not rest.startswith(KEPT_MARK):
+        return False
+    ns = rest[len(KEPT_MARK):].split("n", 1)[0]
+    return ns.isdigit() and int(ns) == pid_namespace()
 
 
 def free_name() -> str:
@@ -223,7 +241,7 @@ def attach(names: Sequence[str], sizes: Sequence[int]) -> list[memoryview]:
                                     f"safely: {exc.strerror}") from None
             try:
                 _check_segment(fd, name, size)
-                region = mmap.mmap(fd, size) if size else bytearray()
+                region = map_fd(fd, size, True) if size else bytearray()
             finally:
                 os.close(fd)
                 os.unlink(path)
@@ -270,7 +288,11 @@ def remove_orphans(min_age: float = RESULT_TTL) -> int:
             st = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False)
         except OSError:
             continue
-        if st.st_uid != os.getuid() or now - st.st_mtime < min_age:
+        # Kept and free segments are never in flight: only their keeper's life counts.
+        # (A keeper in another PID namespace sharing /dev/shm: its PID means nothing
+        # here, so its segments wait out min_age like any.)
+        settled = _settled(name)
+        if st.st_uid != os.getuid() or (now - st.st_mtime < min_age and not settled):
             continue
         orphan = True
         if pid_text.isdigit():
@@ -355,33 +377,55 @@ def pid_namespace() -> int:
         return 0
 
 
+def maps_segment(pid: int, name: str) -> bool:
+    """Whether process ``pid`` (of this PID namespace) maps segment ``name``: only then
+    is a lease of that PID the creator's (a creator in another PID namespace, or a
+    PID reused, is somebody else here)."""
+    needle = f" {os.path.join(SHM_DIR, name)}".encode()
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return any(line.rstrip(b"\n").endswith(needle) for line in f)
+    except OSError:
+        return False
+
+
 def creator_pid(name: str) -> int:
     """The PID in a segment's name (0 if there is none)."""
     text = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
     return int(text) if text.isdigit() else 0
 
 
-def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mmap | None]]:
+def keep(names: Sequence[str], sizes: Sequence[int],
+         copy: Sequence[bool] = ()) -> list[tuple[str, "mmap.mmap | bytearray | None"]]:
     """Take the segments over: rename each to this process's name, map it shared.
 
     Returns (new name, mapping) per segment (``None`` for an empty buffer,
-    which has no segment worth keeping). All or none: on error the segments
-    are unlinked.
+    which has no segment worth keeping). A segment whose ``copy[i]`` is true,
+    or whose pages /dev/shm cannot back (a sparse file on a full tmpfs: writing
+    a hole would kill this process with SIGBUS), is read into ordinary memory
+    instead: ("", bytearray). A segment of this process (one it keeps already)
+    is refused. All or none: on error the segments are unlinked.
     """
     if len(names) != len(sizes):
         raise ProtocolError("shared-memory segments and buffer sizes do not match")
-    out: list[tuple[str, mmap.mmap | None]] = []
+    out: list = []
     try:
-        for name, size in zip(names, sizes):
+        for i, (name, size) in enumerate(zip(names, sizes)):
             path = _path(name)
+            if creator_pid(name) == os.getpid():
+                raise ProtocolError(f"shared-memory segment {name} is not the sender's")
             fd = _open_checked(path, name, os.O_RDWR, size)
             try:
                 if not size:
                     os.unlink(path)
                     out.append(("", None))
                     continue
-                region = mmap.mmap(fd, size)
-                mine = _new_name()
+                if (i < len(copy) and copy[i]) or not _backed(fd, size):
+                    out.append(("", _read_private(fd, size)))
+                    os.unlink(path)
+                    continue
+                region = map_fd(fd, size, True)
+                mine = kept_name()
                 os.rename(path, os.path.join(SHM_DIR, mine))
                 out.append((mine, region))
             finally:
@@ -391,6 +435,54 @@ def keep(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, mmap.mma
         discard([n for n, _ in out if n])
         raise
     return out
+
+
+def _backed(fd: int, size: int) -> bool:
+    """Whether every page of the file exists (allocating the missing ones): False when
+    /dev/shm cannot hold them."""
+    if os.fstat(fd).st_blocks * 512 >= size:
+        return True
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return True
+    except OSError:
+        return False
+
+
+def _read_private(fd: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view[offset:offset + _WRITE_SLICE]], offset)
+        if n <= 0:
+            break
+        offset += n
+    return buf
+
+
+def map_fd(fd: int, size: int, writable: bool) -> mmap.mmap:
+    """A shared mapping of ``fd`` that holds no file descriptor of its own.
+
+    ``mmap.mmap(fd)`` keeps a dup of ``fd`` for the mapping's whole life (one
+    open file per kept segment or leased view: a process runs out of them). So
+    an anonymous ``mmap`` object reserves the addresses (and unmaps them when
+    collected) and the file is mapped over them with ``MAP_FIXED``.
+    """
+    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+    start = None
+    if _numpy() is not None:
+        region = mmap.mmap(-1, size, access=access)
+        start = buffer_address(region)
+    if start is None:
+        return mmap.mmap(fd, size, access=access)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    got = _libc().mmap(start, size, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    if got != start:
+        err = __import__("ctypes").get_errno()
+        region.close()
+        raise OSError(err, f"cannot map a segment: {os.strerror(err)}")
+    return region
 
 
 def map_readonly(name: str, offset: int, size: int) -> memoryview:
@@ -406,7 +498,7 @@ def map_readonly(name: str, offset: int, size: int) -> memoryview:
         if offset < 0 or size < 0 or offset + size > total:
             raise ProtocolError(f"shared-memory segment {name} holds {total} bytes, not "
                                 f"{size} at offset {offset}")
-        region = mmap.mmap(fd, total, access=mmap.ACCESS_READ) if total else None
+        region = map_fd(fd, total, False) if total else None
     finally:
         os.close(fd)
     if region is None:
@@ -484,7 +576,7 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
     fd = -1
     reused = False
     if reuse:   # a free segment (renamed to a name of ours first: a client may claim it)
-        name = _new_name()
+        name = kept_name()
         try:
             os.rename(os.path.join(SHM_DIR, reuse), os.path.join(SHM_DIR, name))
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -492,7 +584,7 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
         except OSError:
             fd = -1
     if fd < 0:
-        name = _new_name()
+        name = kept_name()
         try:
             fd = os.open(os.path.join(SHM_DIR, name),
                          os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
@@ -534,16 +626,46 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
 
 
 class _Made:
-    """A segment this process created for an array (see ``make_array``)."""
+    """A segment this process created for an array (see ``make_array``).
 
-    __slots__ = ("name", "size", "region", "frozen", "__weakref__")
+    It holds its mapping weakly: the array's collection must unmap and unlink
+    it, and end the lease a backend gave this process on it.
+    """
+
+    __slots__ = ("name", "size", "_region", "frozen", "forked", "__weakref__")
 
     def __init__(self, name: str, size: int, region: mmap.mmap):
-        self.name, self.size, self.region, self.frozen = name, size, region, False
+        import weakref
+        self.name, self.size, self.frozen, self.forked = name, size, False, False
+        self._region = weakref.ref(region)
+
+    @property
+    def region(self) -> "mmap.mmap | None":
+        return self._region()
 
 
 _made_lock = threading.Lock()
 _made: dict[int, "_Made"] = {}   # start address -> segment, while its mapping lives
+
+
+def _after_fork() -> None:
+    # Parent and child now both map every segment of make_array shared: a write in
+    # either lands in the file. Handing one over would let the other change the stored
+    # object, so from now on these segments are copied like any buffer.
+    with _made_lock:
+        for made in _made.values():
+            made.forked = True
+
+
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at the fork: the child's
+    # copy would never be released. The child runs one thread now.
+    global _made_lock
+    _made_lock = threading.Lock()
+    _after_fork()
+
+
+os.register_at_fork(after_in_parent=_after_fork, after_in_child=_after_fork_in_child)
 
 
 def make_array(shape, dtype, zero: bool):
@@ -551,7 +673,10 @@ def make_array(shape, dtype, zero: bool):
 
     ``make_persistent`` of an object holding it hands the segment itself to a
     same-host backend (no copy). The file is unlinked when the array is
-    garbage collected, unless a backend took it over.
+    garbage collected, unless a backend took it over. Its pages are allocated
+    up front: a full /dev/shm raises :class:`Unavailable` here (the caller
+    falls back to ordinary memory) instead of killing the process with SIGBUS
+    on a later write.
     """
     import weakref
 
@@ -565,6 +690,12 @@ def make_array(shape, dtype, zero: bool):
     size = count * dt.itemsize
     if not available() or size == 0:
         return np.zeros(shape, dt) if zero else np.empty(shape, dt)
+    try:
+        room = os.statvfs(SHM_DIR)
+        if size > room.f_bavail * room.f_frsize:
+            raise Unavailable(f"{SHM_DIR} has no room for {size} bytes")
+    except OSError as exc:
+        raise Unavailable(f"cannot size a segment in {SHM_DIR}: {exc}") from exc
     name = _new_name()
     path = os.path.join(SHM_DIR, name)
     try:
@@ -573,8 +704,11 @@ def make_array(shape, dtype, zero: bool):
     except OSError as exc:
         raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
     try:
-        os.ftruncate(fd, size)   # a new tmpfs file reads as zeros: zeros() costs nothing more
-        region = mmap.mmap(fd, size)
+        os.ftruncate(fd, size)   # a new tmpfs file reads as zeros
+        # Pages allocated now, not on first write: a write to a hole that a full tmpfs
+        # cannot back kills the process with SIGBUS.
+        os.posix_fallocate(fd, 0, size)
+        region = map_fd(fd, size, True)
     except OSError as exc:
         os.close(fd)
         discard([name])
@@ -606,7 +740,8 @@ def made_segment(buf) -> "_Made | None":
         return None
     with _made_lock:
         made = _made.get(start)
-    if made is None or made.frozen or memoryview(buf).nbytes != made.size \
+    if made is None or made.frozen or made.forked or made.region is None \
+            or memoryview(buf).nbytes != made.size \
             or not os.path.exists(os.path.join(SHM_DIR, made.name)):
         return None
     return made

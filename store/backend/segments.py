@@ -15,8 +15,9 @@ the object's arrays *are* the file. So:
   writes any more, whole. One memcpy of the leased buffers; none at all when
   nobody leases them (the method writes the file in place, which stays the
   object's state, so the next read is zero-copy again).
-- While such a call runs, the object's segments are not leased (a reader
-  would see it half done); the read gets a copy instead.
+- While such a call runs, the object's segments (and any other segment its
+  arrays live in) are not leased (a reader would see it half done): the read
+  waits for the call's end (``lease_wait``), then leases.
 - A move or a delete ends the segments' tie to the object; each file is
   unlinked as soon as no lease holds it.
 - A lease ends when the reader's view is garbage collected (the reader
@@ -24,14 +25,17 @@ the object's arrays *are* the file. So:
   is checked on a timer, :meth:`Segments.sweep`; a PID reused by a younger
   process counts as dead). A segment handed over by its creator
   (``store.empty``) starts with a lease of the creator, whose own (now
-  copy-on-write) mapping must not see the object change either.
+  copy-on-write) mapping must not see the object change either; when that
+  lease cannot be held (over the limit, or a creator this backend cannot
+  watch), the backend keeps a private copy instead.
 - Leased bytes are bounded by ``limit``: past it, reads get copies. Leased
   segments that no live object uses any more are memory the heap does not
   count, so they are reported to the lifecycle as extra resident bytes
   (``on_stale_bytes``), and spilling makes room for them.
 
 A backend killed with ``kill -9`` leaves its segments behind; they carry its
-PID in their names, so the next start's orphan sweep removes them
+PID and PID namespace in their names, so the next start's orphan sweep removes
+them at once
 (:func:`store.shm.remove_orphans`). A restart never reads them: objects come
 back from the storage directory.
 """
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -68,6 +73,7 @@ class Segment:
     object_id: str = ""              # "" until the persist that brought it committed
     current: bool = True             # still the object's memory
     mapped: bool = True              # the backend maps it (false once copied aside)
+    reuse: bool = True               # new data may go into it once nobody maps it
     leases: set[str] = field(default_factory=set)
 
 
@@ -89,6 +95,11 @@ class Segments:
         self._leases: dict[str, Lease] = {}
         self._starts: list[tuple[int, int, str]] = []   # (start, end, name), for lookups
         self._busy: dict[str, int] = {}   # object id -> changing calls running on it
+        # object id -> address ranges of the arrays a changing call on it may write
+        # (an array of another object's segment, passed to it by reference, included)
+        self._busy_ranges: dict[str, list[tuple[int, int]]] = {}
+        self._idle = threading.Condition(self._mu)
+        self.lease_wait = 30.0   # how long a read waits for a changing call to end
         self._reported_stale = 0
         self.relocations = 0
 
@@ -101,12 +112,34 @@ class Segments:
         creator keeps on segment i: it still maps it (see ``store.empty``).
         """
         creators = [shm.creator_pid(n) for n in names]
-        kept = shm.keep(names, sizes)
+        copy = []
+        with self._mu:
+            for name in names:
+                if name in self._segments:
+                    from ..errors import ProtocolError
+                    shm.discard([n for n in names if n not in self._segments])
+                    raise ProtocolError(f"shared-memory segment {name} is kept already")
+            budget = self.limit - self.leased_bytes_locked()
+        for i, (name, size) in enumerate(zip(names, sizes)):
+            lease_id = creator_leases[i] if i < len(creator_leases) else ""
+            # The creator still maps the file: the backend may share it only under a
+            # lease of the creator it can watch (a process of this PID namespace that
+            # maps it) and within the lease limit; otherwise it keeps a private copy,
+            # which nothing the backend does can show to the creator.
+            private = bool(lease_id) and (
+                size > budget or not creators[i] or not shm.maps_segment(creators[i], name))
+            if lease_id and not private:
+                budget -= size
+            copy.append(private)
+        kept = shm.keep(names, sizes, copy)
         buffers, mine = [], []
         with self._mu:
             for i, (name, region) in enumerate(kept):
                 if region is None:
                     buffers.append(bytearray())
+                    continue
+                if isinstance(region, bytearray):   # read into ordinary memory
+                    buffers.append(region)
                     continue
                 start = shm.buffer_address(region)
                 if start is None:   # numpy absent: an ordinary private buffer, never leased
@@ -137,24 +170,37 @@ class Segments:
                     self._by_object.setdefault(object_id, []).append(name)
 
     def abandon(self, names: Sequence[str]) -> None:
-        """The persist failed: forget its segments."""
+        """The persist failed: forget its segments (and the creator's leases on them: its
+        client tracks a lease only once the persist succeeded)."""
         with self._mu:
             for name in names:
                 seg = self._segments.get(name)
                 if seg is not None:
                     seg.current = False
+                    for lease_id in seg.leases:
+                        self._leases.pop(lease_id, None)
+                        seg.reuse = False   # the creator's private mapping reads its pages
+                    seg.leases.clear()
             drop = self._collect_locked()
         self._finish(drop)
 
-    def changing(self, object_id: str) -> None:
+    def changing(self, object_id: str, obj=None) -> None:
         """A call that may change ``object_id`` starts (its lock is held).
 
-        Leased segments move aside first (see the module docstring); until
-        :meth:`changed`, none of the object's segments is leased.
+        Leased segments move aside first (see the module docstring): the
+        object's own and any other one its arrays (``obj``, the live object)
+        live in, since a local call may have handed it another object's array.
+        Until :meth:`changed`, none of those segments is leased.
         """
+        ranges = _array_ranges(obj) if obj is not None and self._segments else []
         with self._mu:
             self._busy[object_id] = self._busy.get(object_id, 0) + 1
-            names = list(self._by_object.get(object_id, ()))
+            if ranges:
+                self._busy_ranges.setdefault(object_id, []).extend(ranges)
+            names = set(self._by_object.get(object_id, ()))
+            for lo, hi, name in self._starts:
+                if any(lo < b and a < hi for a, b in ranges):
+                    names.add(name)
             leased = [self._segments[n] for n in names
                       if n in self._segments and self._segments[n].leases
                       and self._segments[n].current]
@@ -174,14 +220,16 @@ class Segments:
                 self.relocations += 1
                 seg.current = False
                 seg.mapped = False
-                moved = Segment(fresh, seg.size, seg.start, seg.region, object_id)
+                owner = seg.object_id   # another object's, for an array shared with it
+                moved = Segment(fresh, seg.size, seg.start, seg.region, owner)
                 self._segments[fresh] = moved
                 self._starts = [t for t in self._starts if t[2] != seg.name]
                 self._starts.append((seg.start, seg.start + seg.size, fresh))
-                owned = self._by_object.setdefault(object_id, [])
-                if seg.name in owned:
-                    owned.remove(seg.name)
-                owned.append(fresh)
+                if owner:
+                    owned = self._by_object.setdefault(owner, [])
+                    if seg.name in owned:
+                        owned.remove(seg.name)
+                    owned.append(fresh)
         if leased:
             self._finish([])   # the old files are now extra memory: report it
 
@@ -193,6 +241,8 @@ class Segments:
                 self._busy[object_id] = n
             else:
                 self._busy.pop(object_id, None)
+                self._busy_ranges.pop(object_id, None)
+            self._idle.notify_all()
 
     def gone(self, object_id: str) -> None:
         """``object_id`` moved or was deleted: its segments are no longer its memory."""
@@ -208,7 +258,8 @@ class Segments:
         self._finish(drop)
 
     # -- leases ----------------------------------------------------------------------------
-    def lease(self, buffers: Sequence, pid: int) -> list[tuple[str, int, str]] | None:
+    def lease(self, buffers: Sequence, pid: int,
+              wait: bool = True) -> list[tuple[str, int, str]] | None:
         """Leases on the segments holding each of ``buffers``, for reader ``pid``.
 
         Returns (segment, offset, lease id) per buffer, or None (all or none)
@@ -227,12 +278,18 @@ class Segments:
         if started is None:
             return None
         with self._mu:
-            found = []
-            for start, nbytes in addresses:
-                seg = self._find_locked(start, nbytes)
-                if seg is None or self._busy.get(seg.object_id):
-                    return None
-                found.append((seg, start - seg.start))
+            # A changing call on the object runs: wait for its end (a lease taken now
+            # would show it half done, a copy taken now would be torn).
+            got: list = []
+
+            def settled() -> bool:
+                got[:] = [self._found_locked(addresses)]
+                return got[0] is not None
+            if not self._idle.wait_for(settled, self.lease_wait if wait else 0):
+                return None
+            found = got[0]
+            if not found:
+                return None
             extra = sum(seg.size for seg in {s.name: s for s, _ in found}.values()
                         if not seg.leases)
             if self.leased_bytes_locked() + extra > self.limit:
@@ -244,6 +301,21 @@ class Segments:
                 seg.leases.add(lease_id)
                 out.append((seg.name, offset, lease_id))
             return out
+
+    def _found_locked(self, addresses) -> list | None:
+        """(segment, offset) per buffer; [] when one is in no current segment; None while
+        a changing call may write one of them."""
+        found = []
+        for start, nbytes in addresses:
+            seg = self._find_locked(start, nbytes)
+            if seg is None:
+                return []
+            if self._busy.get(seg.object_id) or any(
+                    lo < seg.start + seg.size and seg.start < hi
+                    for ranges in self._busy_ranges.values() for lo, hi in ranges):
+                return None
+            found.append((seg, start - seg.start))
+        return found
 
     def _find_locked(self, start: int, nbytes: int) -> Segment | None:
         for lo, hi, name in self._starts:
@@ -313,7 +385,8 @@ class Segments:
             names = self._by_object.get(seg.object_id)
             if names and name in names:
                 names.remove(name)
-            out.append((name, seg.size, not seg.mapped or seg.region() is None))
+            out.append((name, seg.size,
+                        seg.reuse and (not seg.mapped or seg.region() is None)))
         if drop:
             gone = set(drop)
             self._starts = [t for t in self._starts if t[2] not in gone]
@@ -388,6 +461,46 @@ class Segments:
             self._leases.clear()
             self._starts = []
         shm.discard(names)
+
+
+def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:
+    """Address ranges of the numpy arrays (their whole base memory) reachable from
+    ``obj``'s attributes and the containers in them (up to ``limit`` values)."""
+    np = shm._numpy()
+    if np is None:
+        return []
+    out: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    todo = [obj]
+    while todo and len(seen) < limit:
+        value = todo.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, np.ndarray):
+            base = value
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if base.nbytes:
+                lo = base.__array_interface__["data"][0]
+                out.append((lo, lo + base.nbytes))
+        elif isinstance(value, dict):
+            todo += value.values()
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo += value
+        elif not isinstance(value, _OPAQUE):
+            try:   # never through __getattr__: a proxy's would make a remote call
+                attrs = object.__getattribute__(value, "__dict__")
+            except (AttributeError, TypeError):
+                continue
+            if isinstance(attrs, dict):
+                todo += attrs.values()
+    return out
+
+
+# Values whose attributes are no object's state (a module's would be walked whole).
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, str, bytes, int, float)
 
 
 def _process_start(pid: int) -> float | None:

@@ -443,7 +443,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                                           args, kwargs, chain, call_id=request.call_id)
             pid = request.reader_pid \
                 if request.reader_pid_ns == shm.pid_namespace() else 0
-            reply = self._reply(result, chain, request.accept_shm, pid)
+            # A call nested in a changing call of the same chain (a callback) must not
+            # wait for that call's end: it would wait for itself.
+            entry = self.heap._entries.get(request.object_id)
+            nested = entry is not None and entry.lock.owner == chain
+            reply = self._reply(result, chain, request.accept_shm, pid, not nested)
             ok = True
             return reply
         except Exception as exc:
@@ -457,7 +461,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             cancel.set_current(None)
 
     def _reply(self, result, chain: str, accept_shm: bool = False,
-               reader_pid: int = 0) -> pb.CallReply:
+               reader_pid: int = 0, wait: bool = True) -> pb.CallReply:
         if result is None:
             return pb.CallReply()
         payload, buffers = dumps(result, self.heap.pickle_context(chain))
@@ -466,7 +470,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         if accept_shm and self.settings.shm and shm.available() \
                 and len(payload) <= self.settings.inline_limit:
-            leased = self.b.segments.lease([b.raw() for b in buffers], reader_pid) \
+            leased = self.b.segments.lease([b.raw() for b in buffers], reader_pid, wait) \
                 if reader_pid else None
             if leased is not None:
                 # Zero copies: the reader maps the backend's own segments read-only.
@@ -672,10 +676,14 @@ class Backend:
                          big_object=settings.big_object, memory_budget=budget)
         self.segments = Segments(
             parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
-            # Reported under an object's lock: the spills wait for the next transition.
-            on_stale_bytes=lambda n: self.heap.life_event(lambda: self.heap.life.leased(n)),
+            # Reported under an object's lock: the spills it asks for run on a thread of
+            # their own (each takes its object's lock only if free), not at the next
+            # transition, which may be long in coming.
+            on_stale_bytes=self._stale_leased_bytes,
             pool_limit=parse_memory_limit(settings.shm_pool))
-        self.heap.before_change = self.segments.changing
+        # The live object goes along: its arrays may live in another object's segments.
+        self.heap.before_change = lambda oid: self.segments.changing(
+            oid, getattr(self.heap._entries.get(oid), "obj", None))
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone
         self.server = grpc.server(
@@ -709,6 +717,12 @@ class Backend:
         self.metrics_address = ""  # host:port of the Prometheus metrics, once started
 
     # -- lifecycle ------------------------------------------------------------------
+    def _stale_leased_bytes(self, nbytes: int) -> None:
+        todo = self.heap.life_event(lambda: self.heap.life.leased(nbytes))
+        if todo:
+            threading.Thread(target=self.heap._perform, args=(todo,), name="claypot-spill",
+                             daemon=True).start()
+
     def start(self) -> None:
         # Segments left in /dev/shm by processes that died (kill -9) mid-transfer.
         removed = shm.remove_orphans(self.settings.result_ttl)
