@@ -499,14 +499,13 @@ def test_kill_9_during_a_direct_write_leaves_a_whole_state(tmp_path, delay):
         g = Grid(np.ones(M))
         g.make_persistent(alias="zc-hostile-direct-a")
         killer = kill_later(c, bid, delay)
-        put_ok = bump_ok = False
+        put_ok = False
         try:
             z = store.zeros(M)
             z[:] = 3.0
             Grid(z).make_persistent(alias="zc-hostile-direct-b")
             put_ok = True
             g.bump(1.0)                                # write-behind checkpoint follows
-            bump_ok = True
             time.sleep(3)
         except store.errors.ClaypotError:
             pass
