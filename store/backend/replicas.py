@@ -202,6 +202,10 @@ class Replicator:
         self.root = os.path.join(self.settings.data_dir, "replicas")
         os.makedirs(self.root, exist_ok=True)
         self.sets: dict[str, ReplicaSet] = {}     # objects this backend is primary of
+        # Objects this backend was primary of until it learnt it was deposed -> the owner it
+        # was told of: fenced (no change, read or delete served) until it is promoted again.
+        self.deposed: dict[str, str] = {}
+        self._creating: dict[str, threading.Event] = {}   # published, replica set not yet
         self.copies: dict[str, Copy] = {}         # replicas held here
         self.confirmed: dict[str, float] = {}     # oid -> when the copy was last known current
         self.received: dict[str, float] = {}      # oid -> when a state last arrived
@@ -225,9 +229,30 @@ class Replicator:
         self.heap.replicate = self.replicate
 
     def renewed(self, sent_at: float) -> None:
-        """A heartbeat sent at ``sent_at`` (monotonic) was stored: extend the lease."""
+        """A heartbeat sent at ``sent_at`` (monotonic) was stored: extend the lease.
+
+        If the lease had lapsed, the heartbeat key may have expired meanwhile and a
+        replica taken over: the lease is extended only once the directory, read after
+        this heartbeat was stored, still names this backend primary of each object
+        (those it does not are deposed first). A promotion needs the old primary's
+        key gone, so none can slip in after that read while the lease runs.
+        """
+        if time.monotonic() > self.lease_until and self.sets:
+            self._confirm_owned()
         self.lease_until = max(self.lease_until,
                                sent_at + self.settings.heartbeat_ttl * _LEASE_SHARE)
+
+    def _confirm_owned(self) -> None:
+        oids = list(self.sets)
+        owners = self.directory.lookup_many(oids)
+        sets = self.directory.replica_sets(oids)
+        for oid, entry, rset in zip(oids, owners, sets):
+            mine = self.sets.get(oid)
+            if mine is None or entry is None or rset is None:
+                continue   # deleted, or a wiped directory: the monitor sorts it out
+            if entry.backend_id != self.me or rset.primary != self.me \
+                    or rset.epoch > mine.epoch:
+                self._deposed(oid)
 
     def _lock(self, object_id: str) -> threading.Lock:
         with self._mu:
@@ -238,7 +263,15 @@ class Replicator:
 
     # -- primary side --------------------------------------------------------------------
     def check_serving(self, object_id: str) -> None:
-        """Refuse a call on a replicated object while this backend holds no lease."""
+        """Refuse a call on a replicated object while this backend holds no lease, or
+        on one it was deposed from."""
+        gate = self._creating.get(object_id)
+        if gate is not None and not gate.wait(2 * self.ship_timeout):
+            raise BackendUnavailable(f"object {object_id} is still getting its replicas: retry")
+        owner = self.deposed.get(object_id)
+        if owner is not None:
+            raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}: this backend "
+                              f"is no longer its primary", owner)
         if object_id in self.sets and time.monotonic() > self.lease_until:
             raise BackendUnavailable(
                 f"backend {self.me[:8]} cannot confirm it is still the primary of "
@@ -250,6 +283,7 @@ class Replicator:
         oid = entry.object_id
         rset = self.sets.get(oid)
         if rset is None:
+            self.check_serving(oid)   # deposed: a change finishing now is never acknowledged
             return
         self.check_serving(oid)
         if not rset.replicas:
@@ -281,11 +315,15 @@ class Replicator:
 
     def _deposed(self, object_id: str) -> ObjectMoved:
         """This backend is no longer the object's primary: stop acting as one."""
+        # Fenced before it leaves the sets: a change finishing in between must not be
+        # taken for one of an object that is not replicated.
+        self.deposed[object_id] = ""
         self.sets.pop(object_id, None)
         try:
             owner = self.directory.lookup(object_id).backend_id
         except ClaypotError:
             owner = ""
+        self.deposed[object_id] = owner
         log.warning("object %s: deposed (the directory names %s): stepping down", object_id,
                     owner[:8])
         threading.Thread(target=self._step_down, args=(object_id,), daemon=True).start()
@@ -335,26 +373,56 @@ class Replicator:
                             reply.error.message)
         return accepted, refused
 
-    def create(self, items: list[tuple[str, str, object, list, str]], factor: int) -> None:
-        """Give new objects (persisted here just now) ``factor`` replicas each.
+    def create(self, items: list[tuple[str, str, object, list, str]], factor: int,
+               publish) -> None:
+        """Persist new objects here with ``factor`` replicas each.
 
-        Raises ConfigurationError (before anything is sent) when fewer than
-        ``factor`` other backends are up.
+        The replicas take the state first; then ``publish()`` persists the objects
+        here and claims them in the directory, and their replica sets are written.
+        Until those are written a call to one of them waits (it is served
+        replicated or not at all), so no change is ever acknowledged before the
+        replicas exist; if they cannot be made, nothing was published (or the
+        objects go again). Raises ConfigurationError (before anything is sent) when
+        fewer than ``factor`` other backends are up.
         """
         targets = self._targets(factor, ())
         if len(targets) < factor:
             raise ConfigurationError(
                 f"replicas={factor} needs {factor} other backend(s) up; {len(targets)} "
                 f"available")
+        rsets = {}
         for oid, key, payload, buffers, alias in items:
             rset = ReplicaSet(1, self.me, tuple(targets), factor)
             request = self._request(oid, 1, key, alias, payload, buffers, [])
             accepted, refused = self._ship(rset.replicas, request)
             if accepted != set(targets):
                 raise BackendUnavailable(f"object {oid}: replica(s) did not take its state")
-            if not self.directory.replace_replica_set(oid, 0, self.me, rset):
-                raise ProtocolError(f"object {oid} already has a replica set")
-            self.sets[oid] = rset
+            rsets[oid] = rset
+        gate = threading.Event()
+        for oid in rsets:
+            self._creating[oid] = gate
+        published = False
+        try:
+            publish()
+            published = True
+            for oid, rset in rsets.items():
+                if not self.directory.replace_replica_set(oid, 0, self.me, rset):
+                    raise ProtocolError(f"object {oid} already has a replica set")
+                self.sets[oid] = rset
+                self.deposed.pop(oid, None)
+        except BaseException:
+            for oid in rsets:
+                self.sets.pop(oid, None)
+                if published:
+                    try:
+                        self.heap.delete(oid)
+                    except ClaypotError:
+                        pass
+            raise
+        finally:
+            for oid in rsets:
+                self._creating.pop(oid, None)
+            gate.set()
 
     def _targets(self, n: int, taken: tuple[str, ...]) -> list[str]:
         ups = [b for b in self.directory.backends() if b["up"]]
@@ -370,6 +438,7 @@ class Replicator:
 
         ``backend_id`` names the backend; empty: one is chosen, other hosts first.
         """
+        self.check_serving(object_id)
         entry = self.heap._acquire(object_id, "replicas:" + uuid.uuid4().hex)
         try:
             rset = self.sets.get(object_id) or ReplicaSet(0, self.me, (), 0)
@@ -407,6 +476,17 @@ class Replicator:
         """The object was deleted here: its replicas drop their copies (best effort)."""
         rset = self.sets.pop(object_id, None)
         self.heap.calls.forget(object_id)
+        if rset is not None:
+            # The directory entry goes only while it names this backend (a compare-and-set):
+            # if another backend owns the object now, the delete was not applied there.
+            try:
+                owner = self.directory.lookup(object_id).backend_id
+            except ClaypotError:
+                owner = ""
+            if owner and owner != self.me:
+                self.deposed[object_id] = owner
+                raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}; it was not "
+                                  f"deleted there", owner)
         if rset and rset.replicas:
             self._ship(rset.replicas, pb.ReplicateRequest(
                 object_id=object_id, primary_id=self.me, epoch=rset.epoch,
@@ -424,7 +504,7 @@ class Replicator:
             if mine is not None and request.primary_id != self.me:
                 if request.epoch <= mine.epoch:
                     return pb.ReplicateResponse(epoch=mine.epoch)
-                self.sets.pop(oid, None)   # a later epoch than ours: we were deposed
+                self._deposed(oid)   # a later epoch than ours: we were deposed
             copy = self.copies.get(oid)
             held = (copy.epoch, copy.lsn) if copy is not None else (0, 0)
             v = rp.verdict(held[0], held[1], request.epoch, request.lsn)
@@ -546,6 +626,7 @@ class Replicator:
                 self.heap.delete(object_id, forget=False)
                 return False
             self.sets[object_id] = new
+            self.deposed.pop(object_id, None)
             self._drop_copy(object_id)
             self.failovers += 1
         log.warning("object %s: promoted to primary (epoch %d) after backend %s was lost",
