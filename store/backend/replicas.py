@@ -39,7 +39,6 @@ import threading
 import zlib
 import time
 import uuid
-from concurrent import futures
 
 import grpc
 
@@ -58,6 +57,7 @@ _NOT_KEPT_SIZE = 2 ** 63 - 1   # marks a call whose result was not kept (see hea
 _LEASE_SHARE = 0.8   # of the heartbeat TTL: a primary's lease ends before its key expires
 _HEAD = struct.Struct("<II")   # record length, crc32 of the record
 _COMPACT_MIN = 16 * 1024 * 1024   # log bytes before a compaction is considered
+_WIPE_GRACE = 4   # heartbeat TTLs a replica keeps a copy whose set vanished (directory wipe)
 
 
 class ReplicaLog:
@@ -175,21 +175,6 @@ def _result_of(value: pb.Value) -> tuple:
     return (bytes(value.payload), [bytes(b) for b in value.buffers])
 
 
-class _Done:
-    """A call made at once, with a future's ``result()`` (raises what the call raised)."""
-
-    def __init__(self, fn, *args):
-        try:
-            self._value, self._error = fn(*args), None
-        except Exception as exc:
-            self._value, self._error = None, exc
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 class Replicator:
     """One backend's part in replication (see the module docstring)."""
 
@@ -209,14 +194,18 @@ class Replicator:
         self.copies: dict[str, Copy] = {}         # replicas held here
         self.confirmed: dict[str, float] = {}     # oid -> when the copy was last known current
         self.received: dict[str, float] = {}      # oid -> when a state last arrived
+        self._set_seen: dict[str, float] = {}     # oid -> when its replica set was last read
         self._locks: dict[str, threading.Lock] = {}
         self._mu = threading.Lock()
-        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="ship")
         self._instances: dict[str, tuple[int, int, object]] = {}   # replica-read instances
         self.lease_until = 0.0
         self.failovers = 0
         self.repairs = 0
         self.ship_timeout = max(1.0, self.settings.heartbeat_ttl)
+        # A send unanswered this long starts a ping of its replica (answered this fast).
+        self._probe_after = self.ship_timeout / 4
+        self._suspect: dict[str, float] = {}   # backend id -> suspect until (monotonic)
+        self._probes: dict[str, threading.Lock] = {}
         self.log = ReplicaLog(self.root, self.settings.durability == "sync")
 
     # -- start ---------------------------------------------------------------------------
@@ -347,19 +336,31 @@ class Replicator:
             calls=[pb.ReplicatedCall(call_id=c, result=_result_value(r)) for c, r in calls])
 
     def _ship(self, replicas, request) -> tuple[set[str], set[str]]:
-        """Send ``request`` to each replica at once; (accepted, refused with a higher epoch)."""
-        def one(backend_id):
-            addr = self.b.client.address_of(backend_id)
-            return self.b.client._stub(addr).Replicate(
-                request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
-        if len(replicas) == 1:   # one replica: no hand-off to another thread
-            pending = {_Done(one, replicas[0]): replicas[0]}
-        else:
-            pending = {self._pool.submit(one, r): r for r in replicas}
-        accepted, refused = set(), set()
-        for fut, r in pending.items():
+        """Send ``request`` to each replica at once; (accepted, refused with a higher epoch).
+
+        The sends are gRPC futures (no thread each). A replica that answers nothing
+        for a while is pinged once (one probe per replica at a time); if the ping
+        goes unanswered too, or a send times out, the replica is *suspect*: every
+        send to it waiting now or made in the next ship timeout gives up at once,
+        so one frozen replica holds the calls of the objects it replicates for
+        about a second, not one ship timeout each, and never others'.
+        """
+        pending = {}
+        for r in replicas:
+            if self._suspect_now(r):
+                log.warning("replica %s of %s suspect (unresponsive): not waited for", r[:8],
+                            request.object_id)
+                continue
             try:
-                reply = fut.result()
+                addr = self.b.client.address_of(r)
+                pending[r] = self.b.client._stub(addr).Replicate.future(
+                    request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
+            except (grpc.RpcError, ClaypotError, ValueError) as exc:
+                log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id, exc)
+        accepted, refused = set(), set()
+        for r, fut in pending.items():
+            try:
+                reply = self._await(r, fut)
             except (grpc.RpcError, ClaypotError, ValueError) as exc:
                 log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id,
                             getattr(exc, "details", lambda: exc)())
@@ -372,6 +373,51 @@ class Replicator:
                 log.warning("replica %s refused %s: %s", r[:8], request.object_id,
                             reply.error.message)
         return accepted, refused
+
+    def _suspect_now(self, backend_id: str) -> bool:
+        return self._suspect.get(backend_id, 0.0) > time.monotonic()
+
+    def _await(self, backend_id: str, fut):
+        """The reply of one send (raises what it raised); gives up once the replica is
+        suspect (see _ship)."""
+        while True:
+            try:
+                reply = fut.result(timeout=self._probe_after)
+                self._suspect.pop(backend_id, None)
+                return reply
+            except grpc.FutureTimeoutError:
+                pass
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    self._suspect[backend_id] = time.monotonic() + self.ship_timeout
+                raise
+            if self._suspect_now(backend_id) or not self._probe(backend_id):
+                fut.cancel()
+                raise BackendUnavailable(f"replica {backend_id[:8]} does not answer")
+
+    def _probe(self, backend_id: str) -> bool:
+        """Whether the replica answers a ping (False marks it suspect). Only one probe per
+        replica runs at a time; other waiters keep waiting meanwhile."""
+        with self._mu:
+            probe = self._probes.get(backend_id)
+            if probe is None:
+                probe = self._probes[backend_id] = threading.Lock()
+        if not probe.acquire(blocking=False):
+            return True
+        try:
+            if self._suspect_now(backend_id):
+                return False
+            try:
+                addr = self.b.client.address_of(backend_id)
+                self.b.client._stub(addr).Ping(pb.PingRequest(), timeout=self._probe_after,
+                                               metadata=self.b.client._metadata)
+                return True
+            except (grpc.RpcError, ClaypotError, ValueError):
+                self._suspect[backend_id] = time.monotonic() + self.ship_timeout
+                log.warning("replica %s does not answer a ping: suspect", backend_id[:8])
+                return False
+        finally:
+            probe.release()
 
     def create(self, items: list[tuple[str, str, object, list, str]], factor: int,
                publish) -> None:
@@ -425,7 +471,8 @@ class Replicator:
             gate.set()
 
     def _targets(self, n: int, taken: tuple[str, ...]) -> list[str]:
-        ups = [b for b in self.directory.backends() if b["up"]]
+        ups = [b for b in self.directory.backends()
+               if b["up"] and not self._suspect_now(b["backend_id"])]
         hosts = {b["backend_id"]: b.get("host_id", "") for b in ups}
         hosts.setdefault(self.me, self.b.host_id)
         # Fewest objects first: spreads replicas over the cluster.
@@ -524,6 +571,7 @@ class Replicator:
             return pb.ReplicateResponse(epoch=request.epoch)
 
     def _drop_copy(self, object_id: str) -> None:
+        self._set_seen.pop(object_id, None)
         self.confirmed.pop(object_id, None)
         self.received.pop(object_id, None)
         self._instances.pop(object_id, None)
@@ -581,14 +629,20 @@ class Replicator:
             copy = self.copies.get(oid)
             if copy is None:
                 continue
+            if rset is not None:
+                self._set_seen[oid] = now
             if rset is None or (self.me not in rset.replicas and rset.primary != self.me):
                 # Deleted, or dropped from the set: not ours to keep. But a copy newer than
-                # the set read (or just received) may be one whose set is being written now.
+                # the set read (or just received) may be one whose set is being written now,
+                # and a set missing for a short while may be one a wiped directory lost:
+                # its primary puts it back.
                 with self._lock(oid):
                     copy = self.copies.get(oid)
                     fresh = copy is not None and (
                         (rset is not None and copy.epoch > rset.epoch)
-                        or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout)
+                        or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout
+                        or (rset is None and now - self._set_seen.setdefault(oid, now)
+                            < _WIPE_GRACE * self.settings.heartbeat_ttl))
                     if copy is not None and not fresh:
                         self._drop_copy(oid)
                 continue
@@ -648,8 +702,15 @@ class Replicator:
             if mine is None:
                 continue
             if entry is None or rset is None:
-                self.sets.pop(oid, None)   # deleted
-                continue
+                if not self.heap.has(oid):
+                    self.sets.pop(oid, None)   # deleted
+                elif entry is not None and entry.backend_id == self.me:
+                    # The directory was wiped and this backend republished the object:
+                    # put its replica set back (from "none", with the epoch known here).
+                    if self.directory.replace_replica_set(oid, 0, self.me, mine):
+                        log.warning("object %s: replica set put back in the directory "
+                                    "(epoch %d)", oid, mine.epoch)
+                continue   # (no entry yet: the republish after a wipe comes first)
             if entry.backend_id != self.me or rset.epoch > mine.epoch and rset.primary != self.me:
                 self._deposed(oid)
                 continue
@@ -698,7 +759,6 @@ class Replicator:
                 "failovers": self.failovers, "repairs": self.repairs}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.log.close()
 
 
