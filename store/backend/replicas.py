@@ -12,8 +12,10 @@ The rules are in the pure :mod:`.replication`; this module does the I/O:
   epoch means this backend was deposed: the call fails with ``ObjectMoved``.
   Changing calls and reads of a replicated object are served only while the
   backend's heartbeat lease holds (it is renewed with each heartbeat, and
-  expires before the directory's key does), so a primary cut off from the
-  directory stops serving before any replica can be promoted.
+  expires before the directory's key does; after a gap, only once the
+  directory confirms the ownership), so a primary cut off from the
+  directory stops serving before any replica can be promoted. A deposed
+  primary is fenced: nothing more of that object is served or acknowledged.
 - As a **replica**, :meth:`Replicator.apply` keeps the newest state per
   object in memory and in an append-only log, ``<data_dir>/replicas/copies.log``
   (fdatasync'd under ``sync``, concurrent appends sharing one sync; rewritten
@@ -342,8 +344,8 @@ class Replicator:
         for a while is pinged once (one probe per replica at a time); if the ping
         goes unanswered too, or a send times out, the replica is *suspect*: every
         send to it waiting now or made in the next ship timeout gives up at once,
-        so one frozen replica holds the calls of the objects it replicates for
-        about a second, not one ship timeout each, and never others'.
+        so one frozen replica holds the calls of the objects it replicates for about
+        half the ship timeout, not one ship timeout each, and other objects' not at all.
         """
         pending = {}
         for r in replicas:
