@@ -283,7 +283,7 @@ def drain(backend):
     to it first; it leaves the cluster (and `claypot status`) once empty.
     """
     from . import api
-    from .elastic import drain as drain_backend, retire
+    from .elastic import drain as drain_backend, handed_over, retire
     state = _need_state()
     m = _member(state, backend)
     client = api.connect(state["members"][0]["address"] if state.get("members") else None,
@@ -296,6 +296,7 @@ def drain(backend):
     proc = m.get("process") or {}
     if same_process(proc):
         _stop_verified([proc], 15)
+        handed_over(state["redis"], state["token"], m["backend_id"])
     retire(state["redis"], state["token"], m["backend_id"])
     state["members"] = [x for x in state.get("members", []) if x is not m]
     state["processes"] = [p for p in state.get("processes", []) if p.get("pid") != proc.get("pid")]

@@ -518,7 +518,7 @@ class LocalCluster:
         Returns how many objects moved. The runtime of this process stops
         sending it tasks first.
         """
-        from .elastic import drain, retire
+        from .elastic import drain, handed_over, retire
         p = self.process_of(backend_id)
         targets = [q.backend_id for q in self.processes if q.alive() and q is not p]
         if not targets:
@@ -528,6 +528,7 @@ class LocalCluster:
         client = self.client or api.client()
         moved = drain(client, self.redis_url, self.token, backend_id, targets)
         p.stop()
+        handed_over(self.redis_url, self.token, backend_id)
         retire(self.redis_url, self.token, backend_id)
         return moved
 

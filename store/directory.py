@@ -161,6 +161,9 @@ return 1
 # Replica set compare-and-set: ARGV = oid, expected epoch (0: no set yet), expected
 # primary, new encoded set, new primary. Applies only if the set in Redis still has
 # that epoch and the objects entry still names that primary; then both change together.
+# A change of primary (a promotion) also needs the old primary's heartbeat key (KEYS[3])
+# gone: a primary whose heartbeat was stored is never deposed behind its back, so one
+# that renews its lease after a gap and then finds itself still the owner really is.
 _REPLICA_CAS = """
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then return 'missing' end
@@ -170,11 +173,24 @@ local cur = redis.call('HGET', KEYS[2], ARGV[1])
 local epoch = 0
 if cur then epoch = tonumber(string.match(cur, '^([^|]*)|')) end
 if epoch ~= tonumber(ARGV[2]) then return 'epoch' end
+if ARGV[5] ~= b and redis.call('EXISTS', KEYS[3]) == 1 then return 'alive' end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 if ARGV[5] ~= b then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5] .. '|' .. rest) end
 return 'ok'
 """
 
+# Forget an object only if the objects entry still names ARGV[2] as its owner: a deposed
+# primary's delete must not remove the entry (and replica set) of the backend that took over.
+_FORGET = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 'missing' end
+local b, c, aliases = string.match(entry, '^([^|]*)|([^|]*)|(.*)$')
+if ARGV[2] ~= '' and b ~= ARGV[2] then return 'owner' end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+for alias in string.gmatch(aliases, '[^|]+') do redis.call('HDEL', KEYS[2], alias) end
+return 'ok'
+"""
 
 SENTINEL_SCHEME = "redis+sentinel://"
 
@@ -351,6 +367,7 @@ class Directory:
         self._move = self.r.register_script(_MOVE)
         self._resolve_alias = self.r.register_script(_RESOLVE_ALIAS)
         self._replica_cas = self.r.register_script(_REPLICA_CAS)
+        self._forget_owned = self.r.register_script(_FORGET)
 
     def close(self) -> None:
         self.r.close()
@@ -500,8 +517,13 @@ class Directory:
             raise ObjectNotFound(f"alias {alias!r} names object {oid}, which no longer exists")
         return oid, _entry(raw)
 
-    def forget(self, object_id: str) -> None:
-        """Remove an object and its aliases."""
+    def forget(self, object_id: str, owner: str = "") -> bool:
+        """Remove an object and its aliases; with ``owner``, only while the entry names
+        that backend (atomically). True if removed (or already gone, without ``owner``)."""
+        if owner:
+            status = self._forget_owned(keys=[self.k_objects, self.k_aliases, self.k_replicas],
+                                        args=[object_id, owner])
+            return status == b"ok"
         raw = self.r.hget(self.k_objects, object_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.k_objects, object_id)
@@ -511,6 +533,7 @@ class Directory:
             if aliases:
                 pipe.hdel(self.k_aliases, *aliases)
         pipe.execute()
+        return True
 
     def set_alias(self, alias: str, object_id: str) -> None:
         status = self._set_alias(keys=[self.k_objects, self.k_aliases], args=[alias, object_id])
@@ -577,7 +600,8 @@ class Directory:
         ``expected_primary`` as owner; False if anything changed meanwhile.
         Raises ObjectNotFound if the object is gone.
         """
-        status = self._replica_cas(keys=[self.k_objects, self.k_replicas],
+        status = self._replica_cas(keys=[self.k_objects, self.k_replicas,
+                                         self.prefix + "alive:" + expected_primary],
                                    args=[object_id, expected_epoch, expected_primary,
                                          new.encode(), new.primary])
         if status == b"missing":

@@ -6,7 +6,8 @@ run before a backend stops: first every callback registered with
 :func:`on_drain` is told (the task runtime stops placing tasks there), then
 each object the directory lists on the backend moves to one of ``targets``
 in turn (the store's own ``move``: the bytes stream backend to backend and
-proxies follow). The caller stops the process afterwards.
+proxies follow), except replicated objects, which fail over to a replica once
+the caller has stopped the process (:func:`handed_over` waits for that).
 """
 
 from __future__ import annotations
@@ -55,7 +56,12 @@ def drain(client, redis_url: str, token: str, backend_id: str, targets: list[str
     directory = Directory(redis_url, timeout=client.settings.admin_timeout, token=token)
     moved = 0
     try:
-        for i, oid in enumerate(sorted(directory.objects_of(backend_id))):
+        oids = sorted(directory.objects_of(backend_id))
+        # A replicated object is not moved: when the backend stops, one of its replicas
+        # takes over (see handed_over), with every acknowledged change.
+        replicated = {oid for oid, rset in zip(oids, directory.replica_sets(oids))
+                      if rset is not None and rset.replicas}
+        for i, oid in enumerate(o for o in oids if o not in replicated):
             try:
                 proxy = client.get_by_id(oid)
                 client.move(proxy, targets[i % len(targets)])
@@ -65,6 +71,29 @@ def drain(client, redis_url: str, token: str, backend_id: str, targets: list[str
     finally:
         directory.close()
     return moved
+
+
+def handed_over(redis_url: str, token: str, backend_id: str, timeout: float = 30.0) -> int:
+    """Wait until the replicated objects of a drained, stopped backend have failed over
+    to their replicas; how many had not within ``timeout`` seconds (they fail over as
+    soon as a replica's monitor sees the backend gone)."""
+    import time
+    from .directory import Directory
+    directory = Directory(redis_url, timeout=min(timeout, 10.0), token=token)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            oids = list(directory.objects_of(backend_id))
+            left = [o for o, rset in zip(oids, directory.replica_sets(oids))
+                    if rset is not None and rset.replicas]
+            if not left or time.monotonic() > deadline:
+                if left:
+                    log.warning("%d replicated object(s) of %s not failed over yet",
+                                len(left), backend_id)
+                return len(left)
+            time.sleep(0.1)
+    finally:
+        directory.close()
 
 
 def retire(redis_url: str, token: str, backend_id: str, timeout: float = 10.0) -> None:

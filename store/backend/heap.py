@@ -780,6 +780,9 @@ class Heap:
         if big:
             todo = self.life_event(lambda: self.life.call_finished(oid, True, life.size, True))
             self._perform(todo, entry=entry)
+            if call is not None:
+                # Kept in the ledger (shipped at the next checkpoint) so a retry runs once.
+                self.calls.record(oid, call[0], self.pickle_result(call[1], "ledger"))
             return
         payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(chain))
         size = _nbytes(payload, buffers)
@@ -979,7 +982,9 @@ class Heap:
                     lsn = self.storage.delete(object_id)
                 elif isinstance(ins, lc.Forget) and forget:
                     try:
-                        self.directory.forget(object_id)
+                        # Only while the directory names this backend: a deposed
+                        # primary never removes the entry of the one that took over.
+                        self.directory.forget(object_id, owner=self.backend_id)
                     except Exception as exc:
                         # Stored as deleted already; the directory entry left behind only
                         # answers ObjectNotFound from here (repair removes it).

@@ -12,8 +12,10 @@ The rules are in the pure :mod:`.replication`; this module does the I/O:
   epoch means this backend was deposed: the call fails with ``ObjectMoved``.
   Changing calls and reads of a replicated object are served only while the
   backend's heartbeat lease holds (it is renewed with each heartbeat, and
-  expires before the directory's key does), so a primary cut off from the
-  directory stops serving before any replica can be promoted.
+  expires before the directory's key does; after a gap, only once the
+  directory confirms the ownership), so a primary cut off from the
+  directory stops serving before any replica can be promoted. A deposed
+  primary is fenced: nothing more of that object is served or acknowledged.
 - As a **replica**, :meth:`Replicator.apply` keeps the newest state per
   object in memory and in an append-only log, ``<data_dir>/replicas/copies.log``
   (fdatasync'd under ``sync``, concurrent appends sharing one sync; rewritten
@@ -39,7 +41,6 @@ import threading
 import zlib
 import time
 import uuid
-from concurrent import futures
 
 import grpc
 
@@ -58,6 +59,7 @@ _NOT_KEPT_SIZE = 2 ** 63 - 1   # marks a call whose result was not kept (see hea
 _LEASE_SHARE = 0.8   # of the heartbeat TTL: a primary's lease ends before its key expires
 _HEAD = struct.Struct("<II")   # record length, crc32 of the record
 _COMPACT_MIN = 16 * 1024 * 1024   # log bytes before a compaction is considered
+_WIPE_GRACE = 4   # heartbeat TTLs a replica keeps a copy whose set vanished (directory wipe)
 
 
 class ReplicaLog:
@@ -175,21 +177,6 @@ def _result_of(value: pb.Value) -> tuple:
     return (bytes(value.payload), [bytes(b) for b in value.buffers])
 
 
-class _Done:
-    """A call made at once, with a future's ``result()`` (raises what the call raised)."""
-
-    def __init__(self, fn, *args):
-        try:
-            self._value, self._error = fn(*args), None
-        except Exception as exc:
-            self._value, self._error = None, exc
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 class Replicator:
     """One backend's part in replication (see the module docstring)."""
 
@@ -202,17 +189,25 @@ class Replicator:
         self.root = os.path.join(self.settings.data_dir, "replicas")
         os.makedirs(self.root, exist_ok=True)
         self.sets: dict[str, ReplicaSet] = {}     # objects this backend is primary of
+        # Objects this backend was primary of until it learnt it was deposed -> the owner it
+        # was told of: fenced (no change, read or delete served) until it is promoted again.
+        self.deposed: dict[str, str] = {}
+        self._creating: dict[str, threading.Event] = {}   # published, replica set not yet
         self.copies: dict[str, Copy] = {}         # replicas held here
         self.confirmed: dict[str, float] = {}     # oid -> when the copy was last known current
         self.received: dict[str, float] = {}      # oid -> when a state last arrived
+        self._set_seen: dict[str, float] = {}     # oid -> when its replica set was last read
         self._locks: dict[str, threading.Lock] = {}
         self._mu = threading.Lock()
-        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="ship")
         self._instances: dict[str, tuple[int, int, object]] = {}   # replica-read instances
         self.lease_until = 0.0
         self.failovers = 0
         self.repairs = 0
         self.ship_timeout = max(1.0, self.settings.heartbeat_ttl)
+        # A send unanswered this long starts a ping of its replica (answered this fast).
+        self._probe_after = self.ship_timeout / 4
+        self._suspect: dict[str, float] = {}   # backend id -> suspect until (monotonic)
+        self._probes: dict[str, threading.Lock] = {}
         self.log = ReplicaLog(self.root, self.settings.durability == "sync")
 
     # -- start ---------------------------------------------------------------------------
@@ -225,9 +220,30 @@ class Replicator:
         self.heap.replicate = self.replicate
 
     def renewed(self, sent_at: float) -> None:
-        """A heartbeat sent at ``sent_at`` (monotonic) was stored: extend the lease."""
+        """A heartbeat sent at ``sent_at`` (monotonic) was stored: extend the lease.
+
+        If the lease had lapsed, the heartbeat key may have expired meanwhile and a
+        replica taken over: the lease is extended only once the directory, read after
+        this heartbeat was stored, still names this backend primary of each object
+        (those it does not are deposed first). A promotion needs the old primary's
+        key gone, so none can slip in after that read while the lease runs.
+        """
+        if time.monotonic() > self.lease_until and self.sets:
+            self._confirm_owned()
         self.lease_until = max(self.lease_until,
                                sent_at + self.settings.heartbeat_ttl * _LEASE_SHARE)
+
+    def _confirm_owned(self) -> None:
+        oids = list(self.sets)
+        owners = self.directory.lookup_many(oids)
+        sets = self.directory.replica_sets(oids)
+        for oid, entry, rset in zip(oids, owners, sets):
+            mine = self.sets.get(oid)
+            if mine is None or entry is None or rset is None:
+                continue   # deleted, or a wiped directory: the monitor sorts it out
+            if entry.backend_id != self.me or rset.primary != self.me \
+                    or rset.epoch > mine.epoch:
+                self._deposed(oid)
 
     def _lock(self, object_id: str) -> threading.Lock:
         with self._mu:
@@ -238,7 +254,15 @@ class Replicator:
 
     # -- primary side --------------------------------------------------------------------
     def check_serving(self, object_id: str) -> None:
-        """Refuse a call on a replicated object while this backend holds no lease."""
+        """Refuse a call on a replicated object while this backend holds no lease, or
+        on one it was deposed from."""
+        gate = self._creating.get(object_id)
+        if gate is not None and not gate.wait(2 * self.ship_timeout):
+            raise BackendUnavailable(f"object {object_id} is still getting its replicas: retry")
+        owner = self.deposed.get(object_id)
+        if owner is not None:
+            raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}: this backend "
+                              f"is no longer its primary", owner)
         if object_id in self.sets and time.monotonic() > self.lease_until:
             raise BackendUnavailable(
                 f"backend {self.me[:8]} cannot confirm it is still the primary of "
@@ -250,6 +274,7 @@ class Replicator:
         oid = entry.object_id
         rset = self.sets.get(oid)
         if rset is None:
+            self.check_serving(oid)   # deposed: a change finishing now is never acknowledged
             return
         self.check_serving(oid)
         if not rset.replicas:
@@ -281,11 +306,15 @@ class Replicator:
 
     def _deposed(self, object_id: str) -> ObjectMoved:
         """This backend is no longer the object's primary: stop acting as one."""
+        # Fenced before it leaves the sets: a change finishing in between must not be
+        # taken for one of an object that is not replicated.
+        self.deposed[object_id] = ""
         self.sets.pop(object_id, None)
         try:
             owner = self.directory.lookup(object_id).backend_id
         except ClaypotError:
             owner = ""
+        self.deposed[object_id] = owner
         log.warning("object %s: deposed (the directory names %s): stepping down", object_id,
                     owner[:8])
         threading.Thread(target=self._step_down, args=(object_id,), daemon=True).start()
@@ -309,19 +338,31 @@ class Replicator:
             calls=[pb.ReplicatedCall(call_id=c, result=_result_value(r)) for c, r in calls])
 
     def _ship(self, replicas, request) -> tuple[set[str], set[str]]:
-        """Send ``request`` to each replica at once; (accepted, refused with a higher epoch)."""
-        def one(backend_id):
-            addr = self.b.client.address_of(backend_id)
-            return self.b.client._stub(addr).Replicate(
-                request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
-        if len(replicas) == 1:   # one replica: no hand-off to another thread
-            pending = {_Done(one, replicas[0]): replicas[0]}
-        else:
-            pending = {self._pool.submit(one, r): r for r in replicas}
-        accepted, refused = set(), set()
-        for fut, r in pending.items():
+        """Send ``request`` to each replica at once; (accepted, refused with a higher epoch).
+
+        The sends are gRPC futures (no thread each). A replica that answers nothing
+        for a while is pinged once (one probe per replica at a time); if the ping
+        goes unanswered too, or a send times out, the replica is *suspect*: every
+        send to it waiting now or made in the next ship timeout gives up at once,
+        so one frozen replica holds the calls of the objects it replicates for about
+        half the ship timeout, not one ship timeout each, and other objects' not at all.
+        """
+        pending = {}
+        for r in replicas:
+            if self._suspect_now(r):
+                log.warning("replica %s of %s suspect (unresponsive): not waited for", r[:8],
+                            request.object_id)
+                continue
             try:
-                reply = fut.result()
+                addr = self.b.client.address_of(r)
+                pending[r] = self.b.client._stub(addr).Replicate.future(
+                    request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
+            except (grpc.RpcError, ClaypotError, ValueError) as exc:
+                log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id, exc)
+        accepted, refused = set(), set()
+        for r, fut in pending.items():
+            try:
+                reply = self._await(r, fut)
             except (grpc.RpcError, ClaypotError, ValueError) as exc:
                 log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id,
                             exc.details() if isinstance(exc, grpc.RpcError) else exc)
@@ -335,29 +376,105 @@ class Replicator:
                             reply.error.message)
         return accepted, refused
 
-    def create(self, items: list[tuple[str, str, object, list, str]], factor: int) -> None:
-        """Give new objects (persisted here just now) ``factor`` replicas each.
+    def _suspect_now(self, backend_id: str) -> bool:
+        return self._suspect.get(backend_id, 0.0) > time.monotonic()
 
-        Raises ConfigurationError (before anything is sent) when fewer than
-        ``factor`` other backends are up.
+    def _await(self, backend_id: str, fut):
+        """The reply of one send (raises what it raised); gives up once the replica is
+        suspect (see _ship)."""
+        while True:
+            try:
+                reply = fut.result(timeout=self._probe_after)
+                self._suspect.pop(backend_id, None)
+                return reply
+            except grpc.FutureTimeoutError:
+                pass
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    self._suspect[backend_id] = time.monotonic() + self.ship_timeout
+                raise
+            if self._suspect_now(backend_id) or not self._probe(backend_id):
+                fut.cancel()
+                raise BackendUnavailable(f"replica {backend_id[:8]} does not answer")
+
+    def _probe(self, backend_id: str) -> bool:
+        """Whether the replica answers a ping (False marks it suspect). Only one probe per
+        replica runs at a time; other waiters keep waiting meanwhile."""
+        with self._mu:
+            probe = self._probes.get(backend_id)
+            if probe is None:
+                probe = self._probes[backend_id] = threading.Lock()
+        if not probe.acquire(blocking=False):
+            return True
+        try:
+            if self._suspect_now(backend_id):
+                return False
+            try:
+                addr = self.b.client.address_of(backend_id)
+                self.b.client._stub(addr).Ping(pb.PingRequest(), timeout=self._probe_after,
+                                               metadata=self.b.client._metadata)
+                return True
+            except (grpc.RpcError, ClaypotError, ValueError):
+                self._suspect[backend_id] = time.monotonic() + self.ship_timeout
+                log.warning("replica %s does not answer a ping: suspect", backend_id[:8])
+                return False
+        finally:
+            probe.release()
+
+    def create(self, items: list[tuple[str, str, object, list, str]], factor: int,
+               publish) -> None:
+        """Persist new objects here with ``factor`` replicas each.
+
+        The replicas take the state first; then ``publish()`` persists the objects
+        here and claims them in the directory, and their replica sets are written.
+        Until those are written a call to one of them waits (it is served
+        replicated or not at all), so no change is ever acknowledged before the
+        replicas exist; if they cannot be made, nothing was published (or the
+        objects go again). Raises ConfigurationError (before anything is sent) when
+        fewer than ``factor`` other backends are up.
         """
         targets = self._targets(factor, ())
         if len(targets) < factor:
             raise ConfigurationError(
                 f"replicas={factor} needs {factor} other backend(s) up; {len(targets)} "
                 f"available")
+        rsets = {}
         for oid, key, payload, buffers, alias in items:
             rset = ReplicaSet(1, self.me, tuple(targets), factor)
             request = self._request(oid, 1, key, alias, payload, buffers, [])
             accepted, refused = self._ship(rset.replicas, request)
             if accepted != set(targets):
                 raise BackendUnavailable(f"object {oid}: replica(s) did not take its state")
-            if not self.directory.replace_replica_set(oid, 0, self.me, rset):
-                raise ProtocolError(f"object {oid} already has a replica set")
-            self.sets[oid] = rset
+            rsets[oid] = rset
+        gate = threading.Event()
+        for oid in rsets:
+            self._creating[oid] = gate
+        published = False
+        try:
+            publish()
+            published = True
+            for oid, rset in rsets.items():
+                if not self.directory.replace_replica_set(oid, 0, self.me, rset):
+                    raise ProtocolError(f"object {oid} already has a replica set")
+                self.sets[oid] = rset
+                self.deposed.pop(oid, None)
+        except BaseException:
+            for oid in rsets:
+                self.sets.pop(oid, None)
+                if published:
+                    try:
+                        self.heap.delete(oid)
+                    except ClaypotError:
+                        pass
+            raise
+        finally:
+            for oid in rsets:
+                self._creating.pop(oid, None)
+            gate.set()
 
     def _targets(self, n: int, taken: tuple[str, ...]) -> list[str]:
-        ups = [b for b in self.directory.backends() if b["up"]]
+        ups = [b for b in self.directory.backends()
+               if b["up"] and not self._suspect_now(b["backend_id"])]
         hosts = {b["backend_id"]: b.get("host_id", "") for b in ups}
         hosts.setdefault(self.me, self.b.host_id)
         # Fewest objects first: spreads replicas over the cluster.
@@ -370,6 +487,7 @@ class Replicator:
 
         ``backend_id`` names the backend; empty: one is chosen, other hosts first.
         """
+        self.check_serving(object_id)
         entry = self.heap._acquire(object_id, "replicas:" + uuid.uuid4().hex)
         try:
             rset = self.sets.get(object_id) or ReplicaSet(0, self.me, (), 0)
@@ -407,6 +525,17 @@ class Replicator:
         """The object was deleted here: its replicas drop their copies (best effort)."""
         rset = self.sets.pop(object_id, None)
         self.heap.calls.forget(object_id)
+        if rset is not None:
+            # The directory entry goes only while it names this backend (a compare-and-set):
+            # if another backend owns the object now, the delete was not applied there.
+            try:
+                owner = self.directory.lookup(object_id).backend_id
+            except ClaypotError:
+                owner = ""
+            if owner and owner != self.me:
+                self.deposed[object_id] = owner
+                raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}; it was not "
+                                  f"deleted there", owner)
         if rset and rset.replicas:
             self._ship(rset.replicas, pb.ReplicateRequest(
                 object_id=object_id, primary_id=self.me, epoch=rset.epoch,
@@ -424,7 +553,7 @@ class Replicator:
             if mine is not None and request.primary_id != self.me:
                 if request.epoch <= mine.epoch:
                     return pb.ReplicateResponse(epoch=mine.epoch)
-                self.sets.pop(oid, None)   # a later epoch than ours: we were deposed
+                self._deposed(oid)   # a later epoch than ours: we were deposed
             copy = self.copies.get(oid)
             held = (copy.epoch, copy.lsn) if copy is not None else (0, 0)
             v = rp.verdict(held[0], held[1], request.epoch, request.lsn)
@@ -444,6 +573,7 @@ class Replicator:
             return pb.ReplicateResponse(epoch=request.epoch)
 
     def _drop_copy(self, object_id: str) -> None:
+        self._set_seen.pop(object_id, None)
         self.confirmed.pop(object_id, None)
         self.received.pop(object_id, None)
         self._instances.pop(object_id, None)
@@ -501,14 +631,20 @@ class Replicator:
             copy = self.copies.get(oid)
             if copy is None:
                 continue
+            if rset is not None:
+                self._set_seen[oid] = now
             if rset is None or (self.me not in rset.replicas and rset.primary != self.me):
                 # Deleted, or dropped from the set: not ours to keep. But a copy newer than
-                # the set read (or just received) may be one whose set is being written now.
+                # the set read (or just received) may be one whose set is being written now,
+                # and a set missing for a short while may be one a wiped directory lost:
+                # its primary puts it back.
                 with self._lock(oid):
                     copy = self.copies.get(oid)
                     fresh = copy is not None and (
                         (rset is not None and copy.epoch > rset.epoch)
-                        or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout)
+                        or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout
+                        or (rset is None and now - self._set_seen.setdefault(oid, now)
+                            < _WIPE_GRACE * self.settings.heartbeat_ttl))
                     if copy is not None and not fresh:
                         self._drop_copy(oid)
                 continue
@@ -546,6 +682,7 @@ class Replicator:
                 self.heap.delete(object_id, forget=False)
                 return False
             self.sets[object_id] = new
+            self.deposed.pop(object_id, None)
             self._drop_copy(object_id)
             self.failovers += 1
         log.warning("object %s: promoted to primary (epoch %d) after backend %s was lost",
@@ -567,8 +704,15 @@ class Replicator:
             if mine is None:
                 continue
             if entry is None or rset is None:
-                self.sets.pop(oid, None)   # deleted
-                continue
+                if not self.heap.has(oid):
+                    self.sets.pop(oid, None)   # deleted
+                elif entry is not None and entry.backend_id == self.me:
+                    # The directory was wiped and this backend republished the object:
+                    # put its replica set back (from "none", with the epoch known here).
+                    if self.directory.replace_replica_set(oid, 0, self.me, mine):
+                        log.warning("object %s: replica set put back in the directory "
+                                    "(epoch %d)", oid, mine.epoch)
+                continue   # (no entry yet: the republish after a wipe comes first)
             if entry.backend_id != self.me or rset.epoch > mine.epoch and rset.primary != self.me:
                 self._deposed(oid)
                 continue
@@ -617,7 +761,6 @@ class Replicator:
                 "failovers": self.failovers, "repairs": self.repairs}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.log.close()
 
 

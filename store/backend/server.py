@@ -293,10 +293,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     buffers = self._buffers(o.state)
                 items.append((o.object_id, o.class_key, o.state.payload, buffers, o.alias))
             _check_items(items)
-            self.heap.persist(items, adopt=request.adopt)
-            for oid, names in kept:
-                self.b.segments.bind(oid, names)
-            self._replicate_new(items, request.replicas)
+            def persist() -> None:
+                self.heap.persist(items, adopt=request.adopt)
+                for oid, names in kept:
+                    self.b.segments.bind(oid, names)
+            self._persist_new(items, request.replicas, persist)
             metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
@@ -335,27 +336,21 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     payload, buffers = next(streamed)
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
             _check_items(items)
-            self.heap.persist(items, adopt=header.adopt)
-            self._replicate_new(items, header.replicas)
+            self._persist_new(items, header.replicas,
+                              lambda: self.heap.persist(items, adopt=header.adopt))
             metrics.call_done("persist", True, time.perf_counter() - started)
             return pb.Status()
         except Exception as exc:
             metrics.call_done("persist", False, time.perf_counter() - started)
             return _error_reply(pb.Status, exc)
 
-    def _replicate_new(self, items: list, factor: int) -> None:
-        """Replicas for objects just persisted; if they cannot be made, the objects go."""
+    def _persist_new(self, items: list, factor: int, persist) -> None:
+        """Persist new objects; with a factor, their replicas take the state before the
+        objects are published (nothing is acknowledged by the primary alone)."""
         if factor <= 0:
+            persist()
             return
-        try:
-            self.b.replicator.create(items, factor)
-        except BaseException:
-            for oid, *_ in items:
-                try:
-                    self.heap.delete(oid)
-                except ClaypotError:
-                    pass
-            raise
+        self.b.replicator.create(items, factor, persist)
 
     def AddReplica(self, request, context):
         try:
@@ -524,6 +519,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     def Delete(self, request, context):
         try:
+            # A replicated object is deleted only by its primary while its lease holds.
+            self.b.replicator.check_serving(request.object_id)
             self.heap.delete(request.object_id, request.chain_id)
             self.b.replicator.deleted(request.object_id)
             return pb.Status()
@@ -540,7 +537,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         try:
             if not self.heap.has(object_id) and \
                     self.directory.lookup(object_id).backend_id == self.b.backend_id:
-                self.directory.forget(object_id)
+                self.directory.forget(object_id, owner=self.b.backend_id)
         except ClaypotError:
             pass
 
