@@ -102,6 +102,15 @@ class Segments:
         self.lease_wait = 30.0   # how long a read waits for a changing call to end
         self._reported_stale = 0
         self.relocations = 0
+        # Change words for same-host readers that reuse a view (store.backend.versions);
+        # None when leases are off or the table cannot be made.
+        self.versions = None
+        if limit:
+            from .versions import Versions
+            try:
+                self.versions = Versions()
+            except (OSError, ValueError):
+                self.versions = None
 
     # -- taking segments over ------------------------------------------------------------
     def keep(self, names: Sequence[str], sizes: Sequence[int],
@@ -201,6 +210,8 @@ class Segments:
             for lo, hi, name in self._starts:
                 if any(lo < b and a < hi for a, b in ranges):
                     names.add(name)
+            if self.versions is not None:
+                self.versions.changing_locked(object_id, names)
             leased = [self._segments[n] for n in names
                       if n in self._segments and self._segments[n].leases
                       and self._segments[n].current]
@@ -242,11 +253,15 @@ class Segments:
             else:
                 self._busy.pop(object_id, None)
                 self._busy_ranges.pop(object_id, None)
+            if self.versions is not None:
+                self.versions.changed_locked(object_id)
             self._idle.notify_all()
 
     def gone(self, object_id: str) -> None:
         """``object_id`` moved or was deleted: its segments are no longer its memory."""
         with self._mu:
+            if self.versions is not None:
+                self.versions.gone_locked(object_id)
             names = self._by_object.pop(object_id, None)
             if not names:
                 return
@@ -256,6 +271,29 @@ class Segments:
                     seg.current = False
             drop = self._collect_locked()
         self._finish(drop)
+
+    # -- change words ----------------------------------------------------------------------
+    def version(self, object_id: str) -> tuple[int, int]:
+        """``object_id``'s (slot, word) before a read that may be reused; (0, 0) if none."""
+        if self.versions is None:
+            return 0, 0
+        with self._mu:
+            return self.versions.open_locked(object_id)
+
+    def reusable(self, object_id: str, slot: int, word: int, names: Sequence[str]) -> bool:
+        """Whether views of ``names``, leased for a read that began at ``word``, show the
+        object's state at ``word`` (no change started since): then readers may reuse them
+        while the word stays ``word``."""
+        if self.versions is None:
+            return False
+        with self._mu:
+            return self.versions.valid_locked(object_id, slot, word, names)
+
+    def retire(self, object_id: str) -> None:
+        """Readers must stop reusing views of ``object_id`` (it gained replicas)."""
+        if self.versions is not None:
+            with self._mu:
+                self.versions.gone_locked(object_id)
 
     # -- leases ----------------------------------------------------------------------------
     def lease(self, buffers: Sequence, pid: int,
@@ -461,6 +499,8 @@ class Segments:
             self._leases.clear()
             self._starts = []
         shm.discard(names)
+        if self.versions is not None:
+            self.versions.close()
 
 
 def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:
