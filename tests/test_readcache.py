@@ -13,7 +13,6 @@ import signal
 import numpy as np
 import pytest
 
-import store
 from chaos import restart_backend
 from store import LocalCluster, StorageObject, shm
 from store.errors import ObjectNotFound
