@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -176,3 +177,58 @@ def test_a_restarted_backend_is_asked_again(tmp_path, kill):
         first = g.data
         assert g.data[0] == 1.0 and first[0] == 1.0
         assert reused(c) == before + 1            # reused through the new process's table
+
+
+class Holder(StorageObject):
+    """Holds another object's array by reference (a local call hands over the live array)."""
+
+    def __init__(self):
+        self.x = None
+
+    def take(self, other):
+        self.x = other.data
+
+    def bump_x(self):
+        self.x += 1.0
+
+
+def test_a_change_through_another_object_sharing_the_array_is_seen(cluster):
+    f = Field(np.zeros(N))
+    f.make_persistent()
+    h = Holder()
+    h.make_persistent(backend=f.get_location())
+    h.take(f)
+    held = f.data
+    before = reused(cluster)
+    assert f.data[0] == 0.0 and reused(cluster) == before + 1
+    h.bump_x()                                   # writes f's array, in f's segment
+    got = f.data
+    assert got[0] == 1.0 and got[-1] == 1.0
+    assert held[0] == 0.0
+
+
+def test_reads_beside_a_writer_are_whole_and_never_older_than_a_finished_change(cluster):
+    f = Field(np.zeros(N))
+    f.make_persistent()
+    done = [0]
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set() and done[0] < 40:
+            f.add_in_place(1.0)
+            done[0] += 1               # this change ended: every later read sees it
+    t = threading.Thread(target=writer)
+    keep = [f.data]
+    t.start()
+    try:
+        while t.is_alive():
+            floor = done[0]
+            got = f.data
+            assert got[0] == got[-1]   # whole: never a change half done
+            assert got[0] >= floor     # linearizable: never older than a finished change
+            keep.append(got)
+            keep = keep[-4:]
+    finally:
+        stop.set()
+        t.join(60)
+    assert f.data[0] == float(done[0])
