@@ -11,11 +11,18 @@ For 64 MiB and 1 GiB float64 arrays (``--quick``: 64 and 256 MiB), in one run:
   - ``put``: the same once an earlier object was deleted (its segment is free
     and reused: one memcpy), as Ray's reused-memory figure;
   - ``put_shm``: the same with an array built by ``store.empty`` (no copy);
-  - ``get``: reading the attribute back: a leased read-only view (no copy);
+  - ``get``: reading the attribute again while an earlier read's view is held
+    and the object is unchanged: answered in this process, no RPC
+    (store/readcache.py), as Ray's ``get``;
+  - ``get_rpc``: a read with no earlier view held: one RPC, a new lease, a
+    read-only view mapped (no copy);
   - ``change_after_read``: a method that adds 1 to the whole array, right after
-    a read, against the same method once its pages are private
-    (``change_again``): the difference is what copy-on-write costs, beside a
-    memcpy of the array;
+    a read, against the same method once no reader holds its pages
+    (``change_again``): the difference (``cow_copy``) is what copy-on-write
+    costs, beside a memcpy of the array. Right after the first read the
+    segment's spare is still being made (its pages cleared by the kernel);
+    ``change_after_read_spare`` is the same once it is ready (a copy into
+    existing pages, as a later read and change would find it);
 - claypot, durability ``sync``: ``put`` of the same array (on disk before it
   returns; into a fresh backend, so it includes ``put_fresh``'s transfer) beside
   a dd-like direct write (O_DIRECT, 16 MiB blocks, fsync) of as many bytes into
@@ -156,6 +163,17 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         assert not views[-1].flags.writeable, "the read was not a leased view"
         views.clear()
         gc.collect()
+        cache = store.client().__dict__.get("read_cache")
+        out["get_reused_reads"] = cache.reused if cache is not None else 0
+
+        rpc_times = []
+        for _ in range(repeat * 2):
+            gc.collect()                      # no earlier view held: a new lease by RPC
+            t = time.perf_counter()
+            v = b.data
+            rpc_times.append(time.perf_counter() - t)
+            del v
+        out["get_rpc_s"] = round(min(rpc_times), 5)
 
         view = b.data
         out["change_after_read_s"] = round(_best(b.add_one, 1), 4)
@@ -164,6 +182,22 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         del view
         out["cow_copy_s"] = round(max(0.0, out["change_after_read_s"] - out["change_again_s"]),
                                   4)
+        gc.collect()
+        client = store.client()
+        bid = b.get_location()
+        client.lease_returns.flush()
+        deadline = time.monotonic() + 30    # the old copy's lease back: the pool holds it
+        while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        view = b.data
+        deadline = time.monotonic() + 30
+        while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["change_after_read_spare_s"] = round(_best(b.add_one, 1), 4)
+        out["change_again_2_s"] = round(_best(b.add_one, 1), 4)
+        del view
+        out["cow_copy_spare_s"] = round(max(0.0, out["change_after_read_spare_s"]
+                                            - out["change_again_2_s"]), 4)
         b.delete_persistent()
     return out
 
@@ -260,11 +294,13 @@ def main() -> None:
         row["memcpy_MBps"] = _mbps(nbytes, row["memcpy_s"])
         row.update(claypot_figures(nbytes, src, repeat))
         row["cow_copy_vs_memcpy"] = round(row["cow_copy_s"] / row["memcpy_s"], 2)
+        row["cow_copy_spare_vs_memcpy"] = round(row["cow_copy_spare_s"] / row["memcpy_s"], 2)
         row["put_vs_memcpy"] = round(row["put_MBps"] / row["memcpy_MBps"], 3)
         row.update(sync_figures(nbytes, src))
         if have_ray:
             row.update(ray_figures(nbytes, src, repeat))
             row["get_vs_ray_get"] = round(row["get_s"] / row["ray_get_s"], 2)
+            row["get_rpc_vs_ray_get"] = round(row["get_rpc_s"] / row["ray_get_s"], 2)
             row["put_vs_ray_put_reused"] = round(row["put_MBps"] / row["ray_put_reused_MBps"],
                                                  3)
             row["put_shm_vs_ray_put_reused"] = round(

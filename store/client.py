@@ -749,6 +749,10 @@ class Client:
                 # It left this backend between the check and the call (which did not
                 # run): follow it like any remote caller.
                 proxy.__dict__[objmod._OWNER] = exc.moved_to
+        if kind == objmod.GET_ATTR and "read_cache" in self.__dict__:
+            hit, value = self.read_cache.get((oid, name), lambda p, b: loads(p, b, None))
+            if hit:
+                return value
         owner = proxy.__dict__.get(objmod._OWNER, "")
         if kind == objmod.SET_ATTR:
             payload, buffers = self._dump_args(args[0], owner)
@@ -918,7 +922,8 @@ class Client:
             self.cancel_call(owner if proxy is None else proxy.__dict__.get(objmod._OWNER, ""),
                              request.call_id)
             raise
-        return self._result(reply, addr)
+        return self._result(reply, addr, (request.object_id, request.name)
+                            if request.kind == objmod.GET_ATTR else None)
 
     def cancel_call(self, backend_id: str, call_id: str) -> bool:
         """Ask a backend to stop the running call ``call_id``; True if it was running there.
@@ -936,7 +941,8 @@ class Client:
         except (grpc.RpcError, ClaypotError, ValueError):
             return False
 
-    def _result(self, reply: pb.CallReply, address: str) -> Any:
+    def _result(self, reply: pb.CallReply, address: str,
+                reusable: tuple[str, str] | None = None) -> Any:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         ctx = None
@@ -959,7 +965,15 @@ class Client:
         if not reply.result.payload:
             return None
         if reply.result.leases:
-            return loads(reply.result.payload, self._leased(reply.result, address), ctx)
+            views = self._leased(reply.result, address)
+            value = loads(reply.result.payload, views, ctx)
+            if reusable is not None and reply.version_table:
+                # The backend lets this view be reused while the object is unchanged.
+                self.read_cache.remember(reusable, reply.version_table, reply.version_slot,
+                                         reply.version_word, reply.version_pid,
+                                         reply.result.payload, views,
+                                         list(reply.result.shm_offsets))
+            return value
         if reply.result.shm:
             buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
             return loads(reply.result.payload, buffers, ctx)
@@ -985,6 +999,12 @@ class Client:
             self._return_leases(address, leases[done:], 2.0)
             raise
         return views
+
+    @functools.cached_property
+    def read_cache(self):
+        """Leased views reused while their objects stay unchanged (store.readcache)."""
+        from .readcache import ReadCache
+        return ReadCache()
 
     @functools.cached_property
     def lease_returns(self):

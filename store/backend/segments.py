@@ -102,6 +102,18 @@ class Segments:
         self.lease_wait = 30.0   # how long a read waits for a changing call to end
         self._reported_stale = 0
         self.relocations = 0
+        self._preparing = 0     # bytes of spare segments being made (see _prepare_spare)
+        self._spare_done = threading.Condition(self._mu)
+        self._closed = False
+        # Change words for same-host readers that reuse a view (store.backend.versions);
+        # None when leases are off or the table cannot be made.
+        self.versions = None
+        if limit:
+            from .versions import Versions
+            try:
+                self.versions = Versions()
+            except (OSError, ValueError):
+                self.versions = None
 
     # -- taking segments over ------------------------------------------------------------
     def keep(self, names: Sequence[str], sizes: Sequence[int],
@@ -201,6 +213,8 @@ class Segments:
             for lo, hi, name in self._starts:
                 if any(lo < b and a < hi for a, b in ranges):
                     names.add(name)
+            if self.versions is not None:
+                self.versions.changing_locked(object_id, names)
             leased = [self._segments[n] for n in names
                       if n in self._segments and self._segments[n].leases
                       and self._segments[n].current]
@@ -242,11 +256,15 @@ class Segments:
             else:
                 self._busy.pop(object_id, None)
                 self._busy_ranges.pop(object_id, None)
+            if self.versions is not None:
+                self.versions.changed_locked(object_id)
             self._idle.notify_all()
 
     def gone(self, object_id: str) -> None:
         """``object_id`` moved or was deleted: its segments are no longer its memory."""
         with self._mu:
+            if self.versions is not None:
+                self.versions.gone_locked(object_id)
             names = self._by_object.pop(object_id, None)
             if not names:
                 return
@@ -256,6 +274,29 @@ class Segments:
                     seg.current = False
             drop = self._collect_locked()
         self._finish(drop)
+
+    # -- change words ----------------------------------------------------------------------
+    def version(self, object_id: str) -> tuple[int, int]:
+        """``object_id``'s (slot, word) before a read that may be reused; (0, 0) if none."""
+        if self.versions is None:
+            return 0, 0
+        with self._mu:
+            return self.versions.open_locked(object_id)
+
+    def reusable(self, object_id: str, slot: int, word: int, names: Sequence[str]) -> bool:
+        """Whether views of ``names``, leased for a read that began at ``word``, show the
+        object's state at ``word`` (no change started since): then readers may reuse them
+        while the word stays ``word``."""
+        if self.versions is None:
+            return False
+        with self._mu:
+            return self.versions.valid_locked(object_id, slot, word, names)
+
+    def retire(self, object_id: str) -> None:
+        """Readers must stop reusing views of ``object_id`` (it gained replicas)."""
+        if self.versions is not None:
+            with self._mu:
+                self.versions.gone_locked(object_id)
 
     # -- leases ----------------------------------------------------------------------------
     def lease(self, buffers: Sequence, pid: int,
@@ -295,12 +336,57 @@ class Segments:
             if self.leased_bytes_locked() + extra > self.limit:
                 return None
             out = []
+            first = [seg for seg in {s.name: s for s, _ in found}.values() if not seg.leases]
             for seg, offset in found:
                 lease_id = uuid.uuid4().hex
                 self._leases[lease_id] = Lease(seg.name, pid, started)
                 seg.leases.add(lease_id)
                 out.append((seg.name, offset, lease_id))
-            return out
+        for seg in first:
+            self._prepare_spare(seg.size)
+        return out
+
+    def _prepare_spare(self, size: int) -> None:
+        """Make a free segment of ``size`` bytes in the background, if none is ready.
+
+        A change of a leased segment copies it aside (:meth:`changing`); into
+        fresh memory that costs four to five times a memcpy (the kernel
+        allocates and clears every page), into a free segment whose pages
+        exist about two (a memcpy, and mapping them). So the first lease of a
+        segment readies a spare for it, off the change's path, within
+        ``pool_limit``.
+        """
+        with self._mu:
+            if self._closed or size > self.pool_limit or any(sz >= size for _, sz in self._pool):
+                return
+            if sum(sz for _, sz in self._pool) + self._preparing + size > self.pool_limit:
+                return
+            self._preparing += size
+
+        def make() -> None:
+            name = shm.free_name()
+            path = os.path.join(shm.SHM_DIR, name)
+            kept = False
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, size)   # the pages, allocated and cleared
+                finally:
+                    os.close(fd)
+                with self._mu:
+                    if not self._closed:
+                        self._pool.append((name, size))
+                        kept = True
+            except OSError:
+                pass   # /dev/shm full: the change copies into new memory, as before
+            finally:
+                with self._mu:
+                    self._preparing -= size
+                    self._spare_done.notify_all()
+                if not kept:
+                    shm.discard([name])
+        threading.Thread(target=make, name="claypot-spare", daemon=True).start()
 
     def _found_locked(self, addresses) -> list | None:
         """(segment, offset) per buffer; [] when one is in no current segment; None while
@@ -395,6 +481,11 @@ class Segments:
     def _take_free(self, size: int) -> str:
         """A free segment of at least ``size`` bytes, or "" (the smallest that fits)."""
         with self._mu:
+            # A spare being made for this segment (its first lease started it): waiting
+            # for it costs less than clearing new pages here as well.
+            self._spare_done.wait_for(
+                lambda: any(sz >= size for _, sz in self._pool) or self._preparing < size,
+                timeout=30.0)
             fits = [(n, sz) for n, sz in self._pool if sz >= size]
             if not fits:
                 return ""
@@ -454,6 +545,7 @@ class Segments:
     def close(self) -> None:
         """The backend stops: unlink every segment (readers keep their mappings)."""
         with self._mu:
+            self._closed = True
             names = list(self._segments) + [n for n, _ in self._pool]
             self._pool.clear()
             self._segments.clear()
@@ -461,6 +553,8 @@ class Segments:
             self._leases.clear()
             self._starts = []
         shm.discard(names)
+        if self.versions is not None:
+            self.versions.close()
 
 
 def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:

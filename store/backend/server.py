@@ -356,7 +356,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         try:
             oid = check_name("object id", request.object_id)
             self.heap.admit(oid)
+            # Readers stop reusing views: a replica taking over would change the object
+            # without this backend's change words knowing (before, and after for reads
+            # that began meanwhile).
+            self.b.segments.retire(oid)
             where = self.b.replicator.add(oid, request.backend_id)
+            self.b.segments.retire(oid)
             return pb.AddReplicaResponse(backend_id=where)
         except Exception as exc:
             return _error_reply(pb.AddReplicaResponse, exc)
@@ -415,6 +420,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         try:
             check_name("object id", request.object_id, allow_empty=request.kind == pb.TASK)
             check_name("name", request.name)
+            version = (0, 0)
             if request.kind == pb.TASK:
                 result = self.b.run_task(request, payload, buffers, chain)
             elif request.on_replica and request.kind in (pb.METHOD, pb.GET_ATTR) \
@@ -434,6 +440,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     args, kwargs = loads(payload, buffers, ctx)
                 else:
                     args, kwargs = (), {}
+                version = self._version_before(request)
                 result = self.heap.invoke(request.object_id, request.kind, request.name,
                                           args, kwargs, chain, call_id=request.call_id)
             pid = request.reader_pid \
@@ -443,6 +450,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             entry = self.heap._entries.get(request.object_id)
             nested = entry is not None and entry.lock.owner == chain
             reply = self._reply(result, chain, request.accept_shm, pid, not nested)
+            if version[0] and reply.result.leases and pid:
+                self._offer_reuse(reply, request, result, version)
             ok = True
             return reply
         except Exception as exc:
@@ -454,6 +463,45 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok,
                               time.perf_counter() - started)
             cancel.set_current(None)
+
+    def _version_before(self, request: pb.CallRequest) -> tuple[int, int]:
+        """The change word of an object whose attribute a same-host reader reads, taken
+        before the read (store.backend.versions); (0, 0) when the read is not reusable."""
+        if request.kind != pb.GET_ATTR or not request.accept_shm or not request.reader_pid \
+                or request.reader_pid_ns != shm.pid_namespace() \
+                or self.b.segments.versions is None \
+                or self.b.replicator.replicated(request.object_id):
+            return 0, 0
+        # Only for a loaded object whose attribute is a large array already: a slot
+        # is not spent on every small attribute read.
+        obj = getattr(self.heap._entries.get(request.object_id), "obj", None)
+        np = shm._numpy()
+        value = getattr(obj, "__dict__", {}).get(request.name) if obj is not None else None
+        if np is None or type(value) is not np.ndarray \
+                or value.nbytes <= self.settings.inline_limit:
+            return 0, 0
+        return self.b.segments.version(request.object_id)
+
+    def _offer_reuse(self, reply: pb.CallReply, request: pb.CallRequest, result,
+                     version: tuple[int, int]) -> None:
+        """Let the reader reuse this leased view while the object's change word holds.
+
+        Only when the value is the attribute itself (the object's own state, not
+        something a property or __getattr__ computed) and one numpy array (no
+        container whose parts other objects may share and change).
+        """
+        obj = getattr(self.heap._entries.get(request.object_id), "obj", None)
+        np = shm._numpy()
+        if obj is None or np is None or type(result) is not np.ndarray \
+                or getattr(obj, "__dict__", {}).get(request.name) is not result \
+                or self.b.replicator.replicated(request.object_id):
+            return
+        slot, word = version
+        if self.b.segments.reusable(request.object_id, slot, word, list(reply.result.shm)):
+            reply.version_table = self.b.segments.versions.name
+            reply.version_slot = slot
+            reply.version_word = word
+            reply.version_pid = os.getpid()
 
     def _reply(self, result, chain: str, accept_shm: bool = False,
                reader_pid: int = 0, wait: bool = True) -> pb.CallReply:

@@ -338,16 +338,24 @@ class CallRequest(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., name: _Optional[str] = ..., args: _Optional[_Union[Value, _Mapping]] = ..., chain_id: _Optional[str] = ..., call_id: _Optional[str] = ..., mutates: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., accept_shm: _Optional[bool] = ..., reader_pid: _Optional[int] = ..., reader_pid_ns: _Optional[int] = ..., on_replica: _Optional[bool] = ...) -> None: ...
 
 class CallReply(_message.Message):
-    __slots__ = ("result", "error", "result_handle", "result_size")
+    __slots__ = ("result", "error", "result_handle", "result_size", "version_table", "version_slot", "version_word", "version_pid")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     RESULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_TABLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_SLOT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_WORD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_PID_FIELD_NUMBER: _ClassVar[int]
     result: Value
     error: Error
     result_handle: str
     result_size: int
-    def __init__(self, result: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., result_handle: _Optional[str] = ..., result_size: _Optional[int] = ...) -> None: ...
+    version_table: str
+    version_slot: int
+    version_word: int
+    version_pid: int
+    def __init__(self, result: _Optional[_Union[Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., result_handle: _Optional[str] = ..., result_size: _Optional[int] = ..., version_table: _Optional[str] = ..., version_slot: _Optional[int] = ..., version_word: _Optional[int] = ..., version_pid: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("result_handle",)
