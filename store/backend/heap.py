@@ -306,6 +306,17 @@ class Heap:
         with self._mu:
             return self.life.present(object_id)
 
+    def loaded(self, object_id: str):
+        """The object's live instance if it is in memory now, else None (no lock taken:
+        for a look at its state, such as whether an attribute is a large array)."""
+        entry = self._entries.get(object_id)
+        return None if entry is None else entry.obj
+
+    def held_by(self, object_id: str, chain: str) -> bool:
+        """Whether a call of ``chain`` holds the object's lock now (a nested call)."""
+        entry = self._entries.get(object_id)
+        return entry is not None and bool(chain) and entry.lock.owner == chain
+
     def admit(self, object_id: str) -> None:
         """Raise ObjectNotFound / ObjectMoved unless the object lives here."""
         with self._mu:

@@ -447,8 +447,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 if request.reader_pid_ns == shm.pid_namespace() else 0
             # A call nested in a changing call of the same chain (a callback) must not
             # wait for that call's end: it would wait for itself.
-            entry = self.heap._entries.get(request.object_id)
-            nested = entry is not None and entry.lock.owner == chain
+            nested = self.heap.held_by(request.object_id, chain)
             reply = self._reply(result, chain, request.accept_shm, pid, not nested)
             if version[0] and reply.result.leases and pid:
                 self._offer_reuse(reply, request, result, version)
@@ -474,10 +473,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return 0, 0
         # Only for a loaded object whose attribute is a large array already: a slot
         # is not spent on every small attribute read.
-        obj = getattr(self.heap._entries.get(request.object_id), "obj", None)
+        obj = self.heap.loaded(request.object_id)
         np = shm._numpy()
         value = getattr(obj, "__dict__", {}).get(request.name) if obj is not None else None
-        if np is None or type(value) is not np.ndarray \
+        if np is None or value is None or type(value) is not np.ndarray \
                 or value.nbytes <= self.settings.inline_limit:
             return 0, 0
         return self.b.segments.version(request.object_id)
@@ -490,15 +489,16 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         something a property or __getattr__ computed) and one numpy array (no
         container whose parts other objects may share and change).
         """
-        obj = getattr(self.heap._entries.get(request.object_id), "obj", None)
+        obj = self.heap.loaded(request.object_id)
         np = shm._numpy()
-        if obj is None or np is None or type(result) is not np.ndarray \
+        versions = self.b.segments.versions
+        if obj is None or np is None or versions is None or type(result) is not np.ndarray \
                 or getattr(obj, "__dict__", {}).get(request.name) is not result \
                 or self.b.replicator.replicated(request.object_id):
             return
         slot, word = version
         if self.b.segments.reusable(request.object_id, slot, word, list(reply.result.shm)):
-            reply.version_table = self.b.segments.versions.name
+            reply.version_table = versions.name
             reply.version_slot = slot
             reply.version_word = word
             reply.version_pid = os.getpid()
@@ -727,8 +727,7 @@ class Backend:
             on_stale_bytes=self._stale_leased_bytes,
             pool_limit=parse_memory_limit(settings.shm_pool))
         # The live object goes along: its arrays may live in another object's segments.
-        self.heap.before_change = lambda oid: self.segments.changing(
-            oid, getattr(self.heap._entries.get(oid), "obj", None))
+        self.heap.before_change = lambda oid: self.segments.changing(oid, self.heap.loaded(oid))
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone
         self.server = grpc.server(
