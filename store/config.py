@@ -42,8 +42,8 @@ class Settings:
     chunk_size: int = 4 * MiB         # stream chunk size
     shm: bool = True                  # large values to a same-host backend go through /dev/shm
     # Same host: values of at least this many bytes go through /dev/shm even when they
-    # would fit inline (measured faster from 64 KiB; see README, Performance).
-    shm_min: int = 64 * KiB
+    # would fit inline (measured faster from 128-192 KiB; see README, Performance).
+    shm_min: int = 128 * KiB
     host_id: str = ""                 # same-host identity (see store.shm.host_id); empty: derived
     # Backend: same-host reads of large buffers are leased read-only views of its own
     # segments (store.backend.segments); leases hold at most this (bytes or fraction of RAM).

@@ -150,7 +150,7 @@ def test_mid_sized_values_go_by_shared_memory_from_shm_min(cluster, counted, mon
     client = store.client()
     h = Holder(np.zeros(4))
     h.make_persistent(backend=cluster.backends[0])
-    mid = np.random.default_rng(3).random(16 * 1024)          # 128 KiB
+    mid = np.random.default_rng(3).random(32 * 1024)          # 256 KiB
     assert client.settings.shm_min <= mid.nbytes < client.settings.inline_limit
     out = h.scaled(1.0)
     assert counted == [] and attached == []                    # small: inline
