@@ -2,7 +2,9 @@
 
 Run: ``python -m bench.bench_large_data [--quick]``. Prints one JSON document.
 
-For 1 MiB, 64 MiB and 1 GiB uint8 arrays it measures, in the same run:
+First values of 64 KiB, 256 KiB, 1 MiB and 4 MiB against a bare grpcio unary
+call carrying the same bytes (see ``measure_value``). Then, for 1 MiB, 64 MiB
+and 1 GiB uint8 arrays, it measures, in the same run:
 
 - ``memcpy``: ``np.copyto`` of the array into a preallocated one (the physical limit);
 - ``bare_push`` / ``bare_pull``: the same bytes through a bare grpcio client
@@ -51,6 +53,8 @@ from store.config import Settings
 from store.objects import readonly
 
 MiB = 1 << 20
+KiB = 1 << 10
+VALUE_SIZES = [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
 
 
 class Holder(StorageObject):
@@ -58,6 +62,11 @@ class Holder(StorageObject):
 
     def __init__(self, data):
         self.data = data
+
+    @readonly
+    def echo(self, value):
+        """The argument back: a call carrying the same bytes each way."""
+        return value
 
     @readonly
     def total(self):
@@ -134,6 +143,10 @@ class Echo:
                 target[got:got + len(piece)] = piece
             got += len(piece)
         assert got == nbytes, (got, nbytes)
+
+    def unary(self, method: str, request: bytes) -> bytes:
+        """One bare unary call (``Unary`` echo, ``Sink`` push or ``Give`` pull)."""
+        return self.channels["tcp"].unary_unary("/bench.Echo/" + method)(request, timeout=60)
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -234,6 +247,71 @@ def measure_size(cluster, echo: Echo, nbytes: int, repeat: int, chunk: int) -> d
     }
 
 
+def measure_value(cluster, echo: Echo, nbytes: int, repeat: int) -> dict:
+    """A value of 64 KiB to 4 MiB against a bare unary call carrying the same bytes.
+
+    - ``call``: a method that returns its array argument (the bytes cross each
+      way in one call) against the bare ``Unary`` echo of the same bytes (the
+      client sends ``tobytes()`` and views the reply with ``np.frombuffer``);
+    - ``persist`` / ``read``: ``make_persistent`` of an object holding the array
+      and reading it back, against a bare unary push (``Sink``) and pull
+      (``Give``) of the same bytes; the persist carries a small object's
+      fixed cost (an id, a directory entry) on top of the bytes.
+
+    Claypot runs on its default path (same host: the size picks inline or /dev/shm).
+    Rounds are interleaved and the best of each is kept.
+    """
+    array = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    backend = cluster.backends[0]
+    holder = Holder(np.zeros(1, np.uint8))
+    holder.make_persistent(backend=backend)
+    size_request = nbytes.to_bytes(8, "little")
+    times: dict[str, list] = {k: [] for k in ("bare_echo", "call", "bare_push", "bare_pull",
+                                              "persist", "read")}
+
+    def bare_echo():
+        back = np.frombuffer(echo.unary("Unary", array.tobytes()), np.uint8)
+        assert back.nbytes == nbytes
+
+    def call():
+        back = holder.echo(array)
+        assert back.nbytes == nbytes
+
+    for _ in range(repeat):
+        times["bare_echo"].append(_best(bare_echo, 3))
+        times["call"].append(_best(call, 3))
+        times["bare_push"].append(_best(lambda: echo.unary("Sink", array.tobytes()), 3))
+        times["bare_pull"].append(_best(
+            lambda: np.frombuffer(echo.unary("Give", size_request), np.uint8), 3))
+        for _ in range(3):
+            obj = Holder(array)
+            t = time.perf_counter()
+            obj.make_persistent(backend=backend)
+            times["persist"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            back = obj.data
+            times["read"].append(time.perf_counter() - t)
+            assert back.nbytes == nbytes and back[-1] == array[-1]
+            del back
+            obj.delete_persistent()
+    holder.delete_persistent()
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "bytes": nbytes,
+        "bare_echo_s": round(best["bare_echo"], 6),
+        "call_echo_s": round(best["call"], 6),
+        "call_vs_bare_echo": round(best["bare_echo"] / best["call"], 3),
+        "bare_push_s": round(best["bare_push"], 6),
+        "persist_s": round(best["persist"], 6),
+        "persist_vs_bare_push": round(best["bare_push"] / best["persist"], 3),
+        "bare_pull_s": round(best["bare_pull"], 6),
+        "read_s": round(best["read"], 6),
+        "read_vs_bare_pull": round(best["bare_pull"] / best["read"], 3),
+        "round_trip_vs_bare_unary": round((best["bare_push"] + best["bare_pull"])
+                                          / (best["persist"] + best["read"]), 3),
+    }
+
+
 def measure_sum(cluster, nbytes: int, repeat: int) -> dict:
     """sum() next to the data versus pulling the array and summing on the client."""
     array = np.random.default_rng(1).random(nbytes // 8)
@@ -274,11 +352,13 @@ def main(argv=None) -> dict:
                        "python": platform.python_version(),
                        "grpcio": grpc.__version__, "numpy": np.__version__},
            "chunk_size": settings.chunk_size, "inline_limit": settings.inline_limit,
-           "durability": "none", "sizes": [], "sum": None}
+           "durability": "none", "values": [], "sizes": [], "sum": None}
     echo = Echo()
     try:
         with LocalCluster(backends=1, durability="none") as cluster:
             out["disk_fsync_MBps"] = _disk_fsync_rate(cluster.data_dir)
+            for nbytes in VALUE_SIZES:
+                out["values"].append(measure_value(cluster, echo, nbytes, 2 if a.quick else 5))
             for nbytes, repeat in sizes:
                 out["sizes"].append(measure_size(cluster, echo, nbytes,
                                                  1 if a.quick else repeat,
@@ -294,6 +374,8 @@ def main(argv=None) -> dict:
         "round_trip_vs_bare_landed>=0.8": big["round_trip_vs_bare_landed"] >= 0.8,
         "stream_round_trip_vs_bare_landed>=0.8": big["stream_round_trip_vs_bare_landed"] >= 0.8,
         "sum_speedup>=10": out["sum"]["speedup"] >= 10,
+        "values_call_vs_bare_echo>=0.8": all(v["call_vs_bare_echo"] >= 0.8
+                                             for v in out["values"]),
     }
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))

@@ -49,6 +49,12 @@ BENCHES: dict[str, dict] = {
         "argv": ["-m", "bench.bench_large_data"],
         "results": "large_data.json",
         "watch": {
+            "values[bytes=65536].call_vs_bare_echo": "higher",
+            "values[bytes=262144].call_vs_bare_echo": "higher",
+            "values[bytes=1048576].call_vs_bare_echo": "higher",
+            "values[bytes=4194304].call_vs_bare_echo": "higher",
+            "sizes[bytes=67108864].stream_round_trip_vs_bare_landed": "higher",
+            "sizes[bytes=1073741824].stream_round_trip_vs_bare_landed": "higher",
             "sizes[bytes=1048576].round_trip_vs_bare": "higher",
             "sizes[bytes=1048576].stream_round_trip_vs_bare": "higher",
             "sizes[bytes=67108864].round_trip_vs_bare": "higher",

@@ -6,6 +6,9 @@ given a path, also on that Unix-domain socket. It serves,
 with generic handlers and no serializers (raw bytes, no generated code):
 
 - ``/bench.Echo/Unary``: bytes in, the same bytes out;
+- ``/bench.Echo/Sink``: bytes in, their count (u64) out: a unary push;
+- ``/bench.Echo/Give``: a size (u64) in, that many bytes out: a unary pull,
+  cut from a buffer kept per size as ``Pull`` does;
 - ``/bench.Echo/Stream``: a client stream of chunks; replies with the byte count;
 - ``/bench.Echo/StreamLand``: like Stream, but the first message is the total
   size (u64) and every chunk is copied into a buffer of that size, allocated
@@ -30,6 +33,15 @@ OPTIONS = [("grpc.max_send_message_length", 16 << 20),
 
 def _unary(request, context):
     return request
+
+
+def _sink(request, context):
+    return len(request).to_bytes(8, "little")
+
+
+def _give(request, context):
+    total = int.from_bytes(request[:8], "little")
+    return _source(total).tobytes()
 
 
 def _stream(request_iterator, context):
@@ -60,15 +72,20 @@ def _stream_land(request_iterator, context):
 _sources: dict[int, memoryview] = {}
 
 
+def _source(total: int) -> memoryview:
+    source = _sources.get(total)
+    if source is None:
+        source = _sources[total] = memoryview(bytearray(total))
+    return source
+
+
 def _pull(request, context):
     total = int.from_bytes(request[:8], "little")
     chunk = int.from_bytes(request[8:16], "little")
     # Content does not matter to the transport; the buffer exists so every
     # piece is a real slice copied out of memory, like a streamed array. It is
     # kept across calls so its allocation is not timed as transport.
-    source = _sources.get(total)
-    if source is None:
-        source = _sources[total] = memoryview(bytearray(total))
+    source = _source(total)
     for start in range(0, total, chunk):
         yield source[start:start + chunk].tobytes()
 
@@ -78,6 +95,8 @@ def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "Sink": grpc.unary_unary_rpc_method_handler(_sink),
+        "Give": grpc.unary_unary_rpc_method_handler(_give),
         "Stream": grpc.stream_unary_rpc_method_handler(_stream),
         "StreamLand": grpc.stream_unary_rpc_method_handler(_stream_land),
         "Pull": grpc.unary_stream_rpc_method_handler(_pull),

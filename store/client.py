@@ -868,13 +868,21 @@ class Client:
         timeout = self.settings.call_timeout + size / self.settings.stream_min_rate
         check_size(size, self.settings, request.name)
         if size <= self.settings.inline_limit:
-            if payload:
-                request.args.CopyFrom(wire.inline_value(payload, buffers))
+            inline = wire.inline_value(payload, buffers) if payload else None
+            # Same host, buffers of shm_min bytes or more: /dev/shm beats the
+            # protobuf copies of an inline value (see README, Performance).
+            by_shm = bool(buffers) and size >= self.settings.shm_min
 
             def send(addr):
                 request.accept_shm = self._same_host(addr)
                 request.reader_pid = os.getpid() if request.accept_shm else 0
                 request.reader_pid_ns = shm.pid_namespace() if request.accept_shm else 0
+                if by_shm and request.accept_shm:
+                    reply = self._call_via_shm(addr, request, payload, buffers, timeout)
+                    if reply is not None:
+                        return reply
+                if inline is not None:
+                    request.args.CopyFrom(inline)
                 return self._rpc(addr, "Call", request, timeout, True, request.name)
         else:
             value, blobs = wire.streamed_value(payload, buffers)
@@ -882,23 +890,10 @@ class Client:
             header = request.SerializeToString()
 
             def send(addr):
-                names = None
                 if len(payload) <= self.settings.inline_limit and self._same_host(addr):
-                    try:
-                        names = shm.export(buffers)
-                    except shm.Unavailable:
-                        pass  # /dev/shm full or missing: stream instead
-                if names is not None:
-                    try:
-                        request.accept_shm = True
-                        request.reader_pid = os.getpid()
-                        request.reader_pid_ns = shm.pid_namespace()
-                        request.args.CopyFrom(pb.Value(
-                            payload=payload, shm=names,
-                            buffer_sizes=[memoryview(b).nbytes for b in buffers]))
-                        return self._rpc(addr, "Call", request, timeout, True, request.name)
-                    finally:
-                        shm.discard(names)
+                    reply = self._call_via_shm(addr, request, payload, buffers, timeout)
+                    if reply is not None:
+                        return reply
                 try:
                     return self._streams(addr).CallStream(
                         wire.chunk_stream(header, blobs, self.settings.chunk_size,
@@ -924,6 +919,24 @@ class Client:
             raise
         return self._result(reply, addr, (request.object_id, request.name)
                             if request.kind == objmod.GET_ATTR else None)
+
+    def _call_via_shm(self, addr: str, request: pb.CallRequest, payload: bytes, buffers: list,
+                      timeout: float) -> pb.CallReply | None:
+        """Send a call's argument buffers through /dev/shm; None when it cannot take them."""
+        try:
+            names = shm.export(buffers)
+        except shm.Unavailable:
+            return None  # /dev/shm full or missing: inline or stream instead
+        try:
+            request.accept_shm = True
+            request.reader_pid = os.getpid()
+            request.reader_pid_ns = shm.pid_namespace()
+            request.args.CopyFrom(pb.Value(
+                payload=payload, shm=names,
+                buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+            return self._rpc(addr, "Call", request, timeout, True, request.name)
+        finally:
+            shm.discard(names)
 
     def cancel_call(self, backend_id: str, call_id: str) -> bool:
         """Ask a backend to stop the running call ``call_id``; True if it was running there.

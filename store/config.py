@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigurationError
 
 MiB = 1024 * 1024
+KiB = 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Settings:
     inline_limit: int = 1 * MiB       # values larger than this are streamed
     chunk_size: int = 4 * MiB         # stream chunk size
     shm: bool = True                  # large values to a same-host backend go through /dev/shm
+    # Same host: values of at least this many bytes go through /dev/shm even when they
+    # would fit inline (measured faster from 128-192 KiB; see README, Performance).
+    shm_min: int = 128 * KiB
     host_id: str = ""                 # same-host identity (see store.shm.host_id); empty: derived
     # Backend: same-host reads of large buffers are leased read-only views of its own
     # segments (store.backend.segments); leases hold at most this (bytes or fraction of RAM).
@@ -121,6 +125,8 @@ class Settings:
                                      f"not {self.metrics_port}")
         if self.chunk_size < 64 * 1024 or self.chunk_size > 64 * MiB:
             raise ConfigurationError("chunk_size must be between 64 KiB and 64 MiB")
+        if self.shm_min < 0:
+            raise ConfigurationError("shm_min must be 0 or more bytes")
         if self.inline_limit > 3 * MiB:
             raise ConfigurationError("inline_limit must stay under gRPC's 4 MiB message limit")
         if self.executor not in ("store", "dask"):

@@ -133,3 +133,54 @@ def test_full_shared_memory_falls_back_to_streams(cluster, monkeypatch):
     assert digest(h.data) == digest(a)
     b = np.ones(2 * MiB)
     assert h.replace(b) == b.sum()
+
+
+def test_mid_sized_values_go_by_shared_memory_from_shm_min(cluster, counted, monkeypatch):
+    """Same host, values from shm_min up to inline_limit go through /dev/shm both ways
+    (faster than the protobuf copies of an inline value); below it, or with
+    shm_min raised, they stay inline."""
+    import store
+    attached = []
+    real_attach = shm.attach
+
+    def attach(names, sizes):
+        attached.extend(names)
+        return real_attach(names, sizes)
+    monkeypatch.setattr(shm, "attach", attach)
+    client = store.client()
+    h = Holder(np.zeros(4))
+    h.make_persistent(backend=cluster.backends[0])
+    mid = np.random.default_rng(3).random(32 * 1024)          # 256 KiB
+    assert client.settings.shm_min <= mid.nbytes < client.settings.inline_limit
+    out = h.scaled(1.0)
+    assert counted == [] and attached == []                    # small: inline
+    assert h.replace(mid) == mid.sum()
+    assert len(counted) == 1                                   # argument through shm
+    out = h.scaled(2.0)
+    assert len(attached) == 1                                  # result through shm
+    assert digest(out) == digest(mid * 2.0)
+    out[0] = -1.0                                              # a private, writable copy
+    assert digest(h.scaled(1.0)) == digest(mid)
+    monkeypatch.setattr(client, "settings", client.settings.replace(shm_min=2 * MiB))
+    n = len(counted)
+    assert h.replace(mid + 1) == (mid + 1).sum()
+    assert len(counted) == n                                   # shm_min raised: inline
+    h.delete_persistent()
+
+
+def test_mid_sized_values_fall_back_inline_when_shared_memory_is_full(cluster, monkeypatch):
+    def full(buffers):
+        raise shm.Unavailable("No space left on device")
+    monkeypatch.setattr(shm, "export", full)
+    h = Holder(np.zeros(4))
+    h.make_persistent()
+    mid = np.arange(32 * 1024, dtype=np.float64)               # 256 KiB
+    assert h.replace(mid) == mid.sum()
+    assert digest(h.scaled(1.0)) == digest(mid)
+    h.delete_persistent()
+
+
+def test_shm_min_must_not_be_negative():
+    from store.config import Settings
+    with pytest.raises(errors.ConfigurationError, match="shm_min"):
+        Settings.from_env({"CLAYPOT_SHM_MIN": "-1"})

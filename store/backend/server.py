@@ -509,7 +509,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.CallReply()
         payload, buffers = dumps(result, self.heap.pickle_context(chain))
         size = wire.total_size(payload, buffers)
-        if size <= self.settings.inline_limit:
+        small = size <= self.settings.inline_limit
+        # Same-host readers get buffers of shm_min bytes or more through /dev/shm
+        # even when they would fit inline (see README, Performance).
+        if small and not (accept_shm and buffers and size >= self.settings.shm_min):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         if accept_shm and self.settings.shm and shm.available() \
                 and len(payload) <= self.settings.inline_limit:
@@ -530,7 +533,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     payload=payload, shm=names,
                     buffer_sizes=[memoryview(b).nbytes for b in buffers]))
             except shm.Unavailable:
-                pass  # /dev/shm full: the result streams instead
+                pass  # /dev/shm full: the result goes inline or streams instead
+        if small:
+            return pb.CallReply(result=wire.inline_value(payload, buffers))
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
     def UpgradeClass(self, request, context):
