@@ -111,7 +111,7 @@ def _direct_write_rate(directory: str, nbytes: int) -> float:
 
 def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
     out: dict = {}
-    with LocalCluster(backends=1, durability="none"):
+    with LocalCluster(backends=1, durability="none") as cluster:
         def put():
             b = Block(src)
             b.make_persistent()
@@ -182,24 +182,46 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         del view
         out["cow_copy_s"] = round(max(0.0, out["change_after_read_s"] - out["change_again_s"]),
                                   4)
-        gc.collect()
         client = store.client()
         bid = b.get_location()
-        client.lease_returns.flush()
-        deadline = time.monotonic() + 30    # the old copy's lease back: the pool holds it
-        while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
-            time.sleep(0.05)
-        view = b.data
-        deadline = time.monotonic() + 30
-        while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
-            time.sleep(0.05)
-        out["change_after_read_spare_s"] = round(_best(b.add_one, 1), 4)
-        out["change_again_2_s"] = round(_best(b.add_one, 1), 4)
-        del view
+        pid = cluster.processes[0].pid
+
+        def spare_cycle() -> tuple[float, float, int]:
+            gc.collect()
+            client.lease_returns.flush()
+            deadline = time.monotonic() + 30    # the old copy's lease back: the pool holds it
+            while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
+                time.sleep(0.05)
+            view = b.data
+            deadline = time.monotonic() + 30    # the spare is ready (mapped, off the path)
+            while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+            faults = _minflt(pid)
+            t = time.perf_counter()
+            b.add_one()
+            after_read = time.perf_counter() - t
+            faults = _minflt(pid) - faults
+            time.sleep(0.2)                     # the old mapping's teardown, in the background
+            t = time.perf_counter()
+            b.add_one()
+            again = time.perf_counter() - t
+            del view
+            return after_read, again, faults
+        cycles = [spare_cycle() for _ in range(repeat)]
+        out["change_after_read_spare_s"] = round(min(c[0] for c in cycles), 4)
+        out["change_again_2_s"] = round(min(c[1] for c in cycles), 4)
+        out["change_after_read_spare_faults"] = min(c[2] for c in cycles)
         out["cow_copy_spare_s"] = round(max(0.0, out["change_after_read_spare_s"]
                                             - out["change_again_2_s"]), 4)
         b.delete_persistent()
     return out
+
+
+def _minflt(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (field 10 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def sync_figures(nbytes: int, src: np.ndarray) -> dict:

@@ -558,14 +558,17 @@ _MAP_FAILED = (1 << 64) - 1
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 
 
-def relocate(region: mmap.mmap, reuse: str = "") -> str:
+def relocate(region: mmap.mmap, reuse: str = "", mapped: int = 0) -> str:
     """Move ``region``'s memory to a copy in a new segment, at the same address.
 
     Every array over ``region`` keeps working, now on the copy; the old file
     is no longer mapped here (its readers keep it). The copy goes into
-    ``reuse`` (a free segment of this process: its pages exist already, so
-    the copy runs at memory speed) or into a new segment. Returns the new
-    segment's name.
+    ``reuse`` (a free segment: its pages exist already, so the copy runs at
+    memory speed) or into a new segment. ``mapped`` is the address where
+    :func:`premap` mapped ``reuse`` (a spare of this process, named by it):
+    then its page tables exist too, and the change costs one memcpy (filling
+    a fresh mapping's page tables, one fault per 4 KiB page, measured as
+    long as the memcpy itself). Returns the new segment's name.
     """
     import ctypes
     libc = _libc()
@@ -573,6 +576,8 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
     start = buffer_address(region)
     if start is None:
         raise Unavailable("numpy is needed to relocate a segment")
+    if reuse and mapped:
+        return _relocate_premapped(start, size, reuse, mapped)
     fd = -1
     reused = False
     if reuse:   # a free segment (renamed to a name of ours first: a client may claim it)
@@ -612,17 +617,131 @@ def relocate(region: mmap.mmap, reuse: str = "") -> str:
             raise Unavailable(f"cannot map a copy: {os.strerror(ctypes.get_errno())}")
         if reused:
             ctypes.memmove(got, start, size)   # existing pages: a plain memcpy
-        moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
-        if moved != start:
-            err = ctypes.get_errno()
-            libc.munmap(got, size)
-            raise Unavailable(f"cannot move a copy in place: {os.strerror(err)}")
+        _swap_in(got, start, size)
     except BaseException:
         os.close(fd)
         discard([name])
         raise
     os.close(fd)
     return name
+
+
+def _relocate_premapped(start: int, size: int, name: str, mapped: int) -> str:
+    """:func:`relocate` into a spare that :func:`premap` mapped at ``mapped``."""
+    import ctypes
+    length = _page_up(size)
+    try:
+        total = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False).st_size
+        length = _page_up(total)
+        if total < size:
+            raise Unavailable(f"spare segment {name} holds {total} bytes, not {size}")
+        if total > size:
+            # Bigger than needed: the tail goes (its mapping dropped first, so nothing
+            # can touch it past the file's new end).
+            if _page_up(size) < length:
+                _libc().munmap(mapped + _page_up(size), length - _page_up(size))
+                length = _page_up(size)
+            os.truncate(os.path.join(SHM_DIR, name), size)
+        ctypes.memmove(mapped, start, size)   # pages and page tables exist: one memcpy
+        _swap_in(mapped, start, size)
+    except BaseException:
+        _libc().munmap(mapped, length)
+        discard([name])
+        raise
+    return name
+
+
+def _page_up(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+_MREMAP_DONTUNMAP = 4
+
+
+def _swap_in(got: int, start: int, size: int) -> None:
+    """Move the mapping at ``got`` to ``start``, replacing what was mapped there.
+
+    Replacing it outright would unmap the old mapping on the change's path
+    (tearing down a page-table entry per 4 KiB page: a third of a memcpy).
+    So the old mapping's page tables move aside first (MREMAP_DONTUNMAP: the
+    range at ``start`` stays mapped, to the same file, and any access in
+    between faults in the very same bytes), the new mapping moves in over
+    the now empty range, and the old one is unmapped by a background thread.
+    """
+    import ctypes
+    libc = _libc()
+    park = _reserve(size)
+    if park:
+        moved = libc.mremap(start, size, size,
+                            _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP, park)
+        if moved == park:
+            unmap_later(park, size)
+        else:   # an older kernel: the move below unmaps the old pages itself
+            libc.munmap(park, size)
+    moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
+    if moved != start:
+        err = ctypes.get_errno()
+        libc.munmap(got, size)
+        raise Unavailable(f"cannot move a copy in place: {os.strerror(err)}")
+
+
+_PMD = 2 << 20
+_MAP_NORESERVE = 0x4000
+
+
+def _reserve(size: int) -> int:
+    """An address range of ``size`` bytes aligned to 2 MiB (mapped inaccessible), or 0.
+
+    Aligned ranges let mremap move a whole page table (512 pages) at a time."""
+    libc = _libc()
+    got = libc.mmap(None, size + _PMD, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                    -1, 0)
+    if got in (None, _MAP_FAILED):
+        return 0
+    aligned = -(-got // _PMD) * _PMD
+    if aligned > got:
+        libc.munmap(got, aligned - got)
+    end = got + size + _PMD
+    if end > aligned + _page_up(size):
+        libc.munmap(aligned + _page_up(size), end - aligned - _page_up(size))
+    return aligned
+
+
+def premap(name: str) -> int:
+    """Map segment ``name`` (one of this process's, its pages allocated) shared and
+    populated at a 2 MiB-aligned address; returns the address.
+
+    Made ahead of need (a spare for copy-on-write): filling a mapping's page
+    tables costs a fault per 4 KiB page, about as long as copying the bytes.
+    """
+    libc = _libc()
+    fd = _open_checked(_path(name), name, os.O_RDWR, None)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            raise Unavailable(f"segment {name} is empty")
+        addr = _reserve(size)
+        if not addr:
+            raise Unavailable("no address range for a spare segment")
+        got = libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_SHARED | _MAP_FIXED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+        if got != addr:
+            libc.munmap(addr, size)
+            raise Unavailable("cannot map a spare segment")
+        return addr
+    finally:
+        os.close(fd)
+
+
+def unmap(addr: int, size: int) -> None:
+    """Unmap what :func:`premap` mapped."""
+    _libc().munmap(addr, _page_up(size))
+
+
+def unmap_later(addr: int, size: int) -> None:
+    """Unmap in a background thread (tearing down a big mapping takes a while)."""
+    threading.Thread(target=unmap, args=(addr, size), name="claypot-unmap",
+                     daemon=True).start()
 
 
 class _Made:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .. import shm
+from ..errors import ProtocolError
 
 
 @dataclass
@@ -88,6 +89,9 @@ class Segments:
         # clients claim them for puts (store.shm.claim_free), this backend for copies.
         self.pool_limit = pool_limit
         self._pool: list[tuple[str, int]] = []
+        # Spares this backend made and mapped (name -> address): their page tables are
+        # filled, so a copy into one costs one memcpy (see _prepare_spare).
+        self._mapped: dict[str, int] = {}
         self.on_stale_bytes = on_stale_bytes
         self._mu = threading.Lock()
         self._segments: dict[str, Segment] = {}
@@ -128,7 +132,6 @@ class Segments:
         with self._mu:
             for name in names:
                 if name in self._segments:
-                    from ..errors import ProtocolError
                     shm.discard([n for n in names if n not in self._segments])
                     raise ProtocolError(f"shared-memory segment {name} is kept already")
             budget = self.limit - self.leased_bytes_locked()
@@ -223,7 +226,7 @@ class Segments:
             if region is None:
                 continue
             try:
-                fresh = shm.relocate(region, self._take_free(seg.size))
+                fresh = shm.relocate(region, *self._take_free(seg.size))
             except shm.Unavailable as exc:
                 # No room for a copy: the method must not write into what readers map.
                 from ..errors import ObjectBusy
@@ -352,31 +355,55 @@ class Segments:
         A change of a leased segment copies it aside (:meth:`changing`); into
         fresh memory that costs four to five times a memcpy (the kernel
         allocates and clears every page), into a free segment whose pages
-        exist about two (a memcpy, and mapping them). So the first lease of a
-        segment readies a spare for it, off the change's path, within
-        ``pool_limit``.
+        exist about two (a memcpy, and a fault per 4 KiB page to map them),
+        into a spare whose pages are allocated and mapped already, one. So
+        the first lease of a segment readies such a spare for it, off the
+        change's path, within ``pool_limit``. Its name is a kept one: a
+        same-host client looking for a free segment to put into leaves it
+        alone.
         """
         with self._mu:
-            if self._closed or size > self.pool_limit or any(sz >= size for _, sz in self._pool):
+            if self._closed or size > self.pool_limit or any(
+                    sz >= size and n in self._mapped for n, sz in self._pool):
                 return
-            if sum(sz for _, sz in self._pool) + self._preparing + size > self.pool_limit:
+            # A free segment that fits is mapped rather than a new one made.
+            free = [(n, sz) for n, sz in self._pool if sz >= size]
+            reuse = min(free, key=lambda t: t[1]) if free else None
+            if reuse is not None:
+                self._pool.remove(reuse)
+                size = reuse[1]
+            elif sum(sz for _, sz in self._pool) + self._preparing + size > self.pool_limit:
                 return
             self._preparing += size
 
         def make() -> None:
-            name = shm.free_name()
+            name = shm.kept_name()
             path = os.path.join(shm.SHM_DIR, name)
             kept = False
+            addr = 0
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
                 try:
-                    os.posix_fallocate(fd, 0, size)   # the pages, allocated and cleared
-                finally:
-                    os.close(fd)
+                    if reuse is None:
+                        raise FileNotFoundError
+                    # Renamed to a kept name: a client looking for a free segment
+                    # cannot claim it any more (or claimed it first: then make one).
+                    os.rename(os.path.join(shm.SHM_DIR, reuse[0]), path)
+                except OSError:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600)
+                    try:
+                        os.posix_fallocate(fd, 0, size)   # the pages, allocated and cleared
+                    finally:
+                        os.close(fd)
+                try:
+                    addr = shm.premap(name)   # and their page tables filled
+                except (OSError, ProtocolError):
+                    addr = 0   # unmapped, the spare still saves clearing its pages
                 with self._mu:
                     if not self._closed:
                         self._pool.append((name, size))
+                        if addr:
+                            self._mapped[name] = addr
                         kept = True
             except OSError:
                 pass   # /dev/shm full: the change copies into new memory, as before
@@ -385,6 +412,8 @@ class Segments:
                     self._preparing -= size
                     self._spare_done.notify_all()
                 if not kept:
+                    if addr:
+                        shm.unmap(addr, size)
                     shm.discard([name])
         threading.Thread(target=make, name="claypot-spare", daemon=True).start()
 
@@ -445,8 +474,7 @@ class Segments:
             for seg in self._segments.values():
                 if seg.current and seg.region() is None:
                     seg.current = False
-            self._pool = [(n, sz) for n, sz in self._pool
-                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
+            self._prune_pool_locked()
         return self.release(dead) if dead else self.release([])
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -478,8 +506,9 @@ class Segments:
             self._starts = [t for t in self._starts if t[2] not in gone]
         return out
 
-    def _take_free(self, size: int) -> str:
-        """A free segment of at least ``size`` bytes, or "" (the smallest that fits)."""
+    def _take_free(self, size: int) -> tuple[str, int]:
+        """A free segment of at least ``size`` bytes and where it is mapped (0: it is
+        not), or ("", 0): a mapped spare first, else the smallest that fits."""
         with self._mu:
             # A spare being made for this segment (its first lease started it): waiting
             # for it costs less than clearing new pages here as well.
@@ -488,10 +517,10 @@ class Segments:
                 timeout=30.0)
             fits = [(n, sz) for n, sz in self._pool if sz >= size]
             if not fits:
-                return ""
-            best = min(fits, key=lambda t: t[1])
+                return "", 0
+            best = min(fits, key=lambda t: (t[0] not in self._mapped, t[1]))
             self._pool.remove(best)
-            return best[0]
+            return best[0], self._mapped.pop(best[0], 0)
 
     def _keep_free(self, dropped: list[tuple[str, int, bool]]) -> list[str]:
         """Put reusable dropped segments in the pool; returns the names to unlink."""
@@ -512,6 +541,7 @@ class Segments:
                     old, sz = self._pool.pop(0)
                     total -= sz
                     unlink.append(old)
+                    self._unmap_locked(old, sz)
         return unlink
 
     def _finish(self, drop: list[tuple[str, int, bool]]) -> None:
@@ -523,12 +553,26 @@ class Segments:
             self._reported_stale = stale
             self.on_stale_bytes(stale)
 
+    def _prune_pool_locked(self) -> None:
+        # Free segments a client claimed since (renamed away) are not ours any more.
+        keep = []
+        for n, sz in self._pool:
+            if os.path.exists(os.path.join(shm.SHM_DIR, n)):
+                keep.append((n, sz))
+            else:
+                self._unmap_locked(n, sz)
+        self._pool = keep
+
+    def _unmap_locked(self, name: str, size: int) -> None:
+        """``name`` leaves the pool: drop this backend's mapping of it, if any."""
+        addr = self._mapped.pop(name, 0)
+        if addr:
+            shm.unmap_later(addr, size)
+
     def stats(self) -> dict:
         """Bytes and counts of segments and leases (reported by the Leases RPC)."""
         with self._mu:
-            # Free segments a client claimed since (renamed away) are not ours any more.
-            self._pool = [(n, sz) for n, sz in self._pool
-                          if os.path.exists(os.path.join(shm.SHM_DIR, n))]
+            self._prune_pool_locked()
             return {
                 "segments": len(self._segments),
                 "segment_bytes": sum(s.size for s in self._segments.values()),
@@ -547,6 +591,8 @@ class Segments:
         with self._mu:
             self._closed = True
             names = list(self._segments) + [n for n, _ in self._pool]
+            for n, sz in self._pool:
+                self._unmap_locked(n, sz)
             self._pool.clear()
             self._segments.clear()
             self._by_object.clear()
