@@ -140,14 +140,17 @@ def claim_free(nbytes: int) -> str:
     except OSError:
         return ""
     sized = []
+    with _fills_lock:
+        mapped = {key for key, fill in _fills.items() if fill.size >= nbytes}
     for n in names:
         try:
             st = os.stat(os.path.join(SHM_DIR, n), follow_symlinks=False)
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size >= nbytes:
-            sized.append((st.st_size, n))
-    for _, n in sorted(sized):
+            # One this process still maps (it wrote it before) first: no page to map.
+            sized.append(((st.st_dev, st.st_ino) not in mapped, st.st_size, n))
+    for _, _, n in sorted(sized):
         mine = _new_name()
         try:
             os.rename(os.path.join(SHM_DIR, n), os.path.join(SHM_DIR, mine))
@@ -157,27 +160,120 @@ def claim_free(nbytes: int) -> str:
     return ""
 
 
+class _Fill:
+    """This process's mapping of a segment it filled (see :func:`fill`)."""
+
+    __slots__ = ("region", "fd", "size")
+
+    def __init__(self, region: mmap.mmap, fd: int, size: int):
+        self.region, self.fd, self.size = region, fd, size
+
+    def close(self) -> None:
+        try:
+            self.region.close()
+        except BufferError:
+            pass   # a copy into it is still running: the mapping goes with the object
+        os.close(self.fd)
+
+
+# Mappings of segments this process filled, by (device, inode): a backend keeps
+# the segment, and once it is free again (the object deleted, the file back in
+# the backend's pool) the next put claims and fills the same file through the
+# same mapping, whose page tables exist: one memcpy, as into a reused store.
+# Each holds the file open (its inode cannot be reused); one whose file was
+# unlinked is dropped at once (see _watch_fills): its pages are nobody's any more.
+_FILLS_MAX = 4
+_fills_lock = threading.Lock()
+_fills: dict[tuple[int, int], _Fill] = {}
+_fills_watch: list[threading.Thread] = []
+
+
 def fill(name: str, buf) -> None:
-    """Copy ``buf`` into segment ``name`` (cut to its size), through a populated mapping."""
+    """Copy ``buf`` into segment ``name`` (cut to its size).
+
+    Through this process's mapping of the file when it filled it before,
+    else through a new populated mapping, kept for next time.
+    """
     view = memoryview(buf)
     view = view.cast("B") if view.contiguous else memoryview(bytes(buf))
     fd = _open_checked(_path(name), name, os.O_RDWR, None)
+    keep = False
     try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        # Always, even at the same size: ftruncate stamps the file's mtime, which must
+        # be newer than its next keeper's start (an orphan sweep's test, remove_orphans).
         os.ftruncate(fd, view.nbytes)
         if not view.nbytes:
             return
-        region = mmap.mmap(fd, view.nbytes,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-    finally:
-        os.close(fd)
-    try:
+        with _fills_lock:
+            got = _fills.pop(key, None)
+        if got is not None and got.size < view.nbytes:
+            got.close()
+            got = None
+        if got is None:
+            region = mmap.mmap(fd, view.nbytes,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            got = _Fill(region, fd, view.nbytes)
+            keep = True
         np = _numpy()
         if np is not None:
-            np.copyto(np.frombuffer(region, dtype=np.uint8), np.frombuffer(view, dtype=np.uint8))
+            np.copyto(np.frombuffer(got.region, dtype=np.uint8, count=view.nbytes),
+                      np.frombuffer(view, dtype=np.uint8))
         else:
-            region[:] = view
+            got.region[:view.nbytes] = view
+        _remember_fill(key, got)
     finally:
-        region.close()
+        if not keep:
+            os.close(fd)
+
+
+def _remember_fill(key: tuple[int, int], got: _Fill) -> None:
+    with _fills_lock:
+        _fills[key] = got
+        old = []
+        while len(_fills) > _FILLS_MAX:
+            oldest = next(iter(_fills))
+            old.append(_fills.pop(oldest))
+        if not _fills_watch:
+            _fills_watch.append(threading.Thread(target=_watch_fills, name="claypot-fills",
+                                                 daemon=True))
+            _fills_watch[0].start()
+    for f in old:
+        f.close()
+
+
+def forget_fills() -> None:
+    """Drop every kept mapping of filled segments (their files stay where they are)."""
+    with _fills_lock:
+        old = list(_fills.values())
+        _fills.clear()
+    for f in old:
+        f.close()
+
+
+def _watch_fills(period: float = 1.0) -> None:
+    """Drop kept mappings whose file was unlinked, every ``period`` seconds, until none
+    is left: the mapping would be all that keeps those pages."""
+    while True:
+        time.sleep(period)
+        with _fills_lock:
+            gone = [k for k, f in _fills.items() if _unlinked(f.fd)]
+            dropped = [_fills.pop(k) for k in gone]
+            idle = not _fills
+            if idle:
+                _fills_watch.clear()   # the next fill starts a new watcher
+        for f in dropped:
+            f.close()
+        if idle:
+            return
+
+
+def _unlinked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return True
 
 
 def _check_segment(fd: int, name: str, size: int) -> None:
@@ -779,8 +875,10 @@ def _after_fork() -> None:
 def _after_fork_in_child() -> None:
     # Another thread of the parent may have held the lock at the fork: the child's
     # copy would never be released. The child runs one thread now.
-    global _made_lock
+    global _made_lock, _fills_lock
     _made_lock = threading.Lock()
+    _fills_lock = threading.Lock()
+    _fills_watch.clear()   # the parent's watcher thread is not in the child
     _after_fork()
 
 

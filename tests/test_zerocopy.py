@@ -247,23 +247,23 @@ def test_freed_segments_are_reused_and_never_while_a_reader_maps_them(tmp_path):
         first.make_persistent()
         bid = first.get_location()
         view = first.data                      # a reader maps the segment
-        # Its first lease readies a spare of its size (for a copy-on-write): one free
-        # segment, which is not the leased one.
+        # Its first lease readies a spare of its size (for a copy-on-write), mapped by the
+        # backend ahead of need: kept for the backend's own copy, never claimed by a put.
         wait_for(lambda: c.client.shm_report(bid)["pool_segments"] == 1)
         first.delete_persistent()
         r = c.client.shm_report(bid)
         assert r["pool_segments"] == 1 and r["leases"] == 1   # held by the view: not reusable
         second = Grid(np.full(M, 2.0))
-        second.make_persistent()               # claims the spare: the leased one is untouchable
+        second.make_persistent()               # the leased one is untouchable, the spare kept
         assert view[0] == 1.0 and view[-1] == 1.0
-        assert c.client.shm_report(bid)["pool_segments"] == 0
+        assert c.client.shm_report(bid)["pool_segments"] == 1
         del view
         gc.collect()
-        r = wait_for(lambda: (lambda r: r if r["pool_segments"] == 1 else None)(
+        r = wait_for(lambda: (lambda r: r if r["pool_segments"] == 2 else None)(
             c.client.shm_report(bid)))
-        assert r["pool_bytes"] == M * 8 and r["leases"] == 0
+        assert r["pool_bytes"] == 2 * M * 8 and r["leases"] == 0
         third = Grid(np.full(M, 3.0))
         third.make_persistent()                # claims the freed segment: pages already there
-        assert c.client.shm_report(bid)["pool_segments"] == 0
+        assert c.client.shm_report(bid)["pool_segments"] == 1
         assert np.array_equal(third.data, np.full(M, 3.0))
         assert np.array_equal(second.data, np.full(M, 2.0))
