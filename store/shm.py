@@ -103,6 +103,7 @@ def _new_name() -> str:
 
 FREE_MARK = "free"
 KEPT_MARK = "kept"
+SPARE_MARK = "spare"
 
 
 def kept_name() -> str:
@@ -111,14 +112,23 @@ def kept_name() -> str:
     return f"{PREFIX}{os.getpid()}-{KEPT_MARK}{pid_namespace()}n{uuid.uuid4().hex}"
 
 
+def spare_name() -> str:
+    """A name for a spare a backend readies for its own copy-on-write: like a kept
+    segment's (no client claims it), and told apart from the objects' memory."""
+    return f"{PREFIX}{os.getpid()}-{SPARE_MARK}{pid_namespace()}n{uuid.uuid4().hex}"
+
+
 def _settled(name: str) -> bool:
-    """A kept or free segment of a keeper in this PID namespace: its PID tells all."""
+    """A kept, spare or free segment of a keeper in this PID namespace: its PID tells
+    all."""
     rest = name[len(PREFIX):].split("-", 1)[-1]
     if rest.startswith(FREE_MARK):
         return True
-    if not rest.startswith(KEPT_MARK):
+    mark = KEPT_MARK if rest.startswith(KEPT_MARK) else \
+        SPARE_MARK if rest.startswith(SPARE_MARK) else ""
+    if not mark:
         return False
-    ns = rest[len(KEPT_MARK):].split("n", 1)[0]
+    ns = rest[len(mark):].split("n", 1)[0]
     return ns.isdigit() and int(ns) == pid_namespace()
 
 
@@ -751,7 +761,10 @@ def _relocate_premapped(start: int, size: int, name: str, mapped: int) -> str:
     length = _page_up(size)
     try:
         total = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False).st_size
-        length = _page_up(total)
+        length = _page_up(total)   # what premap mapped
+        kept = kept_name()   # from now on the object's memory: named as such
+        os.rename(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, kept))
+        name = kept
         if total < size:
             raise Unavailable(f"spare segment {name} holds {total} bytes, not {size}")
         if total > size:

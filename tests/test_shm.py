@@ -51,8 +51,9 @@ def segments() -> set[str]:
 
 
 def in_use() -> set[str]:
-    """Segments other than free ones kept for reuse."""
-    return {n for n in segments() if f"-{shm.FREE_MARK}" not in n}
+    """Segments other than free ones and spares kept for reuse."""
+    return {n for n in segments()
+            if f"-{shm.FREE_MARK}" not in n and f"-{shm.SPARE_MARK}" not in n}
 
 
 @pytest.fixture

@@ -358,7 +358,7 @@ class Segments:
         exist about two (a memcpy, and a fault per 4 KiB page to map them),
         into a spare whose pages are allocated and mapped already, one. So
         the first lease of a segment readies such a spare for it, off the
-        change's path, within ``pool_limit``. Its name is a kept one: a
+        change's path, within ``pool_limit``. Its name is not a free one: a
         same-host client looking for a free segment to put into leaves it
         alone.
         """
@@ -377,7 +377,7 @@ class Segments:
             self._preparing += size
 
         def make() -> None:
-            name = shm.kept_name()
+            name = shm.spare_name()
             path = os.path.join(shm.SHM_DIR, name)
             kept = False
             addr = 0
@@ -385,7 +385,7 @@ class Segments:
                 try:
                     if reuse is None:
                         raise FileNotFoundError
-                    # Renamed to a kept name: a client looking for a free segment
+                    # Renamed to a spare's name: a client looking for a free segment
                     # cannot claim it any more (or claimed it first: then make one).
                     os.rename(os.path.join(shm.SHM_DIR, reuse[0]), path)
                 except OSError:
