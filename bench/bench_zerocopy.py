@@ -4,7 +4,8 @@ Run: ``python -m bench.bench_zerocopy [--quick]``. Prints one JSON document.
 
 For 64 MiB and 1 GiB float64 arrays (``--quick``: 64 and 256 MiB), in one run:
 
-- ``memcpy``: ``np.copyto`` into a preallocated array (the physical limit of a put);
+- ``memcpy``: ``np.copyto`` into a preallocated array, one thread (claypot's big
+  copies use up to four, as Ray's store does, so a put may beat it);
 - claypot, durability ``none`` (only the transfer counts):
   - ``put_fresh``: ``make_persistent`` of an object holding an ordinary array
     into a backend with no free segment (one write into new shared memory);
@@ -23,7 +24,9 @@ For 64 MiB and 1 GiB float64 arrays (``--quick``: 64 and 256 MiB), in one run:
     costs, beside a memcpy of the array. Right after the first read the
     segment's spare is still being made (its pages cleared by the kernel);
     ``change_after_read_spare`` is the same once it is ready (a copy into
-    existing pages, as a later read and change would find it);
+    pages that exist and that the backend mapped ahead, as a later read and
+    change would find it; best of three), with the backend's minor page
+    faults during it (``change_after_read_spare_faults``);
 - claypot, durability ``sync``: ``put`` of the same array (on disk before it
   returns; into a fresh backend, so it includes ``put_fresh``'s transfer) and
   ``sync_put_reused`` (into reused shared memory, as ``put``: a memcpy and the
