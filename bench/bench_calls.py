@@ -26,9 +26,7 @@ Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,37 +38,8 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import store  # noqa: E402
-from store import LocalCluster, StorageObject, readonly  # noqa: E402
-
-
-class Counter(StorageObject):
-    def __init__(self, value=0):
-        self.value = value
-
-    def incr(self, by=1):
-        self.value += by
-        return self.value
-
-    @readonly
-    def get(self):
-        return self.value
-
-
-def percentiles(samples_us: list[float]) -> dict:
-    s = sorted(samples_us)
-    return {"p50_us": round(s[len(s) // 2], 1), "p99_us": round(s[int(len(s) * 0.99)], 1),
-            "mean_us": round(statistics.fmean(s), 1)}
-
-
-def timed(fn, n: int, warmup: int = 200) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e6)
-    return out
+from bench.common import Counter, emit, machine, percentiles, throughput, timed  # noqa: E402
+from store import LocalCluster  # noqa: E402
 
 
 def start_echo(workers: int):
@@ -102,35 +71,6 @@ def fdatasync_us(directory: str, n: int = 400) -> dict:
         os.close(fd)
         os.unlink(path)
     return percentiles(samples)
-
-
-def run_threads(fns: list, seconds: float) -> float:
-    """Calls per second of ``fns`` (one per thread), each called in a loop for ``seconds``."""
-    counts = [0] * len(fns)
-    errors: list = []
-    stop = [False]
-
-    def loop(k):
-        fn, n = fns[k], 0
-        try:
-            while not stop[0]:
-                fn()
-                n += 1
-        except Exception as exc:  # a failing caller must not pass for a slow one
-            errors.append(exc)
-        counts[k] = n
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(fns))]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    time.sleep(seconds)
-    stop[0] = True
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
-    if errors:
-        raise errors[0]
-    return sum(counts) / elapsed
 
 
 _PROCESS_CALLER = r"""
@@ -215,8 +155,7 @@ def main() -> None:
     a = p.parse_args()
     settings = store.Settings.from_env()
     echo, port = start_echo(settings.server_threads)
-    result: dict = {"bench": "calls", "durability": a.durability, "cpus": os.cpu_count(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)}
+    result: dict = {"bench": "calls", "durability": a.durability, **machine()}
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         unary = channel.unary_unary("/bench.Echo/Unary")
@@ -272,9 +211,9 @@ def main() -> None:
             mine = [Counter() for _ in range(8)]
             for k, o in enumerate(mine):
                 o.make_persistent(alias=f"bench-c{k}", backend=owner)
-            one = run_threads([mine[0].incr], a.seconds)
+            one = throughput([mine[0].incr], a.seconds)
             before = group_commit_counts(owner)
-            eight = run_threads([o.incr for o in mine], a.seconds)
+            eight = throughput([o.incr for o in mine], a.seconds)
             after = group_commit_counts(owner)
             fsyncs = after[1] - before[1]
             result["changing_calls_per_s"] = {
@@ -282,8 +221,8 @@ def main() -> None:
                 "avg_group_size": round((after[0] - before[0]) / fsyncs, 2) if fsyncs else None}
 
             # Read-only calls at the same concurrency as the echo: 8 threads, 4 processes.
-            echo8 = run_threads([echo_call] * 8, a.seconds)
-            calls8 = run_threads([o.get for o in mine], a.seconds)
+            echo8 = throughput([echo_call] * 8, a.seconds)
+            calls8 = throughput([o.get for o in mine], a.seconds)
             echo4p = run_processes(["echo"] * 4, f"127.0.0.1:{port}", "", a.seconds)
             calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address,
                                     cluster.token, a.seconds)
@@ -335,7 +274,7 @@ def main() -> None:
         result["targets"]["make_persistent_2x_dataclay"] = \
             ratios["make_persistent_over_dataclay"] >= 2.0
         result["targets"]["threads_8_2x_dataclay"] = ratios["threads_8_over_dataclay"] >= 2.0
-    print(json.dumps(result, indent=2))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from ..generated import claypot_pb2_grpc as pb_grpc
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
 from . import cancel
+from .boundary import error_reply, replies, replies_json
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .segments import Segments
@@ -106,10 +107,6 @@ def _served_span(request: pb.CallRequest, context, streamed: bool = False):
     return tracing.server_span(f"{kind} {request.name}", context,
                                object_id=request.object_id, call_id=request.call_id,
                                streamed=streamed or None)
-
-
-def _error_reply(cls, exc: BaseException):
-    return cls(error=wire.error_to_pb(exc))
 
 
 class PendingResults:
@@ -197,21 +194,19 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                             host=self.b.host, pid=os.getpid(), status="serving",
                             host_id=self.b.host_id)
 
+    @replies(pb.ResolveReply)
     def Resolve(self, request, context):
-        try:
-            if request.WhichOneof("key") == "alias":
-                oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
-            else:
-                oid = check_name("object id", request.object_id)
-                entry = self.directory.lookup(oid)
-            rset = self.directory.replica_set(oid)
-            return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
-                                                    backend_id=entry.backend_id,
-                                                    aliases=entry.aliases,
-                                                    replicas=rset.replicas if rset else (),
-                                                    epoch=rset.epoch if rset else 0))
-        except Exception as exc:
-            return _error_reply(pb.ResolveReply, exc)
+        if request.WhichOneof("key") == "alias":
+            oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
+        else:
+            oid = check_name("object id", request.object_id)
+            entry = self.directory.lookup(oid)
+        rset = self.directory.replica_set(oid)
+        return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
+                                                backend_id=entry.backend_id,
+                                                aliases=entry.aliases,
+                                                replicas=rset.replicas if rset else (),
+                                                epoch=rset.epoch if rset else 0))
 
     def ListBackends(self, request, context):
         infos = []
@@ -227,60 +222,52 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 resources_json=json.dumps(b.get("resources") or {}, sort_keys=True)))
         return pb.ListBackendsReply(backends=infos)
 
+    @replies(pb.Status)
     def RegisterCode(self, request, context):
-        try:
-            self.directory.put_code(check_name("code key", request.key), request.code)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        self.directory.put_code(check_name("code key", request.key), request.code)
+        return pb.Status()
 
+    @replies(pb.GetCodeReply)
     def GetCode(self, request, context):
-        try:
-            code = self.directory.get_code(check_name("code key", request.key))
-        except Exception as exc:
-            return _error_reply(pb.GetCodeReply, exc)
+        code = self.directory.get_code(check_name("code key", request.key))
         if code is None:
-            return _error_reply(pb.GetCodeReply, ObjectNotFound(f"no code {request.key}"))
+            raise ObjectNotFound(f"no code {request.key}")
         return pb.GetCodeReply(code=code)
 
+    @replies(pb.Status)
     def SetAlias(self, request, context):
-        try:
-            self.directory.set_alias(check_name("alias", request.alias),
-                                     check_name("object id", request.object_id))
-            if self.heap.has(request.object_id):
-                self.heap.set_alias(request.object_id, request.alias)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        self.directory.set_alias(check_name("alias", request.alias),
+                                 check_name("object id", request.object_id))
+        if self.heap.has(request.object_id):
+            self.heap.set_alias(request.object_id, request.alias)
+        return pb.Status()
 
+    @replies(pb.Status)
     def DeleteAlias(self, request, context):
-        try:
-            with self._alias_lock:
-                oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
-                if self.heap.has(oid):
-                    self.heap.set_alias(oid, kept)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        with self._alias_lock:
+            oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
+            if self.heap.has(oid):
+                self.heap.set_alias(oid, kept)
+        return pb.Status()
 
+    @replies(pb.Status)
     def AddAlias(self, request, context):
         # The directory change and the stored alias field change together under
         # one lock, so two alias changes to one object cannot store their lists
         # in the opposite order from the directory's.
-        try:
-            oid = check_name("object id", request.object_id)
-            with self._alias_lock:
-                joined = self.directory.add_alias(check_name("alias", request.alias), oid)
-                if self.heap.has(oid):
-                    self.heap.set_alias(oid, joined)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        oid = check_name("object id", request.object_id)
+        with self._alias_lock:
+            joined = self.directory.add_alias(check_name("alias", request.alias), oid)
+            if self.heap.has(oid):
+                self.heap.set_alias(oid, joined)
+        return pb.Status()
 
     # -- objects --------------------------------------------------------------------
+    @replies(pb.Status)
     def Persist(self, request, context):
         started = time.perf_counter()
         kept: list[tuple[str, list[str]]] = []
+        ok = False
         try:
             items = []
             for o in request.objects:
@@ -298,12 +285,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 for oid, names in kept:
                     self.b.segments.bind(oid, names)
             self._persist_new(items, request.replicas, persist)
-            metrics.call_done("persist", True, time.perf_counter() - started)
+            ok = True
             return pb.Status()
-        except Exception as exc:
-            self.b.segments.abandon([n for _, names in kept for n in names])
-            metrics.call_done("persist", False, time.perf_counter() - started)
-            return _error_reply(pb.Status, exc)
+        finally:
+            if not ok:   # the segments taken over go back: nothing holds them now
+                self.b.segments.abandon([n for _, names in kept for n in names])
+            metrics.call_done("persist", ok, time.perf_counter() - started)
 
     def _kept_buffers(self, value: pb.Value) -> tuple[list, list[str]]:
         """A persisted value's segments, taken over and mapped private (see .segments)."""
@@ -318,10 +305,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     def PersistStream(self, request_iterator, context):
         with tracing.server_span("stream persist", context):
-            return self._persist_stream(request_iterator)
+            return self._persist_stream(request_iterator, context)
 
-    def _persist_stream(self, request_iterator):
+    @replies(pb.Status)
+    def _persist_stream(self, request_iterator, context):
         started = time.perf_counter()
+        ok = False
         try:
             header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
                                                  self.b.max_value_size)
@@ -338,11 +327,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             _check_items(items)
             self._persist_new(items, header.replicas,
                               lambda: self.heap.persist(items, adopt=header.adopt))
-            metrics.call_done("persist", True, time.perf_counter() - started)
+            ok = True
             return pb.Status()
-        except Exception as exc:
-            metrics.call_done("persist", False, time.perf_counter() - started)
-            return _error_reply(pb.Status, exc)
+        finally:
+            metrics.call_done("persist", ok, time.perf_counter() - started)
 
     def _persist_new(self, items: list, factor: int, persist) -> None:
         """Persist new objects; with a factor, their replicas take the state before the
@@ -352,32 +340,26 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return
         self.b.replicator.create(items, factor, persist)
 
+    @replies(pb.AddReplicaResponse)
     def AddReplica(self, request, context):
-        try:
-            oid = check_name("object id", request.object_id)
-            self.heap.admit(oid)
-            # Readers stop reusing views: a replica taking over would change the object
-            # without this backend's change words knowing (before, and after for reads
-            # that began meanwhile).
-            self.b.segments.retire(oid)
-            where = self.b.replicator.add(oid, request.backend_id)
-            self.b.segments.retire(oid)
-            return pb.AddReplicaResponse(backend_id=where)
-        except Exception as exc:
-            return _error_reply(pb.AddReplicaResponse, exc)
+        oid = check_name("object id", request.object_id)
+        self.heap.admit(oid)
+        # Readers stop reusing views: a replica taking over would change the object
+        # without this backend's change words knowing (before, and after for reads
+        # that began meanwhile).
+        self.b.segments.retire(oid)
+        where = self.b.replicator.add(oid, request.backend_id)
+        self.b.segments.retire(oid)
+        return pb.AddReplicaResponse(backend_id=where)
 
+    @replies(pb.ReplicateResponse)
     def Replicate(self, request, context):
-        try:
-            check_name("object id", request.object_id)
-            return self.b.replicator.apply(request)
-        except Exception as exc:
-            return _error_reply(pb.ReplicateResponse, exc)
+        check_name("object id", request.object_id)
+        return self.b.replicator.apply(request)
 
+    @replies(pb.CallReply)
     def Call(self, request, context):
-        try:
-            buffers = self._buffers(request.args)
-        except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+        buffers = self._buffers(request.args)
         if not tracing.enabled():
             return self._call(request, request.args.payload, buffers)
         with _served_span(request, context):
@@ -396,12 +378,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         metrics.shm_done("in", sum(sizes))
         return shm.attach(list(value.shm), sizes)
 
+    @replies(pb.CallReply)
     def CallStream(self, request_iterator, context):
-        try:
-            header, values = wire.receive_stream(request_iterator, pb.CallRequest,
-                                                 self.b.max_value_size)
-        except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+        header, values = wire.receive_stream(request_iterator, pb.CallRequest,
+                                             self.b.max_value_size)
         payload, buffers = values[0] if values else (header.args.payload, [])
         metrics.stream_done("in", wire.total_size(payload, buffers))
         with _served_span(header, context, streamed=True):
@@ -454,7 +434,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             ok = True
             return reply
         except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+            # Answered inside the call's span; the user's exception is no backend fault.
+            return error_reply(pb.CallReply, exc, "Call", user_code=True)
         finally:
             set_chain(None)
             if logs.json_on:
@@ -538,21 +519,17 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
+    @replies(pb.UpgradeClassResponse)
     def UpgradeClass(self, request, context):
-        try:
-            self.heap.upgrade_class(check_name("object id", request.object_id),
-                                    check_name("class key", request.class_key),
-                                    request.chain_id or "anon:" + uuid.uuid4().hex)
-            return pb.UpgradeClassResponse()
-        except Exception as exc:
-            return _error_reply(pb.UpgradeClassResponse, exc)
+        self.heap.upgrade_class(check_name("object id", request.object_id),
+                                check_name("class key", request.class_key),
+                                request.chain_id or "anon:" + uuid.uuid4().hex)
+        return pb.UpgradeClassResponse()
 
+    @replies(pb.LeasesResponse)
     def Leases(self, request, context):
-        try:
-            self.b.segments.release(list(request.release))
-            return pb.LeasesResponse(**self.b.segments.stats())
-        except Exception as exc:
-            return _error_reply(pb.LeasesResponse, exc)
+        self.b.segments.release(list(request.release))
+        return pb.LeasesResponse(**self.b.segments.stats())
 
     def Cancel(self, request, context):
         return pb.CancelResponse(found=cancel.cancel(request.call_id))
@@ -560,8 +537,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def FetchResult(self, request, context):
         try:
             payload, buffers = self.pending.take(request.result_handle)
-        except Exception as exc:
-            yield pb.Chunk(header=_error_reply(pb.CallReply, exc).SerializeToString())
+        except ObjectNotFound as exc:   # the only failure: the stream's header says so
+            yield pb.Chunk(header=error_reply(pb.CallReply, exc).SerializeToString())
             return
         value, blobs = wire.streamed_value(payload, buffers)
         size = wire.total_size(payload, buffers)
@@ -570,6 +547,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
                                          self.settings.chunk_size)
 
+    @replies(pb.Status)
     def Delete(self, request, context):
         try:
             # A replicated object is deleted only by its primary while its lease holds.
@@ -577,11 +555,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             self.heap.delete(request.object_id, request.chain_id)
             self.b.replicator.deleted(request.object_id)
             return pb.Status()
-        except ObjectNotFound as exc:
+        except ObjectNotFound:
             self._forget_dangling(request.object_id)
-            return _error_reply(pb.Status, exc)
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+            raise
 
     def _forget_dangling(self, object_id: str) -> None:
         """A directory entry naming this backend for an object it does not hold is what a
@@ -594,59 +570,51 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         except ClaypotError:
             pass
 
+    @replies(pb.Status)
     def Move(self, request, context):
-        try:
-            self.b.move(request.object_id, request.target_backend_id, request.chain_id)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        self.b.move(request.object_id, request.target_backend_id, request.chain_id)
+        return pb.Status()
 
     def Validate(self, request, context):
         try:
             self.heap.validate()
             return pb.Status()
         except AssertionError as exc:
-            return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
+            return error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
 
+    @replies(pb.Status)
     def Checkpoint(self, request, context):
-        try:
-            self.b.storage.flush_dirty()
-            self.b.storage.checkpoint()
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        self.b.storage.flush_dirty()
+        self.b.storage.checkpoint()
+        return pb.Status()
 
     # -- other languages ---------------------------------------------------------------
+    @replies_json
     def CallJson(self, request, context):
+        if request.WhichOneof("target") == "alias":
+            oid = self.directory.resolve_alias(check_name("alias", request.alias))
+        else:
+            oid = check_name("object id", request.object_id)
+        entry = self.directory.lookup(oid)
         try:
-            if request.WhichOneof("target") == "alias":
-                oid = self.directory.resolve_alias(check_name("alias", request.alias))
+            if request.kind == pb.SET_ATTR:
+                args, kwargs = (json.loads(request.args_json),), {}
             else:
-                oid = check_name("object id", request.object_id)
-            entry = self.directory.lookup(oid)
-            try:
-                if request.kind == pb.SET_ATTR:
-                    args, kwargs = (json.loads(request.args_json),), {}
-                else:
-                    args = tuple(json.loads(request.args_json)) if request.args_json else ()
-                    kwargs = json.loads(request.kwargs_json) if request.kwargs_json else {}
-            except (ValueError, TypeError) as exc:
-                raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
-            if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
-                raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
-            check_public_name(request.name)
-            proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
-                                      entry.class_key, entry.backend_id)
-            result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
-            try:
-                text = json.dumps(result)
-            except (TypeError, ValueError) as exc:
-                raise SerializationError(f"result is not JSON-encodable: {exc}") from None
-            return pb.JsonCallReply(result_json=text)
-        except Exception as exc:
-            err = wire.error_to_pb(exc)
-            err.pickled = b""  # other languages get type, message and traceback only
-            return pb.JsonCallReply(error=err)
+                args = tuple(json.loads(request.args_json)) if request.args_json else ()
+                kwargs = json.loads(request.kwargs_json) if request.kwargs_json else {}
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
+        if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
+            raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
+        check_public_name(request.name)
+        proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
+                                  entry.class_key, entry.backend_id)
+        result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
+        try:
+            text = json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"result is not JSON-encodable: {exc}") from None
+        return pb.JsonCallReply(result_json=text)
 
 
 def check_public_name(name: str) -> None:
