@@ -23,6 +23,7 @@ out of band in both layers, so an array is not copied into a pickle stream.
 
 from __future__ import annotations
 
+from typing import Any
 import logging
 import pickle
 import queue
@@ -86,7 +87,7 @@ def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float
     return Packed(payload, buffers)
 
 
-def scheduler_address(client, scheduler: str | None = None) -> str:
+def scheduler_address(client: Any, scheduler: str | None = None) -> str:
     """The Dask scheduler to use: ``scheduler``, else the connection's settings."""
     address = scheduler or getattr(getattr(client, "settings", None), "dask_scheduler", "")
     if not address:

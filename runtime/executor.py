@@ -98,7 +98,7 @@ class CodeKeys:
         self._keys: dict[int, tuple[object, str]] = {}
         self._register_lock = threading.Lock()
 
-    def key(self, fn) -> str:
+    def key(self, fn: Callable[..., Any]) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
         hit = self._keys.get(id(fn))
         if hit is not None and hit[0] is fn:
@@ -128,7 +128,7 @@ class RemoteExecutor:
         self.rpcs = 0        # RPCs sent, for tests and benchmarks
         self.batched = 0     # tasks that travelled in a batch of two or more
 
-    def code_key(self, fn) -> str:
+    def code_key(self, fn: Callable[..., Any]) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
         return self._codes.key(fn)
 

@@ -41,6 +41,10 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger("claypot.metrics")
 
@@ -166,7 +170,7 @@ def enabled() -> bool:
     return _m is not None
 
 
-def enable(source=None) -> None:
+def enable(source: Any=None) -> None:
     """Record metrics in this process (``source``: a backend whose levels are reported)."""
     global _m
     if _m is None:
@@ -183,12 +187,12 @@ def disable() -> None:
     _m = None
 
 
-def registry():
+def registry() -> Any:
     """The registry holding this process's metrics (None when metrics are off)."""
     return None if _m is None else _m.registry
 
 
-def serve_address(settings) -> tuple[str, int] | None:
+def serve_address(settings: Settings) -> tuple[str, int] | None:
     """Where a backend with ``settings`` serves its metrics; None: not at all."""
     from .security import is_loopback_host
     port = settings.metrics_port
@@ -200,7 +204,7 @@ def serve_address(settings) -> tuple[str, int] | None:
     return host, port
 
 
-def start(backend, settings) -> str:
+def start(backend: Any, settings: Settings) -> str:
     """Start recording and serving the metrics of ``backend``; returns their host:port.
 
     Returns "" when the settings turn metrics off (see :func:`serve_address`).

@@ -16,6 +16,7 @@ into proxies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import collections
 import functools
 import hashlib
@@ -88,7 +89,7 @@ class PickleContext:
     def __init__(self, new_object: Callable[[Any], tuple] | None = None):
         self._new_object = new_object
 
-    def reference_new(self, obj) -> tuple:
+    def reference_new(self, obj: Any) -> tuple:
         if self._new_object is None:
             from .errors import NotPersistent
             raise NotPersistent(
@@ -150,7 +151,7 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
         _local.pickle_ctx = previous
 
 
-def loads(payload: bytes | memoryview, buffers=(), ctx: UnpickleContext | None = None) -> Any:
+def loads(payload: bytes | memoryview, buffers: Sequence=(), ctx: UnpickleContext | None = None) -> Any:
     """Unpickle a value produced by :func:`dumps`."""
     previous = getattr(_local, "unpickle_ctx", None)
     _local.unpickle_ctx = ctx
@@ -209,11 +210,11 @@ def _frombuffer_writable(rebuild, buf, *args):
     return rebuild(buf, *args)
 
 
-def buffer_sizes(buffers) -> list[int]:
+def buffer_sizes(buffers: Sequence) -> list[int]:
     return [memoryview(b).nbytes for b in buffers]
 
 
-def value_size(payload: bytes, buffers) -> int:
+def value_size(payload: bytes, buffers: Sequence) -> int:
     return len(payload) + sum(buffer_sizes(buffers))
 
 
@@ -223,7 +224,7 @@ _code_lock = threading.Lock()
 _code_cache: dict[Any, tuple[str, bytes]] = {}
 
 
-def code_key_and_bytes(obj) -> tuple[str, bytes]:
+def code_key_and_bytes(obj: Any) -> tuple[str, bytes]:
     """A stable key and the by-value pickle of a class or function.
 
     The key names the object and a digest of its code, so a changed class
@@ -258,13 +259,13 @@ def code_key_and_bytes(obj) -> tuple[str, bytes]:
     return key, code
 
 
-def remember_code(key: str, obj) -> None:
+def remember_code(key: str, obj: Any) -> None:
     """Record that ``obj`` is the code behind ``key`` (so it is not re-pickled)."""
     with _code_lock:
         _code_cache.setdefault(obj, (key, b""))
 
 
-def import_by_key(key: str):
+def import_by_key(key: str) -> Any:
     """Import the class or function behind a code key ('module:qualname[#digest]') by name."""
     import importlib
     name = key.split("#", 1)[0]
@@ -290,7 +291,7 @@ def _is_installed(module) -> bool:
         or path.startswith(_stdlib_prefix())
 
 
-def sys_builtin_names():
+def sys_builtin_names() -> Sequence[str]:
     import sys
     return sys.builtin_module_names
 
@@ -300,7 +301,7 @@ def _stdlib_prefix() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def load_code(code: bytes):
+def load_code(code: bytes) -> Any:
     """Rebuild a class or function shipped by value."""
     try:
         return pickle.loads(code)

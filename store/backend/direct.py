@@ -24,7 +24,7 @@ import queue
 import struct
 import threading
 import zlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 ALIGN = 4096
 CHUNK = 16 << 20
@@ -39,7 +39,7 @@ def _crc(head: bytes, parts: Sequence, out: list) -> None:
 
 
 def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: Sequence,
-          fsync) -> bool:
+          fsync: Callable[..., None]) -> bool:
     """Write ``prefix | header | parts`` to ``path`` (a new temp file) and fsync it.
 
     ``fsync(fd)`` is the storage's own (a failure stops the storage).

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import logging
 import threading
 import time
@@ -104,7 +106,7 @@ class StreamIdleGuard(grpc.ServerInterceptor):
     def __init__(self, timeout: float):
         self.dog = _Watchdog(timeout)
 
-    def intercept_service(self, continuation, details):
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or not handler.request_streaming or handler.response_streaming:
             return handler

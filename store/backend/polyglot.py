@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,6 +26,10 @@ from .. import objects as objmod, polyglot, wire
 from ..errors import ClassNotFound, ConfigurationError, ProtocolError
 from ..generated import claypot_pb2 as pb
 from .boundary import aborts
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .server import Backend
 
 SERVICE_NAME = "claypot.v1.Backend"
 
@@ -75,6 +81,9 @@ class PolyglotServicer:
     Needs ``self.b`` (the Backend) and ``self.settings``.
     """
 
+    b: Backend
+    settings: Settings
+
     def _object_id(self, request) -> str:
         which = request.WhichOneof("target")
         if which == "alias":
@@ -89,7 +98,7 @@ class PolyglotServicer:
         return objmod.make_proxy(cls, object_id, entry.class_key, entry.backend_id)
 
     @aborts
-    def GetArray(self, request, context):
+    def GetArray(self, request: pb.GetArrayRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         # Not a generator: the array is fetched and described inside the error
         # boundary, before gRPC takes the first frame.
         proxy = self._proxy(self._object_id(request))
@@ -97,9 +106,9 @@ class PolyglotServicer:
             raise ProtocolError("GetArray supports METHOD and GET_ATTR")
         if not request.name:
             raise ProtocolError("GetArray needs a name (attribute or method)")
-        if request.kind == pb.GET_ATTR:
-            args, kwargs = (), {}
-        else:
+        args: tuple = ()
+        kwargs: dict = {}
+        if request.kind != pb.GET_ATTR:
             args, kwargs = _json_args(request.args_json, request.kwargs_json)
         result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
         what = f"{request.name}{'()' if request.kind == pb.METHOD else ''}"
@@ -112,7 +121,7 @@ class PolyglotServicer:
                                  self.settings.chunk_size)
 
     @aborts
-    def SetArray(self, request_iterator, context):
+    def SetArray(self, request_iterator: Iterator[pb.SetArrayRequest], context: grpc.ServicerContext) -> pb.SetArrayResponse:
         first = next(request_iterator, None)
         if first is None:
             raise ProtocolError("empty SetArray stream")
@@ -155,7 +164,7 @@ class PolyglotServicer:
             assembler.close()
 
     @aborts
-    def CreateObject(self, request, context):
+    def CreateObject(self, request: pb.CreateObjectRequest, context: grpc.ServicerContext) -> pb.CreateObjectResponse:
         key = self._class_key(request.class_name)
         cls = self.b.client.class_for_key(key)
         if not (isinstance(cls, type) and issubclass(cls, objmod.StorageObject)):
@@ -179,7 +188,7 @@ class PolyglotServicer:
                                                         backend_id=target))
 
     @aborts
-    def DeleteObject(self, request, context):
+    def DeleteObject(self, request: pb.DeleteObjectRequest, context: grpc.ServicerContext) -> pb.DeleteObjectResponse:
         proxy = self._proxy(self._object_id(request))
         self.b.client.delete_persistent(proxy)
         return pb.DeleteObjectResponse()

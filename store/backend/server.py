@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -64,7 +66,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
         self._deny_stream_stream = grpc.stream_stream_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, details):
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         if not self._token or details.method in _OPEN_METHODS:
             return continuation(details)
         if carries_token(details.invocation_metadata, self._token):
@@ -83,7 +85,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         return self._deny_unary
 
 
-def carries_token(metadata, token: str) -> bool:
+def carries_token(metadata: Iterable[tuple[str, Any]] | None, token: str) -> bool:
     """True if the call's metadata holds ``token`` (compared in constant time)."""
     for key, value in metadata or ():
         if key == TOKEN_HEADER and token_matches(token, value):
@@ -117,7 +119,7 @@ class PendingResults:
         self._lock = threading.Lock()
         self.ttl = ttl
 
-    def put(self, payload, buffers) -> str:
+    def put(self, payload: bytes, buffers: list) -> str:
         handle = uuid.uuid4().hex
         now = time.monotonic()
         with self._lock:
@@ -135,7 +137,7 @@ class PendingResults:
                 del self._items[key]
         return len(expired)
 
-    def take(self, handle: str):
+    def take(self, handle: str) -> tuple[bytes, list]:
         with self._lock:
             item = self._items.pop(handle, None)
         if item is None:
@@ -184,7 +186,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         self._alias_lock = threading.Lock()   # see AddAlias
 
     # -- identity and directory ---------------------------------------------------
-    def Ping(self, request, context):
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         # Anyone may ask whether the backend serves; only token holders learn
         # which backend it is, on which host, with which PID.
         token = self.settings.token
@@ -195,7 +197,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                             host_id=self.b.host_id)
 
     @replies(pb.ResolveReply)
-    def Resolve(self, request, context):
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveReply:
         if request.WhichOneof("key") == "alias":
             oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
         else:
@@ -208,7 +210,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                                                 replicas=rset.replicas if rset else (),
                                                 epoch=rset.epoch if rset else 0))
 
-    def ListBackends(self, request, context):
+    def ListBackends(self, request: pb.ListBackendsRequest, context: grpc.ServicerContext) -> pb.ListBackendsReply:
         infos = []
         for b in self.directory.backends():
             infos.append(pb.BackendInfo(
@@ -223,19 +225,19 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return pb.ListBackendsReply(backends=infos)
 
     @replies(pb.Status)
-    def RegisterCode(self, request, context):
+    def RegisterCode(self, request: pb.RegisterCodeRequest, context: grpc.ServicerContext) -> pb.Status:
         self.directory.put_code(check_name("code key", request.key), request.code)
         return pb.Status()
 
     @replies(pb.GetCodeReply)
-    def GetCode(self, request, context):
+    def GetCode(self, request: pb.GetCodeRequest, context: grpc.ServicerContext) -> pb.GetCodeReply:
         code = self.directory.get_code(check_name("code key", request.key))
         if code is None:
             raise ObjectNotFound(f"no code {request.key}")
         return pb.GetCodeReply(code=code)
 
     @replies(pb.Status)
-    def SetAlias(self, request, context):
+    def SetAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
         self.directory.set_alias(check_name("alias", request.alias),
                                  check_name("object id", request.object_id))
         if self.heap.has(request.object_id):
@@ -243,7 +245,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return pb.Status()
 
     @replies(pb.Status)
-    def DeleteAlias(self, request, context):
+    def DeleteAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
         with self._alias_lock:
             oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
             if self.heap.has(oid):
@@ -251,7 +253,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return pb.Status()
 
     @replies(pb.Status)
-    def AddAlias(self, request, context):
+    def AddAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
         # The directory change and the stored alias field change together under
         # one lock, so two alias changes to one object cannot store their lists
         # in the opposite order from the directory's.
@@ -264,7 +266,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     # -- objects --------------------------------------------------------------------
     @replies(pb.Status)
-    def Persist(self, request, context):
+    def Persist(self, request: pb.PersistRequest, context: grpc.ServicerContext) -> pb.Status:
         started = time.perf_counter()
         kept: list[tuple[str, list[str]]] = []
         ok = False
@@ -303,7 +305,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         metrics.shm_done("in", sum(sizes))
         return self.b.segments.keep(list(value.shm), sizes, list(value.leases))
 
-    def PersistStream(self, request_iterator, context):
+    def PersistStream(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.Status:
         with tracing.server_span("stream persist", context):
             return self._persist_stream(request_iterator, context)
 
@@ -341,7 +343,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         self.b.replicator.create(items, factor, persist)
 
     @replies(pb.AddReplicaResponse)
-    def AddReplica(self, request, context):
+    def AddReplica(self, request: pb.AddReplicaRequest, context: grpc.ServicerContext) -> pb.AddReplicaResponse:
         oid = check_name("object id", request.object_id)
         self.heap.admit(oid)
         # Readers stop reusing views: a replica taking over would change the object
@@ -353,12 +355,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return pb.AddReplicaResponse(backend_id=where)
 
     @replies(pb.ReplicateResponse)
-    def Replicate(self, request, context):
+    def Replicate(self, request: pb.ReplicateRequest, context: grpc.ServicerContext) -> pb.ReplicateResponse:
         check_name("object id", request.object_id)
         return self.b.replicator.apply(request)
 
     @replies(pb.CallReply)
-    def Call(self, request, context):
+    def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallReply:
         buffers = self._buffers(request.args)
         if not tracing.enabled():
             return self._call(request, request.args.payload, buffers)
@@ -379,7 +381,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return shm.attach(list(value.shm), sizes)
 
     @replies(pb.CallReply)
-    def CallStream(self, request_iterator, context):
+    def CallStream(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.CallReply:
         header, values = wire.receive_stream(request_iterator, pb.CallRequest,
                                              self.b.max_value_size)
         payload, buffers = values[0] if values else (header.args.payload, [])
@@ -520,21 +522,21 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
     @replies(pb.UpgradeClassResponse)
-    def UpgradeClass(self, request, context):
+    def UpgradeClass(self, request: pb.UpgradeClassRequest, context: grpc.ServicerContext) -> pb.UpgradeClassResponse:
         self.heap.upgrade_class(check_name("object id", request.object_id),
                                 check_name("class key", request.class_key),
                                 request.chain_id or "anon:" + uuid.uuid4().hex)
         return pb.UpgradeClassResponse()
 
     @replies(pb.LeasesResponse)
-    def Leases(self, request, context):
+    def Leases(self, request: pb.LeasesRequest, context: grpc.ServicerContext) -> pb.LeasesResponse:
         self.b.segments.release(list(request.release))
         return pb.LeasesResponse(**self.b.segments.stats())
 
-    def Cancel(self, request, context):
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(found=cancel.cancel(request.call_id))
 
-    def FetchResult(self, request, context):
+    def FetchResult(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk | bytes]:
         try:
             payload, buffers = self.pending.take(request.result_handle)
         except ObjectNotFound as exc:   # the only failure: the stream's header says so
@@ -548,7 +550,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                                          self.settings.chunk_size)
 
     @replies(pb.Status)
-    def Delete(self, request, context):
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
             # A replicated object is deleted only by its primary while its lease holds.
             self.b.replicator.check_serving(request.object_id)
@@ -571,11 +573,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             pass
 
     @replies(pb.Status)
-    def Move(self, request, context):
+    def Move(self, request: pb.MoveRequest, context: grpc.ServicerContext) -> pb.Status:
         self.b.move(request.object_id, request.target_backend_id, request.chain_id)
         return pb.Status()
 
-    def Validate(self, request, context):
+    def Validate(self, request: pb.ValidateRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
             self.heap.validate()
             return pb.Status()
@@ -583,19 +585,20 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
 
     @replies(pb.Status)
-    def Checkpoint(self, request, context):
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.Status:
         self.b.storage.flush_dirty()
         self.b.storage.checkpoint()
         return pb.Status()
 
     # -- other languages ---------------------------------------------------------------
     @replies_json
-    def CallJson(self, request, context):
+    def CallJson(self, request: pb.JsonCallRequest, context: grpc.ServicerContext) -> pb.JsonCallReply:
         if request.WhichOneof("target") == "alias":
             oid = self.directory.resolve_alias(check_name("alias", request.alias))
         else:
             oid = check_name("object id", request.object_id)
         entry = self.directory.lookup(oid)
+        kwargs: dict
         try:
             if request.kind == pb.SET_ATTR:
                 args, kwargs = (json.loads(request.args_json),), {}
@@ -986,7 +989,7 @@ class Backend:
                 [(payload, buffers)], adopt=True)
         self.heap.move(object_id, target, chain, send)
 
-    def run_task(self, request: pb.CallRequest, payload, buffers, chain: str = ""):
+    def run_task(self, request: pb.CallRequest, payload: bytes, buffers: list, chain: str = "") -> Any:
         metrics.task_queued(1)
         queued = True
         ok = False
@@ -1006,7 +1009,7 @@ class Backend:
                 metrics.task_queued(-1)
             metrics.task_done(ok)
 
-    def serve_forever(self, on_ready=None) -> None:
+    def serve_forever(self, on_ready: Callable[[], None] | None=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
 
         ``on_ready()`` runs once the server is up and registered.
