@@ -100,7 +100,7 @@ def scheduler_address(client: Any, scheduler: str | None = None) -> str:
 class DaskExecutor:
     """Runs ready tasks on the chosen backend's hosted Dask worker (see the module docstring)."""
 
-    def __init__(self, client, scheduler: str):
+    def __init__(self, client: Any, scheduler: str) -> None:
         try:
             from distributed import Client as DaskClient
         except ImportError:
@@ -255,7 +255,7 @@ class DaskExecutor:
                 self._outcome(job, future, None)
 
     @staticmethod
-    def _outcome(job: Job, future, packed: Packed | None) -> None:
+    def _outcome(job: Job, future: Any, packed: Packed | None) -> None:
         from store.serialization import loads
         try:
             if packed is None:

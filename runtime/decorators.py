@@ -68,7 +68,7 @@ class TaskFunction:
         if impl:
             _register_alternative(self, *impl)
 
-    def _constrain(self, **kwargs) -> None:
+    def _constrain(self, **kwargs: Any) -> None:
         from .resources import constraints
         cons = constraints(**kwargs)
         units = cons.get("computing_units", 1)
@@ -251,7 +251,7 @@ def _register_alternative(t: "TaskFunction", source_class: str, method: str) -> 
     impls.append(t)
 
 
-def _program_decorator(program: dict):
+def _program_decorator(program: dict) -> Callable[[Any], Any]:
     def wrap(f):
         if isinstance(f, TaskFunction):
             f._set_program(program)

@@ -117,7 +117,7 @@ class CodeKeys:
 class RemoteExecutor:
     """Runs tasks on backends through a client (see the module docstring)."""
 
-    def __init__(self, client, slots: int, workers: int):
+    def __init__(self, client: Any, slots: int, workers: int) -> None:
         self.client = client
         self.slots = slots
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="claypot-task")

@@ -86,7 +86,7 @@ class TaskRunner:
     (``@binary``/``@mpi``) describes the command to run instead of the function.
     """
 
-    def __init__(self, fn, files: dict, program: dict | None):
+    def __init__(self, fn: Callable[..., Any], files: dict, program: dict | None) -> None:
         self.fn = fn
         self.files = dict(files)
         self.program = program

@@ -66,7 +66,7 @@ class AioClient:
         self._channels.clear()
         self._stubs.clear()
 
-    async def _admin(self, method: str, request):
+    async def _admin(self, method: str, request: Any) -> Any:
         from .client import translate
         last = None
         for address in self.sync._gateway_order():

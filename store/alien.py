@@ -72,7 +72,7 @@ class Alien(StorageObject):
         return getattr(self.__dict__["value"], name)
 
 
-def _forward(name: str):
+def _forward(name: str) -> Any:
     def method(self, *args, **kwargs):
         return getattr(self.__dict__["value"], name)(*args, **kwargs)
     method.__name__ = name

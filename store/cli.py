@@ -354,7 +354,7 @@ def logs(backend: str | None, follow: bool, lines: int) -> None:
         pass
 
 
-def _print_table(rows) -> None:
+def _print_table(rows: Any) -> None:
     try:
         if not sys.stdout.isatty():
             raise ImportError

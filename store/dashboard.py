@@ -134,7 +134,7 @@ class Dashboard:
 class DashboardServer:
     """A dashboard served by uvicorn in a background thread (see :func:`serve`)."""
 
-    def __init__(self, server, thread: threading.Thread, url: str):
+    def __init__(self, server: Any, thread: threading.Thread, url: str) -> None:
         self._server = server
         self._thread = thread
         self.url = url

@@ -230,7 +230,7 @@ def sentinel_auth(url: str) -> dict:
     return out
 
 
-def _connect(url: str, timeout: float):
+def _connect(url: str, timeout: float) -> tuple:
     """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
     set of Sentinels names (redis-py re-asks them after a connection error, so a
     failover is followed by the retries)."""

@@ -51,7 +51,7 @@ _spawner_lock = threading.Lock()
 _spawner_queue: "queue.Queue | None" = None
 
 
-def _spawner_loop(q) -> None:
+def _spawner_loop(q: Any) -> None:
     while True:
         args, kwargs, outcome, done = q.get()
         try:

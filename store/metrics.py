@@ -94,7 +94,7 @@ class _Instruments:
         if source is not None:
             r.register(_LevelCollector(source, self))
 
-    def call_children(self, kind: str, outcome: str):
+    def call_children(self, kind: str, outcome: str) -> tuple:
         key = (kind, outcome)
         pair = self._call_children.get(key)
         if pair is None:
@@ -106,7 +106,7 @@ class _Instruments:
 class _LevelCollector:
     """Reads levels (objects, bytes, tasks) from the backend at scrape time."""
 
-    def __init__(self, backend, instruments: _Instruments):
+    def __init__(self, backend: Any, instruments: _Instruments) -> None:
         self.b = backend
         self.i = instruments
         self._disk = (0.0, 0)

@@ -55,7 +55,7 @@ class _Pickler(cloudpickle.Pickler):
                                           cloudpickle.Pickler.dispatch_table)
 
 
-def _culprit(value, path: str = "", depth: int = 4) -> str | None:
+def _culprit(value: Any, path: str = "", depth: int = 4) -> str | None:
     """Where in ``value`` the part that cannot be pickled is, as ``.attr[key]...``.
 
     Only run after pickling failed, so it may pickle parts again.
@@ -281,7 +281,7 @@ def import_by_key(key: str) -> Any:
             f"imported on the backend: {exc}") from None
 
 
-def _is_installed(module) -> bool:
+def _is_installed(module: Any) -> bool:
     """True for stdlib, site-packages and claypot's own modules: import them by name."""
     name = module.__name__.split(".")[0]
     if name in ("store", "runtime") or name in sys_builtin_names():
@@ -326,7 +326,7 @@ def dump_exception(exc: BaseException) -> tuple[str, str, bytes]:
 _DYNAMIC_FRAME = None
 
 
-def _codes_of(obj, out: list) -> None:
+def _codes_of(obj: Any, out: list) -> None:
     """Code objects of a shipped function or class (methods, properties, nested code)."""
     import types
     if isinstance(obj, type):

@@ -41,7 +41,7 @@ def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file: Any=None) -> Iterat
 class Meter:
     """A progress bar of bytes moved; ``add(n)`` as they move, ``close()`` at the end."""
 
-    def __init__(self, total: int, desc: str, file=None):
+    def __init__(self, total: int, desc: str, file: Any=None):
         from tqdm.auto import tqdm
         self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                          file=file, dynamic_ncols=True, mininterval=0.2)

@@ -164,7 +164,7 @@ def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
             meter.close()
 
 
-def _serialize_chunk(message) -> bytes:
+def _serialize_chunk(message: Any) -> bytes:
     """Raw frames pass through; a ``pb.Chunk`` (an error header, say) is serialized."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 

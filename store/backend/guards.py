@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -48,7 +48,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self.cancelled = 0
 
-    def touch(self, key: int, context) -> None:
+    def touch(self, key: int, context: grpc.ServicerContext) -> None:
         deadline = time.monotonic() + self.timeout
         with self._lock:
             self._calls[key] = (deadline, context)
@@ -79,7 +79,7 @@ class _Watchdog:
 class _Watched:
     """A request iterator whose silence the watchdog measures (re-armed per message)."""
 
-    def __init__(self, it, context, dog: _Watchdog):
+    def __init__(self, it: Iterator, context: grpc.ServicerContext, dog: _Watchdog) -> None:
         self._it, self._context, self._dog = it, context, dog
         self._key = id(self)
         dog.touch(self._key, context)

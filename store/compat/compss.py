@@ -70,7 +70,7 @@ def read_config(config_file_path: str | None) -> dict[str, str]:
     return out
 
 
-def _address(env) -> str | None:
+def _address(env: Any) -> str | None:
     if env.get("CLAYPOT_ADDRESS"):
         return env["CLAYPOT_ADDRESS"]
     if env.get("DC_HOST"):
