@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime.core  # noqa: E402
+from bench.common import timed as timed_us  # noqa: E402
 import store  # noqa: E402
 from runtime import task, wait_on  # noqa: E402
 from store import LocalCluster, StorageObject  # noqa: E402
@@ -77,14 +78,8 @@ def ms(samples: list[float]) -> dict:
 
 
 def timed(fn, n: int, warmup: int = 10) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+    """Seconds each of ``n`` calls took (bench.common.timed gives µs)."""
+    return [us / 1e6 for us in timed_us(fn, n, warmup)]
 
 
 def bench_throughput(n: int) -> dict:
