@@ -16,7 +16,9 @@ dataClay 4.3.1 on this machine. Reported:
 - 8 callers changing 8 objects under ``sync``: rate against one caller, and
   the average number of records each fsync made durable (group commit);
 - read-only calls from 8 threads and from 4 processes against the echo at the
-  same concurrency, and the 8-thread rate against dataClay's.
+  same concurrency, and the 8-thread rate against dataClay's;
+- what the servicer's error boundary adds to an RPC (in-process, a decorated
+  no-op against the bare one), as a share of the read-only call.
 
 Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 
@@ -54,6 +56,40 @@ def start_echo(workers: int):
         time.sleep(0.02)
     with open(port_file) as f:
         return proc, int(f.read())
+
+
+def boundary_cost_ns(n: int = 200_000) -> dict:
+    """ns the servicer's error boundary (store.backend.boundary) adds to one RPC.
+
+    The same no-op RPC method with and without ``@replies``, called in-process,
+    so the round trip's noise is not in the figure; and the memory blocks still
+    held after ``n`` wrapped calls (the boundary must keep nothing per call).
+    """
+    from store.backend.boundary import replies
+    from store.generated import claypot_pb2 as pb
+
+    class Servicer:
+        def plain(self, request, context):
+            return request
+        wrapped = replies(pb.Status)(plain)
+
+    s, request = Servicer(), pb.Status()
+
+    def per_call_ns(fn) -> float:
+        for _ in range(1000):
+            fn(request, None)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn(request, None)
+        return (time.perf_counter() - t) / n * 1e9
+    plain = min(per_call_ns(s.plain) for _ in range(3))
+    wrapped = min(per_call_ns(s.wrapped) for _ in range(3))
+    blocks = sys.getallocatedblocks()
+    for _ in range(n):
+        s.wrapped(request, None)
+    held = sys.getallocatedblocks() - blocks
+    return {"plain_ns": round(plain, 1), "wrapped_ns": round(wrapped, 1),
+            "added_ns": round(wrapped - plain, 1), "blocks_held_after_calls": held, "calls": n}
 
 
 def fdatasync_us(directory: str, n: int = 400) -> dict:
@@ -259,6 +295,9 @@ def main() -> None:
         ratios["make_persistent_over_dataclay"] = round(
             mp["one_at_a_time"] / dc["make_persistent_per_s"], 2)
         ratios["threads_8_over_dataclay"] = round(ro["threads_8"] / dc["threads_8_calls_per_s"], 2)
+    result["error_boundary"] = boundary_cost_ns()
+    ratios["error_boundary_share_of_readonly_call"] = round(
+        result["error_boundary"]["added_ns"] / 1000 / result["method_call_readonly"]["p50_us"], 5)
     result["ratios"] = ratios
     result["targets"] = {
         "method_call_within_1.5x_bare": ratios["readonly_call_over_echo_p50"] <= 1.5,
