@@ -160,7 +160,10 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
     f = touch_task(block)
     assert wait_on(f) == 1.0 and f.backend == owner
     out: dict = {"array_mib": mib, "workers": "hosted by the claypot backends"}
-    with Client(cluster.dask_scheduler, set_as_default=False) as dc:
+    from store.certs import dask_security
+    # The cluster's scheduler speaks tls:// only (see store.backend.server.check_listen).
+    with Client(cluster.dask_scheduler, set_as_default=False,
+                security=dask_security(cluster.dask_tls_dir)) as dc:
         arr = np.ones(mib * 2**20 // 8)
         t = time.perf_counter()
         [scattered] = dc.scatter([arr], workers=[owner])

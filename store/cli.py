@@ -136,7 +136,8 @@ def cli() -> None:
               help="Make a new token instead of reusing the data dir's.")
 @click.option("--new-ports", is_flag=True,
               help="Pick new ports instead of reusing the data dir's.")
-def up(backends: int, data_dir: str | None, redis: str | None, durability: str | None, memory_limit: str | None, tls: bool, new_token: bool, new_ports: bool) -> None:
+def up(backends: int, data_dir: str | None, redis: str | None, durability: str | None,
+       memory_limit: str | None, tls: bool, new_token: bool, new_ports: bool) -> None:
     """Start a local cluster in the background."""
     from .cluster import LocalCluster, port_is_free
     old = _load_state()

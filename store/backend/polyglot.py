@@ -121,7 +121,8 @@ class PolyglotServicer:
                                  self.settings.chunk_size)
 
     @aborts
-    def SetArray(self, request_iterator: Iterator[pb.SetArrayRequest], context: grpc.ServicerContext) -> pb.SetArrayResponse:
+    def SetArray(self, request_iterator: Iterator[pb.SetArrayRequest],
+                 context: grpc.ServicerContext) -> pb.SetArrayResponse:
         first = next(request_iterator, None)
         if first is None:
             raise ProtocolError("empty SetArray stream")
