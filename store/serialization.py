@@ -115,23 +115,27 @@ def current_unpickle_context() -> UnpickleContext | None:
 # with the C pickler alone: none can hold a StorageObject, a function, a class or
 # an out-of-band buffer (bytes always travel in band).
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
-_PLAIN_PARTS = 64   # how many parts the check looks at before it gives up
+_PLAIN_PARTS = 128  # parts the check looks at before it gives up (a big value's
+#                     pickling costs far more than the full pickler's set-up)
 
 
 def _plain(value: Any) -> bool:
-    """True if ``value`` is built of a few atoms in tuples, lists and dicts only."""
+    """True if ``value`` is a few atoms, alone or in tuples, lists and dicts."""
     todo, left = [value], _PLAIN_PARTS
     while todo:
         v = todo.pop()
         t = type(v)
         if t in _ATOMS:
             continue
-        left -= 1
-        if left < 0:
-            return False
         if t is tuple or t is list:
+            left -= 1 + len(v)
+            if left < 0:
+                return False
             todo.extend(v)
         elif t is dict:
+            left -= 1 + 2 * len(v)
+            if left < 0:
+                return False
             todo.extend(v.keys())
             todo.extend(v.values())
         else:

@@ -79,11 +79,13 @@ class MyInt(int):
 
 def test_anything_else_takes_the_full_pickler():
     big = pickle.PickleBuffer(bytearray(1 << 17))  # out of band: not for the fast path
-    many = list(range(serialization._PLAIN_PARTS * 2))
-    nested_many = [[i] for i in range(serialization._PLAIN_PARTS + 1)]
-    for value in ([Point(1)], {"f": len}, (MyInt(3),), {1, 2}, big, [big], nested_many):
+    many = list(range(serialization._PLAIN_PARTS))   # a big value: not worth the look
+    nested_many = [[i] for i in range(serialization._PLAIN_PARTS // 2)]
+    for value in ([Point(1)], {"f": len}, (MyInt(3),), {1, 2}, big, [big], many, nested_many,
+                  {i: i for i in range(serialization._PLAIN_PARTS // 2)}):
         assert not serialization._plain(value)
-    assert serialization._plain(many)  # atoms are free: only containers are counted
+        assert loads(*dumps(value)) is not None
+    assert serialization._plain(list(range(serialization._PLAIN_PARTS // 2)))
     payload, buffers = dumps([big])
     assert len(buffers) == 1 and bytes(loads(payload, buffers)[0]) == bytes(1 << 17)
     assert loads(*dumps([Point(2)])) == [Point(2)]
