@@ -18,7 +18,10 @@ dataClay 4.3.1 on this machine. Reported:
 - read-only calls from 8 threads and from 4 processes against the echo at the
   same concurrency, and the 8-thread rate against dataClay's;
 - what the servicer's error boundary adds to an RPC (in-process, a decorated
-  no-op against the bare one), as a share of the read-only call.
+  no-op against the bare one), as a share of the read-only call;
+- the CPU each call costs the caller and the server (``cpu_per_call``, user +
+  system, all threads) for the echo, a read-only call, a changing call and a
+  make_persistent: unlike latency, it hardly moves with the machine's load.
 
 Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 
@@ -90,6 +93,39 @@ def boundary_cost_ns(n: int = 200_000) -> dict:
     held = sys.getallocatedblocks() - blocks
     return {"plain_ns": round(plain, 1), "wrapped_ns": round(wrapped, 1),
             "added_ns": round(wrapped - plain, 1), "blocks_held_after_calls": held, "calls": n}
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU per call of this process (the caller) and of a server process.
+
+    Wall time on a shared 2-core machine moves with everybody else's load;
+    the CPU a call costs on each side moves much less, so it shows the fixed
+    per-call cost of claypot's own code against the bare echo's even when
+    the latencies are noisy.
+    """
+
+    def __init__(self, server_pid: int):
+        self.pid = server_pid
+
+    def __enter__(self):
+        self.client0, self.server0 = time.process_time(), process_cpu_s(self.pid)
+        return self
+
+    def __exit__(self, *exc):
+        self.client = time.process_time() - self.client0
+        self.server = process_cpu_s(self.pid) - self.server0
+
+    def per_call(self, calls: int) -> dict:
+        return {"client_us": round(self.client / calls * 1e6, 1),
+                "server_us": round(self.server / calls * 1e6, 1),
+                "total_us": round((self.client + self.server) / calls * 1e6, 1)}
 
 
 def fdatasync_us(directory: str, n: int = 400) -> dict:
@@ -200,14 +236,25 @@ def main() -> None:
 
         def echo_call():
             return unary(payload, timeout=10)
-        echo_us = timed(echo_call, a.calls)
+        cpu: dict = {}
+        timed(echo_call, 0)   # warm up outside the meter: it counts steady calls only
+        with CpuMeter(echo.pid) as m:
+            echo_us = timed(echo_call, a.calls, warmup=0)
+        cpu["bare_echo"] = m.per_call(a.calls)
         result["bare_grpc_unary"] = percentiles(echo_us)
         with LocalCluster(backends=2, durability=a.durability) as cluster:
             result["fdatasync"] = fdatasync_us(cluster.data_dir)
             c = Counter()
             c.make_persistent(alias="bench-counter", backend=cluster.backends[0])
-            result["method_call_readonly"] = percentiles(timed(c.get, a.calls))
-            result["method_call_mutating"] = percentiles(timed(c.incr, a.calls))
+            pids = [p.pid for p in cluster.processes]
+            timed(c.get, 0)
+            with CpuMeter(pids[0]) as m:
+                result["method_call_readonly"] = percentiles(timed(c.get, a.calls, warmup=0))
+            cpu["readonly_call"] = m.per_call(a.calls)
+            timed(c.incr, 0)
+            with CpuMeter(pids[0]) as m:
+                result["method_call_mutating"] = percentiles(timed(c.incr, a.calls, warmup=0))
+            cpu["changing_call"] = m.per_call(a.calls)
             result["attribute_read"] = percentiles(timed(lambda: c.value, a.calls))
             result["get_by_alias"] = percentiles(
                 timed(lambda: store.get_by_alias("bench-counter"), a.calls // 2))
@@ -216,9 +263,12 @@ def main() -> None:
                 Counter(i).make_persistent(backend=cluster.backends[1])
             objs = [Counter(i) for i in range(a.objects)]
             t = time.perf_counter()
-            for o in objs:
-                o.make_persistent(backend=cluster.backends[1])
+            with CpuMeter(pids[1]) as m:
+                for o in objs:
+                    o.make_persistent(backend=cluster.backends[1])
             single = a.objects / (time.perf_counter() - t)
+            cpu["make_persistent"] = m.per_call(a.objects)
+            result["cpu_per_call"] = cpu
             objs = [Counter(i) for i in range(a.objects * 10)]
             t = time.perf_counter()
             for i in range(0, len(objs), 500):
@@ -289,6 +339,10 @@ def main() -> None:
         "eight_changing_callers_over_one": round(cc["eight_callers"] / cc["one_caller"], 2),
         "threads_8_over_echo": round(ro["threads_8"] / ro["bare_echo_threads_8"], 2),
         "processes_4_over_echo": round(ro["processes_4"] / ro["bare_echo_processes_4"], 2),
+        "readonly_call_cpu_over_echo": round(
+            cpu["readonly_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
+        "changing_call_cpu_over_echo": round(
+            cpu["changing_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
     }
     dc = result["dataclay"]
     if dc.get("available"):

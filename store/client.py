@@ -34,6 +34,7 @@ from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendU
                      ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
+from .ids import fresh_id
 from .retry import Retry
 from .serialization import PickleContext, code_key_and_bytes, dumps, import_by_key, load_code, \
     loads, remember_code
@@ -480,7 +481,7 @@ class Client:
             hit = assigned.get(id(obj))
             if hit is None:
                 key = self.register_code(objmod.real_class(obj))
-                hit = (uuid.uuid4().hex, key, target)
+                hit = (fresh_id(), key, target)
                 assigned[id(obj)] = hit
                 queue.append(obj)
             return hit
@@ -745,7 +746,7 @@ class Client:
     def call(self, proxy: Any, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """Run a method (or attribute access) on the object's owner and return its result."""
         oid = proxy.getID()
-        chain = current_chain() or uuid.uuid4().hex
+        chain = current_chain() or fresh_id()
         if self.local is not None and self.local.has(oid):
             try:
                 return self.local.invoke(oid, kind, name, args, kwargs, chain)
@@ -765,7 +766,7 @@ class Client:
         else:
             payload, buffers = b"", []
         request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
-                                 call_id=uuid.uuid4().hex)
+                                 call_id=fresh_id())
         if proxy.__dict__.get(objmod._PREFIX + "on_replica") and self._reads(proxy, kind, name):
             hit = self._call_replica(proxy, request, payload, buffers)
             if hit is not _MISS:

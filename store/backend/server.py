@@ -32,6 +32,7 @@ from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, Protocol
                       SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
+from ..ids import fresh_id
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
 from . import cancel
@@ -392,7 +393,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
         # A caller that names no chain gets one of its own: an empty id shared by
         # every such caller would let their calls into one object at once.
-        chain = request.chain_id or "anon:" + uuid.uuid4().hex
+        chain = request.chain_id or "anon:" + fresh_id()
         set_chain(chain)
         started = time.perf_counter()
         ok = False
