@@ -16,7 +16,12 @@ dataClay 4.3.1 on this machine. Reported:
 - 8 callers changing 8 objects under ``sync``: rate against one caller, and
   the average number of records each fsync made durable (group commit);
 - read-only calls from 8 threads and from 4 processes against the echo at the
-  same concurrency, and the 8-thread rate against dataClay's.
+  same concurrency, and the 8-thread rate against dataClay's;
+- what the servicer's error boundary adds to an RPC (in-process, a decorated
+  no-op against the bare one), as a share of the read-only call;
+- the CPU each call costs the caller and the server (``cpu_per_call``, user +
+  system, all threads) for the echo, a read-only call, a changing call and a
+  make_persistent: unlike latency, it hardly moves with the machine's load.
 
 Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 
@@ -26,9 +31,7 @@ Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,37 +43,8 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import store  # noqa: E402
-from store import LocalCluster, StorageObject, readonly  # noqa: E402
-
-
-class Counter(StorageObject):
-    def __init__(self, value=0):
-        self.value = value
-
-    def incr(self, by=1):
-        self.value += by
-        return self.value
-
-    @readonly
-    def get(self):
-        return self.value
-
-
-def percentiles(samples_us: list[float]) -> dict:
-    s = sorted(samples_us)
-    return {"p50_us": round(s[len(s) // 2], 1), "p99_us": round(s[int(len(s) * 0.99)], 1),
-            "mean_us": round(statistics.fmean(s), 1)}
-
-
-def timed(fn, n: int, warmup: int = 200) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e6)
-    return out
+from bench.common import Counter, emit, machine, percentiles, throughput, timed  # noqa: E402
+from store import LocalCluster  # noqa: E402
 
 
 def start_echo(workers: int):
@@ -85,6 +59,73 @@ def start_echo(workers: int):
         time.sleep(0.02)
     with open(port_file) as f:
         return proc, int(f.read())
+
+
+def boundary_cost_ns(n: int = 200_000) -> dict:
+    """ns the servicer's error boundary (store.backend.boundary) adds to one RPC.
+
+    The same no-op RPC method with and without ``@replies``, called in-process,
+    so the round trip's noise is not in the figure; and the memory blocks still
+    held after ``n`` wrapped calls (the boundary must keep nothing per call).
+    """
+    from store.backend.boundary import replies
+    from store.generated import claypot_pb2 as pb
+
+    class Servicer:
+        def plain(self, request, context):
+            return request
+        wrapped = replies(pb.Status)(plain)
+
+    s, request = Servicer(), pb.Status()
+
+    def per_call_ns(fn) -> float:
+        for _ in range(1000):
+            fn(request, None)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn(request, None)
+        return (time.perf_counter() - t) / n * 1e9
+    plain = min(per_call_ns(s.plain) for _ in range(3))
+    wrapped = min(per_call_ns(s.wrapped) for _ in range(3))
+    blocks = sys.getallocatedblocks()
+    for _ in range(n):
+        s.wrapped(request, None)
+    held = sys.getallocatedblocks() - blocks
+    return {"plain_ns": round(plain, 1), "wrapped_ns": round(wrapped, 1),
+            "added_ns": round(wrapped - plain, 1), "blocks_held_after_calls": held, "calls": n}
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU per call of this process (the caller) and of a server process.
+
+    Wall time on a shared 2-core machine moves with everybody else's load;
+    the CPU a call costs on each side moves much less, so it shows the fixed
+    per-call cost of claypot's own code against the bare echo's even when
+    the latencies are noisy.
+    """
+
+    def __init__(self, server_pid: int):
+        self.pid = server_pid
+
+    def __enter__(self):
+        self.client0, self.server0 = time.process_time(), process_cpu_s(self.pid)
+        return self
+
+    def __exit__(self, *exc):
+        self.client = time.process_time() - self.client0
+        self.server = process_cpu_s(self.pid) - self.server0
+
+    def per_call(self, calls: int) -> dict:
+        return {"client_us": round(self.client / calls * 1e6, 1),
+                "server_us": round(self.server / calls * 1e6, 1),
+                "total_us": round((self.client + self.server) / calls * 1e6, 1)}
 
 
 def fdatasync_us(directory: str, n: int = 400) -> dict:
@@ -102,35 +143,6 @@ def fdatasync_us(directory: str, n: int = 400) -> dict:
         os.close(fd)
         os.unlink(path)
     return percentiles(samples)
-
-
-def run_threads(fns: list, seconds: float) -> float:
-    """Calls per second of ``fns`` (one per thread), each called in a loop for ``seconds``."""
-    counts = [0] * len(fns)
-    errors: list = []
-    stop = [False]
-
-    def loop(k):
-        fn, n = fns[k], 0
-        try:
-            while not stop[0]:
-                fn()
-                n += 1
-        except Exception as exc:  # a failing caller must not pass for a slow one
-            errors.append(exc)
-        counts[k] = n
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(fns))]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    time.sleep(seconds)
-    stop[0] = True
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
-    if errors:
-        raise errors[0]
-    return sum(counts) / elapsed
 
 
 _PROCESS_CALLER = r"""
@@ -215,8 +227,7 @@ def main() -> None:
     a = p.parse_args()
     settings = store.Settings.from_env()
     echo, port = start_echo(settings.server_threads)
-    result: dict = {"bench": "calls", "durability": a.durability, "cpus": os.cpu_count(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)}
+    result: dict = {"bench": "calls", "durability": a.durability, **machine()}
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         unary = channel.unary_unary("/bench.Echo/Unary")
@@ -225,14 +236,25 @@ def main() -> None:
 
         def echo_call():
             return unary(payload, timeout=10)
-        echo_us = timed(echo_call, a.calls)
+        cpu: dict = {}
+        timed(echo_call, 0)   # warm up outside the meter: it counts steady calls only
+        with CpuMeter(echo.pid) as m:
+            echo_us = timed(echo_call, a.calls, warmup=0)
+        cpu["bare_echo"] = m.per_call(a.calls)
         result["bare_grpc_unary"] = percentiles(echo_us)
         with LocalCluster(backends=2, durability=a.durability) as cluster:
             result["fdatasync"] = fdatasync_us(cluster.data_dir)
             c = Counter()
             c.make_persistent(alias="bench-counter", backend=cluster.backends[0])
-            result["method_call_readonly"] = percentiles(timed(c.get, a.calls))
-            result["method_call_mutating"] = percentiles(timed(c.incr, a.calls))
+            pids = [p.pid for p in cluster.processes]
+            timed(c.get, 0)
+            with CpuMeter(pids[0]) as m:
+                result["method_call_readonly"] = percentiles(timed(c.get, a.calls, warmup=0))
+            cpu["readonly_call"] = m.per_call(a.calls)
+            timed(c.incr, 0)
+            with CpuMeter(pids[0]) as m:
+                result["method_call_mutating"] = percentiles(timed(c.incr, a.calls, warmup=0))
+            cpu["changing_call"] = m.per_call(a.calls)
             result["attribute_read"] = percentiles(timed(lambda: c.value, a.calls))
             result["get_by_alias"] = percentiles(
                 timed(lambda: store.get_by_alias("bench-counter"), a.calls // 2))
@@ -241,9 +263,12 @@ def main() -> None:
                 Counter(i).make_persistent(backend=cluster.backends[1])
             objs = [Counter(i) for i in range(a.objects)]
             t = time.perf_counter()
-            for o in objs:
-                o.make_persistent(backend=cluster.backends[1])
+            with CpuMeter(pids[1]) as m:
+                for o in objs:
+                    o.make_persistent(backend=cluster.backends[1])
             single = a.objects / (time.perf_counter() - t)
+            cpu["make_persistent"] = m.per_call(a.objects)
+            result["cpu_per_call"] = cpu
             objs = [Counter(i) for i in range(a.objects * 10)]
             t = time.perf_counter()
             for i in range(0, len(objs), 500):
@@ -272,9 +297,9 @@ def main() -> None:
             mine = [Counter() for _ in range(8)]
             for k, o in enumerate(mine):
                 o.make_persistent(alias=f"bench-c{k}", backend=owner)
-            one = run_threads([mine[0].incr], a.seconds)
+            one = throughput([mine[0].incr], a.seconds)
             before = group_commit_counts(owner)
-            eight = run_threads([o.incr for o in mine], a.seconds)
+            eight = throughput([o.incr for o in mine], a.seconds)
             after = group_commit_counts(owner)
             fsyncs = after[1] - before[1]
             result["changing_calls_per_s"] = {
@@ -282,8 +307,8 @@ def main() -> None:
                 "avg_group_size": round((after[0] - before[0]) / fsyncs, 2) if fsyncs else None}
 
             # Read-only calls at the same concurrency as the echo: 8 threads, 4 processes.
-            echo8 = run_threads([echo_call] * 8, a.seconds)
-            calls8 = run_threads([o.get for o in mine], a.seconds)
+            echo8 = throughput([echo_call] * 8, a.seconds)
+            calls8 = throughput([o.get for o in mine], a.seconds)
             echo4p = run_processes(["echo"] * 4, f"127.0.0.1:{port}", "", a.seconds)
             calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address,
                                     cluster.token, a.seconds)
@@ -314,12 +339,19 @@ def main() -> None:
         "eight_changing_callers_over_one": round(cc["eight_callers"] / cc["one_caller"], 2),
         "threads_8_over_echo": round(ro["threads_8"] / ro["bare_echo_threads_8"], 2),
         "processes_4_over_echo": round(ro["processes_4"] / ro["bare_echo_processes_4"], 2),
+        "readonly_call_cpu_over_echo": round(
+            cpu["readonly_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
+        "changing_call_cpu_over_echo": round(
+            cpu["changing_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
     }
     dc = result["dataclay"]
     if dc.get("available"):
         ratios["make_persistent_over_dataclay"] = round(
             mp["one_at_a_time"] / dc["make_persistent_per_s"], 2)
         ratios["threads_8_over_dataclay"] = round(ro["threads_8"] / dc["threads_8_calls_per_s"], 2)
+    result["error_boundary"] = boundary_cost_ns()
+    ratios["error_boundary_share_of_readonly_call"] = round(
+        result["error_boundary"]["added_ns"] / 1000 / result["method_call_readonly"]["p50_us"], 5)
     result["ratios"] = ratios
     result["targets"] = {
         "method_call_within_1.5x_bare": ratios["readonly_call_over_echo_p50"] <= 1.5,
@@ -335,7 +367,7 @@ def main() -> None:
         result["targets"]["make_persistent_2x_dataclay"] = \
             ratios["make_persistent_over_dataclay"] >= 2.0
         result["targets"]["threads_8_2x_dataclay"] = ratios["threads_8_over_dataclay"] >= 2.0
-    print(json.dumps(result, indent=2))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import store  # noqa: E402
+from bench.common import emit, latency  # noqa: E402
 from store import LocalCluster, StorageObject  # noqa: E402
 from store.compat.dataclay import DataClayObject, activemethod  # noqa: E402
 from runtime import INOUT, task, wait_on  # noqa: E402
@@ -85,20 +85,6 @@ def reader_writer_pair(obj, writer, pause: float = 0.5, rounds: int = 4) -> floa
     return round(statistics.median(times), 3)
 
 
-def timed(fn, n: int, warmup: int = 100) -> dict:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e6)
-    samples.sort()
-    return {"p50_us": round(samples[len(samples) // 2], 1),
-            "p99_us": round(samples[int(len(samples) * 0.99)], 1),
-            "mean_us": round(statistics.fmean(samples), 1)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
@@ -111,25 +97,25 @@ def main() -> None:
         native.make_persistent(alias="bench-native", backend=backend)
         compat.make_persistent("bench-compat", backend_id=backend)
 
-        out["native_call"] = timed(native.incr, n)
-        out["compat_activemethod_call"] = timed(compat.incr, n)
-        out["native_attribute_read"] = timed(lambda: native.value, n)
-        out["compat_property_read"] = timed(lambda: compat.value, n)
-        out["get_by_alias_identity_map"] = timed(lambda: store.get_by_alias("bench-native"), n)
+        out["native_call"] = latency(native.incr, n)
+        out["compat_activemethod_call"] = latency(compat.incr, n)
+        out["native_attribute_read"] = latency(lambda: native.value, n)
+        out["compat_property_read"] = latency(lambda: compat.value, n)
+        out["get_by_alias_identity_map"] = latency(lambda: store.get_by_alias("bench-native"), n)
         counter = iter(range(10 ** 9))
 
         def alias_round():
             name = f"a{next(counter)}"
             native.add_alias(name)
             native.delete_alias(name)
-        out["add_then_delete_alias"] = timed(alias_round, n // 2, warmup=20)
+        out["add_then_delete_alias"] = latency(alias_round, n // 2, warmup=20)
 
         def version_round():
             v = native.new_version()
             v.incr()
             v.consolidate_version()
-        out["new_version_change_consolidate"] = timed(version_round, max(n // 20, 20), warmup=5)
-        out["make_persistent_fresh"] = timed(lambda: Native().make_persistent(backend=backend),
+        out["new_version_change_consolidate"] = latency(version_round, max(n // 20, 20), warmup=5)
+        out["make_persistent_fresh"] = latency(lambda: Native().make_persistent(backend=backend),
                                              max(n // 4, 50), warmup=20)
         out["reader_then_writer_s"] = {
             "plain": reader_writer_pair(native, slow_write),
@@ -150,7 +136,7 @@ def main() -> None:
         "reader_writer_pair_versions_over_plain": round(
             out["reader_then_writer_s"]["versions"] / out["reader_then_writer_s"]["plain"], 2),
     }
-    print(json.dumps(out, indent=2))
+    emit(out)
 
 
 if __name__ == "__main__":

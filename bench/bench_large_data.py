@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import time
 import grpc
 import numpy as np
 
+from bench.common import machine
 from bench.echo_server import landing_buffer
 import store  # noqa: E402
 from store import LocalCluster, StorageObject
@@ -348,9 +348,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     settings = Settings.from_env()
     sizes = [(1 * MiB, 7), (64 * MiB, 4)] + ([] if a.quick else [(1024 * MiB, 3)])
-    out = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                       "python": platform.python_version(),
-                       "grpcio": grpc.__version__, "numpy": np.__version__},
+    out = {"machine": machine(grpcio=grpc.__version__, numpy=np.__version__),
            "chunk_size": settings.chunk_size, "inline_limit": settings.inline_limit,
            "durability": "none", "values": [], "sizes": [], "sum": None}
     echo = Echo()

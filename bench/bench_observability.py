@@ -15,7 +15,6 @@ noise of a round trip. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,21 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from store import LocalCluster, StorageObject, metrics, readonly  # noqa: E402
+from bench.common import Counter, emit, machine  # noqa: E402
+from store import LocalCluster, metrics  # noqa: E402
 from store.cluster import BackendProcess  # noqa: E402
-
-
-class Counter(StorageObject):
-    def __init__(self, value=0):
-        self.value = value
-
-    def incr(self, by=1):
-        self.value += by
-        return self.value
-
-    @readonly
-    def get(self):
-        return self.value
 
 
 def hook_cost_ns(n: int = 200_000) -> dict:
@@ -108,7 +95,7 @@ def main() -> None:
                      for name, proc in procs.items()}
 
     result = {"calls_per_variant": a.calls * a.rounds, "variants": {}, "hooks": hook_cost_ns(),
-              "metrics_addresses": addresses}
+              "metrics_addresses": addresses, "machine": machine()}
     for name, by_method in samples.items():
         result["variants"][name] = {
             m: {"p50_us": round(statistics.median(s), 1),
@@ -127,7 +114,7 @@ def main() -> None:
     result["metrics_hook_share_of_get"] = round(hook_us / off["get"]["p50_us"], 4)
     result["metrics_under_5_percent"] = (result["metrics_hook_share_of_get"] < 0.05
                                          and ratios["metrics/off get p50"] < 1.05)
-    print(json.dumps(result, indent=2))
+    emit(result)
 
 
 if __name__ == "__main__":

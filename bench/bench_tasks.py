@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime.core  # noqa: E402
+from bench.common import timed as timed_us  # noqa: E402
 import store  # noqa: E402
 from runtime import task, wait_on  # noqa: E402
 from store import LocalCluster, StorageObject  # noqa: E402
@@ -77,14 +78,8 @@ def ms(samples: list[float]) -> dict:
 
 
 def timed(fn, n: int, warmup: int = 10) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+    """Seconds each of ``n`` calls took (bench.common.timed gives µs)."""
+    return [us / 1e6 for us in timed_us(fn, n, warmup)]
 
 
 def bench_throughput(n: int) -> dict:
@@ -165,7 +160,10 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
     f = touch_task(block)
     assert wait_on(f) == 1.0 and f.backend == owner
     out: dict = {"array_mib": mib, "workers": "hosted by the claypot backends"}
-    with Client(cluster.dask_scheduler, set_as_default=False) as dc:
+    from store.certs import dask_security
+    # The cluster's scheduler speaks tls:// only (see store.backend.server.check_listen).
+    with Client(cluster.dask_scheduler, set_as_default=False,
+                security=dask_security(cluster.dask_tls_dir)) as dc:
         arr = np.ones(mib * 2**20 // 8)
         t = time.perf_counter()
         [scattered] = dc.scatter([arr], workers=[owner])

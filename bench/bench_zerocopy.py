@@ -50,13 +50,13 @@ import gc
 import json
 import mmap
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 
 import store
+from bench.common import machine
 from store import LocalCluster, StorageObject
 from store.objects import readonly
 
@@ -341,9 +341,8 @@ def main() -> None:
     have_ray = importlib.util.find_spec("ray") is not None
     import psutil
     result: dict = {
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version(), "numpy": np.__version__,
-                    "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1)},
+        "machine": machine(numpy=np.__version__,
+                           memory_GiB=round(psutil.virtual_memory().total / 2**30, 1)),
         "ray": ("present: " + __import__("ray").__version__) if have_ray
         else "absent (pip install ray, or the bench extra): no Ray figures",
         "sizes": [],

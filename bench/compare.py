@@ -43,6 +43,8 @@ BENCHES: dict[str, dict] = {
             "ratios.processes_4_over_echo": "higher",
             "ratios.make_persistent_over_dataclay": "higher",
             "ratios.threads_8_over_dataclay": "higher",
+            "ratios.readonly_call_cpu_over_echo": "lower",
+            "ratios.changing_call_cpu_over_echo": "lower",
         },
     },
     "large_data": {

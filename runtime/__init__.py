@@ -27,6 +27,7 @@ pinned to Dask workers hosted by the chosen backends (see
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from store import objects as _objects
@@ -81,7 +82,7 @@ def barrier(timeout: float | None = None) -> None:
     current().barrier(timeout)
 
 
-def wait_on_file(path, timeout: float | None = None) -> str:
+def wait_on_file(path: str | os.PathLike, timeout: float | None = None) -> str:
     """Wait for the tasks that write ``path``, put its last version there, return the path.
 
     PyCOMPSs calls it ``compss_wait_on_file``.
@@ -89,7 +90,7 @@ def wait_on_file(path, timeout: float | None = None) -> str:
     return current().wait_on_file(path, timeout)
 
 
-def open_file(path, mode: str = "r", timeout: float | None = None):
+def open_file(path: str | os.PathLike, mode: str = "r", timeout: float | None = None) -> Any:
     """``open()`` the last version of ``path`` once its writers finished (``compss_open``)."""
     return open(wait_on_file(path, timeout), mode)
 

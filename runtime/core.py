@@ -138,7 +138,7 @@ class Runtime:
                 self.executor.slots_for = self.scheduler.slots_of
 
     # -- submission ---------------------------------------------------------------------
-    def submit(self, defn, args: tuple, kwargs: dict):
+    def submit(self, defn: Any, args: tuple, kwargs: dict) -> Any:
         """Record a task call and return its future (or a tuple of futures)."""
         task_id = next(self._ids)
         n = defn.returns
@@ -318,7 +318,7 @@ class Runtime:
                 call.reads.append(self.files.key(path, old))
             call.files.append((name, path, direction, old, new))
 
-    def wait_on_file(self, path, timeout: float | None = None) -> str:
+    def wait_on_file(self, path: str | os.PathLike, timeout: float | None = None) -> str:
         """Wait for the last task that writes ``path``; leave its version there; the path."""
         p = self.files.canonical(path)
         if not self.inline:

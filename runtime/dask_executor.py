@@ -23,6 +23,7 @@ out of band in both layers, so an array is not copied into a pickle stream.
 
 from __future__ import annotations
 
+from typing import Any
 import logging
 import pickle
 import queue
@@ -86,7 +87,7 @@ def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float
     return Packed(payload, buffers)
 
 
-def scheduler_address(client, scheduler: str | None = None) -> str:
+def scheduler_address(client: Any, scheduler: str | None = None) -> str:
     """The Dask scheduler to use: ``scheduler``, else the connection's settings."""
     address = scheduler or getattr(getattr(client, "settings", None), "dask_scheduler", "")
     if not address:
@@ -99,7 +100,7 @@ def scheduler_address(client, scheduler: str | None = None) -> str:
 class DaskExecutor:
     """Runs ready tasks on the chosen backend's hosted Dask worker (see the module docstring)."""
 
-    def __init__(self, client, scheduler: str):
+    def __init__(self, client: Any, scheduler: str) -> None:
         try:
             from distributed import Client as DaskClient
         except ImportError:
@@ -254,7 +255,7 @@ class DaskExecutor:
                 self._outcome(job, future, None)
 
     @staticmethod
-    def _outcome(job: Job, future, packed: Packed | None) -> None:
+    def _outcome(job: Job, future: Any, packed: Packed | None) -> None:
         from store.serialization import loads
         try:
             if packed is None:

@@ -6,6 +6,7 @@ PyCOMPSs; below, they mark the plain function and ``@task`` picks the marks up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import functools
 import inspect
 from typing import Any, Callable
@@ -56,7 +57,7 @@ class TaskFunction:
         self.computing_units, self.memory_bytes = 1, 0
         self.constraints: dict = {}
         self.program: dict | None = None
-        self._runner = None
+        self._runner: Any = None   # a files.TaskRunner, made on first use
         cons = getattr(fn, _CONSTRAINTS, None)
         if cons:
             self._constrain(**cons)
@@ -67,7 +68,7 @@ class TaskFunction:
         if impl:
             _register_alternative(self, *impl)
 
-    def _constrain(self, **kwargs) -> None:
+    def _constrain(self, **kwargs: Any) -> None:
         from .resources import constraints
         cons = constraints(**kwargs)
         units = cons.get("computing_units", 1)
@@ -87,7 +88,7 @@ class TaskFunction:
         return {n: d for n, d in self.directions.items() if d.file}
 
     @property
-    def runner(self):
+    def runner(self) -> Any:
         """What runs on the backend: the function, or a runner that handles files/programs."""
         if not self.file_params and self.program is None:
             return self.fn
@@ -142,7 +143,7 @@ class TaskFunction:
                             f"but {n} were given")
         return names
 
-    def bind(self, args: tuple, kwargs: dict):
+    def bind(self, args: tuple, kwargs: dict) -> Iterator[tuple[Any, Direction]]:
         """(value, direction) of every argument of one call."""
         d = self.directions
         for value, name in zip(args, self.positional_names(len(args))):
@@ -172,7 +173,7 @@ def _count_returns(returns: Any) -> int:
 
 
 def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAIL",
-         time_out: float = 0.0, retries: int = 1, versions: bool = False, **directions):
+         time_out: float = 0.0, retries: int = 1, versions: bool = False, **directions: Any) -> Any:
     """Make a function a task: calls return a Future at once and run where the data is.
 
     ``returns``: how many values (1 by default; ``returns=2`` gives a tuple of
@@ -194,7 +195,7 @@ def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAI
 
 
 def constraint(computing_units: int | str | None = None, memory_size: float | None = None,
-               **resources):
+               **resources: Any) -> Callable[[Callable[..., Any]], Any]:
     """Declare what a task needs: it runs only on a backend whose resources meet it.
 
     Names are PyCOMPSs' (``computing_units``/``computingUnits``,
@@ -221,7 +222,7 @@ def constraint(computing_units: int | str | None = None, memory_size: float | No
     return wrap
 
 
-def implement(source_class: str, method: str):
+def implement(source_class: str, method: str) -> Callable[[Callable[..., Any]], Any]:
     """Declare this task as another implementation of task ``source_class.method``.
 
     ``source_class`` is the module (or class) of the original task and
@@ -250,7 +251,7 @@ def _register_alternative(t: "TaskFunction", source_class: str, method: str) -> 
     impls.append(t)
 
 
-def _program_decorator(program: dict):
+def _program_decorator(program: dict) -> Callable[[Any], Any]:
     def wrap(f):
         if isinstance(f, TaskFunction):
             f._set_program(program)
@@ -261,7 +262,7 @@ def _program_decorator(program: dict):
 
 
 def binary(binary: str, args: str = "", working_dir: str = "",
-           fail_by_exit_value: bool = True):
+           fail_by_exit_value: bool = True) -> Callable[[Callable[..., Any]], Any]:
     """Run an executable as the task (the function's body is not run).
 
     Its arguments are the task's parameters in order (``FILE_*`` ones as
@@ -279,7 +280,7 @@ def binary(binary: str, args: str = "", working_dir: str = "",
 
 
 def mpi(binary: str = "", runner: str = "mpirun", processes: int = 1, args: str = "",
-        working_dir: str = "", flags: str = "", fail_by_exit_value: bool = True):
+        working_dir: str = "", flags: str = "", fail_by_exit_value: bool = True) -> Callable[[Callable[..., Any]], Any]:
     """Run an MPI program as the task: ``runner -np processes binary args...``.
 
     ``runner`` is ``mpirun`` (Open MPI; as root it adds ``--allow-run-as-root``,

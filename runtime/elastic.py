@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from typing import Any
 
 from store.errors import ConfigurationError
 
@@ -41,9 +42,9 @@ def target(pending: int, oldest_wait: float, current: int, minimum: int, maximum
 class Autoscaler:
     """Applies :func:`target` to ``cluster`` from a background thread (see the module docstring)."""
 
-    def __init__(self, cluster, minimum: int = 1, maximum: int = 4, tasks_per_backend: int = 8,
+    def __init__(self, cluster: Any, minimum: int = 1, maximum: int = 4, tasks_per_backend: int = 8,
                  max_wait: float = 5.0, interval: float = 0.5, cooldown: float = 2.0,
-                 resources: str | None = None):
+                 resources: str | None = None) -> None:
         if not 1 <= minimum <= maximum:
             raise ConfigurationError(f"autoscaling needs 1 <= minimum <= maximum, "
                                      f"not {minimum}..{maximum}")
@@ -108,5 +109,5 @@ class Autoscaler:
     def __enter__(self) -> "Autoscaler":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.stop()

@@ -98,7 +98,7 @@ class CodeKeys:
         self._keys: dict[int, tuple[object, str]] = {}
         self._register_lock = threading.Lock()
 
-    def key(self, fn) -> str:
+    def key(self, fn: Callable[..., Any]) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
         hit = self._keys.get(id(fn))
         if hit is not None and hit[0] is fn:
@@ -117,7 +117,7 @@ class CodeKeys:
 class RemoteExecutor:
     """Runs tasks on backends through a client (see the module docstring)."""
 
-    def __init__(self, client, slots: int, workers: int):
+    def __init__(self, client: Any, slots: int, workers: int) -> None:
         self.client = client
         self.slots = slots
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="claypot-task")
@@ -128,7 +128,7 @@ class RemoteExecutor:
         self.rpcs = 0        # RPCs sent, for tests and benchmarks
         self.batched = 0     # tasks that travelled in a batch of two or more
 
-    def code_key(self, fn) -> str:
+    def code_key(self, fn: Callable[..., Any]) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
         return self._codes.key(fn)
 

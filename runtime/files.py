@@ -14,6 +14,8 @@ runner works on the paths themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import inspect
 import io
 import os
@@ -84,7 +86,7 @@ class TaskRunner:
     (``@binary``/``@mpi``) describes the command to run instead of the function.
     """
 
-    def __init__(self, fn, files: dict, program: dict | None):
+    def __init__(self, fn: Callable[..., Any], files: dict, program: dict | None) -> None:
         self.fn = fn
         self.files = dict(files)
         self.program = program
@@ -143,7 +145,7 @@ def _as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def command_line(program: dict, fn, values: dict, files: dict) -> list[str]:
+def command_line(program: dict, fn: Callable[..., Any], values: dict, files: dict) -> list[str]:
     """The argv of a ``@binary``/``@mpi`` task: runner, program, then its parameters.
 
     Parameters become arguments in the function's order (stream parameters
@@ -199,7 +201,7 @@ def _mpi_prefix(program: dict) -> list[str]:
     return pre + flags
 
 
-def run_python_ranks(program: dict, fn, values: dict) -> list:
+def run_python_ranks(program: dict, fn: Callable[..., Any], values: dict) -> list:
     """Run ``fn(**values)`` on every rank of an MPI job; the ranks' results, in order."""
     import sys
 
@@ -240,7 +242,7 @@ def run_python_ranks(program: dict, fn, values: dict) -> list:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_program(program: dict, fn, values: dict, files: dict):
+def run_program(program: dict, fn: Callable[..., Any], values: dict, files: dict) -> Any:
     """Run a ``@binary``/``@mpi`` task's command; its exit code, or TaskError when it fails.
 
     An ``@mpi`` task without a binary runs ``fn`` on every rank (see
@@ -295,7 +297,7 @@ class FileVersions:
         self.stored: dict[tuple[str, int], str] = {}
 
     @staticmethod
-    def canonical(path) -> str:
+    def canonical(path: str | os.PathLike) -> str:
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigurationError(f"a FILE parameter must be a path, not {path!r}")
         return os.path.abspath(os.fspath(path))

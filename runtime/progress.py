@@ -45,7 +45,7 @@ def futures_in(obj: Any) -> list[Future]:
 
 
 def progress(futures: Any, timeout: float | None = None, desc: str = "tasks",
-             file=None, interval: float = 0.1) -> ProgressReport:
+             file: Any=None, interval: float = 0.1) -> ProgressReport:
     """Show a progress bar until every future in ``futures`` has finished.
 
     Counts tasks done and failed (a failed task does not stop the bar; its

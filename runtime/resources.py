@@ -16,10 +16,11 @@ offers the runtime's task slots and its share of the host's memory.
 
 from __future__ import annotations
 
+from typing import Any
 from store import resources as _res
 
 
-def constraints(**kwargs) -> dict:
+def constraints(**kwargs: Any) -> dict:
     """PyCOMPSs-style keyword constraints, normalised (``MemorySize=1`` -> ``memory_size: 1.0``)."""
     out: dict = {}
     for name, value in kwargs.items():

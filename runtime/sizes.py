@@ -9,6 +9,7 @@ still break ties but never outweigh real data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import logging
 import threading
 from collections import OrderedDict
@@ -34,7 +35,7 @@ class SizeCache:
         self._lock = threading.Lock()
         self._key: str | None = None
 
-    def forget(self, object_ids) -> None:
+    def forget(self, object_ids: Iterable[str]) -> None:
         """Forget these objects' sizes (they were refilled): they are asked again on next use."""
         with self._lock:
             for oid in object_ids:

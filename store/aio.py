@@ -66,7 +66,7 @@ class AioClient:
         self._channels.clear()
         self._stubs.clear()
 
-    async def _admin(self, method: str, request):
+    async def _admin(self, method: str, request: Any) -> Any:
         from .client import translate
         last = None
         for address in self.sync._gateway_order():
@@ -80,7 +80,7 @@ class AioClient:
                     raise last from None
         raise last or BackendUnavailable("no backend to ask")
 
-    async def resolve(self, *, object_id: str | None = None, alias: str | None = None):
+    async def resolve(self, *, object_id: str | None = None, alias: str | None = None) -> pb.ObjectRef:
         request = pb.ResolveRequest(object_id=object_id) if object_id else \
             pb.ResolveRequest(alias=alias)
         reply = await self._admin("Resolve", request)
@@ -88,13 +88,13 @@ class AioClient:
             raise wire.error_from_pb(reply.error)
         return reply.ref
 
-    async def get_by_alias(self, alias: str):
+    async def get_by_alias(self, alias: str) -> Any:
         return self.sync._proxy(await self.resolve(alias=alias))
 
-    async def get_by_id(self, object_id: str):
+    async def get_by_id(self, object_id: str) -> Any:
         return self.sync._proxy(await self.resolve(object_id=object_id))
 
-    async def call(self, proxy, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
+    async def call(self, proxy: objmod.StorageObject, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """A method call (or attribute access) on a proxy, awaited."""
         from .client import translate
         settings = self.sync.settings
@@ -170,22 +170,22 @@ def client() -> AioClient:
     return hit
 
 
-async def get_by_alias(alias: str):
+async def get_by_alias(alias: str) -> Any:
     """The persistent object with this alias (a proxy). Raises AliasNotFound."""
     return await client().get_by_alias(alias)
 
 
-async def get_by_id(object_id: str):
+async def get_by_id(object_id: str) -> Any:
     """The persistent object with this id (a proxy). Raises ObjectNotFound."""
     return await client().get_by_id(object_id)
 
 
-async def call(proxy, name: str, *args, **kwargs) -> Any:
+async def call(proxy: objmod.StorageObject, name: str, *args: Any, **kwargs: Any) -> Any:
     """``await store.aio.call(obj, "incr", 2)``: what ``await obj.incr.aio(2)`` does."""
     return await client().call(proxy, objmod.METHOD, name, args, kwargs)
 
 
-async def getattr_(proxy, name: str) -> Any:
+async def getattr_(proxy: objmod.StorageObject, name: str) -> Any:
     """An attribute of a persistent object, read on its backend."""
     return await client().call(proxy, objmod.GET_ATTR, name, (), {})
 

@@ -54,7 +54,7 @@ class Alien(StorageObject):
                 ns[attr] = _forward(attr)
         return _types.setdefault(base, type(name, (Alien,), ns))
 
-    def unwrap(self):
+    def unwrap(self) -> Any:
         """The wrapped value (a copy, when called through a proxy)."""
         return self.__dict__["value"]
 
@@ -72,7 +72,7 @@ class Alien(StorageObject):
         return getattr(self.__dict__["value"], name)
 
 
-def _forward(name: str):
+def _forward(name: str) -> Any:
     def method(self, *args, **kwargs):
         return getattr(self.__dict__["value"], name)(*args, **kwargs)
     method.__name__ = name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
 import json
 import os
 from dataclasses import dataclass
@@ -126,12 +128,12 @@ def client() -> Client:
     return d  # type: ignore[return-value]
 
 
-def get_by_alias(alias: str):
+def get_by_alias(alias: str) -> Any:
     """The persistent object with this alias (a proxy). Raises AliasNotFound."""
     return client().get_by_alias(alias)
 
 
-def get_by_id(object_id: str):
+def get_by_id(object_id: str) -> Any:
     """The persistent object with this id (a proxy). Raises ObjectNotFound."""
     return client().get_by_id(object_id)
 
@@ -144,7 +146,7 @@ def delete_alias(alias: str) -> None:
     client().delete_alias(alias)
 
 
-def make_persistent_many(objs, backend: str | None = None) -> None:
+def make_persistent_many(objs: Iterable[objmod.StorageObject], backend: str | None = None) -> None:
     """Make many objects persistent in one round trip (all or none)."""
     client().make_persistent(list(objs), None, backend)
 
@@ -182,7 +184,7 @@ def get_locations(object_id: str) -> list[str]:
     return [hosts[b] for b in [ref.backend_id, *ref.replicas] if b in hosts]
 
 
-def get_backends():
+def get_backends() -> dict[str, Any]:
     """The backends that are up, as an ordered mapping: backend id -> BackendHandle."""
     return client().get_backends()
 

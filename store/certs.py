@@ -17,6 +17,7 @@ of claypot imports without it.
 
 from __future__ import annotations
 
+from typing import Any
 import datetime
 import ipaddress
 import os
@@ -39,7 +40,7 @@ class ClusterCerts:
         return {"CLAYPOT_TLS_CA": self.ca, "CLAYPOT_TLS_CERT": self.cert,
                 "CLAYPOT_TLS_KEY": self.key}
 
-    def dask_security(self):
+    def dask_security(self) -> Any:
         """A ``distributed.Security`` for the scheduler, workers and clients of the cluster."""
         from distributed import Security
         return Security(tls_ca_file=self.ca, tls_client_cert=self.cert,
@@ -118,7 +119,7 @@ def existing_certs(directory: str) -> ClusterCerts | None:
     return None
 
 
-def dask_security(tls_dir: str):
+def dask_security(tls_dir: str) -> Any:
     """The ``distributed.Security`` of the cluster whose certificates are in ``tls_dir``."""
     certs = existing_certs(tls_dir)
     if certs is None:

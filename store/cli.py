@@ -11,6 +11,7 @@ error; 3 ``status`` found a backend down.
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
 import json
 import os
 import signal
@@ -70,7 +71,7 @@ def _running(state: dict) -> list[dict]:
     return [p for p in _recorded(state) if same_process(p)]
 
 
-def _fail(message: str, code: int = 1):
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(message, err=True)
     sys.exit(code)
 
@@ -108,7 +109,7 @@ def _version() -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", "-V", prog_name="claypot",
                       message="%(prog)s %(version)s")
-def cli():
+def cli() -> None:
     """claypot: a persistent object store for Python.
 
     `claypot up` starts a local cluster in the background and records it in
@@ -135,7 +136,8 @@ def cli():
               help="Make a new token instead of reusing the data dir's.")
 @click.option("--new-ports", is_flag=True,
               help="Pick new ports instead of reusing the data dir's.")
-def up(backends, data_dir, redis, durability, memory_limit, tls, new_token, new_ports):
+def up(backends: int, data_dir: str | None, redis: str | None, durability: str | None,
+       memory_limit: str | None, tls: bool, new_token: bool, new_ports: bool) -> None:
     """Start a local cluster in the background."""
     from .cluster import LocalCluster, port_is_free
     old = _load_state()
@@ -172,10 +174,10 @@ def up(backends, data_dir, redis, durability, memory_limit, tls, new_token, new_
                            tls=tls, ports=ports, redis_port=redis_port,
                            redis_password=reuse.get("redis_password"), detach=True)
     cluster.start()
-    members = [{"backend_id": p.backend_id, "address": p.address, "port": p.port,
+    members: list[dict[str, Any]] = [{"backend_id": p.backend_id, "address": p.address, "port": p.port,
                 "data_dir": p.data_dir, "process": process_identity(p.pid) or {"pid": p.pid}}
                for p in cluster.processes]
-    redis_pid = cluster.redis.proc.pid if cluster.redis else None
+    redis_pid = cluster.redis.proc.pid if cluster.redis and cluster.redis.proc else None
     # Start time and command line of each process, so `claypot down` never
     # signals a PID that has since been reused by some other program.
     processes = [dict(m["process"], role="backend") for m in members]
@@ -210,7 +212,7 @@ def _load_cluster_file(data_dir: str) -> dict:
 
 
 @cli.command()
-def down():
+def down() -> None:
     """Stop the cluster started by `claypot up` (its data is kept)."""
     state = _load_state()
     if not state:
@@ -249,7 +251,7 @@ def _stop_verified(procs: list[dict], timeout: float) -> None:
 @cli.command()
 @click.argument("backend")
 @click.option("--kill", is_flag=True, help="kill -9 instead of a graceful stop.")
-def restart(backend, kill):
+def restart(backend: str, kill: bool) -> None:
     """Restart one backend of the `claypot up` cluster on its storage dir and port.
 
     BACKEND is a backend id (a prefix is enough, as `claypot status` shows it)
@@ -276,7 +278,7 @@ def restart(backend, kill):
 
 @cli.command()
 @click.argument("backend")
-def drain(backend):
+def drain(backend: str) -> None:
     """Move a backend's objects to the other live backends, then stop it for good.
 
     BACKEND is a backend id (a prefix is enough) or its index. Tasks stop going
@@ -318,7 +320,7 @@ def _log_files(state: dict, backend: str | None) -> list[tuple[str, str]]:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True,
               help="Lines of the end of each log to show first.")
-def logs(backend, follow, lines):
+def logs(backend: str | None, follow: bool, lines: int) -> None:
     """Show the logs of the `claypot up` cluster: every backend and Redis, or
     BACKEND only (an id prefix, an index, or `redis`). Each line starts with
     whose log it is."""
@@ -353,7 +355,7 @@ def logs(backend, follow, lines):
         pass
 
 
-def _print_table(rows) -> None:
+def _print_table(rows: Any) -> None:
     try:
         if not sys.stdout.isatty():
             raise ImportError
@@ -370,7 +372,7 @@ def _print_table(rows) -> None:
     Console().print(table)
 
 
-def message_to_json(msg) -> dict:
+def message_to_json(msg: Any) -> dict:
     """Every field of a proto message (fields added later included), 64-bit integers
     as JSON numbers rather than the strings of the proto3 JSON mapping."""
     from google.protobuf.descriptor import FieldDescriptor
@@ -392,7 +394,7 @@ def message_to_json(msg) -> dict:
                               "`claypot up` cluster's].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print every field of every backend as JSON (one object per backend).")
-def status(address, token, as_json):
+def status(address: str | None, token: str | None, as_json: bool) -> None:
     """Backends and objects of the running cluster; exits 3 if any backend is down."""
     client = api.connect(address, token)
     rows = client.backends()
@@ -411,7 +413,7 @@ def status(address, token, as_json):
 @click.option("--token", help="The cluster's token [default: the `claypot up` cluster's].")
 @click.option("--force", is_flag=True,
               help="Forget it even though the directory still maps objects to it.")
-def forget(backend, redis, token, force):
+def forget(backend: str, redis: str | None, token: str | None, force: bool) -> None:
     """Remove a backend that is gone for good from the directory (it stops being
     listed as DOWN). BACKEND is its id or an id prefix. A backend that is up is
     never forgotten."""
@@ -443,7 +445,7 @@ def forget(backend, redis, token, force):
               help="Backends of the fresh cluster the demo starts.")
 @click.option("--address", help="Run on this running cluster instead of a new one.")
 @click.option("--token", help="The token of the cluster at --address.")
-def demo(backends, address, token):
+def demo(backends: int, address: str | None, token: str | None) -> None:
     """Run the demo (objects, calls, a move) on a fresh local cluster."""
     from .demo import run
     sys.exit(run(backends, address, token))
@@ -453,7 +455,7 @@ def demo(backends, address, token):
 @click.option("--redis", metavar="URL", help="The Redis to rebuild [default: the `claypot "
                                              "up` cluster's].")
 @click.argument("data_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-def repair(redis, data_dirs):
+def repair(redis: str | None, data_dirs: tuple[str, ...]) -> None:
     """Rebuild the Redis directory from storage dirs (after Redis lost its data)."""
     from .backend.storage import read_backend_id, scan_storage_dir
     from .directory import Directory
@@ -487,7 +489,7 @@ def repair(redis, data_dirs):
 @click.argument("address")
 @click.option("--timeout", type=float, default=5.0, show_default=True,
               help="Seconds to wait for the answer.")
-def health(address, timeout):
+def health(address: str, timeout: float) -> None:
     """grpc.health.v1 check of one backend, no token: exit 0 SERVING, 1
     NOT_SERVING, 2 unreachable."""
     from .polyglot import check_health
@@ -505,7 +507,7 @@ def health(address, timeout):
               help="Port to serve on (0: any free one).")
 @click.option("--insecure", is_flag=True,
               help="Serve a non-loopback address (the page has no login).")
-def dashboard(address, token, host, port, insecure):
+def dashboard(address: str | None, token: str | None, host: str, port: int, insecure: bool) -> None:
     """Serve a live web dashboard of the cluster (needs `pip install 'claypot[dashboard]'`)."""
     from .dashboard import main as dashboard_main
     argv = ["--host", host, "--port", str(port)]
@@ -521,7 +523,7 @@ def dashboard(address, token, host, port, insecure):
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []},
              add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def backend(args):
+def backend(args: tuple[str, ...]) -> None:
     """Run one backend in the foreground (see `claypot backend --help`)."""
     from .backend.server import main as backend_main
     backend_main(list(args))

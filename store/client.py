@@ -21,7 +21,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -34,9 +34,14 @@ from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendU
                      ProtocolError, ValueTooLarge)
 from .generated import claypot_pb2 as pb
 from .generated import claypot_pb2_grpc as pb_grpc
+from .ids import fresh_id
 from .retry import Retry
 from .serialization import PickleContext, code_key_and_bytes, dumps, import_by_key, load_code, \
     loads, remember_code
+
+if TYPE_CHECKING:   # imported when first used: most clients never need them
+    from .leases import LeaseReturns
+    from .readcache import ReadCache
 
 log = logging.getLogger("claypot.client")
 
@@ -145,7 +150,7 @@ class Client:
         self._proxies: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     @classmethod
-    def inside_backend(cls, heap, backend_id: str, address: str, settings: Settings) -> "Client":
+    def inside_backend(cls, heap: Any, backend_id: str, address: str, settings: Settings) -> "Client":
         """The client a backend's own code uses (methods calling other objects, tasks).
 
         Calls to objects in ``heap`` run in place; everything else goes out
@@ -409,7 +414,7 @@ class Client:
                                      f"{exc.error}") from None
 
     # -- code ------------------------------------------------------------------------------
-    def register_code(self, obj) -> str:
+    def register_code(self, obj: Any) -> str:
         """Ship a class or function by value, once per key; returns its key."""
         key, code = code_key_and_bytes(obj)
         self._classes.setdefault(key, obj)
@@ -476,7 +481,7 @@ class Client:
             hit = assigned.get(id(obj))
             if hit is None:
                 key = self.register_code(objmod.real_class(obj))
-                hit = (uuid.uuid4().hex, key, target)
+                hit = (fresh_id(), key, target)
                 assigned[id(obj)] = hit
                 queue.append(obj)
             return hit
@@ -614,7 +619,7 @@ class Client:
     def _proxy(self, ref: pb.ObjectRef):
         return self.proxy_for(ref.object_id, ref.class_key, ref.backend_id)
 
-    def proxy_for(self, object_id: str, class_key: str, backend_id: str):
+    def proxy_for(self, object_id: str, class_key: str, backend_id: str) -> Any:
         """The proxy of an object: the one this process already has, else a new one."""
         hit = self._proxies.get(object_id)
         if hit is not None and objmod.is_proxy(hit) and hit.getID() == object_id:
@@ -628,10 +633,10 @@ class Client:
         except TypeError:
             return proxy  # a class with __slots__ and no __weakref__: no identity map entry
 
-    def get_by_alias(self, alias: str):
+    def get_by_alias(self, alias: str) -> Any:
         return self._proxy(self.resolve(alias=alias))
 
-    def get_by_id(self, object_id: str):
+    def get_by_id(self, object_id: str) -> Any:
         return self._proxy(self.resolve(object_id=object_id))
 
     def delete_alias(self, alias: str) -> None:
@@ -645,14 +650,14 @@ class Client:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
-    def locate(self, proxy) -> str:
+    def locate(self, proxy: objmod.StorageObject) -> str:
         if not objmod.is_proxy(proxy):  # the real object, inside its backend
             return proxy.__dict__[objmod._OWNER]
         ref = self.resolve(object_id=proxy.getID())
         proxy.__dict__[objmod._OWNER] = ref.backend_id
         return ref.backend_id
 
-    def delete_persistent(self, proxy) -> None:
+    def delete_persistent(self, proxy: objmod.StorageObject) -> None:
         oid = proxy.getID()
         reply = self._with_relocation(proxy, lambda addr: self._rpc(
             addr, "Delete", pb.DeleteRequest(object_id=oid, chain_id=current_chain() or ""),
@@ -660,7 +665,7 @@ class Client:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
-    def move(self, proxy, backend_id: str) -> None:
+    def move(self, proxy: objmod.StorageObject, backend_id: str) -> None:
         oid = proxy.getID()
         self.address_of(backend_id)
         reply = self._with_relocation(proxy, lambda addr: self._rpc(
@@ -671,7 +676,7 @@ class Client:
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._OWNER] = backend_id
 
-    def upgrade_class(self, proxy, cls: type) -> None:
+    def upgrade_class(self, proxy: objmod.StorageObject, cls: type) -> None:
         """Move a persistent object to ``cls``, a new version of its class (see
         StorageObject.upgrade_class)."""
         key = self.register_code(objmod.real_class(cls))
@@ -687,7 +692,7 @@ class Client:
             # Not proxy.__class__ = ...: a proxy forwards attribute writes to its backend.
             object.__setattr__(proxy, "__class__", objmod.proxy_class(cls))
 
-    def add_replica(self, proxy, backend_id: str | None = None) -> str:
+    def add_replica(self, proxy: objmod.StorageObject, backend_id: str | None = None) -> str:
         """One more synchronous replica of a persistent object; returns its backend id."""
         oid = proxy.getID()
         if backend_id:
@@ -738,10 +743,10 @@ class Client:
         return reply
 
     # -- calls -----------------------------------------------------------------------------
-    def call(self, proxy, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
+    def call(self, proxy: Any, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """Run a method (or attribute access) on the object's owner and return its result."""
         oid = proxy.getID()
-        chain = current_chain() or uuid.uuid4().hex
+        chain = current_chain() or fresh_id()
         if self.local is not None and self.local.has(oid):
             try:
                 return self.local.invoke(oid, kind, name, args, kwargs, chain)
@@ -761,7 +766,7 @@ class Client:
         else:
             payload, buffers = b"", []
         request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
-                                 call_id=uuid.uuid4().hex)
+                                 call_id=fresh_id())
         if proxy.__dict__.get(objmod._PREFIX + "on_replica") and self._reads(proxy, kind, name):
             hit = self._call_replica(proxy, request, payload, buffers)
             if hit is not _MISS:
@@ -842,7 +847,7 @@ class Client:
             request.on_replica = False
             request.ClearField("args")
 
-    def encode_args(self, value, backend_id: str) -> tuple[bytes, list]:
+    def encode_args(self, value: Any, backend_id: str) -> tuple[bytes, list]:
         """Pickle call arguments for a call on ``backend_id``: ``(payload, buffers)``.
 
         New StorageObjects among them are made persistent there first.
@@ -1014,13 +1019,13 @@ class Client:
         return views
 
     @functools.cached_property
-    def read_cache(self):
+    def read_cache(self) -> ReadCache:
         """Leased views reused while their objects stay unchanged (store.readcache)."""
         from .readcache import ReadCache
         return ReadCache()
 
     @functools.cached_property
-    def lease_returns(self):
+    def lease_returns(self) -> LeaseReturns:
         from .leases import LeaseReturns
         return LeaseReturns(self._return_leases)
 
@@ -1071,7 +1076,7 @@ class Client:
         except TypeError:
             pass  # a class with __slots__ and no __weakref__: no identity map entry
 
-    def add_alias(self, proxy, alias: str) -> None:
+    def add_alias(self, proxy: objmod.StorageObject, alias: str) -> None:
         """Give a persistent object one more alias (atomic in the directory; the owner
         also keeps it in the object's stored state, for repair)."""
         if not isinstance(alias, str) or not alias or "|" in alias:
@@ -1083,7 +1088,7 @@ class Client:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
-    def get_aliases(self, proxy) -> list[str]:
+    def get_aliases(self, proxy: objmod.StorageObject) -> list[str]:
         """Every alias of a persistent object, oldest first."""
         return list(self.resolve(object_id=proxy.getID()).aliases)
 

@@ -73,7 +73,7 @@ class ArrayBlock(StorageObject):
         self.data = data
 
     @readonly
-    def read(self, index=None):
+    def read(self, index: Any=None) -> Any:
         """The block, or ``data[index]`` (a contiguous copy), computed where it lives."""
         if index is None:
             return self.data
@@ -120,7 +120,7 @@ class DictShard(StorageObject):
         """Drop every key."""
         self.data = {}
 
-    def remove(self, key) -> bool:
+    def remove(self, key: Any) -> bool:
         """Delete ``key``; False if it was not there."""
         return self.data.pop(key, _NoValue) is not _NoValue
 
@@ -244,7 +244,7 @@ def _key_bytes(key) -> bytes:
                      f"types differs between processes, so shards could not agree on it")
 
 
-def shard_of(key, shards: int) -> int:
+def shard_of(key: Any, shards: int) -> int:
     """Index of the shard that holds ``key`` among ``shards`` (the same in every process)."""
     digest = hashlib.blake2b(_key_bytes(key), digest_size=8).digest()
     return int.from_bytes(digest, "little") % shards
@@ -524,8 +524,8 @@ class ShardedArray(_Collection):
 
     # -- building ------------------------------------------------------------------------
     @classmethod
-    def from_numpy(cls, x, shards: int | None = None, *, block_rows: int | None = None,
-                   alias: str | None = None, placement=None) -> "ShardedArray":
+    def from_numpy(cls, x: Any, shards: int | None = None, *, block_rows: int | None = None,
+                   alias: str | None = None, placement: Any=None) -> "ShardedArray":
         """Cut ``x`` into ``shards`` blocks (default: one per backend up) and persist each.
 
         ``x`` is anything with ``shape``, ``dtype`` and slicing on its first
@@ -560,7 +560,7 @@ class ShardedArray(_Collection):
 
     @classmethod
     def from_iterable(cls, chunks: Iterable, *, block_rows: int, alias: str | None = None,
-                      placement=None) -> "ShardedArray":
+                      placement: Any=None) -> "ShardedArray":
         """Build from an iterable of chunks (arrays of rows), ``block_rows`` rows a block.
 
         Chunks are consumed lazily and each full block is sent while the next
@@ -635,7 +635,7 @@ class ShardedArray(_Collection):
     @classmethod
     def from_function(cls, fn: Callable, rows: int, shards: int | None = None, *,
                       args: tuple = (), kwargs: dict | None = None, alias: str | None = None,
-                      placement=None) -> "ShardedArray":
+                      placement: Any=None) -> "ShardedArray":
         """Make each block where it will live: a task runs ``fn(lo, hi, *args)`` on its backend.
 
         ``fn`` returns rows ``lo`` to ``hi`` (an array with ``hi - lo`` rows);
@@ -772,14 +772,14 @@ class ShardedArray(_Collection):
         return got[0] if len(got) == 1 else np.concatenate(got, axis=0)
 
     # -- work next to the blocks ---------------------------------------------------------------
-    def map_blocks(self, fn: Callable, *args, **kwargs) -> list:
+    def map_blocks(self, fn: Callable, *args: Any, **kwargs: Any) -> list:
         """One task per block, run where the block lives: ``fn(block_array, *args, **kwargs)``.
 
         Returns the tasks' futures, in block order (``runtime.wait_on`` them).
         """
         return self._submit_each(_tasks().map, fn, args, kwargs)
 
-    def update_blocks(self, fn: Callable, *args, **kwargs) -> list:
+    def update_blocks(self, fn: Callable, *args: Any, **kwargs: Any) -> list:
         """Change each block in place, where it lives: ``fn(block_array, ...)`` may modify
         the array and return None, or return the new block (same number of rows).
 
@@ -788,7 +788,7 @@ class ShardedArray(_Collection):
         """
         return self._submit_each(_tasks().update, fn, args, kwargs)
 
-    def reduce(self, fn: Callable, *, chunk: Callable | None = None, initial: Any = _NoValue):
+    def reduce(self, fn: Callable, *, chunk: Callable | None = None, initial: Any = _NoValue) -> Any:
         """Fold the array with ``fn``; returns one future.
 
         Each block is first reduced where it lives, by ``chunk(block_array)``
@@ -866,8 +866,8 @@ class StorageDict(_Collection, MutableMapping):
         return (_load_dict, (self._manifest,))
 
     @classmethod
-    def from_iterable(cls, items, shards: int | None = None, *, alias: str | None = None,
-                      placement=None, batch: int = DICT_BATCH) -> "StorageDict":
+    def from_iterable(cls, items: Any, shards: int | None = None, *, alias: str | None = None,
+                      placement: Any=None, batch: int = DICT_BATCH) -> "StorageDict":
         """A new StorageDict filled from a mapping or an iterable of (key, value) pairs.
 
         Pairs are consumed lazily and sent to their shard ``batch`` at a time,
@@ -890,11 +890,11 @@ class StorageDict(_Collection, MutableMapping):
             raise KeyError(key)
         return value
 
-    def get(self, key, default=None):
+    def get(self, key: Any, default: Any=None) -> Any:
         found, value = self._shard(key).lookup([key])[0]
         return value if found else default
 
-    def get_many(self, keys: Iterable, default=None) -> list:
+    def get_many(self, keys: Iterable, default: Any=None) -> list:
         """Values of many keys (``default`` where missing): one call per shard, in parallel."""
         keys = list(keys)
         groups: dict[int, list[int]] = {}
@@ -927,11 +927,12 @@ class StorageDict(_Collection, MutableMapping):
         for part in self._parts:
             yield from part.keys_list()
 
-    def items(self):  # one call per shard rather than one per key
+    # Lists, not views: one call per shard rather than one per key.
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
         """(key, value) pairs, shard by shard."""
         return [kv for part in self._parts for kv in part.items_list()]
 
-    def values(self):
+    def values(self) -> list[Any]:  # type: ignore[override]
         """Values, shard by shard."""
         return [v for _, v in self.items()]
 
@@ -942,7 +943,7 @@ class StorageDict(_Collection, MutableMapping):
             out.update(pairs)
         return out
 
-    def update(self, other=(), /, batch: int = DICT_BATCH, **kw) -> None:
+    def update(self, other: Any=(), /, batch: int = DICT_BATCH, **kw: Any) -> None:
         """Set many pairs, grouped by shard: one call per ``batch`` pairs per shard."""
         if batch < 1:
             raise ConfigurationError(f"batch must be >= 1, not {batch}")
@@ -968,11 +969,11 @@ class StorageDict(_Collection, MutableMapping):
     def _shard_bytes(self) -> list[int]:
         return _parallel(lambda p: p.size(), self._parts)
 
-    def map_blocks(self, fn: Callable, *args, **kwargs) -> list:
+    def map_blocks(self, fn: Callable, *args: Any, **kwargs: Any) -> list:
         """One task per shard, run where it lives: ``fn(shard_dict, *args, **kwargs)``; futures."""
         return self._submit_each(_tasks().map_shard, fn, args, kwargs)
 
-    def reduce(self, fn: Callable, *, chunk: Callable | None = None, initial: Any = _NoValue):
+    def reduce(self, fn: Callable, *, chunk: Callable | None = None, initial: Any = _NoValue) -> Any:
         """Fold the values with ``fn``; one future.
 
         Each shard is reduced where it lives (``chunk(shard_dict)`` if given,

@@ -22,6 +22,7 @@ only. The page has no login: it listens on loopback unless told otherwise
 
 from __future__ import annotations
 
+from typing import Any
 import logging
 import socket
 import threading
@@ -133,7 +134,7 @@ class Dashboard:
 class DashboardServer:
     """A dashboard served by uvicorn in a background thread (see :func:`serve`)."""
 
-    def __init__(self, server, thread: threading.Thread, url: str):
+    def __init__(self, server: Any, thread: threading.Thread, url: str) -> None:
         self._server = server
         self._thread = thread
         self.url = url
@@ -144,7 +145,7 @@ class DashboardServer:
         self._thread.join(timeout)
 
 
-def make_app(dashboard: Dashboard):
+def make_app(dashboard: Dashboard) -> Any:
     """The Starlette application: the page and its JSON."""
     try:
         from starlette.applications import Starlette
@@ -182,7 +183,7 @@ def _listen(host: str, port: int, allow_network: bool) -> socket.socket:
     return sock
 
 
-def serve(client=None, host: str = "127.0.0.1", port: int = 8787, allow_network: bool = False,
+def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_network: bool = False,
           background: bool = True) -> DashboardServer | None:
     """Serve the dashboard of ``client``'s cluster (default: this process's connection).
 

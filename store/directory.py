@@ -31,6 +31,8 @@ scripts, so a failed batch leaves nothing behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import functools
 import logging
 import time
@@ -228,7 +230,7 @@ def sentinel_auth(url: str) -> dict:
     return out
 
 
-def _connect(url: str, timeout: float):
+def _connect(url: str, timeout: float) -> tuple:
     """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
     set of Sentinels names (redis-py re-asks them after a connection error, so a
     failover is followed by the retries)."""
@@ -431,7 +433,7 @@ class Directory:
             raise AliasExists(f"alias {alias.decode()!r} is already taken")
 
     def claim_unsynced_send(self, entries: list[tuple[str, str, str, str]], owner: str,
-                            settled: list[str] = ()):
+                            settled: list[str] = ()) -> Callable[[], Any]:
         """Send :meth:`claim_unsynced` without waiting for Redis; returns ``finish()``.
 
         The caller does other work (the fsync of the entries' storage) while
@@ -572,7 +574,7 @@ class Directory:
             raise ObjectNotFound(f"no object with id {object_id}")
 
     # -- replicas ----------------------------------------------------------------
-    def replica_set(self, object_id: str):
+    def replica_set(self, object_id: str) -> Any:
         """The object's ReplicaSet (store.backend.replication), or None if it has none."""
         from .replica_set import ReplicaSet
         raw = self.r.hget(self.k_replicas, object_id)
@@ -593,7 +595,7 @@ class Directory:
                 for oid, raw in self.r.hscan_iter(self.k_replicas, count=1000)}
 
     def replace_replica_set(self, object_id: str, expected_epoch: int, expected_primary: str,
-                            new) -> bool:
+                            new: Any) -> bool:
         """Compare-and-set of an object's replica set (and owner, if ``new.primary`` differs).
 
         True if the directory still had ``expected_epoch`` (0: no set) and named

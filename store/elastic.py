@@ -13,7 +13,7 @@ the caller has stopped the process (:func:`handed_over` waits for that).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import ConfigurationError, ObjectNotFound
 
@@ -46,7 +46,7 @@ def draining(backend_id: str) -> None:
     _notify("drain", backend_id)
 
 
-def drain(client, redis_url: str, token: str, backend_id: str, targets: list[str]) -> int:
+def drain(client: Any, redis_url: str, token: str, backend_id: str, targets: list[str]) -> int:
     """Move every object of ``backend_id`` to ``targets`` (round robin); how many moved."""
     from .directory import Directory
     targets = [t for t in targets if t != backend_id]

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 from . import shm
 
@@ -96,7 +96,7 @@ class LeaseReturns:
             return self._cv.wait_for(lambda: not self._queue and not self._inflight, timeout)
 
 
-def empty(shape, dtype=float):
+def empty(shape: Any, dtype: Any=float) -> Any:
     """A numpy array in shared memory, uninitialised: stored without a copy on this host.
 
     Like ``numpy.empty``. ``make_persistent`` of an object holding it (as a
@@ -110,7 +110,7 @@ def empty(shape, dtype=float):
         return np.empty(shape, dtype)
 
 
-def zeros(shape, dtype=float):
+def zeros(shape: Any, dtype: Any=float) -> Any:
     """Like :func:`empty`, filled with zeros (a new segment reads as zeros: no extra cost)."""
     try:
         return shm.make_array(shape, dtype, zero=True)

@@ -13,6 +13,7 @@ chance to run ``stop()``. Two mechanisms cover that:
 
 from __future__ import annotations
 
+from typing import Any
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ _spawner_lock = threading.Lock()
 _spawner_queue: "queue.Queue | None" = None
 
 
-def _spawner_loop(q) -> None:
+def _spawner_loop(q: Any) -> None:
     while True:
         args, kwargs, outcome, done = q.get()
         try:
@@ -61,7 +62,7 @@ def _spawner_loop(q) -> None:
             done.set()
 
 
-def popen(*args, **kwargs) -> subprocess.Popen:
+def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
     """``subprocess.Popen`` run from one thread that lives as long as this process.
 
     ``PR_SET_PDEATHSIG`` fires when the *thread* that started the child ends,

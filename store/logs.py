@@ -9,6 +9,7 @@ the level (default WARNING).
 
 from __future__ import annotations
 
+from typing import Any
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str = "text", level: str | None = None, backend_id: str = "",
-              stream=None) -> logging.Handler:
+              stream: Any=None) -> logging.Handler:
     """Send this process's logs to ``stream`` (stderr) as ``text`` or ``json``; returns
     the handler installed on the root logger (replacing handlers installed before)."""
     global json_on

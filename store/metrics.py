@@ -41,6 +41,10 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger("claypot.metrics")
 
@@ -90,7 +94,7 @@ class _Instruments:
         if source is not None:
             r.register(_LevelCollector(source, self))
 
-    def call_children(self, kind: str, outcome: str):
+    def call_children(self, kind: str, outcome: str) -> tuple:
         key = (kind, outcome)
         pair = self._call_children.get(key)
         if pair is None:
@@ -102,7 +106,7 @@ class _Instruments:
 class _LevelCollector:
     """Reads levels (objects, bytes, tasks) from the backend at scrape time."""
 
-    def __init__(self, backend, instruments: _Instruments):
+    def __init__(self, backend: Any, instruments: _Instruments) -> None:
         self.b = backend
         self.i = instruments
         self._disk = (0.0, 0)
@@ -166,7 +170,7 @@ def enabled() -> bool:
     return _m is not None
 
 
-def enable(source=None) -> None:
+def enable(source: Any=None) -> None:
     """Record metrics in this process (``source``: a backend whose levels are reported)."""
     global _m
     if _m is None:
@@ -183,12 +187,12 @@ def disable() -> None:
     _m = None
 
 
-def registry():
+def registry() -> Any:
     """The registry holding this process's metrics (None when metrics are off)."""
     return None if _m is None else _m.registry
 
 
-def serve_address(settings) -> tuple[str, int] | None:
+def serve_address(settings: Settings) -> tuple[str, int] | None:
     """Where a backend with ``settings`` serves its metrics; None: not at all."""
     from .security import is_loopback_host
     port = settings.metrics_port
@@ -200,7 +204,7 @@ def serve_address(settings) -> tuple[str, int] | None:
     return host, port
 
 
-def start(backend, settings) -> str:
+def start(backend: Any, settings: Settings) -> str:
     """Start recording and serving the metrics of ``backend``; returns their host:port.
 
     Returns "" when the settings turn metrics off (see :func:`serve_address`).

@@ -92,7 +92,7 @@ def _construct(key: str, args: tuple, kwargs: dict):
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def references_in(value) -> list[tuple[str, str, str]]:
+def references_in(value: Any) -> list[tuple[str, str, str]]:
     """(id, class key, owner) of each persistent object reachable in ``value``, once each.
 
     Walks ``value`` with a pickler that stops at every StorageObject (its
@@ -155,7 +155,7 @@ def _fresh_instance(proxy):
 
 # -- versions -------------------------------------------------------------------------------
 
-def new_version(client, proxy, backend: str | None = None):
+def new_version(client: Any, proxy: objmod.StorageObject, backend: str | None = None) -> Any:
     """A new object holding a copy of ``proxy``'s state, that records it is its version."""
     owner = _owner(client, proxy)
     state = _run(client, owner, _state_of, proxy)
@@ -168,7 +168,7 @@ def new_version(client, proxy, backend: str | None = None):
     return version
 
 
-def version_of(client, proxy) -> str:
+def version_of(client: Any, proxy: objmod.StorageObject) -> str:
     """Id of the object ``proxy`` is a version of; NotAVersion if it is none."""
     oid = proxy.__dict__.get("_claypot_version_of")
     if not oid:
@@ -178,7 +178,7 @@ def version_of(client, proxy) -> str:
     return oid
 
 
-def consolidate_version(client, proxy) -> None:
+def consolidate_version(client: Any, proxy: objmod.StorageObject) -> None:
     """Write a version's state into the object it is a version of (and the versions
     between them); delete the version; ``proxy`` then stands for the original."""
     parent = version_of(client, proxy)
@@ -210,7 +210,7 @@ def consolidate_version(client, proxy) -> None:
 
 # -- recursive move ---------------------------------------------------------------------------
 
-def reachable(client, proxy) -> list:
+def reachable(client: Any, proxy: objmod.StorageObject) -> list:
     """``proxy`` and every persistent object reachable from it (cycles followed once)."""
     seen = {proxy.getID(): proxy}
     queue = [proxy]
@@ -224,7 +224,7 @@ def reachable(client, proxy) -> list:
     return list(seen.values())
 
 
-def move_recursive(client, proxy, backend_id: str) -> int:
+def move_recursive(client: Any, proxy: objmod.StorageObject, backend_id: str) -> int:
     """Move ``proxy`` and everything reachable from it to ``backend_id``; returns how many
     objects moved (those already there stay)."""
     moved = 0
@@ -249,7 +249,7 @@ def _stub_placeholder(name: str, readonly: bool):
     return method
 
 
-def stub_class(client, name: str, base: type | None = None) -> type:
+def stub_class(client: Any, name: str, base: type | None = None) -> type:
     """A class standing for the registered class ``name`` whose proxies call the cluster.
 
     ``name`` is "module.Class", "module:Class", "Class" or a registry key.

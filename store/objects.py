@@ -28,15 +28,15 @@ METHOD, GET_ATTR, SET_ATTR, DEL_ATTR = 0, 1, 2, 3
 
 
 class Dispatcher(Protocol):
-    def call(self, proxy, kind: int, name: str, args: tuple, kwargs: dict) -> Any: ...
+    def call(self, proxy: StorageObject, kind: int, name: str, args: tuple, kwargs: dict) -> Any: ...
     def make_persistent(self, objs: list, alias: str | None, backend: str | None) -> None: ...
-    def delete_persistent(self, proxy) -> None: ...
-    def move(self, proxy, backend_id: str) -> None: ...
-    def locate(self, proxy) -> str: ...
-    def get_by_alias(self, alias: str): ...
-    def get_by_id(self, object_id: str): ...
+    def delete_persistent(self, proxy: StorageObject) -> None: ...
+    def move(self, proxy: StorageObject, backend_id: str) -> None: ...
+    def locate(self, proxy: StorageObject) -> str: ...
+    def get_by_alias(self, alias: str) -> None: ...
+    def get_by_id(self, object_id: str) -> None: ...
     def class_for_key(self, key: str) -> type: ...
-    def upgrade_class(self, proxy, cls: type) -> None: ...
+    def upgrade_class(self, proxy: StorageObject, cls: type) -> None: ...
 
 
 _dispatcher: Dispatcher | None = None
@@ -72,7 +72,7 @@ def has_dispatcher() -> bool:
     return _dispatcher is not None
 
 
-def readonly(method):
+def readonly(method: Any) -> Any:
     """Declare that a method does not change its object.
 
     A read-only method's call is never logged nor checkpointed, which keeps
@@ -125,7 +125,7 @@ class StorageObject:
         _require_persistent(self)
         return get_dispatcher().add_replica(self, backend_id)
 
-    def call_on_replica(self, enabled: bool = True):
+    def call_on_replica(self, enabled: bool = True) -> StorageObject:
         """Let read-only calls and attribute reads on this proxy run on a replica.
 
         Changing calls still go to the primary. A replica answers with a state
@@ -179,7 +179,7 @@ class StorageObject:
             raise AliasNotFound(f"object {self.getID()} has no alias {alias!r}")
         get_dispatcher().delete_alias(alias)
 
-    def new_version(self, backend: str | None = None):
+    def new_version(self, backend: str | None = None) -> Any:
         """A persistent copy of this object that can change in isolation (see
         store.objectops); ``consolidate_version()`` writes it back."""
         _require_persistent(self)
@@ -219,12 +219,12 @@ class StorageObject:
     deletePersistent = delete_persistent
 
     @classmethod
-    def get_by_alias(cls, alias: str):
+    def get_by_alias(cls, alias: str) -> Any:
         """The persistent object with this alias (a proxy)."""
         return get_dispatcher().get_by_alias(alias)
 
     @classmethod
-    def get_by_id(cls, object_id: str):
+    def get_by_id(cls, object_id: str) -> Any:
         """The persistent object with this id (a proxy)."""
         return get_dispatcher().get_by_id(object_id)
 
@@ -259,7 +259,7 @@ def _require_persistent(obj) -> None:
         raise NotPersistent(f"{type(obj).__name__} object is not persistent")
 
 
-def load_reference(object_id: str, class_key: str, backend_id: str):
+def load_reference(object_id: str, class_key: str, backend_id: str) -> Any:
     """Unpickle hook for a reference: a proxy, or whatever the active context makes of it."""
     ctx = current_unpickle_context()
     if ctx is not None:
@@ -271,20 +271,20 @@ def load_reference(object_id: str, class_key: str, backend_id: str):
     return make_proxy(dispatcher.class_for_key(class_key), object_id, class_key, backend_id)
 
 
-def attach_identity(obj, object_id: str, class_key: str, backend_id: str) -> None:
+def attach_identity(obj: Any, object_id: str, class_key: str, backend_id: str) -> None:
     """Mark a real (backend-side) instance with its identity, outside its state."""
     d = obj.__dict__
     d[_ID], d[_KEY], d[_OWNER] = object_id, class_key, backend_id
 
 
-def make_proxy(cls: type, object_id: str, class_key: str, backend_id: str):
+def make_proxy(cls: type, object_id: str, class_key: str, backend_id: str) -> Any:
     """A new proxy of class ``cls`` for the object ``object_id``."""
     proxy = object.__new__(proxy_class(cls))
     attach_identity(proxy, object_id, class_key, backend_id)
     return proxy
 
 
-def turn_into_proxy(obj, object_id: str, class_key: str, backend_id: str) -> None:
+def turn_into_proxy(obj: Any, object_id: str, class_key: str, backend_id: str) -> None:
     """Turn a local instance into a proxy in place: its state now lives elsewhere."""
     cls = type(obj)
     obj.__dict__.clear()
@@ -292,11 +292,11 @@ def turn_into_proxy(obj, object_id: str, class_key: str, backend_id: str) -> Non
     obj.__class__ = proxy_class(cls)
 
 
-def is_proxy(obj) -> bool:
+def is_proxy(obj: Any) -> bool:
     return getattr(type(obj), "__claypot_proxy__", False)
 
 
-def real_class(obj_or_cls) -> type:
+def real_class(obj_or_cls: Any) -> type:
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return getattr(cls, "__claypot_real__", cls)
 
@@ -369,7 +369,7 @@ def proxy_class(cls: type) -> type:
         return _proxy_classes.setdefault(cls, proxy)
 
 
-def remote_method(name: str, is_readonly: bool = False):
+def remote_method(name: str, is_readonly: bool = False) -> Any:
     """A proxy method that runs ``name`` on the object's backend."""
     return _remote_method(name, is_readonly)
 
@@ -412,7 +412,7 @@ class BoundRemote:
     def __call__(self, *args, **kwargs):
         return get_dispatcher().call(self.__self__, METHOD, self.__name__, args, kwargs)
 
-    def aio(self, *args, **kwargs):
+    def aio(self, *args: Any, **kwargs: Any) -> Any:
         """The same call as a coroutine, on grpc's asyncio channels (see store.aio)."""
         from . import aio
         return aio.client().call(self.__self__, METHOD, self.__name__, args, kwargs)

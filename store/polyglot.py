@@ -14,6 +14,7 @@ SetArray, CreateObject, DeleteObject) and by the tests:
 
 from __future__ import annotations
 
+from typing import Any
 import math
 import sys
 
@@ -118,7 +119,7 @@ def _numpy():
     return numpy
 
 
-def describe_array(value, what: str, inline_limit: int):
+def describe_array(value: Any, what: str, inline_limit: int) -> tuple[pb.TypedArray, Any]:
     """(TypedArray header, contiguous array) for a numpy array or numpy scalar.
 
     The header carries the data inline when it fits ``inline_limit``;
@@ -171,7 +172,7 @@ def expected_nbytes(header: pb.TypedArray, max_bytes: int) -> int:
     return nbytes
 
 
-def array_from_bytes(header: pb.TypedArray, data):
+def array_from_bytes(header: pb.TypedArray, data: Any) -> Any:
     """The numpy array (native byte order, writable) of a header and its data buffer."""
     np = _numpy()
     dtype = np.dtype(header.dtype)

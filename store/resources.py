@@ -18,6 +18,7 @@ host. The backend publishes the result in its heartbeat (``resources`` in
 
 from __future__ import annotations
 
+from typing import Any
 import platform
 import re
 
@@ -47,7 +48,7 @@ def canonical(name: str) -> str:
     return name.lower()
 
 
-def normalise(name: str, value) -> tuple[str, object]:
+def normalise(name: str, value: Any) -> tuple[str, object]:
     """(canonical name, value) with quantities as floats and strings stripped."""
     key = canonical(name)
     if key in NUMERIC:

@@ -7,6 +7,8 @@ A method call whose connection broke mid-flight is never retried here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import random
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ class Retry:
         self.retryable = retryable
         self.backoff = backoff or Backoff()
 
-    def run(self, fn, on_retry=None):
+    def run(self, fn: Callable[[], Any], on_retry: Callable[..., Any] | None=None) -> Any:
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:

@@ -16,6 +16,7 @@ into proxies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import collections
 import functools
 import hashlib
@@ -54,7 +55,7 @@ class _Pickler(cloudpickle.Pickler):
                                           cloudpickle.Pickler.dispatch_table)
 
 
-def _culprit(value, path: str = "", depth: int = 4) -> str | None:
+def _culprit(value: Any, path: str = "", depth: int = 4) -> str | None:
     """Where in ``value`` the part that cannot be pickled is, as ``.attr[key]...``.
 
     Only run after pickling failed, so it may pickle parts again.
@@ -88,7 +89,7 @@ class PickleContext:
     def __init__(self, new_object: Callable[[Any], tuple] | None = None):
         self._new_object = new_object
 
-    def reference_new(self, obj) -> tuple:
+    def reference_new(self, obj: Any) -> tuple:
         if self._new_object is None:
             from .errors import NotPersistent
             raise NotPersistent(
@@ -111,8 +112,48 @@ def current_unpickle_context() -> UnpickleContext | None:
     return getattr(_local, "unpickle_ctx", None)
 
 
+# Values made only of these (exact types, not subclasses) pickle to the same bytes
+# with the C pickler alone: none can hold a StorageObject, a function, a class or
+# an out-of-band buffer (bytes always travel in band).
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_PLAIN_PARTS = 128  # parts the check looks at before it gives up (a big value's
+#                     pickling costs far more than the full pickler's set-up)
+
+
+def _plain(value: Any) -> bool:
+    """True if ``value`` is a few atoms, alone or in tuples, lists and dicts."""
+    todo, left = [value], _PLAIN_PARTS
+    while todo:
+        v = todo.pop()
+        t = type(v)
+        if t in _ATOMS:
+            continue
+        if t is tuple or t is list:
+            left -= 1 + len(v)
+            if left < 0:
+                return False
+            todo.extend(v)
+        elif t is dict:
+            left -= 1 + 2 * len(v)
+            if left < 0:
+                return False
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        else:
+            return False
+    return True
+
+
 def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle ``value``; returns the stream and its out-of-band buffers."""
+    if type(value) in _ATOMS or _plain(value):
+        # Call arguments, small results and simple object states: a per-call
+        # cloudpickle pickler (its set-up and a Python callback for every
+        # container) measured several times the cost of the C pickler here.
+        try:
+            return pickle.dumps(value, protocol=5), []
+        except RecursionError as exc:
+            raise SerializationError(f"value is too deeply nested to pickle: {exc}") from None
     buffers: list[pickle.PickleBuffer] = []
 
     def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -150,7 +191,7 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
         _local.pickle_ctx = previous
 
 
-def loads(payload: bytes | memoryview, buffers=(), ctx: UnpickleContext | None = None) -> Any:
+def loads(payload: bytes | memoryview, buffers: Sequence=(), ctx: UnpickleContext | None = None) -> Any:
     """Unpickle a value produced by :func:`dumps`."""
     previous = getattr(_local, "unpickle_ctx", None)
     _local.unpickle_ctx = ctx
@@ -209,11 +250,11 @@ def _frombuffer_writable(rebuild, buf, *args):
     return rebuild(buf, *args)
 
 
-def buffer_sizes(buffers) -> list[int]:
+def buffer_sizes(buffers: Sequence) -> list[int]:
     return [memoryview(b).nbytes for b in buffers]
 
 
-def value_size(payload: bytes, buffers) -> int:
+def value_size(payload: bytes, buffers: Sequence) -> int:
     return len(payload) + sum(buffer_sizes(buffers))
 
 
@@ -223,7 +264,7 @@ _code_lock = threading.Lock()
 _code_cache: dict[Any, tuple[str, bytes]] = {}
 
 
-def code_key_and_bytes(obj) -> tuple[str, bytes]:
+def code_key_and_bytes(obj: Any) -> tuple[str, bytes]:
     """A stable key and the by-value pickle of a class or function.
 
     The key names the object and a digest of its code, so a changed class
@@ -258,13 +299,13 @@ def code_key_and_bytes(obj) -> tuple[str, bytes]:
     return key, code
 
 
-def remember_code(key: str, obj) -> None:
+def remember_code(key: str, obj: Any) -> None:
     """Record that ``obj`` is the code behind ``key`` (so it is not re-pickled)."""
     with _code_lock:
         _code_cache.setdefault(obj, (key, b""))
 
 
-def import_by_key(key: str):
+def import_by_key(key: str) -> Any:
     """Import the class or function behind a code key ('module:qualname[#digest]') by name."""
     import importlib
     name = key.split("#", 1)[0]
@@ -280,7 +321,7 @@ def import_by_key(key: str):
             f"imported on the backend: {exc}") from None
 
 
-def _is_installed(module) -> bool:
+def _is_installed(module: Any) -> bool:
     """True for stdlib, site-packages and claypot's own modules: import them by name."""
     name = module.__name__.split(".")[0]
     if name in ("store", "runtime") or name in sys_builtin_names():
@@ -290,7 +331,7 @@ def _is_installed(module) -> bool:
         or path.startswith(_stdlib_prefix())
 
 
-def sys_builtin_names():
+def sys_builtin_names() -> Sequence[str]:
     import sys
     return sys.builtin_module_names
 
@@ -300,7 +341,7 @@ def _stdlib_prefix() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def load_code(code: bytes):
+def load_code(code: bytes) -> Any:
     """Rebuild a class or function shipped by value."""
     try:
         return pickle.loads(code)
@@ -325,7 +366,7 @@ def dump_exception(exc: BaseException) -> tuple[str, str, bytes]:
 _DYNAMIC_FRAME = None
 
 
-def _codes_of(obj, out: list) -> None:
+def _codes_of(obj: Any, out: list) -> None:
     """Code objects of a shipped function or class (methods, properties, nested code)."""
     import types
     if isinstance(obj, type):

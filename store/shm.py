@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 import uuid
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import ProtocolError
 
@@ -223,7 +223,7 @@ def copy(dst: int, src: int, n: int) -> None:
         t.join()
 
 
-def fill(name: str, buf) -> None:
+def fill(name: str, buf: Any) -> None:
     """Copy ``buf`` into segment ``name`` (cut to its size).
 
     Through this process's mapping of the file when it filled it before,
@@ -645,7 +645,7 @@ def _numpy():
     return numpy
 
 
-def buffer_address(buf) -> int | None:
+def buffer_address(buf: Any) -> int | None:
     """The memory address of a contiguous buffer, or None if it cannot be told.
 
     Only numpy can tell it for a read-only buffer (numpy is an optional
@@ -921,7 +921,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_parent=_after_fork, after_in_child=_after_fork_in_child)
 
 
-def make_array(shape, dtype, zero: bool):
+def make_array(shape: Any, dtype: Any, zero: bool) -> Any:
     """A numpy array whose memory is a new shared-memory segment of this process.
 
     ``make_persistent`` of an object holding it hands the segment itself to a
@@ -983,7 +983,7 @@ def make_array(shape, dtype, zero: bool):
     return arr
 
 
-def made_segment(buf) -> "_Made | None":
+def made_segment(buf: Any) -> "_Made | None":
     """The segment of ``make_array`` that ``buf`` covers exactly, if any."""
     with _made_lock:
         if not _made:

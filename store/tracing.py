@@ -22,6 +22,7 @@ is installed, to the OTLP endpoint named by the standard ``OTEL_*`` variables.
 
 from __future__ import annotations
 
+from typing import Any
 import contextlib
 import json
 import logging
@@ -66,7 +67,7 @@ def disable() -> None:
     _on = False
 
 
-def start_backend(settings, backend_id: str) -> None:
+def start_backend(settings: Any, backend_id: str) -> None:
     """Set up tracing in a backend process, if ``settings.tracing`` asks for it."""
     global _provider
     if not settings.tracing:
@@ -114,7 +115,7 @@ def metadata(base: tuple) -> tuple:
     return base + tuple(carrier.items())
 
 
-def client_span(name: str, **attributes):
+def client_span(name: str, **attributes: Any) -> Any:
     """A context manager: a client span around one outgoing call (a no-op when off)."""
     if not _on:
         return _NULL
@@ -123,7 +124,7 @@ def client_span(name: str, **attributes):
                                          attributes=_clean(attributes))
 
 
-def server_span(name: str, grpc_context, **attributes):
+def server_span(name: str, grpc_context: Any, **attributes: Any) -> Any:
     """A context manager: the span of a call served, child of the caller's span."""
     if not _on:
         return _NULL
@@ -139,7 +140,7 @@ def server_span(name: str, grpc_context, **attributes):
                                          attributes=_clean(attributes))
 
 
-def span(name: str, **attributes):
+def span(name: str, **attributes: Any) -> Any:
     """A context manager: an internal span (checkpoints), under the current one if any."""
     if not _on:
         return _NULL
@@ -173,7 +174,7 @@ class JsonLinesExporter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
 
-    def export(self, spans):
+    def export(self, spans: Any) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
         lines = []
         for s in spans:
@@ -192,7 +193,7 @@ class JsonLinesExporter:
                 os.write(self._fd, line.encode())
         return SpanExportResult.SUCCESS
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

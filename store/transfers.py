@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import ConfigurationError
 
@@ -23,7 +23,7 @@ DEFAULT_MIN_BYTES = 64 * 1024 * 1024
 
 
 @contextmanager
-def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file=None) -> Iterator[None]:
+def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file: Any=None) -> Iterator[None]:
     """Within this block, this thread's transfers of ``min_bytes`` or more show progress."""
     try:
         import tqdm.auto  # noqa: F401
@@ -41,7 +41,7 @@ def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file=None) -> Iterator[No
 class Meter:
     """A progress bar of bytes moved; ``add(n)`` as they move, ``close()`` at the end."""
 
-    def __init__(self, total: int, desc: str, file=None):
+    def __init__(self, total: int, desc: str, file: Any=None):
         from tqdm.auto import tqdm
         self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                          file=file, dynamic_ncols=True, mininterval=0.2)

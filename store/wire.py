@@ -33,7 +33,7 @@ from __future__ import annotations
 import mmap
 import threading
 import pickle
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -49,7 +49,7 @@ def total_size(payload: bytes, buffers: Sequence) -> int:
     return len(payload) + sum(memoryview(b).nbytes for b in buffers)
 
 
-def flat_bytes(buffer) -> memoryview:
+def flat_bytes(buffer: Any) -> memoryview:
     """A buffer as one flat run of bytes, without copying.
 
     ``PickleBuffer.raw()`` also accepts Fortran-ordered buffers, which
@@ -60,7 +60,7 @@ def flat_bytes(buffer) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
-def writable(buffers) -> list:
+def writable(buffers: Iterable) -> list:
     """Inline buffers (protobuf bytes, read-only) as private writable copies.
 
     Arrays unpickled over them can then be changed in place like any other;
@@ -102,13 +102,13 @@ def encode_header(header: bytes) -> bytes:
     return b"".join((bytes((_HEADER_TAG,)), _varint(len(header)), header))
 
 
-def encode_data(data) -> bytes:
+def encode_data(data: Any) -> bytes:
     """A serialized ``Chunk(data=data)``, copied once from any buffer (no protobuf object)."""
     view = memoryview(data)
     return b"".join((bytes((_DATA_TAG,)), _varint(view.nbytes), view))
 
 
-def decode_chunk(chunk) -> tuple[str | None, memoryview | bytes]:
+def decode_chunk(chunk: Any) -> tuple[str | None, memoryview | bytes]:
     """(``"header"`` or ``"data"`` or None, its bytes) of a raw or parsed Chunk.
 
     The common case (one field, as every claypot sender writes it) is read
@@ -142,7 +142,7 @@ MAX_CHUNK = 16 * 1024 * 1024 - 64
 
 
 def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
-                 meter=None) -> Iterator[bytes]:
+                 meter: Any=None) -> Iterator[bytes]:
     """The header chunk, then every blob cut in ``chunk_size`` pieces, framed as Chunks.
 
     ``chunk_size`` is capped at :data:`MAX_CHUNK` so a larger setting cannot
@@ -164,7 +164,7 @@ def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
             meter.close()
 
 
-def _serialize_chunk(message) -> bytes:
+def _serialize_chunk(message: Any) -> bytes:
     """Raw frames pass through; a ``pb.Chunk`` (an error header, say) is serialized."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
@@ -196,7 +196,7 @@ class StreamStub:
             response_deserializer=None)
 
 
-def add_servicer(servicer, server: grpc.Server) -> None:
+def add_servicer(servicer: Any, server: grpc.Server) -> None:
     """Register a Backend servicer like the generated helper, with raw chunk framing.
 
     The chunk-carrying directions get no protobuf (de)serializer: requests of
@@ -227,7 +227,7 @@ def add_servicer(servicer, server: grpc.Server) -> None:
 
 # -- receiving -------------------------------------------------------------------
 
-def streamed_values(message) -> list[pb.Value]:
+def streamed_values(message: Any) -> list[pb.Value]:
     """The streamed Values inside a header message, in wire order."""
     if isinstance(message, pb.PersistRequest):
         return [o.state for o in message.objects if not o.state.payload]
@@ -431,7 +431,7 @@ class Assembler:
         while self._index < len(self._blobs) and self._sizes[self._index] == 0:
             self._index += 1
 
-    def feed(self, data) -> None:
+    def feed(self, data: Any) -> None:
         """Copy one data chunk into place; more bytes than announced is a ProtocolError."""
         view = memoryview(data)
         while view.nbytes:
@@ -469,7 +469,7 @@ class Assembler:
         return out
 
 
-def receive_stream(chunks: Iterator, header_type, max_bytes: int, progress: str = ""):
+def receive_stream(chunks: Iterator, header_type: Any, max_bytes: int, progress: str = "") -> tuple[Any, list]:
     """Read a header and its data from ``chunks`` (raw frames or ``pb.Chunk``s).
 
     Returns (header message, [(payload, buffers) per streamed Value]). A

@@ -78,3 +78,20 @@ def _cluster_connected(request):
         if objects._dispatcher is not c.client:
             c.client = store.connect(c.address, c.token)
     yield
+
+
+@pytest.fixture
+def rcluster(tmp_path, monkeypatch):
+    """Three backends with a 2 s heartbeat TTL (tests/replicalib.py), for replica and
+    failover attacks; this process takes the same heartbeat settings."""
+    from hostilelib import REPLICA_ENV, own_cluster
+    with own_cluster(tmp_path, 3, None, REPLICA_ENV, monkeypatch) as c:
+        yield c
+
+
+@pytest.fixture
+def bigcluster(tmp_path, monkeypatch):
+    """Like ``rcluster``, with states over 64 KiB handled as big objects (write-behind)."""
+    from hostilelib import BIG_ENV, own_cluster
+    with own_cluster(tmp_path, 3, None, BIG_ENV, monkeypatch) as c:
+        yield c

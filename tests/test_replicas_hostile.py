@@ -13,71 +13,15 @@ import signal
 import threading
 import time
 
-import grpc
 import pytest
 
 import chaos
+from hostilelib import raw_call, raw_delete, raw_get_attr, wait_for
 from lifelib import Counter
-from replicalib import ENV, TTL
-from store import LocalCluster
-from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
+from replicalib import TTL
 from store.errors import (ClaypotError, ConfigurationError, FeatureUnavailable,
                           ObjectNotFound)
 from store.generated import claypot_pb2 as pb
-from store.generated import claypot_pb2_grpc as pb_grpc
-from store.serialization import dumps, loads
-
-
-@pytest.fixture
-def rcluster(tmp_path, monkeypatch):
-    for k, v in ENV.items():
-        monkeypatch.setenv(k, v)
-    with LocalCluster(backends=3, data_dir=str(tmp_path / "c"), backend_env=ENV) as c:
-        yield c
-
-
-def _stub(address: str):
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return channel, pb_grpc.BackendStub(channel)
-
-
-def _raw_call(cluster, address: str, object_id: str, name: str, args, call_id: str,
-              timeout: float = 30):
-    """One Call straight to one backend (no client re-routing or retry): result or pb.Error."""
-    payload, buffers = dumps((args, {}))
-    channel, stub = _stub(address)
-    try:
-        reply = stub.Call(
-            pb.CallRequest(object_id=object_id, kind=pb.METHOD, name=name, chain_id=call_id,
-                           call_id=call_id, args=pb.Value(payload=payload, buffers=buffers)),
-            timeout=timeout, metadata=((TOKEN_HEADER, cluster.token),), wait_for_ready=True)
-    finally:
-        channel.close()
-    if reply.HasField("error"):
-        return reply.error
-    if not reply.HasField("result"):
-        return None
-    return loads(reply.result.payload, list(reply.result.buffers))
-
-
-def _raw_delete(cluster, address: str, object_id: str, timeout: float = 30):
-    channel, stub = _stub(address)
-    try:
-        reply = stub.Delete(pb.DeleteRequest(object_id=object_id, chain_id="hostile-delete"),
-                            timeout=timeout, metadata=((TOKEN_HEADER, cluster.token),))
-    finally:
-        channel.close()
-    return reply.error if reply.HasField("error") else None
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _promoted(c, oid: str, old: str):
@@ -87,7 +31,7 @@ def _promoted(c, oid: str, old: str):
         except ClaypotError:
             return None
         return r if r.backend_id != old else None
-    return _wait(check, TTL * 6, "promotion of a replica")
+    return wait_for(check, TTL * 6, "promotion of a replica")
 
 
 # -- split brain ---------------------------------------------------------------------------
@@ -105,7 +49,7 @@ def test_a_change_running_when_the_primary_is_deposed_is_never_acknowledged(rclu
     old = c.process_of(ref.backend_id)
     out = {}
     t = threading.Thread(target=lambda: out.setdefault(
-        "r", _raw_call(c, old.address, oid, "slow_incr", (TTL * 3.5, 1), "slow-1", 60)))
+        "r", raw_call(c, old.address, oid, "slow_incr", (TTL * 3.5, 1), "slow-1", 60)))
     t.start()
     time.sleep(0.3)                       # the call is running (holds the object's lock)
     os.kill(old.pid, signal.SIGSTOP)      # cut off: no heartbeat, no answers
@@ -115,7 +59,7 @@ def test_a_change_running_when_the_primary_is_deposed_is_never_acknowledged(rclu
         os.kill(old.pid, signal.SIGCONT)  # healed while the slow call still runs
     t.join(60)
     acked = out["r"]
-    value = _raw_call(c, c.process_of(new.backend_id).address, oid, "get", (), "get-1")
+    value = raw_call(c, c.process_of(new.backend_id).address, oid, "get", (), "get-1")
     if not isinstance(acked, pb.Error):
         # The old primary acknowledged the increment (returned 1): it must be in the object.
         assert value == acked, (f"old primary acknowledged slow_incr -> {acked}, but the new "
@@ -137,18 +81,18 @@ def test_a_deposed_primary_does_not_acknowledge_a_delete(rcluster):
     out = {}
     try:
         t = threading.Thread(target=lambda: out.setdefault(
-            "d", _raw_delete(c, old.address, oid, 60)))
+            "d", raw_delete(c, old.address, oid, 60)))
         t.start()
         new = _promoted(c, oid, ref.backend_id)
         newp = c.process_of(new.backend_id)
-        assert _raw_call(c, newp.address, oid, "incr", (1,), "after-promotion") == 1
+        assert raw_call(c, newp.address, oid, "incr", (1,), "after-promotion") == 1
     finally:
         os.kill(old.pid, signal.SIGCONT)
     t.join(60)
     if out["d"] is None:
         # The old primary said the object is deleted. Then nobody may change it any more.
         time.sleep(TTL)
-        after = _raw_call(c, newp.address, oid, "incr", (1,), "after-delete")
+        after = raw_call(c, newp.address, oid, "incr", (1,), "after-delete")
         assert isinstance(after, pb.Error), (
             "the deposed primary acknowledged a delete and the new primary still "
             f"acknowledges changes to the object (incr -> {after})")
@@ -170,7 +114,7 @@ def test_a_directory_wipe_does_not_silently_drop_the_replication_factor(rcluster
     for _ in range(5):
         ctr.incr()
     chaos.wipe_redis(c)
-    _wait(lambda: _resolves(c, oid), TTL * 5, "object republished")
+    wait_for(lambda: _resolves(c, oid), TTL * 5, "object republished")
     time.sleep(TTL * 4)   # monitor rounds: step-downs, drops, repair
     ref = c.client.resolve(object_id=oid)
     assert len(ref.replicas) == 1, (
@@ -219,7 +163,7 @@ def test_kill9_of_every_holder_after_a_failover_loses_nothing_acknowledged(rclus
         if p is not old:
             _start(c, p)
     time.sleep(TTL * 2.5)
-    got = _wait(lambda: _value(c, oid), TTL * 5, "a readable object")
+    got = wait_for(lambda: _value(c, oid), TTL * 5, "a readable object")
     assert got == (20,), f"after kill -9 of every holder: {got[0]} (20 acknowledged)"
     assert ctr.incr() == 21, new
 
@@ -241,7 +185,7 @@ def test_kill9_of_primary_and_replica_restart_replica_first(rcluster):
     _promoted(c, oid, ref.backend_id)
     _start(c, prim)
     time.sleep(TTL * 2)
-    assert _wait(lambda: _value(c, oid), TTL * 5, "a readable object") == (15,)
+    assert wait_for(lambda: _value(c, oid), TTL * 5, "a readable object") == (15,)
     assert ctr.incr() == 16
 
 
@@ -254,7 +198,7 @@ def _value(c, oid):
 
 def _get(c, oid):
     ref = c.client.resolve(object_id=oid)
-    r = _raw_call(c, c.process_of(ref.backend_id).address, oid, "get", (), "g", 10)
+    r = raw_call(c, c.process_of(ref.backend_id).address, oid, "get", (), "g", 10)
     if isinstance(r, pb.Error):
         raise ClaypotError(r.message)
     return r
@@ -356,7 +300,7 @@ def _repaired(c, oid, want: str | None = None):
         if r is None or not r.replicas:
             return None
         return r if want is None or want in r.replicas else None
-    return _wait(check, TTL * 8, f"repair{' onto ' + want[:8] if want else ''}")
+    return wait_for(check, TTL * 8, f"repair{' onto ' + want[:8] if want else ''}")
 
 
 def test_failover_back_to_a_former_primary_keeps_every_acknowledged_change(rcluster):
@@ -477,26 +421,12 @@ def test_a_redis_restart_longer_than_the_ttl_loses_and_duplicates_nothing(rclust
     stop.set()
     for t in ts:
         t.join(60)
-    final = _wait(lambda: _value(c, oid), TTL * 5, "object readable after the Redis restart")[0]
+    final = wait_for(lambda: _value(c, oid), TTL * 5, "object readable after the Redis restart")[0]
     assert acked[0] <= final <= acked[0] + unknown[0], (acked[0], unknown[0], final)
     started = time.monotonic()
     ctr.incr()
     assert time.monotonic() - started < TTL * 2
 
-
-def _raw_get_attr(cluster, address, oid, name):
-    channel, stub = _stub(address)
-    try:
-        reply = stub.Call(pb.CallRequest(object_id=oid, kind=pb.GET_ATTR, name=name,
-                                         chain_id="probe", call_id=""),
-                          timeout=5, metadata=((TOKEN_HEADER, cluster.token),))
-    except grpc.RpcError as exc:
-        return exc
-    finally:
-        channel.close()
-    if reply.HasField("error"):
-        return reply.error
-    return loads(reply.result.payload, list(reply.result.buffers))
 
 
 def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
@@ -514,13 +444,13 @@ def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
         os.kill(old.pid, signal.SIGSTOP)
         try:
             new = _promoted(c, oid, ref.backend_id)
-            assert _raw_call(c, c.process_of(new.backend_id).address, oid, "incr", (1,),
+            assert raw_call(c, c.process_of(new.backend_id).address, oid, "incr", (1,),
                              f"i{round_}") == 1
         finally:
             os.kill(old.pid, signal.SIGCONT)
         end = time.monotonic() + TTL
         while time.monotonic() < end:
-            r = _raw_get_attr(c, old.address, oid, "value")
+            r = raw_get_attr(c, old.address, oid, "value")
             if isinstance(r, int) and r == 0:
                 stale.append(round_)
         if stale:
@@ -530,17 +460,6 @@ def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
 
 
 # -- big objects -------------------------------------------------------------------------------
-
-BIG_ENV = dict(ENV, CLAYPOT_BIG_OBJECT="65536")
-
-
-@pytest.fixture
-def bigcluster(tmp_path, monkeypatch):
-    for k, v in BIG_ENV.items():
-        monkeypatch.setenv(k, v)
-    with LocalCluster(backends=3, data_dir=str(tmp_path / "c"), backend_env=BIG_ENV) as c:
-        yield c
-
 
 def test_a_retried_call_id_on_a_big_replicated_object_runs_once(bigcluster):
     """The client library retries CallInterrupted of a replicated object's changing calls
@@ -554,8 +473,8 @@ def test_a_retried_call_id_on_a_big_replicated_object_runs_once(bigcluster):
     oid = g.getID()
     ref = c.client.resolve(object_id=oid)
     addr = c.process_of(ref.backend_id).address
-    assert _raw_call(c, addr, oid, "slow", (0.0,), "once") is None
-    assert _raw_call(c, addr, oid, "slow", (0.0,), "once") is None   # the retry
+    assert raw_call(c, addr, oid, "slow", (0.0,), "once") is None
+    assert raw_call(c, addr, oid, "slow", (0.0,), "once") is None   # the retry
     assert g.info() == (1000, 200_000), f"a retried call ran twice: {g.info()}"
 
 
@@ -595,7 +514,7 @@ def test_a_change_made_while_replicas_are_being_created_is_not_lost(rcluster):
         t = threading.Thread(target=lambda: out.setdefault("r", Counter(0).make_persistent(
             alias="race", backend=p.backend_id, replicas=1)))
         t.start()
-        proxy = _wait(lambda: _by_alias(api, "race"), 5, "the alias published")
+        proxy = wait_for(lambda: _by_alias(api, "race"), 5, "the alias published")
         t1 = time.monotonic()
         acked = proxy.incr(5)
         assert time.monotonic() - t1 < TTL, "a call waited past the TTL for the replica set"

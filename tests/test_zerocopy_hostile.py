@@ -23,7 +23,8 @@ import pytest
 
 import store
 from chaos import restart_backend
-from store import LocalCluster, shm
+from hostilelib import backend_pid, own_cluster, wait_for
+from store import shm
 from store import StorageObject
 from test_zerocopy import Grid
 
@@ -44,13 +45,6 @@ TESTS = os.path.join(ROOT, "tests")
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
 
 
-def backend_pid(c: LocalCluster, backend_id: str) -> int:
-    for p in c.processes:
-        if p.backend_id == backend_id:
-            return p.pid
-    raise AssertionError(f"no process for {backend_id}")
-
-
 def shm_files_held(pid: int) -> list[str]:
     """Files in /dev/shm a process still holds open (fds) or mapped, deleted or not."""
     out = []
@@ -62,17 +56,6 @@ def shm_files_held(pid: int) -> list[str]:
         if target.startswith("/dev/shm/claypot"):
             out.append(target)
     return out
-
-
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s")
-        time.sleep(0.1)
 
 
 # -- leaks ----------------------------------------------------------------------------------
@@ -130,8 +113,7 @@ def test_creator_lease_ends_when_the_handed_over_array_is_collected(cluster):
 def test_creator_leases_are_bounded_by_the_lease_limit(tmp_path):
     # FAILS: Segments.keep() adds the creator's lease without checking `limit`, so
     # store.zeros puts lease any amount of /dev/shm ("bounded" is only true for reads).
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none",
-                      backend_env={"CLAYPOT_SHM_LEASE_LIMIT": "48MiB"}) as c:
+    with own_cluster(tmp_path, 1, "none", env={"CLAYPOT_SHM_LEASE_LIMIT": "48MiB"}) as c:
         objs = []
         for k in range(3):
             z = store.zeros(N)
@@ -169,7 +151,7 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
     # second, the next changing method writes the file in place, and the creator's
     # MAP_PRIVATE array (pages it has not rewritten since) shows the new state.
     free = next(p for p in range(20000, 32000) if not psutil.pid_exists(p))
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
+    with own_cluster(tmp_path, 1, "none") as c:
         script = tmp_path / "creator.py"
         script.write_text(_NS_CREATOR % N)
         cmd = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
@@ -260,7 +242,7 @@ def test_store_zeros_larger_than_shm_free_space_never_sigbus(tmp_path):
 
 def test_big_store_zeros_object_under_sync_is_on_disk_before_make_persistent_returns(tmp_path):
     # Probe (passes): over big_object, handed over without a copy, kill -9 at once.
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
+    with own_cluster(tmp_path, 1, "sync") as c:
         z = store.zeros(9 * MiB)                    # 72 MiB > big_object (64 MiB)
         z[:] = np.arange(9 * MiB, dtype=np.float64)
         g = Grid(z)
@@ -296,8 +278,7 @@ def test_new_version_of_a_same_host_object_can_change(cluster):
 def test_views_survive_delete_move_and_spill(tmp_path):
     # Probe: the snapshot stays whole and readable through move, spill, delete.
     want = np.arange(N, dtype=np.float64)
-    with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), durability="sync",
-                      memory_limit="200MiB") as c:
+    with own_cluster(tmp_path, 2, "sync", memory_limit="200MiB") as c:
         g = Grid(want.copy())
         g.make_persistent()
         v0 = g.data
@@ -432,7 +413,7 @@ def test_a_killed_backends_segments_are_removed_when_it_restarts(tmp_path):
     # sweep skips any segment younger than result_ttl (120 s) and the timer sweep runs
     # every max(60 s, result_ttl): a backend killed right after a 1 GiB put leaves 1 GiB
     # in /dev/shm for minutes after its restart (forever if nothing runs on the host).
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
+    with own_cluster(tmp_path, 1, "sync") as c:
         g = Grid(np.arange(N, dtype=np.float64))
         g.make_persistent(alias="zc-hostile-orphans")
         old = backend_pid(c, g.get_location())
@@ -494,7 +475,7 @@ def test_kill_9_during_a_direct_write_leaves_a_whole_state(tmp_path, delay):
     # object is absent or whole, and an acknowledged earlier state is never torn.
     from chaos import kill_later, start_backend
     M = 20 * MiB                                       # 160 MiB
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
+    with own_cluster(tmp_path, 1, "sync") as c:
         bid = c.processes[0].backend_id
         g = Grid(np.ones(M))
         g.make_persistent(alias="zc-hostile-direct-a")
@@ -700,7 +681,7 @@ def test_a_backend_keeping_many_segments_does_not_run_out_of_file_descriptors(tm
     # "cannot be opened safely: Too many open files" and anything else that opens a
     # file (storage, accepted connections) fails too. Close the fd after mmap (map with
     # ctypes as relocate() does), keeping only the mapping.
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
+    with own_cluster(tmp_path, 1, "none") as c:
         bid = c.processes[0].backend_id
         pid = backend_pid(c, bid)
         # headroom of 120 descriptors above what the idle backend uses

@@ -17,6 +17,7 @@ acknowledged state and releases its lock, as for any method that raises.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import ctypes
 import threading
 from contextlib import contextmanager
@@ -79,7 +80,7 @@ def cancel(call_id: str) -> bool:
 
 
 @contextmanager
-def armed(what: str, timeout: float = 0.0):
+def armed(what: str, timeout: float = 0.0) -> Iterator[None]:
     """Let the current call be cancelled while the body runs; stop it after ``timeout`` s.
 
     Re-entrant: a nested in-process call keeps the outer arming. Converts the

@@ -36,7 +36,7 @@ import queue
 import struct
 import threading
 import zlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 ALIGN = 4096
 CHUNK = 16 << 20
@@ -70,7 +70,7 @@ def _crc(head: bytes, parts: Sequence, out: list) -> None:
     out.append(crc)
 
 
-def _copy(dst, dst_pos: int, src: memoryview, src_pos: int, n: int) -> None:
+def _copy(dst: mmap.mmap, dst_pos: int, src: memoryview, src_pos: int, n: int) -> None:
     """Copy ``n`` bytes; through numpy when it is there (it releases the GIL while it
     copies, so the writer and checksum threads run meanwhile)."""
     np = _numpy()
@@ -118,7 +118,7 @@ def _aligned_part(head_len: int, views: Sequence[memoryview]) -> tuple[int, int]
 
 
 def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: Sequence,
-          fsync) -> bool:
+          fsync: Callable[..., None]) -> bool:
     """Write ``prefix | header | parts`` to ``path`` (a new temp file) and fsync it.
 
     ``fsync(fd)`` is the storage's own (a failure stops the storage).
@@ -151,7 +151,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
     wrote: list[int] = []   # offsets written: a refusal before any means no O_DIRECT here
     spare: list[mmap.mmap] = []
 
-    def put(fd_, view, offset) -> None:
+    def put(fd_: int, view: memoryview, offset: int) -> None:
         done = 0
         while done < view.nbytes:
             done += os.pwrite(fd_, view[done:], offset + done)

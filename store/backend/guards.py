@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -46,7 +48,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
         self.cancelled = 0
 
-    def touch(self, key: int, context) -> None:
+    def touch(self, key: int, context: grpc.ServicerContext) -> None:
         deadline = time.monotonic() + self.timeout
         with self._lock:
             self._calls[key] = (deadline, context)
@@ -77,7 +79,7 @@ class _Watchdog:
 class _Watched:
     """A request iterator whose silence the watchdog measures (re-armed per message)."""
 
-    def __init__(self, it, context, dog: _Watchdog):
+    def __init__(self, it: Iterator, context: grpc.ServicerContext, dog: _Watchdog) -> None:
         self._it, self._context, self._dog = it, context, dog
         self._key = id(self)
         dog.touch(self._key, context)
@@ -104,7 +106,7 @@ class StreamIdleGuard(grpc.ServerInterceptor):
     def __init__(self, timeout: float):
         self.dog = _Watchdog(timeout)
 
-    def intercept_service(self, continuation, details):
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or not handler.request_streaming or handler.response_streaming:
             return handler

@@ -31,6 +31,7 @@ and carries out the instructions it returns outside that mutex.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import hashlib
 import logging
 import os
@@ -128,13 +129,13 @@ class Entry:
         self.moved_in = False   # arrived by a move (see storage.Record.moved_in)
         self.verified = False   # the directory was seen to name this backend as its owner
 
-    def record(self, payload, buffers) -> Record:
+    def record(self, payload: bytes, buffers: list) -> Record:
         """A storage record of this object's state."""
         return Record(self.object_id, self.class_key, self.alias, payload, buffers,
                       moved_in=self.moved_in)
 
 
-def digest_of(payload, buffers) -> bytes:
+def digest_of(payload: bytes | memoryview, buffers: Sequence) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(payload)
     for b in buffers:
@@ -162,7 +163,7 @@ class CodeCache:
         self._saved: set[str] = set()
         self._lock = threading.Lock()
 
-    def get(self, key: str):
+    def get(self, key: str) -> Any:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -188,7 +189,7 @@ class CodeCache:
             self._cache[key] = obj
             return obj
 
-    def put(self, key: str, obj, code: bytes | None = None) -> None:
+    def put(self, key: str, obj: Any, code: bytes | None = None) -> None:
         self._cache[key] = obj
         if code:
             self._raw[key] = bytes(code)
@@ -306,7 +307,7 @@ class Heap:
         with self._mu:
             return self.life.present(object_id)
 
-    def loaded(self, object_id: str):
+    def loaded(self, object_id: str) -> Any:
         """The object's live instance if it is in memory now, else None (no lock taken:
         for a look at its state, such as whether an attribute is a large array)."""
         entry = self._entries.get(object_id)
@@ -430,7 +431,7 @@ class Heap:
         objmod.attach_identity(obj, object_id, class_key, self.backend_id)
         return obj
 
-    def pickle_result(self, result, chain: str) -> tuple:
+    def pickle_result(self, result: Any, chain: str) -> tuple:
         """A call's result as (payload, buffers of bytes) for the call ledger.
 
         Results over 64 KiB, or that cannot be pickled, are not kept: a retry of
@@ -609,7 +610,7 @@ class Heap:
             raise ProtocolError(f"object {object_id} is already stored on this backend")
         self.delete(object_id, forget=False)
 
-    def adopt_local(self, obj, chain: str) -> tuple[str, str, str]:
+    def adopt_local(self, obj: Any, chain: str) -> tuple[str, str, str]:
         """Make a StorageObject created inside this backend persistent here.
 
         The instance itself becomes a local proxy, so whoever holds it goes
@@ -712,7 +713,7 @@ class Heap:
             entry.lock.release()
         self.directory.claim([(object_id, self.backend_id, class_key, entry.alias)])
 
-    def run_task(self, fn, args: tuple, kwargs: dict, mutates: list[str], chain: str,
+    def run_task(self, fn: Callable[..., Any], args: tuple, kwargs: dict, mutates: list[str], chain: str,
                  timeout: float = 0.0, task_key: str = "") -> Any:
         """Run a task function here; objects it may change (INOUT) are locked and logged.
 

@@ -5,7 +5,7 @@
   backend's own client (which routes to the object's owner, or runs the call
   in-process when the object is here), and encodes the answer. A failure ends
   the call with the gRPC status of :data:`store.polyglot.STATUS_BY_CODE` and
-  the error code in trailing metadata.
+  the error code in trailing metadata (:func:`store.backend.boundary.aborts`).
 * :class:`StandardServices`: ``grpc.health.v1`` (answered without a token,
   SERVING or NOT_SERVING only) and server reflection (behind the token, like
   every other service).
@@ -14,17 +14,22 @@
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .. import objects as objmod, polyglot, wire
 from ..errors import ClassNotFound, ConfigurationError, ProtocolError
 from ..generated import claypot_pb2 as pb
+from .boundary import aborts
 
-log = logging.getLogger("claypot.backend")
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .server import Backend
 
 SERVICE_NAME = "claypot.v1.Backend"
 
@@ -59,18 +64,6 @@ class StandardServices:
         self._health.enter_graceful_shutdown()
 
 
-def _fail(context, exc: BaseException):
-    """End the call with the status and trailers of ``exc``; raises."""
-    err = wire.error_to_pb(exc)
-    trailers = [(polyglot.ERROR_CODE_HEADER, err.code)]
-    if err.remote_type:
-        trailers.append((polyglot.REMOTE_TYPE_HEADER, err.remote_type))
-    context.set_trailing_metadata(tuple(trailers))
-    if err.code == "RemoteError":
-        log.info("cross-language call failed in user code: %s", err.message)
-    context.abort(polyglot.status_of(err), f"{err.code}: {err.message}")
-
-
 def _json_args(args_json: str, kwargs_json: str) -> tuple[tuple, dict]:
     try:
         args = json.loads(args_json) if args_json else []
@@ -88,6 +81,9 @@ class PolyglotServicer:
     Needs ``self.b`` (the Backend) and ``self.settings``.
     """
 
+    b: Backend
+    settings: Settings
+
     def _object_id(self, request) -> str:
         which = request.WhichOneof("target")
         if which == "alias":
@@ -101,59 +97,56 @@ class PolyglotServicer:
         cls = self.b.client.class_for_key(entry.class_key)
         return objmod.make_proxy(cls, object_id, entry.class_key, entry.backend_id)
 
-    def GetArray(self, request, context):
-        try:
-            proxy = self._proxy(self._object_id(request))
-            if request.kind not in (pb.METHOD, pb.GET_ATTR):
-                raise ProtocolError("GetArray supports METHOD and GET_ATTR")
-            if not request.name:
-                raise ProtocolError("GetArray needs a name (attribute or method)")
-            if request.kind == pb.GET_ATTR:
-                args, kwargs = (), {}
-            else:
-                args, kwargs = _json_args(request.args_json, request.kwargs_json)
-            result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
-            what = f"{request.name}{'()' if request.kind == pb.METHOD else ''}"
-            header, array = polyglot.describe_array(result, what, self.settings.inline_limit)
-        except Exception as exc:
-            _fail(context, exc)
-            return
+    @aborts
+    def GetArray(self, request: pb.GetArrayRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        # Not a generator: the array is fetched and described inside the error
+        # boundary, before gRPC takes the first frame.
+        proxy = self._proxy(self._object_id(request))
+        if request.kind not in (pb.METHOD, pb.GET_ATTR):
+            raise ProtocolError("GetArray supports METHOD and GET_ATTR")
+        if not request.name:
+            raise ProtocolError("GetArray needs a name (attribute or method)")
+        args: tuple = ()
+        kwargs: dict = {}
+        if request.kind != pb.GET_ATTR:
+            args, kwargs = _json_args(request.args_json, request.kwargs_json)
+        result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
+        what = f"{request.name}{'()' if request.kind == pb.METHOD else ''}"
+        header, array = polyglot.describe_array(result, what, self.settings.inline_limit)
         # GetArrayResponse's fields share Chunk's numbers (1 header, 2 data), so
         # the raw framing of wire.chunk_stream sends the bytes straight from the
         # array's memory.
-        frames = wire.chunk_stream(header.SerializeToString(),
-                                   [array] if header.chunked else [],
-                                   self.settings.chunk_size)
-        yield from frames
+        return wire.chunk_stream(header.SerializeToString(),
+                                 [array] if header.chunked else [],
+                                 self.settings.chunk_size)
 
-    def SetArray(self, request_iterator, context):
+    @aborts
+    def SetArray(self, request_iterator: Iterator[pb.SetArrayRequest],
+                 context: grpc.ServicerContext) -> pb.SetArrayResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            raise ProtocolError("empty SetArray stream")
+        kind, body = wire.decode_chunk(first)
+        if kind != "header":
+            raise ProtocolError("SetArray must start with a header")
         try:
-            first = next(request_iterator, None)
-            if first is None:
-                raise ProtocolError("empty SetArray stream")
-            kind, body = wire.decode_chunk(first)
-            if kind != "header":
-                raise ProtocolError("SetArray must start with a header")
-            try:
-                header = pb.SetArrayHeader.FromString(bytes(body))
-            except Exception as exc:
-                raise ProtocolError(f"malformed SetArray header: {exc}") from None
-            if not header.name:
-                raise ProtocolError("SetArray needs the attribute name")
-            nbytes = polyglot.expected_nbytes(header.array, self.b.max_value_size)
-            object_id = self._object_id(header)
-            proxy = self._proxy(object_id)
-            if header.array.chunked:
-                data = self._receive(request_iterator, nbytes)
-            else:
-                if next(request_iterator, None) is not None:
-                    raise ProtocolError("data chunks after an inline SetArray header")
-                data = header.array.data
-            array = polyglot.array_from_bytes(header.array, data)
-            self.b.client.call(proxy, pb.SET_ATTR, header.name, (array,), {})
-            return pb.SetArrayResponse(ref=self._ref(proxy))
-        except Exception as exc:
-            _fail(context, exc)
+            header = pb.SetArrayHeader.FromString(bytes(body))
+        except (DecodeError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed SetArray header: {exc}") from None
+        if not header.name:
+            raise ProtocolError("SetArray needs the attribute name")
+        nbytes = polyglot.expected_nbytes(header.array, self.b.max_value_size)
+        object_id = self._object_id(header)
+        proxy = self._proxy(object_id)
+        if header.array.chunked:
+            data = self._receive(request_iterator, nbytes)
+        else:
+            if next(request_iterator, None) is not None:
+                raise ProtocolError("data chunks after an inline SetArray header")
+            data = header.array.data
+        array = polyglot.array_from_bytes(header.array, data)
+        self.b.client.call(proxy, pb.SET_ATTR, header.name, (array,), {})
+        return pb.SetArrayResponse(ref=self._ref(proxy))
 
     def _receive(self, chunks, nbytes: int):
         """The data chunks of a SetArray, landed in one buffer the way every
@@ -171,39 +164,35 @@ class PolyglotServicer:
         finally:
             assembler.close()
 
-    def CreateObject(self, request, context):
-        try:
-            key = self._class_key(request.class_name)
-            cls = self.b.client.class_for_key(key)
-            if not (isinstance(cls, type) and issubclass(cls, objmod.StorageObject)):
-                raise ClassNotFound(f"{key} is not a StorageObject class")
-            args, kwargs = _json_args(request.args_json, request.kwargs_json)
-            target = request.backend_id or self.b.backend_id
-            alias = request.alias or None
-            if alias is not None and "|" in alias:
-                raise ConfigurationError("an alias is a non-empty string without '|'")
-            obj = cls(*args, **kwargs)
-            if target != self.b.backend_id:
-                self.b.client.make_persistent([obj], alias=alias, backend=target)
-                return pb.CreateObjectResponse(ref=self._ref(obj))
-            # Here: straight into the heap (the client only persists to other
-            # backends), with the StorageObjects the new one references.
-            items, _ = self.b.client._collect([obj], target)
-            self.b.heap.persist([(oid, key, payload, buffers, (alias or "") if i == 0 else "")
-                                 for i, (_, oid, key, payload, buffers) in enumerate(items)])
-            _, oid, key, _, _ = items[0]
-            return pb.CreateObjectResponse(ref=pb.ObjectRef(object_id=oid, class_key=key,
-                                                            backend_id=target))
-        except Exception as exc:
-            _fail(context, exc)
+    @aborts
+    def CreateObject(self, request: pb.CreateObjectRequest, context: grpc.ServicerContext) -> pb.CreateObjectResponse:
+        key = self._class_key(request.class_name)
+        cls = self.b.client.class_for_key(key)
+        if not (isinstance(cls, type) and issubclass(cls, objmod.StorageObject)):
+            raise ClassNotFound(f"{key} is not a StorageObject class")
+        args, kwargs = _json_args(request.args_json, request.kwargs_json)
+        target = request.backend_id or self.b.backend_id
+        alias = request.alias or None
+        if alias is not None and "|" in alias:
+            raise ConfigurationError("an alias is a non-empty string without '|'")
+        obj = cls(*args, **kwargs)
+        if target != self.b.backend_id:
+            self.b.client.make_persistent([obj], alias=alias, backend=target)
+            return pb.CreateObjectResponse(ref=self._ref(obj))
+        # Here: straight into the heap (the client only persists to other
+        # backends), with the StorageObjects the new one references.
+        items, _ = self.b.client._collect([obj], target)
+        self.b.heap.persist([(oid, key, payload, buffers, (alias or "") if i == 0 else "")
+                             for i, (_, oid, key, payload, buffers) in enumerate(items)])
+        _, oid, key, _, _ = items[0]
+        return pb.CreateObjectResponse(ref=pb.ObjectRef(object_id=oid, class_key=key,
+                                                        backend_id=target))
 
-    def DeleteObject(self, request, context):
-        try:
-            proxy = self._proxy(self._object_id(request))
-            self.b.client.delete_persistent(proxy)
-            return pb.DeleteObjectResponse()
-        except Exception as exc:
-            _fail(context, exc)
+    @aborts
+    def DeleteObject(self, request: pb.DeleteObjectRequest, context: grpc.ServicerContext) -> pb.DeleteObjectResponse:
+        proxy = self._proxy(self._object_id(request))
+        self.b.client.delete_persistent(proxy)
+        return pb.DeleteObjectResponse()
 
     @staticmethod
     def _ref(obj) -> pb.ObjectRef:

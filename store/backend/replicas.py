@@ -33,6 +33,8 @@ The rules are in the pure :mod:`.replication`; this module does the I/O:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import logging
 import os
 import pickle
@@ -114,7 +116,7 @@ class ReplicaLog:
             pos += _HEAD.size + n
         return copies, pos, len(data)
 
-    def append(self, item: tuple, then=None) -> None:
+    def append(self, item: tuple, then: Callable[[], None] | None=None) -> None:
         """Append ``item``; ``then()`` runs under the log's lock once it is written."""
         body = pickle.dumps(item, protocol=5)
         record = _HEAD.pack(len(body), zlib.crc32(body)) + body
@@ -269,7 +271,7 @@ class Replicator:
                 f"{object_id} (no heartbeat stored for {self.settings.heartbeat_ttl:g}s): "
                 f"retry, the object may be failing over")
 
-    def replicate(self, entry, payload, buffers, call) -> None:
+    def replicate(self, entry: Any, payload: bytes, buffers: list, call: Any) -> None:
         """The heap's hook: send a new state to every replica before it is acknowledged."""
         oid = entry.object_id
         rset = self.sets.get(oid)
@@ -422,7 +424,7 @@ class Replicator:
             probe.release()
 
     def create(self, items: list[tuple[str, str, object, list, str]], factor: int,
-               publish) -> None:
+               publish: Callable[[], None]) -> None:
         """Persist new objects here with ``factor`` replicas each.
 
         The replicas take the state first; then ``publish()`` persists the objects
@@ -583,7 +585,7 @@ class Replicator:
     def has_copy(self, object_id: str) -> bool:
         return object_id in self.copies
 
-    def read(self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict):
+    def read(self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """Run a read-only call on this replica's copy (a private instance of it).
 
         The copy must have been confirmed current within the staleness bound

@@ -148,7 +148,7 @@ class CallLedger:
         self._items: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._recent: dict[str, OrderedDict[str, None]] = {}
 
-    def lookup(self, object_id: str, call_id: str):
+    def lookup(self, object_id: str, call_id: str) -> tuple[bytes, list] | None:
         """(payload, buffers) of the recorded result, or None."""
         with self._lock:
             return self._items.get((object_id, call_id))

@@ -48,7 +48,7 @@ import types
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import shm
 from ..errors import ProtocolError
@@ -199,7 +199,7 @@ class Segments:
             drop = self._collect_locked()
         self._finish(drop)
 
-    def changing(self, object_id: str, obj=None) -> None:
+    def changing(self, object_id: str, obj: Any=None) -> None:
         """A call that may change ``object_id`` starts (its lock is held).
 
         Leased segments move aside first (see the module docstring): the

@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -30,9 +32,11 @@ from ..errors import (ClaypotError, ConfigurationError, ObjectNotFound, Protocol
                       SerializationError, ValueTooLarge)
 from ..generated import claypot_pb2 as pb
 from ..generated import claypot_pb2_grpc as pb_grpc
+from ..ids import fresh_id
 from ..security import is_loopback_host, token_matches
 from ..serialization import dumps, loads
 from . import cancel
+from .boundary import error_reply, replies, replies_json
 from .guards import StreamIdleGuard, check_name
 from .heap import CodeCache, Heap
 from .segments import Segments
@@ -63,7 +67,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
         self._deny_stream_stream = grpc.stream_stream_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, details):
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         if not self._token or details.method in _OPEN_METHODS:
             return continuation(details)
         if carries_token(details.invocation_metadata, self._token):
@@ -82,7 +86,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         return self._deny_unary
 
 
-def carries_token(metadata, token: str) -> bool:
+def carries_token(metadata: Iterable[tuple[str, Any]] | None, token: str) -> bool:
     """True if the call's metadata holds ``token`` (compared in constant time)."""
     for key, value in metadata or ():
         if key == TOKEN_HEADER and token_matches(token, value):
@@ -108,10 +112,6 @@ def _served_span(request: pb.CallRequest, context, streamed: bool = False):
                                streamed=streamed or None)
 
 
-def _error_reply(cls, exc: BaseException):
-    return cls(error=wire.error_to_pb(exc))
-
-
 class PendingResults:
     """Large results waiting to be fetched as a stream (kept at most ``ttl`` seconds)."""
 
@@ -120,7 +120,7 @@ class PendingResults:
         self._lock = threading.Lock()
         self.ttl = ttl
 
-    def put(self, payload, buffers) -> str:
+    def put(self, payload: bytes, buffers: list) -> str:
         handle = uuid.uuid4().hex
         now = time.monotonic()
         with self._lock:
@@ -138,7 +138,7 @@ class PendingResults:
                 del self._items[key]
         return len(expired)
 
-    def take(self, handle: str):
+    def take(self, handle: str) -> tuple[bytes, list]:
         with self._lock:
             item = self._items.pop(handle, None)
         if item is None:
@@ -187,7 +187,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         self._alias_lock = threading.Lock()   # see AddAlias
 
     # -- identity and directory ---------------------------------------------------
-    def Ping(self, request, context):
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         # Anyone may ask whether the backend serves; only token holders learn
         # which backend it is, on which host, with which PID.
         token = self.settings.token
@@ -197,23 +197,21 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                             host=self.b.host, pid=os.getpid(), status="serving",
                             host_id=self.b.host_id)
 
-    def Resolve(self, request, context):
-        try:
-            if request.WhichOneof("key") == "alias":
-                oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
-            else:
-                oid = check_name("object id", request.object_id)
-                entry = self.directory.lookup(oid)
-            rset = self.directory.replica_set(oid)
-            return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
-                                                    backend_id=entry.backend_id,
-                                                    aliases=entry.aliases,
-                                                    replicas=rset.replicas if rset else (),
-                                                    epoch=rset.epoch if rset else 0))
-        except Exception as exc:
-            return _error_reply(pb.ResolveReply, exc)
+    @replies(pb.ResolveReply)
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveReply:
+        if request.WhichOneof("key") == "alias":
+            oid, entry = self.directory.lookup_alias(check_name("alias", request.alias))
+        else:
+            oid = check_name("object id", request.object_id)
+            entry = self.directory.lookup(oid)
+        rset = self.directory.replica_set(oid)
+        return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
+                                                backend_id=entry.backend_id,
+                                                aliases=entry.aliases,
+                                                replicas=rset.replicas if rset else (),
+                                                epoch=rset.epoch if rset else 0))
 
-    def ListBackends(self, request, context):
+    def ListBackends(self, request: pb.ListBackendsRequest, context: grpc.ServicerContext) -> pb.ListBackendsReply:
         infos = []
         for b in self.directory.backends():
             infos.append(pb.BackendInfo(
@@ -227,60 +225,52 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 resources_json=json.dumps(b.get("resources") or {}, sort_keys=True)))
         return pb.ListBackendsReply(backends=infos)
 
-    def RegisterCode(self, request, context):
-        try:
-            self.directory.put_code(check_name("code key", request.key), request.code)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+    @replies(pb.Status)
+    def RegisterCode(self, request: pb.RegisterCodeRequest, context: grpc.ServicerContext) -> pb.Status:
+        self.directory.put_code(check_name("code key", request.key), request.code)
+        return pb.Status()
 
-    def GetCode(self, request, context):
-        try:
-            code = self.directory.get_code(check_name("code key", request.key))
-        except Exception as exc:
-            return _error_reply(pb.GetCodeReply, exc)
+    @replies(pb.GetCodeReply)
+    def GetCode(self, request: pb.GetCodeRequest, context: grpc.ServicerContext) -> pb.GetCodeReply:
+        code = self.directory.get_code(check_name("code key", request.key))
         if code is None:
-            return _error_reply(pb.GetCodeReply, ObjectNotFound(f"no code {request.key}"))
+            raise ObjectNotFound(f"no code {request.key}")
         return pb.GetCodeReply(code=code)
 
-    def SetAlias(self, request, context):
-        try:
-            self.directory.set_alias(check_name("alias", request.alias),
-                                     check_name("object id", request.object_id))
-            if self.heap.has(request.object_id):
-                self.heap.set_alias(request.object_id, request.alias)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+    @replies(pb.Status)
+    def SetAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
+        self.directory.set_alias(check_name("alias", request.alias),
+                                 check_name("object id", request.object_id))
+        if self.heap.has(request.object_id):
+            self.heap.set_alias(request.object_id, request.alias)
+        return pb.Status()
 
-    def DeleteAlias(self, request, context):
-        try:
-            with self._alias_lock:
-                oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
-                if self.heap.has(oid):
-                    self.heap.set_alias(oid, kept)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+    @replies(pb.Status)
+    def DeleteAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
+        with self._alias_lock:
+            oid, kept = self.directory.remove_alias(check_name("alias", request.alias))
+            if self.heap.has(oid):
+                self.heap.set_alias(oid, kept)
+        return pb.Status()
 
-    def AddAlias(self, request, context):
+    @replies(pb.Status)
+    def AddAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
         # The directory change and the stored alias field change together under
         # one lock, so two alias changes to one object cannot store their lists
         # in the opposite order from the directory's.
-        try:
-            oid = check_name("object id", request.object_id)
-            with self._alias_lock:
-                joined = self.directory.add_alias(check_name("alias", request.alias), oid)
-                if self.heap.has(oid):
-                    self.heap.set_alias(oid, joined)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+        oid = check_name("object id", request.object_id)
+        with self._alias_lock:
+            joined = self.directory.add_alias(check_name("alias", request.alias), oid)
+            if self.heap.has(oid):
+                self.heap.set_alias(oid, joined)
+        return pb.Status()
 
     # -- objects --------------------------------------------------------------------
-    def Persist(self, request, context):
+    @replies(pb.Status)
+    def Persist(self, request: pb.PersistRequest, context: grpc.ServicerContext) -> pb.Status:
         started = time.perf_counter()
         kept: list[tuple[str, list[str]]] = []
+        ok = False
         try:
             items = []
             for o in request.objects:
@@ -298,12 +288,12 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 for oid, names in kept:
                     self.b.segments.bind(oid, names)
             self._persist_new(items, request.replicas, persist)
-            metrics.call_done("persist", True, time.perf_counter() - started)
+            ok = True
             return pb.Status()
-        except Exception as exc:
-            self.b.segments.abandon([n for _, names in kept for n in names])
-            metrics.call_done("persist", False, time.perf_counter() - started)
-            return _error_reply(pb.Status, exc)
+        finally:
+            if not ok:   # the segments taken over go back: nothing holds them now
+                self.b.segments.abandon([n for _, names in kept for n in names])
+            metrics.call_done("persist", ok, time.perf_counter() - started)
 
     def _kept_buffers(self, value: pb.Value) -> tuple[list, list[str]]:
         """A persisted value's segments, taken over and mapped private (see .segments)."""
@@ -316,12 +306,14 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         metrics.shm_done("in", sum(sizes))
         return self.b.segments.keep(list(value.shm), sizes, list(value.leases))
 
-    def PersistStream(self, request_iterator, context):
+    def PersistStream(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.Status:
         with tracing.server_span("stream persist", context):
-            return self._persist_stream(request_iterator)
+            return self._persist_stream(request_iterator, context)
 
-    def _persist_stream(self, request_iterator):
+    @replies(pb.Status)
+    def _persist_stream(self, request_iterator, context):
         started = time.perf_counter()
+        ok = False
         try:
             header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
                                                  self.b.max_value_size)
@@ -338,11 +330,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             _check_items(items)
             self._persist_new(items, header.replicas,
                               lambda: self.heap.persist(items, adopt=header.adopt))
-            metrics.call_done("persist", True, time.perf_counter() - started)
+            ok = True
             return pb.Status()
-        except Exception as exc:
-            metrics.call_done("persist", False, time.perf_counter() - started)
-            return _error_reply(pb.Status, exc)
+        finally:
+            metrics.call_done("persist", ok, time.perf_counter() - started)
 
     def _persist_new(self, items: list, factor: int, persist) -> None:
         """Persist new objects; with a factor, their replicas take the state before the
@@ -352,32 +343,26 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return
         self.b.replicator.create(items, factor, persist)
 
-    def AddReplica(self, request, context):
-        try:
-            oid = check_name("object id", request.object_id)
-            self.heap.admit(oid)
-            # Readers stop reusing views: a replica taking over would change the object
-            # without this backend's change words knowing (before, and after for reads
-            # that began meanwhile).
-            self.b.segments.retire(oid)
-            where = self.b.replicator.add(oid, request.backend_id)
-            self.b.segments.retire(oid)
-            return pb.AddReplicaResponse(backend_id=where)
-        except Exception as exc:
-            return _error_reply(pb.AddReplicaResponse, exc)
+    @replies(pb.AddReplicaResponse)
+    def AddReplica(self, request: pb.AddReplicaRequest, context: grpc.ServicerContext) -> pb.AddReplicaResponse:
+        oid = check_name("object id", request.object_id)
+        self.heap.admit(oid)
+        # Readers stop reusing views: a replica taking over would change the object
+        # without this backend's change words knowing (before, and after for reads
+        # that began meanwhile).
+        self.b.segments.retire(oid)
+        where = self.b.replicator.add(oid, request.backend_id)
+        self.b.segments.retire(oid)
+        return pb.AddReplicaResponse(backend_id=where)
 
-    def Replicate(self, request, context):
-        try:
-            check_name("object id", request.object_id)
-            return self.b.replicator.apply(request)
-        except Exception as exc:
-            return _error_reply(pb.ReplicateResponse, exc)
+    @replies(pb.ReplicateResponse)
+    def Replicate(self, request: pb.ReplicateRequest, context: grpc.ServicerContext) -> pb.ReplicateResponse:
+        check_name("object id", request.object_id)
+        return self.b.replicator.apply(request)
 
-    def Call(self, request, context):
-        try:
-            buffers = self._buffers(request.args)
-        except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+    @replies(pb.CallReply)
+    def Call(self, request: pb.CallRequest, context: grpc.ServicerContext) -> pb.CallReply:
+        buffers = self._buffers(request.args)
         if not tracing.enabled():
             return self._call(request, request.args.payload, buffers)
         with _served_span(request, context):
@@ -396,12 +381,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         metrics.shm_done("in", sum(sizes))
         return shm.attach(list(value.shm), sizes)
 
-    def CallStream(self, request_iterator, context):
-        try:
-            header, values = wire.receive_stream(request_iterator, pb.CallRequest,
-                                                 self.b.max_value_size)
-        except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+    @replies(pb.CallReply)
+    def CallStream(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.CallReply:
+        header, values = wire.receive_stream(request_iterator, pb.CallRequest,
+                                             self.b.max_value_size)
         payload, buffers = values[0] if values else (header.args.payload, [])
         metrics.stream_done("in", wire.total_size(payload, buffers))
         with _served_span(header, context, streamed=True):
@@ -410,7 +393,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def _call(self, request: pb.CallRequest, payload, buffers) -> pb.CallReply:
         # A caller that names no chain gets one of its own: an empty id shared by
         # every such caller would let their calls into one object at once.
-        chain = request.chain_id or "anon:" + uuid.uuid4().hex
+        chain = request.chain_id or "anon:" + fresh_id()
         set_chain(chain)
         started = time.perf_counter()
         ok = False
@@ -454,7 +437,8 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             ok = True
             return reply
         except Exception as exc:
-            return _error_reply(pb.CallReply, exc)
+            # Answered inside the call's span; the user's exception is no backend fault.
+            return error_reply(pb.CallReply, exc, "Call", user_code=True)
         finally:
             set_chain(None)
             if logs.json_on:
@@ -538,30 +522,26 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
         return pb.CallReply(result_handle=self.pending.put(payload, buffers), result_size=size)
 
-    def UpgradeClass(self, request, context):
-        try:
-            self.heap.upgrade_class(check_name("object id", request.object_id),
-                                    check_name("class key", request.class_key),
-                                    request.chain_id or "anon:" + uuid.uuid4().hex)
-            return pb.UpgradeClassResponse()
-        except Exception as exc:
-            return _error_reply(pb.UpgradeClassResponse, exc)
+    @replies(pb.UpgradeClassResponse)
+    def UpgradeClass(self, request: pb.UpgradeClassRequest, context: grpc.ServicerContext) -> pb.UpgradeClassResponse:
+        self.heap.upgrade_class(check_name("object id", request.object_id),
+                                check_name("class key", request.class_key),
+                                request.chain_id or "anon:" + uuid.uuid4().hex)
+        return pb.UpgradeClassResponse()
 
-    def Leases(self, request, context):
-        try:
-            self.b.segments.release(list(request.release))
-            return pb.LeasesResponse(**self.b.segments.stats())
-        except Exception as exc:
-            return _error_reply(pb.LeasesResponse, exc)
+    @replies(pb.LeasesResponse)
+    def Leases(self, request: pb.LeasesRequest, context: grpc.ServicerContext) -> pb.LeasesResponse:
+        self.b.segments.release(list(request.release))
+        return pb.LeasesResponse(**self.b.segments.stats())
 
-    def Cancel(self, request, context):
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(found=cancel.cancel(request.call_id))
 
-    def FetchResult(self, request, context):
+    def FetchResult(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk | bytes]:
         try:
             payload, buffers = self.pending.take(request.result_handle)
-        except Exception as exc:
-            yield pb.Chunk(header=_error_reply(pb.CallReply, exc).SerializeToString())
+        except ObjectNotFound as exc:   # the only failure: the stream's header says so
+            yield pb.Chunk(header=error_reply(pb.CallReply, exc).SerializeToString())
             return
         value, blobs = wire.streamed_value(payload, buffers)
         size = wire.total_size(payload, buffers)
@@ -570,18 +550,17 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
                                          self.settings.chunk_size)
 
-    def Delete(self, request, context):
+    @replies(pb.Status)
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
             # A replicated object is deleted only by its primary while its lease holds.
             self.b.replicator.check_serving(request.object_id)
             self.heap.delete(request.object_id, request.chain_id)
             self.b.replicator.deleted(request.object_id)
             return pb.Status()
-        except ObjectNotFound as exc:
+        except ObjectNotFound:
             self._forget_dangling(request.object_id)
-            return _error_reply(pb.Status, exc)
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+            raise
 
     def _forget_dangling(self, object_id: str) -> None:
         """A directory entry naming this backend for an object it does not hold is what a
@@ -594,59 +573,52 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         except ClaypotError:
             pass
 
-    def Move(self, request, context):
-        try:
-            self.b.move(request.object_id, request.target_backend_id, request.chain_id)
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+    @replies(pb.Status)
+    def Move(self, request: pb.MoveRequest, context: grpc.ServicerContext) -> pb.Status:
+        self.b.move(request.object_id, request.target_backend_id, request.chain_id)
+        return pb.Status()
 
-    def Validate(self, request, context):
+    def Validate(self, request: pb.ValidateRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
             self.heap.validate()
             return pb.Status()
         except AssertionError as exc:
-            return _error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
+            return error_reply(pb.Status, ProtocolError(f"lifecycle invariant broken: {exc}"))
 
-    def Checkpoint(self, request, context):
-        try:
-            self.b.storage.flush_dirty()
-            self.b.storage.checkpoint()
-            return pb.Status()
-        except Exception as exc:
-            return _error_reply(pb.Status, exc)
+    @replies(pb.Status)
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.Status:
+        self.b.storage.flush_dirty()
+        self.b.storage.checkpoint()
+        return pb.Status()
 
     # -- other languages ---------------------------------------------------------------
-    def CallJson(self, request, context):
+    @replies_json
+    def CallJson(self, request: pb.JsonCallRequest, context: grpc.ServicerContext) -> pb.JsonCallReply:
+        if request.WhichOneof("target") == "alias":
+            oid = self.directory.resolve_alias(check_name("alias", request.alias))
+        else:
+            oid = check_name("object id", request.object_id)
+        entry = self.directory.lookup(oid)
+        kwargs: dict
         try:
-            if request.WhichOneof("target") == "alias":
-                oid = self.directory.resolve_alias(check_name("alias", request.alias))
+            if request.kind == pb.SET_ATTR:
+                args, kwargs = (json.loads(request.args_json),), {}
             else:
-                oid = check_name("object id", request.object_id)
-            entry = self.directory.lookup(oid)
-            try:
-                if request.kind == pb.SET_ATTR:
-                    args, kwargs = (json.loads(request.args_json),), {}
-                else:
-                    args = tuple(json.loads(request.args_json)) if request.args_json else ()
-                    kwargs = json.loads(request.kwargs_json) if request.kwargs_json else {}
-            except (ValueError, TypeError) as exc:
-                raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
-            if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
-                raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
-            check_public_name(request.name)
-            proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
-                                      entry.class_key, entry.backend_id)
-            result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
-            try:
-                text = json.dumps(result)
-            except (TypeError, ValueError) as exc:
-                raise SerializationError(f"result is not JSON-encodable: {exc}") from None
-            return pb.JsonCallReply(result_json=text)
-        except Exception as exc:
-            err = wire.error_to_pb(exc)
-            err.pickled = b""  # other languages get type, message and traceback only
-            return pb.JsonCallReply(error=err)
+                args = tuple(json.loads(request.args_json)) if request.args_json else ()
+                kwargs = json.loads(request.kwargs_json) if request.kwargs_json else {}
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"arguments are not valid JSON: {exc}") from None
+        if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
+            raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
+        check_public_name(request.name)
+        proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
+                                  entry.class_key, entry.backend_id)
+        result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
+        try:
+            text = json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"result is not JSON-encodable: {exc}") from None
+        return pb.JsonCallReply(result_json=text)
 
 
 def check_public_name(name: str) -> None:
@@ -1018,7 +990,7 @@ class Backend:
                 [(payload, buffers)], adopt=True)
         self.heap.move(object_id, target, chain, send)
 
-    def run_task(self, request: pb.CallRequest, payload, buffers, chain: str = ""):
+    def run_task(self, request: pb.CallRequest, payload: bytes, buffers: list, chain: str = "") -> Any:
         metrics.task_queued(1)
         queued = True
         ok = False
@@ -1038,7 +1010,7 @@ class Backend:
                 metrics.task_queued(-1)
             metrics.task_done(ok)
 
-    def serve_forever(self, on_ready=None) -> None:
+    def serve_forever(self, on_ready: Callable[[], None] | None=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
 
         ``on_ready()`` runs once the server is up and registered.

@@ -43,6 +43,7 @@ and out-of-band buffers, back to back). The crc covers header and body.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import hashlib
 import itertools
 import logging
@@ -322,7 +323,7 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
     return latest, count, high
 
 
-def scan_storage_dir(root: str):
+def scan_storage_dir(root: str) -> Iterator[tuple[str, str, str]]:
     """Yield (object_id, class_key, alias) of every object in a storage dir, changing nothing.
 
     For ``claypot repair``, which may run while the dir's backend is up:
@@ -742,12 +743,12 @@ class Storage:
             pass
         log.error("object %s: %s", object_id, reason)
 
-    def scan_headers(self):
+    def scan_headers(self) -> Iterator[tuple[str, str, str]]:
         """Yield (object_id, class_key, alias) of every stored object (to republish)."""
         for oid, key, alias, _ in self.scan_entries():
             yield oid, key, alias
 
-    def scan_entries(self):
+    def scan_entries(self) -> Iterator[tuple[str, str, str, bool]]:
         """Yield (object_id, class_key, alias, moved_in) of every stored object.
 
         Logged states come from memory; for the others only each file's

@@ -35,6 +35,7 @@ an old table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import mmap
 import os
 
@@ -85,7 +86,7 @@ class Versions:
             self._words[slot] = self._next(bool(self._busy.get(object_id)))
         return slot, self._words[slot]
 
-    def valid_locked(self, object_id: str, slot: int, word: int, names) -> bool:
+    def valid_locked(self, object_id: str, slot: int, word: int, names: Iterable[str]) -> bool:
         """Whether a view of ``names`` read while the word was ``word`` may be reused."""
         if not slot or word % 2 or self._slot.get(object_id) != slot \
                 or self._words[slot] != word:
@@ -93,7 +94,7 @@ class Versions:
         self._segments.setdefault(object_id, set()).update(names)
         return True
 
-    def changing_locked(self, object_id: str, names) -> None:
+    def changing_locked(self, object_id: str, names: Iterable[str]) -> None:
         """A change of ``object_id`` starts; it may write the segments ``names``.
 
         Objects whose words cover one of those segments (an array shared by

@@ -27,6 +27,7 @@ setting. An empty or missing path means: the environment as it is.
 
 from __future__ import annotations
 
+from typing import Any
 import logging
 import os
 import threading
@@ -69,7 +70,7 @@ def read_config(config_file_path: str | None) -> dict[str, str]:
     return out
 
 
-def _address(env) -> str | None:
+def _address(env: Any) -> str | None:
     if env.get("CLAYPOT_ADDRESS"):
         return env["CLAYPOT_ADDRESS"]
     if env.get("DC_HOST"):
@@ -77,7 +78,7 @@ def _address(env) -> str | None:
     return None
 
 
-def initWorker(config_file_path=None, **kwargs) -> None:
+def initWorker(config_file_path: str | None=None, **kwargs: Any) -> None:
     """Worker process set-up, before it forks: reads the configuration only."""
     global _config
     _config = read_config(config_file_path)
@@ -100,27 +101,27 @@ def finishWorkerPostFork() -> None:
         _client = None
 
 
-def finishWorker(**kwargs) -> None:
+def finishWorker(**kwargs: Any) -> None:
     """Worker tear-down: nothing is held per worker beyond its executors."""
 
 
-def init(config_file_path=None, **kwargs) -> None:
+def init(config_file_path: str | None=None, **kwargs: Any) -> None:
     """Master set-up: read the configuration and connect."""
     initWorker(config_file_path)
     initWorkerPostFork()
 
 
-def finish(**kwargs) -> None:
+def finish(**kwargs: Any) -> None:
     """Master tear-down."""
     finishWorkerPostFork()
 
 
-def get_client():
+def get_client() -> Any:
     """The connection of this process (None before init / initWorkerPostFork)."""
     return _client
 
 
-def getByID(object_id: str):
+def getByID(object_id: str) -> Any:
     """The persistent object with this id (what its ``getID()`` returned)."""
     if _client is None:
         raise ConfigurationError("storage.api: call init() (master) or initWorker() and "

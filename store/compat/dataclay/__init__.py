@@ -137,11 +137,11 @@ class Client:
         self._client = None
         self.is_active = False
 
-    def get_backends(self):
+    def get_backends(self) -> dict[str, Any]:
         """The backends that are up: an ordered mapping backend id -> handle."""
         return store.get_backends()
 
-    async def a_get_backends(self):
+    async def a_get_backends(self) -> dict[str, Any]:
         return await _in_thread(self.get_backends)
 
     def __enter__(self) -> "Client":
@@ -161,7 +161,7 @@ class Client:
 
 # -- objects ----------------------------------------------------------------------------------
 
-def activemethod(func):
+def activemethod(func: Any) -> Any:
     """Mark a method to run on the object's backend once the object is persistent.
 
     Methods without it run in the caller's process (reading and writing the
@@ -250,7 +250,7 @@ class DataClayObject(_obj.StorageObject):
             _obj.get_dispatcher().locate(self)
 
     # -- persistence --------------------------------------------------------------------------
-    def make_persistent(self, alias: str | None = None, backend_id=None,
+    def make_persistent(self, alias: str | None = None, backend_id: Any=None,
                         recursive: bool = True) -> None:
         """Store the object (and the dataClay objects it references) on a backend.
 
@@ -272,21 +272,21 @@ class DataClayObject(_obj.StorageObject):
                 [self], alias, _id(backend_id) if backend_id is not None else None)
         self.__dict__.update(volatile)   # dataClay keeps what does not persist in the client
 
-    def dc_put(self, alias: str, backend_id=None) -> None:
+    def dc_put(self, alias: str, backend_id: Any=None) -> None:
         """make_persistent with a required alias (dataClay's object-store style)."""
         if not alias:
             raise AttributeError("dc_put needs an alias")
         self.make_persistent(alias, backend_id)
 
     @classmethod
-    def get_by_id(cls, object_id):
+    def get_by_id(cls, object_id: Any) -> Any:
         """The persistent object with this id (its one proxy in this process)."""
         oid = _id(object_id)
         with _as_dataclay(object_id=oid):
             return _obj.get_dispatcher().get_by_id(oid)
 
     @classmethod
-    def get_by_alias(cls, alias: str, dataset_name: str | None = None):
+    def get_by_alias(cls, alias: str, dataset_name: str | None = None) -> Any:
         """The persistent object with this alias. Raises AliasDoesNotExistError."""
         with _as_dataclay(alias=alias):
             return _obj.get_dispatcher().get_by_alias(alias)
@@ -302,7 +302,7 @@ class DataClayObject(_obj.StorageObject):
             return super().get_aliases()
 
     @_HybridMethod
-    def delete_alias(cls_or_self, alias: str, dataset_name: str | None = None) -> None:
+    def delete_alias(cls_or_self: Any, alias: str, dataset_name: str | None = None) -> None:
         """Remove an alias (on the class, like dataClay, or on an instance); removing one
         that does not exist does nothing."""
         try:
@@ -310,7 +310,7 @@ class DataClayObject(_obj.StorageObject):
         except _err.AliasNotFound:
             pass
 
-    def move(self, backend_id, recursive: bool = False, remotes: bool = True) -> None:
+    def move(self, backend_id: Any, recursive: bool = False, remotes: bool = True) -> None:
         """Move the object to ``backend_id``; with ``recursive``, what it references too
         (with ``remotes=False``, only what lives on the object's current backend)."""
         target = _id(backend_id)
@@ -329,7 +329,7 @@ class DataClayObject(_obj.StorageObject):
                     if client.locate(obj) == here:
                         client.move(obj, target)
 
-    def new_version(self, backend_id=None, recursive: bool = False):
+    def new_version(self, backend_id: Any=None, recursive: bool = False) -> Any:
         """A persistent copy to change in isolation; ``consolidate_version`` writes it back."""
         with _as_dataclay(object_id=self.getID()):
             if not self.is_persistent:
@@ -344,7 +344,7 @@ class DataClayObject(_obj.StorageObject):
                 raise _err.NotPersistent("not persistent")
             _ops.consolidate_version(_obj.get_dispatcher(), self)
 
-    def new_replica(self, backend_id=None, recursive: bool = True, remotes: bool = True):
+    def new_replica(self, backend_id: Any=None, recursive: bool = True, remotes: bool = True) -> None:
         """One more replica of this object (and, with ``recursive``, of every persistent
         object reachable from it), on ``backend_id`` or on a backend of another host.
 
@@ -377,7 +377,7 @@ class DataClayObject(_obj.StorageObject):
         for name, value in new_properties.items():
             setattr(self, name, value)
 
-    def dc_clone(self, recursive: bool = False):
+    def dc_clone(self, recursive: bool = False) -> Any:
         """A local (not persistent) copy of the object's properties."""
         cls = _obj.real_class(self)
         clone = cls.__new__(cls)
@@ -385,15 +385,15 @@ class DataClayObject(_obj.StorageObject):
         return clone
 
     @classmethod
-    def dc_clone_by_alias(cls, alias: str, recursive: bool = False):
+    def dc_clone_by_alias(cls, alias: str, recursive: bool = False) -> Any:
         return cls.get_by_alias(alias).dc_clone(recursive)
 
-    def dc_update(self, from_object) -> None:
+    def dc_update(self, from_object: Any) -> None:
         """Copy ``from_object``'s properties into this object."""
         self.dc_update_properties(from_object.get_properties())
 
     @classmethod
-    def dc_update_by_alias(cls, alias: str, from_object) -> None:
+    def dc_update_by_alias(cls, alias: str, from_object: Any) -> None:
         cls.get_by_alias(alias).dc_update(from_object)
 
     # COMPSs storage API names (store.compat.compss)
@@ -401,46 +401,46 @@ class DataClayObject(_obj.StorageObject):
     getByID = get_by_id
 
     # -- asyncio twins --------------------------------------------------------------------------
-    async def a_make_persistent(self, alias=None, backend_id=None, recursive=True):
+    async def a_make_persistent(self, alias: str | None=None, backend_id: Any=None, recursive: bool=True) -> None:
         return await _in_thread(self.make_persistent, alias, backend_id, recursive)
 
     @classmethod
-    async def a_get_by_id(cls, object_id):
+    async def a_get_by_id(cls, object_id: Any) -> Any:
         return await _in_thread(cls.get_by_id, object_id)
 
     @classmethod
-    async def a_get_by_alias(cls, alias, dataset_name=None):
+    async def a_get_by_alias(cls, alias: str, dataset_name: str | None=None) -> Any:
         return await _in_thread(cls.get_by_alias, alias, dataset_name)
 
-    async def a_add_alias(self, alias):
+    async def a_add_alias(self, alias: str) -> None:
         return await _in_thread(self.add_alias, alias)
 
-    async def a_get_aliases(self):
+    async def a_get_aliases(self) -> Any:
         return await _in_thread(self.get_aliases)
 
     @_HybridMethod
-    async def a_delete_alias(cls_or_self, alias, dataset_name=None):
+    async def a_delete_alias(cls_or_self: Any, alias: str, dataset_name: str | None=None) -> None:
         return await _in_thread(cls_or_self.delete_alias, alias, dataset_name)
 
-    async def a_move(self, backend_id, recursive=False, remotes=True):
+    async def a_move(self, backend_id: Any, recursive: bool=False, remotes: bool=True) -> None:
         return await _in_thread(self.move, backend_id, recursive, remotes)
 
-    async def a_new_version(self, backend_id=None, recursive=False):
+    async def a_new_version(self, backend_id: Any=None, recursive: bool=False) -> Any:
         return await _in_thread(self.new_version, backend_id, recursive)
 
-    async def a_consolidate_version(self):
+    async def a_consolidate_version(self) -> None:
         return await _in_thread(self.consolidate_version)
 
-    async def a_new_replica(self, backend_id=None, recursive=True, remotes=True):
+    async def a_new_replica(self, backend_id: Any=None, recursive: bool=True, remotes: bool=True) -> None:
         return await _in_thread(self.new_replica, backend_id, recursive, remotes)
 
-    async def a_sync(self):
+    async def a_sync(self) -> None:
         return await _in_thread(self.sync)
 
-    async def a_get_properties(self):
+    async def a_get_properties(self) -> Any:
         return await _in_thread(self.get_properties)
 
-    async def a_dc_update_properties(self, new_properties):
+    async def a_dc_update_properties(self, new_properties: Any) -> None:
         return await _in_thread(self.dc_update_properties, new_properties)
 
 
