@@ -58,15 +58,21 @@ def in_use() -> set[str]:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts segments exported by this process (the client side)."""
+    """Counts segments this process (the client side) wrote: new ones, and free ones it
+    claimed and filled (any same-user backend's pool on this host may hold one)."""
     made = []
-    real = shm.export
+    real, real_fill = shm.export, shm.fill
 
     def export(buffers):
         names = real(buffers)
         made.extend(names)
         return names
+
+    def fill(name, buf):
+        real_fill(name, buf)
+        made.append(name)
     monkeypatch.setattr(shm, "export", export)
+    monkeypatch.setattr(shm, "fill", fill)
     return made
 
 
