@@ -143,6 +143,7 @@ def test_connect_from_environment(cluster):
     assert "BACKENDS 2" in out.stdout, out.stderr
 
 
+@pytest.mark.both_transports
 def test_compss_names(cluster):
     c = Counter(3)
     c.makePersistent()
@@ -153,6 +154,7 @@ def test_compss_names(cluster):
         store.get_by_id(c.getID())
 
 
+@pytest.mark.both_transports
 def test_remote_exception_keeps_type_and_traceback(cluster):
     c = Counter()
     c.make_persistent()
@@ -163,6 +165,7 @@ def test_remote_exception_keeps_type_and_traceback(cluster):
     assert c.incr() == 1  # the object is fine afterwards
 
 
+@pytest.mark.both_transports
 def test_dunder_methods_run_remotely(cluster):
     b = Bag([1, 2, 3])
     b.make_persistent()
@@ -171,6 +174,7 @@ def test_dunder_methods_run_remotely(cluster):
     assert 3 in b and 7 not in b
 
 
+@pytest.mark.both_transports
 def test_references_travel_as_references(cluster):
     a, b = Counter(1), Counter(2)
     b.make_persistent(backend=cluster.backends[1])
@@ -183,6 +187,7 @@ def test_references_travel_as_references(cluster):
     assert held.getID() == b.getID()
 
 
+@pytest.mark.both_transports
 def test_new_objects_persist_with_their_holder(cluster):
     child = Counter(10)
     holder = Bag([child, Counter(20)])
@@ -194,6 +199,7 @@ def test_new_objects_persist_with_their_holder(cluster):
     assert holder[1].value == 20
 
 
+@pytest.mark.both_transports
 def test_objects_created_on_the_backend_are_persistent(cluster):
     c = Counter()
     c.make_persistent(backend=cluster.backends[0])
@@ -215,6 +221,7 @@ def test_nested_calls_across_backends_do_not_deadlock(cluster):
     assert a.hits == 3 and b.hits == 3
 
 
+@pytest.mark.both_transports
 def test_concurrent_calls_are_serialised_per_object(cluster):
     c = Counter(0)
     c.make_persistent()
@@ -235,6 +242,7 @@ def test_concurrent_calls_are_serialised_per_object(cluster):
     assert c.value == 4000
 
 
+@pytest.mark.both_transports
 def test_aliases(cluster):
     c = Counter(1)
     c.make_persistent(alias="alias-test")
@@ -251,6 +259,7 @@ def test_aliases(cluster):
     assert store.get_by_alias("alias-test").value == 3
 
 
+@pytest.mark.both_transports
 def test_duplicate_alias_leaves_nothing_behind(cluster):
     Counter(1).make_persistent(alias="taken")
     child = Counter(5)
@@ -267,6 +276,7 @@ def test_duplicate_alias_leaves_nothing_behind(cluster):
     assert sum(b.objects for b in store.backends()) == before   # neither holder nor child
 
 
+@pytest.mark.both_transports
 def test_unknown_alias_and_id(cluster):
     with pytest.raises(errors.AliasNotFound):
         store.get_by_alias("no-such-alias")
@@ -276,6 +286,7 @@ def test_unknown_alias_and_id(cluster):
         Counter.get_by_alias("nope")
 
 
+@pytest.mark.both_transports
 def test_unpicklable_value_is_refused_cleanly(cluster):
     c = Counter(1)
     c.lock = threading.Lock()
@@ -291,6 +302,7 @@ def test_unpicklable_value_is_refused_cleanly(cluster):
     assert d.value == 0
 
 
+@pytest.mark.both_transports
 def test_missing_class_is_a_clear_error(cluster):
     from store.generated import claypot_pb2 as pb
     client = store.client()
@@ -316,6 +328,7 @@ def test_wrong_token_is_refused(cluster):
     assert "REFUSED AuthenticationError" in out.stdout, out.stderr
 
 
+@pytest.mark.both_transports
 def test_delete_persistent(cluster):
     c = Counter(1)
     c.make_persistent(alias="to-delete")
@@ -329,6 +342,7 @@ def test_delete_persistent(cluster):
         c.incr()
 
 
+@pytest.mark.both_transports
 def test_move_keeps_id_alias_and_state(cluster):
     c = Counter(7)
     c.make_persistent(alias="mover", backend=cluster.backends[0])
@@ -350,6 +364,7 @@ def test_backends_listing(cluster):
         assert b.memory_bytes > 0
 
 
+@pytest.mark.both_transports
 def test_make_persistent_twice_and_unknown_backend(cluster):
     c = Counter()
     with pytest.raises(errors.BackendNotFound):
@@ -360,6 +375,7 @@ def test_make_persistent_twice_and_unknown_backend(cluster):
         c.make_persistent()
 
 
+@pytest.mark.both_transports
 def test_make_persistent_many(cluster):
     objs = [Counter(i) for i in range(300)]
     store.make_persistent_many(objs, backend=cluster.backends[0])
@@ -386,6 +402,7 @@ def test_graceful_restart_brings_objects_back(fresh_cluster):
     assert c.incr() == 43  # the old proxy keeps working
 
 
+@pytest.mark.both_transports
 def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
     """A value over max_value_size: ValueTooLarge, nothing sent, nothing stored."""
     np = pytest.importorskip("numpy")
