@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Protocol
+from typing import Any, Awaitable, Callable, Iterator, Protocol, runtime_checkable
 
 import grpc
 
@@ -57,6 +57,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Backend"]
 _METHODS = {m.name: m for m in _SERVICE.methods}
 
 
+@runtime_checkable
 class Transport(Protocol):
     """What a :class:`store.client.Client` needs to talk to backends.
 
