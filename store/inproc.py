@@ -29,12 +29,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING, Any
 
 from .cluster import RedisProcess
 from .config import Settings
 from .errors import ConfigurationError
 from .security import new_secret
 from .transport import InProcessNetwork, InProcessTransport
+
+if TYPE_CHECKING:
+    from .client import Client
 
 
 class InProcessCluster:
@@ -52,15 +56,15 @@ class InProcessCluster:
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
-        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="claypot-inproc-")
-        self.data_dir = os.path.abspath(data_dir or self._tmp)
+        self._tmp: str | None = None if data_dir else tempfile.mkdtemp(prefix="claypot-inproc-")
+        self.data_dir: str = os.path.abspath(data_dir or self._tmp or "")
         self.token = token or new_secret()
         self._connect = connect
         self._settings = settings
         self.network = InProcessNetwork()
         self.redis: RedisProcess | None = None
         self.servers: list = []      # store.backend.server.Backend, in start order
-        self.client = None
+        self.client: Client | None = None
 
     @property
     def redis_url(self) -> str:
@@ -80,9 +84,9 @@ class InProcessCluster:
         """A new transport to this cluster's backends, for a client of one's own."""
         return InProcessTransport(self.network)
 
-    def settings(self, **overrides) -> Settings:
+    def settings(self, **overrides: Any) -> Settings:
         """The settings of this cluster's clients (and, with a data dir, its backends)."""
-        base = dict(token=self.token, redis=self.redis_url, shm=False, shm_leases=False,
+        base: dict[str, Any] = dict(token=self.token, redis=self.redis_url, shm=False, shm_leases=False,
                     metrics_port=-1, address="")
         base.update(self._settings)
         base.update(overrides)
@@ -112,7 +116,7 @@ class InProcessCluster:
             raise
         return self
 
-    def connect_client(self):
+    def connect_client(self) -> "Client":
         """A new client of this cluster (not installed as this process's connection)."""
         from .client import Client
         client = Client(self.address, self.token, self.settings(), transport=self.transport())
