@@ -12,14 +12,13 @@ os.environ.setdefault("CLAYPOT_VALIDATE", "1")
 from store import LocalCluster  # noqa: E402
 from store.inproc import InProcessCluster  # noqa: E402
 
-TRANSPORTS = ("grpc", "inproc")
-
-
 def pytest_generate_tests(metafunc):
     """Tests marked ``both_transports`` run on the module's cluster over each transport:
-    backend processes reached by gRPC, and backends served in this process."""
+    backends served in this process (in the fast set), and backend processes reached
+    by gRPC (marked slow: CI's second step runs them)."""
     if "cluster" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
-        metafunc.parametrize("cluster", TRANSPORTS, indirect=True, scope="module")
+        metafunc.parametrize("cluster", [pytest.param("grpc", marks=pytest.mark.slow), "inproc"],
+                             indirect=True, scope="module")
 
 
 def validate_backends(c: LocalCluster) -> None:

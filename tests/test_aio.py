@@ -73,6 +73,7 @@ def test_a_thousand_concurrent_calls_from_one_loop(cluster):
     assert sorted(results) == sorted(list(range(1, 251)) * 4)
 
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_cancelling_the_task_cancels_the_remote_call(cluster):
     t = Tally()

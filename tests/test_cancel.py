@@ -177,6 +177,7 @@ def test_future_cancel_stops_a_running_task(cluster, tmp_path):
     assert time.monotonic() - started < 3
 
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_path):
     import threading

@@ -222,6 +222,7 @@ def test_from_numpy_reads_a_memmap_block_by_block(cluster, tmp_path):
     a.delete()
 
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_bad_input_and_all_or_nothing_creation(cluster):
     x = np.zeros((10, 2))
@@ -331,6 +332,7 @@ def test_storage_dict_from_iterable_in_batches_and_work_per_shard(cluster):
 
 # -- rebalance, locality of slices, restarts (clusters of their own) ------------------------
 
+@pytest.mark.slow
 def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         x = np.arange(8000, dtype=np.float64).reshape(1000, 8)
@@ -362,6 +364,7 @@ def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
         np.testing.assert_array_equal(a.to_numpy(), x)
 
 
+@pytest.mark.slow
 def test_a_slice_fetches_only_the_blocks_it_touches(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         c.client.settings = c.client.settings.replace(reconnect_timeout=1.0)
@@ -378,6 +381,7 @@ def test_a_slice_fetches_only_the_blocks_it_touches(tmp_path):
         np.testing.assert_array_equal(a[400:600], x[400:600])
 
 
+@pytest.mark.slow
 def test_collections_survive_a_kill_and_restart_of_every_backend(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         x = np.random.default_rng(4).normal(size=(3000, 7))

@@ -10,6 +10,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys, time

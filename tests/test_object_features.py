@@ -73,6 +73,7 @@ def cluster():
 
 # -- aliases --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_several_aliases_per_object(cluster):
     p = Person("ana", 30)
@@ -139,6 +140,7 @@ def test_aliases_follow_a_move_and_delete_drops_them_all(cluster):
             store.get_by_alias(alias)
 
 
+@pytest.mark.slow
 def test_aliases_survive_a_wiped_directory_and_repair(tmp_path):
     """Every alias is in the object's stored state: republish and `claypot repair` bring
     them all back, including the one added after a move."""
@@ -268,6 +270,7 @@ def test_plain_move_leaves_references_where_they_are(cluster):
 
 # -- custom pickling ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_custom_getstate_setstate_through_persist_move_and_spill(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), memory_limit="1MB") as c:
         obj = Packed(["a", "b"])
@@ -390,6 +393,7 @@ def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
     assert store.get_by_alias("settings").unwrap() == {"a": 1, "b": 2, "c": 3}
 
 
+@pytest.mark.slow
 def test_republish_keeps_the_aliases_still_free(tmp_path):
     """After Redis lost everything, a backend republishes its objects; an alias another
     object took meanwhile is dropped, the object's other aliases are kept."""

@@ -13,6 +13,8 @@ import pytest
 
 from store import errors
 
+pytestmark = pytest.mark.slow
+
 CLAYPOT = [sys.executable, "-m", "store.cli"]
 
 

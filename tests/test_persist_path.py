@@ -24,6 +24,8 @@ from store.errors import AliasExists, AliasNotFound, ObjectNotFound
 
 import chaos
 
+pytestmark = pytest.mark.slow
+
 
 class Point(StorageObject):
     def __init__(self, x):

@@ -73,6 +73,7 @@ def _failure(call) -> tuple[grpc.StatusCode, dict]:
     return info.value.code(), dict(info.value.trailing_metadata() or ())
 
 
+@pytest.mark.slow
 def test_health_answers_without_a_token_and_reflection_needs_one(cluster):
     address = _address(cluster.backends[1])
     with grpc.insecure_channel(address) as ch:

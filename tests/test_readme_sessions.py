@@ -20,6 +20,8 @@ import pytest
 import store
 from store import StorageObject
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 README = os.path.join(ROOT, "README.md")
 CPP_BUILD = os.environ.get("CLAYPOT_CPP_BUILD", os.path.join(ROOT, "clients", "cpp", "build"))

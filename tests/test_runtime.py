@@ -415,6 +415,7 @@ def test_inline_mode_without_a_cluster(tmp_path):
     assert out.stdout.strip() == "10 [0, 1, 2] True None True"
 
 
+@pytest.mark.slow
 def test_numpy_training_example_reduces_loss():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "numpy_training.py")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -67,6 +67,7 @@ def _drained(cluster):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_versioned_writer_runs_alongside_an_earlier_reader(cluster):
     acct = Account(100)

@@ -77,6 +77,7 @@ def run_script(code: str, env_extra=None, timeout=120) -> subprocess.CompletedPr
                           text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_issue_usage_as_a_user_script():
     """The issue's snippet, verbatim, with the class in the user's own script (__main__)."""
     result = run_script("""
@@ -221,6 +222,7 @@ def test_nested_calls_across_backends_do_not_deadlock(cluster):
     assert a.hits == 3 and b.hits == 3
 
 
+@pytest.mark.slow
 @pytest.mark.both_transports
 def test_concurrent_calls_are_serialised_per_object(cluster):
     c = Counter(0)
@@ -392,6 +394,7 @@ def test_not_persistent_operations():
     assert c.incr() == 1  # a plain local object until made persistent
 
 
+@pytest.mark.slow
 def test_graceful_restart_brings_objects_back(fresh_cluster):
     c = Counter(41)
     c.make_persistent(alias="survivor", backend=fresh_cluster.backends[0])
@@ -420,6 +423,7 @@ def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
         c.hold(np.zeros(2 << 20, dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_backend_refuses_values_over_its_limit(tmp_path):
     """The backend checks the announced size before allocating anything."""
     np = pytest.importorskip("numpy")

@@ -35,7 +35,7 @@ class Giver(StorageObject):
     def give(self, other):
         other.data = self.data        # a local call on the same backend: by reference
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 N = 4 * MiB   # float64: 32 MiB
