@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +311,7 @@ def test_retry_policy_gives_up_after_retries(tmp_path):
     with pytest.raises(OSError):
         wait_on(f)
     assert f.attempts == 3
-    assert open(counter).read() == "xxx"
+    assert Path(counter).read_text() == "xxx"
     with pytest.raises(TaskError):
         barrier()
 

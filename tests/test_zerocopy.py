@@ -162,6 +162,7 @@ def test_a_reader_killed_with_kill_9_releases_its_lease(cluster):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        proc.stdout.close()
 
 
 def test_leased_memory_is_bounded_and_reported(tmp_path):
