@@ -129,6 +129,7 @@ class Agent:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self._replies.put(line)
+        self.proc.stdout.close()   # the agent is gone: nothing more to read
         self._replies.put(None)
 
     def run(self, code: str = "", expr: str = "None", timeout: float = 60.0):
@@ -153,6 +154,7 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self._close_stdin()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -161,6 +163,13 @@ class Agent:
                 self.proc.wait(5)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:   # the pipe broke with the agent: closed all the same
+            pass
 
 
 class AgentError(Exception):

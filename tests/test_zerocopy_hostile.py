@@ -193,6 +193,8 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
         finally:
             proc.kill()
             proc.wait(10)
+            proc.stdin.close()
+            proc.stdout.close()
 
 
 # -- torn reads -----------------------------------------------------------------------------
