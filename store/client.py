@@ -121,7 +121,8 @@ class Client:
         # Backends asked directory questions, in order: the given address, then
         # any others known from elsewhere (the state file of `claypot up`).
         self._gateways = [address] + [g for g in (gateways or []) if g != address]
-        self.transport: Transport = for_settings(self.settings, transport)
+        # Channels read the settings when they open: callers may replace self.settings.
+        self.transport: Transport = for_settings(lambda: self.settings, transport)
         self._addresses: dict[str, str] = {}   # backend id -> address
         self._host_ids: dict[str, str] = {}    # address -> host id it reported (see _same_host)
         self._down_checked: dict[str, tuple] = {}  # address -> (when, BackendDown or None)

@@ -89,12 +89,20 @@ class Transport(Protocol):
 # -- gRPC --------------------------------------------------------------------------
 
 class GrpcTransport:
-    """Backends over gRPC channels: one channel per address, TLS when ``settings.tls_ca``."""
+    """Backends over gRPC channels: one channel per address, TLS when ``settings.tls_ca``.
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    ``settings`` may be a callable returning the current settings (a client's,
+    which callers may replace): each new channel reads them when it opens.
+    """
+
+    def __init__(self, settings: Settings | Callable[[], Settings]):
+        self._settings = settings
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub, wire.StreamStub]] = {}
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings() if callable(self._settings) else self._settings
 
     def check_address(self, address: str, source: str = "address") -> str:
         return check_address(address, source)
@@ -650,8 +658,9 @@ class InProcessTransport:
             self.drop(address)
 
 
-def for_settings(settings: Settings, transport: Transport | None = None) -> Transport:
-    """``transport`` if given, else gRPC channels configured by ``settings``."""
+def for_settings(settings: Settings | Callable[[], Settings],
+                 transport: Transport | None = None) -> Transport:
+    """``transport`` if given, else gRPC channels configured by ``settings`` (or what it returns)."""
     return transport if transport is not None else GrpcTransport(settings)
 
 
