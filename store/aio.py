@@ -49,20 +49,16 @@ class AioClient:
     def _stub(self, address: str) -> pb_grpc.BackendStub:
         stub = self._stubs.get(address)
         if stub is None:
-            from .client import CHANNEL_OPTIONS
-            settings = self.sync.settings
-            if settings.tls_ca:
-                creds = grpc.ssl_channel_credentials(root_certificates=settings.read_pem("tls_ca"))
-                channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels.append(channel)
-            stub = self._stubs[address] = pb_grpc.BackendStub(channel)
+            # Through the blocking client's transport: gRPC's asyncio channels,
+            # or backends served in this process.
+            stub, close = self.sync.transport.aio_stub(address)
+            self._channels.append(close)
+            self._stubs[address] = stub
         return stub
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        for close in self._channels:
+            await close()
         self._channels.clear()
         self._stubs.clear()
 

@@ -13,6 +13,7 @@ from .client import Client
 from .config import Settings
 from .addresses import HINT, check_address
 from .errors import AuthenticationError, BackendUnavailable, ConfigurationError
+from .transport import Transport
 
 _client: Client | None = None
 
@@ -60,14 +61,18 @@ def _stale_env(state: dict, address: str, token: str) -> list[str]:
 
 
 def connect(address: str | None = None, token: str | None = None,
-            tls_ca: str | None = None) -> Client:
+            tls_ca: str | None = None, transport: Transport | None = None,
+            settings: Settings | None = None) -> Client:
     """Connect this process to a running cluster.
 
     ``address`` is any backend's host:port; by default ``CLAYPOT_ADDRESS``,
     else the cluster started by ``claypot up``. ``token`` defaults to
     ``CLAYPOT_TOKEN`` (or that cluster's token). ``tls_ca`` (default
     ``CLAYPOT_TLS_CA``, or the CA of a ``claypot up --tls`` cluster) makes
-    the connection TLS, verified against that CA.
+    the connection TLS, verified against that CA. ``transport`` (a
+    :class:`store.transport.Transport`) replaces gRPC channels, e.g. with the
+    backends of a :class:`store.inproc.InProcessCluster`; ``settings`` replace
+    those read from the environment.
 
     The client learns every backend of the cluster from the first one that
     answers, and from the state file of ``claypot up``, and asks any live one:
@@ -76,8 +81,9 @@ def connect(address: str | None = None, token: str | None = None,
     and which ``CLAYPOT_*`` variable looks stale.
     """
     global _client
-    settings = Settings.from_env()
-    state = load_state()
+    settings = settings or Settings.from_env()
+    # The state file of `claypot up` names gRPC addresses: no business of another transport.
+    state = load_state() if transport is None else {}
     source = "address"
     if not address:
         address, source = settings.address, "CLAYPOT_ADDRESS"
@@ -86,7 +92,8 @@ def connect(address: str | None = None, token: str | None = None,
     if not address:
         raise ConfigurationError("no cluster to connect to: pass an address, set "
                                  "CLAYPOT_ADDRESS, or run `claypot up`")
-    address = check_address(address, source)
+    address = check_address(address, source) if transport is None else \
+        transport.check_address(address, source)
     if token is None:
         token = settings.token or state.get("token", "")
     same_cluster = address in _state_addresses(state)
@@ -95,7 +102,7 @@ def connect(address: str | None = None, token: str | None = None,
     elif not settings.tls_ca and state.get("tls_ca") and same_cluster:
         settings = settings.replace(tls_ca=state["tls_ca"])
     gateways = _state_addresses(state) if same_cluster or token == state.get("token") else []
-    client = Client(address, token, settings, gateways=gateways)
+    client = Client(address, token, settings, gateways=gateways, transport=transport)
     try:
         client.probe(timeout=min(settings.admin_timeout, 1.0))
     except (BackendUnavailable, AuthenticationError) as exc:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from . import objects as objmod, shm, tracing, transfers, wire
+# CHANNEL_OPTIONS and MAX_MESSAGE stay importable from here (servers and tests use them).
+from .transport import CHANNEL_OPTIONS, MAX_MESSAGE, Transport, for_settings  # noqa: F401
 from .config import Settings
 from .errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
                      CallInterrupted,
@@ -45,16 +47,6 @@ if TYPE_CHECKING:   # imported when first used: most clients never need them
 
 log = logging.getLogger("claypot.client")
 
-MAX_MESSAGE = 16 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 20000),
-    ("grpc.keepalive_timeout_ms", 10000),
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.min_reconnect_backoff_ms", 50),
-]
 TOKEN_HEADER = "claypot-token"
 
 _chain = threading.local()
@@ -110,10 +102,16 @@ def translate(err: grpc.RpcError, may_have_run: bool, what: str = "call") -> Cla
 
 
 class Client:
-    """A connection to a claypot cluster (see the module docstring)."""
+    """A connection to a claypot cluster (see the module docstring).
+
+    ``transport`` (a :class:`store.transport.Transport`) is how it reaches
+    backends: gRPC channels by default, or backends served in this process
+    (:class:`store.inproc.InProcessCluster`).
+    """
 
     def __init__(self, address: str | None = None, token: str | None = None,
-                 settings: Settings | None = None, gateways: list[str] | None = None):
+                 settings: Settings | None = None, gateways: list[str] | None = None,
+                 transport: Transport | None = None):
         self.settings = settings or Settings.from_env()
         address = address or self.settings.address
         if not address:
@@ -128,7 +126,8 @@ class Client:
         # Backends asked directory questions, in order: the given address, then
         # any others known from elsewhere (the state file of `claypot up`).
         self._gateways = [address] + [g for g in (gateways or []) if g != address]
-        self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub]] = {}
+        # Channels read the settings when they open: callers may replace self.settings.
+        self.transport: Transport = for_settings(lambda: self.settings, transport)
         self._addresses: dict[str, str] = {}   # backend id -> address
         self._host_ids: dict[str, str] = {}    # address -> host id it reported (see _same_host)
         self._down_checked: dict[str, tuple] = {}  # address -> (when, BackendDown or None)
@@ -150,14 +149,15 @@ class Client:
         self._proxies: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     @classmethod
-    def inside_backend(cls, heap: Any, backend_id: str, address: str, settings: Settings) -> "Client":
+    def inside_backend(cls, heap: Any, backend_id: str, address: str, settings: Settings,
+                       transport: Transport | None = None) -> "Client":
         """The client a backend's own code uses (methods calling other objects, tasks).
 
         Calls to objects in ``heap`` run in place; everything else goes out
         like any client's, with the backend itself (at ``address``) as the
         gateway for directory questions.
         """
-        client = cls(address=address, token=settings.token, settings=settings)
+        client = cls(address=address, token=settings.token, settings=settings, transport=transport)
         client.local = heap
         client.local_id = backend_id
         return client
@@ -169,34 +169,17 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------
     def _stub(self, address: str) -> pb_grpc.BackendStub:
-        hit = self._channels.get(address)
-        if hit is not None:
-            return hit[1]
-        with self._lock:
-            hit = self._channels.get(address)
-            if hit is None:
-                channel = self._open_channel(address)
-                hit = (channel, pb_grpc.BackendStub(channel))
-                self._channels[address] = hit
-            return hit[1]
+        """The unary RPCs to a backend, through this client's transport."""
+        return self.transport.stub(address)
 
     def _streams(self, address: str) -> wire.StreamStub:
         """The streaming RPCs to a backend, with claypot's raw chunk framing (see wire)."""
-        self._stub(address)
-        return wire.StreamStub(self._channels[address][0])
-
-    def _open_channel(self, address: str) -> grpc.Channel:
-        if self.settings.tls_ca:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.settings.read_pem("tls_ca"))
-            return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return self.transport.streams(address)
 
     def close(self) -> None:
+        """Close every connection of this client (the cluster keeps running)."""
         self._closed = True
-        with self._lock:
-            for channel, _ in self._channels.values():
-                channel.close()
-            self._channels.clear()
+        self.transport.close()
 
     def _rpc(self, address: str, method: str, request, timeout: float, may_have_run: bool,
              what: str):
@@ -257,10 +240,7 @@ class Client:
                 if down is None:
                     continue
                 self._lost[addr] = (time.monotonic(), down)
-                with self._lock:
-                    hit = self._channels.pop(addr, None)
-                if hit is not None:
-                    hit[0].close()
+                self.transport.drop(addr)
 
     def _down_at(self, address: str) -> BackendDown | None:
         """A BackendDown naming the backend at ``address`` if the directory (asked

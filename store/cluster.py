@@ -139,6 +139,7 @@ class RedisProcess:
             self.die_with_parent, _tied([find_redis_server(), conf], self.die_with_parent),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, umask=0o077)
+        log.close()   # the child has its own descriptor of the file
         import redis
         client = redis.Redis(port=self.port, password=self.password or None,
                              socket_connect_timeout=0.5, socket_timeout=2)
@@ -205,6 +206,7 @@ class BackendProcess:
                                    self.die_with_parent and not self.wrapper)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, umask=0o077)
+        log.close()   # the child has its own descriptor of the file
         self.pid = self.proc.pid
 
         def read():
@@ -271,6 +273,7 @@ class DaskSchedulerProcess:
         self.proc = _popen(
             True, _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True, umask=0o077)
+        log.close()   # the child has its own descriptor of the file
 
         def read():
             try:

@@ -13,8 +13,10 @@ and is installed with :func:`set_dispatcher`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .errors import AlreadyPersistent, ClassNotFound, ConfigurationError, NotPersistent
 from .serialization import current_pickle_context, current_unpickle_context
@@ -40,6 +42,12 @@ class Dispatcher(Protocol):
 
 
 _dispatcher: Dispatcher | None = None
+# A backend embedded in another process (store.inproc) cannot install itself
+# process-wide: the process's own client is there already. Its servicer calls
+# run with the backend's dispatcher in this context variable instead, which
+# wins over the process-wide one while it is set (see dispatching()).
+_local_dispatcher: contextvars.ContextVar[Dispatcher | None] = contextvars.ContextVar(
+    "claypot_dispatcher", default=None)
 _listeners: list[Callable[[Dispatcher | None], None]] = []
 
 
@@ -61,7 +69,27 @@ def on_dispatcher_change(listener: Callable[[Dispatcher | None], None]) -> None:
     _listeners.append(listener)
 
 
+@contextlib.contextmanager
+def dispatching(dispatcher: Dispatcher) -> Iterator[None]:
+    """Make proxies in the current context (this thread, this task) call through ``dispatcher``.
+
+    What a backend embedded in another process uses while it serves a call:
+    code running there reaches other objects as the backend would, while the
+    rest of the process keeps the dispatcher :func:`set_dispatcher` installed.
+    A backend in a process of its own never needs it.
+    """
+    token = _local_dispatcher.set(dispatcher)
+    try:
+        yield
+    finally:
+        _local_dispatcher.reset(token)
+
+
 def get_dispatcher() -> Dispatcher:
+    """What proxies call through here: the context's (see :func:`dispatching`), else the process's."""
+    local = _local_dispatcher.get()
+    if local is not None:
+        return local
     if _dispatcher is None:
         raise ConfigurationError(
             "not connected to a claypot cluster: call store.connect() or use store.LocalCluster()")
@@ -69,7 +97,8 @@ def get_dispatcher() -> Dispatcher:
 
 
 def has_dispatcher() -> bool:
-    return _dispatcher is not None
+    """Whether :func:`get_dispatcher` has something to return."""
+    return _local_dispatcher.get() is not None or _dispatcher is not None
 
 
 def readonly(method: Any) -> Any:

@@ -10,6 +10,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("CLAYPOT_VALIDATE", "1")
 
 from store import LocalCluster  # noqa: E402
+from store.inproc import InProcessCluster  # noqa: E402
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``both_transports`` run on the module's cluster over each transport:
+    backends served in this process (in the fast set), and backend processes reached
+    by gRPC (marked slow: CI's second step runs them)."""
+    if "cluster" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
+        metafunc.parametrize("cluster", [pytest.param("grpc", marks=pytest.mark.slow), "inproc"],
+                             indirect=True, scope="module")
 
 
 def validate_backends(c: LocalCluster) -> None:
@@ -42,9 +51,21 @@ def validate_backends(c: LocalCluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two backends on loopback, connected to this process, for one test module."""
+def cluster(request):
+    """Two backends connected to this process, for one test module: processes on
+    loopback, or (parametrized ``inproc``, see pytest_generate_tests) served in this process."""
+    if getattr(request, "param", "grpc") == "inproc":
+        with InProcessCluster(backends=2) as c:
+            yield c
+        return
     with LocalCluster(backends=2) as c:
+        yield c
+
+
+@pytest.fixture
+def inproc_cluster():
+    """Two backends served in this process (embedded Redis), connected, for one test."""
+    with InProcessCluster(backends=2) as c:
         yield c
 
 
@@ -54,7 +75,10 @@ def _validate_after_test(request):
     yield
     if "cluster" in request.fixturenames:
         c = request.getfixturevalue("cluster")
-        if c.processes and c.processes[0].alive():
+        if isinstance(c, InProcessCluster):
+            if c.servers:
+                c.validate()
+        elif c.processes and c.processes[0].alive():
             validate_backends(c)
 
 
@@ -76,7 +100,11 @@ def _cluster_connected(request):
         from store import objects
         c = request.getfixturevalue("cluster")
         if objects._dispatcher is not c.client:
-            c.client = store.connect(c.address, c.token)
+            if isinstance(c, InProcessCluster):
+                c.client = store.connect(c.address, c.token, transport=c.transport(),
+                                         settings=c.settings())
+            else:
+                c.client = store.connect(c.address, c.token)
     yield
 
 

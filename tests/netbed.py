@@ -129,6 +129,7 @@ class Agent:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self._replies.put(line)
+        self.proc.stdout.close()   # the agent is gone: nothing more to read
         self._replies.put(None)
 
     def run(self, code: str = "", expr: str = "None", timeout: float = 60.0):
@@ -153,6 +154,7 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self._close_stdin()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -161,6 +163,13 @@ class Agent:
                 self.proc.wait(5)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:   # the pipe broke with the agent: closed all the same
+            pass
 
 
 class AgentError(Exception):
@@ -277,21 +286,23 @@ class NetBed:
         """A redis-server in ``host`` listening on its address; returns its URL."""
         d = os.path.join(self.workdir, f"{name}-{host.name}-{port}")
         os.makedirs(d, exist_ok=True)
-        proc = subprocess.Popen(
-            [*host.wrapper(), find_redis_server(), "--port", str(port), "--bind", host.ip,
-             "--dir", d, "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--protected-mode", "no", "--daemonize", "no", *(args or [])],
-            stdout=open(os.path.join(d, "redis.log"), "ab"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(os.path.join(d, "redis.log"), "ab") as log:   # the child keeps its own copy
+            proc = subprocess.Popen(
+                [*host.wrapper(), find_redis_server(), "--port", str(port), "--bind", host.ip,
+                 "--dir", d, "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                 "--protected-mode", "no", "--daemonize", "no", *(args or [])],
+                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs.append(proc)
         self.wait_port(host, port, proc)
         return f"redis://{host.ip}:{port}/0"
 
     def start_program(self, host: Host, argv: list[str], log: str) -> subprocess.Popen:
         """Any program in ``host`` (stdout and stderr to ``log``)."""
-        proc = subprocess.Popen([*host.wrapper(), *argv], stdout=open(log, "ab"),
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env(), start_new_session=True)
+        with open(log, "ab") as out:   # the child keeps its own copy
+            proc = subprocess.Popen([*host.wrapper(), *argv], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env(), start_new_session=True)
         self._procs.append(proc)
         return proc
 

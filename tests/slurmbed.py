@@ -79,6 +79,7 @@ class SlurmBed:
         for daemon in ("slurmctld", "slurmd"):
             self.procs.append(subprocess.Popen([daemon, "-D", "-f", self.conf], stdout=log,
                                                stderr=log, stdin=subprocess.DEVNULL))
+        log.close()   # the daemons keep their own copies
         self._wait(self._idle, timeout, "the SLURM node")
         return self
 

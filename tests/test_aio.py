@@ -35,6 +35,7 @@ class Tally(StorageObject):
         raise KeyError("no such thing")
 
 
+@pytest.mark.both_transports
 def test_await_methods_and_lookups(cluster):
     t = Tally()
     t.make_persistent(alias="aio-tally")
@@ -55,6 +56,7 @@ def test_await_methods_and_lookups(cluster):
     asyncio.run(main())
 
 
+@pytest.mark.both_transports
 def test_a_thousand_concurrent_calls_from_one_loop(cluster):
     tallies = [Tally() for _ in range(4)]
     for t in tallies:
@@ -71,6 +73,8 @@ def test_a_thousand_concurrent_calls_from_one_loop(cluster):
     assert sorted(results) == sorted(list(range(1, 251)) * 4)
 
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_cancelling_the_task_cancels_the_remote_call(cluster):
     t = Tally()
     t.make_persistent()

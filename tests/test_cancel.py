@@ -63,6 +63,7 @@ def test_ctrl_c_cancels_the_remote_method_and_frees_its_object(cluster, tmp_path
     assert time.monotonic() - started < 3    # and not locked any more
 
 
+@pytest.mark.both_transports
 def test_a_client_deadline_cancels_the_remote_method(cluster, tmp_path):
     s = Spinner()
     s.make_persistent()
@@ -79,6 +80,7 @@ def test_a_client_deadline_cancels_the_remote_method(cluster, tmp_path):
     assert time.monotonic() - started < 3
 
 
+@pytest.mark.both_transports
 def test_cancel_by_call_id_raises_call_cancelled_in_the_method(cluster, tmp_path):
     import threading
     import uuid
@@ -129,6 +131,7 @@ def _spin_task(obj, log, seconds):
     return "finished"
 
 
+@pytest.mark.both_transports
 def test_a_task_past_its_time_out_stops_running(cluster, tmp_path):
     s = Spinner()
     s.make_persistent()
@@ -145,6 +148,7 @@ def test_a_task_past_its_time_out_stops_running(cluster, tmp_path):
     assert s.read() == (0, 0)                 # its change was rolled back
 
 
+@pytest.mark.both_transports
 def test_future_cancel_stops_a_running_task(cluster, tmp_path):
     from runtime import INOUT, task, wait_on
     from store.errors import TaskCancelled
@@ -173,6 +177,8 @@ def test_future_cancel_stops_a_running_task(cluster, tmp_path):
     assert time.monotonic() - started < 3
 
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_path):
     import threading
     import uuid

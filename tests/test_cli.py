@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 CLAYPOT = [sys.executable, "-m", "store.cli"]
 
 

@@ -79,6 +79,7 @@ def test_shard_of_is_the_same_in_every_process_and_equal_keys_agree():
 
 # -- ShardedArray ------------------------------------------------------------------------------
 
+@pytest.mark.both_transports
 def test_from_numpy_places_blocks_over_backends_and_round_trips(cluster):
     x = np.random.default_rng(0).normal(size=(1001, 5)).astype(np.float32)
     a = ShardedArray.from_numpy(x, shards=4)
@@ -96,6 +97,7 @@ def test_from_numpy_places_blocks_over_backends_and_round_trips(cluster):
     a.delete()
 
 
+@pytest.mark.both_transports
 def test_indexing_matches_numpy(cluster):
     x = np.arange(997 * 3, dtype=np.int64).reshape(997, 3)
     a = ShardedArray.from_numpy(x, block_rows=100)
@@ -124,6 +126,7 @@ def _where(block):
     return os.getpid(), len(block.data)
 
 
+@pytest.mark.both_transports
 def test_map_blocks_and_reduce_run_next_to_each_block(cluster):
     x = np.random.default_rng(2).normal(size=(4000, 8))
     a = ShardedArray.from_numpy(x, shards=4)
@@ -143,6 +146,7 @@ def test_map_blocks_and_reduce_run_next_to_each_block(cluster):
     a.delete()
 
 
+@pytest.mark.both_transports
 def test_update_blocks_changes_blocks_in_place(cluster):
     x = np.arange(600, dtype=np.float64).reshape(200, 3)
     a = ShardedArray.from_numpy(x, shards=3)
@@ -162,6 +166,7 @@ def test_update_blocks_changes_blocks_in_place(cluster):
     a.delete()
 
 
+@pytest.mark.both_transports
 def test_from_iterable_consumes_chunks_lazily(cluster):
     consumed = []
 
@@ -186,6 +191,7 @@ def _rows(lo, hi, width):
     return np.arange(lo, hi, dtype=np.float32)[:, None] * np.ones(width, np.float32) + os.getpid()
 
 
+@pytest.mark.both_transports
 def test_from_function_makes_each_block_on_its_backend(cluster):
     a = ShardedArray.from_function(_rows, 1000, 4, args=(3,))
     pids = _pids()
@@ -203,6 +209,7 @@ def test_from_function_makes_each_block_on_its_backend(cluster):
     a.delete()
 
 
+@pytest.mark.both_transports
 def test_from_numpy_reads_a_memmap_block_by_block(cluster, tmp_path):
     path = tmp_path / "x.f32"
     m = np.memmap(path, dtype=np.float32, mode="w+", shape=(5000, 16))
@@ -215,6 +222,8 @@ def test_from_numpy_reads_a_memmap_block_by_block(cluster, tmp_path):
     a.delete()
 
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_bad_input_and_all_or_nothing_creation(cluster):
     x = np.zeros((10, 2))
     with pytest.raises(ConfigurationError):
@@ -237,6 +246,7 @@ def test_bad_input_and_all_or_nothing_creation(cluster):
     a.delete()
 
 
+@pytest.mark.both_transports
 def test_placement_by_list_and_by_function(cluster):
     b0, b1 = cluster.backends
     a = ShardedArray.from_numpy(np.zeros((40, 1)), shards=4, placement=[b1])
@@ -253,6 +263,7 @@ def _shape_of(arr):
     return arr.shape, float(arr[0:2].sum())
 
 
+@pytest.mark.both_transports
 def test_a_handle_travels_into_tasks(cluster):
     a = ShardedArray.from_numpy(np.ones((30, 2)), shards=2)
     assert wait_on(_shape_of(a)) == ((30, 2), 4.0)
@@ -261,6 +272,7 @@ def test_a_handle_travels_into_tasks(cluster):
 
 # -- StorageDict ---------------------------------------------------------------------------
 
+@pytest.mark.both_transports
 def test_storage_dict_behaves_like_a_dict(cluster):
     d = StorageDict(shards=4)
     ref: dict = {}
@@ -298,6 +310,7 @@ def test_storage_dict_behaves_like_a_dict(cluster):
     d.delete()
 
 
+@pytest.mark.both_transports
 def test_storage_dict_from_iterable_in_batches_and_work_per_shard(cluster):
     pairs = ((f"w{i}", i) for i in range(5000))
     d = StorageDict.from_iterable(pairs, shards=3, batch=128, alias="words")
@@ -319,6 +332,7 @@ def test_storage_dict_from_iterable_in_batches_and_work_per_shard(cluster):
 
 # -- rebalance, locality of slices, restarts (clusters of their own) ------------------------
 
+@pytest.mark.slow
 def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         x = np.arange(8000, dtype=np.float64).reshape(1000, 8)
@@ -350,6 +364,7 @@ def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
         np.testing.assert_array_equal(a.to_numpy(), x)
 
 
+@pytest.mark.slow
 def test_a_slice_fetches_only_the_blocks_it_touches(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         c.client.settings = c.client.settings.replace(reconnect_timeout=1.0)
@@ -366,6 +381,7 @@ def test_a_slice_fetches_only_the_blocks_it_touches(tmp_path):
         np.testing.assert_array_equal(a[400:600], x[400:600])
 
 
+@pytest.mark.slow
 def test_collections_survive_a_kill_and_restart_of_every_backend(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         x = np.random.default_rng(4).normal(size=(3000, 7))

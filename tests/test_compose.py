@@ -13,6 +13,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Objects on every backend, by alias; prints {alias: [backend id, value]}.
@@ -54,6 +56,7 @@ print(json.dumps(out))
 # {backend id: [metrics address, whether the page has the call counter]}.
 METRICS = """
 import json, urllib.request, store
+
 store.connect("backend:7000")
 out = {}
 for b in store.backends():

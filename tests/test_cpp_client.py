@@ -21,6 +21,8 @@ import pytest
 import store
 from store import StorageObject
 
+pytestmark = pytest.mark.slow
+
 CPP_DIR = os.path.join(os.path.dirname(__file__), "..", "clients", "cpp")
 BUILD_DIR = os.environ.get("CLAYPOT_CPP_BUILD", os.path.join(CPP_DIR, "build"))
 

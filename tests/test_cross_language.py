@@ -24,6 +24,8 @@ import store
 from store import StorageObject
 from store.generated import claypot_pb2 as pb
 
+pytestmark = pytest.mark.slow
+
 JS_DIR = os.path.join(os.path.dirname(__file__), "js")
 CLIENT_JS = os.path.join(JS_DIR, "client.js")
 TOKEN_HEADER = "claypot-token"

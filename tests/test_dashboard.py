@@ -23,6 +23,8 @@ from runtime import task, wait_on
 from store import LocalCluster, StorageObject, dashboard
 from store.errors import ConfigurationError
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -20,6 +20,8 @@ from store.errors import ObjectCorrupt, ObjectNotFound
 
 import chaos
 
+pytestmark = pytest.mark.slow
+
 
 class Blob(StorageObject):
     """An object whose whole state is one bytes value or one numpy array."""

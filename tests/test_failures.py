@@ -21,6 +21,8 @@ from store.errors import AliasNotFound, BackendUnavailable, CallInterrupted
 
 import chaos
 
+pytestmark = pytest.mark.slow
+
 
 class Ledger(StorageObject):
     """Records every call's token, so a call that ran twice shows up as a duplicate."""

@@ -14,6 +14,10 @@ from store import LocalCluster, StorageObject, readonly
 
 import chaos
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 N_ARRAYS = 32
 ARRAY_BYTES = 64 * MiB          # 32 x 64 MiB = 2 GiB, eight times the limit

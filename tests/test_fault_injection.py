@@ -11,6 +11,8 @@ import pytest
 from faults import CLUSTER_ENV, Stats, run_sequence
 from store import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("seed", [11, 23, 37])
 def test_random_operations_with_kill9_keep_every_acknowledged_change(tmp_path, seed):

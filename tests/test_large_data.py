@@ -34,6 +34,8 @@ from store.errors import (BackendUnavailable, CallInterrupted, ClaypotError, Dea
 from store.generated import claypot_pb2 as pb
 from store.objects import readonly
 
+pytestmark = pytest.mark.large
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _streams_not_shared_memory():

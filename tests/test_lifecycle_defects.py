@@ -24,6 +24,8 @@ from store.backend.storage import scan_storage_dir
 from store.errors import (CallInterrupted, ObjectBusy, ObjectNotFound, StorageFailed, TaskCancelled,
                           ValueTooLarge)
 
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 
 

@@ -10,6 +10,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys, time
@@ -50,12 +53,14 @@ def test_children_and_temp_dir_go_when_the_owner_is_killed():
     owner, info = start_owner("hang")
     owner.send_signal(signal.SIGKILL)
     owner.wait()
+    owner.stdout.close()
     assert wait_all_gone(info), [p for p in info["pids"] if not gone(p)]
 
 
 def test_atexit_stops_a_cluster_that_was_never_stopped():
     owner, info = start_owner("exit")
     assert owner.wait(60) == 0
+    owner.stdout.close()
     # atexit ran stop(): everything is gone by the time the owner exited.
     assert all(gone(p) for p in info["pids"])
     assert not os.path.exists(info["data_dir"])

@@ -11,11 +11,14 @@ import pytest
 
 import netbed
 
+pytestmark = pytest.mark.slow
+
 
 SETUP = """
 import numpy as np, store, hostlib
 from store import shm
 from runtime import wait_on
+
 cl = store.connect({address!r}, {token!r})
 exported = []   # values that went through /dev/shm: new segments, reused ones, leased views
 def _counting(real, count):

@@ -13,12 +13,15 @@ import pytest
 
 import netbed
 
+pytestmark = pytest.mark.slow
+
 TTL = 2.0
 FAST = {"CLAYPOT_HEARTBEAT_TTL": str(TTL), "CLAYPOT_HEARTBEAT_INTERVAL": "0.5"}
 
 SETUP = """
 import numpy as np, store, hostlib
 from store import errors
+
 cl = store.connect({address!r}, {token!r})
 """
 

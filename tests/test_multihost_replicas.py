@@ -20,6 +20,8 @@ import pytest
 
 import netbed
 
+pytestmark = pytest.mark.slow
+
 TTL = 2.0
 FAST = {"CLAYPOT_HEARTBEAT_TTL": str(TTL), "CLAYPOT_HEARTBEAT_INTERVAL": "0.25"}
 
@@ -27,6 +29,7 @@ SETUP = """
 import random, threading, time, store, hostlib
 from store import errors
 from histories import History, UNKNOWN, check
+
 cl = store.connect({address!r}, {token!r})
 hist = History()
 stop = threading.Event()

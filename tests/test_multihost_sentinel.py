@@ -17,6 +17,8 @@ import netbed
 from store import errors
 from store.directory import parse_sentinel_url, redact_url, sentinel_auth
 
+pytestmark = pytest.mark.slow
+
 FAST = {"CLAYPOT_HEARTBEAT_TTL": "3", "CLAYPOT_HEARTBEAT_INTERVAL": "0.5",
         "CLAYPOT_ADMIN_TIMEOUT": "3"}
 

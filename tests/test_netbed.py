@@ -7,8 +7,11 @@ import pytest
 
 import netbed
 
+pytestmark = pytest.mark.slow
+
 PROBE = """
 import socket, sys
+
 s = socket.socket(); s.settimeout(float(sys.argv[3]))
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print("open")

@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 NODE_DIR = os.path.join(os.path.dirname(__file__), "..", "clients", "node")
 
 

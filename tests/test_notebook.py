@@ -8,8 +8,11 @@ import pytest
 from store import LocalCluster
 from store.errors import ClassNotFound
 
+pytestmark = pytest.mark.slow
+
 V1 = """
 from store import StorageObject
+
 class Greeter(StorageObject):
     def __init__(self, name):
         self.name = name

@@ -73,6 +73,8 @@ def cluster():
 
 # -- aliases --------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_several_aliases_per_object(cluster):
     p = Person("ana", 30)
     p.make_persistent(alias="ana")
@@ -91,6 +93,7 @@ def test_several_aliases_per_object(cluster):
     assert store.get_by_alias("ana-3").greet() == "hello, ana"
 
 
+@pytest.mark.both_transports
 def test_alias_of_another_object_is_refused_and_nothing_changes(cluster):
     a, b = Person("a"), Person("b")
     a.make_persistent(alias="taken-a")
@@ -103,6 +106,7 @@ def test_alias_of_another_object_is_refused_and_nothing_changes(cluster):
         b.add_alias("bad|alias")
 
 
+@pytest.mark.both_transports
 def test_concurrent_add_alias_keeps_every_alias(cluster):
     p = Person("busy")
     p.make_persistent()
@@ -122,6 +126,7 @@ def test_concurrent_add_alias_keeps_every_alias(cluster):
     assert p.get_aliases() == {f"busy-{i}" for i in range(12)}
 
 
+@pytest.mark.both_transports
 def test_aliases_follow_a_move_and_delete_drops_them_all(cluster):
     p = Person("mover")
     p.make_persistent(alias="mover-1", backend=cluster.backends[0])
@@ -135,6 +140,7 @@ def test_aliases_follow_a_move_and_delete_drops_them_all(cluster):
             store.get_by_alias(alias)
 
 
+@pytest.mark.slow
 def test_aliases_survive_a_wiped_directory_and_repair(tmp_path):
     """Every alias is in the object's stored state: republish and `claypot repair` bring
     them all back, including the one added after a move."""
@@ -172,6 +178,7 @@ def _aliases_or_none(alias):
 
 # -- versions -------------------------------------------------------------------------------
 
+@pytest.mark.both_transports
 def test_new_version_changes_in_isolation_and_consolidates_back(cluster):
     p = Person("marc", 24)
     p.make_persistent(alias="marc")
@@ -188,6 +195,7 @@ def test_new_version_changes_in_isolation_and_consolidates_back(cluster):
     assert p.get_aliases() == {"marc"}
 
 
+@pytest.mark.both_transports
 def test_version_on_another_backend_and_version_of_version(cluster):
     p = Person("root", 1)
     p.make_persistent(backend=cluster.backends[0])
@@ -202,6 +210,7 @@ def test_version_on_another_backend_and_version_of_version(cluster):
     assert store.get_by_id(v1.getID()).name == "v2"
 
 
+@pytest.mark.both_transports
 def test_consolidating_a_non_version_is_a_typed_error(cluster):
     p = Person("plain")
     p.make_persistent()
@@ -212,6 +221,7 @@ def test_consolidating_a_non_version_is_a_typed_error(cluster):
         store.get_by_id(p.getID()).consolidate_version()
 
 
+@pytest.mark.both_transports
 def test_version_made_by_one_process_consolidated_by_another(cluster):
     p = Person("shared", 5)
     p.make_persistent(alias="shared-v")
@@ -230,6 +240,7 @@ def test_version_made_by_one_process_consolidated_by_another(cluster):
 
 # -- recursive move -------------------------------------------------------------------------
 
+@pytest.mark.both_transports
 def test_recursive_move_takes_references_of_references_and_cycles(cluster):
     b0, b1, b2 = cluster.backends
     root, mid, leaf, far = Node("root"), Node("mid"), Node("leaf"), Node("far")
@@ -246,6 +257,7 @@ def test_recursive_move_takes_references_of_references_and_cycles(cluster):
     assert len({n.where() for n in (root, mid, leaf, far)}) == 1
 
 
+@pytest.mark.both_transports
 def test_plain_move_leaves_references_where_they_are(cluster):
     b0, b1, _ = cluster.backends
     parent, child = Node("p"), Node("c")
@@ -258,6 +270,7 @@ def test_plain_move_leaves_references_where_they_are(cluster):
 
 # -- custom pickling ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_custom_getstate_setstate_through_persist_move_and_spill(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), memory_limit="1MB") as c:
         obj = Packed(["a", "b"])
@@ -276,6 +289,7 @@ def test_custom_getstate_setstate_through_persist_move_and_spill(tmp_path):
 
 # -- backends, identity, stubs --------------------------------------------------------------
 
+@pytest.mark.both_transports
 def test_get_backends_is_an_ordered_mapping_of_handles(cluster):
     backends = store.get_backends()
     assert list(backends) == cluster.backends
@@ -286,6 +300,7 @@ def test_get_backends_is_an_ordered_mapping_of_handles(cluster):
     assert p.get_location() == first
 
 
+@pytest.mark.both_transports
 def test_identity_map_returns_one_proxy_per_object(cluster):
     p = Person("same")
     p.make_persistent(alias="same")
@@ -296,6 +311,7 @@ def test_identity_map_returns_one_proxy_per_object(cluster):
     assert len({a, b, c}) == 1 and a == c
 
 
+@pytest.mark.both_transports
 def test_proxies_compare_and_hash_by_id(cluster):
     p, q = Person("x"), Person("x")
     p.make_persistent()
@@ -324,6 +340,7 @@ STUB_CLASS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.both_transports
 def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
     """A process that cannot import a class calls its objects through a stub whose
     members come from the cluster."""
@@ -355,6 +372,7 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
 
 # -- values that are not StorageObjects -----------------------------------------------------
 
+@pytest.mark.both_transports
 def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
     import numpy as np
     arr = store.Alien(np.arange(10, dtype=np.float64))
@@ -375,6 +393,7 @@ def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
     assert store.get_by_alias("settings").unwrap() == {"a": 1, "b": 2, "c": 3}
 
 
+@pytest.mark.slow
 def test_republish_keeps_the_aliases_still_free(tmp_path):
     """After Redis lost everything, a backend republishes its objects; an alias another
     object took meanwhile is dropped, the object's other aliases are kept."""

@@ -39,6 +39,7 @@ def total(samples, name: str, **labels) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
+@pytest.mark.slow
 def test_every_backend_serves_metrics_that_follow_its_work(cluster):
     infos = store.backends()
     assert len(infos) == 2
@@ -115,6 +116,7 @@ def test_metrics_address_follows_the_settings():
         Settings.from_env({"CLAYPOT_METRICS_PORT": "70000"})
 
 
+@pytest.mark.slow
 def test_metrics_can_be_turned_off(tmp_path):
     from store import LocalCluster
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
@@ -149,6 +151,7 @@ def test_progress_counts_done_and_failed_tasks(cluster):
         wait_on([settle(3, 0.0)], progress=True)
 
 
+@pytest.mark.slow
 def test_progress_times_out_clearly(cluster):
     import io
 
@@ -159,6 +162,7 @@ def test_progress_times_out_clearly(cluster):
     assert wait_on(slow) == 1
 
 
+@pytest.mark.slow
 def test_long_transfers_show_bytes_and_rate_when_asked(tmp_path):
     """Inside show_transfers(), a streamed make_persistent and the streamed read of a
     large result draw a bar of bytes with a rate; outside it, nothing is drawn."""

@@ -13,6 +13,8 @@ import pytest
 
 from store import errors
 
+pytestmark = pytest.mark.slow
+
 CLAYPOT = [sys.executable, "-m", "store.cli"]
 
 
@@ -103,6 +105,7 @@ def test_logs_follow_prints_new_lines(env, tmp_path):
     finally:
         follower.send_signal(signal.SIGINT)
         follower.wait(10)
+        follower.stdout.close()
     assert follower.returncode == 0
 
 

@@ -113,6 +113,7 @@ def test_backend_module_help():
 
 @pytest.mark.parametrize("command", [["claypot"], [sys.executable, "-m", "store"]],
                          ids=["console-script", "python-m-store"])
+@pytest.mark.slow
 def test_claypot_help_lists_the_commands(command):
     exe = [_claypot()] if command == ["claypot"] else command
     proc = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=60)
@@ -271,6 +272,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_compose_backend_command_registers_a_reachable_address(tmp_path):
     """The backend command from docker-compose.yml, with local values: the backend
     registers an address clients and peers reach it at."""

@@ -24,6 +24,8 @@ from store.errors import AliasExists, AliasNotFound, ObjectNotFound
 
 import chaos
 
+pytestmark = pytest.mark.slow
+
 
 class Point(StorageObject):
     def __init__(self, x):
@@ -64,6 +66,7 @@ def test_visible_to_another_process_at_once_and_durable(tmp_path):
         finally:
             reader.stdin.close()
             reader.wait(timeout=30)
+            reader.stdout.close()
         for bid in c.backends:
             chaos.restart_backend(c, bid, kill=True)
         assert [store.get_by_alias(f"pt-{i}").get() for i in range(40)] == list(range(40))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -73,6 +74,7 @@ def _failure(call) -> tuple[grpc.StatusCode, dict]:
     return info.value.code(), dict(info.value.trailing_metadata() or ())
 
 
+@pytest.mark.slow
 def test_health_answers_without_a_token_and_reflection_needs_one(cluster):
     address = _address(cluster.backends[1])
     with grpc.insecure_channel(address) as ch:
@@ -277,7 +279,7 @@ def test_failures_are_status_codes_with_the_error_code_in_trailers(cluster, stub
 
 def test_readme_error_table_matches_the_code():
     """Every error code, with its gRPC status, is in the README's one table, and only those."""
-    text = open(README, encoding="utf-8").read()
+    text = Path(README).read_text(encoding="utf-8")
     section = text.split("### Errors, in every language", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", section, flags=re.M))
     assert set(rows) == set(polyglot.error_codes()) == set(polyglot.STATUS_BY_CODE)
@@ -288,10 +290,10 @@ def test_readme_error_table_matches_the_code():
 def test_node_and_cpp_clients_carry_the_same_status_table():
     """The clients' own copies of the table (for errors inside replies) match store.polyglot."""
     root = os.path.join(os.path.dirname(__file__), "..", "clients")
-    node = open(os.path.join(root, "node", "index.js"), encoding="utf-8").read()
+    node = Path(root, "node", "index.js").read_text(encoding="utf-8")
     block = node.split("const STATUS_BY_CODE = Object.freeze({", 1)[1].split("});", 1)[0]
     node_table = dict(re.findall(r"(\w+): '(\w+)'", block))
-    cpp = open(os.path.join(root, "cpp", "src", "client.cpp"), encoding="utf-8").read()
+    cpp = Path(root, "cpp", "src", "client.cpp").read_text(encoding="utf-8")
     cpp_table = dict(re.findall(r'\{"(\w+)", grpc::StatusCode::(\w+)\}', cpp))
     expected = {code: status.name for code, status in polyglot.STATUS_BY_CODE.items()}
     assert node_table == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_current_proto_passes_lint_and_breaking_check(buf):
     (("  bool adopt = 2;\n", ""), "adopt"),
 ])
 def test_breaking_or_unidiomatic_changes_fail(buf, tmp_path, change, expect):
-    text = open(PROTO, encoding="utf-8").read()
+    text = Path(PROTO).read_text(encoding="utf-8")
     old, new = change
     assert old in text
     (tmp_path / "claypot.proto").write_text(text.replace(old, new, 1))

@@ -95,6 +95,7 @@ def test_a_change_is_seen_by_the_next_read_and_old_views_keep_their_snapshot(clu
     assert old[0] == 0.0 and old[-1] == 0.0 and now[0] == 3.0
 
 
+@pytest.mark.slow
 def test_many_changes_interleaved_with_reads_are_never_stale(cluster):
     f = Field(np.zeros(N))
     f.make_persistent()
@@ -155,6 +156,7 @@ def test_no_reuse_once_the_reader_dropped_its_views(cluster):
     assert reused(cluster) == before and got[0] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [True, False])
 def test_a_restarted_backend_is_asked_again(tmp_path, kill):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
@@ -207,6 +209,7 @@ def test_a_change_through_another_object_sharing_the_array_is_seen(cluster):
     assert held[0] == 0.0
 
 
+@pytest.mark.slow
 def test_reads_beside_a_writer_are_whole_and_never_older_than_a_finished_change(cluster):
     f = Field(np.zeros(N))
     f.make_persistent()

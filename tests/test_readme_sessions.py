@@ -13,12 +13,15 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import store
 from store import StorageObject
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 README = os.path.join(ROOT, "README.md")
@@ -53,7 +56,7 @@ def _need(condition: bool, why: str) -> None:
 
 
 def _block(lang: str) -> str:
-    text = open(README, encoding="utf-8").read()
+    text = Path(README).read_text(encoding="utf-8")
     section = text.split("## From other languages", 1)[1]
     blocks = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, f"expected one {lang} session in the README"

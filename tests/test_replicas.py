@@ -28,6 +28,8 @@ from store.generated import claypot_pb2 as pb
 from store.generated import claypot_pb2_grpc as pb_grpc
 from store.serialization import dumps, loads
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def env_ttl(monkeypatch):

@@ -23,6 +23,8 @@ from store.errors import (ClaypotError, ConfigurationError, FeatureUnavailable,
                           ObjectNotFound)
 from store.generated import claypot_pb2 as pb
 
+pytestmark = pytest.mark.slow
+
 
 def _promoted(c, oid: str, old: str):
     def check():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +311,7 @@ def test_retry_policy_gives_up_after_retries(tmp_path):
     with pytest.raises(OSError):
         wait_on(f)
     assert f.attempts == 3
-    assert open(counter).read() == "xxx"
+    assert Path(counter).read_text() == "xxx"
     with pytest.raises(TaskError):
         barrier()
 
@@ -415,6 +416,7 @@ def test_inline_mode_without_a_cluster(tmp_path):
     assert out.stdout.strip() == "10 [0, 1, 2] True None True"
 
 
+@pytest.mark.slow
 def test_numpy_training_example_reduces_loss():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "numpy_training.py")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

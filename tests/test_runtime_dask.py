@@ -56,6 +56,7 @@ def drained(dask_cluster):
         pass
 
 
+@pytest.mark.slow
 def test_backends_host_workers_named_after_their_ids(dask_cluster):
     executor = runtime.core.current().executor
     assert isinstance(executor, DaskExecutor)
@@ -239,6 +240,7 @@ def test_burst_of_tasks_with_chains_over_both_backends(dask_cluster):
     assert {f.backend for f in heads + tails} == set(dask_cluster.backends)
 
 
+@pytest.mark.slow
 def test_time_out_through_dask(dask_cluster):
     from store.errors import TaskTimeout
     slow = task(returns=1, time_out=0.3)(lambda: time.sleep(1.5) or 1)

@@ -49,6 +49,7 @@ def where_with(b):
     return os.getpid(), float(b.data.sum())
 
 
+@pytest.mark.slow
 def test_backends_publish_their_resources(cluster, nodes):
     offers = {b.backend_id: json.loads(b.resources_json) for b in cluster.client.backends()}
     assert offers[nodes["edge"]]["processor_type"] == "ARM"
@@ -217,6 +218,7 @@ def _need(program):
         pytest.skip(f"{program} is not installed (apt-get install openmpi-bin)")
 
 
+@pytest.mark.slow
 def test_mpi_task_runs_ranks_and_fails_by_exit_code(tmp_path):
     _need("mpirun")
     out = str(tmp_path / "ranks.out")
@@ -249,6 +251,7 @@ def _need_mpi4py():
         pytest.skip("mpi4py is not installed (pip install mpi4py)")
 
 
+@pytest.mark.slow
 def test_mpi_task_runs_a_python_function_on_every_rank(cluster):
     """``@mpi`` without a binary: the function runs under mpi4py on each rank, the ranks
     talk to each other, read a persistent object, and the value is every rank's result."""
@@ -314,6 +317,7 @@ def test_blocked_matrix_multiplication_on_persistent_blocks(cluster):
     np.testing.assert_allclose(C, A @ B)
 
 
+@pytest.mark.slow
 def test_elastic_scale_uses_new_backends_at_once_and_drains(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "elastic")) as c:
         keep = Block(np.arange(5.0))
@@ -353,6 +357,7 @@ def nap(seconds, after=None):
     return os.getpid()
 
 
+@pytest.mark.slow
 def test_autoscaler_grows_with_the_queue_and_shrinks_when_idle(tmp_path):
     import time
 
@@ -438,6 +443,7 @@ def test_file_and_binary_tasks_run_inline_without_a_cluster(tmp_path):
     assert out.stdout.strip() == "2"
 
 
+@pytest.mark.slow
 def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
     from slurmbed import SlurmBed, missing
 

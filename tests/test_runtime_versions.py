@@ -67,6 +67,8 @@ def _drained(cluster):
         pass
 
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_versioned_writer_runs_alongside_an_earlier_reader(cluster):
     acct = Account(100)
     acct.make_persistent()
@@ -83,6 +85,7 @@ def test_versioned_writer_runs_alongside_an_earlier_reader(cluster):
         store.get_by_id(changed_id).balance  # the version is gone
 
 
+@pytest.mark.both_transports
 def test_plain_writer_waits_for_the_earlier_reader(cluster):
     acct = Account(100)
     acct.make_persistent()
@@ -94,6 +97,7 @@ def test_plain_writer_waits_for_the_earlier_reader(cluster):
     assert acct.balance == 105
 
 
+@pytest.mark.both_transports
 def test_versioned_writers_in_a_row_apply_in_order(cluster):
     acct = Account(0)
     acct.make_persistent()
@@ -103,6 +107,7 @@ def test_versioned_writers_in_a_row_apply_in_order(cluster):
     assert acct.balance == 15
 
 
+@pytest.mark.both_transports
 def test_a_failed_versioned_task_changes_nothing_and_leaves_no_version(cluster):
     acct = Account(7)
     acct.make_persistent()

@@ -78,6 +78,7 @@ def _redis(cluster) -> redis.Redis:
 
 # -- Redis -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_embedded_redis_needs_its_password(cluster):
     plain = redis.Redis(port=cluster.redis.port, socket_timeout=5)
     with pytest.raises(redis.AuthenticationError):
@@ -336,6 +337,7 @@ def test_shm_refuses_symlinks_foreign_modes_and_sweeps_orphans(tmp_path):
     shm.discard([mine])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shm.available(), reason="no /dev/shm")
 def test_backend_sweeps_orphans_at_start_and_unclaimed_results_on_a_timer(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -415,6 +417,7 @@ def test_raw_calls_without_a_chain_do_not_share_an_object_lock(cluster):
 
 # -- Dask ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path):
     import distributed
     from store.certs import make_cluster_certs
@@ -438,6 +441,7 @@ def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path
         assert mode == 0o600
 
 
+@pytest.mark.slow
 def test_tls_is_one_flag(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), tls=True) as c:
         v = Vault("over tls")
@@ -448,6 +452,7 @@ def test_tls_is_one_flag(tmp_path):
             _raw(c.address, "Ping", pb.PingRequest(), pb.PingReply, timeout=3)
 
 
+@pytest.mark.slow
 def test_claypot_up_tls_serves_tls_and_status_finds_the_ca(tmp_path):
     env = dict(os.environ, CLAYPOT_STATE_DIR=str(tmp_path / "state"))
     env.pop("CLAYPOT_ADDRESS", None)

@@ -8,7 +8,7 @@ import pytest
 import hostile
 from store import LocalCluster
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_hostile_input_leaves_the_backend_serving_and_objects_intact(tmp_path):

@@ -15,7 +15,7 @@ from store import StorageObject, errors, shm
 from store.generated import claypot_pb2 as pb
 from store.objects import readonly
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 

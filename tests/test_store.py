@@ -77,6 +77,7 @@ def run_script(code: str, env_extra=None, timeout=120) -> subprocess.CompletedPr
                           text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_issue_usage_as_a_user_script():
     """The issue's snippet, verbatim, with the class in the user's own script (__main__)."""
     result = run_script("""
@@ -143,6 +144,7 @@ def test_connect_from_environment(cluster):
     assert "BACKENDS 2" in out.stdout, out.stderr
 
 
+@pytest.mark.both_transports
 def test_compss_names(cluster):
     c = Counter(3)
     c.makePersistent()
@@ -153,6 +155,7 @@ def test_compss_names(cluster):
         store.get_by_id(c.getID())
 
 
+@pytest.mark.both_transports
 def test_remote_exception_keeps_type_and_traceback(cluster):
     c = Counter()
     c.make_persistent()
@@ -163,6 +166,7 @@ def test_remote_exception_keeps_type_and_traceback(cluster):
     assert c.incr() == 1  # the object is fine afterwards
 
 
+@pytest.mark.both_transports
 def test_dunder_methods_run_remotely(cluster):
     b = Bag([1, 2, 3])
     b.make_persistent()
@@ -171,6 +175,7 @@ def test_dunder_methods_run_remotely(cluster):
     assert 3 in b and 7 not in b
 
 
+@pytest.mark.both_transports
 def test_references_travel_as_references(cluster):
     a, b = Counter(1), Counter(2)
     b.make_persistent(backend=cluster.backends[1])
@@ -183,6 +188,7 @@ def test_references_travel_as_references(cluster):
     assert held.getID() == b.getID()
 
 
+@pytest.mark.both_transports
 def test_new_objects_persist_with_their_holder(cluster):
     child = Counter(10)
     holder = Bag([child, Counter(20)])
@@ -194,6 +200,7 @@ def test_new_objects_persist_with_their_holder(cluster):
     assert holder[1].value == 20
 
 
+@pytest.mark.both_transports
 def test_objects_created_on_the_backend_are_persistent(cluster):
     c = Counter()
     c.make_persistent(backend=cluster.backends[0])
@@ -215,6 +222,8 @@ def test_nested_calls_across_backends_do_not_deadlock(cluster):
     assert a.hits == 3 and b.hits == 3
 
 
+@pytest.mark.slow
+@pytest.mark.both_transports
 def test_concurrent_calls_are_serialised_per_object(cluster):
     c = Counter(0)
     c.make_persistent()
@@ -235,6 +244,7 @@ def test_concurrent_calls_are_serialised_per_object(cluster):
     assert c.value == 4000
 
 
+@pytest.mark.both_transports
 def test_aliases(cluster):
     c = Counter(1)
     c.make_persistent(alias="alias-test")
@@ -251,6 +261,7 @@ def test_aliases(cluster):
     assert store.get_by_alias("alias-test").value == 3
 
 
+@pytest.mark.both_transports
 def test_duplicate_alias_leaves_nothing_behind(cluster):
     Counter(1).make_persistent(alias="taken")
     child = Counter(5)
@@ -267,6 +278,7 @@ def test_duplicate_alias_leaves_nothing_behind(cluster):
     assert sum(b.objects for b in store.backends()) == before   # neither holder nor child
 
 
+@pytest.mark.both_transports
 def test_unknown_alias_and_id(cluster):
     with pytest.raises(errors.AliasNotFound):
         store.get_by_alias("no-such-alias")
@@ -276,6 +288,7 @@ def test_unknown_alias_and_id(cluster):
         Counter.get_by_alias("nope")
 
 
+@pytest.mark.both_transports
 def test_unpicklable_value_is_refused_cleanly(cluster):
     c = Counter(1)
     c.lock = threading.Lock()
@@ -291,6 +304,7 @@ def test_unpicklable_value_is_refused_cleanly(cluster):
     assert d.value == 0
 
 
+@pytest.mark.both_transports
 def test_missing_class_is_a_clear_error(cluster):
     from store.generated import claypot_pb2 as pb
     client = store.client()
@@ -316,6 +330,7 @@ def test_wrong_token_is_refused(cluster):
     assert "REFUSED AuthenticationError" in out.stdout, out.stderr
 
 
+@pytest.mark.both_transports
 def test_delete_persistent(cluster):
     c = Counter(1)
     c.make_persistent(alias="to-delete")
@@ -329,6 +344,7 @@ def test_delete_persistent(cluster):
         c.incr()
 
 
+@pytest.mark.both_transports
 def test_move_keeps_id_alias_and_state(cluster):
     c = Counter(7)
     c.make_persistent(alias="mover", backend=cluster.backends[0])
@@ -350,6 +366,7 @@ def test_backends_listing(cluster):
         assert b.memory_bytes > 0
 
 
+@pytest.mark.both_transports
 def test_make_persistent_twice_and_unknown_backend(cluster):
     c = Counter()
     with pytest.raises(errors.BackendNotFound):
@@ -360,6 +377,7 @@ def test_make_persistent_twice_and_unknown_backend(cluster):
         c.make_persistent()
 
 
+@pytest.mark.both_transports
 def test_make_persistent_many(cluster):
     objs = [Counter(i) for i in range(300)]
     store.make_persistent_many(objs, backend=cluster.backends[0])
@@ -376,6 +394,7 @@ def test_not_persistent_operations():
     assert c.incr() == 1  # a plain local object until made persistent
 
 
+@pytest.mark.slow
 def test_graceful_restart_brings_objects_back(fresh_cluster):
     c = Counter(41)
     c.make_persistent(alias="survivor", backend=fresh_cluster.backends[0])
@@ -386,6 +405,7 @@ def test_graceful_restart_brings_objects_back(fresh_cluster):
     assert c.incr() == 43  # the old proxy keeps working
 
 
+@pytest.mark.both_transports
 def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
     """A value over max_value_size: ValueTooLarge, nothing sent, nothing stored."""
     np = pytest.importorskip("numpy")
@@ -403,6 +423,7 @@ def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
         c.hold(np.zeros(2 << 20, dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_backend_refuses_values_over_its_limit(tmp_path):
     """The backend checks the announced size before allocating anything."""
     np = pytest.importorskip("numpy")

@@ -39,6 +39,7 @@ def make_certs(d) -> dict:
             "CLAYPOT_TLS_KEY": os.path.join(d, "backend.key")}
 
 
+@pytest.mark.slow
 def test_cluster_over_tls(tmp_path, monkeypatch):
     certs = make_certs(str(tmp_path))
     monkeypatch.setenv("CLAYPOT_TLS_CA", certs["CLAYPOT_TLS_CA"])

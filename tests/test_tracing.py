@@ -194,6 +194,7 @@ class Chatty(StorageObject):
         return self.n
 
 
+@pytest.mark.slow
 def test_json_logs_name_backend_object_call_and_trace(tmp_path):
     import json
     env = {"CLAYPOT_LOG_FORMAT": "json", "CLAYPOT_LOG": "INFO", "CLAYPOT_TRACING": "1",

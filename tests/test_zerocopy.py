@@ -58,6 +58,7 @@ def wait_for(predicate, timeout: float = 20.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_read_is_a_leased_view_that_stays_unchanged_while_a_writer_changes(cluster):
     g = Grid(np.arange(N, dtype=np.float64))
     g.make_persistent()
@@ -161,6 +162,7 @@ def test_a_reader_killed_with_kill_9_releases_its_lease(cluster):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        proc.stdout.close()
 
 
 def test_leased_memory_is_bounded_and_reported(tmp_path):
@@ -240,6 +242,7 @@ def test_big_object_under_sync_survives_kill_9(tmp_path):
         assert np.array_equal(store.get_by_alias("zc-big-sync").data, data)
 
 
+@pytest.mark.slow
 def test_freed_segments_are_reused_and_never_while_a_reader_maps_them(tmp_path):
     M = N + 4096   # a size of its own: other clusters' free segments do not fit it exactly
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:

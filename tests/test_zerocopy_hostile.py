@@ -36,7 +36,7 @@ class Giver(StorageObject):
     def give(self, other):
         other.data = self.data        # a local call on the same backend: by reference
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 N = 4 * MiB   # float64: 32 MiB
@@ -175,6 +175,8 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
         finally:
             proc.kill()
             proc.wait(10)
+            proc.stdin.close()
+            proc.stdout.close()
 
 
 # -- torn reads -----------------------------------------------------------------------------

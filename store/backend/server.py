@@ -661,13 +661,33 @@ def check_listen(settings: Settings) -> None:
                 "port can run code in this process", settings.host)
 
 
-class Backend:
-    """One backend: storage, heap, directory registration, gRPC server."""
+class _HandlerSink:
+    """Takes the handlers a grpc.Server would serve (an embedded backend has none)."""
 
-    def __init__(self, settings: Settings):
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service_name, handlers) -> None:
+        pass
+
+
+class Backend:
+    """One backend: storage, heap, directory registration, gRPC server.
+
+    ``transport`` embeds the backend in a process that serves it itself
+    (store.inproc): no gRPC server is made, the backend's address is
+    ``settings.advertise``, its own client reaches its peers through
+    ``transport``, and it installs no process-wide dispatcher (the process's
+    own client keeps that; the embedding server sets the backend's for each
+    call it serves, see store.objects.dispatching).
+    """
+
+    def __init__(self, settings: Settings, transport=None):
         if not settings.data_dir:
             raise ClaypotError("a backend needs a data dir")
-        check_listen(settings)
+        self.embedded = transport is not None
+        if not self.embedded:
+            check_listen(settings)
         if not settings.redis:
             raise ClaypotError("a backend needs a Redis URL (--redis)")
         self.settings = settings
@@ -707,13 +727,21 @@ class Backend:
         self.heap.before_change = lambda oid: self.segments.changing(oid, self.heap.loaded(oid))
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone
+        self.interceptors = [TokenInterceptor(settings.token), StreamIdleGuard(settings.admin_timeout)]
+        self.servicer = BackendServicer(self)
+        if self.embedded:
+            self.server = None
+            self.services = StandardServices(_HandlerSink())  # health kept, served by no one
+            self.address = settings.advertise
+            self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings,
+                                                transport=transport)
+            self._init_rest()
+            return
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.server_threads,
                                        thread_name_prefix="rpc"),
-            interceptors=[TokenInterceptor(settings.token),
-                          StreamIdleGuard(settings.admin_timeout)],
+            interceptors=self.interceptors,
             options=CHANNEL_OPTIONS)
-        self.servicer = BackendServicer(self)
         wire.add_servicer(self.servicer, self.server)
         self.services = StandardServices(self.server)  # health (NOT_SERVING until started), reflection
         listen = f"{settings.host}:{settings.port}"
@@ -730,6 +758,9 @@ class Backend:
         self.address = settings.advertise or advertised_address(settings.host, port)
         self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings)
         objmod.set_dispatcher(self.client)
+        self._init_rest()
+
+    def _init_rest(self) -> None:
         self._stop = threading.Event()
         self._epoch: str | None = None
         self.started = time.time()
@@ -766,7 +797,8 @@ class Backend:
             self.reconcile()
         self._remember_epoch(self._epoch)
         self.replicator.start()
-        self.server.start()
+        if self.server is not None:
+            self.server.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._replica_loop, name="replicas", daemon=True).start()
@@ -790,7 +822,8 @@ class Backend:
             self.directory.unregister_backend(self.backend_id, self._stats())
         except Exception:
             pass
-        self.server.stop(grace).wait(grace + 1)
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
         self.segments.close()
         self.replicator.close()
         self.storage.close()
