@@ -1,0 +1,194 @@
+"""Hostile review of the zero-copy speed changes (issue 19): ready spares and the
+background teardown of copy-on-write, the client's kept mappings of filled segments,
+and the O_DIRECT write of big sync records.
+
+Real processes only: LocalCluster backends on loopback, clients in child processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import store
+from chaos import restart_backend
+from hostilelib import backend_pid, own_cluster, wait_for
+from store import StorageObject, shm
+from test_zerocopy import Grid
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+MiB = 1 << 20
+N = 4 * MiB   # float64: 32 MiB
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
+
+
+class Pair(StorageObject):
+    """Holds an array it may share with another object on its backend."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def take(self, other):
+        self.data = other.data          # a local call: the same array, by reference
+
+    def bump(self, k=1.0):
+        self.data += k
+
+    def bump_half(self, second):
+        half = self.data.size // 2
+        if second:
+            self.data[half:] += 1.0
+        else:
+            self.data[:half] += 1.0
+
+    def fail_midway(self):
+        self.data += 100.0
+        raise ValueError("midway")
+
+    def head(self):
+        return float(self.data[0])
+
+
+def shm_entries() -> set[str]:
+    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)}
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_puts_in_a_row_through_kept_mappings_never_overwrite_an_object(tmp_path):
+    with own_cluster(tmp_path, 1, "none") as c:
+        objs = []
+        for k in range(12):
+            g = Grid(np.full(N, float(k)))
+            g.make_persistent()
+            objs.append(g)
+            if k % 3 == 2:                       # frees a segment for the next put
+                objs[k - 1].delete_persistent()
+                objs[k - 1] = None
+        for k, g in enumerate(objs):
+            if g is None:
+                continue
+            v = g.data
+            assert float(v.min()) == float(k) == float(v.max()), (k, float(v.min()))
+
+
+def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path):
+    with own_cluster(tmp_path, 1, "none") as c:
+        g = Grid(np.zeros(N))
+        g.make_persistent()
+        pid = backend_pid(c, g.get_location())
+        views = []
+        for k in range(6):                      # warm up
+            views.append(g.data)
+            g.bump()
+        del views
+        gc.collect()
+        time.sleep(1.5)
+        base_fd, base_shm = fds(pid), len(shm_entries())
+        held = []
+        for k in range(40):
+            v = g.data
+            held.append((v, float(k + 6)))
+            g.bump()
+            if len(held) > 3:
+                held.pop(0)
+            for view, want in held:
+                assert float(view.min()) == want == float(view.max()), (k, want)
+        assert g.head() == 46.0
+        del held, v, view
+        gc.collect()
+        time.sleep(2.5)
+        c.client.shm_report(g.get_location())
+        assert fds(pid) <= base_fd + 2, (base_fd, fds(pid))
+        assert len(shm_entries()) <= base_shm + 2, (base_shm, shm_entries())
+
+
+def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_path):
+    with own_cluster(tmp_path, 1, "none") as c:
+        a = Pair(np.zeros(N))
+        a.make_persistent()
+        b = Pair(np.zeros(10))
+        b.make_persistent()
+        b.take(a)
+        for k in range(15):
+            view = a.data                       # leased: both changes want a copy aside
+            errs = []
+
+            def change(o):
+                try:
+                    o.bump_half(o is b)         # each its own half: no race of theirs
+                except Exception as exc:        # noqa: BLE001
+                    errs.append(exc)
+            ts = [threading.Thread(target=change, args=(o,)) for o in (a, b)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+            assert not errs, errs
+            assert float(view.min()) == float(k) == float(view.max())
+            now = a.data
+            assert float(now.min()) == float(k + 1) == float(now.max()), \
+                f"round {k}: a change lost: {float(now.min())}..{float(now.max())}"
+            del view, now
+
+
+def test_a_change_that_raises_after_a_read_rolls_back_and_keeps_the_view(tmp_path):
+    with own_cluster(tmp_path, 1, "sync") as c:
+        a = Pair(np.zeros(N))
+        a.make_persistent()
+        for k in range(5):
+            view = a.data
+            with pytest.raises(Exception):
+                a.fail_midway()
+            assert float(view.max()) == float(k) == float(view.min())
+            got = a.data
+            assert float(got.min()) == float(got.max()), (float(got.min()), float(got.max()))
+            a.bump(1.0)
+            del view, got
+
+
+_SYNC_PUT = r"""
+import sys, numpy as np, store
+from test_zerocopy import Grid
+store.connect(sys.argv[1], sys.argv[2])
+a = np.arange(%d, dtype=np.float64)
+g = Grid(a)
+g.make_persistent(alias=sys.argv[3])
+a[:] = -1.0                              # the user's memory changes after the return
+z = store.zeros(%d)
+z[:] = 5.0
+h = Grid(z)
+h.make_persistent(alias=sys.argv[3] + "-z")
+z[:] = -2.0
+print("done", g.get_location(), flush=True)
+"""
+
+
+def test_a_sync_put_of_a_big_object_survives_kill_9_exactly(tmp_path):
+    n = 9 * MiB                               # 72 MiB: a big record, written with O_DIRECT
+    with own_cluster(tmp_path, 1, "sync") as c:
+        for round_ in range(2):
+            alias = f"speed-sync-{round_}"
+            script = tmp_path / "put.py"
+            script.write_text(_SYNC_PUT % (n, n))
+            r = subprocess.run([sys.executable, str(script), c.address, c.token, alias],
+                               capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+            assert r.stdout.startswith("done"), (r.stdout, r.stderr[-800:])
+            bid = r.stdout.split()[1]
+            restart_backend(c, bid, kill=True)
+            back = store.get_by_alias(alias).data
+            assert np.array_equal(back, np.arange(n, dtype=np.float64))
+            z = store.get_by_alias(alias + "-z").data
+            assert float(z.min()) == 5.0 == float(z.max())
