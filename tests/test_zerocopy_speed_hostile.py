@@ -59,12 +59,21 @@ class Pair(StorageObject):
         return float(self.data[0])
 
 
-def shm_entries() -> set[str]:
-    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)}
+def shm_entries(*pids: int) -> set[str]:
+    """Segments in /dev/shm named by these processes (others' tests share /dev/shm)."""
+    marks = tuple(f"{shm.PREFIX}{p}-" for p in pids)
+    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(marks)}
 
 
 def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Files in /dev/shm a process holds open (sockets and pipes come and go)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(shm.SHM_DIR)
+        except OSError:
+            continue
+    return n
 
 
 def test_puts_in_a_row_through_kept_mappings_never_overwrite_an_object(tmp_path):
@@ -96,7 +105,7 @@ def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path)
         del views
         gc.collect()
         time.sleep(1.5)
-        base_fd, base_shm = fds(pid), len(shm_entries())
+        base_fd, base_shm = fds(pid), len(shm_entries(pid, os.getpid()))
         held = []
         for k in range(40):
             v = g.data
@@ -112,7 +121,7 @@ def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path)
         time.sleep(2.5)
         c.client.shm_report(g.get_location())
         assert fds(pid) <= base_fd + 2, (base_fd, fds(pid))
-        assert len(shm_entries()) <= base_shm + 2, (base_shm, shm_entries())
+        assert len(shm_entries(pid, os.getpid())) <= base_shm + 2, (base_shm, shm_entries(pid))
 
 
 def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_path):
@@ -192,3 +201,82 @@ def test_a_sync_put_of_a_big_object_survives_kill_9_exactly(tmp_path):
             assert np.array_equal(back, np.arange(n, dtype=np.float64))
             z = store.get_by_alias(alias + "-z").data
             assert float(z.min()) == 5.0 == float(z.max())
+
+
+_PUTTER = r"""
+import sys, numpy as np, store
+from test_zerocopy import Grid
+store.connect(sys.argv[1], sys.argv[2])
+me = int(sys.argv[3])
+n = %d
+objs = {}
+for k in range(10):
+    value = float(me * 100 + k)
+    g = Grid(np.full(n + me * 512, value))       # two sizes: each claims the other's too
+    g.make_persistent()
+    objs[k] = g
+    if k %% 2:
+        objs.pop(k - 1).delete_persistent()       # its segment goes back to the pool
+    for j, o in objs.items():
+        v = o.data
+        want = float(me * 100 + j)
+        if not (float(v.min()) == want == float(v.max())):
+            print("overwritten", j, float(v.min()), float(v.max()), flush=True)
+            sys.exit(1)
+        del v
+print("ok", flush=True)
+"""
+
+
+def test_two_clients_putting_and_deleting_never_overwrite_each_other(tmp_path):
+    with own_cluster(tmp_path, 1, "none") as c:
+        script = tmp_path / "putter.py"
+        script.write_text(_PUTTER % N)
+        procs = [subprocess.Popen([sys.executable, str(script), c.address, c.token, str(me)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=ROOT, env=ENV) for me in (1, 2)]
+        outs = [p.communicate(timeout=240) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0 and out.startswith("ok"), (out, err[-800:])
+
+
+def mapped_segments(pid: int) -> list[str]:
+    """The claypot segments a process maps (deleted files included)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split(None, 5)[5].strip() for line in f
+                       if "/dev/shm/claypot" in line})
+
+
+def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
+    with own_cluster(tmp_path, 2, "none") as c:
+        ids = [p.backend_id for p in c.processes]
+        pids = [backend_pid(c, b) for b in ids]
+        base = {p: fds(p) for p in pids}
+        before = shm_entries(os.getpid(), *pids)   # the backends' change-word tables
+        for k in range(12):
+            g = Grid(np.full(N, float(k)))
+            g.make_persistent(backend=ids[0])
+            v = g.data                           # first lease: a spare is being made
+            if k % 2:
+                g.move(ids[1])
+                g.bump()
+                assert g.head() == k + 1.0
+            g.delete_persistent()                # while the spare may still be made
+            assert float(v.min()) == float(k) == float(v.max())
+            del v
+        gc.collect()
+
+        def settled():
+            left = shm_entries(os.getpid(), *pids) - before
+            pooled = sum(c.client.shm_report(b)["pool_segments"] for b in ids)
+            segs = sum(c.client.shm_report(b)["segments"] for b in ids)
+            return (left, pooled) if segs == 0 and len(left) == pooled else None
+        try:
+            left, pooled = wait_for(settled, timeout=10, what="only pooled segments left")
+        except AssertionError:
+            raise AssertionError((shm_entries(os.getpid(), *pids) - before,
+                                  [c.client.shm_report(b) for b in ids])) from None
+        for p in pids:
+            assert fds(p) <= base[p] + 2, (base[p], fds(p))
+            gone = [m for m in mapped_segments(p) if m.endswith("(deleted)")]
+            assert gone == [], f"backend {p} still maps unlinked segments: {gone}"
