@@ -196,7 +196,14 @@ def test_a_sync_put_of_a_big_object_survives_kill_9_exactly(tmp_path):
                                capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
             assert r.stdout.startswith("done"), (r.stdout, r.stderr[-800:])
             bid = r.stdout.split()[1]
+            old = backend_pid(c, bid)
+            view = store.get_by_alias(alias).data     # leased: the backend readies a spare
+            wait_for(lambda: [n for n in shm_entries(old) if f"-{shm.SPARE_MARK}" in n],
+                     timeout=10, what="a spare made")
             restart_backend(c, bid, kill=True)
+            del view
+            wait_for(lambda: not shm_entries(old), timeout=10,
+                     what="the killed backend's segments and spares removed")
             back = store.get_by_alias(alias).data
             assert np.array_equal(back, np.arange(n, dtype=np.float64))
             z = store.get_by_alias(alias + "-z").data
@@ -280,3 +287,78 @@ def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
             assert fds(p) <= base[p] + 2, (base[p], fds(p))
             gone = [m for m in mapped_segments(p) if m.endswith("(deleted)")]
             assert gone == [], f"backend {p} still maps unlinked segments: {gone}"
+
+
+def test_kept_client_mappings_go_once_the_backend_unlinks_their_files(tmp_path):
+    with own_cluster(tmp_path, 1, "none") as c:
+        objs = []
+        for k in range(6):
+            g = Grid(np.full(N, float(k)))
+            g.make_persistent()
+            objs.append(g)
+            if k % 2:
+                objs[-2].delete_persistent()    # the next put claims its segment
+        held = [f for f in shm_files_held(os.getpid())]
+        assert held, "no kept mapping: the put did not go through a reused segment"
+    # The cluster stopped: every segment is unlinked; the kept mappings must follow.
+    wait_for(lambda: not [f for f in shm_files_held(os.getpid()) if f.endswith("(deleted)")],
+             timeout=5, what="kept mappings of unlinked segments dropped")
+
+
+def shm_files_held(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{shm.SHM_DIR}/{shm.PREFIX}"):
+            out.append(target)
+    return out
+
+
+_FORKER = r"""
+import os, sys, time, numpy as np, store
+from store import shm
+from test_zerocopy import Grid
+N = %d
+store.connect(sys.argv[1], sys.argv[2])
+a = Grid(np.full(N, 1.0))
+a.make_persistent()
+for _ in range(2):                  # the second put fills a free segment: a kept mapping
+    b = Grid(np.full(N, 2.0))
+    b.make_persistent()
+    b.delete_persistent()           # its segment back in the backend's pool
+    time.sleep(0.3)
+assert shm._fills, "no kept mapping to inherit"
+pid = os.fork()
+if pid == 0:                        # the child inherits the kept mapping
+    try:
+        store.connect(sys.argv[1], sys.argv[2])
+        Grid(np.full(N, 3.0)).make_persistent(alias="speed-forked")
+        os._exit(0)
+    except BaseException as exc:
+        print("child", repr(exc), flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+d = Grid(np.full(N, 4.0))
+d.make_persistent()
+for o, want in ((a, 1.0), (d, 4.0), (store.get_by_alias("speed-forked"), 3.0)):
+    v = o.data
+    print(float(v.min()), float(v.max()), want, flush=True)
+print("status", status, flush=True)
+"""
+
+
+def test_a_forked_child_and_its_parent_put_through_the_inherited_kept_mapping(tmp_path):
+    # Forked in a fresh interpreter: forking this test process (gRPC threads) is unsafe.
+    with own_cluster(tmp_path, 1, "none") as c:
+        script = tmp_path / "forker.py"
+        script.write_text(_FORKER % N)
+        r = subprocess.run([sys.executable, str(script), c.address, c.token],
+                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+        lines = r.stdout.splitlines()
+        assert lines[-1:] == ["status 0"], (r.stdout, r.stderr[-800:])
+        for line in lines[:-1]:
+            lo, hi, want = line.split()
+            assert lo == hi == want, r.stdout
