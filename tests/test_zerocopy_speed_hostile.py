@@ -332,7 +332,7 @@ for _ in range(2):                  # the second put fills a free segment: a kep
     time.sleep(0.3)
 assert shm._fills, "no kept mapping to inherit"
 pid = os.fork()
-if pid == 0:                        # the child inherits the kept mapping
+if pid == 0:                        # the child inherits the parent's kept mappings
     try:
         store.connect(sys.argv[1], sys.argv[2])
         Grid(np.full(N, 3.0)).make_persistent(alias="speed-forked")
@@ -350,7 +350,7 @@ print("status", status, flush=True)
 """
 
 
-def test_a_forked_child_and_its_parent_put_through_the_inherited_kept_mapping(tmp_path):
+def test_a_forked_child_and_its_parent_put_after_the_fork_without_overwriting(tmp_path):
     # Forked in a fresh interpreter: forking this test process (gRPC threads) is unsafe.
     with own_cluster(tmp_path, 1, "none") as c:
         script = tmp_path / "forker.py"
@@ -362,3 +362,50 @@ def test_a_forked_child_and_its_parent_put_through_the_inherited_kept_mapping(tm
         for line in lines[:-1]:
             lo, hi, want = line.split()
             assert lo == hi == want, r.stdout
+
+
+_FORK_IDLE = r"""
+import os, sys, time, numpy as np, store
+from store import shm
+from test_zerocopy import Grid
+N = %d
+store.connect(sys.argv[1], sys.argv[2])
+for _ in range(2):                  # the second put fills a free segment: a kept mapping
+    b = Grid(np.full(N, 2.0))
+    b.make_persistent()
+    b.delete_persistent()
+    time.sleep(0.3)
+assert shm._fills, "no kept mapping to inherit"
+pid = os.fork()
+if pid == 0:                        # a worker that never puts anything
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)                # the test reads the parent's output to its end
+    os.dup2(null, 2)
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+def test_a_forked_child_that_never_puts_does_not_pin_unlinked_segments(tmp_path):
+    # A parent that put big arrays forks workers (a multiprocessing pool): each child
+    # inherits the kept mappings (and their open files), but no watcher runs in it.
+    # Once the backend unlinks those files, the children must not keep their pages.
+    child = 0
+    try:
+        with own_cluster(tmp_path, 1, "none") as c:
+            script = tmp_path / "idle.py"
+            script.write_text(_FORK_IDLE % N)
+            r = subprocess.run([sys.executable, str(script), c.address, c.token],
+                               capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+            assert r.returncode == 0, (r.stdout, r.stderr[-800:])
+            child = int(r.stdout.split()[0])
+        # The cluster stopped: its segments are unlinked.
+        wait_for(lambda: not [f for f in shm_files_held(child) if f.endswith("(deleted)")],
+                 timeout=5, what="the idle child's inherited mappings dropped")
+    finally:
+        if child:
+            try:
+                os.kill(child, 9)
+            except ProcessLookupError:
+                pass
