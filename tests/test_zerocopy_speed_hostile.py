@@ -77,7 +77,7 @@ def fds(pid: int) -> int:
 
 
 def test_puts_in_a_row_through_kept_mappings_never_overwrite_an_object(tmp_path):
-    with own_cluster(tmp_path, 1, "none") as c:
+    with own_cluster(tmp_path, 1, "none"):
         objs = []
         for k in range(12):
             g = Grid(np.full(N, float(k)))
@@ -125,7 +125,7 @@ def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path)
 
 
 def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_path):
-    with own_cluster(tmp_path, 1, "none") as c:
+    with own_cluster(tmp_path, 1, "none"):
         a = Pair(np.zeros(N))
         a.make_persistent()
         b = Pair(np.zeros(10))
@@ -154,7 +154,7 @@ def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_pa
 
 
 def test_a_change_that_raises_after_a_read_rolls_back_and_keeps_the_view(tmp_path):
-    with own_cluster(tmp_path, 1, "sync") as c:
+    with own_cluster(tmp_path, 1, "sync"):
         a = Pair(np.zeros(N))
         a.make_persistent()
         for k in range(5):
@@ -290,7 +290,7 @@ def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
 
 
 def test_kept_client_mappings_go_once_the_backend_unlinks_their_files(tmp_path):
-    with own_cluster(tmp_path, 1, "none") as c:
+    with own_cluster(tmp_path, 1, "none"):
         objs = []
         for k in range(6):
             g = Grid(np.full(N, float(k)))

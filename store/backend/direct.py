@@ -77,8 +77,8 @@ class _Changed(Exception):
     """The source changed while it was written: the checksum may not match the file."""
 
 
-def _verify(head: bytes, parts: Sequence, base: int, out: list,
-            progress: threading.Condition, written_to: list) -> None:
+def _verify(head: bytes, parts: Sequence, base: int, out: list[int],
+            progress: threading.Condition, written_to: list[float]) -> None:
     """The checksum again, over each slice once the file holds it.
 
     The bytes written left the source (its own memory, or a bounce buffer's
@@ -94,7 +94,8 @@ def _verify(head: bytes, parts: Sequence, base: int, out: list,
         for pos in range(0, part.nbytes, _SLICE):
             end = at + min(pos + _SLICE, part.nbytes)
             with progress:
-                progress.wait_for(lambda end=end: written_to[0] >= end)
+                while written_to[0] < end:
+                    progress.wait()
             crc = crc32(part[pos:pos + _SLICE], crc)
         at += part.nbytes
     out.append(crc)
@@ -173,7 +174,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                                   name="claypot-crc", daemon=True)
     crc_thread.start()
     progress = threading.Condition()
-    written_to = [0]   # the file holds every byte below this offset (writes go in order)
+    written_to = [0.0]   # the file holds every byte below this offset (writes go in order)
     again: list[int] = []
     verify_thread = threading.Thread(
         target=_verify, args=(header, views, prefix.size + len(header), again, progress,
