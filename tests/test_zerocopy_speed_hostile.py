@@ -284,9 +284,12 @@ def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
             raise AssertionError((shm_entries(os.getpid(), *pids) - before,
                                   [c.client.shm_report(b) for b in ids])) from None
         for p in pids:
-            assert fds(p) <= base[p] + 2, (base[p], fds(p))
-            gone = [m for m in mapped_segments(p) if m.endswith("(deleted)")]
-            assert gone == [], f"backend {p} still maps unlinked segments: {gone}"
+            # A move's sender fills the target's free segments like any client, and
+            # keeps its mappings of up to four (files the target keeps or pools).
+            assert fds(p) <= base[p] + shm._FILLS_MAX, (base[p], shm_files_held(p))
+            wait_for(lambda: not [m for m in mapped_segments(p) + shm_files_held(p)
+                                  if m.endswith("(deleted)")],
+                     timeout=5, what=f"backend {p} lets go of unlinked segments")
 
 
 def test_kept_client_mappings_go_once_the_backend_unlinks_their_files(tmp_path):
