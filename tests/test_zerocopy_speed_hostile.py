@@ -3,6 +3,8 @@ background teardown of copy-on-write, the client's kept mappings of filled segme
 and the O_DIRECT write of big sync records.
 
 Real processes only: LocalCluster backends on loopback, clients in child processes.
+A test whose comment says FAILED broke on the reviewed tree; the others are probes
+that passed.
 """
 
 from __future__ import annotations
@@ -125,6 +127,9 @@ def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path)
 
 
 def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_path):
+    # FAILED before the fix: both changes found the shared segment leased and each
+    # copied it aside; the second copy, taken while the first change was writing, was
+    # swapped in over it, and the first change was lost.
     with own_cluster(tmp_path, 1, "none"):
         a = Pair(np.zeros(N))
         a.make_persistent()
@@ -391,7 +396,7 @@ print(pid, flush=True)
 
 
 def test_a_forked_child_that_never_puts_does_not_pin_unlinked_segments(tmp_path):
-    # A parent that put big arrays forks workers (a multiprocessing pool): each child
+    # FAILED before the fix. A parent that put big arrays forks workers (a multiprocessing pool): each child
     # inherits the kept mappings (and their open files), but no watcher runs in it.
     # Once the backend unlinks those files, the children must not keep their pages.
     child = 0
@@ -416,7 +421,8 @@ def test_a_forked_child_that_never_puts_does_not_pin_unlinked_segments(tmp_path)
 
 def test_a_big_record_written_while_a_sharing_object_changes_its_array_loads_after_kill_9(
         tmp_path):
-    # A big object's checkpoint goes to the disk from its own memory (O_DIRECT) while a
+    # FAILED before the fix (ObjectCorrupt). A big object's checkpoint goes to the disk
+    # from its own memory (O_DIRECT) while a
     # checksum thread reads the same memory; another object holding the same array (a
     # local call passed it by reference) changes it meanwhile. The record must still
     # load after a crash (a torn state is what two unsynchronised writers get; a record
