@@ -191,7 +191,8 @@ class _Fill:
 # the backend's pool) the next put claims and fills the same file through the
 # same mapping, whose page tables exist: one memcpy, as into a reused store.
 # Each holds the file open (its inode cannot be reused); one whose file was
-# unlinked is dropped at once (see _watch_fills): its pages are nobody's any more.
+# unlinked is dropped within a second (see _watch_fills): its pages are nobody's
+# any more. A forked child drops the ones it inherited (_after_fork_in_child).
 _FILLS_MAX = 4
 _fills_lock = threading.Lock()
 _fills: dict[tuple[int, int], _Fill] = {}
@@ -915,6 +916,13 @@ def _after_fork_in_child() -> None:
     _made_lock = threading.Lock()
     _fills_lock = threading.Lock()
     _fills_watch.clear()   # the parent's watcher thread is not in the child
+    # The parent's kept mappings of filled segments (and their open files) are not the
+    # child's to keep: a child that never puts would start no watcher, and would hold
+    # those files' pages after their keeper unlinked them, for as long as it lives.
+    inherited = list(_fills.values())
+    _fills.clear()
+    for f in inherited:
+        f.close()
     _after_fork()
 
 

@@ -24,7 +24,10 @@ file is cut to its exact length (the last write was padded to the block
 size) before the fsync.
 
 Where O_DIRECT is refused (tmpfs, some filesystems), :func:`write` returns
-False and the caller writes the usual way.
+False and the caller writes the usual way. It does the same when the source
+changed while it was written (a second checksum, taken behind the writer,
+differs from the first): the usual way encodes a copy, whose checksum matches
+what it writes, where this record's would have failed at the next start.
 """
 
 from __future__ import annotations
@@ -67,6 +70,34 @@ def _crc(head: bytes, parts: Sequence, out: list) -> None:
     for part in parts:
         for pos in range(0, part.nbytes, _SLICE):
             crc = crc32(part[pos:pos + _SLICE], crc)
+    out.append(crc)
+
+
+class _Changed(Exception):
+    """The source changed while it was written: the checksum may not match the file."""
+
+
+def _verify(head: bytes, parts: Sequence, base: int, out: list[int],
+            progress: threading.Condition, written_to: list[float]) -> None:
+    """The checksum again, over each slice once the file holds it.
+
+    The bytes written left the source (its own memory, or a bounce buffer's
+    copy) at one moment, the first checksum read it at another: something that
+    writes the source meanwhile (another object's method changing an array the
+    two share) would leave a record whose checksum fails at the next start,
+    and the object quarantined. Equal sums taken before and after each slice
+    went to the disk say it did not change in between.
+    """
+    crc = crc32(head)
+    at = base
+    for part in parts:
+        for pos in range(0, part.nbytes, _SLICE):
+            end = at + min(pos + _SLICE, part.nbytes)
+            with progress:
+                while written_to[0] < end:
+                    progress.wait()
+            crc = crc32(part[pos:pos + _SLICE], crc)
+        at += part.nbytes
     out.append(crc)
 
 
@@ -142,6 +173,13 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
     crc_thread = threading.Thread(target=_crc, args=(header, views, crc_out),
                                   name="claypot-crc", daemon=True)
     crc_thread.start()
+    progress = threading.Condition()
+    written_to = [0.0]   # the file holds every byte below this offset (writes go in order)
+    again: list[int] = []
+    verify_thread = threading.Thread(
+        target=_verify, args=(header, views, prefix.size + len(header), again, progress,
+                              written_to), name="claypot-crc-verify", daemon=True)
+    verify_thread.start()
     bounce = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
     todo: queue.Queue = queue.Queue(maxsize=BUFFERS - 1)
     free: queue.Queue = queue.Queue()
@@ -156,10 +194,16 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         while done < view.nbytes:
             done += os.pwrite(fd_, view[done:], offset + done)
 
+    def advance(upto: float) -> None:
+        with progress:
+            written_to[0] = max(written_to[0], upto)
+            progress.notify_all()
+
     def writer():
         while True:
             item = todo.get()
             if item is None:
+                advance(float("inf"))   # done (or failed): the verifier waits no more
                 return
             buf, n, offset, recycle = item
             try:
@@ -178,6 +222,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                         put(fd, memoryview(spare[0])[:n], offset)
                     view.release()
                     wrote.append(offset)
+                    advance(offset + n)
             except BaseException as exc:
                 failure.append(exc)
             if recycle:
@@ -236,6 +281,9 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         if failure:
             raise failure[0]
         crc_thread.join()
+        verify_thread.join()
+        if again[0] != crc_out[0]:
+            raise _Changed()
         prefix.pack_into(first_block, 0, magic, len(header), body, crc_out[0])
         head = bounce[0]
         head[:ALIGN] = first_block
@@ -251,9 +299,12 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         os.unlink(path)
         if isinstance(exc, OSError) and exc.errno == errno.EINVAL and not wrote:
             return False   # opened, but its first direct write was refused: write buffered
+        if isinstance(exc, _Changed):
+            return False   # the buffered write encodes a copy first: its sum matches it
         raise
     finally:
         crc_thread.join()
+        verify_thread.join()
         for b in bounce + spare:
             try:
                 b.close()

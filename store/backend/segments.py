@@ -103,6 +103,7 @@ class Segments:
         # (an array of another object's segment, passed to it by reference, included)
         self._busy_ranges: dict[str, list[tuple[int, int]]] = {}
         self._idle = threading.Condition(self._mu)
+        self._moving = threading.Lock()   # one relocation at a time (see _move_aside)
         self.lease_wait = 30.0   # how long a read waits for a changing call to end
         self._reported_stale = 0
         self.relocations = 0
@@ -222,33 +223,48 @@ class Segments:
                       if n in self._segments and self._segments[n].leases
                       and self._segments[n].current]
         for seg in leased:
-            region = seg.region()
-            if region is None:
-                continue
-            try:
-                fresh = shm.relocate(region, *self._take_free(seg.size))
-            except shm.Unavailable as exc:
-                # No room for a copy: the method must not write into what readers map.
-                from ..errors import ObjectBusy
-                self.changed(object_id)
-                raise ObjectBusy(f"object {object_id} is leased by readers and no copy of "
-                                 f"it fits in shared memory ({exc}); retry once they let go")
-            with self._mu:
-                self.relocations += 1
-                seg.current = False
-                seg.mapped = False
-                owner = seg.object_id   # another object's, for an array shared with it
-                moved = Segment(fresh, seg.size, seg.start, seg.region, owner)
-                self._segments[fresh] = moved
-                self._starts = [t for t in self._starts if t[2] != seg.name]
-                self._starts.append((seg.start, seg.start + seg.size, fresh))
-                if owner:
-                    owned = self._by_object.setdefault(owner, [])
-                    if seg.name in owned:
-                        owned.remove(seg.name)
-                    owned.append(fresh)
+            with self._moving:
+                self._move_aside(object_id, seg)
         if leased:
             self._finish([])   # the old files are now extra memory: report it
+
+    def _move_aside(self, object_id: str, seg: Segment) -> None:
+        """Relocate one leased segment (``_moving`` held).
+
+        Two changing calls may find the same segment leased (two objects
+        sharing an array): the one that comes second must not copy it again,
+        since the first call's method may be writing the copy already (a copy
+        taken then, swapped in, would lose those writes). So each relocation is
+        alone, and a segment that stopped being current meanwhile is left be.
+        """
+        with self._mu:
+            if not seg.current or not seg.leases:
+                return
+        region = seg.region()
+        if region is None:
+            return
+        try:
+            fresh = shm.relocate(region, *self._take_free(seg.size))
+        except shm.Unavailable as exc:
+            # No room for a copy: the method must not write into what readers map.
+            from ..errors import ObjectBusy
+            self.changed(object_id)
+            raise ObjectBusy(f"object {object_id} is leased by readers and no copy of "
+                             f"it fits in shared memory ({exc}); retry once they let go")
+        with self._mu:
+            self.relocations += 1
+            seg.current = False
+            seg.mapped = False
+            owner = seg.object_id   # another object's, for an array shared with it
+            moved = Segment(fresh, seg.size, seg.start, seg.region, owner)
+            self._segments[fresh] = moved
+            self._starts = [t for t in self._starts if t[2] != seg.name]
+            self._starts.append((seg.start, seg.start + seg.size, fresh))
+            if owner:
+                owned = self._by_object.setdefault(owner, [])
+                if seg.name in owned:
+                    owned.remove(seg.name)
+                owned.append(fresh)
 
     def changed(self, object_id: str) -> None:
         """The call that :meth:`changing` announced is over."""
