@@ -20,7 +20,8 @@ import pytest
 from store import LocalCluster, StorageObject, shm
 from store.backend import direct, storage
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 

@@ -25,7 +25,8 @@ from hostilelib import backend_pid, own_cluster, wait_for
 from store import StorageObject, shm
 from test_zerocopy import Grid
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 N = 4 * MiB   # float64: 32 MiB
