@@ -62,14 +62,14 @@ def start_echo(workers: int):
 
 
 def boundary_cost_ns(n: int = 200_000) -> dict:
-    """ns the servicer's error boundary (store.backend.boundary) adds to one RPC.
+    """ns the servicer's error boundary (store.backend._service.boundary) adds to one RPC.
 
     The same no-op RPC method with and without ``@replies``, called in-process,
     so the round trip's noise is not in the figure; and the memory blocks still
     held after ``n`` wrapped calls (the boundary must keep nothing per call).
     """
-    from store.backend.boundary import replies
-    from store.generated import claypot_pb2 as pb
+    from store.backend._service.boundary import replies
+    from store._wire.generated import claypot_pb2 as pb
 
     class Servicer:
         def plain(self, request, context):

@@ -137,7 +137,7 @@ def client(args) -> None:
 def run(python: str, objects: int = 2000, calls: int = 2000, seconds: float = 4.0) -> dict:
     """Start dataClay under ``python``, measure, stop it; the client's JSON as a dict."""
     sys.path.insert(0, os.path.dirname(HERE))
-    from store.cluster import RedisProcess
+    from store._ops.cluster import RedisProcess
 
     work = tempfile.mkdtemp(prefix="dataclay-bench-")
     with open(os.path.join(work, "dc_model.py"), "w") as f:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import store  # noqa: E402
 from store import LocalCluster, StorageObject, readonly  # noqa: E402
-from store.cluster import BackendProcess  # noqa: E402
+from store._ops.cluster import BackendProcess  # noqa: E402
 
 
 class Counter(StorageObject):

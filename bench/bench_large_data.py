@@ -50,7 +50,7 @@ from bench.echo_server import landing_buffer
 import store  # noqa: E402
 from store import LocalCluster, StorageObject
 from store.config import Settings
-from store.objects import readonly
+from store._model.objects import readonly
 
 MiB = 1 << 20
 KiB = 1 << 10

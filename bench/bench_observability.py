@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import Counter, emit, machine  # noqa: E402
 from store import LocalCluster, metrics  # noqa: E402
-from store.cluster import BackendProcess  # noqa: E402
+from store._ops.cluster import BackendProcess  # noqa: E402
 
 
 def hook_cost_ns(n: int = 200_000) -> dict:

@@ -39,8 +39,8 @@ import numpy as np  # noqa: E402
 
 import store  # noqa: E402
 from store import LocalCluster, StorageObject  # noqa: E402
-from store.generated import claypot_pb2 as pb  # noqa: E402
-from store.generated import claypot_pb2_grpc as pb_grpc  # noqa: E402
+from store._wire.generated import claypot_pb2 as pb  # noqa: E402
+from store._wire.generated import claypot_pb2_grpc as pb_grpc  # noqa: E402
 
 MiB = 1 << 20
 ROOT = os.path.join(os.path.dirname(__file__), "..")

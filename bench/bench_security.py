@@ -23,9 +23,9 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from store.backend.guards import StreamIdleGuard  # noqa: E402
-from store.backend.server import TokenInterceptor  # noqa: E402
-from store.security import DirectoryKeys  # noqa: E402
+from store.backend._service.guards import StreamIdleGuard  # noqa: E402
+from store.backend._service.server import TokenInterceptor  # noqa: E402
+from store._util.security import DirectoryKeys  # noqa: E402
 
 TOKEN = "t" * 48
 OPTIONS = [("grpc.max_send_message_length", 16 << 20),

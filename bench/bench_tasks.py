@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime.core  # noqa: E402
+import runtime._core  # noqa: E402
 from bench.common import timed as timed_us  # noqa: E402
 import store  # noqa: E402
 from runtime import task, wait_on  # noqa: E402
@@ -85,7 +85,7 @@ def timed(fn, n: int, warmup: int = 10) -> list[float]:
 def bench_throughput(n: int) -> dict:
     tiny_task = task(returns=1)(tiny)
     wait_on([tiny_task(i) for i in range(100)])          # ship the function, warm the pool
-    executor = runtime.core.current().executor
+    executor = runtime._core.current().executor
     rpcs = executor.rpcs
     t = time.perf_counter()
     futures = [tiny_task(i) for i in range(n)]
@@ -161,7 +161,7 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
     assert wait_on(f) == 1.0 and f.backend == owner
     out: dict = {"array_mib": mib, "workers": "hosted by the claypot backends"}
     from store.certs import dask_security
-    # The cluster's scheduler speaks tls:// only (see store.backend.server.check_listen).
+    # The cluster's scheduler speaks tls:// only (see store.backend._service.server.check_listen).
     with Client(cluster.dask_scheduler, set_as_default=False,
                 security=dask_security(cluster.dask_tls_dir)) as dc:
         arr = np.ones(mib * 2**20 // 8)

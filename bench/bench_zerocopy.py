@@ -14,7 +14,7 @@ For 64 MiB and 1 GiB float64 arrays (``--quick``: 64 and 256 MiB), in one run:
   - ``put_shm``: the same with an array built by ``store.empty`` (no copy);
   - ``get``: reading the attribute again while an earlier read's view is held
     and the object is unchanged: answered in this process, no RPC
-    (store/readcache.py), as Ray's ``get``;
+    (store/_client/readcache.py), as Ray's ``get``;
   - ``get_rpc``: a read with no earlier view held (its lease returned, the
     spare the first lease readies made): one RPC, a new lease, a read-only
     view mapped (no copy);
@@ -58,7 +58,7 @@ import numpy as np
 import store
 from bench.common import machine
 from store import LocalCluster, StorageObject
-from store.objects import readonly
+from store._model.objects import readonly
 
 MiB = 1 << 20
 
@@ -276,7 +276,7 @@ def sync_figures(nbytes: int, src: np.ndarray) -> dict:
         # The backend's own sync write of this record (storage.write_checkpoint's O_DIRECT
         # path), alone, from a page-aligned buffer as a kept segment is, beside the old
         # one (encode into one buffer, write, fsync).
-        from store.backend import direct, storage
+        from store.backend._storage import direct, storage
         aligned = mmap.mmap(-1, nbytes)
         np.copyto(np.frombuffer(aligned, dtype=src.dtype), src)
         rec = storage.Record("bench", "k#1", "", b"p", [memoryview(aligned)])

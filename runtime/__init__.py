@@ -22,7 +22,7 @@ run inline, so the same script runs under plain ``python``.
 Tasks reach backends by ``run_task`` RPCs by default; ``use_executor("dask")``
 (or ``CLAYPOT_EXECUTOR=dask``) submits them to Dask distributed instead,
 pinned to Dask workers hosted by the chosen backends (see
-:mod:`runtime.dask_executor`).
+:mod:`runtime._dask_executor`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from store import objects as _objects
+from store._model import objects as _objects
 
-from .core import current, use_executor
-from .decorators import TaskFunction, binary, constraint, implement, mpi, task
-from .directions import (COLLECTION_IN, COLLECTION_INOUT, DIRECTORY_IN, DIRECTORY_INOUT,
-                         DIRECTORY_OUT, FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR,
-                         FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
-from .futures import Future
-from .progress import ProgressReport, progress
+from runtime._core import current, use_executor
+from runtime._decorators import TaskFunction, binary, constraint, implement, mpi, task
+from runtime._directions import (COLLECTION_IN, COLLECTION_INOUT, DIRECTORY_IN, DIRECTORY_INOUT,
+                                 DIRECTORY_OUT, FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR,
+                                 FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
+from runtime._futures import Future
+from runtime._progress import ProgressReport, progress
 
 __all__ = ["task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
            "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT",
@@ -58,7 +58,7 @@ def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> A
     ``obj`` while they run (see :func:`runtime.progress`).
     """
     if progress:
-        from .progress import progress as show
+        from runtime._progress import progress as show
         show(obj, timeout)
     if isinstance(obj, Future):
         return obj.result(timeout)

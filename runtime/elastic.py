@@ -67,7 +67,7 @@ class Autoscaler:
 
     def step(self) -> int:
         """Look at the workload once and scale if the policy says so; the new size."""
-        from .core import current
+        from runtime._core import current
         pending, waited = current().workload()
         now = time.monotonic()
         size = self.size()

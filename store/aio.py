@@ -12,7 +12,7 @@ Calls are gRPC ``grpc.aio`` calls, no thread per call: thousands can be in
 flight from one loop. Cancelling the awaiting task (``task.cancel()``,
 ``asyncio.wait_for`` timing out) sends ``Cancel`` for the call, which stops
 the method on the backend and rolls its object back (see
-:mod:`store.backend.cancel`).
+:mod:`store.backend._engine.cancel`).
 
 Limits: arguments and results travel inline, up to ``inline_limit`` (1 MiB by
 default) each; a larger value raises ValueTooLarge naming the blocking API,
@@ -29,17 +29,18 @@ from typing import Any
 
 import grpc
 
-from . import objects as objmod, wire
+from store._model import objects as objmod
+from store._wire import wire
 from .errors import BackendUnavailable, DeadlineExceeded, ValueTooLarge
-from .generated import claypot_pb2 as pb
-from .generated import claypot_pb2_grpc as pb_grpc
-from .serialization import loads
+from store._wire.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2_grpc as pb_grpc
+from store._wire.serialization import loads
 
 _MAX_HOPS = 4
 
 
 class AioClient:
-    """Asyncio calls through one event loop, next to a blocking :class:`store.client.Client`."""
+    """Asyncio calls through one event loop, next to a blocking :class:`store._client.client.Client`."""
 
     def __init__(self, client):
         self.sync = client
@@ -63,7 +64,7 @@ class AioClient:
         self._stubs.clear()
 
     async def _admin(self, method: str, request: Any) -> Any:
-        from .client import translate
+        from store._client.client import translate
         last = None
         for address in self.sync._gateway_order():
             try:
@@ -92,7 +93,7 @@ class AioClient:
 
     async def call(self, proxy: objmod.StorageObject, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """A method call (or attribute access) on a proxy, awaited."""
-        from .client import translate
+        from store._client.client import translate
         settings = self.sync.settings
         oid = proxy.getID()
         owner = proxy.__dict__.get(objmod._OWNER, "")

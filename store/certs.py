@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
-from .security import private_dir, write_private
+from store._util.security import private_dir, write_private
 
 
 @dataclass(frozen=True)

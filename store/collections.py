@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import api
-from . import objects as objmod
+from store._api import api
+from store._model import objects as objmod
 from .errors import BackendNotFound, ConfigurationError, InvalidKey
-from .objects import StorageObject, readonly
+from store._model.objects import StorageObject, readonly
 
 try:  # numpy is an optional extra; only ShardedArray needs it
     import numpy as np
@@ -474,7 +474,7 @@ def _combine(partials, fn, initial):
 
 
 def _forget_sizes(object_ids: list[str]) -> None:
-    from runtime import core
+    from runtime import _core as core
     sizes = getattr(core.current(), "sizes", None)
     if sizes is not None:
         sizes.forget(object_ids)

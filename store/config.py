@@ -44,9 +44,9 @@ class Settings:
     # Same host: values of at least this many bytes go through /dev/shm even when they
     # would fit inline (measured faster from 128-192 KiB; see README, Performance).
     shm_min: int = 128 * KiB
-    host_id: str = ""                 # same-host identity (see store.shm.host_id); empty: derived
+    host_id: str = ""                 # same-host identity (see store._client.shm.host_id); empty: derived
     # Backend: same-host reads of large buffers are leased read-only views of its own
-    # segments (store.backend.segments); leases hold at most this (bytes or fraction of RAM).
+    # segments (store.backend._storage.segments); leases hold at most this (bytes or fraction of RAM).
     shm_leases: bool = True
     shm_lease_limit: str = "0.25"
     shm_pool: str = "0.1"             # free segments a backend keeps for reuse (bytes or fraction)
@@ -69,7 +69,7 @@ class Settings:
     failover_timeout: float = 0.0     # a call on a replicated object retries its failover this
                                       # long; 0: 3 heartbeat TTLs
     # What this backend offers tasks, for @constraint: "computing_units=4,memory_size=8,
-    # processor_type=ARM,gpus=1,zone=edge" (see store.resources). Empty: detected only.
+    # processor_type=ARM,gpus=1,zone=edge" (see store._util.resources). Empty: detected only.
     resources: str = ""
     # A directory every backend sees at the same path (a shared filesystem): FILE
     # parameters under it are read and written there instead of travelling.
@@ -134,7 +134,7 @@ class Settings:
         if self.task_slots < 1:
             raise ConfigurationError(f"task_slots must be at least 1, not {self.task_slots}")
         parse_memory_limit(self.memory_limit)
-        from .resources import parse as parse_resources
+        from store._util.resources import parse as parse_resources
         parse_resources(self.resources)
         parse_memory_limit(self.max_value_size)
         parse_memory_limit(self.shm_lease_limit)

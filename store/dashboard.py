@@ -39,7 +39,7 @@ SCRAPE_TIMEOUT = 2.0  # seconds a backend's metrics page may take
 
 def largest_here(n: int) -> list[dict]:
     """Runs inside a backend, as a task: its ``n`` largest objects."""
-    from . import objects
+    from store._model import objects
     heap = getattr(objects.get_dispatcher(), "local", None)
     return heap.largest(n) if heap is not None else []
 
@@ -122,7 +122,7 @@ class Dashboard:
 
     def _tasks(self) -> dict | None:
         try:
-            from runtime import core
+            from runtime import _core as core
         except ImportError:
             return None
         rt = core._runtime
@@ -168,7 +168,7 @@ def make_app(dashboard: Dashboard) -> Any:
 
 
 def _listen(host: str, port: int, allow_network: bool) -> socket.socket:
-    from .security import is_loopback_host
+    from store._util.security import is_loopback_host
     if not allow_network and not is_loopback_host(host):
         raise ConfigurationError(f"refusing to serve the dashboard on {host}: it has no login "
                                  f"and shows the whole cluster (pass --insecure to accept that)")
@@ -197,7 +197,7 @@ def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_net
         raise ConfigurationError("the dashboard needs starlette and uvicorn: "
                                  "pip install 'claypot[dashboard]'") from None
     if client is None:
-        from . import api
+        from store._api import api
         client = api.client()
     app = make_app(Dashboard(client))
     sock = _listen(host, port, allow_network)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback address (the page has no login)")
     a = p.parse_args(argv)
-    from . import api
+    from store._api import api
     client = api.connect(a.address, a.token)
     serve(client, a.host, a.port, allow_network=a.insecure, background=False)
 

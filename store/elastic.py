@@ -48,7 +48,7 @@ def draining(backend_id: str) -> None:
 
 def drain(client: Any, redis_url: str, token: str, backend_id: str, targets: list[str]) -> int:
     """Move every object of ``backend_id`` to ``targets`` (round robin); how many moved."""
-    from .directory import Directory
+    from store._directory.directory import Directory
     targets = [t for t in targets if t != backend_id]
     if not targets:
         raise ConfigurationError(f"cannot drain {backend_id}: no other backend to move to")
@@ -78,7 +78,7 @@ def handed_over(redis_url: str, token: str, backend_id: str, timeout: float = 30
     to their replicas; how many had not within ``timeout`` seconds (they fail over as
     soon as a replica's monitor sees the backend gone)."""
     import time
-    from .directory import Directory
+    from store._directory.directory import Directory
     directory = Directory(redis_url, timeout=min(timeout, 10.0), token=token)
     try:
         deadline = time.monotonic() + timeout
@@ -103,7 +103,7 @@ def retire(redis_url: str, token: str, backend_id: str, timeout: float = 10.0) -
     retrying it while it restarts; one that was drained will not come back,
     so a client holding an old proxy goes to the directory at once instead.
     """
-    from .directory import Directory
+    from store._directory.directory import Directory
     directory = Directory(redis_url, timeout=timeout, token=token)
     try:
         for info in directory.backends():

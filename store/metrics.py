@@ -194,7 +194,7 @@ def registry() -> Any:
 
 def serve_address(settings: Settings) -> tuple[str, int] | None:
     """Where a backend with ``settings`` serves its metrics; None: not at all."""
-    from .security import is_loopback_host
+    from store._util.security import is_loopback_host
     port = settings.metrics_port
     if port < 0:
         return None

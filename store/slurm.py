@@ -169,7 +169,7 @@ class SlurmCluster:
 
     def drain(self, backend_id: str, targets: list[str] | None = None) -> int:
         """Move a backend's objects to the other backends, then end its job; how many moved."""
-        from . import api
+        from store._api import api
         from .elastic import drain, retire
         job = next((p for p in self.processes if p.backend_id == backend_id), None)
         if job is None:

@@ -23,7 +23,7 @@ import time
 import psutil
 import redis
 
-from store.cluster import BackendProcess, LocalCluster
+from store._ops.cluster import BackendProcess, LocalCluster
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

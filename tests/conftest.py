@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("CLAYPOT_VALIDATE", "1")
 
 from store import LocalCluster  # noqa: E402
-from store.inproc import InProcessCluster  # noqa: E402
+from store._ops.inproc import InProcessCluster  # noqa: E402
 
 def pytest_generate_tests(metafunc):
     """Tests marked ``both_transports`` run on the module's cluster over each transport:
@@ -29,9 +29,9 @@ def validate_backends(c: LocalCluster) -> None:
     """
     import grpc
 
-    from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-    from store.generated import claypot_pb2 as pb
-    from store.generated import claypot_pb2_grpc as pb_grpc
+    from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+    from store._wire.generated import claypot_pb2 as pb
+    from store._wire.generated import claypot_pb2_grpc as pb_grpc
     for p in c.processes:
         if not p.alive():
             continue
@@ -97,7 +97,7 @@ def _cluster_connected(request):
     (and then to nothing); reconnect to the module's cluster before each test."""
     if "cluster" in request.fixturenames:
         import store
-        from store import objects
+        from store._model import objects
         c = request.getfixturevalue("cluster")
         if objects._dispatcher is not c.client:
             if isinstance(c, InProcessCluster):

@@ -312,7 +312,7 @@ class Worker:
 
     def _checkpoint(self, _) -> None:
         """Force a checkpoint on a random backend, at a random point of the sequence."""
-        from store import objects
+        from store._model import objects
         try:
             objects.get_dispatcher().checkpoint_backend(self.rng.choice(self.cluster.backends))
         except _OPEN:

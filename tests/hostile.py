@@ -26,7 +26,7 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from store import LocalCluster, StorageObject  # noqa: E402
-from store.generated import claypot_pb2 as pb  # noqa: E402
+from store._wire.generated import claypot_pb2 as pb  # noqa: E402
 
 SERVICE = "/claypot.v1.Backend/"
 UNARY = {"Ping": pb.PingRequest, "Resolve": pb.ResolveRequest,

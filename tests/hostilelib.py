@@ -17,10 +17,10 @@ import grpc
 from chaos import backend, wait_until
 from replicalib import ENV as REPLICA_ENV
 from store import LocalCluster
-from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-from store.generated import claypot_pb2 as pb
-from store.generated import claypot_pb2_grpc as pb_grpc
-from store.serialization import dumps, loads
+from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+from store._wire.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2_grpc as pb_grpc
+from store._wire.serialization import dumps, loads
 
 BIG_ENV = dict(REPLICA_ENV, CLAYPOT_BIG_OBJECT="65536")
 """Replica settings with a 64 KiB big-object threshold (write-behind for larger states)."""

@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 
-from store.cluster import BackendProcess, _wait_for, find_redis_server
+from store._ops.cluster import BackendProcess, _wait_for, find_redis_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

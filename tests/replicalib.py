@@ -140,9 +140,9 @@ def _holds(cluster, proc, object_id: str) -> bool:
     """Whether ``proc`` still acknowledges changes to ``object_id`` (a direct call to it)."""
     import grpc
 
-    from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-    from store.generated import claypot_pb2 as pb
-    from store.generated import claypot_pb2_grpc as pb_grpc
+    from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+    from store._wire.generated import claypot_pb2 as pb
+    from store._wire.generated import claypot_pb2_grpc as pb_grpc
     channel = grpc.insecure_channel(proc.address, options=CHANNEL_OPTIONS)
     try:
         reply = pb_grpc.BackendStub(channel).Call(

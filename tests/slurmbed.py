@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 
-from store.cluster import free_port, signal_and_wait
+from store._ops.cluster import free_port, signal_and_wait
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 

@@ -14,9 +14,9 @@ import threading
 
 import pytest
 
-from store import serialization
-from store.ids import fresh_id
-from store.serialization import _Pickler, dumps, loads
+from store._wire import serialization
+from store._util.ids import fresh_id
+from store._wire.serialization import _Pickler, dumps, loads
 
 
 def test_fresh_ids_look_like_uuid4_hex_and_do_not_repeat_across_threads():
@@ -55,10 +55,10 @@ print(len(mine), len(theirs), len(mine & theirs))
 
 
 def test_a_forked_child_draws_other_ids_than_its_parent():
-    # In a fresh interpreter that loads only store/ids.py: forking this test process,
+    # In a fresh interpreter that loads only store/_util/ids.py: forking this test process,
     # with gRPC's threads possibly running in it, is not safe.
-    import store.ids
-    out = subprocess.run([sys.executable, "-c", _FORKING, store.ids.__file__],
+    import store._util.ids
+    out = subprocess.run([sys.executable, "-c", _FORKING, store._util.ids.__file__],
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["100", "100", "0"]
 

@@ -85,10 +85,10 @@ def test_cancel_by_call_id_raises_call_cancelled_in_the_method(cluster, tmp_path
     import threading
     import uuid
 
-    from store.generated import claypot_pb2 as pb
-    from store.serialization import dumps
-    from store import wire
-    from store.objects import METHOD
+    from store._wire.generated import claypot_pb2 as pb
+    from store._wire.serialization import dumps
+    from store._wire import wire
+    from store._model.objects import METHOD
     s = Spinner()
     s.make_persistent()
     c = store.client()
@@ -183,10 +183,10 @@ def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_pa
     import threading
     import uuid
 
-    from store import wire
-    from store.generated import claypot_pb2 as pb
-    from store.objects import METHOD
-    from store.serialization import dumps
+    from store._wire import wire
+    from store._wire.generated import claypot_pb2 as pb
+    from store._model.objects import METHOD
+    from store._wire.serialization import dumps
     s = Spinner()
     s.make_persistent()
     c = store.client()

@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-CLAYPOT = [sys.executable, "-m", "store.cli"]
+CLAYPOT = [sys.executable, "-m", "store._ops.cli"]
 
 
 def run(args, env, timeout=120):

@@ -2,7 +2,7 @@
 annotated, parameters and return.
 
 Public: a function or method whose name has no leading underscore, defined at
-the top of a module of ``store`` or ``runtime`` (store.generated excepted) or in
+the top of a module of ``store`` or ``runtime`` (store._wire.generated excepted) or in
 a public class there. mypy enforces the same per module where a module is
 complete (pyproject's [tool.mypy] overrides); this test holds every module to
 it for the public names, read the way a user's tools read them (inspect).
@@ -19,8 +19,8 @@ import store
 import runtime
 
 # Modules that need an optional extra to import: still checked when it is installed.
-OPTIONAL = {"store.dashboard": "starlette", "runtime.dask_executor": "distributed",
-            "store.backend.dask_worker": "distributed"}
+OPTIONAL = {"store.dashboard": "starlette", "runtime._dask_executor": "distributed",
+            "store.backend._service.dask_worker": "distributed"}
 
 
 def _modules() -> list[types.ModuleType]:
@@ -29,7 +29,7 @@ def _modules() -> list[types.ModuleType]:
         out.append(pkg)
         for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             # Generated code is not ours; a __main__ runs its program when imported.
-            if info.name.startswith("store.generated") or info.name.endswith(".__main__"):
+            if info.name.startswith("store._wire.generated") or info.name.endswith(".__main__"):
                 continue
             try:
                 out.append(importlib.import_module(info.name))
@@ -113,11 +113,11 @@ def test_every_public_function_is_annotated():
 def test_the_walk_sees_methods_decorators_and_commands():
     """The walk reaches what a plain dir() would miss, so the rule has no blind spot."""
     names = {q for q, _, _ in public_functions()}
-    assert "store.backend.server.BackendServicer.Call" in names          # under @replies
-    assert "store.backend.polyglot.PolyglotServicer.GetArray" in names   # under @aborts
-    assert "store.cli.up" in names                                       # a click command
-    assert "store.client.Client.read_cache" in names                     # cached_property
-    assert "runtime.decorators.task" in names
+    assert "store.backend._service.server.BackendServicer.Call" in names          # under @replies
+    assert "store.backend._service.polyglot.PolyglotServicer.GetArray" in names   # under @aborts
+    assert "store._ops.cli.up" in names                                       # a click command
+    assert "store._client.client.Client.read_cache" in names                     # cached_property
+    assert "runtime._decorators.task" in names
 
 
 def test_a_missing_annotation_is_reported():

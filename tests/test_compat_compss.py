@@ -129,11 +129,11 @@ WORKER = textwrap.dedent("""
     # persistent arguments, finishWorkerPostFork, then finishWorker.
     import logging, os, sys
     import storage.api as api
-    import store.objects
+    import store._model.objects
 
     config, object_id, executors = sys.argv[1], sys.argv[2], int(sys.argv[3])
     api.initWorker(config)
-    assert not store.objects.has_dispatcher(), "nothing connected before the fork"
+    assert not store._model.objects.has_dispatcher(), "nothing connected before the fork"
     children = []
     for i in range(executors):
         pid = os.fork()

@@ -51,7 +51,7 @@ def _connected(request):
     # Other test modules may have left this process connected elsewhere.
     if "client" in request.fixturenames:
         c = request.getfixturevalue("client")
-        if store.objects._dispatcher is not c._client:
+        if store._model.objects._dispatcher is not c._client:
             c._client = store.connect(c.address, c.token)
     yield
 
@@ -255,7 +255,7 @@ def test_dataclay_exceptions_and_messages(client):
         employee.consolidate_version()
     # new_replica makes a consistent replica (README "Replicas"): changes reach it.
     employee.new_replica()
-    assert len(store.api.get_locations(employee.getID())) == 2
+    assert len(store._api.api.get_locations(employee.getID())) == 2
     employee.salary = 7.0
     assert employee.call_on_replica().salary == 7.0
     employee.call_on_replica(False)
@@ -283,7 +283,7 @@ def test_async_twins_and_sync_calls_inside_a_running_loop(client):
         # A synchronous call inside the running loop works too.
         assert Employee.get_by_alias("async-2").salary == 3.0
         await got.a_new_replica()
-        assert len(store.api.get_locations(got.getID())) == 2
+        assert len(store._api.api.get_locations(got.getID())) == 2
     asyncio.run(main())
 
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Objects on every backend, by alias; prints {alias: [backend id, value]}.
 MAKE = """
 import json, store
-from store.demo import Account
+from store._ops.demo import Account
 store.connect("backend:7000")
 out = {}
 for i, b in enumerate(b for b in store.backends() if b.up):

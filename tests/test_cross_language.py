@@ -22,7 +22,7 @@ import pytest
 
 import store
 from store import StorageObject
-from store.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

@@ -239,8 +239,8 @@ def test_durability_policy_is_per_backend(tmp_path):
     has lost its objects, which then raise ObjectNotFound (a clear error, not
     a hang or a wrong value).
     """
-    from store.cluster import BackendProcess
-    from store.directory import Directory
+    from store._ops.cluster import BackendProcess
+    from store._directory.directory import Directory
 
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         scratch = BackendProcess(str(tmp_path / "c" / "scratch"), c.redis_url, c.token,
@@ -275,7 +275,7 @@ def test_storage_recovery_orders_log_and_checkpoints(tmp_path):
     - A checkpoint abandoned by a stop keeps its log, so nothing is lost.
     - ``scan_storage_dir`` (repair) sees every object and changes no file.
     """
-    from store.backend.storage import Record, Storage, scan_storage_dir
+    from store.backend._storage.storage import Record, Storage, scan_storage_dir
 
     root = str(tmp_path / "s")
     st = Storage(root, "sync", checkpoint_interval=3600)
@@ -311,7 +311,7 @@ def test_damage_inside_the_log_skips_one_record_not_the_rest(tmp_path):
     Only a bad record at the very end is a torn write (cut off); one followed
     by valid records is damage, and the acknowledged records after it stay.
     """
-    from store.backend.storage import Record, Storage, decode
+    from store.backend._storage.storage import Record, Storage, decode
 
     root = str(tmp_path / "s")
     st = Storage(root, "sync", checkpoint_interval=3600)
@@ -338,7 +338,7 @@ def test_damage_inside_the_log_skips_one_record_not_the_rest(tmp_path):
 def test_a_late_background_checkpoint_never_overwrites_a_newer_direct_write(tmp_path):
     """Ordering of checkpoint files: a spill (direct write) that lands while the
     checkpointer has an older state of the same object staged wins."""
-    from store.backend.storage import Record, Storage
+    from store.backend._storage.storage import Record, Storage
     s = Storage(str(tmp_path / "b"), policy="sync")
     s.write(Record("a" * 32, "k", "", b"old", []))
 

@@ -15,8 +15,8 @@ import pytest
 
 import store
 from store import LocalCluster, StorageObject, readonly
-from store.cli import main as claypot
-from store.directory import Directory
+from store._ops.cli import main as claypot
+from store._directory.directory import Directory
 from store.errors import AliasNotFound, BackendUnavailable, CallInterrupted
 
 import chaos

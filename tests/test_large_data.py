@@ -26,13 +26,14 @@ import pytest
 
 import chaos
 from runtime import task, wait_on
-from store import LocalCluster, StorageObject, wire
-from store.client import TOKEN_HEADER, Client
+from store import LocalCluster, StorageObject
+from store._wire import wire
+from store._client.client import TOKEN_HEADER, Client
 from store.config import Settings
 from store.errors import (BackendUnavailable, CallInterrupted, ClaypotError, DeadlineExceeded,
                           ObjectNotFound, ProtocolError, ValueTooLarge)
-from store.generated import claypot_pb2 as pb
-from store.objects import readonly
+from store._wire.generated import claypot_pb2 as pb
+from store._model.objects import readonly
 
 pytestmark = pytest.mark.large
 

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from store.backend import lifecycle as lc
-from store.backend.lifecycle import IllegalTransition, Lifecycle, State
+from store.backend._core import lifecycle as lc
+from store.backend._core.lifecycle import IllegalTransition, Lifecycle, State
 from store.errors import ObjectMoved, ObjectNotFound
 
 

@@ -20,7 +20,7 @@ from conftest import validate_backends
 from lifelib import (Array, Counter, DelayedState, Grow, Items, SlowState, Sticky,
                      append_slow_first, slow_value)
 from store import LocalCluster
-from store.backend.storage import scan_storage_dir
+from store.backend._storage.storage import scan_storage_dir
 from store.errors import (CallInterrupted, ObjectBusy, ObjectNotFound, StorageFailed, TaskCancelled,
                           ValueTooLarge)
 
@@ -116,7 +116,7 @@ def _racing_checkpoint(st, direct) -> None:
 def test_a_stale_checkpoint_never_replaces_or_deletes_a_newer_state(tmp_path, moved_away):
     """Storage alone: the checkpointer holds an older logged state (or the delete of a move
     away) when a newer state is written directly (the object came back, big)."""
-    from store.backend.storage import Record, Storage
+    from store.backend._storage.storage import Record, Storage
     root = str(tmp_path / "s")
     st = Storage(root, "sync", checkpoint_interval=3600)
     oid = "a" * 32
@@ -171,11 +171,11 @@ def test_a_big_object_moved_back_during_a_checkpoint_survives_a_graceful_restart
 def test_a_batch_persist_with_a_big_last_item_is_synced_as_a_whole(tmp_path):
     """Every record of a batch is fsync'd before the batch returns, big last item or not
     (in-process heap over a real storage dir and a real redis-server)."""
-    from store.backend.heap import CodeCache, Heap
-    from store.backend.storage import Storage
-    from store.cluster import RedisProcess
-    from store.directory import Directory
-    from store.serialization import dumps
+    from store.backend._engine.heap import CodeCache, Heap
+    from store.backend._storage.storage import Storage
+    from store._ops.cluster import RedisProcess
+    from store._directory.directory import Directory
+    from store._wire.serialization import dumps
     redis = RedisProcess(str(tmp_path / "redis")).start()
     try:
         directory = Directory(redis.url)
@@ -209,8 +209,8 @@ def test_persist_many_with_a_big_last_object_survives_kill9(tmp_path):
 def test_an_fsync_error_stops_every_later_acknowledgement(tmp_path):
     import errno
 
-    import store.backend.storage as storage_mod
-    from store.backend.storage import Record, Storage
+    import store.backend._storage.storage as storage_mod
+    from store.backend._storage.storage import Record, Storage
     st = Storage(str(tmp_path / "s"), "sync", checkpoint_interval=3600)
     st.write(Record("a" * 32, "k:C", "", b"ok"))
     real = storage_mod.os.fdatasync
@@ -374,9 +374,9 @@ def test_a_backend_restarts_from_its_own_disk_after_redis_is_wiped(tmp_path):
 
 def _hold_header(c: LocalCluster, declared: int, release: threading.Event, box: dict):
     """Open a PersistStream whose header announces ``declared`` bytes, then send nothing."""
-    from store import wire
-    from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-    from store.generated import claypot_pb2 as pb
+    from store._wire import wire
+    from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+    from store._wire.generated import claypot_pb2 as pb
     header = pb.PersistRequest(objects=[pb.PersistObject(
         object_id="f" * 32, class_key="lifelib:Counter",
         state=pb.Value(buffer_sizes=[16, declared]))]).SerializeToString()
@@ -444,10 +444,10 @@ def test_a_slow_load_does_not_stall_calls_on_other_objects(tmp_path):
 def test_persist_is_idempotent_by_id_and_storage_comes_before_the_directory(tmp_path):
     """A Persist retried after its reply was lost succeeds and stores the object once; a
     stored object the directory lost (a crash in between) is claimed again at start."""
-    from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-    from store.generated import claypot_pb2 as pb
-    from store.generated import claypot_pb2_grpc as pb_grpc
-    from store.serialization import dumps
+    from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+    from store._wire.generated import claypot_pb2 as pb
+    from store._wire.generated import claypot_pb2_grpc as pb_grpc
+    from store._wire.serialization import dumps
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         key = c.client.register_code(Counter)
         payload, buffers = dumps(Counter(7).__getstate__())
@@ -483,10 +483,10 @@ def test_a_stale_copy_left_by_an_interrupted_move_is_dropped(tmp_path):
         x.move(a_id)
         assert x.get() == 2
         # Now fake B's leftover: store a copy on B without the directory knowing.
-        from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-        from store.generated import claypot_pb2 as pb
-        from store.generated import claypot_pb2_grpc as pb_grpc
-        from store.serialization import dumps
+        from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+        from store._wire.generated import claypot_pb2 as pb
+        from store._wire.generated import claypot_pb2_grpc as pb_grpc
+        from store._wire.serialization import dumps
         payload, _ = dumps(Counter(999).__getstate__())
         addr = chaos.backend(c, b_id).address
         channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
@@ -541,7 +541,7 @@ def test_an_object_grown_past_big_object_keeps_a_whole_state_when_a_checkpoint_s
 
 
 def test_a_persist_retried_while_its_first_attempt_runs_stores_once(tmp_path):
-    from store.generated import claypot_pb2 as pb
+    from store._wire.generated import claypot_pb2 as pb
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         (a_id,) = c.backends
         client = store.client()
@@ -566,9 +566,9 @@ def test_a_persist_retried_while_its_first_attempt_runs_stores_once(tmp_path):
 
 
 def test_a_header_announcing_many_small_buffers_commits_no_memory(tmp_path):
-    from store import wire
-    from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
-    from store.generated import claypot_pb2 as pb
+    from store._wire import wire
+    from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
+    from store._wire.generated import claypot_pb2 as pb
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         pid = chaos.backend(c, c.backends[0]).pid
         before = chaos.rss(pid)

@@ -15,7 +15,7 @@ import pytest
 
 import netbed
 from store import errors
-from store.directory import parse_sentinel_url, redact_url, sentinel_auth
+from store._directory.directory import parse_sentinel_url, redact_url, sentinel_auth
 
 pytestmark = pytest.mark.slow
 

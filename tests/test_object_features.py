@@ -144,7 +144,7 @@ def test_aliases_follow_a_move_and_delete_drops_them_all(cluster):
 def test_aliases_survive_a_wiped_directory_and_repair(tmp_path):
     """Every alias is in the object's stored state: republish and `claypot repair` bring
     them all back, including the one added after a move."""
-    from store.cli import main as claypot
+    from store._ops.cli import main as claypot
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         p = Person("kept")
         p.make_persistent(alias="kept-1", backend=c.backends[0])
@@ -397,7 +397,7 @@ def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
 def test_republish_keeps_the_aliases_still_free(tmp_path):
     """After Redis lost everything, a backend republishes its objects; an alias another
     object took meanwhile is dropped, the object's other aliases are kept."""
-    from store.directory import Directory
+    from store._directory.directory import Directory
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         p = Person("both")
         p.make_persistent(alias="first", backend=c.backends[0])

@@ -15,7 +15,7 @@ from store import errors
 
 pytestmark = pytest.mark.slow
 
-CLAYPOT = [sys.executable, "-m", "store.cli"]
+CLAYPOT = [sys.executable, "-m", "store._ops.cli"]
 
 
 def run(args, env, timeout=120):
@@ -172,7 +172,7 @@ def test_bad_addresses_fail_at_once_with_what_is_wrong():
 
 def test_a_refused_connection_fails_in_about_a_second_with_a_hint(tmp_path, monkeypatch):
     import store
-    from store.cluster import free_port
+    from store._ops.cluster import free_port
     monkeypatch.setenv("CLAYPOT_STATE_DIR", str(tmp_path))
     started = time.monotonic()
     with pytest.raises(errors.BackendUnavailable, match="claypot status"):
@@ -181,7 +181,7 @@ def test_a_refused_connection_fails_in_about_a_second_with_a_hint(tmp_path, monk
 
 
 def test_cli_has_help_for_every_flag_version_and_completion():
-    from store.cli import cli
+    from store._ops.cli import cli
     for name, command in cli.commands.items():
         for param in command.params:
             if param.param_type_name == "option":

@@ -25,7 +25,7 @@ import store
 import store.errors
 from store import LocalCluster, StorageObject
 from store.config import Settings
-from store.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2 as pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_store_exports_exactly_the_pinned_names():
     assert len(set(store.__all__)) == len(store.__all__)
     for name in store.__all__:
         assert getattr(store, name) is not None, name
-    # Nothing public escapes __all__ (submodules such as store.api are not API names).
+    # Nothing public escapes __all__ (submodules such as store._api.api are not API names).
     public = {name for name, value in vars(store).items()
               if not name.startswith("_") and not isinstance(value, types.ModuleType)}
     assert public == set(STORE_API) - {"errors", "aio"}
@@ -339,7 +339,7 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
 def test_a_backend_on_a_wildcard_address_registers_its_own_address():
     """Listening on 0.0.0.0 (a container) with no --advertise: the backend registers
     the address its host reaches others from, never the wildcard."""
-    from store.backend.server import advertised_address
+    from store.backend._service.server import advertised_address
     assert advertised_address("10.1.2.3", 7000) == "10.1.2.3:7000"
     for wildcard in ("0.0.0.0", "", "::"):
         host, port = advertised_address(wildcard, 7000).rsplit(":", 1)

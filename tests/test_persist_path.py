@@ -19,7 +19,7 @@ import pytest
 
 import store
 from store import LocalCluster, StorageObject
-from store.directory import Directory
+from store._directory.directory import Directory
 from store.errors import AliasExists, AliasNotFound, ObjectNotFound
 
 import chaos
@@ -126,7 +126,7 @@ def test_claim_sent_ahead_survives_a_lost_script_cache_and_a_dropped_connection(
     """The reply of a claim sent before the fsync may never come: it is sent again."""
     import redis as redis_py
 
-    from store.cluster import RedisProcess
+    from store._ops.cluster import RedisProcess
 
     r = RedisProcess(str(tmp_path / "redis")).start()
     try:

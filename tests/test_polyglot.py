@@ -21,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import store
-from store import StorageObject, polyglot
-from store.generated import claypot_pb2 as pb
-from store.generated import claypot_pb2_grpc as pb_grpc
+from store import StorageObject
+from store._wire import polyglot
+from store._wire.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2_grpc as pb_grpc
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
@@ -103,7 +104,7 @@ def test_health_follows_the_backend_lifecycle():
     """NOT_SERVING until started, while republishing, and for good once draining."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from store.backend.polyglot import StandardServices
+    from store.backend._service.polyglot import StandardServices
     server = grpc.server(ThreadPoolExecutor(2))
     services = StandardServices(server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -288,7 +289,7 @@ def test_readme_error_table_matches_the_code():
 
 
 def test_node_and_cpp_clients_carry_the_same_status_table():
-    """The clients' own copies of the table (for errors inside replies) match store.polyglot."""
+    """The clients' own copies of the table (for errors inside replies) match store._wire.polyglot."""
     root = os.path.join(os.path.dirname(__file__), "..", "clients")
     node = Path(root, "node", "index.js").read_text(encoding="utf-8")
     block = node.split("const STATUS_BY_CODE = Object.freeze({", 1)[1].split("});", 1)[0]

@@ -1,7 +1,7 @@
 """Same-host attribute reads answered without an RPC while the object is unchanged.
 
-Real backends on loopback. See store/backend/versions.py (the backend's change
-words) and store/readcache.py (the reader's side).
+Real backends on loopback. See store/backend/_storage/versions.py (the backend's change
+words) and store/_client/readcache.py (the reader's side).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from chaos import restart_backend
-from store import LocalCluster, StorageObject, shm
+from store import LocalCluster, StorageObject
+from store._client import shm
 from store.errors import ObjectNotFound
-from store.objects import readonly
+from store._model.objects import readonly
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 

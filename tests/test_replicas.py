@@ -21,12 +21,12 @@ import store
 from lifelib import Counter
 from replicalib import ENV, TTL, RoundStats, run_round
 from store import LocalCluster
-from store.backend.replicas import ReplicaLog
-from store.client import CHANNEL_OPTIONS, TOKEN_HEADER
+from store.backend._engine.replicas import ReplicaLog
+from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
 from store.errors import ConfigurationError, FeatureUnavailable, ProtocolError
-from store.generated import claypot_pb2 as pb
-from store.generated import claypot_pb2_grpc as pb_grpc
-from store.serialization import dumps, loads
+from store._wire.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2_grpc as pb_grpc
+from store._wire.serialization import dumps, loads
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_replicas_are_placed_elsewhere_read_and_deleted_with_the_object(rcluster
     ctr.make_persistent(replicas=2)
     ref = c.client.resolve(object_id=ctr.getID())
     assert len(ref.replicas) == 2 and ref.backend_id not in ref.replicas and ref.epoch == 1
-    assert len(store.api.get_locations(ctr.getID())) == 3
+    assert len(store._api.api.get_locations(ctr.getID())) == 3
     for _ in range(10):
         ctr.incr()
     # Synchronous shipping: every replica has every acknowledged change.

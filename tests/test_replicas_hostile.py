@@ -21,7 +21,7 @@ from lifelib import Counter
 from replicalib import TTL
 from store.errors import (ClaypotError, ConfigurationError, FeatureUnavailable,
                           ObjectNotFound)
-from store.generated import claypot_pb2 as pb
+from store._wire.generated import claypot_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -502,7 +502,7 @@ def test_a_change_made_while_replicas_are_being_created_is_not_lost(rcluster):
     replicas hold it: a change another client makes in between would be acknowledged by
     the primary alone and never reach the replica, so a kill of the primary right after
     would lose it. The replicas are frozen for a moment (< TTL) while it is created."""
-    from store import api
+    from store._api import api
     c = rcluster
     p = c.processes[0]
     others = [q for q in c.processes if q is not p]

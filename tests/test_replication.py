@@ -1,12 +1,12 @@
-"""The pure replication rules (store.backend.replication) and the history checker."""
+"""The pure replication rules (store.backend._core.replication) and the history checker."""
 
 from __future__ import annotations
 
 import math
 
 from histories import Op, check
-from store.backend import replication as rp
-from store.backend.replication import CallLedger, ReplicaSet, ShipOutcome, Verdict
+from store.backend._core import replication as rp
+from store.backend._core.replication import CallLedger, ReplicaSet, ShipOutcome, Verdict
 
 
 def test_replica_set_round_trips_through_its_directory_encoding():

@@ -340,7 +340,7 @@ def test_fast_task_with_time_out_succeeds():
 
 
 def test_constraint_computing_units_serialises_big_tasks():
-    slots = runtime.core.current().scheduler.slots
+    slots = runtime._core.current().scheduler.slots
     b = Block(np.zeros(1))
     b.make_persistent()
 
@@ -366,7 +366,7 @@ def test_thousand_task_graph():
         level = [add(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
                  for i in range(0, len(level), 2)]
     assert wait_on(level[0]) == sum(range(1, 501))
-    assert runtime.core.current().pending() == 0
+    assert runtime._core.current().pending() == 0
     assert time.monotonic() - started < 60
 
 
@@ -427,7 +427,7 @@ def test_numpy_training_example_reduces_loss():
 
 
 def test_burst_of_tiny_tasks_is_batched_and_errors_stay_per_task():
-    executor = runtime.core.current().executor
+    executor = runtime._core.current().executor
     rpcs, batched = executor.rpcs, executor.batched
 
     @task(returns=1, on_failure="CANCEL_SUCCESSORS")

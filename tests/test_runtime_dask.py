@@ -18,9 +18,9 @@ import pytest
 pytest.importorskip("distributed", reason="dask[distributed] is not installed")
 
 import runtime  # noqa: E402
-import runtime.core  # noqa: E402
+import runtime._core  # noqa: E402
 from runtime import INOUT, barrier, task, wait_on  # noqa: E402
-from runtime.dask_executor import DaskExecutor  # noqa: E402
+from runtime._dask_executor import DaskExecutor  # noqa: E402
 from store import LocalCluster  # noqa: E402
 from store.errors import TaskCancelled, TaskError  # noqa: E402
 from tasklib import Block, Log, add, append, block_sum, inc, scale, snapshot  # noqa: E402
@@ -58,7 +58,7 @@ def drained(dask_cluster):
 
 @pytest.mark.slow
 def test_backends_host_workers_named_after_their_ids(dask_cluster):
-    executor = runtime.core.current().executor
+    executor = runtime._core.current().executor
     assert isinstance(executor, DaskExecutor)
     assert executor.scheduler == dask_cluster.dask_scheduler
     assert executor.worker_names(refresh=True) == set(dask_cluster.backends)
@@ -66,7 +66,7 @@ def test_backends_host_workers_named_after_their_ids(dask_cluster):
 
 def test_locality_by_pid_through_dask(dask_cluster):
     pids = {p.backend_id: p.pid for p in dask_cluster.processes}
-    executor = runtime.core.current().executor
+    executor = runtime._core.current().executor
     sent = executor.submitted
     blocks = {}
     for bid in pids:
@@ -170,17 +170,17 @@ def test_use_executor_refuses_unknown_names_and_pending_tasks(dask_cluster):
     with pytest.raises(RuntimeError, match="pending"):
         runtime.use_executor("store")
     assert wait_on(f) == 1
-    assert isinstance(runtime.core.current().executor, DaskExecutor)
+    assert isinstance(runtime._core.current().executor, DaskExecutor)
 
 
 def test_backend_without_a_worker_is_a_clear_error(dask_cluster, tmp_path):
     # A backend started without --dask-scheduler: a task placed there fails at once
     # with a message saying why, instead of waiting forever for a worker.
-    from store.cluster import BackendProcess
+    from store._ops.cluster import BackendProcess
     from store.errors import ConfigurationError
     plain = BackendProcess(str(tmp_path / "plain"), dask_cluster.redis_url,
                            dask_cluster.token).start()
-    rt = runtime.core.current()
+    rt = runtime._core.current()
     try:
         blk = Block(np.ones(10))
         blk.make_persistent(backend=plain.backend_id)
@@ -203,7 +203,7 @@ def test_environment_selects_the_dask_executor(dask_cluster):
     import sys
     import textwrap
     script = textwrap.dedent("""
-        import os, store, runtime.core
+        import os, store, runtime._core
         from runtime import task, wait_on
 
         @task(returns=1)
@@ -213,7 +213,7 @@ def test_environment_selects_the_dask_executor(dask_cluster):
 
         store.connect()
         pid, worker = wait_on(where())
-        print(type(runtime.core.current().executor).__name__, pid, worker)
+        print(type(runtime._core.current().executor).__name__, pid, worker)
         runtime.use_executor("store")   # closes the Dask client before exiting
     """)
     env = dict(os.environ, CLAYPOT_EXECUTOR="dask",
@@ -230,7 +230,7 @@ def test_environment_selects_the_dask_executor(dask_cluster):
 
 
 def test_burst_of_tasks_with_chains_over_both_backends(dask_cluster):
-    executor = runtime.core.current().executor
+    executor = runtime._core.current().executor
     sent = executor.submitted
     heads = [inc(i) for i in range(200)]
     tails = [inc(inc(h)) for h in heads]

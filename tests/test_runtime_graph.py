@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from runtime import INOUT, OnFailure, constraint, task
-from runtime.graph import TaskGraph
-from runtime.scheduler import Demand, Scheduler, locality_scores
+from runtime._graph import TaskGraph
+from runtime._scheduler import Demand, Scheduler, locality_scores
 
 
 def test_readers_after_writer_run_together_and_next_writer_waits_for_all():

@@ -477,8 +477,8 @@ def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
 
 
 def test_resource_names_parsing_and_matching():
-    from runtime.resources import constraints, satisfies, unmet
-    from store import resources as res
+    from runtime._resources import constraints, satisfies, unmet
+    from store._util import resources as res
     assert [res.canonical(n) for n in ("MemorySize", "computingUnits", "GPU", "zone")] == \
         ["memory_size", "computing_units", "gpu", "zone"]
     offered = res.parse("computing_units=4, MemorySize=8,processorType=ARM,"
@@ -535,7 +535,7 @@ def test_a_directory_archive_cannot_write_outside_its_tree(tmp_path):
     import io
     import tarfile
 
-    from runtime.files import unpack
+    from runtime._files import unpack
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("../escaped")

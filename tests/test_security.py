@@ -20,10 +20,11 @@ import pytest
 import redis
 
 import store
-from store import LocalCluster, StorageObject, errors, shm
-from store.directory import Directory
-from store.generated import claypot_pb2 as pb
-from store.security import DirectoryKeys, process_identity, token_matches
+from store import LocalCluster, StorageObject, errors
+from store._client import shm
+from store._directory.directory import Directory
+from store._wire.generated import claypot_pb2 as pb
+from store._util.security import DirectoryKeys, process_identity, token_matches
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,7 +93,7 @@ def test_embedded_redis_needs_its_password(cluster):
     conf = os.path.join(cluster.redis.data_dir, "redis.conf")
     assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
     # Error messages name the Redis URL, never its password.
-    from store.directory import redact_url
+    from store._directory.directory import redact_url
     assert cluster.redis.password not in redact_url(cluster.redis_url)
     assert Directory(cluster.redis_url).url.endswith(f":***@127.0.0.1:{cluster.redis.port}/0")
 
@@ -154,7 +155,7 @@ def test_forged_backend_address_is_not_handed_to_clients(cluster):
 # -- the state file and claypot down --------------------------------------------------------
 
 def test_state_file_and_dir_are_private_from_the_start(tmp_path, monkeypatch):
-    from store import cli
+    from store._ops import cli
     state_dir = tmp_path / "state"
     monkeypatch.setenv("CLAYPOT_STATE_DIR", str(state_dir))
     old = os.umask(0)   # the most permissive umask: modes must not depend on it
@@ -203,7 +204,7 @@ def test_cluster_files_are_private(tmp_path):
 
 def test_down_signals_only_processes_it_started(tmp_path):
     """A recorded PID now running something else (PID reuse) is left alone."""
-    from store.security import write_private
+    from store._util.security import write_private
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         ident = process_identity(bystander.pid)
@@ -215,7 +216,7 @@ def test_down_signals_only_processes_it_started(tmp_path):
             {"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid],
              "redis_pid": bystander.pid, "processes": [reused, other_cmd]}).encode())
         env = dict(os.environ, CLAYPOT_STATE_DIR=str(state_dir))
-        out = subprocess.run([sys.executable, "-m", "store.cli", "down"], env=env,
+        out = subprocess.run([sys.executable, "-m", "store._ops.cli", "down"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "not signalled" in out.stdout
@@ -226,10 +227,10 @@ def test_down_signals_only_processes_it_started(tmp_path):
         write_private(str(state_dir / "cluster.json"), json.dumps(
             {"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid],
              "redis_pid": None}).encode())
-        up = subprocess.run([sys.executable, "-m", "store.cli", "up"], env=env,
+        up = subprocess.run([sys.executable, "-m", "store._ops.cli", "up"], env=env,
                             capture_output=True, text=True, timeout=60)
         assert up.returncode == 1 and "older claypot" in up.stderr
-        out = subprocess.run([sys.executable, "-m", "store.cli", "down"], env=env,
+        out = subprocess.run([sys.executable, "-m", "store._ops.cli", "down"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and str(bystander.pid) in out.stdout
         time.sleep(0.3)
@@ -244,7 +245,7 @@ def test_down_signals_only_processes_it_started(tmp_path):
 def test_token_comparison_is_constant_time(monkeypatch):
     import hmac
 
-    from store.backend.server import carries_token
+    from store.backend._service.server import carries_token
     calls = []
     real = hmac.compare_digest
 
@@ -275,7 +276,7 @@ def test_wrong_token_is_refused_and_ping_says_only_serving(cluster):
 
 
 def test_backend_refuses_an_open_address_without_a_token(cluster, tmp_path):
-    from store.backend.server import check_listen
+    from store.backend._service.server import check_listen
     env = dict(os.environ, CLAYPOT_TOKEN="", CLAYPOT_REDIS=cluster.redis_url)
     out = subprocess.run([sys.executable, "-m", "store.backend", "--data-dir",
                           str(tmp_path / "b"), "--host", "0.0.0.0", "--port", "0"],
@@ -457,7 +458,7 @@ def test_claypot_up_tls_serves_tls_and_status_finds_the_ca(tmp_path):
     env = dict(os.environ, CLAYPOT_STATE_DIR=str(tmp_path / "state"))
     env.pop("CLAYPOT_ADDRESS", None)
     env.pop("CLAYPOT_TLS_CA", None)
-    cli = [sys.executable, "-m", "store.cli"]
+    cli = [sys.executable, "-m", "store._ops.cli"]
     up = subprocess.run(cli + ["up", "--tls", "--backends", "1", "--data-dir",
                                str(tmp_path / "data")], env=env, capture_output=True,
                         text=True, timeout=120)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from runtime import task, wait_on
-from store import StorageObject, errors, shm
-from store.generated import claypot_pb2 as pb
-from store.objects import readonly
+from store import StorageObject, errors
+from store._client import shm
+from store._wire.generated import claypot_pb2 as pb
+from store._model.objects import readonly
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 

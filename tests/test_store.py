@@ -306,7 +306,7 @@ def test_unpicklable_value_is_refused_cleanly(cluster):
 
 @pytest.mark.both_transports
 def test_missing_class_is_a_clear_error(cluster):
-    from store.generated import claypot_pb2 as pb
+    from store._wire.generated import claypot_pb2 as pb
     client = store.client()
     request = pb.PersistRequest(objects=[pb.PersistObject(
         object_id="f" * 32, class_key="nowhere.module:Ghost#0000",

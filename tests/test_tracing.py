@@ -170,7 +170,7 @@ def test_the_core_imports_and_refuses_tracing_without_opentelemetry():
     import sys
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"
-        "import store, store.backend.server, runtime\n"
+        "import store, store.backend._service.server, runtime\n"
         "from store import tracing\n"
         "from store.errors import ConfigurationError\n"
         "try:\n"

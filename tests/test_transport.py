@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import store
-from store import StorageObject, errors, objects
-from store.generated import claypot_pb2 as pb
-from store.inproc import InProcessCluster
-from store.transport import GrpcTransport, InProcessTransport, Transport
+from store import StorageObject, errors
+from store._model import objects
+from store._wire.generated import claypot_pb2 as pb
+from store._ops.inproc import InProcessCluster
+from store._client.transport import GrpcTransport, InProcessTransport, Transport
 
 
 class Box(StorageObject):

@@ -1,7 +1,7 @@
 """Same-host zero-copy reads and writes: leased read-only views of a backend's segments.
 
 Real backends on loopback; readers in this process and in child processes
-(one killed with kill -9). See store/backend/segments.py and store/leases.py.
+(one killed with kill -9). See store/backend/_storage/segments.py and store/_client/leases.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pytest
 
 import store
 from chaos import restart_backend
-from store import LocalCluster, StorageObject, shm
-from store.objects import readonly
+from store import LocalCluster, StorageObject
+from store._client import shm
+from store._model.objects import readonly
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 
@@ -213,10 +214,10 @@ def test_a_restart_never_serves_segments_and_readers_keep_their_snapshot(tmp_pat
         del view
 
 
-# -- the sync write of a big object (store/backend/direct.py) ---------------------------
+# -- the sync write of a big object (store/backend/_storage/direct.py) ---------------------------
 
 def test_direct_write_is_byte_for_byte_the_encoded_record(tmp_path, monkeypatch):
-    from store.backend import direct, storage
+    from store.backend._storage import direct, storage
     data = np.random.default_rng(1).random((40 * MiB) // 8 + 77)   # not block-aligned
     rec = storage.Record("oid", "mod:Cls#1", "alias", b"payload", [memoryview(data).cast("B")])
     rec.lsn = 42

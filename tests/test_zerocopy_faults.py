@@ -3,8 +3,8 @@
 Counted, not timed: the minor page faults a backend takes for a copy-on-write
 into its ready spare, the mapping a client keeps of a segment it filled (and
 drops once the file is gone), and the big-record O_DIRECT write that goes
-from a page-aligned buffer's own memory. See store/shm.py,
-store/backend/segments.py and store/backend/direct.py.
+from a page-aligned buffer's own memory. See store/_client/shm.py,
+store/backend/_storage/segments.py and store/backend/_storage/direct.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from store import LocalCluster, StorageObject, shm
-from store.backend import direct, storage
+from store import LocalCluster, StorageObject
+from store._client import shm
+from store.backend._storage import direct, storage
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]

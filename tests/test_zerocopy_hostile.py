@@ -24,7 +24,7 @@ import pytest
 import store
 from chaos import restart_backend
 from hostilelib import backend_pid, own_cluster, wait_for
-from store import shm
+from store._client import shm
 from store import StorageObject
 from test_zerocopy import Grid
 
@@ -472,7 +472,7 @@ def test_a_failed_zero_copy_put_leaves_no_lease_or_segment(cluster):
 
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.9])
 def test_kill_9_during_a_direct_write_leaves_a_whole_state(tmp_path, delay):
-    # Probe: a big object under sync is checkpointed with O_DIRECT (store.backend.direct);
+    # Probe: a big object under sync is checkpointed with O_DIRECT (store.backend._storage.direct);
     # kill -9 in the middle of the put or of its write-behind checkpoint, restart: the
     # object is absent or whole, and an acknowledged earlier state is never torn.
     from chaos import kill_later, start_backend

@@ -22,7 +22,8 @@ import pytest
 import store
 from chaos import restart_backend
 from hostilelib import backend_pid, own_cluster, wait_for
-from store import StorageObject, shm
+from store import StorageObject
+from store._client import shm
 from test_zerocopy import Grid
 
 pytestmark = [pytest.mark.slow,

@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ruff check .
 lint-imports
-mypy --follow-imports=silent store/backend/lifecycle.py store/errors.py store/config.py \
-    runtime/graph.py runtime/scheduler.py
+mypy --follow-imports=silent store/backend/_core/lifecycle.py store/errors.py store/config.py \
+    runtime/_graph.py runtime/_scheduler.py
 # Regenerate the baseline after fixing errors:
 #   mypy store runtime | mypy-baseline sync --baseline-path tools/mypy-baseline.txt --sort-baseline \
 #       --ignore-categories note annotation-unchecked

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fails if the committed store/generated/ differs from what proto/ generates.
+# Fails if the committed store/_wire/generated/ differs from what proto/ generates.
 #
 # It runs tools/gen_proto.sh itself (so the check and the generator cannot
 # drift apart) inside a scratch copy of proto/ and tools/, and never touches
@@ -17,25 +17,25 @@ fi
 
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
-mkdir -p "$SCRATCH/tools" "$SCRATCH/store/generated"
+mkdir -p "$SCRATCH/tools" "$SCRATCH/store/_wire/generated"
 cp -R proto "$SCRATCH/proto"
 cp tools/gen_proto.sh "$SCRATCH/tools/gen_proto.sh"
 PYTHON="$PY" bash "$SCRATCH/tools/gen_proto.sh"
 
 status=0
-for generated in "$SCRATCH"/store/generated/*; do
+for generated in "$SCRATCH"/store/_wire/generated/*; do
     name="$(basename "$generated")"
-    if [ ! -f "store/generated/$name" ]; then
-        echo "check_proto: store/generated/$name is missing (run tools/gen_proto.sh)" >&2
+    if [ ! -f "store/_wire/generated/$name" ]; then
+        echo "check_proto: store/_wire/generated/$name is missing (run tools/gen_proto.sh)" >&2
         status=1
-    elif ! diff -u "store/generated/$name" "$generated" >&2; then
-        echo "check_proto: store/generated/$name is stale (run tools/gen_proto.sh)" >&2
+    elif ! diff -u "store/_wire/generated/$name" "$generated" >&2; then
+        echo "check_proto: store/_wire/generated/$name is stale (run tools/gen_proto.sh)" >&2
         status=1
     fi
 done
-for committed in store/generated/*_pb2*.py store/generated/*_pb2*.pyi; do
+for committed in store/_wire/generated/*_pb2*.py store/_wire/generated/*_pb2*.pyi; do
     [ -e "$committed" ] || continue
-    if [ ! -f "$SCRATCH/store/generated/$(basename "$committed")" ]; then
+    if [ ! -f "$SCRATCH/store/_wire/generated/$(basename "$committed")" ]; then
         echo "check_proto: $committed has no .proto source any more" >&2
         status=1
     fi
@@ -45,4 +45,4 @@ if [ "$status" -ne 0 ]; then
     echo "check_proto: FAILED (grpcio-tools $version; the dev extra pins the version used)" >&2
     exit 1
 fi
-echo "check_proto: store/generated matches proto/ (root $ROOT)"
+echo "check_proto: store/_wire/generated matches proto/ (root $ROOT)"

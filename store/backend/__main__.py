@@ -1,3 +1,3 @@
-from .server import main
+from store.backend._service.server import main
 
 main()

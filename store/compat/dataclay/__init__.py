@@ -41,8 +41,8 @@ from typing import Any
 
 import store
 from store import errors as _err
-from store import objects as _obj
-from store import objectops as _ops
+from store._model import objects as _obj
+from store._model import objectops as _ops
 
 from . import exceptions
 from .exceptions import (AliasAlreadyExistError, AliasDoesNotExistError, BackendDoesNotExistError,
