@@ -46,7 +46,7 @@ def main() -> None:
         for o in objs:
             o.make_persistent()
         n = a.calls
-        for o in objs:      # warm up channels and caches, both APIs
+        for o in objs:  # warm up channels and caches, both APIs
             o.get()
         asyncio.run(_gather([o.get.aio for o in objs]))
 
@@ -64,6 +64,7 @@ def main() -> None:
             t = time.perf_counter()
             await asyncio.gather(*(objs[i % 8].get.aio() for i in range(n)))
             return n / (time.perf_counter() - t)
+
         aio_rate = asyncio.run(many())
 
         # Cancel: a client deadline of 0.5 s on a method that would run 60 s; how long
@@ -81,15 +82,21 @@ def main() -> None:
         target.get()
         freed_after = time.perf_counter() - t - 0.5
 
-    print(json.dumps({
-        "calls": n, "threads": a.threads,
-        "sequential_calls_per_s": round(sequential),
-        "threads_calls_per_s": round(threaded),
-        "aio_one_loop_calls_per_s": round(aio_rate),
-        "aio_vs_sequential": round(aio_rate / sequential, 2),
-        "aio_vs_threads": round(aio_rate / threaded, 2),
-        "cancelled_call_frees_object_s": round(freed_after, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "calls": n,
+                "threads": a.threads,
+                "sequential_calls_per_s": round(sequential),
+                "threads_calls_per_s": round(threaded),
+                "aio_one_loop_calls_per_s": round(aio_rate),
+                "aio_vs_sequential": round(aio_rate / sequential, 2),
+                "aio_vs_threads": round(aio_rate / threaded, 2),
+                "cancelled_call_frees_object_s": round(freed_after, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 async def _gather(fns):

@@ -49,8 +49,10 @@ from store import LocalCluster  # noqa: E402
 
 def start_echo(workers: int):
     port_file = os.path.join(tempfile.mkdtemp(prefix="echo-"), "port")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", port_file, str(workers)],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo_server", port_file, str(workers)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     deadline = time.monotonic() + 20
     while not os.path.exists(port_file):
         if time.monotonic() > deadline:
@@ -74,6 +76,7 @@ def boundary_cost_ns(n: int = 200_000) -> dict:
     class Servicer:
         def plain(self, request, context):
             return request
+
         wrapped = replies(pb.Status)(plain)
 
     s, request = Servicer(), pb.Status()
@@ -85,14 +88,20 @@ def boundary_cost_ns(n: int = 200_000) -> dict:
         for _ in range(n):
             fn(request, None)
         return (time.perf_counter() - t) / n * 1e9
+
     plain = min(per_call_ns(s.plain) for _ in range(3))
     wrapped = min(per_call_ns(s.wrapped) for _ in range(3))
     blocks = sys.getallocatedblocks()
     for _ in range(n):
         s.wrapped(request, None)
     held = sys.getallocatedblocks() - blocks
-    return {"plain_ns": round(plain, 1), "wrapped_ns": round(wrapped, 1),
-            "added_ns": round(wrapped - plain, 1), "blocks_held_after_calls": held, "calls": n}
+    return {
+        "plain_ns": round(plain, 1),
+        "wrapped_ns": round(wrapped, 1),
+        "added_ns": round(wrapped - plain, 1),
+        "blocks_held_after_calls": held,
+        "calls": n,
+    }
 
 
 def process_cpu_s(pid: int) -> float:
@@ -123,9 +132,11 @@ class CpuMeter:
         self.server = process_cpu_s(self.pid) - self.server0
 
     def per_call(self, calls: int) -> dict:
-        return {"client_us": round(self.client / calls * 1e6, 1),
-                "server_us": round(self.server / calls * 1e6, 1),
-                "total_us": round((self.client + self.server) / calls * 1e6, 1)}
+        return {
+            "client_us": round(self.client / calls * 1e6, 1),
+            "server_us": round(self.server / calls * 1e6, 1),
+            "total_us": round((self.client + self.server) / calls * 1e6, 1),
+        }
 
 
 def fdatasync_us(directory: str, n: int = 400) -> dict:
@@ -181,9 +192,16 @@ print(n, flush=True)
 def run_processes(modes: list[str], target: str, token: str, seconds: float) -> float:
     """Calls per second of one process per entry of ``modes``, all started together."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_CALLER, m, target, token,
-                               str(seconds)], cwd=root, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for m in modes]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROCESS_CALLER, m, target, token, str(seconds)],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for m in modes
+    ]
     try:
         for p in procs:
             if p.stdout.readline().strip() != "ready":
@@ -201,6 +219,7 @@ def run_processes(modes: list[str], target: str, token: str, seconds: float) -> 
 def group_commit_counts(backend_id: str) -> tuple[float, float]:
     """(records, fsyncs) the backend's group commits made durable so far (its metrics)."""
     import urllib.request
+
     address = next(b.metrics_address for b in store.backends() if b.backend_id == backend_id)
     if not address:
         return 0.0, 0.0
@@ -220,10 +239,12 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--objects", type=int, default=2000)
     p.add_argument("--durability", default="sync")
-    p.add_argument("--seconds", type=float, default=4.0,
-                   help="length of each concurrent phase")
-    p.add_argument("--dataclay-python", default=os.environ.get("CLAYPOT_DATACLAY_PYTHON", ""),
-                   help="an interpreter with dataclay installed (see bench_dataclay.py)")
+    p.add_argument("--seconds", type=float, default=4.0, help="length of each concurrent phase")
+    p.add_argument(
+        "--dataclay-python",
+        default=os.environ.get("CLAYPOT_DATACLAY_PYTHON", ""),
+        help="an interpreter with dataclay installed (see bench_dataclay.py)",
+    )
     a = p.parse_args()
     settings = store.Settings.from_env()
     echo, port = start_echo(settings.server_threads)
@@ -236,8 +257,9 @@ def main() -> None:
 
         def echo_call():
             return unary(payload, timeout=10)
+
         cpu: dict = {}
-        timed(echo_call, 0)   # warm up outside the meter: it counts steady calls only
+        timed(echo_call, 0)  # warm up outside the meter: it counts steady calls only
         with CpuMeter(echo.pid) as m:
             echo_us = timed(echo_call, a.calls, warmup=0)
         cpu["bare_echo"] = m.per_call(a.calls)
@@ -256,8 +278,7 @@ def main() -> None:
                 result["method_call_mutating"] = percentiles(timed(c.incr, a.calls, warmup=0))
             cpu["changing_call"] = m.per_call(a.calls)
             result["attribute_read"] = percentiles(timed(lambda: c.value, a.calls))
-            result["get_by_alias"] = percentiles(
-                timed(lambda: store.get_by_alias("bench-counter"), a.calls // 2))
+            result["get_by_alias"] = percentiles(timed(lambda: store.get_by_alias("bench-counter"), a.calls // 2))
             # make_persistent: one object per call, then batches, then 4 threads.
             for i in range(200):
                 Counter(i).make_persistent(backend=cluster.backends[1])
@@ -272,13 +293,14 @@ def main() -> None:
             objs = [Counter(i) for i in range(a.objects * 10)]
             t = time.perf_counter()
             for i in range(0, len(objs), 500):
-                store.make_persistent_many(objs[i:i + 500], backend=cluster.backends[1])
+                store.make_persistent_many(objs[i : i + 500], backend=cluster.backends[1])
             batched = len(objs) / (time.perf_counter() - t)
             objs = [Counter(i) for i in range(a.objects)]
 
             def worker(chunk):
                 for o in chunk:
                     o.make_persistent(backend=cluster.backends[1])
+
             threads = [threading.Thread(target=worker, args=(objs[i::4],)) for i in range(4)]
             t = time.perf_counter()
             for th in threads:
@@ -287,10 +309,12 @@ def main() -> None:
                 th.join()
             threaded = a.objects / (time.perf_counter() - t)
             floor_us = result["bare_grpc_unary"]["p50_us"] + result["fdatasync"]["p50_us"]
-            result["make_persistent_per_s"] = {"one_at_a_time": round(single),
-                                               "batched_500": round(batched),
-                                               "four_threads": round(threaded),
-                                               "floor_per_s": round(1e6 / floor_us)}
+            result["make_persistent_per_s"] = {
+                "one_at_a_time": round(single),
+                "batched_500": round(batched),
+                "four_threads": round(threaded),
+                "floor_per_s": round(1e6 / floor_us),
+            }
 
             # Changing calls under the durability policy: one caller, then 8 on 8 objects.
             owner = cluster.backends[0]
@@ -303,23 +327,28 @@ def main() -> None:
             after = group_commit_counts(owner)
             fsyncs = after[1] - before[1]
             result["changing_calls_per_s"] = {
-                "one_caller": round(one), "eight_callers": round(eight),
-                "avg_group_size": round((after[0] - before[0]) / fsyncs, 2) if fsyncs else None}
+                "one_caller": round(one),
+                "eight_callers": round(eight),
+                "avg_group_size": round((after[0] - before[0]) / fsyncs, 2) if fsyncs else None,
+            }
 
             # Read-only calls at the same concurrency as the echo: 8 threads, 4 processes.
             echo8 = throughput([echo_call] * 8, a.seconds)
             calls8 = throughput([o.get for o in mine], a.seconds)
             echo4p = run_processes(["echo"] * 4, f"127.0.0.1:{port}", "", a.seconds)
-            calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address,
-                                    cluster.token, a.seconds)
+            calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address, cluster.token, a.seconds)
             result["readonly_calls_per_s"] = {
-                "threads_8": round(calls8), "bare_echo_threads_8": round(echo8),
-                "processes_4": round(calls4p), "bare_echo_processes_4": round(echo4p)}
+                "threads_8": round(calls8),
+                "bare_echo_threads_8": round(echo8),
+                "processes_4": round(calls4p),
+                "bare_echo_processes_4": round(echo4p),
+            }
     finally:
         echo.kill()
         echo.wait()
     if a.dataclay_python:
         from bench.bench_dataclay import run as run_dataclay
+
         result["dataclay"] = run_dataclay(a.dataclay_python, a.objects, a.calls // 2, a.seconds)
     else:
         result["dataclay"] = {"available": False}
@@ -327,45 +356,40 @@ def main() -> None:
     bare = result["bare_grpc_unary"]["p50_us"]
     result["ratio_to_bare_grpc_p50"] = {
         k: round(result[k]["p50_us"] / bare, 2)
-        for k in ("method_call_readonly", "method_call_mutating", "attribute_read",
-                  "get_by_alias")}
-    mp, cc, ro = (result["make_persistent_per_s"], result["changing_calls_per_s"],
-                  result["readonly_calls_per_s"])
+        for k in ("method_call_readonly", "method_call_mutating", "attribute_read", "get_by_alias")
+    }
+    mp, cc, ro = (result["make_persistent_per_s"], result["changing_calls_per_s"], result["readonly_calls_per_s"])
     ratios = {
         "readonly_call_over_echo_p50": result["ratio_to_bare_grpc_p50"]["method_call_readonly"],
-        "mutating_call_over_echo_plus_fdatasync_p50": round(
-            result["method_call_mutating"]["p50_us"] / floor_us, 2),
+        "mutating_call_over_echo_plus_fdatasync_p50": round(result["method_call_mutating"]["p50_us"] / floor_us, 2),
         "make_persistent_over_floor": round(mp["one_at_a_time"] / mp["floor_per_s"], 2),
         "eight_changing_callers_over_one": round(cc["eight_callers"] / cc["one_caller"], 2),
         "threads_8_over_echo": round(ro["threads_8"] / ro["bare_echo_threads_8"], 2),
         "processes_4_over_echo": round(ro["processes_4"] / ro["bare_echo_processes_4"], 2),
-        "readonly_call_cpu_over_echo": round(
-            cpu["readonly_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
-        "changing_call_cpu_over_echo": round(
-            cpu["changing_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
+        "readonly_call_cpu_over_echo": round(cpu["readonly_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
+        "changing_call_cpu_over_echo": round(cpu["changing_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
     }
     dc = result["dataclay"]
     if dc.get("available"):
-        ratios["make_persistent_over_dataclay"] = round(
-            mp["one_at_a_time"] / dc["make_persistent_per_s"], 2)
+        ratios["make_persistent_over_dataclay"] = round(mp["one_at_a_time"] / dc["make_persistent_per_s"], 2)
         ratios["threads_8_over_dataclay"] = round(ro["threads_8"] / dc["threads_8_calls_per_s"], 2)
     result["error_boundary"] = boundary_cost_ns()
     ratios["error_boundary_share_of_readonly_call"] = round(
-        result["error_boundary"]["added_ns"] / 1000 / result["method_call_readonly"]["p50_us"], 5)
+        result["error_boundary"]["added_ns"] / 1000 / result["method_call_readonly"]["p50_us"], 5
+    )
     result["ratios"] = ratios
     result["targets"] = {
         "method_call_within_1.5x_bare": ratios["readonly_call_over_echo_p50"] <= 1.5,
         "make_persistent_5000_per_s_batched": batched >= 5000,
         "make_persistent_1500_per_s": mp["one_at_a_time"] >= 1500,
-        "mutating_call_within_echo_plus_fdatasync_plus_10pct":
-            ratios["mutating_call_over_echo_plus_fdatasync_p50"] <= 1.10,
+        "mutating_call_within_echo_plus_fdatasync_plus_10pct": ratios["mutating_call_over_echo_plus_fdatasync_p50"]
+        <= 1.10,
         "eight_changing_callers_3x_one": ratios["eight_changing_callers_over_one"] >= 3.0,
         "threads_8_at_least_0.8_echo": ratios["threads_8_over_echo"] >= 0.8,
         "processes_4_at_least_0.8_echo": ratios["processes_4_over_echo"] >= 0.8,
     }
     if dc.get("available"):
-        result["targets"]["make_persistent_2x_dataclay"] = \
-            ratios["make_persistent_over_dataclay"] >= 2.0
+        result["targets"]["make_persistent_2x_dataclay"] = ratios["make_persistent_over_dataclay"] >= 2.0
         result["targets"]["threads_8_2x_dataclay"] = ratios["threads_8_over_dataclay"] >= 2.0
     emit(result)
 

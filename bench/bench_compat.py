@@ -102,39 +102,41 @@ def main() -> None:
         out["native_attribute_read"] = latency(lambda: native.value, n)
         out["compat_property_read"] = latency(lambda: compat.value, n)
         out["get_by_alias_identity_map"] = latency(lambda: store.get_by_alias("bench-native"), n)
-        counter = iter(range(10 ** 9))
+        counter = iter(range(10**9))
 
         def alias_round():
             name = f"a{next(counter)}"
             native.add_alias(name)
             native.delete_alias(name)
+
         out["add_then_delete_alias"] = latency(alias_round, n // 2, warmup=20)
 
         def version_round():
             v = native.new_version()
             v.incr()
             v.consolidate_version()
+
         out["new_version_change_consolidate"] = latency(version_round, max(n // 20, 20), warmup=5)
-        out["make_persistent_fresh"] = latency(lambda: Native().make_persistent(backend=backend),
-                                             max(n // 4, 50), warmup=20)
+        out["make_persistent_fresh"] = latency(
+            lambda: Native().make_persistent(backend=backend), max(n // 4, 50), warmup=20
+        )
         out["reader_then_writer_s"] = {
             "plain": reader_writer_pair(native, slow_write),
-            "versions": reader_writer_pair(native, slow_write_versioned)}
+            "versions": reader_writer_pair(native, slow_write_versioned),
+        }
 
     p50 = {k: v["p50_us"] for k, v in out.items() if isinstance(v, dict) and "p50_us" in v}
     out["ratios_p50"] = {
-        "compat_call_over_native_call": round(p50["compat_activemethod_call"]
-                                              / p50["native_call"], 2),
-        "compat_read_over_native_read": round(p50["compat_property_read"]
-                                              / p50["native_attribute_read"], 2),
-        "get_by_alias_over_native_call": round(p50["get_by_alias_identity_map"]
-                                               / p50["native_call"], 2),
-        "alias_add_delete_over_native_call": round(p50["add_then_delete_alias"]
-                                                   / p50["native_call"], 2),
-        "version_round_over_make_persistent": round(p50["new_version_change_consolidate"]
-                                                    / p50["make_persistent_fresh"], 2),
+        "compat_call_over_native_call": round(p50["compat_activemethod_call"] / p50["native_call"], 2),
+        "compat_read_over_native_read": round(p50["compat_property_read"] / p50["native_attribute_read"], 2),
+        "get_by_alias_over_native_call": round(p50["get_by_alias_identity_map"] / p50["native_call"], 2),
+        "alias_add_delete_over_native_call": round(p50["add_then_delete_alias"] / p50["native_call"], 2),
+        "version_round_over_make_persistent": round(
+            p50["new_version_change_consolidate"] / p50["make_persistent_fresh"], 2
+        ),
         "reader_writer_pair_versions_over_plain": round(
-            out["reader_then_writer_s"]["versions"] / out["reader_then_writer_s"]["plain"], 2),
+            out["reader_then_writer_s"]["versions"] / out["reader_then_writer_s"]["plain"], 2
+        ),
     }
     emit(out)
 

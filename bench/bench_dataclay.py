@@ -39,7 +39,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-MODEL = '''
+MODEL = """
 from dataclay import DataClayObject, activemethod
 
 
@@ -53,7 +53,7 @@ class DCounter(DataClayObject):
     @activemethod
     def get(self):
         return self.value
-'''
+"""
 
 
 def _free_port() -> int:
@@ -101,8 +101,10 @@ def client(args) -> None:
             o.get()
             samples.append((time.perf_counter() - t) * 1e6)
         samples.sort()
-        out["method_call"] = {"p50_us": round(samples[len(samples) // 2], 1),
-                              "p99_us": round(samples[int(len(samples) * 0.99)], 1)}
+        out["method_call"] = {
+            "p50_us": round(samples[len(samples) // 2], 1),
+            "p99_us": round(samples[int(len(samples) * 0.99)], 1),
+        }
         done = [0] * 8
         stop = time.perf_counter() + args.seconds
 
@@ -118,9 +120,9 @@ def client(args) -> None:
             except Exception as exc:  # reported below: a silent zero would mislead
                 errors.append(repr(exc))
             done[k] = n
+
         # dataClay keeps its session in a context variable: each thread runs in a copy.
-        threads = [threading.Thread(target=contextvars.copy_context().run, args=(caller, k))
-                   for k in range(8)]
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(caller, k)) for k in range(8)]
         t = time.perf_counter()
         for th in threads:
             th.start()
@@ -146,35 +148,64 @@ def run(python: str, objects: int = 2000, calls: int = 2000, seconds: float = 4.
     procs: list[subprocess.Popen] = []
     try:
         md_port, be_port = _free_port(), _free_port()
-        env = dict(os.environ, PYTHONPATH=work, DATACLAY_KV_HOST="127.0.0.1",
-                   DATACLAY_KV_PORT=str(redis.port), DATACLAY_METADATA_HOST="127.0.0.1",
-                   DATACLAY_METADATA_PORT=str(md_port), DATACLAY_METADATA_LISTEN_ADDRESS="127.0.0.1",
-                   DATACLAY_BACKEND_HOST="127.0.0.1", DATACLAY_BACKEND_PORT=str(be_port),
-                   DATACLAY_BACKEND_LISTEN_ADDRESS="127.0.0.1",
-                   DATACLAY_STORAGE_PATH=os.path.join(work, "storage"),
-                   DATACLAY_LOGLEVEL="WARNING")
+        env = dict(
+            os.environ,
+            PYTHONPATH=work,
+            DATACLAY_KV_HOST="127.0.0.1",
+            DATACLAY_KV_PORT=str(redis.port),
+            DATACLAY_METADATA_HOST="127.0.0.1",
+            DATACLAY_METADATA_PORT=str(md_port),
+            DATACLAY_METADATA_LISTEN_ADDRESS="127.0.0.1",
+            DATACLAY_BACKEND_HOST="127.0.0.1",
+            DATACLAY_BACKEND_PORT=str(be_port),
+            DATACLAY_BACKEND_LISTEN_ADDRESS="127.0.0.1",
+            DATACLAY_STORAGE_PATH=os.path.join(work, "storage"),
+            DATACLAY_LOGLEVEL="WARNING",
+        )
         log = open(os.path.join(work, "services.log"), "wb")
-        md = subprocess.Popen([python, "-m", "dataclay.metadata"], env=env, cwd=work,
-                              stdout=log, stderr=subprocess.STDOUT)
+        md = subprocess.Popen(
+            [python, "-m", "dataclay.metadata"], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT
+        )
         procs.append(md)
         _wait_port(md_port, md, "dataClay metadata service")
-        be = subprocess.Popen([python, "-m", "dataclay.backend"], env=env, cwd=work,
-                              stdout=log, stderr=subprocess.STDOUT)
+        be = subprocess.Popen(
+            [python, "-m", "dataclay.backend"], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT
+        )
         procs.append(be)
         _wait_port(be_port, be, "dataClay backend")
         time.sleep(1.0)  # the backend registers itself in the metadata after listening
         res = subprocess.run(
-            [python, os.path.abspath(__file__), "--client", "--model-dir", work,
-             "--metadata-port", str(md_port), "--objects", str(objects), "--calls", str(calls),
-             "--seconds", str(seconds)],
-            env=env, cwd=work, capture_output=True, text=True, timeout=300)
+            [
+                python,
+                os.path.abspath(__file__),
+                "--client",
+                "--model-dir",
+                work,
+                "--metadata-port",
+                str(md_port),
+                "--objects",
+                str(objects),
+                "--calls",
+                str(calls),
+                "--seconds",
+                str(seconds),
+            ],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"dataClay client failed: {res.stderr[-2000:]}")
         out = json.loads(res.stdout.strip().splitlines()[-1])
         out["available"] = True
         out["version"] = subprocess.run(
             [python, "-c", "import importlib.metadata as m; print(m.version('dataclay'))"],
-            capture_output=True, text=True, timeout=60).stdout.strip()
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         return out
     finally:
         for p in reversed(procs):
@@ -206,8 +237,7 @@ def main() -> None:
         client(a)
         return
     if not a.python:
-        print(json.dumps({"available": False,
-                          "reason": "no --python / CLAYPOT_DATACLAY_PYTHON with dataclay"}))
+        print(json.dumps({"available": False, "reason": "no --python / CLAYPOT_DATACLAY_PYTHON with dataclay"}))
         return
     print(json.dumps(run(a.python, a.objects, a.calls, a.seconds), indent=2))
 

@@ -74,6 +74,7 @@ def _threaded_rate(threads: int, per_thread: int, fn) -> float:
         barrier.wait()
         for _ in range(per_thread):
             fn()
+
     workers = [threading.Thread(target=run) for _ in range(threads)]
     for w in workers:
         w.start()
@@ -92,12 +93,12 @@ def bench_policies(calls: int, root: str, rounds: int = 5) -> dict:
     whichever policy happened to run during it.
     """
     policies = ("none", "async", "sync")
-    with LocalCluster(backends=1, data_dir=os.path.join(root, "policies"),
-                      durability="none") as cl:
+    with LocalCluster(backends=1, data_dir=os.path.join(root, "policies"), durability="none") as cl:
         ids = {"none": cl.backends[0]}
         for i, pol in enumerate(policies[1:], start=1):
-            proc = BackendProcess(os.path.join(cl.data_dir, f"backend-{i}"), cl.redis_url,
-                                  cl.token, extra_args=["--durability", pol]).start()
+            proc = BackendProcess(
+                os.path.join(cl.data_dir, f"backend-{i}"), cl.redis_url, cl.token, extra_args=["--durability", pol]
+            ).start()
             cl.processes.append(proc)
             ids[pol] = proc.backend_id
         counters, pools = {}, {}
@@ -118,15 +119,13 @@ def bench_policies(calls: int, root: str, rounds: int = 5) -> dict:
                     # 4 threads, 4 objects: concurrent writers share fsyncs (group commit)
                     "call_4threads_per_s": _threaded_rate_objects(pools[pol], per_round // 4),
                     "readonly_call_per_s": _rate(per_round, c.peek),
-                    "make_persistent_per_s": _rate(
-                        per_round // 4, lambda: Counter().make_persistent(backend=ids[pol])),
+                    "make_persistent_per_s": _rate(per_round // 4, lambda: Counter().make_persistent(backend=ids[pol])),
                 }
                 for key, value in figures.items():
                     samples[pol].setdefault(key, []).append(value)
         for pol in policies:
             assert counters[pol].peek() == 200 + rounds * per_round
-    return {pol: {k: statistics.median(v) for k, v in samples[pol].items()}
-            for pol in policies}
+    return {pol: {k: statistics.median(v) for k, v in samples[pol].items()} for pol in policies}
 
 
 def _threaded_rate_objects(objs, per_thread: int) -> float:
@@ -140,6 +139,7 @@ def _threaded_rate_objects(objs, per_thread: int) -> float:
             with lock:
                 obj = local.obj = next(it)
         obj.incr()
+
     return _threaded_rate(len(objs), per_thread, call)
 
 
@@ -164,8 +164,7 @@ def bench_restart(objects: int, root: str) -> dict:
         proc.kill()
         start_after_kill, first_call_after_kill = _start(proc, items[len(items) // 2])
         count_after_kill = _objects(bid)
-        assert count_after_stop == count_after_kill == objects, (count_after_stop,
-                                                                 count_after_kill)
+        assert count_after_stop == count_after_kill == objects, (count_after_stop, count_after_kill)
         stop_again = proc.stop()
         start_clean, _ = _start(proc, items[0])
         return {
@@ -244,8 +243,7 @@ def main() -> None:
             for pol, figures in policies.items():
                 for key in list(figures):
                     figures[key] = round(figures[key], 1)
-                    figures[key.replace("_per_s", "_vs_none")] = round(figures[key] / base[key],
-                                                                       3)
+                    figures[key.replace("_per_s", "_vs_none")] = round(figures[key] / base[key], 3)
             result["policies"] = {k: policies[k] for k in ("sync", "async", "none")}
         if a.only != "policies":
             result["restart"] = bench_restart(a.objects, root)

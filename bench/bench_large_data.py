@@ -90,16 +90,18 @@ def _mbps(nbytes: int, seconds: float) -> float:
 class Echo:
     """The bare echo server process (TCP loopback and a Unix socket), stopped by PID."""
 
-    OPTIONS = [("grpc.max_send_message_length", 16 << 20),
-               ("grpc.max_receive_message_length", 16 << 20)]
+    OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="claypot-echo-")
         port_file = os.path.join(self.dir, "port")
         self.socket = os.path.join(self.dir, "echo.sock")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", port_file, "16",
-                                      self.socket], cwd=root, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo_server", port_file, "16", self.socket],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while not os.path.exists(port_file):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -107,25 +109,25 @@ class Echo:
             time.sleep(0.02)
         with open(port_file) as f:
             port = int(f.read())
-        self.channels = {"tcp": grpc.insecure_channel(f"127.0.0.1:{port}", options=self.OPTIONS),
-                         "unix": grpc.insecure_channel("unix:" + self.socket,
-                                                       options=self.OPTIONS)}
+        self.channels = {
+            "tcp": grpc.insecure_channel(f"127.0.0.1:{port}", options=self.OPTIONS),
+            "unix": grpc.insecure_channel("unix:" + self.socket, options=self.OPTIONS),
+        }
 
-    def push(self, array: np.ndarray, chunk: int, transport: str = "tcp",
-             land: bool = False) -> None:
+    def push(self, array: np.ndarray, chunk: int, transport: str = "tcp", land: bool = False) -> None:
         """A client stream of the array's bytes, one ``tobytes()`` per chunk.
 
         With ``land`` the server copies them into a buffer (StreamLand).
         """
         view = memoryview(array).cast("B")
-        stream = self.channels[transport].stream_unary(
-            "/bench.Echo/StreamLand" if land else "/bench.Echo/Stream")
+        stream = self.channels[transport].stream_unary("/bench.Echo/StreamLand" if land else "/bench.Echo/Stream")
 
         def chunks():
             if land:
                 yield view.nbytes.to_bytes(8, "little")
             for start in range(0, view.nbytes, chunk):
-                yield view[start:start + chunk].tobytes()
+                yield view[start : start + chunk].tobytes()
+
         got = int.from_bytes(stream(chunks(), timeout=120), "little")
         assert got == view.nbytes, (got, view.nbytes)
 
@@ -140,7 +142,7 @@ class Echo:
         got = 0
         for piece in stream(request, timeout=120):
             if target is not None:
-                target[got:got + len(piece)] = piece
+                target[got : got + len(piece)] = piece
             got += len(piece)
         assert got == nbytes, (got, nbytes)
 
@@ -188,9 +190,16 @@ def measure_size(cluster, echo: Echo, nbytes: int, repeat: int, chunk: int) -> d
     array = rng.integers(0, 255, nbytes, dtype=np.uint8)
     memcpy = _memcpy_seconds(array, repeat)
     backend = cluster.backends[0]
-    times = {"bare_push": [], "bare_pull": [], "persist": [], "read": [],
-             "persist_stream": [], "read_stream": [],
-             "bare_push_landed": [], "bare_pull_landed": []}
+    times = {
+        "bare_push": [],
+        "bare_pull": [],
+        "persist": [],
+        "read": [],
+        "persist_stream": [],
+        "read_stream": [],
+        "bare_push_landed": [],
+        "bare_pull_landed": [],
+    }
     client = store.client()
     default = client.settings
     for _ in range(repeat):
@@ -212,8 +221,7 @@ def measure_size(cluster, echo: Echo, nbytes: int, repeat: int, chunk: int) -> d
             del back
             obj.delete_persistent()
         client.settings = default
-    bare_push, bare_pull, persist, read = (min(times[k]) for k in
-                                           ("bare_push", "bare_pull", "persist", "read"))
+    bare_push, bare_pull, persist, read = (min(times[k]) for k in ("bare_push", "bare_pull", "persist", "read"))
     persist_stream, read_stream = min(times["persist_stream"]), min(times["read_stream"])
     stream_rt = 2 * nbytes / (persist_stream + read_stream)
     push_landed, pull_landed = min(times["bare_push_landed"]), min(times["bare_pull_landed"])
@@ -266,8 +274,7 @@ def measure_value(cluster, echo: Echo, nbytes: int, repeat: int) -> dict:
     holder = Holder(np.zeros(1, np.uint8))
     holder.make_persistent(backend=backend)
     size_request = nbytes.to_bytes(8, "little")
-    times: dict[str, list] = {k: [] for k in ("bare_echo", "call", "bare_push", "bare_pull",
-                                              "persist", "read")}
+    times: dict[str, list] = {k: [] for k in ("bare_echo", "call", "bare_push", "bare_pull", "persist", "read")}
 
     def bare_echo():
         back = np.frombuffer(echo.unary("Unary", array.tobytes()), np.uint8)
@@ -281,8 +288,7 @@ def measure_value(cluster, echo: Echo, nbytes: int, repeat: int) -> dict:
         times["bare_echo"].append(_best(bare_echo, 3))
         times["call"].append(_best(call, 3))
         times["bare_push"].append(_best(lambda: echo.unary("Sink", array.tobytes()), 3))
-        times["bare_pull"].append(_best(
-            lambda: np.frombuffer(echo.unary("Give", size_request), np.uint8), 3))
+        times["bare_pull"].append(_best(lambda: np.frombuffer(echo.unary("Give", size_request), np.uint8), 3))
         for _ in range(3):
             obj = Holder(array)
             t = time.perf_counter()
@@ -307,8 +313,9 @@ def measure_value(cluster, echo: Echo, nbytes: int, repeat: int) -> dict:
         "bare_pull_s": round(best["bare_pull"], 6),
         "read_s": round(best["read"], 6),
         "read_vs_bare_pull": round(best["bare_pull"] / best["read"], 3),
-        "round_trip_vs_bare_unary": round((best["bare_push"] + best["bare_pull"])
-                                          / (best["persist"] + best["read"]), 3),
+        "round_trip_vs_bare_unary": round(
+            (best["bare_push"] + best["bare_pull"]) / (best["persist"] + best["read"]), 3
+        ),
     }
 
 
@@ -323,8 +330,12 @@ def measure_sum(cluster, nbytes: int, repeat: int) -> dict:
     pulled = _best(lambda: float(obj.data.sum()), repeat)
     assert abs(obj.total() - expected) <= 1e-6 * abs(expected)
     obj.delete_persistent()
-    return {"bytes": nbytes, "next_to_data_s": round(remote, 5),
-            "pull_then_sum_s": round(pulled, 5), "speedup": round(pulled / remote, 1)}
+    return {
+        "bytes": nbytes,
+        "next_to_data_s": round(remote, 5),
+        "pull_then_sum_s": round(pulled, 5),
+        "speedup": round(pulled / remote, 1),
+    }
 
 
 def measure_transports(echo: Echo, nbytes: int = 256 * MiB) -> list[dict]:
@@ -334,8 +345,14 @@ def measure_transports(echo: Echo, nbytes: int = 256 * MiB) -> list[dict]:
     """
     array = np.random.default_rng(2).integers(0, 255, nbytes, dtype=np.uint8)
     out = []
-    for transport, chunk in [("tcp", 1 * MiB), ("tcp", 4 * MiB), ("tcp", 8 * MiB),
-                             ("tcp", 15 * MiB), ("unix", 4 * MiB), ("unix", 15 * MiB)]:
+    for transport, chunk in [
+        ("tcp", 1 * MiB),
+        ("tcp", 4 * MiB),
+        ("tcp", 8 * MiB),
+        ("tcp", 15 * MiB),
+        ("unix", 4 * MiB),
+        ("unix", 15 * MiB),
+    ]:
         seconds = _best(lambda: echo.push(array, chunk, transport), 2)
         out.append({"transport": transport, "chunk": chunk, "push_MBps": _mbps(nbytes, seconds)})
     return out
@@ -348,9 +365,15 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     settings = Settings.from_env()
     sizes = [(1 * MiB, 7), (64 * MiB, 4)] + ([] if a.quick else [(1024 * MiB, 3)])
-    out = {"machine": machine(grpcio=grpc.__version__, numpy=np.__version__),
-           "chunk_size": settings.chunk_size, "inline_limit": settings.inline_limit,
-           "durability": "none", "values": [], "sizes": [], "sum": None}
+    out = {
+        "machine": machine(grpcio=grpc.__version__, numpy=np.__version__),
+        "chunk_size": settings.chunk_size,
+        "inline_limit": settings.inline_limit,
+        "durability": "none",
+        "values": [],
+        "sizes": [],
+        "sum": None,
+    }
     echo = Echo()
     try:
         with LocalCluster(backends=1, durability="none") as cluster:
@@ -358,9 +381,7 @@ def main(argv=None) -> dict:
             for nbytes in VALUE_SIZES:
                 out["values"].append(measure_value(cluster, echo, nbytes, 2 if a.quick else 5))
             for nbytes, repeat in sizes:
-                out["sizes"].append(measure_size(cluster, echo, nbytes,
-                                                 1 if a.quick else repeat,
-                                                 settings.chunk_size))
+                out["sizes"].append(measure_size(cluster, echo, nbytes, 1 if a.quick else repeat, settings.chunk_size))
             out["sum"] = measure_sum(cluster, (64 if a.quick else 256) * MiB, 3)
         out["bare_transports_256MiB"] = measure_transports(echo, (64 if a.quick else 256) * MiB)
     finally:
@@ -372,8 +393,7 @@ def main(argv=None) -> dict:
         "round_trip_vs_bare_landed>=0.8": big["round_trip_vs_bare_landed"] >= 0.8,
         "stream_round_trip_vs_bare_landed>=0.8": big["stream_round_trip_vs_bare_landed"] >= 0.8,
         "sum_speedup>=10": out["sum"]["speedup"] >= 10,
-        "values_call_vs_bare_echo>=0.8": all(v["call_vs_bare_echo"] >= 0.8
-                                             for v in out["values"]),
+        "values_call_vs_bare_echo>=0.8": all(v["call_vs_bare_echo"] >= 0.8 for v in out["values"]),
     }
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))

@@ -64,21 +64,22 @@ def transfer(backend, nbytes, rounds):
 
 
 def measure(client, local, remote, calls: int, nbytes: int, rounds: int) -> dict:
-    out = {"call_same_host": client.run(
-               f"bl = hostlib.Box(1); bl.make_persistent(backend={local!r})",
-               f"call_latency(bl, {calls})", timeout=300),
-           "call_other_host": client.run(
-               f"br = hostlib.Box(1); br.make_persistent(backend={remote!r})",
-               f"call_latency(br, {calls})", timeout=300),
-           "transfer_same_host": client.run("", f"transfer({local!r}, {nbytes}, {rounds})",
-                                            timeout=600),
-           "transfer_other_host": client.run("", f"transfer({remote!r}, {nbytes}, {rounds})",
-                                             timeout=600)}
+    out = {
+        "call_same_host": client.run(
+            f"bl = hostlib.Box(1); bl.make_persistent(backend={local!r})", f"call_latency(bl, {calls})", timeout=300
+        ),
+        "call_other_host": client.run(
+            f"br = hostlib.Box(1); br.make_persistent(backend={remote!r})", f"call_latency(br, {calls})", timeout=300
+        ),
+        "transfer_same_host": client.run("", f"transfer({local!r}, {nbytes}, {rounds})", timeout=600),
+        "transfer_other_host": client.run("", f"transfer({remote!r}, {nbytes}, {rounds})", timeout=600),
+    }
     out["call_ratio_other_to_same_host_p50"] = round(
-        out["call_other_host"]["p50_us"] / out["call_same_host"]["p50_us"], 2)
+        out["call_other_host"]["p50_us"] / out["call_same_host"]["p50_us"], 2
+    )
     out["transfer_ratio_other_to_same_host"] = round(
-        out["transfer_other_host"]["round_trip_MBps"]
-        / out["transfer_same_host"]["round_trip_MBps"], 2)
+        out["transfer_other_host"]["round_trip_MBps"] / out["transfer_same_host"]["round_trip_MBps"], 2
+    )
     return out
 
 
@@ -91,8 +92,14 @@ def main() -> None:
     if why:
         raise SystemExit(f"bench_multihost: {why}")
     calls, nbytes, rounds = (200, 64 * MiB, 1) if a.quick else (1000, 256 * MiB, 2)
-    result = {"bench": "multihost", "python": platform.python_version(), "cpus": os.cpu_count(),
-              "calls": calls, "transfer_bytes": nbytes, "durability": "none"}
+    result = {
+        "bench": "multihost",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "calls": calls,
+        "transfer_bytes": nbytes,
+        "durability": "none",
+    }
     with netbed.NetBed(3) as bed:
         h0, h1, h2 = bed.hosts
         token = uuid.uuid4().hex
@@ -112,7 +119,8 @@ def main() -> None:
             netem = measure(client, b1.backend_id, b2.backend_id, min(calls, 300), nbytes, 1)
             netem["delay_ms"] = a.delay
             netem["call_other_host_ratio_to_plain_p50"] = round(
-                netem["call_other_host"]["p50_us"] / result["plain"]["call_other_host"]["p50_us"], 2)
+                netem["call_other_host"]["p50_us"] / result["plain"]["call_other_host"]["p50_us"], 2
+            )
             result["netem"] = netem
     print(json.dumps(result, indent=2))
 

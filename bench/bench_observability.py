@@ -47,6 +47,7 @@ def hook_cost_ns(n: int = 200_000) -> dict:
 def tracing_available() -> bool:
     try:
         import opentelemetry.sdk  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -65,15 +66,14 @@ def main() -> None:
         procs = {"off": c.processes[0]}
         for name, env in variants.items():
             if name != "off":
-                bp = BackendProcess(os.path.join(c.data_dir, f"backend-{name}"), c.redis_url,
-                                    c.token, env=env).start()
-                c.processes.append(bp)   # stopped with the cluster
+                bp = BackendProcess(os.path.join(c.data_dir, f"backend-{name}"), c.redis_url, c.token, env=env).start()
+                c.processes.append(bp)  # stopped with the cluster
                 procs[name] = bp
         counters = {}
         for name, proc in procs.items():
             obj = Counter()
             obj.make_persistent(backend=proc.backend_id)
-            for _ in range(200):   # warm channels, caches and the log
+            for _ in range(200):  # warm channels, caches and the log
                 obj.get()
                 obj.incr()
             counters[name] = obj
@@ -90,30 +90,37 @@ def main() -> None:
                         fn()
                         samples[name][method].append((time.perf_counter() - t) * 1e6)
             order.reverse()
-        addresses = {name: next(b.metrics_address for b in c.client.backends()
-                                if b.backend_id == proc.backend_id)
-                     for name, proc in procs.items()}
+        addresses = {
+            name: next(b.metrics_address for b in c.client.backends() if b.backend_id == proc.backend_id)
+            for name, proc in procs.items()
+        }
 
-    result = {"calls_per_variant": a.calls * a.rounds, "variants": {}, "hooks": hook_cost_ns(),
-              "metrics_addresses": addresses, "machine": machine()}
+    result = {
+        "calls_per_variant": a.calls * a.rounds,
+        "variants": {},
+        "hooks": hook_cost_ns(),
+        "metrics_addresses": addresses,
+        "machine": machine(),
+    }
     for name, by_method in samples.items():
         result["variants"][name] = {
-            m: {"p50_us": round(statistics.median(s), 1),
-                "mean_us": round(statistics.fmean(s), 1)} for m, s in by_method.items()}
+            m: {"p50_us": round(statistics.median(s), 1), "mean_us": round(statistics.fmean(s), 1)}
+            for m, s in by_method.items()
+        }
     off = result["variants"]["off"]
     ratios = {}
     for name in result["variants"]:
         if name == "off":
             continue
         for m in ("get", "incr"):
-            ratios[f"{name}/off {m} p50"] = round(
-                result["variants"][name][m]["p50_us"] / off[m]["p50_us"], 3)
+            ratios[f"{name}/off {m} p50"] = round(result["variants"][name][m]["p50_us"] / off[m]["p50_us"], 3)
     result["ratios"] = ratios
     # The hooks' own share of the cheapest call: what metrics must keep under 5%.
     hook_us = (result["hooks"]["metrics_on_ns"] - result["hooks"]["metrics_off_ns"]) / 1000
     result["metrics_hook_share_of_get"] = round(hook_us / off["get"]["p50_us"], 4)
-    result["metrics_under_5_percent"] = (result["metrics_hook_share_of_get"] < 0.05
-                                         and ratios["metrics/off get p50"] < 1.05)
+    result["metrics_under_5_percent"] = (
+        result["metrics_hook_share_of_get"] < 0.05 and ratios["metrics/off get p50"] < 1.05
+    )
     emit(result)
 
 

@@ -73,14 +73,15 @@ def _mbps(nbytes, seconds):
 
 
 def _get_array(stub, md, alias):
-    parts = list(stub.GetArray(pb.GetArrayRequest(alias=alias, kind=pb.GET_ATTR, name="data"),
-                               metadata=md, timeout=120))
+    parts = list(
+        stub.GetArray(pb.GetArrayRequest(alias=alias, kind=pb.GET_ATTR, name="data"), metadata=md, timeout=120)
+    )
     head = parts[0].array
     data = bytearray(head.nbytes)
     if head.chunked:
         at = 0
         for p in parts[1:]:
-            data[at:at + len(p.data)] = p.data
+            data[at : at + len(p.data)] = p.data
             at += len(p.data)
     else:
         data[:] = head.data
@@ -121,11 +122,13 @@ def _cpp(address, token, alias, repeat):
     if not os.path.exists(exe):
         return {"skipped": "clients/cpp/build/claypot_example is not built"}
     env = dict(os.environ, CLAYPOT_TOKEN=token)
-    seconds = _best(lambda: subprocess.run([exe, address, alias, "size", "[]", "data"],
-                                           env=env, check=True, capture_output=True,
-                                           timeout=300), repeat)
-    return {"seconds_with_process_start": round(seconds, 4),
-            "MBps": _mbps(64 * MiB, seconds)}
+    seconds = _best(
+        lambda: subprocess.run(
+            [exe, address, alias, "size", "[]", "data"], env=env, check=True, capture_output=True, timeout=300
+        ),
+        repeat,
+    )
+    return {"seconds_with_process_start": round(seconds, 4), "MBps": _mbps(64 * MiB, seconds)}
 
 
 def main():
@@ -133,8 +136,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = ap.parse_args()
     repeat = 3 if args.quick else 5
-    out = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-           "repeat": repeat}
+    out = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0], "repeat": repeat}
     with LocalCluster(backends=2, durability="none") as cluster:
         gateway, owner = cluster.backends
         addr = {b.backend_id: b.address for b in store.backends()}
@@ -144,22 +146,27 @@ def main():
         small.make_persistent(alias="bench-small", backend=owner)
         big = Samples(64 * MiB // 8)
         big.make_persistent(alias="bench-big", backend=owner)
-        with grpc.insecure_channel(addr[owner], options=opts) as direct_ch, \
-                grpc.insecure_channel(addr[gateway], options=opts) as gateway_ch:
+        with (
+            grpc.insecure_channel(addr[owner], options=opts) as direct_ch,
+            grpc.insecure_channel(addr[gateway], options=opts) as gateway_ch,
+        ):
             direct, via = pb_grpc.BackendStub(direct_ch), pb_grpc.BackendStub(gateway_ch)
 
             def json_read():
-                reply = direct.CallJson(pb.JsonCallRequest(alias="bench-small", kind=pb.METHOD,
-                                                           name="as_list"),
-                                        metadata=md, timeout=60)
+                reply = direct.CallJson(
+                    pb.JsonCallRequest(alias="bench-small", kind=pb.METHOD, name="as_list"), metadata=md, timeout=60
+                )
                 return np.array(json.loads(reply.result_json))
+
             assert np.array_equal(json_read(), _get_array(direct, md, "bench-small"))
             t_typed = _best(lambda: _get_array(direct, md, "bench-small"), repeat * 4)
             t_json = _best(json_read, repeat * 4)
             out["typed_vs_json"] = {
-                "nbytes": MiB, "typed_ms": round(t_typed * 1e3, 2),
+                "nbytes": MiB,
+                "typed_ms": round(t_typed * 1e3, 2),
                 "json_ms": round(t_json * 1e3, 2),
-                "json_over_typed": round(t_json / t_typed, 1)}
+                "json_over_typed": round(t_json / t_typed, 1),
+            }
 
             assert np.array_equal(_get_array(direct, md, "bench-big"), big.data)
             t_direct = _best(lambda: _get_array(direct, md, "bench-big"), repeat)
@@ -171,12 +178,12 @@ def main():
                 "getarray_via_gateway_MBps": _mbps(64 * MiB, t_via),
                 "python_client_read_MBps": _mbps(64 * MiB, t_python),
                 "direct_over_python_time": round(t_direct / t_python, 2),
-                "gateway_over_direct_time": round(t_via / t_direct, 2)}
+                "gateway_over_direct_time": round(t_via / t_direct, 2),
+            }
         out["node"] = _node(addr[owner], cluster.token, "bench-big", repeat)
         # Connected to the other backend: through it, or straight to the owner.
         out["node_via_gateway"] = _node(addr[gateway], cluster.token, "bench-big", repeat)
-        out["node_direct_from_gateway"] = _node(addr[gateway], cluster.token, "bench-big",
-                                                repeat, direct=True)
+        out["node_direct_from_gateway"] = _node(addr[gateway], cluster.token, "bench-big", repeat, direct=True)
         out["cpp"] = _cpp(addr[owner], cluster.token, "bench-big", repeat)
     print(json.dumps(out, indent=2))
 

@@ -78,23 +78,26 @@ def main() -> None:
         plain = task(returns=1)(tiny_plain)
         edge = constraint(zone="edge")(task(returns=1)(tiny_plain))
         tiny_alt.__module__ = __name__
-        implement(source_class=__name__, method="tiny")(
-            constraint(zone="edge")(task(returns=1)(tiny_alt)))
-        with_impl = task(returns=1)(tiny)     # now has an alternative
+        implement(source_class=__name__, method="tiny")(constraint(zone="edge")(task(returns=1)(tiny_alt)))
+        with_impl = task(returns=1)(tiny)  # now has an alternative
         for f in (plain, edge, with_impl):
-            burst(f, 50)   # warm up: code shipped, connections open
+            burst(f, 50)  # warm up: code shipped, connections open
         rounds = {"plain": [], "edge": [], "impl": []}
-        for _ in range(3):   # interleaved, so drift hits both sides alike
+        for _ in range(3):  # interleaved, so drift hits both sides alike
             rounds["plain"].append(burst(plain, a.tasks))
             rounds["edge"].append(burst(edge, a.tasks))
             rounds["impl"].append(burst(with_impl, a.tasks))
         best = {k: max(v) for k, v in rounds.items()}
-        out["constraint"] = {"plain_tasks_per_s": round(best["plain"]),
-                             "constrained_tasks_per_s": round(best["edge"]),
-                             "ratio": round(best["edge"] / best["plain"], 3)}
-        out["implement"] = {"plain_tasks_per_s": round(best["plain"]),
-                            "with_alternative_tasks_per_s": round(best["impl"]),
-                            "ratio": round(best["impl"] / best["plain"], 3)}
+        out["constraint"] = {
+            "plain_tasks_per_s": round(best["plain"]),
+            "constrained_tasks_per_s": round(best["edge"]),
+            "ratio": round(best["edge"] / best["plain"], 3),
+        }
+        out["implement"] = {
+            "plain_tasks_per_s": round(best["plain"]),
+            "with_alternative_tasks_per_s": round(best["impl"]),
+            "ratio": round(best["impl"] / best["plain"], 3),
+        }
         data = os.urandom(64 * 1024)
         with tempfile.NamedTemporaryFile(delete=False) as f:
             f.write(data)
@@ -106,18 +109,21 @@ def main() -> None:
             fm, vm = p50(by_file, a.latency, f.name), p50(by_value, a.latency, data)
         finally:
             os.unlink(f.name)
-        out["file_in"] = {"file_in_p50_ms": round(fm, 3), "bytes_arg_p50_ms": round(vm, 3),
-                          "ratio": round(fm / vm, 3)}
+        out["file_in"] = {"file_in_p50_ms": round(fm, 3), "bytes_arg_p50_ms": round(vm, 3), "ratio": round(fm / vm, 3)}
 
         def nothing():
             pass
+
         prog = binary(binary="true")(task(returns=1)(nothing))
         py = task(returns=1)(nothing)
         p50(prog, 5)
         p50(py, 5)
         bm, pm = p50(prog, a.latency), p50(py, a.latency)
-        out["binary"] = {"binary_true_p50_ms": round(bm, 3), "python_task_p50_ms": round(pm, 3),
-                         "ratio": round(bm / pm, 3)}
+        out["binary"] = {
+            "binary_true_p50_ms": round(bm, 3),
+            "python_task_p50_ms": round(pm, 3),
+            "ratio": round(bm / pm, 3),
+        }
     print(json.dumps(out, indent=2))
 
 

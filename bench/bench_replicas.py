@@ -29,8 +29,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--out", default=os.path.join(HERE, "results", "replicas.json"))
     a = p.parse_args()
-    out: dict = {"bench": "replicas", "durability": "sync", "backends": 3,
-                 "threads": a.threads}
+    out: dict = {"bench": "replicas", "durability": "sync", "backends": 3, "threads": a.threads}
     with LocalCluster(backends=3, durability="sync"):
         changing = {}
         for n in (0, 1, 2):
@@ -42,12 +41,12 @@ def main() -> None:
                 objs.append(c)
             changing[f"replicas={n}"] = {
                 "incr_latency": latency(objs[0].incr, a.calls),
-                "incr_per_s": round(throughput([o.incr for o in objs], a.seconds), 1)}
+                "incr_per_s": round(throughput([o.incr for o in objs], a.seconds), 1),
+            }
         base = changing["replicas=0"]
         for n in (1, 2):
             row = changing[f"replicas={n}"]
-            row["latency_ratio_vs_0"] = round(row["incr_latency"]["p50_us"]
-                                              / base["incr_latency"]["p50_us"], 2)
+            row["latency_ratio_vs_0"] = round(row["incr_latency"]["p50_us"] / base["incr_latency"]["p50_us"], 2)
             row["throughput_ratio_vs_0"] = round(row["incr_per_s"] / base["incr_per_s"], 2)
         out["changing_calls"] = changing
         shared = Counter()
@@ -56,10 +55,12 @@ def main() -> None:
         shared.call_on_replica()
         spread = round(throughput([shared.get] * a.threads, a.seconds), 1)
         out["reads_of_one_object"] = {
-            "primary_only_per_s": on_primary, "spread_over_2_replicas_per_s": spread,
+            "primary_only_per_s": on_primary,
+            "spread_over_2_replicas_per_s": spread,
             "ratio": round(spread / on_primary, 2),
             "note": "the client caches the replica set for 1 s; 2 cores shared by every "
-                    "process of the cluster and the clients"}
+            "process of the cluster and the clients",
+        }
     emit(out, a.out)
 
 

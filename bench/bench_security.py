@@ -28,8 +28,7 @@ from store.backend._service.server import TokenInterceptor  # noqa: E402
 from store._util.security import DirectoryKeys  # noqa: E402
 
 TOKEN = "t" * 48
-OPTIONS = [("grpc.max_send_message_length", 16 << 20),
-           ("grpc.max_receive_message_length", 16 << 20)]
+OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
 
 
 class EqualityToken(grpc.ServerInterceptor):
@@ -40,6 +39,7 @@ class EqualityToken(grpc.ServerInterceptor):
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no")
+
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
@@ -58,11 +58,12 @@ def _server(interceptors):
         for chunk in request_iterator:
             n += len(chunk)
         return n.to_bytes(8, "little")
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Stream": grpc.stream_unary_rpc_method_handler(stream)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
-                         options=OPTIONS)
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {"Unary": grpc.unary_unary_rpc_method_handler(unary), "Stream": grpc.stream_unary_rpc_method_handler(stream)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors, options=OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -100,7 +101,7 @@ def main() -> None:
     before, ch_before = _server([EqualityToken(TOKEN)])
     after, ch_after = _server([TokenInterceptor(TOKEN), StreamIdleGuard(10.0)])
     try:
-        _unary_us(ch_before, 200), _unary_us(ch_after, 200)   # warm up both
+        _unary_us(ch_before, 200), _unary_us(ch_after, 200)  # warm up both
         unary = {"before": [], "after": []}
         streams = {"before": [], "after": []}
         for _ in range(5):
@@ -115,30 +116,48 @@ def main() -> None:
     keys = DirectoryKeys.from_token(TOKEN)
     code = os.urandom(20_000)
     sealed = keys.seal_code("mod:Class#digest", code)
-    record = {"address": "127.0.0.1:40000", "host": "h", "pid": 1, "objects": 10,
-              "memory_bytes": 1 << 30, "started": time.time()}
+    record = {
+        "address": "127.0.0.1:40000",
+        "host": "h",
+        "pid": 1,
+        "objects": 10,
+        "memory_bytes": 1 << 30,
+        "started": time.time(),
+    }
     stored = keys.seal_backend("b" * 32, record)
 
     def p(xs, q):
         return round(statistics.quantiles(xs, n=100)[q - 1], 1)
+
     u_b, u_a = p(unary["before"], 50), p(unary["after"], 50)
     s_b, s_a = statistics.median(streams["before"]), statistics.median(streams["after"])
-    print(json.dumps({
-        "bench": "security",
-        "cpus": os.cpu_count(),
-        "unary_echo_us": {"equality_token_check": {"p50": u_b, "p99": p(unary["before"], 99)},
-                          "constant_time_check_and_stream_guard":
-                              {"p50": u_a, "p99": p(unary["after"], 99)},
-                          "ratio_p50": round(u_a / u_b, 3)},
-        "stream_64MiB_MBps": {"equality_token_check": round(s_b), "with_stream_guard":
-                              round(s_a), "ratio": round(s_a / s_b, 3)},
-        "code_entry_20KB_us": {"seal": round(_micro_us(lambda: keys.seal_code(
-            "mod:Class#digest", code), 2000), 2), "open": round(_micro_us(
-                lambda: keys.open_code("mod:Class#digest", sealed), 2000), 2)},
-        "backend_record_us": {"seal": round(_micro_us(lambda: keys.seal_backend(
-            "b" * 32, record), 5000), 2), "open": round(_micro_us(
-                lambda: keys.open_backend("b" * 32, stored), 5000), 2)},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "bench": "security",
+                "cpus": os.cpu_count(),
+                "unary_echo_us": {
+                    "equality_token_check": {"p50": u_b, "p99": p(unary["before"], 99)},
+                    "constant_time_check_and_stream_guard": {"p50": u_a, "p99": p(unary["after"], 99)},
+                    "ratio_p50": round(u_a / u_b, 3),
+                },
+                "stream_64MiB_MBps": {
+                    "equality_token_check": round(s_b),
+                    "with_stream_guard": round(s_a),
+                    "ratio": round(s_a / s_b, 3),
+                },
+                "code_entry_20KB_us": {
+                    "seal": round(_micro_us(lambda: keys.seal_code("mod:Class#digest", code), 2000), 2),
+                    "open": round(_micro_us(lambda: keys.open_code("mod:Class#digest", sealed), 2000), 2),
+                },
+                "backend_record_us": {
+                    "seal": round(_micro_us(lambda: keys.seal_backend("b" * 32, record), 5000), 2),
+                    "open": round(_micro_us(lambda: keys.open_backend("b" * 32, stored), 5000), 2),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -72,9 +72,12 @@ def empty():
 
 def ms(samples: list[float]) -> dict:
     samples = sorted(samples)
-    return {"p50_ms": round(1000 * statistics.median(samples), 3),
-            "p99_ms": round(1000 * samples[min(len(samples) - 1, int(0.99 * len(samples)))], 3),
-            "mean_ms": round(1000 * statistics.fmean(samples), 3), "n": len(samples)}
+    return {
+        "p50_ms": round(1000 * statistics.median(samples), 3),
+        "p99_ms": round(1000 * samples[min(len(samples) - 1, int(0.99 * len(samples)))], 3),
+        "mean_ms": round(1000 * statistics.fmean(samples), 3),
+        "n": len(samples),
+    }
 
 
 def timed(fn, n: int, warmup: int = 10) -> list[float]:
@@ -84,7 +87,7 @@ def timed(fn, n: int, warmup: int = 10) -> list[float]:
 
 def bench_throughput(n: int) -> dict:
     tiny_task = task(returns=1)(tiny)
-    wait_on([tiny_task(i) for i in range(100)])          # ship the function, warm the pool
+    wait_on([tiny_task(i) for i in range(100)])  # ship the function, warm the pool
     executor = runtime._core.current().executor
     rpcs = executor.rpcs
     t = time.perf_counter()
@@ -96,10 +99,13 @@ def bench_throughput(n: int) -> dict:
         t = time.perf_counter()
         assert [f.result() for f in [pool.submit(tiny, i) for i in range(n)]] == list(range(n))
         pool_s = time.perf_counter() - t
-    return {"tasks": n, "rpcs": executor.rpcs - rpcs,
-            "claypot_tasks_per_s": round(n / runtime_s),
-            "claypot_submit_per_s": round(n / submitted),
-            "thread_pool_tasks_per_s": round(n / pool_s)}
+    return {
+        "tasks": n,
+        "rpcs": executor.rpcs - rpcs,
+        "claypot_tasks_per_s": round(n / runtime_s),
+        "claypot_submit_per_s": round(n / submitted),
+        "thread_pool_tasks_per_s": round(n / pool_s),
+    }
 
 
 def bench_latency(n: int) -> dict:
@@ -108,10 +114,11 @@ def bench_latency(n: int) -> dict:
     key = client.register_code(tiny)
     backend = sorted(b.backend_id for b in store.backends() if b.up)[0]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return {"claypot_task": ms(timed(lambda: wait_on(tiny_task(1)), n)),
-                "bare_run_task_rpc": ms(timed(lambda: client.run_task(backend, key, (1,), {}, []),
-                                              n)),
-                "thread_pool": ms(timed(lambda: pool.submit(tiny, 1).result(), n))}
+        return {
+            "claypot_task": ms(timed(lambda: wait_on(tiny_task(1)), n)),
+            "bare_run_task_rpc": ms(timed(lambda: client.run_task(backend, key, (1,), {}, []), n)),
+            "thread_pool": ms(timed(lambda: pool.submit(tiny, 1).result(), n)),
+        }
 
 
 def bench_big(mib: int, n: int) -> dict:
@@ -140,10 +147,14 @@ def bench_big(mib: int, n: int) -> dict:
     client = store.client()
     key = client.register_code(touch)
     # The same function forced onto the other backend: its proxy must fetch the array.
-    remote = timed(lambda: client.run_task(other, key, (block,), {}, []), max(3, n // 10),
-                   warmup=1)
-    return {"array_mib": mib, "persist_s": round(persist_s, 3),
-            "on_owner": ms(local), "on_other_backend": ms(remote), "empty_task": ms(empty_s)}
+    remote = timed(lambda: client.run_task(other, key, (block,), {}, []), max(3, n // 10), warmup=1)
+    return {
+        "array_mib": mib,
+        "persist_s": round(persist_s, 3),
+        "on_owner": ms(local),
+        "on_other_backend": ms(remote),
+        "empty_task": ms(empty_s),
+    }
 
 
 def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst: int) -> dict:
@@ -154,16 +165,16 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
     owner = sorted(b.backend_id for b in store.backends() if b.up)[0]
     block = Block(np.ones(mib * 2**20 // 8))
     block.make_persistent(backend=owner)
-    time.sleep(3)   # let the write-behind checkpoint of the new big object finish
+    time.sleep(3)  # let the write-behind checkpoint of the new big object finish
     touch_task = task(returns=1)(touch)
     tiny_task = task(returns=1)(tiny)
     f = touch_task(block)
     assert wait_on(f) == 1.0 and f.backend == owner
     out: dict = {"array_mib": mib, "workers": "hosted by the claypot backends"}
     from store.certs import dask_security
+
     # The cluster's scheduler speaks tls:// only (see store.backend._service.server.check_listen).
-    with Client(cluster.dask_scheduler, set_as_default=False,
-                security=dask_security(cluster.dask_tls_dir)) as dc:
+    with Client(cluster.dask_scheduler, set_as_default=False, security=dask_security(cluster.dask_tls_dir)) as dc:
         arr = np.ones(mib * 2**20 // 8)
         t = time.perf_counter()
         [scattered] = dc.scatter([arr], workers=[owner])
@@ -174,6 +185,7 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
 
         def claypot_touch():
             assert wait_on(touch_task(block)) == 1.0
+
         dask_touch()
         # Interleaved, so background work on the machine weighs on both series alike.
         on_dask, on_claypot = [], []
@@ -185,27 +197,26 @@ def bench_dask(cluster: LocalCluster, mib: int, n: int, n_latency: int, n_burst:
                 on_claypot += b
         out["task_on_scattered_array"] = ms(on_dask)
         out["claypot_task_on_owner"] = ms(on_claypot)
-        out["dask_over_claypot_p50"] = round(statistics.median(on_dask) /
-                                             statistics.median(on_claypot), 2)
+        out["dask_over_claypot_p50"] = round(statistics.median(on_dask) / statistics.median(on_claypot), 2)
         # A function of the script travels by value with every Dask task; an
         # importable one (operator.pos) by name: both, since Dask's cost differs.
-        out["tiny_task_latency"] = ms(timed(
-            lambda: dc.submit(tiny, 1, pure=False).result(), n_latency, warmup=10))
-        out["tiny_task_latency_importable_fn"] = ms(timed(
-            lambda: dc.submit(operator.pos, 1, pure=False).result(), n_latency, warmup=10))
-        scattered.release()   # frees the worker's copy before the next measurements
+        out["tiny_task_latency"] = ms(timed(lambda: dc.submit(tiny, 1, pure=False).result(), n_latency, warmup=10))
+        out["tiny_task_latency_importable_fn"] = ms(
+            timed(lambda: dc.submit(operator.pos, 1, pure=False).result(), n_latency, warmup=10)
+        )
+        scattered.release()  # frees the worker's copy before the next measurements
     # The runtime's own tasks, sent through Dask to the backends' hosted workers.
     runtime.use_executor("dask")
     try:
         f = touch_task(block)
         assert wait_on(f) == 1.0 and f.backend == owner
-        via = {"task_on_owner": ms(timed(lambda: wait_on(touch_task(block)), n, warmup=3)),
-               "tiny_task_latency": ms(timed(lambda: wait_on(tiny_task(1)), n_latency,
-                                             warmup=10))}
+        via = {
+            "task_on_owner": ms(timed(lambda: wait_on(touch_task(block)), n, warmup=3)),
+            "tiny_task_latency": ms(timed(lambda: wait_on(tiny_task(1)), n_latency, warmup=10)),
+        }
         t = time.perf_counter()
         assert wait_on([tiny_task(i) for i in range(n_burst)]) == list(range(n_burst))
-        via["burst"] = {"tasks": n_burst,
-                        "tasks_per_s": round(n_burst / (time.perf_counter() - t))}
+        via["burst"] = {"tasks": n_burst, "tasks_per_s": round(n_burst / (time.perf_counter() - t))}
         out["claypot_via_dask_executor"] = via
     finally:
         runtime.use_executor(None)
@@ -223,6 +234,7 @@ def main() -> None:
     result = {"cpus": os.cpu_count()}
     try:
         import distributed  # noqa: F401
+
         with_dask = True
     except ImportError:
         with_dask = False
@@ -232,8 +244,7 @@ def main() -> None:
         result["throughput"] = bench_throughput(args.tasks)
         result["latency"] = bench_latency(args.latency)
         result["big_argument"] = bench_big(args.big_mib, args.big_runs)
-        result["dask"] = bench_dask(cluster, args.big_mib, args.big_runs, args.latency,
-                                    args.tasks // 2)
+        result["dask"] = bench_dask(cluster, args.big_mib, args.big_runs, args.latency, args.tasks // 2)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
 

@@ -74,7 +74,7 @@ import psutil  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SEED = 11
-GEN_ROWS = 1 << 16      # rows generated at a time while making a block
+GEN_ROWS = 1 << 16  # rows generated at a time while making a block
 
 
 def make_block(index: int, rows: int, features: int, seed: int = SEED) -> np.ndarray:
@@ -97,7 +97,7 @@ def gradient(block: np.ndarray, w: np.ndarray):
     z = x @ w
     p = 1.0 / (1.0 + np.exp(-z))
     g = x.T @ (p - y)
-    loss = float((np.logaddexp(0.0, z) - y * z).sum())   # log(1 + e^z) - y z, stably
+    loss = float((np.logaddexp(0.0, z) - y * z).sum())  # log(1 + e^z) - y z, stably
     return g.astype(np.float64), loss, len(y)
 
 
@@ -111,13 +111,14 @@ def _sum(parts):
 
 # -- memory sampling ---------------------------------------------------------------------------
 
+
 class PeakMemory:
     """Peak PSS per group of processes: each group is the trees under some of our children."""
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.me = psutil.Process()
-        self.groups: dict[int, str] = {}          # pid of a child of ours -> group
+        self.groups: dict[int, str] = {}  # pid of a child of ours -> group
         self.peaks: dict[str, int] = {}
         self._top: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -179,21 +180,26 @@ class PeakMemory:
 
 # -- the three systems -----------------------------------------------------------------------
 
+
 class Claypot:
     name = "claypot"
 
     def start(self, a):
         from store import LocalCluster
+
         self.cluster = LocalCluster(backends=a.workers, durability="none").start()
 
     def make_data(self, a):
         from store.collections import ShardedArray
-        self.x = ShardedArray.from_function(_claypot_block, a.rows_per_block * a.shards,
-                                            a.shards, args=(a.rows_per_block, a.features))
+
+        self.x = ShardedArray.from_function(
+            _claypot_block, a.rows_per_block * a.shards, a.shards, args=(a.rows_per_block, a.features)
+        )
         return {"backends_used": len({p.backend for p in self.x.partitions()})}
 
     def step(self, w):
         from runtime import wait_on
+
         return _sum(wait_on(self.x.map_blocks(gradient, w)))
 
     def drop_data(self):
@@ -202,6 +208,7 @@ class Claypot:
     def ingest(self, arr, shards, w):
         from runtime import wait_on
         from store.collections import ShardedArray
+
         t0 = time.perf_counter()
         y = ShardedArray.from_numpy(arr, shards=shards)
         seconds = time.perf_counter() - t0
@@ -219,18 +226,26 @@ class Dask:
     def start(self, a):
         import dask
         from distributed import Client, LocalCluster
+
         self.version = dask.__version__
-        self.cluster = LocalCluster(n_workers=a.workers, threads_per_worker=2, processes=True,
-                                    memory_limit=0, dashboard_address=None)
+        self.cluster = LocalCluster(
+            n_workers=a.workers, threads_per_worker=2, processes=True, memory_limit=0, dashboard_address=None
+        )
         self.client = Client(self.cluster)
 
     def make_data(self, a):
         import dask
         import dask.array as da
         from distributed import wait
-        blocks = [da.from_delayed(dask.delayed(make_block)(i, a.rows_per_block, a.features),
-                                  shape=(a.rows_per_block, a.features + 1), dtype=np.float32)
-                  for i in range(a.shards)]
+
+        blocks = [
+            da.from_delayed(
+                dask.delayed(make_block)(i, a.rows_per_block, a.features),
+                shape=(a.rows_per_block, a.features + 1),
+                dtype=np.float32,
+            )
+            for i in range(a.shards)
+        ]
         self.data = da.concatenate(blocks, axis=0).persist()
         wait(self.data)
         return {"version": self.version}
@@ -239,6 +254,7 @@ class Dask:
     def _gradient(data, w):
         import dask
         import dask.array as da
+
         x, y = data[:, :-1], data[:, -1]
         z = x @ w
         p = 1.0 / (1.0 + da.exp(-z))
@@ -254,6 +270,7 @@ class Dask:
     def ingest(self, arr, shards, w):
         import dask.array as da
         from distributed import wait
+
         t0 = time.perf_counter()
         d = da.from_array(arr, chunks=(len(arr) // shards, arr.shape[1])).persist()
         wait(d)
@@ -272,9 +289,14 @@ class Ray:
 
     def start(self, a):
         import ray
+
         self.ray = ray
-        ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=int((a.gib + a.driver_gib + 1) * 2**30))
+        ray.init(
+            num_cpus=a.workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=int((a.gib + a.driver_gib + 1) * 2**30),
+        )
         self.make = ray.remote(make_block)
         self.grad = ray.remote(gradient)
 
@@ -307,6 +329,7 @@ class Ray:
 
 # -- the run ---------------------------------------------------------------------------------
 
+
 def run(a, result: dict) -> None:
     systems = []
     for cls in (Claypot, Dask, Ray):
@@ -330,8 +353,7 @@ def run(a, result: dict) -> None:
                 t0 = time.perf_counter()
                 result[s.name].update(s.make_data(a))
                 result[s.name]["make_data_seconds"] = round(time.perf_counter() - t0, 2)
-                print(f"{s.name}: data made in {result[s.name]['make_data_seconds']} s",
-                      file=sys.stderr, flush=True)
+                print(f"{s.name}: data made in {result[s.name]['make_data_seconds']} s", file=sys.stderr, flush=True)
             # Warm-up epoch (not timed), then the timed epochs, interleaved.
             ws = {}
             for s in systems:
@@ -351,12 +373,16 @@ def run(a, result: dict) -> None:
             for s in systems:
                 t = spent[s.name]
                 median = statistics.median(t)
-                result[s.name].update({
-                    "epochs": a.epochs, "epoch_seconds_mean": round(sum(t) / len(t), 3),
-                    "epoch_seconds_median": round(median, 3),
-                    "epoch_seconds_min": round(min(t), 3),
-                    "epochs_per_s": round(1 / median, 3),
-                    "final_loss": round(losses[s.name], 5)})
+                result[s.name].update(
+                    {
+                        "epochs": a.epochs,
+                        "epoch_seconds_mean": round(sum(t) / len(t), 3),
+                        "epoch_seconds_median": round(median, 3),
+                        "epoch_seconds_min": round(min(t), 3),
+                        "epochs_per_s": round(1 / median, 3),
+                        "final_loss": round(losses[s.name], 5),
+                    }
+                )
                 s.drop_data()
             if a.driver is not None:
                 w = ws[systems[0].name] if systems else np.zeros(a.features, np.float32)
@@ -364,10 +390,8 @@ def run(a, result: dict) -> None:
                 for s in systems:
                     seconds, g = s.ingest(a.driver, a.shards, w)
                     result[s.name]["ingest_seconds"] = round(seconds, 2)
-                    result[s.name]["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30
-                                                               / seconds, 2)
-                    result[s.name]["ingested_gradient_ok"] = bool(
-                        np.allclose(g, expected, rtol=1e-3, atol=1e-2))
+                    result[s.name]["ingest_gib_per_s"] = round(a.driver.nbytes / 2**30 / seconds, 2)
+                    result[s.name]["ingested_gradient_ok"] = bool(np.allclose(g, expected, rtol=1e-3, atol=1e-2))
         finally:
             for s in reversed(systems):
                 try:
@@ -387,11 +411,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--workers", type=int, default=2, help="processes per system")
     p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--driver-gib", type=float, default=1.0,
-                   help="also time loading an array this process holds (0: skip)")
+    p.add_argument(
+        "--driver-gib", type=float, default=1.0, help="also time loading an array this process holds (0: skip)"
+    )
     p.add_argument("--systems", default="claypot,dask,ray")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results", "training.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "training.json")
+    )
     a = p.parse_args()
     a.systems = a.systems.split(",")
     row_bytes = (a.features + 1) * 4
@@ -399,19 +425,24 @@ def main() -> None:
     started = time.perf_counter()
     result: dict = {
         "workload": "logistic regression, full-batch gradient descent, one task per block",
-        "data": {"gib": round(a.rows_per_block * a.shards * row_bytes / 2**30, 3),
-                 "rows": a.rows_per_block * a.shards, "features": a.features,
-                 "dtype": "float32", "shards": a.shards},
-        "workers": a.workers, "cpus": os.cpu_count(),
+        "data": {
+            "gib": round(a.rows_per_block * a.shards * row_bytes / 2**30, 3),
+            "rows": a.rows_per_block * a.shards,
+            "features": a.features,
+            "dtype": "float32",
+            "shards": a.shards,
+        },
+        "workers": a.workers,
+        "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(), "numpy": np.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
     }
     a.driver = None
     if a.driver_gib > 0:
         per = int(a.driver_gib * 2**30 / row_bytes / a.shards)
-        a.driver = np.concatenate([make_block(1000 + i, per, a.features)
-                                   for i in range(a.shards)])
+        a.driver = np.concatenate([make_block(1000 + i, per, a.features) for i in range(a.shards)])
         result["driver_array_gib"] = round(a.driver.nbytes / 2**30, 3)
     run(a, result)
     ours = result.get("claypot", {})
@@ -420,15 +451,13 @@ def main() -> None:
         theirs = result.get(other, {})
         if "epochs_per_s" not in ours or "epochs_per_s" not in theirs:
             continue
-        ratios[f"claypot_vs_{other}_epochs_per_s"] = round(
-            ours["epochs_per_s"] / theirs["epochs_per_s"], 2)
+        ratios[f"claypot_vs_{other}_epochs_per_s"] = round(ours["epochs_per_s"] / theirs["epochs_per_s"], 2)
         ratios[f"claypot_vs_{other}_make_data_speed"] = round(
-            theirs["make_data_seconds"] / ours["make_data_seconds"], 2)
+            theirs["make_data_seconds"] / ours["make_data_seconds"], 2
+        )
         if "ingest_seconds" in ours and "ingest_seconds" in theirs:
-            ratios[f"claypot_vs_{other}_ingest_speed"] = round(
-                theirs["ingest_seconds"] / ours["ingest_seconds"], 2)
-        ratios[f"{other}_vs_claypot_peak_memory"] = round(
-            theirs["peak_memory_gib"] / ours["peak_memory_gib"], 2)
+            ratios[f"claypot_vs_{other}_ingest_speed"] = round(theirs["ingest_seconds"] / ours["ingest_seconds"], 2)
+        ratios[f"{other}_vs_claypot_peak_memory"] = round(theirs["peak_memory_gib"] / ours["peak_memory_gib"], 2)
     result["ratios"] = ratios
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_seconds"] = round(time.perf_counter() - started, 1)

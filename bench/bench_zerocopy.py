@@ -119,14 +119,16 @@ def _direct_write_rate(directory: str, nbytes: int) -> float:
 def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
     out: dict = {}
     with LocalCluster(backends=1, durability="none") as cluster:
+
         def put():
             b = Block(src)
             b.make_persistent()
             return b
-        warm = Block(np.ones(1024))    # class registered, host identity known
+
+        warm = Block(np.ones(1024))  # class registered, host identity known
         warm.make_persistent()
         t = time.perf_counter()
-        first = put()                  # no free segment yet: fresh pages
+        first = put()  # no free segment yet: fresh pages
         out["put_fresh_s"] = round(time.perf_counter() - t, 4)
         out["put_fresh_MBps"] = _mbps(nbytes, out["put_fresh_s"])
         blocks = [first]
@@ -138,6 +140,7 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
             t = time.perf_counter()
             blocks.append(put())
             return time.perf_counter() - t
+
         out["put_s"] = round(min(timed_put() for _ in range(repeat)), 4)
         out["put_MBps"] = _mbps(nbytes, out["put_s"])
         b = blocks[-1]
@@ -152,10 +155,11 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
             dt = time.perf_counter() - t
             x.delete_persistent()
             return dt
+
         shm_times = []
         for _ in range(repeat):
             a = store.empty(src.shape, src.dtype)
-            np.copyto(a, src)              # the user builds the array in shared memory
+            np.copyto(a, src)  # the user builds the array in shared memory
             made.append(a)
             shm_times.append(timed_put_shm())
             del a
@@ -166,6 +170,7 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
 
         def get():
             views.append(b.data)
+
         out["get_s"] = round(_best(get, repeat * 2), 5)
         assert not views[-1].flags.writeable, "the read was not a leased view"
         views.clear()
@@ -175,13 +180,13 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
 
         client = store.client()
         bid = b.get_location()
-        deadline = time.monotonic() + 30    # the first lease's spare made (in the background)
+        deadline = time.monotonic() + 30  # the first lease's spare made (in the background)
         while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
             time.sleep(0.05)
         rpc_times = []
         for _ in range(repeat * 2):
-            gc.collect()                      # no earlier view held: a new lease by RPC
-            client.lease_returns.flush()      # and its lease returned: one RPC in flight
+            gc.collect()  # no earlier view held: a new lease by RPC
+            client.lease_returns.flush()  # and its lease returned: one RPC in flight
             t = time.perf_counter()
             v = b.data
             rpc_times.append(time.perf_counter() - t)
@@ -193,8 +198,7 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         out["change_again_s"] = round(_best(b.add_one, 1), 4)
         out["view_unchanged"] = bool(view[0] == src[0])
         del view
-        out["cow_copy_s"] = round(max(0.0, out["change_after_read_s"] - out["change_again_s"]),
-                                  4)
+        out["cow_copy_s"] = round(max(0.0, out["change_after_read_s"] - out["change_again_s"]), 4)
         pid = cluster.processes[0].pid
 
         scratch = [np.empty_like(src)]
@@ -203,15 +207,15 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         def spare_cycle() -> tuple[float, float, int, float]:
             gc.collect()
             client.lease_returns.flush()
-            deadline = time.monotonic() + 30    # the old copy's lease back: the pool holds it
+            deadline = time.monotonic() + 30  # the old copy's lease back: the pool holds it
             while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
                 time.sleep(0.05)
             view = b.data
-            deadline = time.monotonic() + 30    # the spare is ready (mapped, off the path)
+            deadline = time.monotonic() + 30  # the spare is ready (mapped, off the path)
             while client.shm_report(bid)["pool_bytes"] < nbytes and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.2)
-            t = time.perf_counter()             # a memcpy beside it, on the machine as it is now
+            t = time.perf_counter()  # a memcpy beside it, on the machine as it is now
             np.copyto(scratch[0], src)
             memcpy = time.perf_counter() - t
             faults = _minflt(pid)
@@ -219,23 +223,22 @@ def claypot_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
             b.add_one()
             after_read = time.perf_counter() - t
             faults = _minflt(pid) - faults
-            time.sleep(0.2)                     # the old mapping's teardown, in the background
+            time.sleep(0.2)  # the old mapping's teardown, in the background
             t = time.perf_counter()
             b.add_one()
             again = time.perf_counter() - t
             del view
             return after_read, again, faults, memcpy
+
         cycles = [spare_cycle() for _ in range(repeat)]
         scratch.clear()
         # Each cycle's copy aside over the memcpy timed just before it (the machine is
         # shared: its memory bandwidth changes from one second to the next).
-        out["cow_copy_spare_vs_adjacent_memcpy"] = round(min(
-            max(0.0, a - b) / m for a, b, _, m in cycles), 2)
+        out["cow_copy_spare_vs_adjacent_memcpy"] = round(min(max(0.0, a - b) / m for a, b, _, m in cycles), 2)
         out["change_after_read_spare_s"] = round(min(c[0] for c in cycles), 4)
         out["change_again_2_s"] = round(min(c[1] for c in cycles), 4)
         out["change_after_read_spare_faults"] = min(c[2] for c in cycles)
-        out["cow_copy_spare_s"] = round(max(0.0, out["change_after_read_spare_s"]
-                                            - out["change_again_2_s"]), 4)
+        out["cow_copy_spare_s"] = round(max(0.0, out["change_after_read_spare_s"] - out["change_again_2_s"]), 4)
         b.delete_persistent()
     return out
 
@@ -271,20 +274,26 @@ def sync_figures(nbytes: int, src: np.ndarray) -> dict:
         out["sync_put_reused_MBps"] = _mbps(nbytes, out["sync_put_reused_s"])
         out["dd_direct_MBps"] = _direct_write_rate(data_dir, nbytes)
         out["sync_put_vs_dd_direct"] = round(out["sync_put_MBps"] / out["dd_direct_MBps"], 3)
-        out["sync_put_reused_vs_dd_direct"] = round(
-            out["sync_put_reused_MBps"] / out["dd_direct_MBps"], 3)
+        out["sync_put_reused_vs_dd_direct"] = round(out["sync_put_reused_MBps"] / out["dd_direct_MBps"], 3)
         # The backend's own sync write of this record (storage.write_checkpoint's O_DIRECT
         # path), alone, from a page-aligned buffer as a kept segment is, beside the old
         # one (encode into one buffer, write, fsync).
         from store.backend._storage import direct, storage
+
         aligned = mmap.mmap(-1, nbytes)
         np.copyto(np.frombuffer(aligned, dtype=src.dtype), src)
         rec = storage.Record("bench", "k#1", "", b"p", [memoryview(aligned)])
         rec.lsn = 1
         path = os.path.join(data_dir, "ckpt-probe")
         t = time.perf_counter()
-        direct.write(path, storage._PREFIX, storage._MAGIC, storage.record_header(rec),
-                     [rec.payload] + list(rec.buffers), os.fsync)
+        direct.write(
+            path,
+            storage._PREFIX,
+            storage._MAGIC,
+            storage.record_header(rec),
+            [rec.payload] + list(rec.buffers),
+            os.fsync,
+        )
         out["checkpoint_write_MBps"] = _mbps(nbytes, time.perf_counter() - t)
         os.unlink(path)
         t = time.perf_counter()
@@ -294,17 +303,22 @@ def sync_figures(nbytes: int, src: np.ndarray) -> dict:
         os.close(fd)
         out["checkpoint_write_buffered_MBps"] = _mbps(nbytes, time.perf_counter() - t)
         os.unlink(path)
-        out["checkpoint_write_vs_dd_direct"] = round(
-            out["checkpoint_write_MBps"] / out["dd_direct_MBps"], 3)
+        out["checkpoint_write_vs_dd_direct"] = round(out["checkpoint_write_MBps"] / out["dd_direct_MBps"], 3)
         out["checksum"] = "isal" if direct.crc32 is not __import__("zlib").crc32 else "zlib"
     return out
 
 
 def ray_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
     import ray
+
     out: dict = {}
-    ray.init(num_cpus=1, object_store_memory=max(3 * nbytes, 256 * MiB),
-             include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        num_cpus=1,
+        object_store_memory=max(3 * nbytes, 256 * MiB),
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     try:
         t = time.perf_counter()
         ref = ray.put(src)
@@ -315,12 +329,14 @@ def ray_figures(nbytes: int, src: np.ndarray, repeat: int) -> dict:
         def put():
             refs.append(ray.put(src))
             if len(refs) > 1:
-                del refs[0]        # its memory goes back to the store for the next put
+                del refs[0]  # its memory goes back to the store for the next put
+
         out["ray_put_reused_s"] = round(_best(put, repeat + 1), 4)
         views = []
 
         def get():
             views.append(ray.get(refs[-1]))
+
         out["ray_get_s"] = round(_best(get, repeat * 2), 5)
         views.clear()
         refs.clear()
@@ -338,12 +354,14 @@ def main() -> None:
     sizes = [64 * MiB, 256 * MiB] if args.quick else [64 * MiB, 1024 * MiB]
     repeat = 3
     import importlib.util
+
     have_ray = importlib.util.find_spec("ray") is not None
     import psutil
+
     result: dict = {
-        "machine": machine(numpy=np.__version__,
-                           memory_GiB=round(psutil.virtual_memory().total / 2**30, 1)),
-        "ray": ("present: " + __import__("ray").__version__) if have_ray
+        "machine": machine(numpy=np.__version__, memory_GiB=round(psutil.virtual_memory().total / 2**30, 1)),
+        "ray": ("present: " + __import__("ray").__version__)
+        if have_ray
         else "absent (pip install ray, or the bench extra): no Ray figures",
         "sizes": [],
     }
@@ -361,10 +379,8 @@ def main() -> None:
             row.update(ray_figures(nbytes, src, repeat))
             row["get_vs_ray_get"] = round(row["get_s"] / row["ray_get_s"], 2)
             row["get_rpc_vs_ray_get"] = round(row["get_rpc_s"] / row["ray_get_s"], 2)
-            row["put_vs_ray_put_reused"] = round(row["put_MBps"] / row["ray_put_reused_MBps"],
-                                                 3)
-            row["put_shm_vs_ray_put_reused"] = round(
-                row["put_shm_MBps"] / row["ray_put_reused_MBps"], 3)
+            row["put_vs_ray_put_reused"] = round(row["put_MBps"] / row["ray_put_reused_MBps"], 3)
+            row["put_shm_vs_ray_put_reused"] = round(row["put_shm_MBps"] / row["ray_put_reused_MBps"], 3)
             row["put_vs_ray_put_fresh"] = round(row["put_MBps"] / row["ray_put_fresh_MBps"], 3)
         result["sizes"].append(row)
         del src

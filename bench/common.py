@@ -50,8 +50,11 @@ def timed(fn: Callable[[], Any], n: int, warmup: int = 200) -> list[float]:
 def percentiles(samples_us: Sequence[float]) -> dict[str, float]:
     """p50, p99 and mean of latencies in µs, rounded to 0.1 µs."""
     s = sorted(samples_us)
-    return {"p50_us": round(s[len(s) // 2], 1), "p99_us": round(s[int(len(s) * 0.99)], 1),
-            "mean_us": round(statistics.fmean(s), 1)}
+    return {
+        "p50_us": round(s[len(s) // 2], 1),
+        "p99_us": round(s[int(len(s) * 0.99)], 1),
+        "mean_us": round(statistics.fmean(s), 1),
+    }
 
 
 def latency(fn: Callable[[], Any], n: int, warmup: int = 100) -> dict[str, float]:
@@ -78,6 +81,7 @@ def throughput(fns: Sequence[Callable[[], Any]], seconds: float) -> float:
         except Exception as exc:
             errors.append(exc)
         counts[k] = n
+
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(fns))]
     t = time.perf_counter()
     for th in threads:
@@ -97,8 +101,12 @@ def machine(**extra: Any) -> dict[str, Any]:
 
     The load average says whether the figures came from a busy machine.
     """
-    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), **extra}
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        **extra,
+    }
 
 
 def emit(result: Any, path: str | None = None, indent: int = 2) -> str:

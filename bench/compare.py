@@ -118,10 +118,15 @@ def compare(name: str, baseline: dict, runs: list[dict], threshold: float) -> li
     for path, direction in BENCHES[name]["watch"].items():
         base = pick(baseline, path)
         seen = [v for v in (pick(r, path) for r in runs) if v is not None]
-        row: dict = {"bench": name, "ratio": path, "better": direction, "baseline": base,
-                     "current": better(seen, direction) if seen else None}
+        row: dict = {
+            "bench": name,
+            "ratio": path,
+            "better": direction,
+            "baseline": base,
+            "current": better(seen, direction) if seen else None,
+        }
         if base is None or not seen or base == 0:
-            row["verdict"] = "not compared"   # absent on one side (e.g. no dataClay here)
+            row["verdict"] = "not compared"  # absent on one side (e.g. no dataClay here)
         else:
             cur = row["current"]
             # Positive change: better; negative: worse, as a fraction of the baseline.
@@ -143,15 +148,24 @@ def run_bench(name: str, extra: list[str], timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench", action="append", choices=sorted(BENCHES),
-                   help=f"a bench to run (repeatable; default: {' '.join(DEFAULT)})")
+    p.add_argument(
+        "--bench",
+        action="append",
+        choices=sorted(BENCHES),
+        help=f"a bench to run (repeatable; default: {' '.join(DEFAULT)})",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs per bench; the best counts")
-    p.add_argument("--threshold", type=float, default=0.15,
-                   help="worse than the committed ratio by more than this fraction fails")
-    p.add_argument("--results", default=os.path.join(HERE, "results"),
-                   help="directory of the committed results")
-    p.add_argument("--current", action="append", default=[], metavar="BENCH=FILE",
-                   help="compare this saved JSON instead of running the bench")
+    p.add_argument(
+        "--threshold", type=float, default=0.15, help="worse than the committed ratio by more than this fraction fails"
+    )
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="directory of the committed results")
+    p.add_argument(
+        "--current",
+        action="append",
+        default=[],
+        metavar="BENCH=FILE",
+        help="compare this saved JSON instead of running the bench",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per bench run")
     p.add_argument("--save", metavar="DIR", help="also write each run's JSON to DIR")
     a = p.parse_args(argv)

@@ -27,8 +27,7 @@ from concurrent import futures
 
 import grpc
 
-OPTIONS = [("grpc.max_send_message_length", 16 << 20),
-           ("grpc.max_receive_message_length", 16 << 20)]
+OPTIONS = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
 
 
 def _unary(request, context):
@@ -64,7 +63,7 @@ def _stream_land(request_iterator, context):
     target = landing_buffer(total)
     n = 0
     for chunk in request_iterator:
-        target[n:n + len(chunk)] = chunk
+        target[n : n + len(chunk)] = chunk
         n += len(chunk)
     return n.to_bytes(8, "little")
 
@@ -87,20 +86,23 @@ def _pull(request, context):
     # kept across calls so its allocation is not timed as transport.
     source = _source(total)
     for start in range(0, total, chunk):
-        yield source[start:start + chunk].tobytes()
+        yield source[start : start + chunk].tobytes()
 
 
 def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> None:
     """Serve on an ephemeral loopback port (and ``unix_socket``); write the port to ``port_file``."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Unary": grpc.unary_unary_rpc_method_handler(_unary),
-        "Sink": grpc.unary_unary_rpc_method_handler(_sink),
-        "Give": grpc.unary_unary_rpc_method_handler(_give),
-        "Stream": grpc.stream_unary_rpc_method_handler(_stream),
-        "StreamLand": grpc.stream_unary_rpc_method_handler(_stream_land),
-        "Pull": grpc.unary_stream_rpc_method_handler(_pull),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+            "Sink": grpc.unary_unary_rpc_method_handler(_sink),
+            "Give": grpc.unary_unary_rpc_method_handler(_give),
+            "Stream": grpc.stream_unary_rpc_method_handler(_stream),
+            "StreamLand": grpc.stream_unary_rpc_method_handler(_stream_land),
+            "Pull": grpc.unary_stream_rpc_method_handler(_pull),
+        },
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     if unix_socket:
@@ -113,5 +115,4 @@ def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> 
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16,
-          sys.argv[3] if len(sys.argv) > 3 else None)
+    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16, sys.argv[3] if len(sys.argv) > 3 else None)

@@ -40,12 +40,16 @@ def main() -> None:
     seed = a.seed
     with tempfile.TemporaryDirectory(prefix="claypot-soak-") as tmp:
         while time.monotonic() - started < a.seconds:
-            with LocalCluster(backends=2, data_dir=os.path.join(tmp, f"s{seed}"),
-                              backend_env=CLUSTER_ENV) as c:
+            with LocalCluster(backends=2, data_dir=os.path.join(tmp, f"s{seed}"), backend_env=CLUSTER_ENV) as c:
                 run_sequence(c, seed, a.rounds, a.ops, a.workers, stats)
             seed += 1
-    out = {"bench": "soak_lifecycle", "seconds": round(time.monotonic() - started, 1),
-           "first_seed": a.seed, "workers": a.workers, **stats.as_dict()}
+    out = {
+        "bench": "soak_lifecycle",
+        "seconds": round(time.monotonic() - started, 1),
+        "first_seed": a.seed,
+        "workers": a.workers,
+        **stats.as_dict(),
+    }
     print(json.dumps(out, indent=2))
 
 

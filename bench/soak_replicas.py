@@ -27,7 +27,7 @@ os.environ.setdefault("CLAYPOT_VALIDATE", "1")
 
 from replicalib import ENV, TTL, RoundStats, run_round  # noqa: E402
 
-os.environ.update(ENV)   # this process's client uses the cluster's heartbeat TTL
+os.environ.update(ENV)  # this process's client uses the cluster's heartbeat TTL
 
 from store import LocalCluster  # noqa: E402
 
@@ -47,16 +47,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="claypot-soak-replicas-") as tmp:
         while time.monotonic() - started < a.seconds:
             fault = "kill" if seed % 2 else "partition"
-            with LocalCluster(backends=3, data_dir=os.path.join(tmp, f"s{seed}"),
-                              backend_env=ENV) as c:
+            with LocalCluster(backends=3, data_dir=os.path.join(tmp, f"s{seed}"), backend_env=ENV) as c:
                 run_round(c, seed, stats, a.clients, a.ops, fault)
             rounds[fault] += 1
             seed += 1
-    out = {"bench": "soak_replicas", "seconds": round(time.monotonic() - started, 1),
-           "first_seed": a.seed, "rounds": rounds, "clients": a.clients,
-           "heartbeat_ttl": TTL, **stats.as_dict(),
-           "failover_within_two_ttls": bool(stats.failover_seconds)
-           and max(stats.failover_seconds) < 2 * TTL}
+    out = {
+        "bench": "soak_replicas",
+        "seconds": round(time.monotonic() - started, 1),
+        "first_seed": a.seed,
+        "rounds": rounds,
+        "clients": a.clients,
+        "heartbeat_ttl": TTL,
+        **stats.as_dict(),
+        "failover_within_two_ttls": bool(stats.failover_seconds) and max(stats.failover_seconds) < 2 * TTL,
+    }
     text = json.dumps(out, indent=2)
     print(text)
     if a.out:

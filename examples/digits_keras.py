@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter out
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
 import store  # noqa: E402
 from runtime import COLLECTION_IN, INOUT, task, wait_on  # noqa: E402
@@ -38,6 +38,7 @@ FEATURES, HIDDEN, CLASSES = 64, 32, 10
 def load(seed: int = 0, test_fraction: float = 0.2):
     """(train, test) arrays of rows [64 pixels scaled to 0..1 | label], shuffled once."""
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     rows = np.column_stack([digits.data / 16.0, digits.target]).astype(np.float32)
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
@@ -48,15 +49,18 @@ def load(seed: int = 0, test_fraction: float = 0.2):
 def keras_model():
     """This process's Keras model (built once: backends run many tasks)."""
     import tensorflow as tf
+
     # The task functions are shipped by value, so their module globals are new on each
     # call; the tensorflow module lives as long as the backend process does.
     model = getattr(tf, "_claypot_digits_model", None)
     if model is None:
-        model = tf.keras.Sequential([
-            tf.keras.Input(shape=(FEATURES,)),
-            tf.keras.layers.Dense(HIDDEN, activation="relu"),
-            tf.keras.layers.Dense(CLASSES),
-        ])
+        model = tf.keras.Sequential(
+            [
+                tf.keras.Input(shape=(FEATURES,)),
+                tf.keras.layers.Dense(HIDDEN, activation="relu"),
+                tf.keras.layers.Dense(CLASSES),
+            ]
+        )
         tf._claypot_digits_model = model
     return model
 
@@ -83,9 +87,10 @@ class Weights(StorageObject):
 def gradient(block, weights):
     """Loss and gradients of the Keras model over one block, where the block lives."""
     import tensorflow as tf
+
     model = keras_model()
     model.set_weights(weights.weights())
-    data = block.data                               # the block's live array
+    data = block.data  # the block's live array
     x = tf.constant(data[:, :-1])
     y = tf.constant(data[:, -1].astype(np.int64))
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -133,15 +138,18 @@ def train(epochs: int = 60, lr: float = 0.5, momentum: float = 0.9, shards: int 
     losses = wait_on(losses)
     train_seconds = time.perf_counter() - t0
     pids = {b.backend_id: b.pid for b in store.backends() if b.up}
-    local = all(g.backend == o and g.result()[3] == pids[o]
-                for grads in every for o, g in zip(owners, grads))
+    local = all(g.backend == o and g.result()[3] == pids[o] for grads in every for o, g in zip(owners, grads))
     params = weights.weights()
     right = wait_on(test_set.map_blocks(correct, params))
     result = {
-        "dataset": "sklearn.datasets.load_digits", "model": "keras.Sequential",
-        "train_rows": len(train_rows), "test_rows": len(test_rows),
-        "shards": train_set.nshards, "epochs": epochs,
-        "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
+        "dataset": "sklearn.datasets.load_digits",
+        "model": "keras.Sequential",
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "shards": train_set.nshards,
+        "epochs": epochs,
+        "initial_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4),
         "test_accuracy": round(sum(r for r, _ in right) / len(test_rows), 4),
         "train_seconds": round(train_seconds, 3),
         "epochs_per_second": round(epochs / train_seconds, 2),

@@ -36,6 +36,7 @@ CLASSES = 10
 def load(seed: int = 0, test_fraction: float = 0.2):
     """(train, test) arrays of rows [64 pixels scaled to 0..1 | label], shuffled once."""
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     rows = np.column_stack([digits.data / 16.0, digits.target]).astype(np.float32)
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
@@ -106,8 +107,7 @@ def correct(data, params):
     return int((p.argmax(axis=1) == data[:, -1].astype(np.int64)).sum()), len(data)
 
 
-def train(epochs: int = 60, hidden: int = 32, lr: float = 0.5, momentum: float = 0.9,
-          shards: int = 4) -> dict:
+def train(epochs: int = 60, hidden: int = 32, lr: float = 0.5, momentum: float = 0.9, shards: int = 4) -> dict:
     train_rows, test_rows = load()
     started = time.perf_counter()
     train_set = ShardedArray.from_numpy(train_rows, shards=shards)
@@ -124,15 +124,18 @@ def train(epochs: int = 60, hidden: int = 32, lr: float = 0.5, momentum: float =
     losses = wait_on(losses)
     train_seconds = time.perf_counter() - t0
     pids = {b.backend_id: b.pid for b in store.backends() if b.up}
-    local = all(g.backend == o and g.result()[3] == pids[o]
-                for grads in every for o, g in zip(owners, grads))
+    local = all(g.backend == o and g.result()[3] == pids[o] for grads in every for o, g in zip(owners, grads))
     params = model.weights()
     right = wait_on(test_set.map_blocks(correct, params))
     train_right = wait_on(train_set.map_blocks(correct, params))
     result = {
-        "dataset": "sklearn.datasets.load_digits", "train_rows": len(train_rows),
-        "test_rows": len(test_rows), "shards": train_set.nshards, "epochs": epochs,
-        "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
+        "dataset": "sklearn.datasets.load_digits",
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "shards": train_set.nshards,
+        "epochs": epochs,
+        "initial_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4),
         "train_accuracy": round(sum(r for r, _ in train_right) / len(train_rows), 4),
         "test_accuracy": round(sum(r for r, _ in right) / len(test_rows), 4),
         "train_seconds": round(train_seconds, 3),

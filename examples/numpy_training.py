@@ -44,11 +44,16 @@ class Weights(StorageObject):
 @task(returns=1)
 def gradient(shard, weights):
     """Mean squared error gradient and loss over one shard, computed where it lives."""
-    w, b = weights.w, weights.b          # a small RPC to the weights' owner
-    x, y = shard.x, shard.y              # the shard's live arrays: no copy
+    w, b = weights.w, weights.b  # a small RPC to the weights' owner
+    x, y = shard.x, shard.y  # the shard's live arrays: no copy
     err = x @ w + b - y
-    return {"gw": 2.0 * x.T @ err / len(y), "gb": 2.0 * float(err.mean()),
-            "loss": float((err ** 2).mean()), "n": len(y), "pid": os.getpid()}
+    return {
+        "gw": 2.0 * x.T @ err / len(y),
+        "gb": 2.0 * float(err.mean()),
+        "loss": float((err**2).mean()),
+        "n": len(y),
+        "pid": os.getpid(),
+    }
 
 
 @task(weights=INOUT, grads=COLLECTION_IN, returns=1)
@@ -60,8 +65,9 @@ def apply(weights, grads, lr):
     return sum(g["loss"] * g["n"] for g in grads) / total
 
 
-def train(steps: int = 30, shards_per_backend: int = 2, rows: int = 5_000,
-          features: int = 16, lr: float = 0.1, seed: int = 0) -> dict:
+def train(
+    steps: int = 30, shards_per_backend: int = 2, rows: int = 5_000, features: int = 16, lr: float = 0.1, seed: int = 0
+) -> dict:
     rng = np.random.default_rng(seed)
     true_w = rng.normal(size=features)
     backends = sorted(b.backend_id for b in store.backends() if b.up)
@@ -86,9 +92,14 @@ def train(steps: int = 30, shards_per_backend: int = 2, rows: int = 5_000,
             local &= wait_on(g)["pid"] == pids[owner] and g.backend == owner
     barrier()
     losses = wait_on(losses)
-    return {"initial_loss": losses[0], "final_loss": losses[-1], "steps": steps,
-            "shards": len(shards), "gradients_ran_where_shards_live": local,
-            "weight_error": float(np.abs(weights.w - true_w).max())}
+    return {
+        "initial_loss": losses[0],
+        "final_loss": losses[-1],
+        "steps": steps,
+        "shards": len(shards),
+        "gradients_ran_where_shards_live": local,
+        "weight_error": float(np.abs(weights.w - true_w).max()),
+    }
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ class ParameterServer(StorageObject):
 def _gradient(data: np.ndarray, w: np.ndarray, b: float):
     x, y = data[:, :-1], data[:, -1]
     err = x @ w + b - y
-    return 2.0 * x.T @ err / len(y), 2.0 * float(err.mean()), float((err ** 2).mean())
+    return 2.0 * x.T @ err / len(y), 2.0 * float(err.mean()), float((err**2).mean())
 
 
 @task(returns=1)
@@ -112,7 +112,7 @@ def block_loss(data, w, b):
     """Sum of squared errors and rows of one block (a map_blocks function)."""
     x, y = data[:, :-1], data[:, -1]
     err = x @ w + b - y
-    return float((err ** 2).sum()), len(y)
+    return float((err**2).sum()), len(y)
 
 
 def loss_of(data: ShardedArray, model: ParameterServer) -> float:
@@ -121,8 +121,9 @@ def loss_of(data: ShardedArray, model: ParameterServer) -> float:
     return sum(s for s, _ in parts) / sum(n for _, n in parts)
 
 
-def train(rows: int = 40_000, shards: int = 4, sync_steps: int = 40, async_steps: int = 150,
-          lr: float = 0.1, batch: int = 64) -> dict:
+def train(
+    rows: int = 40_000, shards: int = 4, sync_steps: int = 40, async_steps: int = 150, lr: float = 0.1, batch: int = 64
+) -> dict:
     data = ShardedArray.from_function(make_rows, rows, shards, args=(FEATURES, SEED))
     pids = {b.backend_id: b.pid for b in store.backends() if b.up}
     owners = [p.backend for p in data.partitions()]
@@ -138,9 +139,10 @@ def train(rows: int = 40_000, shards: int = 4, sync_steps: int = 40, async_steps
         grads = [shard_gradient(block, model) for block in data.split()]
         apply_mean(model, grads, lr)
         every.append(grads)
-    wait_on(model)      # returns once every task that uses the model has finished
-    local = all(g.backend == owner and g.result()[4] == pids[owner]
-                for grads in every for owner, g in zip(owners, grads))
+    wait_on(model)  # returns once every task that uses the model has finished
+    local = all(
+        g.backend == owner and g.result()[4] == pids[owner] for grads in every for owner, g in zip(owners, grads)
+    )
     out["sync_final_loss"] = loss_of(data, model)
     out["sync_seconds"] = round(time.perf_counter() - t0, 3)
     out["sync_steps"] = sync_steps
@@ -150,8 +152,7 @@ def train(rows: int = 40_000, shards: int = 4, sync_steps: int = 40, async_steps
     model = ParameterServer(FEATURES)
     model.make_persistent(backend=owners[0])
     t0 = time.perf_counter()
-    workers = [async_worker(block, model, async_steps, batch, lr * 0.2, i)
-               for i, block in enumerate(data.split())]
+    workers = [async_worker(block, model, async_steps, batch, lr * 0.2, i) for i, block in enumerate(data.split())]
     results = wait_on(workers)
     out["async_seconds"] = round(time.perf_counter() - t0, 3)
     out["async_final_loss"] = loss_of(data, model)

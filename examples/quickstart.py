@@ -1,6 +1,6 @@
 """The README's first example: a counter that lives on a backend.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import os

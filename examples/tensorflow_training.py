@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter out
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
 import store  # noqa: E402
 from runtime import COLLECTION_IN, INOUT, barrier, task, wait_on  # noqa: E402
@@ -53,29 +53,35 @@ class Model(StorageObject):
 def gradient(shard, model):
     """Loss and gradients over one shard, computed where the shard lives."""
     import tensorflow as tf
-    params = [tf.Variable(w) for w in model.weights]   # a small RPC to the model's owner
-    x = tf.constant(shard.x)                           # the shard's live array, read in place
+
+    params = [tf.Variable(w) for w in model.weights]  # a small RPC to the model's owner
+    x = tf.constant(shard.x)  # the shard's live array, read in place
     y = tf.constant(shard.y)
     with tf.GradientTape() as tape:
         hidden = tf.nn.relu(x @ params[0] + params[1])
         pred = tf.squeeze(hidden @ params[2] + params[3], axis=1)
         loss = tf.reduce_mean(tf.square(pred - y))
     grads = tape.gradient(loss, params)
-    return {"grads": [g.numpy() for g in grads], "loss": float(loss), "n": int(y.shape[0]),
-            "pid": os.getpid()}
+    return {"grads": [g.numpy() for g in grads], "loss": float(loss), "n": int(y.shape[0]), "pid": os.getpid()}
 
 
 @task(model=INOUT, results=COLLECTION_IN, returns=1)
 def apply(model, results, lr):
     """Average the shards' gradients into the weights; returns the mean loss before the step."""
     total = sum(r["n"] for r in results)
-    model.weights = [w - lr * sum(r["grads"][i] * r["n"] for r in results) / total
-                     for i, w in enumerate(model.weights)]
+    model.weights = [w - lr * sum(r["grads"][i] * r["n"] for r in results) / total for i, w in enumerate(model.weights)]
     return sum(r["loss"] * r["n"] for r in results) / total
 
 
-def train(steps: int = 40, shards_per_backend: int = 2, rows: int = 2_000,
-          features: int = 8, hidden: int = 16, lr: float = 0.05, seed: int = 0) -> dict:
+def train(
+    steps: int = 40,
+    shards_per_backend: int = 2,
+    rows: int = 2_000,
+    features: int = 8,
+    hidden: int = 16,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> dict:
     rng = np.random.default_rng(seed)
     up = [b for b in store.backends() if b.up]
     backends = sorted(b.backend_id for b in up)
@@ -100,8 +106,13 @@ def train(steps: int = 40, shards_per_backend: int = 2, rows: int = 2_000,
             local &= wait_on(r)["pid"] == pids[owner] and r.backend == owner
     barrier()
     losses = wait_on(losses)
-    return {"initial_loss": losses[0], "final_loss": losses[-1], "steps": steps,
-            "shards": len(shards), "gradients_ran_where_shards_live": local}
+    return {
+        "initial_loss": losses[0],
+        "final_loss": losses[-1],
+        "steps": steps,
+        "shards": len(shards),
+        "gradients_ran_where_shards_live": local,
+    }
 
 
 def main() -> None:

@@ -34,18 +34,57 @@ from store._model import objects as _objects
 
 from runtime._core import current, use_executor
 from runtime._decorators import TaskFunction, binary, constraint, implement, mpi, task
-from runtime._directions import (COLLECTION_IN, COLLECTION_INOUT, DIRECTORY_IN, DIRECTORY_INOUT,
-                                 DIRECTORY_OUT, FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR,
-                                 FILE_OUT_STDOUT, IN, INOUT, OUT, Direction, OnFailure)
+from runtime._directions import (
+    COLLECTION_IN,
+    COLLECTION_INOUT,
+    DIRECTORY_IN,
+    DIRECTORY_INOUT,
+    DIRECTORY_OUT,
+    FILE_IN,
+    FILE_INOUT,
+    FILE_OUT,
+    FILE_OUT_STDERR,
+    FILE_OUT_STDOUT,
+    IN,
+    INOUT,
+    OUT,
+    Direction,
+    OnFailure,
+)
 from runtime._futures import Future
 from runtime._progress import ProgressReport, progress
 
-__all__ = ["task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
-           "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT",
-           "FILE_IN", "FILE_OUT", "FILE_INOUT", "FILE_OUT_STDOUT", "FILE_OUT_STDERR",
-           "DIRECTORY_IN", "DIRECTORY_OUT", "DIRECTORY_INOUT",
-           "Direction", "OnFailure", "use_executor", "wait_on_file", "open_file", "progress",
-           "ProgressReport"]
+__all__ = [
+    "task",
+    "constraint",
+    "implement",
+    "binary",
+    "mpi",
+    "wait_on",
+    "barrier",
+    "Future",
+    "TaskFunction",
+    "IN",
+    "INOUT",
+    "OUT",
+    "COLLECTION_IN",
+    "COLLECTION_INOUT",
+    "FILE_IN",
+    "FILE_OUT",
+    "FILE_INOUT",
+    "FILE_OUT_STDOUT",
+    "FILE_OUT_STDERR",
+    "DIRECTORY_IN",
+    "DIRECTORY_OUT",
+    "DIRECTORY_INOUT",
+    "Direction",
+    "OnFailure",
+    "use_executor",
+    "wait_on_file",
+    "open_file",
+    "progress",
+    "ProgressReport",
+]
 
 
 def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> Any:
@@ -59,6 +98,7 @@ def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> A
     """
     if progress:
         from runtime._progress import progress as show
+
         show(obj, timeout)
     if isinstance(obj, Future):
         return obj.result(timeout)

@@ -24,8 +24,7 @@ from typing import Any
 from store import elastic as _elastic
 from store._model import objects as objmod
 from store.config import Settings
-from store.errors import (CallInterrupted, ConfigurationError, TaskCancelled, TaskError,
-                          TaskTimeout)
+from store.errors import CallInterrupted, ConfigurationError, TaskCancelled, TaskError, TaskTimeout
 
 from runtime._directions import Direction, OnFailure
 from runtime._executor import InlineExecutor, Job, RemoteExecutor
@@ -43,7 +42,7 @@ RECENT_TASKS = 200  # finished tasks kept for snapshot() (the dashboard's task g
 
 
 EXECUTORS = ("store", "dask")
-_executor_choice: tuple[str, str | None] | None = None   # set by use_executor()
+_executor_choice: tuple[str, str | None] | None = None  # set by use_executor()
 
 
 def executor_choice(settings: Settings | None = None) -> tuple[str, str | None]:
@@ -58,6 +57,7 @@ def _make_executor(client, slots: int, backends: int):
     if name == "dask":
         # Imported here: Dask is an optional extra, needed only when chosen.
         from runtime._dask_executor import DaskExecutor, scheduler_address
+
         return DaskExecutor(client, scheduler_address(client, scheduler))
     return RemoteExecutor(client, slots, workers=slots * max(2, backends) + 4)
 
@@ -70,8 +70,9 @@ def task_slots(settings: Settings | None = None) -> int:
 @dataclass
 class Call:
     """One task call: what to run, with what, and where it stands."""
+
     task_id: int
-    defn: Any                     # the TaskFunction
+    defn: Any  # the TaskFunction
     args: tuple
     kwargs: dict
     futures: list[Future]
@@ -80,7 +81,7 @@ class Call:
     writes: list[str]
     owners: list[str]
     demand: Demand
-    oids: list[str] = field(default_factory=list)   # persistent arguments, as owners
+    oids: list[str] = field(default_factory=list)  # persistent arguments, as owners
     weights: list[float] | None = None
     backend: str | None = None
     attempt: int = 0
@@ -94,11 +95,11 @@ class Call:
     commit_id: int = 0
     commit_of: "Call | None" = None
     values: list | None = None
-    deps: tuple = ()              # tasks it waited for when submitted (for the dashboard)
-    cancelled: bool = False       # by future.cancel(): never retried
-    variants: list = field(default_factory=list)    # this task and its @implement ones
-    fn: Any = None                                   # what runs: the chosen variant's runner
-    files: list = field(default_factory=list)        # (param, path, direction, read v, written v)
+    deps: tuple = ()  # tasks it waited for when submitted (for the dashboard)
+    cancelled: bool = False  # by future.cancel(): never retried
+    variants: list = field(default_factory=list)  # this task and its @implement ones
+    fn: Any = None  # what runs: the chosen variant's runner
+    files: list = field(default_factory=list)  # (param, path, direction, read v, written v)
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -119,10 +120,10 @@ class Runtime:
         self._graph = TaskGraph()
         self._calls: dict[int, Call] = {}
         self._queues: dict[str, deque[Call]] = {}
-        self._failures: list[tuple[str, BaseException]] = []   # first few, for barrier()
+        self._failures: list[tuple[str, BaseException]] = []  # first few, for barrier()
         self._failed = 0
-        self._outcomes = [0, 0]                   # tasks finished: [done, failed]
-        self._recent: deque = deque(maxlen=RECENT_TASKS)   # finished, for snapshot()
+        self._outcomes = [0, 0]  # tasks finished: [done, failed]
+        self._recent: deque = deque(maxlen=RECENT_TASKS)  # finished, for snapshot()
         self._backends_at = 0.0
         self.pids: dict[str, int] = {}
         self.files = FileVersions()
@@ -146,8 +147,9 @@ class Runtime:
             futures = [Future(task_id, defn.__qualname__, i) for i in range(n)]
         else:
             futures = [Future(task_id, defn.__qualname__)]
-        call = Call(task_id, defn, args, kwargs, futures, set(), [], [], [],
-                    Demand(defn.computing_units, defn.memory_bytes))
+        call = Call(
+            task_id, defn, args, kwargs, futures, set(), [], [], [], Demand(defn.computing_units, defn.memory_bytes)
+        )
         call.variants = defn.alternatives() if not self.inline else [defn]
         call.fn = defn.runner
         if not self.inline:
@@ -182,8 +184,7 @@ class Runtime:
             first = None
             for v in call.variants:
                 try:
-                    self.scheduler.check(Demand(v.computing_units, v.memory_bytes),
-                                         v.constraints)
+                    self.scheduler.check(Demand(v.computing_units, v.memory_bytes), v.constraints)
                     return
                 except ConfigurationError as exc:
                     first = first or exc
@@ -194,8 +195,7 @@ class Runtime:
         """Find the call's futures, persistent objects and files, by parameter direction."""
         self._scan_files(call)
         for value, direction in call.defn.bind(call.args, call.kwargs):
-            items = value if direction.collection and isinstance(value, (list, tuple)) \
-                else (value,)
+            items = value if direction.collection and isinstance(value, (list, tuple)) else (value,)
             for item in items:
                 if isinstance(item, Future):
                     if not item.done():
@@ -215,8 +215,19 @@ class Runtime:
         """Two graph nodes for a task that changes versions of its INOUT objects: the run
         waits for the objects' last writer only; the commit, which writes the versions
         back, is their writer (after the run and after every earlier reader). Lock held."""
-        commit = Call(next(self._ids), call.defn, (), {}, call.futures, {call.task_id}, [],
-                      list(call.writes), [], call.demand, commit_of=call)
+        commit = Call(
+            next(self._ids),
+            call.defn,
+            (),
+            {},
+            call.futures,
+            {call.task_id},
+            [],
+            list(call.writes),
+            [],
+            call.demand,
+            commit_of=call,
+        )
         call.commit_id = commit.task_id
         self._calls[commit.task_id] = commit
         ready = self._graph.add(call.task_id, call.after, call.reads, (), early=call.writes)
@@ -228,8 +239,9 @@ class Runtime:
         """The call's arguments with each INOUT object replaced by a new version of it
         (made on the object's backend); runs on an executor thread before each attempt."""
         from store._model import objectops
+
         args, kwargs = self._resolve(call)
-        self._discard_versions(call)        # a retry starts from fresh versions
+        self._discard_versions(call)  # a retry starts from fresh versions
         call.mutates.clear()
         writes = set(call.writes)
 
@@ -247,9 +259,11 @@ class Runtime:
             if direction.collection and isinstance(x, (list, tuple)):
                 return type(x)(one(i) for i in x)
             return one(x)
+
         directions = call.defn.directions
-        args = tuple(swap(a, directions.get(n, Direction.IN))
-                     for a, n in zip(args, call.defn.positional_names(len(args))))
+        args = tuple(
+            swap(a, directions.get(n, Direction.IN)) for a, n in zip(args, call.defn.positional_names(len(args)))
+        )
         kwargs = {k: swap(v, directions.get(k, Direction.IN)) for k, v in kwargs.items()}
         return args, kwargs
 
@@ -259,13 +273,13 @@ class Runtime:
             try:
                 version.delete_persistent()
             except Exception as exc:  # an unused copy: worth a warning, not a failure
-                log.warning("task %s: version %s not deleted: %r", call.name, version.getID(),
-                            exc)
+                log.warning("task %s: version %s not deleted: %r", call.name, version.getID(), exc)
 
     def _commit(self, commit: Call) -> None:
         """Write a finished run's versions back (its earlier readers are done), then
         finish the task's futures and release its successors. On its own thread."""
         from store._model import objectops
+
         run = commit.commit_of
         error = None
         try:
@@ -298,7 +312,7 @@ class Runtime:
     def _scan_files(self, call: Call) -> None:
         params = call.defn.file_params
         if not params or self.inline:
-            return   # inline: the task works on the paths themselves, in program order
+            return  # inline: the task works on the paths themselves, in program order
         named = list(zip(call.defn.positional_names(len(call.args)), call.args))
         named += list(call.kwargs.items())
         for name, value in named:
@@ -345,6 +359,7 @@ class Runtime:
         if up and not self.scheduler.memory:
             # Backends on one host share its memory: each gets an equal part for tasks.
             import psutil
+
             per_host: dict[str, int] = {}
             for b in up:
                 per_host[b.host] = per_host.get(b.host, 0) + 1
@@ -359,8 +374,7 @@ class Runtime:
             self._start(call, None)
             return
         if call.commit_of is not None:
-            threading.Thread(target=self._commit, args=(call,), name="claypot-commit",
-                             daemon=True).start()
+            threading.Thread(target=self._commit, args=(call,), name="claypot-commit", daemon=True).start()
             return
         try:
             self._refresh_backends()
@@ -388,12 +402,15 @@ class Runtime:
             if not among:
                 continue
             b = self.scheduler.choose(call.owners, call.weights, among=among)
-            rank = (-self.scheduler.score(b, call.owners, call.weights),
-                    self.scheduler.load(b) / max(1, self.scheduler.slots_of(b)), i)
+            rank = (
+                -self.scheduler.score(b, call.owners, call.weights),
+                self.scheduler.load(b) / max(1, self.scheduler.slots_of(b)),
+                i,
+            )
             if best is None or rank < best[0]:
                 best = (rank, b, v, demand)
         if best is None:
-            self._check_runnable(call)   # raises the detailed error
+            self._check_runnable(call)  # raises the detailed error
             raise LookupError("no backend that is up meets the task's constraints")
         _, backend, variant, demand = best
         call.demand = demand
@@ -430,7 +447,7 @@ class Runtime:
                     self._keep_files(call, result if isinstance(result, FileResult) else None)
                     if isinstance(result, FileResult):
                         result = result.value
-                except Exception as exc:   # the program's disk is full, say
+                except Exception as exc:  # the program's disk is full, say
                     result, error = None, exc
             self._settle(call, attempt, result, error, backend)
 
@@ -440,9 +457,19 @@ class Runtime:
             prepare = lambda: self._resolve_files(call)  # noqa: E731
             # File keys order tasks here; only object ids are the backend's to lock.
             mutates = [w for w in call.writes if not w.startswith("file:")]
-        self.executor.submit(Job(backend, call.fn or call.defn.fn, prepare, mutates,
-                                 call.defn.time_out, call.demand.units, done, on_start,
-                                 key=f"{self._session}:{call.task_id}"))
+        self.executor.submit(
+            Job(
+                backend,
+                call.fn or call.defn.fn,
+                prepare,
+                mutates,
+                call.defn.time_out,
+                call.demand.units,
+                done,
+                on_start,
+                key=f"{self._session}:{call.task_id}",
+            )
+        )
 
     def _release(self, backend: str, demand: Demand) -> None:
         with self._lock:
@@ -454,9 +481,16 @@ class Runtime:
                 self._start(nxt, backend)
 
     def _timed_out(self, call: Call, attempt: int) -> None:
-        self._settle(call, attempt, None, TaskTimeout(
-            f"task {call.name} did not finish within its time_out of {call.defn.time_out}s "
-            f"(it may still be running on backend {(call.backend or '')[:8]})"), call.backend)
+        self._settle(
+            call,
+            attempt,
+            None,
+            TaskTimeout(
+                f"task {call.name} did not finish within its time_out of {call.defn.time_out}s "
+                f"(it may still be running on backend {(call.backend or '')[:8]})"
+            ),
+            call.backend,
+        )
 
     def _keep_files(self, call: Call, result: FileResult | None) -> None:
         for name, path, direction, _old, new in call.files:
@@ -464,7 +498,7 @@ class Runtime:
                 continue
             shared = self._shared_version(path, direction, new)
             if shared is not None:
-                if os.path.exists(shared):   # written in place on the shared filesystem
+                if os.path.exists(shared):  # written in place on the shared filesystem
                     self.files.adopt(path, new, shared)
             elif result is not None and name in result.outputs:
                 self.files.store(path, new, result.outputs[name])
@@ -479,8 +513,9 @@ class Runtime:
             return None
         if version == 0:
             return path
-        return os.path.join(root, ".claypot-versions", f"{self._session}-{version}-"
-                            f"{abs(hash(path)):x}-{os.path.basename(path)}")
+        return os.path.join(
+            root, ".claypot-versions", f"{self._session}-{version}-{abs(hash(path)):x}-{os.path.basename(path)}"
+        )
 
     def _resolve_files(self, call: Call) -> tuple[tuple, dict]:
         """``_resolve``, with FILE parameters as FileValue (the bytes of the version read)."""
@@ -498,12 +533,15 @@ class Runtime:
                 dst = self._shared_version(path, direction, new) if direction.writes else None
                 if dst is not None:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
-                values[name] = FileValue(os.path.basename(path), None, False,
-                                         shared_in=src if direction.reads_file or not dst
-                                         else None, shared_out=dst)
+                values[name] = FileValue(
+                    os.path.basename(path),
+                    None,
+                    False,
+                    shared_in=src if direction.reads_file or not dst else None,
+                    shared_out=dst,
+                )
                 continue
-            data = self.files.read(path, old, direction.directory) \
-                if direction.reads_file else None
+            data = self.files.read(path, old, direction.directory) if direction.reads_file else None
             values[name] = FileValue(os.path.basename(path), data, direction.directory)
         names = call.defn.positional_names(len(args))
         args = tuple(values.get(n, a) for n, a in zip(names, args))
@@ -513,6 +551,7 @@ class Runtime:
     @staticmethod
     def _resolve(call: Call) -> tuple[tuple, dict]:
         """The call's arguments with futures replaced by their values (all are done)."""
+
         def value(x):
             return x.result() if isinstance(x, Future) else x
 
@@ -520,15 +559,17 @@ class Runtime:
             if direction.collection and isinstance(x, (list, tuple)):
                 return type(x)(value(i) for i in x)
             return value(x)
+
         directions = call.defn.directions
-        args = tuple(one(a, directions.get(name, Direction.IN))
-                     for a, name in zip(call.args, call.defn.positional_names(len(call.args))))
+        args = tuple(
+            one(a, directions.get(name, Direction.IN))
+            for a, name in zip(call.args, call.defn.positional_names(len(call.args)))
+        )
         kwargs = {k: one(v, directions.get(k, Direction.IN)) for k, v in call.kwargs.items()}
         return args, kwargs
 
     # -- outcomes ---------------------------------------------------------------------------------
-    def _settle(self, call: Call, attempt: int, result, error: BaseException | None,
-                backend: str | None) -> None:
+    def _settle(self, call: Call, attempt: int, result, error: BaseException | None, backend: str | None) -> None:
         """Apply one attempt's outcome: finish, retry, ignore, or fail and cancel successors."""
         with self._lock:
             if call.settled or attempt != call.attempt:
@@ -537,13 +578,16 @@ class Runtime:
                 call.timer.cancel()
                 call.timer = None
             policy = call.defn.on_failure
-            if error is not None and policy is OnFailure.RETRY \
-                    and call.attempt <= call.defn.retries and not call.cancelled \
-                    and not (call.writes and isinstance(error, CallInterrupted)):
+            if (
+                error is not None
+                and policy is OnFailure.RETRY
+                and call.attempt <= call.defn.retries
+                and not call.cancelled
+                and not (call.writes and isinstance(error, CallInterrupted))
+            ):
                 # (A task that changes objects and may have run is never run again: its
                 # backend may have committed it before the connection broke.)
-                log.warning("task %s failed (attempt %d), retrying: %r", call.name,
-                            call.attempt, error)
+                log.warning("task %s failed (attempt %d), retrying: %r", call.name, call.attempt, error)
                 if self.inline:
                     self._start(call, None)
                 else:
@@ -567,8 +611,7 @@ class Runtime:
                     self._dispatch(self._calls[t])
                 return
             if error is not None and call.versions:
-                threading.Thread(target=self._discard_versions, args=(call,),
-                                 daemon=True).start()
+                threading.Thread(target=self._discard_versions, args=(call,), daemon=True).start()
             if error is None:
                 for f, v in zip(call.futures, values):
                     f._finish(v, None, backend, call.attempt)
@@ -602,8 +645,9 @@ class Runtime:
         except TypeError:
             values = None
         if values is None or len(values) != n:
-            return TaskError(f"task {call.name} declares returns={n} but returned "
-                             f"{type(result).__name__} {result!r:.80}")
+            return TaskError(
+                f"task {call.name} declares returns={n} but returned {type(result).__name__} {result!r:.80}"
+            )
         return values
 
     def cancel(self, future: Future) -> bool:
@@ -620,18 +664,24 @@ class Runtime:
         if attempt and backend and not self.inline:
             # Running (or about to): the backend raises CallCancelled inside it.
             self.client.cancel_call(backend, f"{self._session}:{call.task_id}")
-        self._settle(call, attempt, None, TaskCancelled(
-            f"task {call.name} cancelled by future.cancel(); its changes were rolled back"),
-            backend)
+        self._settle(
+            call,
+            attempt,
+            None,
+            TaskCancelled(f"task {call.name} cancelled by future.cancel(); its changes were rolled back"),
+            backend,
+        )
         return True
 
     def _cancel(self, call: Call, because: Future) -> None:
         """Finish a call that will never run because ``because`` failed."""
         call.settled = True
         cause = because.exception()
-        err = TaskCancelled(f"task {call.name} cancelled: it depends on task "
-                            f"{because.task_name}#{because.task_id}, which failed with "
-                            f"{type(cause).__name__}: {cause}")
+        err = TaskCancelled(
+            f"task {call.name} cancelled: it depends on task "
+            f"{because.task_name}#{because.task_id}, which failed with "
+            f"{type(cause).__name__}: {cause}"
+        )
         err.__cause__ = cause
         for f in call.futures:
             f._finish(None, err, None, 0)
@@ -641,9 +691,15 @@ class Runtime:
         if call is not None:
             failed = call.futures[0].failed()
             self._outcomes[failed] += 1
-            self._recent.append({"id": task_id, "name": call.name, "backend": call.backend,
-                                 "state": "failed" if failed else "done",
-                                 "after": list(call.deps)})
+            self._recent.append(
+                {
+                    "id": task_id,
+                    "name": call.name,
+                    "backend": call.backend,
+                    "state": "failed" if failed else "done",
+                    "after": list(call.deps),
+                }
+            )
         if not self._calls:
             self._idle.notify_all()
 
@@ -659,13 +715,18 @@ class Runtime:
             tasks = list(self._recent)
             for t, call in self._calls.items():
                 waiting = self._graph.predecessors(t) if t in self._graph else set()
-                state = ("waiting" if waiting else "queued" if id(call) in queued
-                         or call.backend is None else "running")
-                tasks.append({"id": t, "name": call.name, "backend": call.backend,
-                              "state": state, "after": list(call.deps)})
+                state = "waiting" if waiting else "queued" if id(call) in queued or call.backend is None else "running"
+                tasks.append(
+                    {"id": t, "name": call.name, "backend": call.backend, "state": state, "after": list(call.deps)}
+                )
             done, failed = self._outcomes
-            return {"submitted": done + failed + len(self._calls), "done": done,
-                    "failed": failed, "pending": len(self._calls), "tasks": tasks}
+            return {
+                "submitted": done + failed + len(self._calls),
+                "done": done,
+                "failed": failed,
+                "pending": len(self._calls),
+                "tasks": tasks,
+            }
 
     # -- synchronisation --------------------------------------------------------------------------
     def futures_using(self, object_id: str) -> list[Future]:
@@ -677,15 +738,13 @@ class Runtime:
         """Wait until every task submitted so far finished; raise if a FAIL task failed."""
         with self._lock:
             if not self._idle.wait_for(lambda: not self._calls, timeout):
-                raise TimeoutError(f"barrier: {len(self._calls)} tasks still running "
-                                   f"after {timeout}s")
+                raise TimeoutError(f"barrier: {len(self._calls)} tasks still running after {timeout}s")
             failures, self._failures = self._failures, []
             failed, self._failed = self._failed, 0
         if failures:
             name, first = failures[0]
             more = f" (and {failed - 1} more)" if failed > 1 else ""
-            raise TaskError(f"task {name} failed with {type(first).__name__}: {first}{more}") \
-                from first
+            raise TaskError(f"task {name} failed with {type(first).__name__}: {first}{more}") from first
 
     def pending(self) -> int:
         """Tasks submitted and not finished yet."""
@@ -715,8 +774,7 @@ class Runtime:
                     call.timer.cancel()
                     call.timer = None
                 sent = "it may or may not have run" if call.attempt else "it never ran"
-                err = TaskCancelled(f"task {call.name} cancelled: the runtime stopped because "
-                                    f"{reason}; {sent}")
+                err = TaskCancelled(f"task {call.name} cancelled: the runtime stopped because {reason}; {sent}")
                 for f in call.futures:
                     f._finish(None, err, call.backend, call.attempt)
             self._calls.clear()
@@ -748,8 +806,7 @@ def use_executor(name: str | None, scheduler: str | None = None) -> None:
     with _runtime_lock:
         rt = _runtime
         if rt is not None and rt.pending():
-            raise RuntimeError(f"use_executor: {rt.pending()} tasks are still pending; "
-                               f"call barrier() first")
+            raise RuntimeError(f"use_executor: {rt.pending()} tasks are still pending; call barrier() first")
         _executor_choice = (name, scheduler) if name is not None else None
         # The next task builds a runtime with the new executor.
         if rt is not None:

@@ -57,8 +57,9 @@ class Packed:
         return Packed, (self.payload, [pickle.PickleBuffer(b) for b in self.buffers])
 
 
-def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float,
-               chain: str, task_key: str = "") -> Packed:
+def run_pinned(
+    code_key: str, packed: Packed, mutates: list[str], timeout: float, chain: str, task_key: str = ""
+) -> Packed:
     """Runs inside a backend's Dask worker: one task, exactly as a ``run_task`` RPC would.
 
     The function comes from the backend's code cache (shipped once, by the
@@ -70,10 +71,12 @@ def run_pinned(code_key: str, packed: Packed, mutates: list[str], timeout: float
     from store._model import objects
     from store._client.client import current_chain, set_chain
     from store._wire.serialization import dumps, loads
+
     heap = getattr(objects.get_dispatcher(), "local", None)
     if heap is None:
-        raise ConfigurationError("this Dask worker is not hosted by a claypot backend "
-                                 "(start backends with --dask-scheduler)")
+        raise ConfigurationError(
+            "this Dask worker is not hosted by a claypot backend (start backends with --dask-scheduler)"
+        )
     fn = heap.code.get(code_key)
     args, kwargs = loads(packed.payload, packed.buffers, heap.unpickle_context())
     # The chain id makes nested calls from this task re-enter the locks it holds.
@@ -93,7 +96,8 @@ def scheduler_address(client: Any, scheduler: str | None = None) -> str:
     if not address:
         raise ConfigurationError(
             "the dask executor needs a Dask scheduler: LocalCluster(dask=True), "
-            "CLAYPOT_DASK_SCHEDULER=tcp://host:port, or use_executor('dask', scheduler=...)")
+            "CLAYPOT_DASK_SCHEDULER=tcp://host:port, or use_executor('dask', scheduler=...)"
+        )
     return address
 
 
@@ -104,8 +108,7 @@ class DaskExecutor:
         try:
             from distributed import Client as DaskClient
         except ImportError:
-            raise ConfigurationError("the dask executor needs Dask: "
-                                     "pip install 'claypot[dask]'") from None
+            raise ConfigurationError("the dask executor needs Dask: pip install 'claypot[dask]'") from None
         self.client = client
         self.scheduler = scheduler
         # set_as_default=False: this client serves the runtime only; a user's own
@@ -115,16 +118,17 @@ class DaskExecutor:
         if scheduler.startswith("tls://") and not tls_dir:
             raise ConfigurationError(
                 f"the Dask scheduler {scheduler} requires the cluster's certificates: set "
-                f"CLAYPOT_DASK_TLS_DIR to the directory holding ca.pem, node.pem, node.key")
+                f"CLAYPOT_DASK_TLS_DIR to the directory holding ca.pem, node.pem, node.key"
+            )
         if tls_dir:
             from store.certs import dask_security
+
             security = dask_security(tls_dir)
-        self.dask = DaskClient(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT,
-                               security=security)
+        self.dask = DaskClient(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT, security=security)
         self._codes = CodeKeys(client)
         self._names: set[str] = set()
         self._names_lock = threading.Lock()
-        self.submitted = 0   # tasks handed to Dask, for tests and benchmarks
+        self.submitted = 0  # tasks handed to Dask, for tests and benchmarks
         # Arguments are pickled (and new objects among them persisted, an RPC) on
         # the sender thread, not under the runtime's lock that submit() is called with.
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -132,10 +136,8 @@ class DaskExecutor:
         # results together: asking for each result alone costs a scheduler round
         # trip per task and, measured, cut throughput about sixfold.
         self._finished_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name="claypot-dask-send",
-                                        daemon=True)
-        self._collector = threading.Thread(target=self._collect, name="claypot-dask-results",
-                                           daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="claypot-dask-send", daemon=True)
+        self._collector = threading.Thread(target=self._collect, name="claypot-dask-results", daemon=True)
         self._sender.start()
         self._collector.start()
 
@@ -180,11 +182,11 @@ class DaskExecutor:
         groups: dict[tuple[str, int], tuple[list, list[list]]] = {}
         for job in jobs:
             try:
-                if job.backend not in self.worker_names() and \
-                        job.backend not in self.worker_names(refresh=True):
+                if job.backend not in self.worker_names() and job.backend not in self.worker_names(refresh=True):
                     raise ConfigurationError(
                         f"backend {job.backend} hosts no Dask worker on {self.scheduler} "
-                        f"(start it with --dask-scheduler {self.scheduler})")
+                        f"(start it with --dask-scheduler {self.scheduler})"
+                    )
                 job.on_start()
                 args, kwargs = job.prepare()
                 code_key = self._codes.key(job.fn)
@@ -195,21 +197,35 @@ class DaskExecutor:
                 job.done(None, exc)
                 continue
             name = getattr(job.fn, "__name__", "task")
-            group = groups.setdefault((job.backend, job.units),
-                                      ([], [[], [], [], [], [], [], []]))
+            group = groups.setdefault((job.backend, job.units), ([], [[], [], [], [], [], [], []]))
             group[0].append(job)
-            for column, value in zip(group[1], (
-                    code_key, Packed(payload, buffers), list(job.mutates), job.time_out,
-                    uuid.uuid4().hex, job.key, f"{name}-{uuid.uuid4().hex}")):
+            for column, value in zip(
+                group[1],
+                (
+                    code_key,
+                    Packed(payload, buffers),
+                    list(job.mutates),
+                    job.time_out,
+                    uuid.uuid4().hex,
+                    job.key,
+                    f"{name}-{uuid.uuid4().hex}",
+                ),
+            ):
                 column.append(value)
         for (backend, units), (group_jobs, columns) in groups.items():
             *arguments, keys = columns
             try:
                 # One map per group: a burst of tasks is one graph update, where a
                 # submit each measured about ten times slower to hand over.
-                futures = self.dask.map(run_pinned, *arguments, key=keys, pure=False,
-                                        workers=[backend], allow_other_workers=False,
-                                        resources={"units": units})
+                futures = self.dask.map(
+                    run_pinned,
+                    *arguments,
+                    key=keys,
+                    pure=False,
+                    workers=[backend],
+                    allow_other_workers=False,
+                    resources={"units": units},
+                )
             except BaseException as exc:
                 for job in group_jobs:
                     job.done(None, exc)
@@ -231,7 +247,7 @@ class DaskExecutor:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._finished_q.put(None)   # stop after this batch
+                    self._finished_q.put(None)  # stop after this batch
                     break
                 batch.append(item)
             try:
@@ -257,14 +273,16 @@ class DaskExecutor:
     @staticmethod
     def _outcome(job: Job, future: Any, packed: Packed | None) -> None:
         from store._wire.serialization import loads
+
         try:
             if packed is None:
                 if future.status == "finished":
                     packed = future.result()
                 else:
                     error = future.exception()
-                    raise error if error is not None else RuntimeError(
-                        f"Dask task {future.key} ended as {future.status}")
+                    raise (
+                        error if error is not None else RuntimeError(f"Dask task {future.key} ended as {future.status}")
+                    )
             value = loads(packed.payload, packed.buffers)
         except BaseException as exc:
             job.done(None, exc)

@@ -28,9 +28,16 @@ class TaskFunction:
     The undecorated function is ``fn``; it is what runs on the backend.
     """
 
-    def __init__(self, fn: Callable, returns: Any = 1, on_failure: str = "FAIL",
-                 time_out: float = 0.0, retries: int = 1, directions: dict | None = None,
-                 versions: bool = False):
+    def __init__(
+        self,
+        fn: Callable,
+        returns: Any = 1,
+        on_failure: str = "FAIL",
+        time_out: float = 0.0,
+        retries: int = 1,
+        directions: dict | None = None,
+        versions: bool = False,
+    ):
         if not callable(fn):
             raise TypeError(f"@task needs a function, not {fn!r}")
         self.fn = fn
@@ -50,14 +57,15 @@ class TaskFunction:
             if name not in sig.parameters:
                 raise TypeError(f"@task: {fn.__qualname__} has no parameter {name!r}")
             if not isinstance(d, Direction):
-                raise TypeError(f"@task: direction of {name!r} must be one of "
-                                f"{', '.join(x.value for x in Direction)}, not {d!r}")
+                raise TypeError(
+                    f"@task: direction of {name!r} must be one of {', '.join(x.value for x in Direction)}, not {d!r}"
+                )
             self.directions[name] = d
         self.versions = bool(versions)
         self.computing_units, self.memory_bytes = 1, 0
         self.constraints: dict = {}
         self.program: dict | None = None
-        self._runner: Any = None   # a files.TaskRunner, made on first use
+        self._runner: Any = None  # a files.TaskRunner, made on first use
         cons = getattr(fn, _CONSTRAINTS, None)
         if cons:
             self._constrain(**cons)
@@ -70,6 +78,7 @@ class TaskFunction:
 
     def _constrain(self, **kwargs: Any) -> None:
         from runtime._resources import constraints
+
         cons = constraints(**kwargs)
         units = cons.get("computing_units", 1)
         if units < 1 or units != int(units):
@@ -94,6 +103,7 @@ class TaskFunction:
             return self.fn
         if self._runner is None:
             from runtime._files import TaskRunner
+
             # One runner per task function, so its code is shipped to backends once.
             self._runner = TaskRunner(self.fn, self.file_params, self.program)
         return self._runner
@@ -107,13 +117,13 @@ class TaskFunction:
             if method != name:
                 continue
             candidates = {mod, f"{mod}.{owner}" if owner else mod, owner}
-            if source in candidates or mod.endswith("." + source) or \
-                    mod.rsplit(".", 1)[-1] == source:
+            if source in candidates or mod.endswith("." + source) or mod.rsplit(".", 1)[-1] == source:
                 out.extend(i for i in impls if i is not self)
         return out
 
     def __call__(self, *args, **kwargs):
         from runtime._core import current
+
         return current().submit(self, args, kwargs)
 
     def __repr__(self) -> str:
@@ -122,10 +132,19 @@ class TaskFunction:
     def __reduce__(self):
         # A task function that refers to another task is shipped with it; the
         # copy on the backend rebuilds the wrapper from the plain function.
-        return (_rebuild, (self.fn, self.returns, self.on_failure.value, self.time_out,
-                           self.retries, self.directions,
-                           (self.computing_units, self.memory_bytes, self.constraints,
-                            self.program), self.versions))
+        return (
+            _rebuild,
+            (
+                self.fn,
+                self.returns,
+                self.on_failure.value,
+                self.time_out,
+                self.retries,
+                self.directions,
+                (self.computing_units, self.memory_bytes, self.constraints, self.program),
+                self.versions,
+            ),
+        )
 
     # -- argument binding ---------------------------------------------------------------
     def positional_names(self, n: int) -> list[str]:
@@ -139,8 +158,7 @@ class TaskFunction:
             elif p.kind == p.VAR_POSITIONAL:
                 names.extend([p.name] * (n - len(names)))
         if len(names) < n:
-            raise TypeError(f"{self.__qualname__}() takes {len(names)} positional arguments "
-                            f"but {n} were given")
+            raise TypeError(f"{self.__qualname__}() takes {len(names)} positional arguments but {n} were given")
         return names
 
     def bind(self, args: tuple, kwargs: dict) -> Iterator[tuple[Any, Direction]]:
@@ -172,8 +190,16 @@ def _count_returns(returns: Any) -> int:
     return 1  # a type, as in returns=int
 
 
-def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAIL",
-         time_out: float = 0.0, retries: int = 1, versions: bool = False, **directions: Any) -> Any:
+def task(
+    fn: Callable | None = None,
+    *,
+    returns: Any = 1,
+    on_failure: str = "FAIL",
+    time_out: float = 0.0,
+    retries: int = 1,
+    versions: bool = False,
+    **directions: Any,
+) -> Any:
     """Make a function a task: calls return a Future at once and run where the data is.
 
     ``returns``: how many values (1 by default; ``returns=2`` gives a tuple of
@@ -187,15 +213,18 @@ def task(fn: Callable | None = None, *, returns: Any = 1, on_failure: str = "FAI
     before any later task sees the object (PyCOMPSs with dataClay does the same).
     Usable bare (``@task``) or with options (``@task(returns=1)``).
     """
+
     def wrap(f: Callable) -> TaskFunction:
         return TaskFunction(f, returns, on_failure, time_out, retries, directions, versions)
+
     if fn is not None:
         return wrap(fn)
     return wrap
 
 
-def constraint(computing_units: int | str | None = None, memory_size: float | None = None,
-               **resources: Any) -> Callable[[Callable[..., Any]], Any]:
+def constraint(
+    computing_units: int | str | None = None, memory_size: float | None = None, **resources: Any
+) -> Callable[[Callable[..., Any]], Any]:
     """Declare what a task needs: it runs only on a backend whose resources meet it.
 
     Names are PyCOMPSs' (``computing_units``/``computingUnits``,
@@ -219,6 +248,7 @@ def constraint(computing_units: int | str | None = None, memory_size: float | No
             return f
         setattr(f, _CONSTRAINTS, cons)
         return f
+
     return wrap
 
 
@@ -240,14 +270,14 @@ def implement(source_class: str, method: str) -> Callable[[Callable[..., Any]], 
             return f
         setattr(f, _IMPLEMENTS, (source_class, method))
         return f
+
     return wrap
 
 
 def _register_alternative(t: "TaskFunction", source_class: str, method: str) -> None:
     impls = _ALTERNATIVES.setdefault((source_class, method), [])
     # Re-running a module's decorators replaces its earlier implementation.
-    impls[:] = [i for i in impls if i.__qualname__ != t.__qualname__
-                or i.fn.__module__ != t.fn.__module__]
+    impls[:] = [i for i in impls if i.__qualname__ != t.__qualname__ or i.fn.__module__ != t.fn.__module__]
     impls.append(t)
 
 
@@ -258,11 +288,13 @@ def _program_decorator(program: dict) -> Callable[[Any], Any]:
             return f
         setattr(f, _PROGRAM, program)
         return f
+
     return wrap
 
 
-def binary(binary: str, args: str = "", working_dir: str = "",
-           fail_by_exit_value: bool = True) -> Callable[[Callable[..., Any]], Any]:
+def binary(
+    binary: str, args: str = "", working_dir: str = "", fail_by_exit_value: bool = True
+) -> Callable[[Callable[..., Any]], Any]:
     """Run an executable as the task (the function's body is not run).
 
     Its arguments are the task's parameters in order (``FILE_*`` ones as
@@ -274,13 +306,26 @@ def binary(binary: str, args: str = "", working_dir: str = "",
     """
     if not binary:
         raise ValueError("@binary needs binary=")
-    return _program_decorator({"kind": "binary", "binary": binary, "args": args,
-                               "working_dir": working_dir,
-                               "fail_by_exit_value": fail_by_exit_value})
+    return _program_decorator(
+        {
+            "kind": "binary",
+            "binary": binary,
+            "args": args,
+            "working_dir": working_dir,
+            "fail_by_exit_value": fail_by_exit_value,
+        }
+    )
 
 
-def mpi(binary: str = "", runner: str = "mpirun", processes: int = 1, args: str = "",
-        working_dir: str = "", flags: str = "", fail_by_exit_value: bool = True) -> Callable[[Callable[..., Any]], Any]:
+def mpi(
+    binary: str = "",
+    runner: str = "mpirun",
+    processes: int = 1,
+    args: str = "",
+    working_dir: str = "",
+    flags: str = "",
+    fail_by_exit_value: bool = True,
+) -> Callable[[Callable[..., Any]], Any]:
     """Run an MPI program as the task: ``runner -np processes binary args...``.
 
     ``runner`` is ``mpirun`` (Open MPI; as root it adds ``--allow-run-as-root``,
@@ -295,10 +340,24 @@ def mpi(binary: str = "", runner: str = "mpirun", processes: int = 1, args: str 
     if int(processes) < 1:
         raise ValueError("processes must be >= 1")
     if not binary:
-        return _program_decorator({"kind": "mpi_python", "runner": runner,
-                                   "processes": int(processes), "working_dir": working_dir,
-                                   "flags": flags})
-    return _program_decorator({"kind": "mpi", "binary": binary, "runner": runner,
-                               "processes": int(processes), "args": args,
-                               "working_dir": working_dir, "flags": flags,
-                               "fail_by_exit_value": fail_by_exit_value})
+        return _program_decorator(
+            {
+                "kind": "mpi_python",
+                "runner": runner,
+                "processes": int(processes),
+                "working_dir": working_dir,
+                "flags": flags,
+            }
+        )
+    return _program_decorator(
+        {
+            "kind": "mpi",
+            "binary": binary,
+            "runner": runner,
+            "processes": int(processes),
+            "args": args,
+            "working_dir": working_dir,
+            "flags": flags,
+            "fail_by_exit_value": fail_by_exit_value,
+        }
+    )

@@ -53,10 +53,17 @@ class Direction(enum.Enum):
     @property
     def writes(self) -> bool:
         """True when the task may change the argument (or the collection's items)."""
-        return self in (Direction.INOUT, Direction.OUT, Direction.COLLECTION_INOUT,
-                        Direction.FILE_OUT, Direction.FILE_INOUT, Direction.FILE_OUT_STDOUT,
-                        Direction.FILE_OUT_STDERR, Direction.DIRECTORY_OUT,
-                        Direction.DIRECTORY_INOUT)
+        return self in (
+            Direction.INOUT,
+            Direction.OUT,
+            Direction.COLLECTION_INOUT,
+            Direction.FILE_OUT,
+            Direction.FILE_INOUT,
+            Direction.FILE_OUT_STDOUT,
+            Direction.FILE_OUT_STDERR,
+            Direction.DIRECTORY_OUT,
+            Direction.DIRECTORY_INOUT,
+        )
 
     @property
     def file(self) -> bool:
@@ -71,8 +78,7 @@ class Direction(enum.Enum):
     @property
     def reads_file(self) -> bool:
         """True for a file direction whose current contents the task needs."""
-        return self in (Direction.FILE_IN, Direction.FILE_INOUT, Direction.DIRECTORY_IN,
-                        Direction.DIRECTORY_INOUT)
+        return self in (Direction.FILE_IN, Direction.FILE_INOUT, Direction.DIRECTORY_IN, Direction.DIRECTORY_INOUT)
 
     @property
     def collection(self) -> bool:
@@ -120,5 +126,4 @@ class OnFailure(enum.Enum):
         try:
             return cls(str(value).upper())
         except ValueError:
-            raise ValueError(f"on_failure must be one of {[p.value for p in cls]}, "
-                             f"not {value!r}") from None
+            raise ValueError(f"on_failure must be one of {[p.value for p in cls]}, not {value!r}") from None

@@ -41,15 +41,16 @@ MAX_BATCH = 64  # tasks per RPC: enough to amortise the call, small enough to ke
 @dataclass
 class Job:
     """One attempt of one task, as the executor sees it."""
+
     backend: str | None
     fn: Callable
-    prepare: Callable[[], tuple[tuple, dict]]   # the arguments, futures resolved
+    prepare: Callable[[], tuple[tuple, dict]]  # the arguments, futures resolved
     mutates: list[str]
     time_out: float
     units: int
     done: Done
     on_start: Callable[[], None] = field(default=lambda: None)
-    key: str = ""   # the task's name across its retries (a backend applies it at most once)
+    key: str = ""  # the task's name across its retries (a backend applies it at most once)
 
     @property
     def batchable(self) -> bool:
@@ -66,11 +67,12 @@ def run_batch(items: list) -> list:
 
     from store._model import objects
     from store import tracing
+
     code = objects.get_dispatcher().local.code
     out = []
     for key, args, kwargs in items:
         try:
-            with tracing.span(f"task {key}"):   # each task of the batch, under the batch's span
+            with tracing.span(f"task {key}"):  # each task of the batch, under the batch's span
                 out.append((True, code.get(key)(*args, **kwargs)))
         except Exception as exc:
             exc.add_note("remote traceback (in a batch of tasks):\n" + traceback.format_exc())
@@ -78,8 +80,9 @@ def run_batch(items: list) -> list:
                 cloudpickle.dumps(exc)
                 out.append((False, exc))
             except Exception:
-                out.append((False, RemoteError(f"{type(exc).__name__}: {exc}",
-                                               type(exc).__qualname__, traceback.format_exc())))
+                out.append(
+                    (False, RemoteError(f"{type(exc).__name__}: {exc}", type(exc).__qualname__, traceback.format_exc()))
+                )
     return out
 
 
@@ -125,9 +128,9 @@ class RemoteExecutor:
         self._codes = CodeKeys(client)
         self._lock = threading.Lock()
         self._lanes: dict[str, _Lanes] = {}
-        self.slots_for: Callable[[str], int] | None = None   # per-backend lanes, if declared
-        self.rpcs = 0        # RPCs sent, for tests and benchmarks
-        self.batched = 0     # tasks that travelled in a batch of two or more
+        self.slots_for: Callable[[str], int] | None = None  # per-backend lanes, if declared
+        self.rpcs = 0  # RPCs sent, for tests and benchmarks
+        self.batched = 0  # tasks that travelled in a batch of two or more
 
     def code_key(self, fn: Callable[..., Any]) -> str:
         """The registry key of ``fn``, shipping it on first use only."""
@@ -153,7 +156,7 @@ class RemoteExecutor:
             head = q[0]
             if head.units > 1:
                 if lanes.free < head.units:
-                    break       # it waits for enough lanes; those behind it wait too (FIFO)
+                    break  # it waits for enough lanes; those behind it wait too (FIFO)
                 q.popleft()
                 lanes.free -= head.units
                 sends.append(([head], head.units))
@@ -187,8 +190,9 @@ class RemoteExecutor:
                 job, (args, kwargs), key = ready[0]
                 self.rpcs += 1
                 try:
-                    result = self.client.run_task(backend, key, args, kwargs, job.mutates,
-                                                  job.time_out, task_key=job.key or None)
+                    result = self.client.run_task(
+                        backend, key, args, kwargs, job.mutates, job.time_out, task_key=job.key or None
+                    )
                 except BaseException as exc:  # the task's own error, or the store's
                     job.done(None, exc)
                 else:
@@ -198,8 +202,7 @@ class RemoteExecutor:
                 self.batched += len(ready)
                 items = [(key, args, kwargs) for _, (args, kwargs), key in ready]
                 try:
-                    outcomes = self.client.run_task(backend, self.code_key(run_batch),
-                                                    (items,), {}, [])
+                    outcomes = self.client.run_task(backend, self.code_key(run_batch), (items,), {}, [])
                 except BaseException as exc:
                     for job, _, _ in ready:
                         job.done(None, exc)
@@ -232,8 +235,10 @@ class InlineExecutor:
         elapsed = time.monotonic() - started
         # A thread cannot be stopped from outside: the time limit is checked afterwards.
         if job.time_out and elapsed > job.time_out:
-            job.done(None, TaskTimeout(f"task {job.fn.__qualname__} ran {elapsed:.2f}s, over "
-                                       f"its time_out of {job.time_out}s"))
+            job.done(
+                None,
+                TaskTimeout(f"task {job.fn.__qualname__} ran {elapsed:.2f}s, over its time_out of {job.time_out}s"),
+            )
             return
         job.done(result, None)
 

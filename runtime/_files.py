@@ -35,11 +35,12 @@ from runtime._directions import Direction
 @dataclass
 class FileValue:
     """A file parameter as it travels to a backend: its name and (for inputs) its bytes."""
+
     name: str
     data: bytes | None = None
-    directory: bool = False     # data is a tar archive of the directory's contents
-    shared_in: str | None = None    # on a shared filesystem: the version to read
-    shared_out: str | None = None   # ... and where to write the new one
+    directory: bool = False  # data is a tar archive of the directory's contents
+    shared_in: str | None = None  # on a shared filesystem: the version to read
+    shared_out: str | None = None  # ... and where to write the new one
 
 
 def pack(directory: str) -> bytes:
@@ -65,18 +66,19 @@ def unpack(data: bytes, directory: str) -> None:
         root = os.path.realpath(directory)
         for m in tar.getmembers():
             target = os.path.realpath(os.path.join(root, m.name))
-            if not (m.isfile() or m.isdir()) or os.path.isabs(m.name) or \
-                    os.path.commonpath([root, target]) != root:
-                raise TaskError(f"refusing archive member {m.name!r}: only plain files and "
-                                f"directories inside the tree travel")
+            if not (m.isfile() or m.isdir()) or os.path.isabs(m.name) or os.path.commonpath([root, target]) != root:
+                raise TaskError(
+                    f"refusing archive member {m.name!r}: only plain files and directories inside the tree travel"
+                )
         tar.extractall(directory)
 
 
 @dataclass
 class FileResult:
     """What a runner returns from a backend: the task's value and the files it wrote."""
+
     value: object
-    outputs: dict = field(default_factory=dict)   # parameter name -> bytes
+    outputs: dict = field(default_factory=dict)  # parameter name -> bytes
 
 
 class TaskRunner:
@@ -151,9 +153,11 @@ def command_line(program: dict, fn: Callable[..., Any], values: dict, files: dic
     Parameters become arguments in the function's order (stream parameters
     excluded); ``args="-n {{n}} {{path}}"`` places them by name instead.
     """
-    params = [p for p in inspect.signature(fn).parameters
-              if not (p in files and files[p] in (Direction.FILE_OUT_STDOUT,
-                                                   Direction.FILE_OUT_STDERR))]
+    params = [
+        p
+        for p in inspect.signature(fn).parameters
+        if not (p in files and files[p] in (Direction.FILE_OUT_STDOUT, Direction.FILE_OUT_STDERR))
+    ]
     template = program.get("args")
     if template:
         text = template
@@ -206,6 +210,7 @@ def run_python_ranks(program: dict, fn: Callable[..., Any], values: dict) -> lis
     import sys
 
     import cloudpickle
+
     work = tempfile.mkdtemp(prefix="claypot-mpi-")
     try:
         call = os.path.join(work, "call.pkl")
@@ -213,15 +218,24 @@ def run_python_ranks(program: dict, fn: Callable[..., Any], values: dict) -> lis
             f.write(cloudpickle.dumps((fn, dict(values))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         from store._model import objects
+
         dispatcher = objects.get_dispatcher() if objects.has_dispatcher() else None
-        if dispatcher is not None and getattr(dispatcher, "gateway", ""):   # inside a backend: the ranks reach the cluster through it
+        if dispatcher is not None and getattr(
+            dispatcher, "gateway", ""
+        ):  # inside a backend: the ranks reach the cluster through it
             env["CLAYPOT_ADDRESS"] = getattr(dispatcher, "gateway", "")
             env["CLAYPOT_TOKEN"] = getattr(dispatcher, "token", "") or ""
         argv = _mpi_prefix(program) + [sys.executable, "-m", "runtime.mpi_rank", call, work]
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, cwd=program.get("working_dir") or None,
-                                  env=env, check=False)
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=program.get("working_dir") or None,
+                env=env,
+                check=False,
+            )
         except FileNotFoundError:
             raise TaskError(f"task {fn.__qualname__}: {argv[0]!r} not found") from None
         results = []
@@ -229,9 +243,10 @@ def run_python_ranks(program: dict, fn: Callable[..., Any], values: dict) -> lis
             path = os.path.join(work, f"rank-{rank}.pkl")
             if not os.path.exists(path):
                 tail = proc.stderr[-500:].decode("utf-8", "replace").strip()
-                raise TaskError(f"task {fn.__qualname__}: rank {rank} left no result "
-                                f"({shlex.join(argv[:3])}... exited with {proc.returncode})"
-                                + (f": {tail}" if tail else ""))
+                raise TaskError(
+                    f"task {fn.__qualname__}: rank {rank} left no result "
+                    f"({shlex.join(argv[:3])}... exited with {proc.returncode})" + (f": {tail}" if tail else "")
+                )
             with open(path, "rb") as f:
                 ok, value = cloudpickle.loads(f.read())
             if not ok:
@@ -256,14 +271,12 @@ def run_program(program: dict, fn: Callable[..., Any], values: dict, files: dict
         if d in streams and values.get(p):
             streams[d] = values[p]
     cwd = program.get("working_dir") or None
-    out = open(streams[Direction.FILE_OUT_STDOUT], "wb") if streams[Direction.FILE_OUT_STDOUT] \
-        else subprocess.DEVNULL
+    out = open(streams[Direction.FILE_OUT_STDOUT], "wb") if streams[Direction.FILE_OUT_STDOUT] else subprocess.DEVNULL
     err_path = streams[Direction.FILE_OUT_STDERR]
     err = open(err_path, "wb") if err_path else subprocess.PIPE
     try:
         try:
-            proc = subprocess.run(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                  cwd=cwd, check=False)
+            proc = subprocess.run(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, check=False)
         except FileNotFoundError:
             raise TaskError(f"task {fn.__qualname__}: program {argv[0]!r} not found") from None
     finally:
@@ -277,8 +290,10 @@ def run_program(program: dict, fn: Callable[..., Any], values: dict, files: dict
                 tail = f.read()[-500:].decode("utf-8", "replace")
         elif proc.stderr:
             tail = proc.stderr[-500:].decode("utf-8", "replace")
-        raise TaskError(f"task {fn.__qualname__}: {shlex.join(argv)} exited with "
-                        f"{proc.returncode}" + (f": {tail.strip()}" if tail.strip() else ""))
+        raise TaskError(
+            f"task {fn.__qualname__}: {shlex.join(argv)} exited with "
+            f"{proc.returncode}" + (f": {tail.strip()}" if tail.strip() else "")
+        )
     return proc.returncode
 
 
@@ -292,8 +307,8 @@ class FileVersions:
     def __init__(self):
         self._lock = threading.Lock()
         self._dir: str | None = None
-        self.current: dict[str, int] = {}       # path -> newest version number handed out
-        self.directories: set[str] = set()      # paths whose versions are tar archives
+        self.current: dict[str, int] = {}  # path -> newest version number handed out
+        self.directories: set[str] = set()  # paths whose versions are tar archives
         self.stored: dict[tuple[str, int], str] = {}
 
     @staticmethod
@@ -323,8 +338,7 @@ class FileVersions:
         with self._lock:
             where = self.stored.get((path, version))
         if where is None:
-            raise TaskError(f"version {version} of {path} was never written "
-                            f"(the task that should write it failed)")
+            raise TaskError(f"version {version} of {path} was never written (the task that should write it failed)")
         return where
 
     def read(self, path: str, version: int, directory: bool = False) -> bytes:

@@ -17,13 +17,24 @@ class Future:
     inline, with no cluster connected) and ``attempts`` how many times it ran.
     """
 
-    __slots__ = ("task_id", "task_name", "index", "backend", "attempts", "_state", "_value",
-                 "_error", "_cond", "_callbacks", "__weakref__")
+    __slots__ = (
+        "task_id",
+        "task_name",
+        "index",
+        "backend",
+        "attempts",
+        "_state",
+        "_value",
+        "_error",
+        "_cond",
+        "_callbacks",
+        "__weakref__",
+    )
 
     def __init__(self, task_id: int, task_name: str, index: int | None = None):
         self.task_id = task_id
         self.task_name = task_name
-        self.index = index          # position in the task's results, for returns > 1
+        self.index = index  # position in the task's results, for returns > 1
         self.backend: str | None = None
         self.attempts = 0
         self._state = _PENDING
@@ -33,8 +44,7 @@ class Future:
         self._callbacks: list[Callable[["Future"], None]] = []
 
     def __repr__(self) -> str:
-        state = "pending" if self._state == _PENDING else (
-            "failed" if self._error is not None else "done")
+        state = "pending" if self._state == _PENDING else ("failed" if self._error is not None else "done")
         where = f" on {self.backend[:8]}" if self.backend else ""
         return f"<Future {self.task_name}#{self.task_id} {state}{where}>"
 
@@ -42,7 +52,8 @@ class Future:
         raise TypeError(
             f"a Future ({self.task_name}#{self.task_id}) cannot be sent as part of a value: "
             f"pass it to a task as an argument of its own or inside a COLLECTION_IN/"
-            f"COLLECTION_INOUT argument, or wait_on() it first")
+            f"COLLECTION_INOUT argument, or wait_on() it first"
+        )
 
     def done(self) -> bool:
         """True once the task finished (ran, failed or was cancelled)."""
@@ -57,8 +68,7 @@ class Future:
             return
         with self._cond:
             if not self._cond.wait_for(lambda: self._state == _DONE, timeout):
-                raise TimeoutError(f"task {self.task_name}#{self.task_id} did not finish "
-                                   f"within {timeout}s")
+                raise TimeoutError(f"task {self.task_name}#{self.task_id} did not finish within {timeout}s")
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's value; raises the task's error if it failed."""
@@ -82,11 +92,13 @@ class Future:
         if self._state == _DONE:
             return False
         from runtime._core import current
+
         return current().cancel(self)
 
     def cancelled(self) -> bool:
         """True if the task ended by a cancel (its own, or a failed predecessor's)."""
         from store.errors import TaskCancelled
+
         return self._state == _DONE and isinstance(self._error, TaskCancelled)
 
     def add_done_callback(self, fn: Callable[["Future"], None]) -> None:
@@ -98,8 +110,9 @@ class Future:
         fn(self)
 
     # -- set by the runtime only ---------------------------------------------------
-    def _finish(self, value: Any = None, error: BaseException | None = None,
-                backend: str | None = None, attempts: int = 0) -> bool:
+    def _finish(
+        self, value: Any = None, error: BaseException | None = None, backend: str | None = None, attempts: int = 0
+    ) -> bool:
         """Complete the future once; later calls (a late reply after a timeout) are ignored."""
         with self._cond:
             if self._state == _DONE:

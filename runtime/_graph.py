@@ -25,7 +25,7 @@ class _Node:
     __slots__ = ("waiting", "successors", "reads", "writes")
 
     def __init__(self, reads: tuple[Hashable, ...], writes: tuple[Hashable, ...]):
-        self.waiting: set[int] = set()      # unfinished predecessors
+        self.waiting: set[int] = set()  # unfinished predecessors
         self.successors: set[int] = set()
         self.reads = reads
         self.writes = writes
@@ -36,8 +36,8 @@ class TaskGraph:
 
     def __init__(self) -> None:
         self._nodes: dict[int, _Node] = {}
-        self._writer: dict[Hashable, int] = {}           # key -> last unfinished writer
-        self._readers: dict[Hashable, set[int]] = {}     # key -> unfinished readers since
+        self._writer: dict[Hashable, int] = {}  # key -> last unfinished writer
+        self._readers: dict[Hashable, set[int]] = {}  # key -> unfinished readers since
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -45,8 +45,14 @@ class TaskGraph:
     def __contains__(self, task_id: int) -> bool:
         return task_id in self._nodes
 
-    def add(self, task_id: int, after: Iterable[int] = (), reads: Iterable[Hashable] = (),
-            writes: Iterable[Hashable] = (), early: Iterable[Hashable] = ()) -> bool:
+    def add(
+        self,
+        task_id: int,
+        after: Iterable[int] = (),
+        reads: Iterable[Hashable] = (),
+        writes: Iterable[Hashable] = (),
+        early: Iterable[Hashable] = (),
+    ) -> bool:
         """Add a task; True when it can run at once (nothing unfinished before it).
 
         ``early`` keys are written to a private version: the task waits for their

@@ -19,6 +19,7 @@ from runtime._futures import Future
 @dataclass(frozen=True)
 class ProgressReport:
     """How a set of tasks ended: ``done`` succeeded, ``failed`` raised or were cancelled."""
+
     total: int
     done: int
     failed: int
@@ -40,12 +41,14 @@ def futures_in(obj: Any) -> list[Future]:
         elif isinstance(x, dict):
             for item in x.values():
                 walk(item)
+
     walk(obj)
     return out
 
 
-def progress(futures: Any, timeout: float | None = None, desc: str = "tasks",
-             file: Any=None, interval: float = 0.1) -> ProgressReport:
+def progress(
+    futures: Any, timeout: float | None = None, desc: str = "tasks", file: Any = None, interval: float = 0.1
+) -> ProgressReport:
     """Show a progress bar until every future in ``futures`` has finished.
 
     Counts tasks done and failed (a failed task does not stop the bar; its
@@ -56,8 +59,7 @@ def progress(futures: Any, timeout: float | None = None, desc: str = "tasks",
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        raise ConfigurationError("progress bars need tqdm: pip install 'claypot[progress]'") \
-            from None
+        raise ConfigurationError("progress bars need tqdm: pip install 'claypot[progress]'") from None
     items = futures_in(futures)
     changed = threading.Event()
     for f in items:
@@ -76,8 +78,7 @@ def progress(futures: Any, timeout: float | None = None, desc: str = "tasks",
             if shown == len(items):
                 return ProgressReport(len(items), shown - failed, failed)
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(items) - shown} of {len(items)} tasks did not finish "
-                                   f"within {timeout}s")
+                raise TimeoutError(f"{len(items) - shown} of {len(items)} tasks did not finish within {timeout}s")
             changed.wait(interval)
             changed.clear()
     finally:

@@ -28,12 +28,12 @@ from runtime._resources import satisfies, unmet
 @dataclass(frozen=True)
 class Demand:
     """What one running task holds on its backend: computing units and bytes of memory."""
+
     units: int = 1
     memory: int = 0
 
 
-def locality_scores(owners: Iterable[str], weights: Iterable[float] | None = None
-                    ) -> dict[str, float]:
+def locality_scores(owners: Iterable[str], weights: Iterable[float] | None = None) -> dict[str, float]:
     """Sum of weights (1 per object by default) held by each backend."""
     scores: dict[str, float] = {}
     if weights is None:
@@ -56,10 +56,10 @@ class Scheduler:
 
     def __init__(self, slots: int, memory: int = 0):
         self.slots = slots
-        self.memory = memory                  # bytes per backend; 0: not limited
+        self.memory = memory  # bytes per backend; 0: not limited
         self.backends: list[str] = []
-        self.offers: dict[str, dict[str, Any]] = {}     # declared resources per backend
-        self.excluded: set[str] = set()       # draining: no new tasks
+        self.offers: dict[str, dict[str, Any]] = {}  # declared resources per backend
+        self.excluded: set[str] = set()  # draining: no new tasks
         self.units: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
         self._rr = itertools.count()
@@ -122,13 +122,17 @@ class Scheduler:
         """Raise ConfigurationError (a ValueError) for a task no up backend can ever run."""
         if not self.backends:
             if demand.units > self.slots:
-                raise ConfigurationError(f"computing_units={demand.units} exceeds the "
-                                         f"{self.slots} task slots of a backend "
-                                         f"(CLAYPOT_TASK_SLOTS)")
+                raise ConfigurationError(
+                    f"computing_units={demand.units} exceeds the "
+                    f"{self.slots} task slots of a backend "
+                    f"(CLAYPOT_TASK_SLOTS)"
+                )
             if self.memory and demand.memory > self.memory:
-                raise ConfigurationError(f"memory_size of {demand.memory / 2**30:.2f} GiB "
-                                         f"exceeds the {self.memory / 2**30:.2f} GiB a backend "
-                                         f"may use for tasks")
+                raise ConfigurationError(
+                    f"memory_size of {demand.memory / 2**30:.2f} GiB "
+                    f"exceeds the {self.memory / 2**30:.2f} GiB a backend "
+                    f"may use for tasks"
+                )
             return
         if self.eligible(demand, required):
             return
@@ -141,13 +145,14 @@ class Scheduler:
             else:
                 req_b = req
             why.append(f"{b[:8]}: " + "; ".join(unmet(req_b, offer)))
-        raise ConfigurationError("no backend can run this task: its constraints "
-                                 f"{_show(req)} are not met ({' | '.join(why)}); declare "
-                                 f"resources with --resources / CLAYPOT_RESOURCES "
-                                 f"(computing units default to CLAYPOT_TASK_SLOTS)")
+        raise ConfigurationError(
+            "no backend can run this task: its constraints "
+            f"{_show(req)} are not met ({' | '.join(why)}); declare "
+            f"resources with --resources / CLAYPOT_RESOURCES "
+            f"(computing units default to CLAYPOT_TASK_SLOTS)"
+        )
 
-    def choose(self, owners: list[str], weights: list[float] | None = None,
-               among: list[str] | None = None) -> str:
+    def choose(self, owners: list[str], weights: list[float] | None = None, among: list[str] | None = None) -> str:
         """The backend to run a task whose persistent arguments live on ``owners``.
 
         ``among``: the backends allowed (those meeting the task's constraints);
@@ -155,15 +160,14 @@ class Scheduler:
         """
         allowed = self.backends if among is None else [b for b in self.backends if b in among]
         if not allowed:
-            raise LookupError("no backend is up" if not self.backends else
-                              "no backend that is up meets the task's constraints")
-        scores = {b: s for b, s in locality_scores(owners, weights).items()
-                  if b in self.units and b in allowed}
+            raise LookupError(
+                "no backend is up" if not self.backends else "no backend that is up meets the task's constraints"
+            )
+        scores = {b: s for b, s in locality_scores(owners, weights).items() if b in self.units and b in allowed}
         if scores:
             best = max(scores.values())
             # Ties between holders go to the less loaded one.
-            return min((b for b, s in scores.items() if s == best),
-                       key=lambda b: (self.units[b], allowed.index(b)))
+            return min((b for b, s in scores.items() if s == best), key=lambda b: (self.units[b], allowed.index(b)))
         n = len(allowed)
         start = next(self._rr) % n
         order = allowed[start:] + allowed[:start]

@@ -23,8 +23,15 @@ from store.errors import ConfigurationError
 log = logging.getLogger("claypot.elastic")
 
 
-def target(pending: int, oldest_wait: float, current: int, minimum: int, maximum: int,
-           tasks_per_backend: int = 8, max_wait: float = 5.0) -> int:
+def target(
+    pending: int,
+    oldest_wait: float,
+    current: int,
+    minimum: int,
+    maximum: int,
+    tasks_per_backend: int = 8,
+    max_wait: float = 5.0,
+) -> int:
     """The cluster size to ask for.
 
     Enough backends for ``tasks_per_backend`` pending tasks each; one more
@@ -42,18 +49,25 @@ def target(pending: int, oldest_wait: float, current: int, minimum: int, maximum
 class Autoscaler:
     """Applies :func:`target` to ``cluster`` from a background thread (see the module docstring)."""
 
-    def __init__(self, cluster: Any, minimum: int = 1, maximum: int = 4, tasks_per_backend: int = 8,
-                 max_wait: float = 5.0, interval: float = 0.5, cooldown: float = 2.0,
-                 resources: str | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Any,
+        minimum: int = 1,
+        maximum: int = 4,
+        tasks_per_backend: int = 8,
+        max_wait: float = 5.0,
+        interval: float = 0.5,
+        cooldown: float = 2.0,
+        resources: str | None = None,
+    ) -> None:
         if not 1 <= minimum <= maximum:
-            raise ConfigurationError(f"autoscaling needs 1 <= minimum <= maximum, "
-                                     f"not {minimum}..{maximum}")
+            raise ConfigurationError(f"autoscaling needs 1 <= minimum <= maximum, not {minimum}..{maximum}")
         self.cluster = cluster
         self.minimum, self.maximum = minimum, maximum
         self.tasks_per_backend, self.max_wait = tasks_per_backend, max_wait
         self.interval, self.cooldown = interval, cooldown
         self.resources = resources
-        self.history: list[tuple[float, int]] = []   # (time, size) after each change
+        self.history: list[tuple[float, int]] = []  # (time, size) after each change
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,11 +82,11 @@ class Autoscaler:
     def step(self) -> int:
         """Look at the workload once and scale if the policy says so; the new size."""
         from runtime._core import current
+
         pending, waited = current().workload()
         now = time.monotonic()
         size = self.size()
-        want = target(pending, waited, size, self.minimum, self.maximum,
-                      self.tasks_per_backend, self.max_wait)
+        want = target(pending, waited, size, self.minimum, self.maximum, self.tasks_per_backend, self.max_wait)
         if want < size:
             # Shrink only after a quiet spell: a program between two bursts keeps its nodes.
             self._quiet_since = self._quiet_since or now
@@ -81,8 +95,7 @@ class Autoscaler:
         else:
             self._quiet_since = None
         if want != size:
-            log.info("autoscaling %d -> %d backends (%d pending, oldest %.1fs)",
-                     size, want, pending, waited)
+            log.info("autoscaling %d -> %d backends (%d pending, oldest %.1fs)", size, want, pending, waited)
             self.cluster.scale(want, resources=self.resources)
             self.history.append((now, want))
         return want
@@ -91,13 +104,12 @@ class Autoscaler:
         while not self._stop.wait(self.interval):
             try:
                 self.step()
-            except Exception as exc:   # kept for the owner to see; the program goes on
+            except Exception as exc:  # kept for the owner to see; the program goes on
                 log.exception("autoscaling step failed")
                 self.error = exc
 
     def start(self) -> "Autoscaler":
-        self._thread = threading.Thread(target=self._loop, name="claypot-autoscale",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="claypot-autoscale", daemon=True)
         self._thread.start()
         return self
 

@@ -16,6 +16,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     import cloudpickle
+
     call_path, out_dir = argv
     try:
         from mpi4py import MPI
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
     rank = MPI.COMM_WORLD.Get_rank()
     if os.environ.get("CLAYPOT_ADDRESS"):
         import store
+
         try:
             store.connect()
         except Exception as exc:  # the function may not need the cluster at all

@@ -1,18 +1,18 @@
 """claypot's object store.
 
-    from store import StorageObject, LocalCluster
+from store import StorageObject, LocalCluster
 
-    class Counter(StorageObject):
-        def __init__(self):
-            self.value = 0
-        def incr(self):
-            self.value += 1
-            return self.value
+class Counter(StorageObject):
+    def __init__(self):
+        self.value = 0
+    def incr(self):
+        self.value += 1
+        return self.value
 
-    with LocalCluster(backends=2):
-        c = Counter()
-        c.make_persistent(alias="c")
-        c.incr()          # runs on the backend that holds c
+with LocalCluster(backends=2):
+    c = Counter()
+    c.make_persistent(alias="c")
+    c.incr()          # runs on the backend that holds c
 """
 
 # Old module names (store.client, store.backend.heap, ...) keep working:
@@ -20,9 +20,21 @@
 from . import _legacy  # noqa: F401
 
 from . import aio, errors
-from store._api.api import (BackendStatus, backends, client, connect, delete_alias, disconnect, getByID,
-                            get_backends, get_by_alias, get_by_id, get_locations, make_persistent_many,
-                            stub_class)
+from store._api.api import (
+    BackendStatus,
+    backends,
+    client,
+    connect,
+    delete_alias,
+    disconnect,
+    getByID,
+    get_backends,
+    get_by_alias,
+    get_by_id,
+    get_locations,
+    make_persistent_many,
+    stub_class,
+)
 from store._api.alien import Alien
 from store._ops.cluster import LocalCluster
 from .config import Settings
@@ -31,9 +43,27 @@ from store._model.objects import StorageObject, readonly
 from store._wire.transfers import show_transfers
 
 __all__ = [
-    "StorageObject", "Alien", "readonly", "LocalCluster", "Settings", "BackendStatus", "errors",
+    "StorageObject",
+    "Alien",
+    "readonly",
+    "LocalCluster",
+    "Settings",
+    "BackendStatus",
+    "errors",
     "aio",
-    "connect", "disconnect", "client", "backends", "get_by_alias", "get_by_id", "getByID",
-    "delete_alias", "get_locations", "make_persistent_many", "get_backends", "stub_class",
-    "show_transfers", "empty", "zeros",
+    "connect",
+    "disconnect",
+    "client",
+    "backends",
+    "get_by_alias",
+    "get_by_id",
+    "getByID",
+    "delete_alias",
+    "get_locations",
+    "make_persistent_many",
+    "get_backends",
+    "stub_class",
+    "show_transfers",
+    "empty",
+    "zeros",
 ]

@@ -84,7 +84,7 @@ def new_name(old: str) -> str | None:
     head, _, tail = old.rpartition(".")
     while head:
         if head in MOVED:
-            return MOVED[head] + "." + old[len(head) + 1:]
+            return MOVED[head] + "." + old[len(head) + 1 :]
         head, _, _ = head.rpartition(".")
     return None
 
@@ -119,20 +119,23 @@ class _AliasLoader(importlib.abc.Loader):
 class _AliasFinder(importlib.abc.MetaPathFinder):
     """Finds old module names and maps them onto the moved modules."""
 
-    def find_spec(self, fullname: str, path: object = None,
-                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         moved = new_name(fullname)
         if moved is None:
             return None
         module = importlib.import_module(moved)
         parent = sys.modules.get(fullname.rpartition(".")[0])
         leaf = fullname.rpartition(".")[2]
-        if (parent is not None and type(parent) is types.ModuleType
-                and not isinstance(parent.__dict__.get(leaf, module), types.ModuleType)):
+        if (
+            parent is not None
+            and type(parent) is types.ModuleType
+            and not isinstance(parent.__dict__.get(leaf, module), types.ModuleType)
+        ):
             # The old name is also a function of the parent (store.client()).
             parent.__class__ = _Surface
-        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(module),
-                                              is_package=hasattr(module, "__path__"))
+        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(module), is_package=hasattr(module, "__path__"))
 
 
 class _Surface(types.ModuleType):
@@ -146,8 +149,12 @@ class _Surface(types.ModuleType):
 
     def __setattr__(self, name: str, value: object) -> None:
         current = self.__dict__.get(name)
-        if (isinstance(value, types.ModuleType) and current is not None
-                and not isinstance(current, types.ModuleType) and f"{self.__name__}.{name}" in MOVED):
+        if (
+            isinstance(value, types.ModuleType)
+            and current is not None
+            and not isinstance(current, types.ModuleType)
+            and f"{self.__name__}.{name}" in MOVED
+        ):
             return
         super().__setattr__(name, value)
 

@@ -65,12 +65,13 @@ class AioClient:
 
     async def _admin(self, method: str, request: Any) -> Any:
         from store._client.client import translate
+
         last = None
         for address in self.sync._gateway_order():
             try:
                 return await getattr(self._stub(address), method)(
-                    request, timeout=self.sync.settings.admin_timeout,
-                    metadata=self.sync._metadata)
+                    request, timeout=self.sync.settings.admin_timeout, metadata=self.sync._metadata
+                )
             except grpc.aio.AioRpcError as err:
                 last = translate(err, False, method)
                 if not isinstance(last, BackendUnavailable):
@@ -78,8 +79,7 @@ class AioClient:
         raise last or BackendUnavailable("no backend to ask")
 
     async def resolve(self, *, object_id: str | None = None, alias: str | None = None) -> pb.ObjectRef:
-        request = pb.ResolveRequest(object_id=object_id) if object_id else \
-            pb.ResolveRequest(alias=alias)
+        request = pb.ResolveRequest(object_id=object_id) if object_id else pb.ResolveRequest(alias=alias)
         reply = await self._admin("Resolve", request)
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
@@ -94,26 +94,30 @@ class AioClient:
     async def call(self, proxy: objmod.StorageObject, kind: int, name: str, args: tuple, kwargs: dict) -> Any:
         """A method call (or attribute access) on a proxy, awaited."""
         from store._client.client import translate
+
         settings = self.sync.settings
         oid = proxy.getID()
         owner = proxy.__dict__.get(objmod._OWNER, "")
-        payload, buffers = self.sync._dump_args((args, kwargs), owner) if args or kwargs \
-            else (b"", [])
+        payload, buffers = self.sync._dump_args((args, kwargs), owner) if args or kwargs else (b"", [])
         size = wire.total_size(payload, buffers)
         if size > settings.inline_limit:
-            raise ValueTooLarge(f"{name}.aio: arguments of {size} bytes exceed the inline "
-                                f"limit of {settings.inline_limit} bytes of the asyncio API; "
-                                f"call {name}() (the blocking API streams large values)")
-        request = pb.CallRequest(object_id=oid, kind=kind, name=name,
-                                 chain_id=uuid.uuid4().hex, call_id=uuid.uuid4().hex)
+            raise ValueTooLarge(
+                f"{name}.aio: arguments of {size} bytes exceed the inline "
+                f"limit of {settings.inline_limit} bytes of the asyncio API; "
+                f"call {name}() (the blocking API streams large values)"
+            )
+        request = pb.CallRequest(
+            object_id=oid, kind=kind, name=name, chain_id=uuid.uuid4().hex, call_id=uuid.uuid4().hex
+        )
         if payload:
             request.args.CopyFrom(wire.inline_value(payload, buffers))
         for _ in range(_MAX_HOPS + 1):
             owner = owner or (await self.resolve(object_id=oid)).backend_id
             address = self.sync._addresses.get(owner) or self.sync.address_of(owner)
             try:
-                reply = await self._stub(address).Call(request, timeout=settings.call_timeout,
-                                                       metadata=self.sync._metadata)
+                reply = await self._stub(address).Call(
+                    request, timeout=settings.call_timeout, metadata=self.sync._metadata
+                )
             except asyncio.CancelledError:
                 await self._cancel(address, request.call_id)
                 raise
@@ -133,8 +137,10 @@ class AioClient:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         if reply.result_handle or reply.result.shm:
-            raise ValueTooLarge(f"{name}.aio: its result of {reply.result_size} bytes exceeds "
-                                f"the inline limit of the asyncio API; call {name}() instead")
+            raise ValueTooLarge(
+                f"{name}.aio: its result of {reply.result_size} bytes exceeds "
+                f"the inline limit of the asyncio API; call {name}() instead"
+            )
         if not reply.result.payload:
             return None
         return loads(reply.result.payload, wire.writable(reply.result.buffers), None)
@@ -143,18 +149,19 @@ class AioClient:
         # Shielded: it runs while the awaiting task is being cancelled.
         async def send():
             try:
-                await self._stub(address).Cancel(pb.CancelRequest(call_id=call_id), timeout=2.0,
-                                                  metadata=self.sync._metadata)
+                await self._stub(address).Cancel(
+                    pb.CancelRequest(call_id=call_id), timeout=2.0, metadata=self.sync._metadata
+                )
             except grpc.aio.AioRpcError:
                 pass
+
         try:
             await asyncio.shield(send())
         except asyncio.CancelledError:
             pass
 
 
-_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioClient]" = \
-    weakref.WeakKeyDictionary()
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioClient]" = weakref.WeakKeyDictionary()
 
 
 def client() -> AioClient:

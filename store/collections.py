@@ -49,11 +49,19 @@ try:  # numpy is an optional extra; only ShardedArray needs it
 except ImportError:  # pragma: no cover - exercised only without the extra
     np = None  # type: ignore[assignment]
 
-__all__ = ["ShardedArray", "StorageDict", "ArrayBlock", "DictShard", "Partition",
-           "spread", "plan_rebalance", "shard_of"]
+__all__ = [
+    "ShardedArray",
+    "StorageDict",
+    "ArrayBlock",
+    "DictShard",
+    "Partition",
+    "spread",
+    "plan_rebalance",
+    "shard_of",
+]
 
-TRANSFER_THREADS = 4     # blocks sent or fetched at once by one handle
-DICT_BATCH = 10_000      # pairs buffered per shard by StorageDict.from_iterable
+TRANSFER_THREADS = 4  # blocks sent or fetched at once by one handle
+DICT_BATCH = 10_000  # pairs buffered per shard by StorageDict.from_iterable
 
 
 class _NoValue:
@@ -61,6 +69,7 @@ class _NoValue:
 
 
 # -- shard objects -------------------------------------------------------------------------
+
 
 class ArrayBlock(StorageObject):
     """One block of a :class:`ShardedArray`: rows ``data`` (a numpy array) on one backend.
@@ -73,7 +82,7 @@ class ArrayBlock(StorageObject):
         self.data = data
 
     @readonly
-    def read(self, index: Any=None) -> Any:
+    def read(self, index: Any = None) -> Any:
         """The block, or ``data[index]`` (a contiguous copy), computed where it lives."""
         if index is None:
             return self.data
@@ -152,15 +161,17 @@ def _array_info(a) -> tuple[int, tuple, str]:
 
 # -- placement (pure) ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Partition:
     """One shard of a collection and where it is: for scheduling work next to it."""
+
     index: int
-    shard: StorageObject      # ArrayBlock or DictShard (a proxy)
-    backend: str              # id of the backend holding it
-    host: str                 # that backend's host
-    start: int = 0            # first row (ShardedArray); 0 for a StorageDict
-    stop: int = 0             # one past the last row (ShardedArray); 0 for a StorageDict
+    shard: StorageObject  # ArrayBlock or DictShard (a proxy)
+    backend: str  # id of the backend holding it
+    host: str  # that backend's host
+    start: int = 0  # first row (ShardedArray); 0 for a StorageDict
+    stop: int = 0  # one past the last row (ShardedArray); 0 for a StorageDict
 
 
 def spread(n: int, backends: Sequence[tuple[str, str]]) -> list[str]:
@@ -184,8 +195,7 @@ def spread(n: int, backends: Sequence[tuple[str, str]]) -> list[str]:
     return [order[i % len(order)] for i in range(n)]
 
 
-def plan_rebalance(shards: Sequence[tuple[str, int]], backends: Sequence[str]
-                   ) -> list[tuple[int, str]]:
+def plan_rebalance(shards: Sequence[tuple[str, int]], backends: Sequence[str]) -> list[tuple[int, str]]:
     """Moves (shard index, target backend) that even out bytes per backend.
 
     ``shards`` are (owner, bytes) in order. Greedy: while the fullest backend
@@ -239,9 +249,11 @@ def _key_bytes(key) -> bytes:
         return b"t" + b"".join(len(p).to_bytes(4, "little") + p for p in parts)
     if hasattr(key, "__index__") and not isinstance(key, (list, dict, set)):
         return b"i" + str(key.__index__()).encode()  # numpy integers
-    raise InvalidKey(f"a StorageDict key must be None, bool, int, float, str, bytes or a "
-                     f"tuple of those, not {type(key).__name__}: Python's own hash of other "
-                     f"types differs between processes, so shards could not agree on it")
+    raise InvalidKey(
+        f"a StorageDict key must be None, bool, int, float, str, bytes or a "
+        f"tuple of those, not {type(key).__name__}: Python's own hash of other "
+        f"types differs between processes, so shards could not agree on it"
+    )
 
 
 def shard_of(key: Any, shards: int) -> int:
@@ -251,6 +263,7 @@ def shard_of(key: Any, shards: int) -> int:
 
 
 # -- helpers shared by both collections ---------------------------------------------------
+
 
 def _up_backends() -> list[api.BackendStatus]:
     return [b for b in api.backends() if b.up]
@@ -267,8 +280,9 @@ def _place(n: int, placement) -> list[str]:
     elif isinstance(placement, (list, tuple)) and placement:
         targets = [placement[i % len(placement)] for i in range(n)]
     else:
-        raise ConfigurationError("placement must be None, a non-empty list of backend ids, or "
-                                 "a function (n, backends) -> backend ids")
+        raise ConfigurationError(
+            "placement must be None, a non-empty list of backend ids, or a function (n, backends) -> backend ids"
+        )
     if len(targets) != n:
         raise ConfigurationError(f"placement gave {len(targets)} backends for {n} shards")
     for t in targets:
@@ -286,8 +300,7 @@ def _parallel(fn, items: Sequence, threads: int = TRANSFER_THREADS) -> list:
     items = list(items)
     if len(items) <= 1:
         return [fn(i) for i in items]
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)),
-                            thread_name_prefix="claypot-collection") as pool:
+    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="claypot-collection") as pool:
         return list(pool.map(fn, items))
 
 
@@ -311,8 +324,7 @@ class _Collection:
     def __init__(self, manifest: _Manifest):
         kind, parts, meta = manifest.describe()
         if kind != self._kind:
-            raise ConfigurationError(f"object {manifest.getID()} is a {kind or 'non'}-collection,"
-                                     f" not a {self._kind}")
+            raise ConfigurationError(f"object {manifest.getID()} is a {kind or 'non'}-collection, not a {self._kind}")
         self._manifest = manifest
         self._parts: list = list(parts)
         self._meta: dict = dict(meta)
@@ -380,8 +392,7 @@ class _Collection:
         keep). Each move is ``StorageObject.move``: id and alias stay. Returns
         the moves made as (shard index, from, to).
         """
-        targets = list(backends) if backends is not None else \
-            sorted(b.backend_id for b in _up_backends())
+        targets = list(backends) if backends is not None else sorted(b.backend_id for b in _up_backends())
         owners = self.locations()
         plan = plan_rebalance(list(zip(owners, self._shard_bytes())), targets)
         moves = [(i, owners[i], dst) for i, dst in plan]
@@ -417,12 +428,12 @@ def _new_manifest(kind: str, parts: list, meta: dict, alias: str | None) -> _Man
 
 # -- tasks (module functions: backends import them by name) -------------------------------
 
+
 def _fill_block(block, fn, lo, hi, args, kwargs):
     data = fn(lo, hi, *args, **kwargs)
     data = np.ascontiguousarray(data)
     if data.ndim == 0 or data.shape[0] != hi - lo:
-        raise ConfigurationError(f"from_function: fn({lo}, {hi}) gave shape {data.shape}, "
-                                 f"expected {hi - lo} rows")
+        raise ConfigurationError(f"from_function: fn({lo}, {hi}) gave shape {data.shape}, expected {hi - lo} rows")
     block.data = data
     return _array_info(data)
 
@@ -438,9 +449,11 @@ def _update_block(block, fn, args, kwargs):
         out = np.asarray(out)
         if out.shape != before.shape or out.dtype != before.dtype:
             # The manifest records each block's rows, shape and dtype: they must not change.
-            raise ConfigurationError(f"update_blocks: a block of shape {before.shape} "
-                                     f"{before.dtype} became {out.shape} {out.dtype}; use "
-                                     f"map_blocks and build a new array instead")
+            raise ConfigurationError(
+                f"update_blocks: a block of shape {before.shape} "
+                f"{before.dtype} became {out.shape} {out.dtype}; use "
+                f"map_blocks and build a new array instead"
+            )
         block.data = np.ascontiguousarray(out)
 
 
@@ -475,6 +488,7 @@ def _combine(partials, fn, initial):
 
 def _forget_sizes(object_ids: list[str]) -> None:
     from runtime import _core as core
+
     sizes = getattr(core.current(), "sizes", None)
     if sizes is not None:
         sizes.forget(object_ids)
@@ -486,6 +500,7 @@ def _tasks():
     from types import SimpleNamespace
 
     from runtime import COLLECTION_IN, INOUT, task
+
     return SimpleNamespace(
         fill=task(block=INOUT, returns=1)(_fill_block),
         map=task(returns=1)(_map_block),
@@ -497,6 +512,7 @@ def _tasks():
 
 
 # -- ShardedArray --------------------------------------------------------------------------
+
 
 def _need_numpy() -> None:
     if np is None:
@@ -524,8 +540,15 @@ class ShardedArray(_Collection):
 
     # -- building ------------------------------------------------------------------------
     @classmethod
-    def from_numpy(cls, x: Any, shards: int | None = None, *, block_rows: int | None = None,
-                   alias: str | None = None, placement: Any=None) -> "ShardedArray":
+    def from_numpy(
+        cls,
+        x: Any,
+        shards: int | None = None,
+        *,
+        block_rows: int | None = None,
+        alias: str | None = None,
+        placement: Any = None,
+    ) -> "ShardedArray":
         """Cut ``x`` into ``shards`` blocks (default: one per backend up) and persist each.
 
         ``x`` is anything with ``shape``, ``dtype`` and slicing on its first
@@ -549,18 +572,19 @@ class ShardedArray(_Collection):
             block.make_persistent(backend=targets[i])
             made.append(block)
             return block
+
         try:
             blocks = _parallel(send, range(n))
         except BaseException:
             _delete_quietly(made)
             raise
         dtype = np.dtype(x.dtype)
-        return cls._finish(blocks, [lo for lo, _ in bounds] + [rows], tuple(x.shape[1:]),
-                           dtype, alias)
+        return cls._finish(blocks, [lo for lo, _ in bounds] + [rows], tuple(x.shape[1:]), dtype, alias)
 
     @classmethod
-    def from_iterable(cls, chunks: Iterable, *, block_rows: int, alias: str | None = None,
-                      placement: Any=None) -> "ShardedArray":
+    def from_iterable(
+        cls, chunks: Iterable, *, block_rows: int, alias: str | None = None, placement: Any = None
+    ) -> "ShardedArray":
         """Build from an iterable of chunks (arrays of rows), ``block_rows`` rows a block.
 
         Chunks are consumed lazily and each full block is sent while the next
@@ -585,13 +609,16 @@ class ShardedArray(_Collection):
             if state["tail"] is None:
                 state["tail"], state["dtype"] = a.shape[1:], a.dtype
             elif a.shape[1:] != state["tail"]:
-                raise ConfigurationError(f"from_iterable: a chunk of shape {a.shape} does not "
-                                         f"match rows of shape {state['tail']}")
+                raise ConfigurationError(
+                    f"from_iterable: a chunk of shape {a.shape} does not match rows of shape {state['tail']}"
+                )
+
         buf: list = []
         have = 0
         starts = [0]
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claypot-collection")
         try:
+
             def flush(final: bool):
                 nonlocal buf, have
                 while have >= block_rows or (final and have):
@@ -601,14 +628,14 @@ class ShardedArray(_Collection):
                     rest = whole[take:]
                     buf, have = ([rest] if len(rest) else []), have - take
                     if pending:
-                        blocks.append(pending.pop().result())   # at most one send in flight
+                        blocks.append(pending.pop().result())  # at most one send in flight
                     starts.append(starts[-1] + take)
                     pending.append(pool.submit(send, data, next(cycle)))
+
             for chunk in chunks:
                 a = np.asarray(chunk)
                 if a.ndim == 0:
-                    raise ConfigurationError("from_iterable: each chunk is an array of rows, "
-                                             "not a scalar")
+                    raise ConfigurationError("from_iterable: each chunk is an array of rows, not a scalar")
                 check(a)
                 if state["dtype"] is not None and a.dtype != state["dtype"]:
                     a = a.astype(state["dtype"])
@@ -633,9 +660,17 @@ class ShardedArray(_Collection):
         return cls._finish(blocks, starts, tuple(state["tail"]), np.dtype(state["dtype"]), alias)
 
     @classmethod
-    def from_function(cls, fn: Callable, rows: int, shards: int | None = None, *,
-                      args: tuple = (), kwargs: dict | None = None, alias: str | None = None,
-                      placement: Any=None) -> "ShardedArray":
+    def from_function(
+        cls,
+        fn: Callable,
+        rows: int,
+        shards: int | None = None,
+        *,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        alias: str | None = None,
+        placement: Any = None,
+    ) -> "ShardedArray":
         """Make each block where it will live: a task runs ``fn(lo, hi, *args)`` on its backend.
 
         ``fn`` returns rows ``lo`` to ``hi`` (an array with ``hi - lo`` rows);
@@ -653,8 +688,7 @@ class ShardedArray(_Collection):
                 b.make_persistent(backend=target)
                 blocks.append(b)
             t = _tasks()
-            futures = [t.fill(b, fn, lo, hi, tuple(args), dict(kwargs or {}))
-                       for b, (lo, hi) in zip(blocks, bounds)]
+            futures = [t.fill(b, fn, lo, hi, tuple(args), dict(kwargs or {})) for b, (lo, hi) in zip(blocks, bounds)]
             infos = [f.result() for f in futures]
             # The blocks were empty when the runtime first weighed them for locality.
             _forget_sizes([b.getID() for b in blocks])
@@ -665,10 +699,10 @@ class ShardedArray(_Collection):
         dtypes = {info[2] for info in infos}
         if len(tails) > 1 or len(dtypes) > 1:
             _delete_quietly(blocks)
-            raise ConfigurationError(f"from_function: blocks disagree on row shape or dtype "
-                                     f"({sorted(tails)}, {sorted(dtypes)})")
-        return cls._finish(blocks, [lo for lo, _ in bounds] + [rows], infos[0][1],
-                           np.dtype(infos[0][2]), alias)
+            raise ConfigurationError(
+                f"from_function: blocks disagree on row shape or dtype ({sorted(tails)}, {sorted(dtypes)})"
+            )
+        return cls._finish(blocks, [lo for lo, _ in bounds] + [rows], infos[0][1], np.dtype(infos[0][2]), alias)
 
     @classmethod
     def _finish(cls, blocks, starts, tail, dtype, alias) -> "ShardedArray":
@@ -695,8 +729,7 @@ class ShardedArray(_Collection):
         return self._starts[-1]
 
     def __repr__(self) -> str:
-        return (f"<ShardedArray shape={self.shape} dtype={self.dtype} "
-                f"blocks={self.nshards} id={self.getID()}>")
+        return f"<ShardedArray shape={self.shape} dtype={self.dtype} blocks={self.nshards} id={self.getID()}>"
 
     def _rows(self, i: int) -> tuple[int, int]:
         return self._starts[i], self._starts[i + 1]
@@ -717,6 +750,7 @@ class ShardedArray(_Collection):
             lo, hi = self._rows(i)
             if hi > lo:
                 out[lo:hi] = self._parts[i].read()
+
         _parallel(fetch, range(self.nshards))
         return out
 
@@ -730,8 +764,7 @@ class ShardedArray(_Collection):
         Only the blocks holding the selected rows are asked, each for just its
         part (further indices are applied where the block lives).
         """
-        first, rest = (index[0], tuple(index[1:])) if isinstance(index, tuple) and index \
-            else (index, ())
+        first, rest = (index[0], tuple(index[1:])) if isinstance(index, tuple) and index else (index, ())
         if any(r is Ellipsis for r in rest) or first is Ellipsis:
             raise InvalidKey("ShardedArray indexing does not take Ellipsis")
         n = len(self)
@@ -748,8 +781,7 @@ class ShardedArray(_Collection):
                 raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
             b = bisect.bisect_right(self._starts, i) - 1
             return self._parts[b].read((i - self._starts[b],) + rest)
-        raise InvalidKey(f"a ShardedArray takes an int or a slice on its first axis, "
-                         f"not {type(first).__name__}")
+        raise InvalidKey(f"a ShardedArray takes an int or a slice on its first axis, not {type(first).__name__}")
 
     def _take_range(self, rng: range, rest: tuple):
         pieces = []
@@ -821,6 +853,7 @@ def _bounds(rows: int, n: int) -> list[tuple[int, int]]:
 
 # -- StorageDict -----------------------------------------------------------------------------
 
+
 class StorageDict(_Collection, MutableMapping):
     """A persistent dict whose keys are hashed over shards (:class:`DictShard`) on backends.
 
@@ -835,8 +868,9 @@ class StorageDict(_Collection, MutableMapping):
 
     _kind = "dict"
 
-    def __init__(self, shards: int | None = None, *, alias: str | None = None, placement=None,
-                 _manifest: _Manifest | None = None):
+    def __init__(
+        self, shards: int | None = None, *, alias: str | None = None, placement=None, _manifest: _Manifest | None = None
+    ):
         if _manifest is None:
             n = shards if shards is not None else len(_up_backends())
             targets = _place(n, placement)
@@ -866,8 +900,15 @@ class StorageDict(_Collection, MutableMapping):
         return (_load_dict, (self._manifest,))
 
     @classmethod
-    def from_iterable(cls, items: Any, shards: int | None = None, *, alias: str | None = None,
-                      placement: Any=None, batch: int = DICT_BATCH) -> "StorageDict":
+    def from_iterable(
+        cls,
+        items: Any,
+        shards: int | None = None,
+        *,
+        alias: str | None = None,
+        placement: Any = None,
+        batch: int = DICT_BATCH,
+    ) -> "StorageDict":
         """A new StorageDict filled from a mapping or an iterable of (key, value) pairs.
 
         Pairs are consumed lazily and sent to their shard ``batch`` at a time,
@@ -890,11 +931,11 @@ class StorageDict(_Collection, MutableMapping):
             raise KeyError(key)
         return value
 
-    def get(self, key: Any, default: Any=None) -> Any:
+    def get(self, key: Any, default: Any = None) -> Any:
         found, value = self._shard(key).lookup([key])[0]
         return value if found else default
 
-    def get_many(self, keys: Iterable, default: Any=None) -> list:
+    def get_many(self, keys: Iterable, default: Any = None) -> list:
         """Values of many keys (``default`` where missing): one call per shard, in parallel."""
         keys = list(keys)
         groups: dict[int, list[int]] = {}
@@ -907,6 +948,7 @@ class StorageDict(_Collection, MutableMapping):
             for i, (found, v) in zip(idx, self._parts[s].lookup([keys[i] for i in idx])):
                 if found:
                     out[i] = v
+
         _parallel(ask, list(groups.items()))
         return out
 
@@ -943,7 +985,7 @@ class StorageDict(_Collection, MutableMapping):
             out.update(pairs)
         return out
 
-    def update(self, other: Any=(), /, batch: int = DICT_BATCH, **kw: Any) -> None:
+    def update(self, other: Any = (), /, batch: int = DICT_BATCH, **kw: Any) -> None:
         """Set many pairs, grouped by shard: one call per ``batch`` pairs per shard."""
         if batch < 1:
             raise ConfigurationError(f"batch must be >= 1, not {batch}")
@@ -956,8 +998,7 @@ class StorageDict(_Collection, MutableMapping):
             if len(buffers[s]) >= batch:
                 self._parts[s].store_items(buffers[s])
                 buffers[s] = []
-        _parallel(lambda s: self._parts[s].store_items(buffers[s]),
-                  [s for s in range(n) if buffers[s]])
+        _parallel(lambda s: self._parts[s].store_items(buffers[s]), [s for s in range(n) if buffers[s]])
 
     def clear(self) -> None:
         """Remove every key (one call per shard)."""

@@ -33,13 +33,14 @@ from .errors import ClaypotError, ConfigurationError
 
 log = logging.getLogger("claypot.dashboard")
 
-LARGEST = 10          # objects listed per backend, then the largest overall kept
+LARGEST = 10  # objects listed per backend, then the largest overall kept
 SCRAPE_TIMEOUT = 2.0  # seconds a backend's metrics page may take
 
 
 def largest_here(n: int) -> list[dict]:
     """Runs inside a backend, as a task: its ``n`` largest objects."""
     from store._model import objects
+
     heap = getattr(objects.get_dispatcher(), "local", None)
     return heap.largest(n) if heap is not None else []
 
@@ -47,10 +48,10 @@ def largest_here(n: int) -> list[dict]:
 def _scrape(address: str) -> dict[str, float]:
     """The few totals the page shows, from a backend's metrics page."""
     from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT) as r:
         text = r.read().decode()
-    out = {"calls": 0.0, "errors": 0.0, "tasks_done": 0.0, "tasks_failed": 0.0,
-           "tasks_queued": 0.0, "disk_bytes": 0.0}
+    out = {"calls": 0.0, "errors": 0.0, "tasks_done": 0.0, "tasks_failed": 0.0, "tasks_queued": 0.0, "disk_bytes": 0.0}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "claypot_calls_total":
@@ -71,39 +72,55 @@ class Dashboard:
 
     def __init__(self, client):
         self.client = client
-        self._last: dict[str, tuple[float, float]] = {}   # backend -> (time, calls)
+        self._last: dict[str, tuple[float, float]] = {}  # backend -> (time, calls)
         self._largest_key: str | None = None
         self._lock = threading.Lock()
 
     def state(self) -> dict:
         """The page's data: backends, largest objects, tasks (see the module docstring)."""
-        with self._lock:   # call rates are differences between two consecutive asks
+        with self._lock:  # call rates are differences between two consecutive asks
             now = time.monotonic()
             backends = []
             for b in self.client.backends():
-                row = {"backend_id": b.backend_id, "address": b.address, "host": b.host,
-                       "up": b.up, "objects": b.objects, "resident_objects": b.resident_objects,
-                       "memory_bytes": b.memory_bytes, "running_tasks": b.running_tasks,
-                       "metrics_address": b.metrics_address, "call_rate": None}
+                row = {
+                    "backend_id": b.backend_id,
+                    "address": b.address,
+                    "host": b.host,
+                    "up": b.up,
+                    "objects": b.objects,
+                    "resident_objects": b.resident_objects,
+                    "memory_bytes": b.memory_bytes,
+                    "running_tasks": b.running_tasks,
+                    "metrics_address": b.metrics_address,
+                    "call_rate": None,
+                }
                 if b.up and b.metrics_address:
                     try:
                         m = _scrape(b.metrics_address)
                     except (OSError, ValueError) as exc:
                         log.info("metrics of %s unreadable: %s", b.backend_id, exc)
                     else:
-                        row.update(calls=m["calls"], errors=m["errors"],
-                                   tasks_done=m["tasks_done"], tasks_failed=m["tasks_failed"],
-                                   tasks_queued=m["tasks_queued"], disk_bytes=m["disk_bytes"],
-                                   # fresher than the heartbeat's figure
-                                   running_tasks=int(m.get("tasks_running", b.running_tasks)))
+                        row.update(
+                            calls=m["calls"],
+                            errors=m["errors"],
+                            tasks_done=m["tasks_done"],
+                            tasks_failed=m["tasks_failed"],
+                            tasks_queued=m["tasks_queued"],
+                            disk_bytes=m["disk_bytes"],
+                            # fresher than the heartbeat's figure
+                            running_tasks=int(m.get("tasks_running", b.running_tasks)),
+                        )
                         prev = self._last.get(b.backend_id)
                         if prev is not None and now > prev[0]:
                             row["call_rate"] = round((m["calls"] - prev[1]) / (now - prev[0]), 1)
                         self._last[b.backend_id] = (now, m["calls"])
                 backends.append(row)
-            return {"time": time.time(), "backends": backends,
-                    "largest": self._largest([r for r in backends if r["up"]]),
-                    "tasks": self._tasks()}
+            return {
+                "time": time.time(),
+                "backends": backends,
+                "largest": self._largest([r for r in backends if r["up"]]),
+                "tasks": self._tasks(),
+            }
 
     def _largest(self, backends: list[dict]) -> list[dict]:
         if self._largest_key is None:
@@ -111,8 +128,9 @@ class Dashboard:
         out = []
         for b in backends:
             try:
-                rows = self.client.run_task(b["backend_id"], self._largest_key, (LARGEST,), {},
-                                            [], timeout=SCRAPE_TIMEOUT)
+                rows = self.client.run_task(
+                    b["backend_id"], self._largest_key, (LARGEST,), {}, [], timeout=SCRAPE_TIMEOUT
+                )
             except ClaypotError as exc:
                 log.info("largest objects of %s unknown: %s", b["backend_id"], exc)
                 continue
@@ -152,13 +170,14 @@ def make_app(dashboard: Dashboard) -> Any:
         from starlette.responses import HTMLResponse, JSONResponse
         from starlette.routing import Route
     except ImportError:
-        raise ConfigurationError("the dashboard needs starlette and uvicorn: "
-                                 "pip install 'claypot[dashboard]'") from None
+        raise ConfigurationError(
+            "the dashboard needs starlette and uvicorn: pip install 'claypot[dashboard]'"
+        ) from None
 
     def page(request):
         return HTMLResponse(PAGE)
 
-    def api_state(request):   # a plain def: Starlette runs it in a worker thread
+    def api_state(request):  # a plain def: Starlette runs it in a worker thread
         try:
             return JSONResponse(dashboard.state())
         except ClaypotError as exc:
@@ -169,9 +188,12 @@ def make_app(dashboard: Dashboard) -> Any:
 
 def _listen(host: str, port: int, allow_network: bool) -> socket.socket:
     from store._util.security import is_loopback_host
+
     if not allow_network and not is_loopback_host(host):
-        raise ConfigurationError(f"refusing to serve the dashboard on {host}: it has no login "
-                                 f"and shows the whole cluster (pass --insecure to accept that)")
+        raise ConfigurationError(
+            f"refusing to serve the dashboard on {host}: it has no login "
+            f"and shows the whole cluster (pass --insecure to accept that)"
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -183,8 +205,9 @@ def _listen(host: str, port: int, allow_network: bool) -> socket.socket:
     return sock
 
 
-def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_network: bool = False,
-          background: bool = True) -> DashboardServer | None:
+def serve(
+    client: Any = None, host: str = "127.0.0.1", port: int = 8787, allow_network: bool = False, background: bool = True
+) -> DashboardServer | None:
     """Serve the dashboard of ``client``'s cluster (default: this process's connection).
 
     ``background=True`` returns a :class:`DashboardServer` at once (its
@@ -194,10 +217,12 @@ def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_net
     try:
         import uvicorn
     except ImportError:
-        raise ConfigurationError("the dashboard needs starlette and uvicorn: "
-                                 "pip install 'claypot[dashboard]'") from None
+        raise ConfigurationError(
+            "the dashboard needs starlette and uvicorn: pip install 'claypot[dashboard]'"
+        ) from None
     if client is None:
         from store._api import api
+
         client = api.client()
     app = make_app(Dashboard(client))
     sock = _listen(host, port, allow_network)
@@ -209,8 +234,7 @@ def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_net
         print(f"claypot dashboard on {url}", flush=True)
         server.run(sockets=[sock])
         return None
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              name="dashboard", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dashboard", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -224,16 +248,18 @@ def serve(client: Any=None, host: str = "127.0.0.1", port: int = 8787, allow_net
 def main(argv: list[str] | None = None) -> None:
     """``python -m store.dashboard``: serve the dashboard until interrupted."""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m store.dashboard",
-                                description="Serve a live web dashboard of a claypot cluster.")
+
+    p = argparse.ArgumentParser(
+        prog="python -m store.dashboard", description="Serve a live web dashboard of a claypot cluster."
+    )
     p.add_argument("--address", help="a backend host:port (default: the cluster of `claypot up`)")
     p.add_argument("--token", help="the cluster token (default: CLAYPOT_TOKEN or the state file)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve the page on")
     p.add_argument("--port", type=int, default=8787, help="port to serve on (0: any free one)")
-    p.add_argument("--insecure", action="store_true",
-                   help="serve a non-loopback address (the page has no login)")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address (the page has no login)")
     a = p.parse_args(argv)
     from store._api import api
+
     client = api.connect(a.address, a.token)
     serve(client, a.host, a.port, allow_network=a.insecure, background=False)
 

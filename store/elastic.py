@@ -49,6 +49,7 @@ def draining(backend_id: str) -> None:
 def drain(client: Any, redis_url: str, token: str, backend_id: str, targets: list[str]) -> int:
     """Move every object of ``backend_id`` to ``targets`` (round robin); how many moved."""
     from store._directory.directory import Directory
+
     targets = [t for t in targets if t != backend_id]
     if not targets:
         raise ConfigurationError(f"cannot drain {backend_id}: no other backend to move to")
@@ -59,15 +60,16 @@ def drain(client: Any, redis_url: str, token: str, backend_id: str, targets: lis
         oids = sorted(directory.objects_of(backend_id))
         # A replicated object is not moved: when the backend stops, one of its replicas
         # takes over (see handed_over), with every acknowledged change.
-        replicated = {oid for oid, rset in zip(oids, directory.replica_sets(oids))
-                      if rset is not None and rset.replicas}
+        replicated = {
+            oid for oid, rset in zip(oids, directory.replica_sets(oids)) if rset is not None and rset.replicas
+        }
         for i, oid in enumerate(o for o in oids if o not in replicated):
             try:
                 proxy = client.get_by_id(oid)
                 client.move(proxy, targets[i % len(targets)])
                 moved += 1
             except ObjectNotFound:
-                continue   # deleted meanwhile
+                continue  # deleted meanwhile
     finally:
         directory.close()
     return moved
@@ -79,17 +81,16 @@ def handed_over(redis_url: str, token: str, backend_id: str, timeout: float = 30
     soon as a replica's monitor sees the backend gone)."""
     import time
     from store._directory.directory import Directory
+
     directory = Directory(redis_url, timeout=min(timeout, 10.0), token=token)
     try:
         deadline = time.monotonic() + timeout
         while True:
             oids = list(directory.objects_of(backend_id))
-            left = [o for o, rset in zip(oids, directory.replica_sets(oids))
-                    if rset is not None and rset.replicas]
+            left = [o for o, rset in zip(oids, directory.replica_sets(oids)) if rset is not None and rset.replicas]
             if not left or time.monotonic() > deadline:
                 if left:
-                    log.warning("%d replicated object(s) of %s not failed over yet",
-                                len(left), backend_id)
+                    log.warning("%d replicated object(s) of %s not failed over yet", len(left), backend_id)
                 return len(left)
             time.sleep(0.1)
     finally:
@@ -104,13 +105,13 @@ def retire(redis_url: str, token: str, backend_id: str, timeout: float = 10.0) -
     so a client holding an old proxy goes to the directory at once instead.
     """
     from store._directory.directory import Directory
+
     directory = Directory(redis_url, timeout=timeout, token=token)
     try:
         for info in directory.backends():
             if info["backend_id"] == backend_id and not info["up"]:
                 entry = {k: v for k, v in info.items() if k not in ("backend_id", "up")}
                 entry.update(stopped=False, drained=True)
-                directory.r.hset(directory.k_backends, backend_id,
-                                 directory.keys.seal_backend(backend_id, entry))
+                directory.r.hset(directory.k_backends, backend_id, directory.keys.seal_backend(backend_id, entry))
     finally:
         directory.close()

@@ -160,6 +160,7 @@ class BackendDown(BackendUnavailable, CallInterrupted):
     def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
         return type(self), (str(self), self.backend_id, self.host, self.address)
 
+
 class StorageFailed(BackendError):
     """The backend's storage failed (an fsync error): it acknowledges no further change.
 
@@ -212,5 +213,6 @@ def by_code(code: str) -> type[ClaypotError] | None:
     return None
 
 
-__all__ = [name for name, value in list(globals().items())
-           if isinstance(value, type) and issubclass(value, ClaypotError)] + ["by_code"]
+__all__ = [
+    name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, ClaypotError)
+] + ["by_code"]

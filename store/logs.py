@@ -20,7 +20,7 @@ from . import tracing
 
 _TEXT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _call = threading.local()
-json_on = False       # read by the server before it records which call a thread serves
+json_on = False  # read by the server before it records which call a thread serves
 
 
 def set_call(object_id: str, call_id: str) -> None:
@@ -37,10 +37,13 @@ class JsonFormatter(logging.Formatter):
         self.backend_id = backend_id
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name,
-               "message": record.getMessage(), "pid": record.process}
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
         if self.backend_id:
             out["backend_id"] = self.backend_id
         for key in ("object_id", "call_id"):
@@ -56,8 +59,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(log_format: str = "text", level: str | None = None, backend_id: str = "",
-              stream: Any=None) -> logging.Handler:
+def configure(
+    log_format: str = "text", level: str | None = None, backend_id: str = "", stream: Any = None
+) -> logging.Handler:
     """Send this process's logs to ``stream`` (stderr) as ``text`` or ``json``; returns
     the handler installed on the root logger (replacing handlers installed before)."""
     global json_on

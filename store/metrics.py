@@ -48,12 +48,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("claypot.metrics")
 
-_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_FSYNC_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1,
-                  0.5, 1.0)
+_LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_FSYNC_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
-_DISK_SCAN_EVERY = 5.0   # seconds: walking a big storage dir at each scrape would cost
+_DISK_SCAN_EVERY = 5.0  # seconds: walking a big storage dir at each scrape would cost
 
 
 class _Instruments:
@@ -61,33 +77,28 @@ class _Instruments:
 
     def __init__(self, source):
         from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.calls = Counter("claypot_calls", "Calls served, by kind and outcome",
-                             ["kind", "outcome"], registry=r)
-        self.call_seconds = Histogram("claypot_call_seconds", "Latency of calls served",
-                                      ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.fsync = Histogram("claypot_fsync_seconds", "Latency of a log fsync",
-                               buckets=_FSYNC_BUCKETS, registry=r)
-        self.batch = Histogram("claypot_group_commit_records",
-                               "Log records made durable by one fsync",
-                               buckets=_BATCH_BUCKETS, registry=r)
+        self.calls = Counter("claypot_calls", "Calls served, by kind and outcome", ["kind", "outcome"], registry=r)
+        self.call_seconds = Histogram(
+            "claypot_call_seconds", "Latency of calls served", ["kind"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.fsync = Histogram("claypot_fsync_seconds", "Latency of a log fsync", buckets=_FSYNC_BUCKETS, registry=r)
+        self.batch = Histogram(
+            "claypot_group_commit_records", "Log records made durable by one fsync", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.checkpoints = Counter("claypot_checkpoints", "Checkpoints written", registry=r)
-        self.checkpoint_seconds = Histogram("claypot_checkpoint_seconds",
-                                            "Duration of a checkpoint",
-                                            buckets=_LATENCY_BUCKETS, registry=r)
-        self.checkpointed = Counter("claypot_checkpointed_objects",
-                                    "Objects written by checkpoints", registry=r)
-        self.stream_bytes = Counter("claypot_stream_bytes", "Bytes of values streamed",
-                                    ["direction"], registry=r)
+        self.checkpoint_seconds = Histogram(
+            "claypot_checkpoint_seconds", "Duration of a checkpoint", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.checkpointed = Counter("claypot_checkpointed_objects", "Objects written by checkpoints", registry=r)
+        self.stream_bytes = Counter("claypot_stream_bytes", "Bytes of values streamed", ["direction"], registry=r)
         self.streams = Counter("claypot_streams", "Values streamed", ["direction"], registry=r)
-        self.shm = Counter("claypot_shm_transfers", "Values passed through /dev/shm",
-                           ["direction"], registry=r)
-        self.shm_bytes = Counter("claypot_shm_bytes", "Bytes passed through /dev/shm",
-                                 ["direction"], registry=r)
-        self.tasks = Counter("claypot_tasks", "Tasks finished, by outcome", ["outcome"],
-                             registry=r)
-        self.queued = 0          # tasks received, not yet running
+        self.shm = Counter("claypot_shm_transfers", "Values passed through /dev/shm", ["direction"], registry=r)
+        self.shm_bytes = Counter("claypot_shm_bytes", "Bytes passed through /dev/shm", ["direction"], registry=r)
+        self.tasks = Counter("claypot_tasks", "Tasks finished, by outcome", ["outcome"], registry=r)
+        self.queued = 0  # tasks received, not yet running
         self._queued_lock = threading.Lock()
         # Children looked up once: .labels() costs a dict lookup and a lock per call.
         self._call_children: dict[tuple[str, str], tuple] = {}
@@ -116,30 +127,27 @@ class _LevelCollector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         heap = self.b.heap
         total = heap.count()
         resident = heap.resident_count()
-        objects = GaugeMetricFamily("claypot_objects", "Objects held by this backend",
-                                    labels=["state"])
+        objects = GaugeMetricFamily("claypot_objects", "Objects held by this backend", labels=["state"])
         objects.add_metric(["total"], total)
         objects.add_metric(["resident"], resident)
         objects.add_metric(["spilled"], max(0, total - resident))
         yield objects
-        memory = GaugeMetricFamily("claypot_memory_bytes", "Memory of this backend",
-                                   labels=["what"])
+        memory = GaugeMetricFamily("claypot_memory_bytes", "Memory of this backend", labels=["what"])
         memory.add_metric(["objects"], heap.resident_bytes)
         try:
             import psutil
+
             memory.add_metric(["rss"], psutil.Process().memory_info().rss)
         except Exception:  # psutil cannot read /proc: report what is known
             pass
         yield memory
-        yield GaugeMetricFamily("claypot_disk_bytes", "Bytes in the storage dir",
-                                value=self._disk_bytes())
-        yield CounterMetricFamily("claypot_evictions", "Objects spilled to free memory",
-                                  value=heap.evictions)
-        tasks = GaugeMetricFamily("claypot_tasks_now", "Tasks queued and running now",
-                                  labels=["state"])
+        yield GaugeMetricFamily("claypot_disk_bytes", "Bytes in the storage dir", value=self._disk_bytes())
+        yield CounterMetricFamily("claypot_evictions", "Objects spilled to free memory", value=heap.evictions)
+        tasks = GaugeMetricFamily("claypot_tasks_now", "Tasks queued and running now", labels=["state"])
         tasks.add_metric(["queued"], max(0, self.i.queued))
         tasks.add_metric(["running"], heap.running_tasks)
         yield tasks
@@ -161,7 +169,7 @@ class _LevelCollector:
         return total
 
 
-_m: _Instruments | None = None   # None: metrics are off (every hook returns at once)
+_m: _Instruments | None = None  # None: metrics are off (every hook returns at once)
 _server = None
 
 
@@ -170,7 +178,7 @@ def enabled() -> bool:
     return _m is not None
 
 
-def enable(source: Any=None) -> None:
+def enable(source: Any = None) -> None:
     """Record metrics in this process (``source``: a backend whose levels are reported)."""
     global _m
     if _m is None:
@@ -195,12 +203,13 @@ def registry() -> Any:
 def serve_address(settings: Settings) -> tuple[str, int] | None:
     """Where a backend with ``settings`` serves its metrics; None: not at all."""
     from store._util.security import is_loopback_host
+
     port = settings.metrics_port
     if port < 0:
         return None
     host = settings.metrics_host or settings.host
     if port == 0 and not settings.metrics_host and not is_loopback_host(settings.host):
-        return None   # a network listener publishes metrics only when told to
+        return None  # a network listener publishes metrics only when told to
     return host, port
 
 
@@ -214,12 +223,14 @@ def start(backend: Any, settings: Settings) -> str:
     if where is None:
         return ""
     from prometheus_client import start_http_server
+
     enable(backend)
     host, port = where
     try:
         _server, _ = start_http_server(port, addr=host, registry=_m.registry)
     except OSError as exc:
         from .errors import ConfigurationError
+
         raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc}") from None
     bound = _server.server_port
     if host in ("", "0.0.0.0", "::", "[::]"):
@@ -229,6 +240,7 @@ def start(backend: Any, settings: Settings) -> str:
 
 
 # -- hooks the core calls ----------------------------------------------------------------
+
 
 def call_done(kind: str, ok: bool, seconds: float) -> None:
     """A call of ``kind`` finished (``ok``: no error) after ``seconds``."""
@@ -294,6 +306,18 @@ def task_done(ok: bool) -> None:
     m.tasks.labels("done" if ok else "failed").inc()
 
 
-__all__ = ["enabled", "enable", "disable", "registry", "serve_address", "start", "call_done",
-           "fsync_done", "checkpoint_done", "stream_done", "shm_done", "task_queued",
-           "task_done"]
+__all__ = [
+    "enabled",
+    "enable",
+    "disable",
+    "registry",
+    "serve_address",
+    "start",
+    "call_done",
+    "fsync_done",
+    "checkpoint_done",
+    "stream_done",
+    "shm_done",
+    "task_queued",
+    "task_done",
+]

@@ -33,27 +33,25 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
-COMMAND_TIMEOUT = 30.0   # seconds any SLURM command may take
+COMMAND_TIMEOUT = 30.0  # seconds any SLURM command may take
 
 
 def _run(argv: list[str], timeout: float = COMMAND_TIMEOUT, env: dict | None = None) -> str:
     if shutil.which(argv[0]) is None:
         raise ConfigurationError(f"{argv[0]} not found: SLURM's client commands must be on PATH")
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise ConfigurationError(f"{shlex.join(argv)} did not answer within {timeout:.0f}s") \
-            from None
+        raise ConfigurationError(f"{shlex.join(argv)} did not answer within {timeout:.0f}s") from None
     if out.returncode != 0:
-        raise ConfigurationError(f"{shlex.join(argv)} failed ({out.returncode}): "
-                                 f"{out.stderr.strip()[-500:]}")
+        raise ConfigurationError(f"{shlex.join(argv)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
     return out.stdout
 
 
 @dataclass
 class SlurmBackend:
     """One backend job: its SLURM job id and, once it serves, its address and backend id."""
+
     job_id: str
     data_dir: str
     address: str = ""
@@ -74,9 +72,16 @@ class SlurmCluster:
     """Backends started as SLURM jobs (see the module docstring). Has ``scale(n)`` for
     :class:`runtime.elastic.Autoscaler`."""
 
-    def __init__(self, redis_url: str, token: str, data_dir: str, host: str = "127.0.0.1",
-                 partition: str = "", sbatch_args: list[str] | None = None,
-                 start_timeout: float = 120.0):
+    def __init__(
+        self,
+        redis_url: str,
+        token: str,
+        data_dir: str,
+        host: str = "127.0.0.1",
+        partition: str = "",
+        sbatch_args: list[str] | None = None,
+        start_timeout: float = 120.0,
+    ):
         if not redis_url or not token:
             raise ConfigurationError("a SLURM cluster needs the Redis URL and the token")
         self.redis_url, self.token = redis_url, token
@@ -106,13 +111,26 @@ class SlurmCluster:
 
     def _script(self, work: str, resources: str) -> str:
         py = os.pathsep.join(p for p in sys.path if p)
-        args = [sys.executable, "-m", "store.backend", "--data-dir", work, "--host", self.host,
-                "--port", "0", "--ready-file", os.path.join(work, "ready.json")]
+        args = [
+            sys.executable,
+            "-m",
+            "store.backend",
+            "--data-dir",
+            work,
+            "--host",
+            self.host,
+            "--port",
+            "0",
+            "--ready-file",
+            os.path.join(work, "ready.json"),
+        ]
         if resources:
             args += ["--resources", resources]
         tok, red = (shlex.quote(os.path.join(self._secrets, n)) for n in ("token", "redis"))
-        return (f'export CLAYPOT_TOKEN="$(cat {tok})" CLAYPOT_REDIS="$(cat {red})" '
-                f'PYTHONPATH={shlex.quote(py)}; exec {shlex.join(args)}')
+        return (
+            f'export CLAYPOT_TOKEN="$(cat {tok})" CLAYPOT_REDIS="$(cat {red})" '
+            f"PYTHONPATH={shlex.quote(py)}; exec {shlex.join(args)}"
+        )
 
     def add_backend(self, resources: str | None = None) -> SlurmBackend:
         """Submit one backend job and wait until it serves."""
@@ -121,8 +139,18 @@ class SlurmCluster:
         ready = os.path.join(work, "ready.json")
         if os.path.exists(ready):
             os.unlink(ready)
-        argv = ["sbatch", "--parsable", "--job-name", "claypot-backend", "--ntasks", "1",
-                "--output", os.path.join(work, "job-%j.log"), "--export", "NONE"]
+        argv = [
+            "sbatch",
+            "--parsable",
+            "--job-name",
+            "claypot-backend",
+            "--ntasks",
+            "1",
+            "--output",
+            os.path.join(work, "job-%j.log"),
+            "--export",
+            "NONE",
+        ]
         if self.partition:
             argv += ["--partition", self.partition]
         argv += self.sbatch_args + ["--wrap", self._script(work, resources or "")]
@@ -138,12 +166,14 @@ class SlurmCluster:
                 pass
             if time.monotonic() > deadline:
                 self._cancel(job)
-                raise ConfigurationError(f"SLURM job {job.job_id} did not serve a backend "
-                                         f"within {self.start_timeout:.0f}s (see {work})")
+                raise ConfigurationError(
+                    f"SLURM job {job.job_id} did not serve a backend within {self.start_timeout:.0f}s (see {work})"
+                )
             if job.state() == "":
                 job.gone = True
-                raise ConfigurationError(f"SLURM job {job.job_id} ended before serving "
-                                         f"(see {work}/job-{job.job_id}.log)")
+                raise ConfigurationError(
+                    f"SLURM job {job.job_id} ended before serving (see {work}/job-{job.job_id}.log)"
+                )
             time.sleep(0.1)
         job.address, job.backend_id, job.pid = info["address"], info["backend_id"], info["pid"]
         return job
@@ -155,6 +185,7 @@ class SlurmCluster:
         (newest first) are drained, then cancelled.
         """
         from .elastic import joined
+
         if n < 0:
             raise ConfigurationError("a SLURM cluster cannot have fewer than 0 backends")
         live = [p for p in self.processes if p.alive()]
@@ -171,13 +202,13 @@ class SlurmCluster:
         """Move a backend's objects to the other backends, then end its job; how many moved."""
         from store._api import api
         from .elastic import drain, retire
+
         job = next((p for p in self.processes if p.backend_id == backend_id), None)
         if job is None:
             raise KeyError(backend_id)
         client = api.client()
         if targets is None:
-            targets = [b.backend_id for b in client.backends() if b.up and
-                       b.backend_id != backend_id]
+            targets = [b.backend_id for b in client.backends() if b.up and b.backend_id != backend_id]
         moved = drain(client, self.redis_url, self.token, backend_id, targets)
         self._cancel(job)
         retire(self.redis_url, self.token, backend_id)

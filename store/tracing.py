@@ -47,10 +47,10 @@ def enabled() -> bool:
 def _require():
     try:
         from opentelemetry import trace
+
         return trace
     except ImportError:
-        raise ConfigurationError("tracing needs OpenTelemetry: pip install 'claypot[otel]'") \
-            from None
+        raise ConfigurationError("tracing needs OpenTelemetry: pip install 'claypot[otel]'") from None
 
 
 def enable() -> None:
@@ -77,18 +77,22 @@ def start_backend(settings: Any, backend_id: str) -> None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    provider = TracerProvider(resource=Resource.create(
-        {"service.name": "claypot-backend", "claypot.backend_id": backend_id}))
+
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "claypot-backend", "claypot.backend_id": backend_id})
+    )
     if settings.trace_file:
         # Written as each span ends: a file is for reading right away (tests, debugging).
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(settings.trace_file)))
     else:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         except ImportError:
-            log.warning("tracing is on but spans go nowhere: set CLAYPOT_TRACE_FILE or "
-                        "install opentelemetry-exporter-otlp")
+            log.warning(
+                "tracing is on but spans go nowhere: set CLAYPOT_TRACE_FILE or install opentelemetry-exporter-otlp"
+            )
     trace.set_tracer_provider(provider)
     _provider = provider
     enable()
@@ -105,11 +109,13 @@ def stop_backend() -> None:
 
 # -- hooks the core calls ------------------------------------------------------------------
 
+
 def metadata(base: tuple) -> tuple:
     """``base`` call metadata plus the current trace context (unchanged when off)."""
     if not _on:
         return base
     from opentelemetry.propagate import inject
+
     carrier: dict[str, str] = {}
     inject(carrier)
     return base + tuple(carrier.items())
@@ -120,8 +126,8 @@ def client_span(name: str, **attributes: Any) -> Any:
     if not _on:
         return _NULL
     from opentelemetry.trace import SpanKind
-    return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT,
-                                         attributes=_clean(attributes))
+
+    return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=_clean(attributes))
 
 
 def server_span(name: str, grpc_context: Any, **attributes: Any) -> Any:
@@ -130,14 +136,15 @@ def server_span(name: str, grpc_context: Any, **attributes: Any) -> Any:
         return _NULL
     from opentelemetry.propagate import extract
     from opentelemetry.trace import SpanKind
+
     carrier = {}
     try:
-        carrier = {k: v for k, v in grpc_context.invocation_metadata() or ()
-                   if isinstance(v, str)}
+        carrier = {k: v for k, v in grpc_context.invocation_metadata() or () if isinstance(v, str)}
     except Exception:  # a context without metadata: the span starts a trace of its own
         pass
-    return _tracer.start_as_current_span(name, context=extract(carrier), kind=SpanKind.SERVER,
-                                         attributes=_clean(attributes))
+    return _tracer.start_as_current_span(
+        name, context=extract(carrier), kind=SpanKind.SERVER, attributes=_clean(attributes)
+    )
 
 
 def span(name: str, **attributes: Any) -> Any:
@@ -152,6 +159,7 @@ def current_ids() -> tuple[str, str]:
     if not _on:
         return "", ""
     from opentelemetry import trace
+
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid:
         return "", ""
@@ -176,16 +184,27 @@ class JsonLinesExporter:
 
     def export(self, spans: Any) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
+
         lines = []
         for s in spans:
             ctx = s.get_span_context()
-            lines.append(json.dumps({
-                "name": s.name, "trace_id": format(ctx.trace_id, "032x"),
-                "span_id": format(ctx.span_id, "016x"),
-                "parent_id": format(s.parent.span_id, "016x") if s.parent else "",
-                "kind": s.kind.name, "start": s.start_time, "end": s.end_time,
-                "pid": os.getpid(), "attributes": dict(s.attributes or {}),
-                "status": s.status.status_code.name}) + "\n")
+            lines.append(
+                json.dumps(
+                    {
+                        "name": s.name,
+                        "trace_id": format(ctx.trace_id, "032x"),
+                        "span_id": format(ctx.span_id, "016x"),
+                        "parent_id": format(s.parent.span_id, "016x") if s.parent else "",
+                        "kind": s.kind.name,
+                        "start": s.start_time,
+                        "end": s.end_time,
+                        "pid": os.getpid(),
+                        "attributes": dict(s.attributes or {}),
+                        "status": s.status.status_code.name,
+                    }
+                )
+                + "\n"
+            )
         with self._lock:
             if self._fd < 0:
                 return SpanExportResult.FAILURE
@@ -211,6 +230,17 @@ def read_trace_file(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = ["enabled", "enable", "disable", "start_backend", "stop_backend", "metadata",
-           "client_span", "server_span", "span", "current_ids", "JsonLinesExporter",
-           "read_trace_file"]
+__all__ = [
+    "enabled",
+    "enable",
+    "disable",
+    "start_backend",
+    "stop_backend",
+    "metadata",
+    "client_span",
+    "server_span",
+    "span",
+    "current_ids",
+    "JsonLinesExporter",
+    "read_trace_file",
+]

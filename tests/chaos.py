@@ -45,6 +45,7 @@ def content_hash(value) -> str:
 
 # -- backends --------------------------------------------------------------------
 
+
 def backend(cluster: LocalCluster, backend_id: str) -> BackendProcess:
     """The process of a backend, by id."""
     return cluster.process_of(backend_id)
@@ -83,8 +84,9 @@ def restart_backend(cluster: LocalCluster, backend_id: str, kill: bool = True) -
 
 def kill_later(cluster: LocalCluster, backend_id: str, delay: float) -> threading.Thread:
     """kill -9 a backend after ``delay`` seconds, from a thread (to hit a call in flight)."""
-    t = threading.Thread(target=lambda: (time.sleep(delay), kill_backend(cluster, backend_id)),
-                         name="chaos-kill", daemon=True)
+    t = threading.Thread(
+        target=lambda: (time.sleep(delay), kill_backend(cluster, backend_id)), name="chaos-kill", daemon=True
+    )
     t.start()
     return t
 
@@ -124,6 +126,7 @@ class RssSampler:
 
 # -- Redis -------------------------------------------------------------------------
 
+
 def redis_client(cluster: LocalCluster) -> redis.Redis:
     """A plain redis-py client on the cluster's Redis (for inspection and wiping)."""
     return redis.Redis.from_url(cluster.redis_url, socket_timeout=5)
@@ -150,10 +153,10 @@ def wipe_redis(cluster: LocalCluster) -> None:
 
 # -- storage files -------------------------------------------------------------------
 
+
 def object_file(cluster: LocalCluster, backend_id: str, object_id: str) -> str:
     """Path of an object's checkpoint file in its backend's storage dir."""
-    return os.path.join(backend(cluster, backend_id).data_dir, "objects", object_id[:2],
-                        object_id + ".obj")
+    return os.path.join(backend(cluster, backend_id).data_dir, "objects", object_id[:2], object_id + ".obj")
 
 
 def wal_bytes(cluster: LocalCluster, backend_id: str) -> int:
@@ -178,7 +181,22 @@ def flip_byte(path: str, offset_from_end: int = 1) -> None:
 
 
 __all__ = [
-    "wait_until", "content_hash", "backend", "kill_backend", "stop_backend", "start_backend",
-    "restart_backend", "kill_later", "rss", "RssSampler", "redis_client", "kill_redis",
-    "start_redis", "wipe_redis", "object_file", "wal_bytes", "truncate_file", "flip_byte",
+    "wait_until",
+    "content_hash",
+    "backend",
+    "kill_backend",
+    "stop_backend",
+    "start_backend",
+    "restart_backend",
+    "kill_later",
+    "rss",
+    "RssSampler",
+    "redis_client",
+    "kill_redis",
+    "start_redis",
+    "wipe_redis",
+    "object_file",
+    "wal_bytes",
+    "truncate_file",
+    "flip_byte",
 ]

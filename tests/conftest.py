@@ -12,13 +12,15 @@ os.environ.setdefault("CLAYPOT_VALIDATE", "1")
 from store import LocalCluster  # noqa: E402
 from store._ops.inproc import InProcessCluster  # noqa: E402
 
+
 def pytest_generate_tests(metafunc):
     """Tests marked ``both_transports`` run on the module's cluster over each transport:
     backends served in this process (in the fast set), and backend processes reached
     by gRPC (marked slow: CI's second step runs them)."""
     if "cluster" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
-        metafunc.parametrize("cluster", [pytest.param("grpc", marks=pytest.mark.slow), "inproc"],
-                             indirect=True, scope="module")
+        metafunc.parametrize(
+            "cluster", [pytest.param("grpc", marks=pytest.mark.slow), "inproc"], indirect=True, scope="module"
+        )
 
 
 def validate_backends(c: LocalCluster) -> None:
@@ -32,18 +34,21 @@ def validate_backends(c: LocalCluster) -> None:
     from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
     from store._wire.generated import claypot_pb2 as pb
     from store._wire.generated import claypot_pb2_grpc as pb_grpc
+
     for p in c.processes:
         if not p.alive():
             continue
         if getattr(c, "tls_ca", ""):
             with open(c.tls_ca, "rb") as f:
-                channel = grpc.secure_channel(p.address, grpc.ssl_channel_credentials(f.read()),
-                                              options=CHANNEL_OPTIONS)
+                channel = grpc.secure_channel(
+                    p.address, grpc.ssl_channel_credentials(f.read()), options=CHANNEL_OPTIONS
+                )
         else:
             channel = grpc.insecure_channel(p.address, options=CHANNEL_OPTIONS)
         try:
             reply = pb_grpc.BackendStub(channel).Validate(
-                pb.ValidateRequest(), timeout=30, metadata=((TOKEN_HEADER, c.token),))
+                pb.ValidateRequest(), timeout=30, metadata=((TOKEN_HEADER, c.token),)
+            )
         finally:
             channel.close()
         if reply.HasField("error"):
@@ -98,11 +103,11 @@ def _cluster_connected(request):
     if "cluster" in request.fixturenames:
         import store
         from store._model import objects
+
         c = request.getfixturevalue("cluster")
         if objects._dispatcher is not c.client:
             if isinstance(c, InProcessCluster):
-                c.client = store.connect(c.address, c.token, transport=c.transport(),
-                                         settings=c.settings())
+                c.client = store.connect(c.address, c.token, transport=c.transport(), settings=c.settings())
             else:
                 c.client = store.connect(c.address, c.token)
     yield
@@ -113,6 +118,7 @@ def rcluster(tmp_path, monkeypatch):
     """Three backends with a 2 s heartbeat TTL (tests/replicalib.py), for replica and
     failover attacks; this process takes the same heartbeat settings."""
     from hostilelib import REPLICA_ENV, own_cluster
+
     with own_cluster(tmp_path, 3, None, REPLICA_ENV, monkeypatch) as c:
         yield c
 
@@ -121,5 +127,6 @@ def rcluster(tmp_path, monkeypatch):
 def bigcluster(tmp_path, monkeypatch):
     """Like ``rcluster``, with states over 64 KiB handled as big objects (write-behind)."""
     from hostilelib import BIG_ENV, own_cluster
+
     with own_cluster(tmp_path, 3, None, BIG_ENV, monkeypatch) as c:
         yield c

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 import store
 from lifelib import Array, Counter
 from store import LocalCluster
-from store.errors import (AliasNotFound, BackendError, ClaypotError, ObjectMoved,
-                          ObjectNotFound)
+from store.errors import AliasNotFound, BackendError, ClaypotError, ObjectMoved, ObjectNotFound
 
 MiB = 1 << 20
 BIG_OBJECT = 4 * MiB
@@ -55,17 +54,18 @@ class Violation(AssertionError):
 @dataclass
 class Model:
     """What one object may be: every state consistent with what was acknowledged."""
+
     proxy: object
-    kind: str                       # "counter" or an ARRAY_SIZES key
-    states: set                     # counter: ints; array: (first half, second half)
+    kind: str  # "counter" or an ARRAY_SIZES key
+    states: set  # counter: ints; array: (first half, second half)
     alias: str = ""
-    alias_states: set = field(default_factory=set)   # {True, False}: alias present?
+    alias_states: set = field(default_factory=set)  # {True, False}: alias present?
     exists: set = field(default_factory=lambda: {True})
     # Big objects are write-behind (documented): after a kill -9 they may come back as
     # any whole state acknowledged since the round began, or the state they began it in.
     round_start: set = field(default_factory=set)
     round_history: set = field(default_factory=set)
-    log: list = field(default_factory=list)   # recent operations, for the report
+    log: list = field(default_factory=list)  # recent operations, for the report
 
     @property
     def big(self) -> bool:
@@ -84,10 +84,17 @@ class Stats:
     violations: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"sequences": self.sequences, "operations": self.operations,
-                "acknowledged": self.acknowledged, "open_outcomes": self.open_outcomes,
-                "kills": self.kills, "restarts": self.restarts, "checks": self.checks,
-                "violations": len(self.violations), "violation_details": self.violations[:10]}
+        return {
+            "sequences": self.sequences,
+            "operations": self.operations,
+            "acknowledged": self.acknowledged,
+            "open_outcomes": self.open_outcomes,
+            "kills": self.kills,
+            "restarts": self.restarts,
+            "checks": self.checks,
+            "violations": len(self.violations),
+            "violation_details": self.violations[:10],
+        }
 
 
 def _array_values(state: tuple) -> list:
@@ -122,16 +129,22 @@ class Worker:
         live = [m for m in self.objects if True in m.exists]
         ops = ["create"] * 3
         if live:
-            ops += ["change"] * 6 + ["read"] * 3 + ["fail"] * 2 + ["move"] * 2 + \
-                   ["delete"] * 1 + ["alias"] * 1 + ["checkpoint"] * 1
+            ops += (
+                ["change"] * 6
+                + ["read"] * 3
+                + ["fail"] * 2
+                + ["move"] * 2
+                + ["delete"] * 1
+                + ["alias"] * 1
+                + ["checkpoint"] * 1
+            )
         op = self.rng.choice(ops)
         self.stats.operations += 1
         target = self.rng.choice(live) if live else None
         getattr(self, "_" + op)(target)
         if target is not None and op not in ("create", "checkpoint"):
             where = target.proxy.__dict__.get("_claypot_backend", "")[:4]
-            target.log.append(f"{op}@{self.stats.kills}k:{where}:"
-                              f"{sorted(map(str, target.states))[:3]}")
+            target.log.append(f"{op}@{self.stats.kills}k:{where}:{sorted(map(str, target.states))[:3]}")
             del target.log[:-10]
 
     def _settle(self, fn, on_ok, on_open, m: Model | None = None) -> None:
@@ -140,7 +153,7 @@ class Worker:
         except ObjectNotFound:
             if m is None or False not in m.exists:
                 raise
-            m.exists = {False}   # an open delete that did apply
+            m.exists = {False}  # an open delete that did apply
             return
         except _OPEN:
             self.stats.open_outcomes += 1
@@ -176,13 +189,11 @@ class Worker:
         if m.kind == "counter":
             by = self.rng.randrange(1, 10)
             new = {s + by for s in m.states}
-            self._settle(lambda: m.proxy.incr(by), lambda r: self._set(m, new, r),
-                         lambda: self._open(m, new), m)
+            self._settle(lambda: m.proxy.incr(by), lambda r: self._set(m, new, r), lambda: self._open(m, new), m)
         else:
             v = float(self.rng.randrange(1000, 2000))
             new = {(v, v)}
-            self._settle(lambda: m.proxy.fill(v), lambda r: self._set(m, new),
-                         lambda: self._open(m, new), m)
+            self._settle(lambda: m.proxy.fill(v), lambda r: self._set(m, new), lambda: self._open(m, new), m)
 
     def _set(self, m: Model, new: set, result=None) -> None:
         if m.kind == "counter" and result is not None and result not in new:
@@ -238,8 +249,7 @@ class Worker:
         else:
             allowed = [s for s in m.states if _array_values(s) == seen]
             if not allowed:
-                self._violation(m, f"array holds {seen}, model allows "
-                                   f"{sorted(_array_values(s) for s in m.states)}")
+                self._violation(m, f"array holds {seen}, model allows {sorted(_array_values(s) for s in m.states)}")
             else:
                 m.states = set(allowed)
         m.exists = {True}
@@ -257,6 +267,7 @@ class Worker:
             if m.big:  # a big object keeps its in-place change (documented)
                 return {(v, s[1]) for s in m.states}
             return set(m.states)  # others roll back
+
         try:
             call()
         except ObjectNotFound:
@@ -313,6 +324,7 @@ class Worker:
     def _checkpoint(self, _) -> None:
         """Force a checkpoint on a random backend, at a random point of the sequence."""
         from store._model import objects
+
         try:
             objects.get_dispatcher().checkpoint_backend(self.rng.choice(self.cluster.backends))
         except _OPEN:
@@ -373,8 +385,7 @@ class Worker:
             self._violation(m, f"deleted alias {m.alias!r} came back")
 
     def _violation(self, m: Model, what: str) -> None:
-        self.stats.violations.append(f"{self.name} {m.kind} {m.proxy.getID()}: {what} "
-                                     f"(recent: {' '.join(m.log)})")
+        self.stats.violations.append(f"{self.name} {m.kind} {m.proxy.getID()}: {what} (recent: {' '.join(m.log)})")
 
 
 class Killer:
@@ -394,6 +405,7 @@ class Killer:
             if stop.wait(0.002):
                 return
         import chaos
+
         victim = self.rng.choice(self.cluster.backends)
         chaos.kill_backend(self.cluster, victim)
         self.stats.kills += 1
@@ -402,21 +414,19 @@ class Killer:
         self.stats.restarts += 1
 
 
-def run_sequence(cluster: LocalCluster, seed: int, rounds: int, ops: int, workers: int,
-                 stats: Stats) -> None:
+def run_sequence(cluster: LocalCluster, seed: int, rounds: int, ops: int, workers: int, stats: Stats) -> None:
     """One seeded sequence of rounds on ``cluster``; violations are added to ``stats``."""
     from conftest import validate_backends
+
     master = random.Random(seed)
-    crew = [Worker(f"w{seed}.{i}", random.Random(master.getrandbits(64)), cluster, stats)
-            for i in range(workers)]
+    crew = [Worker(f"w{seed}.{i}", random.Random(master.getrandbits(64)), cluster, stats) for i in range(workers)]
     killer = Killer(random.Random(master.getrandbits(64)), cluster, stats)
     for _ in range(rounds):
         stop = threading.Event()
         kills = stats.kills
         for w in crew:
             w.begin_round()
-        threads = [threading.Thread(target=_run_worker, args=(w, ops, stats), daemon=True)
-                   for w in crew]
+        threads = [threading.Thread(target=_run_worker, args=(w, ops, stats), daemon=True) for w in crew]
         for t in threads:
             t.start()
         kt = threading.Thread(target=killer.round, args=(ops * workers, stop), daemon=True)

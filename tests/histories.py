@@ -18,16 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-UNKNOWN = object()   # the result of an operation whose outcome is open
+UNKNOWN = object()  # the result of an operation whose outcome is open
 
 
 @dataclass
 class Op:
     client: int
-    name: str          # "incr" | "get" (counter), "set" | "get" (register)
+    name: str  # "incr" | "get" (counter), "set" | "get" (register)
     arg: Any
     start: float
-    end: float = math.inf   # inf: outcome unknown (may or may not have happened)
+    end: float = math.inf  # inf: outcome unknown (may or may not have happened)
     result: Any = UNKNOWN
 
 
@@ -91,5 +91,7 @@ def check(ops: list[Op], step: Callable = counter_step, initial=0) -> str | None
             if o.result is not UNKNOWN and o.result != expected:
                 continue
             stack.append((done | {i}, new))
-    return (f"no linearization of {n} operations ({len(required)} completed) matches the "
-            f"results: searched {len(seen)} states")
+    return (
+        f"no linearization of {n} operations ({len(required)} completed) matches the "
+        f"results: searched {len(seen)} states"
+    )

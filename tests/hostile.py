@@ -29,11 +29,20 @@ from store import LocalCluster, StorageObject  # noqa: E402
 from store._wire.generated import claypot_pb2 as pb  # noqa: E402
 
 SERVICE = "/claypot.v1.Backend/"
-UNARY = {"Ping": pb.PingRequest, "Resolve": pb.ResolveRequest,
-         "ListBackends": pb.ListBackendsRequest, "RegisterCode": pb.RegisterCodeRequest,
-         "GetCode": pb.GetCodeRequest, "DeleteAlias": pb.AliasRequest,
-         "SetAlias": pb.AliasRequest, "Persist": pb.PersistRequest, "Call": pb.CallRequest,
-         "Delete": pb.DeleteRequest, "Move": pb.MoveRequest, "CallJson": pb.JsonCallRequest}
+UNARY = {
+    "Ping": pb.PingRequest,
+    "Resolve": pb.ResolveRequest,
+    "ListBackends": pb.ListBackendsRequest,
+    "RegisterCode": pb.RegisterCodeRequest,
+    "GetCode": pb.GetCodeRequest,
+    "DeleteAlias": pb.AliasRequest,
+    "SetAlias": pb.AliasRequest,
+    "Persist": pb.PersistRequest,
+    "Call": pb.CallRequest,
+    "Delete": pb.DeleteRequest,
+    "Move": pb.MoveRequest,
+    "CallJson": pb.JsonCallRequest,
+}
 STREAMS = {"PersistStream": pb.PersistRequest, "CallStream": pb.CallRequest}
 
 
@@ -68,18 +77,15 @@ class Target:
         self.objects = []
         for i in range(n_objects):
             obj = Safe(f"safe-{i}-{uuid.uuid4().hex}")
-            obj.make_persistent(alias=f"safe-{uuid.uuid4().hex[:12]}",
-                                backend=cluster.backends[0])
+            obj.make_persistent(alias=f"safe-{uuid.uuid4().hex[:12]}", backend=cluster.backends[0])
             self.objects.append(obj)
         self.expected = {o.getID(): o.read() for o in self.objects}
         self.pid = self.ping().pid
-        self.channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_send_message_length", 64 << 20)])
 
     def ping(self) -> pb.PingReply:
         with grpc.insecure_channel(self.address) as ch:
-            return pb.PingReply.FromString(ch.unary_unary(SERVICE + "Ping")(
-                b"", metadata=self.meta, timeout=15))
+            return pb.PingReply.FromString(ch.unary_unary(SERVICE + "Ping")(b"", metadata=self.meta, timeout=15))
 
     def intact(self) -> bool:
         """Same process, still serving calls, every object as it was."""
@@ -87,8 +93,7 @@ class Target:
             return False
         for oid, text in self.expected.items():
             try:
-                reply = self.unary("Call", pb.CallRequest(object_id=oid, kind=pb.METHOD,
-                                                          name="read", chain_id="check"))
+                reply = self.unary("Call", pb.CallRequest(object_id=oid, kind=pb.METHOD, name="read", chain_id="check"))
             except grpc.RpcError:
                 return False
             if reply.HasField("error") or pickle.loads(reply.result.payload) != text:
@@ -98,8 +103,7 @@ class Target:
     def unary(self, method: str, request, token: bool = True, timeout: float = 15):
         """A call with raw bytes (the token unless ``token=False``); the decoded reply."""
         raw = request if isinstance(request, bytes) else request.SerializeToString()
-        out = self.channel.unary_unary(SERVICE + method)(
-            raw, metadata=self.meta if token else None, timeout=timeout)
+        out = self.channel.unary_unary(SERVICE + method)(raw, metadata=self.meta if token else None, timeout=timeout)
         return _reply_type(method).FromString(out)
 
     def close(self) -> None:
@@ -107,10 +111,15 @@ class Target:
 
 
 def _reply_type(method):
-    return {"Ping": pb.PingReply, "Resolve": pb.ResolveReply,
-            "ListBackends": pb.ListBackendsReply, "GetCode": pb.GetCodeReply,
-            "Call": pb.CallReply, "CallStream": pb.CallReply,
-            "CallJson": pb.JsonCallReply}.get(method, pb.Status)
+    return {
+        "Ping": pb.PingReply,
+        "Resolve": pb.ResolveReply,
+        "ListBackends": pb.ListBackendsReply,
+        "GetCode": pb.GetCodeReply,
+        "Call": pb.CallReply,
+        "CallStream": pb.CallReply,
+        "CallJson": pb.JsonCallReply,
+    }.get(method, pb.Status)
 
 
 def _outcome(counter: Counter, fn) -> None:
@@ -126,6 +135,7 @@ def _outcome(counter: Counter, fn) -> None:
 
 
 # -- the attacks -----------------------------------------------------------------------------
+
 
 def random_bytes(t: Target, n: int, seed: int) -> dict:
     """Raw TCP connections sending random bytes, some after a valid HTTP/2 preface."""
@@ -153,13 +163,17 @@ def truncated_protobuf(t: Target, seed: int) -> dict:
     rng = random.Random(seed)
     oid = next(iter(t.expected))
     samples = {
-        "Call": pb.CallRequest(object_id=oid, kind=pb.METHOD, name="read", chain_id="x",
-                               args=pb.Value(payload=pickle.dumps(((), {})))),
-        "Persist": pb.PersistRequest(objects=[pb.PersistObject(
-            object_id=uuid.uuid4().hex, class_key="m:C", alias="a",
-            state=pb.Value(payload=b"\x80\x05N."))]),
-        "CallJson": pb.JsonCallRequest(object_id=oid, kind=pb.METHOD, name="read",
-                                       args_json="[]"),
+        "Call": pb.CallRequest(
+            object_id=oid, kind=pb.METHOD, name="read", chain_id="x", args=pb.Value(payload=pickle.dumps(((), {})))
+        ),
+        "Persist": pb.PersistRequest(
+            objects=[
+                pb.PersistObject(
+                    object_id=uuid.uuid4().hex, class_key="m:C", alias="a", state=pb.Value(payload=b"\x80\x05N.")
+                )
+            ]
+        ),
+        "CallJson": pb.JsonCallRequest(object_id=oid, kind=pb.METHOD, name="read", args_json="[]"),
         "SetAlias": pb.AliasRequest(alias="zz", object_id=oid),
         "Resolve": pb.ResolveRequest(alias="zz"),
     }
@@ -168,7 +182,7 @@ def truncated_protobuf(t: Target, seed: int) -> dict:
     for method, msg in samples.items():
         raw = msg.SerializeToString()
         for _ in range(20):
-            cut = raw[:rng.randint(0, max(0, len(raw) - 1))]
+            cut = raw[: rng.randint(0, max(0, len(raw) - 1))]
             _outcome(outcomes, lambda: t.unary(method, cut))
             sent += 1
     return {"sent": sent, "outcomes": dict(outcomes)}
@@ -184,24 +198,34 @@ def hypothesis_requests(t: Target, seed: int, examples: int) -> dict:
     sent = Counter()
 
     def call(method, raw):
-        _outcome(outcomes, lambda: _reply_type(method).FromString(
-            t.channel.unary_unary(SERVICE + method)(raw, metadata=t.meta, timeout=15)))
+        _outcome(
+            outcomes,
+            lambda: _reply_type(method).FromString(
+                t.channel.unary_unary(SERVICE + method)(raw, metadata=t.meta, timeout=15)
+            ),
+        )
         sent[method] += 1
 
     def stream(method, frames):
-        _outcome(outcomes, lambda: _reply_type(method).FromString(
-            t.channel.stream_unary(SERVICE + method)(iter(frames), metadata=t.meta,
-                                                     timeout=15)))
+        _outcome(
+            outcomes,
+            lambda: _reply_type(method).FromString(
+                t.channel.stream_unary(SERVICE + method)(iter(frames), metadata=t.meta, timeout=15)
+            ),
+        )
         sent[method] += 1
 
-    conf = settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-                    suppress_health_check=list(HealthCheck))
+    conf = settings(
+        max_examples=examples, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )
+
     def unary_runner(method, msg_type):
         @fixed_seed(seed)
         @conf
         @given(messages(msg_type.DESCRIPTOR, st))
         def run_unary(msg):
             call(method, msg.SerializeToString())
+
         return run_unary
 
     def stream_runner(method, msg_type):
@@ -209,13 +233,15 @@ def hypothesis_requests(t: Target, seed: int, examples: int) -> dict:
         frame = st.one_of(
             header.map(lambda h: pb.Chunk(header=h).SerializeToString()),
             st.binary(max_size=512).map(lambda d: pb.Chunk(data=d).SerializeToString()),
-            st.binary(max_size=64))
+            st.binary(max_size=64),
+        )
 
         @fixed_seed(seed)
         @conf
         @given(st.lists(frame, max_size=4))
         def run_stream(frames):
             stream(method, frames)
+
         return run_stream
 
     for method, msg_type in UNARY.items():
@@ -228,13 +254,16 @@ def hypothesis_requests(t: Target, seed: int, examples: int) -> dict:
     @given(st.text(max_size=64))
     def run_fetch(handle):
         try:
-            list(t.channel.unary_stream(SERVICE + "FetchResult")(
-                pb.FetchRequest(result_handle=handle).SerializeToString(), metadata=t.meta,
-                timeout=15))
+            list(
+                t.channel.unary_stream(SERVICE + "FetchResult")(
+                    pb.FetchRequest(result_handle=handle).SerializeToString(), metadata=t.meta, timeout=15
+                )
+            )
             outcomes["answered"] += 1
         except grpc.RpcError as exc:
             outcomes["grpc:" + exc.code().name] += 1
         sent["FetchResult"] += 1
+
     run_fetch()
     return {"sent": sum(sent.values()), "per_rpc": dict(sent), "outcomes": dict(outcomes)}
 
@@ -243,15 +272,21 @@ def messages(descriptor, st, depth: int = 0):
     """A hypothesis strategy of protobuf messages of ``descriptor``'s type."""
     from google.protobuf import message_factory
     from google.protobuf.descriptor import FieldDescriptor as F
+
     cls = message_factory.GetMessageClass(descriptor)
-    text = st.one_of(st.text(max_size=40), st.sampled_from(["", "claypot-1-x", "m:C", "|",
-                                                            "\x00", "../../etc/passwd"]))
-    scalars = {F.TYPE_STRING: text, F.TYPE_BYTES: st.binary(max_size=256),
-               F.TYPE_BOOL: st.booleans(), F.TYPE_DOUBLE: st.floats(), F.TYPE_FLOAT:
-               st.floats(width=32), F.TYPE_INT32: st.integers(-2**31, 2**31 - 1),
-               F.TYPE_INT64: st.integers(-2**63, 2**63 - 1), F.TYPE_UINT32:
-               st.integers(0, 2**32 - 1), F.TYPE_UINT64: st.integers(0, 2**64 - 1),
-               F.TYPE_ENUM: st.integers(-3, 8)}
+    text = st.one_of(st.text(max_size=40), st.sampled_from(["", "claypot-1-x", "m:C", "|", "\x00", "../../etc/passwd"]))
+    scalars = {
+        F.TYPE_STRING: text,
+        F.TYPE_BYTES: st.binary(max_size=256),
+        F.TYPE_BOOL: st.booleans(),
+        F.TYPE_DOUBLE: st.floats(),
+        F.TYPE_FLOAT: st.floats(width=32),
+        F.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
+        F.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
+        F.TYPE_UINT32: st.integers(0, 2**32 - 1),
+        F.TYPE_UINT64: st.integers(0, 2**64 - 1),
+        F.TYPE_ENUM: st.integers(-3, 8),
+    }
     fields = {}
     for f in descriptor.fields:
         if f.type == F.TYPE_MESSAGE:
@@ -281,43 +316,53 @@ def messages(descriptor, st, depth: int = 0):
             else:
                 setattr(msg, name, value)
         return msg
+
     return st.fixed_dictionaries({}, optional={k: v[0] for k, v in fields.items()}).map(build)
 
 
 def oversized(t: Target) -> dict:
     """A unary message over the 16 MiB limit, and streams announcing absurd sizes."""
     outcomes: Counter = Counter()
-    huge = pb.CallRequest(object_id=next(iter(t.expected)), kind=pb.METHOD, name="read",
-                          args=pb.Value(payload=b"\0" * (20 << 20)))
-    _outcome(outcomes, lambda: t.channel.unary_unary(SERVICE + "Call")(
-        huge.SerializeToString(), metadata=t.meta, timeout=30))
+    huge = pb.CallRequest(
+        object_id=next(iter(t.expected)), kind=pb.METHOD, name="read", args=pb.Value(payload=b"\0" * (20 << 20))
+    )
+    _outcome(
+        outcomes, lambda: t.channel.unary_unary(SERVICE + "Call")(huge.SerializeToString(), metadata=t.meta, timeout=30)
+    )
     for sizes in ([1 << 50], [1 << 40] * 4, [2**63 - 1]):
-        header = pb.CallRequest(kind=pb.METHOD, object_id=next(iter(t.expected)), name="read",
-                                args=pb.Value(buffer_sizes=sizes))
-        frames = [pb.Chunk(header=header.SerializeToString()).SerializeToString(),
-                  pb.Chunk(data=b"\0" * 1024).SerializeToString()]
-        _outcome(outcomes, lambda: pb.CallReply.FromString(
-            t.channel.stream_unary(SERVICE + "CallStream")(iter(frames), metadata=t.meta,
-                                                           timeout=30)))
+        header = pb.CallRequest(
+            kind=pb.METHOD, object_id=next(iter(t.expected)), name="read", args=pb.Value(buffer_sizes=sizes)
+        )
+        frames = [
+            pb.Chunk(header=header.SerializeToString()).SerializeToString(),
+            pb.Chunk(data=b"\0" * 1024).SerializeToString(),
+        ]
+        _outcome(
+            outcomes,
+            lambda: pb.CallReply.FromString(
+                t.channel.stream_unary(SERVICE + "CallStream")(iter(frames), metadata=t.meta, timeout=30)
+            ),
+        )
     return {"sent": 4, "outcomes": dict(outcomes)}
 
 
 def exploit_pickles(t: Target, marker: str) -> dict:
     """A pickle that would run code: sent with no token, a wrong token, and via forged Redis."""
     import redis
+
     outcomes: Counter = Counter()
     evil = pickle.dumps(((Exploit(marker),), {}))
     oid = next(iter(t.expected))
-    call = pb.CallRequest(object_id=oid, kind=pb.METHOD, name="read", chain_id="e",
-                          args=pb.Value(payload=evil))
-    for meta in (None, [("claypot-token", "")], [("claypot-token", t.token[:-1])],
-                 [("claypot-token", t.token + "x")]):
-        _outcome(outcomes, lambda: t.channel.unary_unary(SERVICE + "Call")(
-            call.SerializeToString(), metadata=meta, timeout=15))
-    persist = pb.PersistRequest(objects=[pb.PersistObject(
-        object_id=uuid.uuid4().hex, class_key="m:C", state=pb.Value(payload=evil))])
-    _outcome(outcomes, lambda: t.channel.unary_unary(SERVICE + "Persist")(
-        persist.SerializeToString(), timeout=15))
+    call = pb.CallRequest(object_id=oid, kind=pb.METHOD, name="read", chain_id="e", args=pb.Value(payload=evil))
+    for meta in (None, [("claypot-token", "")], [("claypot-token", t.token[:-1])], [("claypot-token", t.token + "x")]):
+        _outcome(
+            outcomes,
+            lambda: t.channel.unary_unary(SERVICE + "Call")(call.SerializeToString(), metadata=meta, timeout=15),
+        )
+    persist = pb.PersistRequest(
+        objects=[pb.PersistObject(object_id=uuid.uuid4().hex, class_key="m:C", state=pb.Value(payload=evil))]
+    )
+    _outcome(outcomes, lambda: t.channel.unary_unary(SERVICE + "Persist")(persist.SerializeToString(), timeout=15))
     # A Redis writer (who has the password, not the token) plants code and asks for a task.
     r = redis.Redis.from_url(t.cluster.redis_url, socket_timeout=5)
     key = f"hostile:task_{uuid.uuid4().hex}"
@@ -334,16 +379,23 @@ def long_and_control_names(t: Target) -> dict:
     oid = next(iter(t.expected))
     names = ["a" * (1 << 20), "bad\x00alias", "line\nbreak", "esc\x1b[31m", "pipe|alias"]
     for name in names:
-        _outcome(outcomes, lambda: t.unary("SetAlias", pb.AliasRequest(alias=name,
-                                                                       object_id=oid)))
+        _outcome(outcomes, lambda: t.unary("SetAlias", pb.AliasRequest(alias=name, object_id=oid)))
         _outcome(outcomes, lambda: t.unary("Resolve", pb.ResolveRequest(alias=name)))
-        _outcome(outcomes, lambda: t.unary("RegisterCode", pb.RegisterCodeRequest(
-            key=name, code=b"x")))
-        _outcome(outcomes, lambda: t.unary("Persist", pb.PersistRequest(objects=[
-            pb.PersistObject(object_id=uuid.uuid4().hex, class_key=name,
-                             state=pb.Value(payload=pickle.dumps(1)))])))
-        _outcome(outcomes, lambda: t.unary("Call", pb.CallRequest(
-            kind=pb.TASK, name=name, chain_id="n")))
+        _outcome(outcomes, lambda: t.unary("RegisterCode", pb.RegisterCodeRequest(key=name, code=b"x")))
+        _outcome(
+            outcomes,
+            lambda: t.unary(
+                "Persist",
+                pb.PersistRequest(
+                    objects=[
+                        pb.PersistObject(
+                            object_id=uuid.uuid4().hex, class_key=name, state=pb.Value(payload=pickle.dumps(1))
+                        )
+                    ]
+                ),
+            ),
+        )
+        _outcome(outcomes, lambda: t.unary("Call", pb.CallRequest(kind=pb.TASK, name=name, chain_id="n")))
     return {"sent": 5 * len(names), "outcomes": dict(outcomes)}
 
 
@@ -370,8 +422,8 @@ def many_connections(t: Target, n: int) -> dict:
                 opened["failed"] += 1
         for s in socks:
             s.close()
-    threads = [threading.Thread(target=worker, args=(n // 50 + (i < n % 50),))
-               for i in range(min(n, 50))]
+
+    threads = [threading.Thread(target=worker, args=(n // 50 + (i < n % 50),)) for i in range(min(n, 50))]
     for th in threads:
         th.start()
     for th in threads:
@@ -394,25 +446,29 @@ def silent_streams(t: Target, n: int) -> dict:
     def one():
         t0 = time.monotonic()
         try:
-            t.channel.stream_unary(SERVICE + "CallStream")(frames(), metadata=t.meta,
-                                                           timeout=60)
+            t.channel.stream_unary(SERVICE + "CallStream")(frames(), metadata=t.meta, timeout=60)
             ended["answered"] += 1
         except grpc.RpcError as exc:
             ended["grpc:" + exc.code().name] += 1
         durations.append(time.monotonic() - t0)
+
     threads = [threading.Thread(target=one) for _ in range(n)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(90)
     never.set()
-    return {"streams": n, "outcomes": dict(ended),
-            "longest_s": round(max(durations), 2) if durations else 0,
-            "total_s": round(time.monotonic() - started, 2)}
+    return {
+        "streams": n,
+        "outcomes": dict(ended),
+        "longest_s": round(max(durations), 2) if durations else 0,
+        "total_s": round(time.monotonic() - started, 2),
+    }
 
 
-def run(cluster, seed: int = 20261127, examples: int = 15, connections: int = 1000,
-        random_conns: int = 100, silent: int = 4) -> dict:
+def run(
+    cluster, seed: int = 20261127, examples: int = 15, connections: int = 1000, random_conns: int = 100, silent: int = 4
+) -> dict:
     """Every attack in turn, each followed by the integrity check; the JSON-ready summary."""
     t = Target(cluster)
     marker = os.path.join(tempfile.mkdtemp(prefix="claypot-hostile-"), "pwned")
@@ -442,8 +498,7 @@ def run(cluster, seed: int = 20261127, examples: int = 15, connections: int = 10
 
 def main() -> None:
     with LocalCluster(backends=2, backend_env={"CLAYPOT_ADMIN_TIMEOUT": "3"}) as cluster:
-        summary = run(cluster, examples=int(os.environ.get("HOSTILE_EXAMPLES", "25")),
-                      silent=20)
+        summary = run(cluster, examples=int(os.environ.get("HOSTILE_EXAMPLES", "25")), silent=20)
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -27,8 +27,9 @@ BIG_ENV = dict(REPLICA_ENV, CLAYPOT_BIG_OBJECT="65536")
 
 
 @contextmanager
-def own_cluster(tmp_path, backends: int = 1, durability: str = "none",
-                env: dict | None = None, monkeypatch=None, **options) -> Iterator[LocalCluster]:
+def own_cluster(
+    tmp_path, backends: int = 1, durability: str = "none", env: dict | None = None, monkeypatch=None, **options
+) -> Iterator[LocalCluster]:
     """A cluster for one test, its data under ``tmp_path / "c"``.
 
     ``env`` goes to the backends; with ``monkeypatch`` this process takes it
@@ -40,8 +41,7 @@ def own_cluster(tmp_path, backends: int = 1, durability: str = "none",
             monkeypatch.setenv(k, v)
     if env:
         options["backend_env"] = env
-    with LocalCluster(backends=backends, data_dir=str(tmp_path / "c"), durability=durability,
-                      **options) as c:
+    with LocalCluster(backends=backends, data_dir=str(tmp_path / "c"), durability=durability, **options) as c:
         yield c
 
 
@@ -57,6 +57,7 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 
 # -- raw calls to one backend ---------------------------------------------------------------
 
+
 @contextmanager
 def raw_stub(address: str) -> Iterator[pb_grpc.BackendStub]:
     """A Backend stub on a channel of its own, closed afterwards."""
@@ -67,15 +68,23 @@ def raw_stub(address: str) -> Iterator[pb_grpc.BackendStub]:
         channel.close()
 
 
-def raw_call(cluster: LocalCluster, address: str, object_id: str, name: str, args,
-             call_id: str, timeout: float = 30):
+def raw_call(cluster: LocalCluster, address: str, object_id: str, name: str, args, call_id: str, timeout: float = 30):
     """One method Call straight to one backend: its result, or the reply's pb.Error."""
     payload, buffers = dumps((args, {}))
     with raw_stub(address) as stub:
         reply = stub.Call(
-            pb.CallRequest(object_id=object_id, kind=pb.METHOD, name=name, chain_id=call_id,
-                           call_id=call_id, args=pb.Value(payload=payload, buffers=buffers)),
-            timeout=timeout, metadata=((TOKEN_HEADER, cluster.token),), wait_for_ready=True)
+            pb.CallRequest(
+                object_id=object_id,
+                kind=pb.METHOD,
+                name=name,
+                chain_id=call_id,
+                call_id=call_id,
+                args=pb.Value(payload=payload, buffers=buffers),
+            ),
+            timeout=timeout,
+            metadata=((TOKEN_HEADER, cluster.token),),
+            wait_for_ready=True,
+        )
     if reply.HasField("error"):
         return reply.error
     if not reply.HasField("result"):
@@ -87,9 +96,11 @@ def raw_get_attr(cluster: LocalCluster, address: str, object_id: str, name: str)
     """One attribute read straight to one backend: the value, the pb.Error, or the RpcError."""
     with raw_stub(address) as stub:
         try:
-            reply = stub.Call(pb.CallRequest(object_id=object_id, kind=pb.GET_ATTR, name=name,
-                                             chain_id="probe", call_id=""),
-                              timeout=5, metadata=((TOKEN_HEADER, cluster.token),))
+            reply = stub.Call(
+                pb.CallRequest(object_id=object_id, kind=pb.GET_ATTR, name=name, chain_id="probe", call_id=""),
+                timeout=5,
+                metadata=((TOKEN_HEADER, cluster.token),),
+            )
         except grpc.RpcError as exc:
             return exc
     if reply.HasField("error"):
@@ -100,6 +111,9 @@ def raw_get_attr(cluster: LocalCluster, address: str, object_id: str, name: str)
 def raw_delete(cluster: LocalCluster, address: str, object_id: str, timeout: float = 30):
     """One Delete straight to one backend: None, or the reply's pb.Error."""
     with raw_stub(address) as stub:
-        reply = stub.Delete(pb.DeleteRequest(object_id=object_id, chain_id="hostile-delete"),
-                            timeout=timeout, metadata=((TOKEN_HEADER, cluster.token),))
+        reply = stub.Delete(
+            pb.DeleteRequest(object_id=object_id, chain_id="hostile-delete"),
+            timeout=timeout,
+            metadata=((TOKEN_HEADER, cluster.token),),
+        )
     return reply.error if reply.HasField("error") else None

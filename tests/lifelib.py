@@ -67,6 +67,7 @@ class Array(StorageObject):
     @readonly
     def digest(self) -> str:
         import hashlib
+
         return hashlib.sha256(self.data.tobytes()).hexdigest()
 
 
@@ -174,8 +175,9 @@ class Sticky(StorageObject):
 
     def incr_and_keep_lock(self) -> None:
         import threading
+
         self.value += 1
-        self.guard = threading.Lock()     # the new state cannot be pickled
+        self.guard = threading.Lock()  # the new state cannot be pickled
 
     @readonly
     def get(self) -> int:

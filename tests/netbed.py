@@ -75,6 +75,7 @@ def require() -> None:
 def skip_or_fail(why: str) -> None:
     """Skip with ``why``, except under CI=true, where the multi-host tests must run."""
     import pytest
+
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must run the multi-host tests: {why}")
     pytest.skip(why)
@@ -88,7 +89,7 @@ class Host:
         self.index = index
         self.name = f"host{index}"
         self.ns = f"{bed.prefix}-h{index}"
-        self.veth = f"{bed.prefix}v{index}"     # the bridge side (root namespace)
+        self.veth = f"{bed.prefix}v{index}"  # the bridge side (root namespace)
         self.ip = f"{bed.subnet}.{index + 2}"
 
     def __repr__(self) -> str:
@@ -96,8 +97,19 @@ class Host:
 
     def wrapper(self) -> list[str]:
         """A command prefix that runs a program in this host (exec'ing it in place)."""
-        return ["ip", "netns", "exec", self.ns, "unshare", "--uts", "--",
-                "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            "unshare",
+            "--uts",
+            "--",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            self.name,
+        ]
 
     def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a short command (ip, tc, iptables) in this host's namespace."""
@@ -121,15 +133,20 @@ class Agent:
         self.host = host
         self.proc = subprocess.Popen(
             [*host.wrapper(), sys.executable, "-u", os.path.join(HERE, "netbed_agent.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, text=True,
-            start_new_session=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=env,
+            text=True,
+            start_new_session=True,
+        )
         self._replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True, name="agent-reader").start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self._replies.put(line)
-        self.proc.stdout.close()   # the agent is gone: nothing more to read
+        self.proc.stdout.close()  # the agent is gone: nothing more to read
         self._replies.put(None)
 
     def run(self, code: str = "", expr: str = "None", timeout: float = 60.0):
@@ -141,8 +158,9 @@ class Agent:
             line = self._replies.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise AssertionError(f"agent in {self.host.name} gave no answer within {timeout}s "
-                                 f"to {code!r} / {expr!r}") from None
+            raise AssertionError(
+                f"agent in {self.host.name} gave no answer within {timeout}s to {code!r} / {expr!r}"
+            ) from None
         if line is None:
             raise AgentError("AgentGone", f"the agent in {self.host.name} died")
         reply = json.loads(line)
@@ -168,7 +186,7 @@ class Agent:
     def _close_stdin(self) -> None:
         try:
             self.proc.stdin.close()
-        except OSError:   # the pipe broke with the agent: closed all the same
+        except OSError:  # the pipe broke with the agent: closed all the same
             pass
 
 
@@ -185,16 +203,16 @@ class NetBed:
     """N hosts as network namespaces on one bridge (see the module docstring)."""
 
     def __init__(self, n: int = 3, workdir: str | None = None):
-        self.prefix = "cp" + secrets.token_hex(3)          # interface names stay within 15 chars
+        self.prefix = "cp" + secrets.token_hex(3)  # interface names stay within 15 chars
         self.subnet = f"10.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
         self.bridge = self.prefix + "br"
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="claypot-netbed-")
         self.workdir = workdir or self._tmp
         self.hosts = [Host(self, i) for i in range(n)]
-        self._procs: list = []      # every process started, stopped on close
+        self._procs: list = []  # every process started, stopped on close
         self._forward_rule: list[str] | None = None
         self._down: set[str] = set()
-        self._netem_kind: str | None = None     # "tc", "nfqueue", or "" (unavailable)
+        self._netem_kind: str | None = None  # "tc", "nfqueue", or "" (unavailable)
         self._netem_why = ""
         self._netem_rules: dict[str, list] = {}
         self._delayers: dict = {}
@@ -228,8 +246,7 @@ class NetBed:
         if shutil.which("iptables") is None:
             return
         rules = _sh("iptables", "-S", "FORWARD", check=False)
-        if rules.returncode != 0 or ("-P FORWARD DROP" not in rules.stdout
-                                     and "DOCKER" not in rules.stdout):
+        if rules.returncode != 0 or ("-P FORWARD DROP" not in rules.stdout and "DOCKER" not in rules.stdout):
             return
         rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
         _sh("iptables", "-I", *rule)
@@ -250,7 +267,7 @@ class NetBed:
         for h in self.hosts:
             self.clear_netem(h)
         for h in self.hosts:
-            for pid in h.pids():   # anything a test started in the host by other means
+            for pid in h.pids():  # anything a test started in the host by other means
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -281,28 +298,53 @@ class NetBed:
         env.update(extra or {})
         return env
 
-    def start_redis(self, host: Host, port: int = 6379, args: list | None = None,
-                    name: str = "redis") -> str:
+    def start_redis(self, host: Host, port: int = 6379, args: list | None = None, name: str = "redis") -> str:
         """A redis-server in ``host`` listening on its address; returns its URL."""
         d = os.path.join(self.workdir, f"{name}-{host.name}-{port}")
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "redis.log"), "ab") as log:   # the child keeps its own copy
+        with open(os.path.join(d, "redis.log"), "ab") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
-                [*host.wrapper(), find_redis_server(), "--port", str(port), "--bind", host.ip,
-                 "--dir", d, "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                 "--protected-mode", "no", "--daemonize", "no", *(args or [])],
-                stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    *host.wrapper(),
+                    find_redis_server(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    host.ip,
+                    "--dir",
+                    d,
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--protected-mode",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    *(args or []),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._procs.append(proc)
         self.wait_port(host, port, proc)
         return f"redis://{host.ip}:{port}/0"
 
     def start_program(self, host: Host, argv: list[str], log: str) -> subprocess.Popen:
         """Any program in ``host`` (stdout and stderr to ``log``)."""
-        with open(log, "ab") as out:   # the child keeps its own copy
-            proc = subprocess.Popen([*host.wrapper(), *argv], stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env(), start_new_session=True)
+        with open(log, "ab") as out:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [*host.wrapper(), *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+                start_new_session=True,
+            )
         self._procs.append(proc)
         return proc
 
@@ -310,14 +352,29 @@ class NetBed:
         def listening():
             out = host.exec("ss", "-ltnH", f"sport = :{port}", check=False)
             return bool(out.stdout.strip())
+
         _wait_for(listening, timeout, f"a server on {host.name}:{port}", proc)
 
-    def start_backend(self, host: Host, redis_url: str, token: str, name: str = "",
-                      env: dict | None = None, extra_args: list | None = None) -> BackendProcess:
+    def start_backend(
+        self,
+        host: Host,
+        redis_url: str,
+        token: str,
+        name: str = "",
+        env: dict | None = None,
+        extra_args: list | None = None,
+    ) -> BackendProcess:
         """A backend in ``host`` listening on (and registering) the host's address."""
         d = os.path.join(self.workdir, name or f"backend-{host.name}-{len(self._procs)}")
-        p = BackendProcess(d, redis_url, token, host=host.ip, env=self.env(env),
-                           extra_args=list(extra_args or []), wrapper=host.wrapper())
+        p = BackendProcess(
+            d,
+            redis_url,
+            token,
+            host=host.ip,
+            env=self.env(env),
+            extra_args=list(extra_args or []),
+            wrapper=host.wrapper(),
+        )
         self._procs.append(p)
         return p.start()
 
@@ -342,8 +399,7 @@ class NetBed:
 
     def _probe_netem(self) -> tuple[str, str]:
         h = self.hosts[0]
-        out = h.exec("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms",
-                     check=False)
+        out = h.exec("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms", check=False)
         if out.returncode == 0:
             h.exec("tc", "qdisc", "del", "dev", "lo", "root", check=False)
             return "tc", ""
@@ -357,6 +413,7 @@ class NetBed:
             return "", why + " and bridged traffic does not pass iptables (no br_netfilter)"
         try:
             import netdelay
+
             netdelay.Delayer(secrets.randbelow(60000) + 1000, 0).close()
         except OSError as exc:
             return "", why + f" and nfnetlink_queue is unavailable ({exc})"
@@ -373,15 +430,17 @@ class NetBed:
             host.exec("tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *spec)
             return
         import netdelay
+
         port = ["FORWARD", "-m", "physdev", "--physdev-in", host.veth]
         rules = []
         if delay_ms:
             queue = secrets.randbelow(60000) + 1000
             self._delayers[host.name] = netdelay.Delayer(queue, delay_ms / 1000)
             rules.append(port + ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"])
-        if loss_pct:   # inserted last, so it is first: dropped packets are never queued
-            rules.append(port + ["-m", "statistic", "--mode", "random", "--probability",
-                                 f"{loss_pct / 100:.6f}", "-j", "DROP"])
+        if loss_pct:  # inserted last, so it is first: dropped packets are never queued
+            rules.append(
+                port + ["-m", "statistic", "--mode", "random", "--probability", f"{loss_pct / 100:.6f}", "-j", "DROP"]
+            )
         for rule in rules:
             _sh("iptables", "-I", *rule)
             self._netem_rules.setdefault(host.name, []).append(rule)
@@ -424,7 +483,7 @@ class NetBed:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in self._procs:   # reap our children so they do not linger as zombies
+        for p in self._procs:  # reap our children so they do not linger as zombies
             proc = p.proc if isinstance(p, (Agent, BackendProcess)) else p
             if proc is not None and proc.pid in pids:
                 proc.wait()

@@ -42,8 +42,7 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 def _message(msg: int, queue: int, attrs: bytes, seq: int, flags: int = NLM_F_REQUEST) -> bytes:
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + attrs
-    return struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg, flags, seq,
-                       0) + body
+    return struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg, flags, seq, 0) + body
 
 
 class Delayer:
@@ -57,10 +56,14 @@ class Delayer:
         self.sock.bind((0, 0))
         self._seq = 0
         self._config(_attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0)))
-        self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META)) +
-                     _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", 8192)))
-        self._config(_attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_GSO)) +
-                     _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_GSO)))
+        self._config(
+            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
+            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", 8192))
+        )
+        self._config(
+            _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_GSO))
+            + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_GSO))
+        )
         self._held: collections.deque = collections.deque()
         self._stop = threading.Event()
         self.packets = 0
@@ -69,8 +72,7 @@ class Delayer:
 
     def _config(self, attrs: bytes) -> None:
         self._seq += 1
-        self.sock.send(_message(NFQNL_MSG_CONFIG, self.queue, attrs, self._seq,
-                                NLM_F_REQUEST | NLM_F_ACK))
+        self.sock.send(_message(NFQNL_MSG_CONFIG, self.queue, attrs, self._seq, NLM_F_REQUEST | NLM_F_ACK))
         reply = self.sock.recv(65536)
         length, kind = struct.unpack_from("=IH", reply)
         if kind == NLMSG_ERROR:
@@ -80,9 +82,14 @@ class Delayer:
 
     def _release(self, packet_id: int) -> None:
         self._seq += 1
-        self.sock.send(_message(NFQNL_MSG_VERDICT_BATCH, self.queue,
-                                _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet_id)),
-                                self._seq))
+        self.sock.send(
+            _message(
+                NFQNL_MSG_VERDICT_BATCH,
+                self.queue,
+                _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet_id)),
+                self._seq,
+            )
+        )
 
     def _receive(self) -> None:
         now = time.monotonic()
@@ -125,7 +132,7 @@ class Delayer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        if self._held:   # let what is still held through rather than drop it
+        if self._held:  # let what is still held through rather than drop it
             self._release(self._held[-1][1])
             self._held.clear()
         self.sock.close()

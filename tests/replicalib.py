@@ -40,24 +40,28 @@ class RoundStats:
     open_outcome: int = 0
     failovers: int = 0
     failover_seconds: list = field(default_factory=list)
-    by_fault: dict = field(default_factory=dict)   # fault -> [failover seconds]
+    by_fault: dict = field(default_factory=dict)  # fault -> [failover seconds]
     lost_updates: int = 0
     duplicates: int = 0
     violations: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         fs = sorted(self.failover_seconds)
-        return {"operations": self.operations, "acknowledged": self.acknowledged,
-                "open_outcome": self.open_outcome, "failovers": self.failovers,
-                "failover_seconds_max": round(fs[-1], 3) if fs else None,
-                "failover_seconds_median": round(fs[len(fs) // 2], 3) if fs else None,
-                "failover_seconds_by_fault": self.by_fault,
-                "lost_updates": self.lost_updates, "duplicates": self.duplicates,
-                "violations": self.violations[:5]}
+        return {
+            "operations": self.operations,
+            "acknowledged": self.acknowledged,
+            "open_outcome": self.open_outcome,
+            "failovers": self.failovers,
+            "failover_seconds_max": round(fs[-1], 3) if fs else None,
+            "failover_seconds_median": round(fs[len(fs) // 2], 3) if fs else None,
+            "failover_seconds_by_fault": self.by_fault,
+            "lost_updates": self.lost_updates,
+            "duplicates": self.duplicates,
+            "violations": self.violations[:5],
+        }
 
 
-def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int = 40,
-              fault: str = "kill") -> None:
+def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int = 40, fault: str = "kill") -> None:
     """One seeded round (see the module docstring); adds to ``stats``."""
     rng = random.Random(seed)
     ctr = Counter(0)
@@ -73,7 +77,7 @@ def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int 
 
     def worker(i: int):
         r = random.Random(seed * 100 + i)
-        proxy = ctr   # one proxy shared by the client threads, as an application would
+        proxy = ctr  # one proxy shared by the client threads, as an application would
         for _ in range(ops):
             with lock:
                 started_ops[0] += 1
@@ -85,7 +89,7 @@ def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int 
             try:
                 result = proxy.incr(1) if name == "incr" else proxy.get()
             except ClaypotError:
-                op.result = UNKNOWN   # its outcome is open: it may or may not have run
+                op.result = UNKNOWN  # its outcome is open: it may or may not have run
                 continue
             History.done(op, result)
             time.sleep(r.random() * 0.01)
@@ -110,8 +114,9 @@ def run_round(cluster, seed: int, stats: RoundStats, clients: int = 3, ops: int 
     stats.open_outcome += len(history.ops) - len(done)
     if lost_at[0]:
         stats.failovers += 1
-        spans = [o.end - max(o.start, lost_at[0]) for o in done if o.end >= lost_at[0]
-                 and o.start <= lost_at[0] + TTL * 3]
+        spans = [
+            o.end - max(o.start, lost_at[0]) for o in done if o.end >= lost_at[0] and o.start <= lost_at[0] + TTL * 3
+        ]
         stats.failover_seconds.append(max(spans) if spans else 0.0)
         stats.by_fault.setdefault(fault, []).append(round(stats.failover_seconds[-1], 3))
     acked_incrs = sum(1 for o in done if o.name == "incr")
@@ -143,12 +148,14 @@ def _holds(cluster, proc, object_id: str) -> bool:
     from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
     from store._wire.generated import claypot_pb2 as pb
     from store._wire.generated import claypot_pb2_grpc as pb_grpc
+
     channel = grpc.insecure_channel(proc.address, options=CHANNEL_OPTIONS)
     try:
         reply = pb_grpc.BackendStub(channel).Call(
-            pb.CallRequest(object_id=object_id, kind=pb.GET_ATTR, name="value",
-                           chain_id="probe", call_id="probe"),
-            timeout=10, metadata=((TOKEN_HEADER, cluster.token),))
+            pb.CallRequest(object_id=object_id, kind=pb.GET_ATTR, name="value", chain_id="probe", call_id="probe"),
+            timeout=10,
+            metadata=((TOKEN_HEADER, cluster.token),),
+        )
     except grpc.RpcError:
         return False
     finally:

@@ -44,49 +44,64 @@ class SlurmBed:
         node = socket.gethostname().split(".")[0]
         sock = os.path.join(self.root, "munge.sock")
         with open(self.conf, "w") as f:
-            f.write("\n".join([
-                "ClusterName=claypot",
-                f"SlurmctldHost={node}(127.0.0.1)",
-                f"SlurmctldPort={free_port()}",
-                f"SlurmdPort={free_port()}",
-                "AuthType=auth/munge",
-                f"AuthInfo=socket={sock}",
-                "ProctrackType=proctrack/linuxproc",
-                "TaskPlugin=task/none",
-                "SelectType=select/cons_tres",
-                "SelectTypeParameters=CR_Core",
-                "ReturnToService=2",
-                f"StateSaveLocation={self.root}/state",
-                f"SlurmdSpoolDir={self.root}/spool",
-                f"SlurmctldPidFile={self.root}/slurmctld.pid",
-                f"SlurmdPidFile={self.root}/slurmd.pid",
-                "SlurmUser=root",
-                "MpiDefault=none",
-                "JobCompType=jobcomp/none",
-                "AccountingStorageType=accounting_storage/none",
-                f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
-                "PartitionName=claypot Nodes=ALL Default=YES MaxTime=INFINITE State=UP "
-                "OverSubscribe=FORCE:8",
-                ""]))
+            f.write(
+                "\n".join(
+                    [
+                        "ClusterName=claypot",
+                        f"SlurmctldHost={node}(127.0.0.1)",
+                        f"SlurmctldPort={free_port()}",
+                        f"SlurmdPort={free_port()}",
+                        "AuthType=auth/munge",
+                        f"AuthInfo=socket={sock}",
+                        "ProctrackType=proctrack/linuxproc",
+                        "TaskPlugin=task/none",
+                        "SelectType=select/cons_tres",
+                        "SelectTypeParameters=CR_Core",
+                        "ReturnToService=2",
+                        f"StateSaveLocation={self.root}/state",
+                        f"SlurmdSpoolDir={self.root}/spool",
+                        f"SlurmctldPidFile={self.root}/slurmctld.pid",
+                        f"SlurmdPidFile={self.root}/slurmd.pid",
+                        "SlurmUser=root",
+                        "MpiDefault=none",
+                        "JobCompType=jobcomp/none",
+                        "AccountingStorageType=accounting_storage/none",
+                        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
+                        "PartitionName=claypot Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8",
+                        "",
+                    ]
+                )
+            )
         os.environ["SLURM_CONF"] = self.conf
         log = open(os.path.join(self.root, "daemons.log"), "ab")
-        self.procs.append(subprocess.Popen(
-            ["munged", "-F", "--force", f"--socket={sock}",
-             f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/munged.log",
-             f"--seed-file={self.root}/munged.seed"], stdout=log, stderr=log,
-            stdin=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    "munged",
+                    "-F",
+                    "--force",
+                    f"--socket={sock}",
+                    f"--pid-file={self.root}/munged.pid",
+                    f"--log-file={self.root}/munged.log",
+                    f"--seed-file={self.root}/munged.seed",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        )
         self._wait(lambda: os.path.exists(sock), timeout, "munged")
         for daemon in ("slurmctld", "slurmd"):
-            self.procs.append(subprocess.Popen([daemon, "-D", "-f", self.conf], stdout=log,
-                                               stderr=log, stdin=subprocess.DEVNULL))
-        log.close()   # the daemons keep their own copies
+            self.procs.append(
+                subprocess.Popen([daemon, "-D", "-f", self.conf], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            )
+        log.close()  # the daemons keep their own copies
         self._wait(self._idle, timeout, "the SLURM node")
         return self
 
     def _idle(self) -> bool:
         try:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                 timeout=5)
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5)
         except subprocess.TimeoutExpired:
             return False
         return "idle" in out.stdout
@@ -96,11 +111,11 @@ class SlurmBed:
         while not ok():
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}) while starting "
-                                       f"{what}; see {self.root}/daemons.log")
+                    raise RuntimeError(
+                        f"{p.args[0]} exited ({p.returncode}) while starting {what}; see {self.root}/daemons.log"
+                    )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} not ready within {timeout:.0f}s; see "
-                                   f"{self.root}/daemons.log")
+                raise RuntimeError(f"{what} not ready within {timeout:.0f}s; see {self.root}/daemons.log")
             time.sleep(0.2)
 
     def stop(self) -> None:

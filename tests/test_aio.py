@@ -53,6 +53,7 @@ def test_await_methods_and_lookups(cluster):
             await proxy.blob.aio(4 * 1024 * 1024)
         # A blocking call inside a running loop (a notebook cell) works too.
         assert proxy.incr(1) == 6
+
     asyncio.run(main())
 
 
@@ -66,6 +67,7 @@ def test_a_thousand_concurrent_calls_from_one_loop(cluster):
         calls = [tallies[i % 4].incr.aio(1) for i in range(1000)]
         results = await asyncio.gather(*calls)
         return results
+
     results = asyncio.run(main())
     assert len(results) == 1000
     assert sorted(t.n for t in tallies) == [250, 250, 250, 250]
@@ -82,7 +84,8 @@ def test_cancelling_the_task_cancels_the_remote_call(cluster):
     async def main():
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(t.spin.aio(120), timeout=1.0)
+
     asyncio.run(main())
     started = time.monotonic()
-    assert t.incr() == 1          # rolled back (n was 0) and the lock is free
+    assert t.incr() == 1  # rolled back (n was 0) and the lock is free
     assert time.monotonic() - started < 3

@@ -19,8 +19,7 @@ sys.path.insert(0, ROOT)
 
 from bench import compare  # noqa: E402
 
-BASE = {"ratios": {"readonly_call_over_echo_p50": 1.2, "make_persistent_over_floor": 0.5,
-                   "threads_8_over_echo": 0.9}}
+BASE = {"ratios": {"readonly_call_over_echo_p50": 1.2, "make_persistent_over_floor": 0.5, "threads_8_over_echo": 0.9}}
 
 
 def run_compare(tmp_path, runs: list[dict], *extra: str) -> tuple[int, dict]:
@@ -32,8 +31,13 @@ def run_compare(tmp_path, runs: list[dict], *extra: str) -> tuple[int, dict]:
         path = tmp_path / f"run{i}.json"
         path.write_text(json.dumps(doc))
         args += ["--current", f"calls={path}"]
-    res = subprocess.run([sys.executable, "bench/compare.py", "--results", str(results),
-                          *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "bench/compare.py", "--results", str(results), *args, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return res.returncode, json.loads(res.stdout)
 
 
@@ -51,22 +55,24 @@ def test_same_figures_pass(tmp_path):
     assert rows["make_persistent_over_dataclay"]["verdict"] == "not compared"
 
 
-@pytest.mark.parametrize("name,value,verdict", [
-    ("make_persistent_over_floor", 0.40, "regression"),   # higher is better: 20% lower
-    ("make_persistent_over_floor", 0.44, "ok"),           # 12% lower: within 15%
-    ("make_persistent_over_floor", 0.90, "ok"),           # better
-    ("readonly_call_over_echo_p50", 1.44, "regression"),  # lower is better: 20% higher
-    ("readonly_call_over_echo_p50", 1.30, "ok"),
-    ("readonly_call_over_echo_p50", 1.00, "ok"),
-])
+@pytest.mark.parametrize(
+    "name,value,verdict",
+    [
+        ("make_persistent_over_floor", 0.40, "regression"),  # higher is better: 20% lower
+        ("make_persistent_over_floor", 0.44, "ok"),  # 12% lower: within 15%
+        ("make_persistent_over_floor", 0.90, "ok"),  # better
+        ("readonly_call_over_echo_p50", 1.44, "regression"),  # lower is better: 20% higher
+        ("readonly_call_over_echo_p50", 1.30, "ok"),
+        ("readonly_call_over_echo_p50", 1.00, "ok"),
+    ],
+)
 def test_a_ratio_worse_by_more_than_the_threshold_fails(tmp_path, name, value, verdict):
     doc = copy.deepcopy(BASE)
     doc["ratios"][name] = value
     code, report = run_compare(tmp_path, [doc])
     assert rows_by_ratio(report)[name]["verdict"] == verdict
     assert code == (1 if verdict == "regression" else 0)
-    assert [r["ratio"] for r in report["regressions"]] == \
-        ([f"ratios.{name}"] if verdict == "regression" else [])
+    assert [r["ratio"] for r in report["regressions"]] == ([f"ratios.{name}"] if verdict == "regression" else [])
 
 
 def test_best_of_repeated_runs_counts_and_threshold_is_settable(tmp_path):
@@ -75,14 +81,19 @@ def test_best_of_repeated_runs_counts_and_threshold_is_settable(tmp_path):
     code, report = run_compare(tmp_path, [bad, good])
     assert code == 0 and rows_by_ratio(report)["threads_8_over_echo"]["current"] == 0.9
     code, report = run_compare(tmp_path, [bad], "--threshold", "0.5")
-    assert code == 0   # 44% worse is within a 50% threshold
+    assert code == 0  # 44% worse is within a 50% threshold
     code, report = run_compare(tmp_path, [bad])
     assert code == 1
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    res = subprocess.run([sys.executable, "bench/compare.py", "--current", "nosuch=x.json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "bench/compare.py", "--current", "nosuch=x.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "BENCH=FILE" in res.stderr
 
 

@@ -24,6 +24,7 @@ def test_fresh_ids_look_like_uuid4_hex_and_do_not_repeat_across_threads():
 
     def draw(k):
         seen[k] = [fresh_id() for _ in range(20000)]
+
     threads = [threading.Thread(target=draw, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
@@ -58,14 +59,33 @@ def test_a_forked_child_draws_other_ids_than_its_parent():
     # In a fresh interpreter that loads only store/_util/ids.py: forking this test process,
     # with gRPC's threads possibly running in it, is not safe.
     import store._util.ids
-    out = subprocess.run([sys.executable, "-c", _FORKING, store._util.ids.__file__],
-                         capture_output=True, text=True, timeout=60, check=True)
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKING, store._util.ids.__file__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert out.stdout.split() == ["100", "100", "0"]
 
 
-PLAIN = [None, True, 7, -2**70, 1.5, 2j, "é", b"x" * 100, b"y" * (1 << 17), ((), {}),
-         ((1, "a"), {"k": [1.0, None]}), {"value": 3, "_claypot_key": "m:C"}, [[[]]],
-         {"nested": {"deeper": (b"", "s")}}]
+PLAIN = [
+    None,
+    True,
+    7,
+    -(2**70),
+    1.5,
+    2j,
+    "é",
+    b"x" * 100,
+    b"y" * (1 << 17),
+    ((), {}),
+    ((1, "a"), {"k": [1.0, None]}),
+    {"value": 3, "_claypot_key": "m:C"},
+    [[[]]],
+    {"nested": {"deeper": (b"", "s")}},
+]
 
 
 @pytest.mark.parametrize("value", PLAIN, ids=[repr(v)[:24] for v in PLAIN])
@@ -93,10 +113,19 @@ class MyInt(int):
 
 def test_anything_else_takes_the_full_pickler():
     big = pickle.PickleBuffer(bytearray(1 << 17))  # out of band: not for the fast path
-    many = list(range(serialization._PLAIN_PARTS))   # a big value: not worth the look
+    many = list(range(serialization._PLAIN_PARTS))  # a big value: not worth the look
     nested_many = [[i] for i in range(serialization._PLAIN_PARTS // 2)]
-    for value in ([Point(1)], {"f": len}, (MyInt(3),), {1, 2}, big, [big], many, nested_many,
-                  {i: i for i in range(serialization._PLAIN_PARTS // 2)}):
+    for value in (
+        [Point(1)],
+        {"f": len},
+        (MyInt(3),),
+        {1, 2},
+        big,
+        [big],
+        many,
+        nested_many,
+        {i: i for i in range(serialization._PLAIN_PARTS // 2)},
+    ):
         assert not serialization._plain(value)
         assert loads(*dumps(value)) is not None
     assert serialization._plain(list(range(serialization._PLAIN_PARTS // 2)))
@@ -109,11 +138,12 @@ def test_anything_else_takes_the_full_pickler():
 def test_a_cycle_or_deep_nesting_is_a_clear_error_not_a_crash():
     loop: list = []
     loop.append(loop)
-    assert loads(dumps(loop)[0])[0][0][0] is not None   # cycles: the full pickler's memo
+    assert loads(dumps(loop)[0])[0][0][0] is not None  # cycles: the full pickler's memo
     deep: list = []
     for _ in range(100000):
         deep = [deep]
     from store.errors import SerializationError
+
     with pytest.raises(SerializationError):
         dumps(deep)
     assert pickle.dumps(1, protocol=5) == dumps(1)[0]

@@ -20,7 +20,7 @@ class Spinner(StorageObject):
         self.steps = 0
 
     def spin(self, marker, seconds):
-        self.value = -1           # a change the cancel must undo
+        self.value = -1  # a change the cancel must undo
         open(marker, "w").close()
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -44,11 +44,14 @@ def test_ctrl_c_cancels_the_remote_method_and_frees_its_object(cluster, tmp_path
     s = Spinner()
     s.make_persistent(alias="spinner-ctrl-c")
     marker = str(tmp_path / "running")
-    script = ("import store, sys\n"
-              "store.connect(sys.argv[1], sys.argv[2])\n"
-              "store.get_by_alias('spinner-ctrl-c').spin(sys.argv[3], 120)\n")
-    client = subprocess.Popen([sys.executable, "-c", script, cluster.address, cluster.token,
-                               marker], stderr=subprocess.PIPE, text=True)
+    script = (
+        "import store, sys\n"
+        "store.connect(sys.argv[1], sys.argv[2])\n"
+        "store.get_by_alias('spinner-ctrl-c').spin(sys.argv[3], 120)\n"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", script, cluster.address, cluster.token, marker], stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for(marker)
         client.send_signal(signal.SIGINT)
@@ -59,8 +62,8 @@ def test_ctrl_c_cancels_the_remote_method_and_frees_its_object(cluster, tmp_path
             client.wait()
     assert "KeyboardInterrupt" in err
     started = time.monotonic()
-    assert s.read() == (0, 0)          # rolled back: as before the call
-    assert time.monotonic() - started < 3    # and not locked any more
+    assert s.read() == (0, 0)  # rolled back: as before the call
+    assert time.monotonic() - started < 3  # and not locked any more
 
 
 @pytest.mark.both_transports
@@ -89,15 +92,21 @@ def test_cancel_by_call_id_raises_call_cancelled_in_the_method(cluster, tmp_path
     from store._wire.serialization import dumps
     from store._wire import wire
     from store._model.objects import METHOD
+
     s = Spinner()
     s.make_persistent()
     c = store.client()
     marker = str(tmp_path / "m")
     call_id = uuid.uuid4().hex
     payload, buffers = dumps(((marker, 120), {}))
-    request = pb.CallRequest(object_id=s.getID(), kind=METHOD, name="spin", call_id=call_id,
-                             chain_id=uuid.uuid4().hex,
-                             args=wire.inline_value(payload, buffers))
+    request = pb.CallRequest(
+        object_id=s.getID(),
+        kind=METHOD,
+        name="spin",
+        call_id=call_id,
+        chain_id=uuid.uuid4().hex,
+        args=wire.inline_value(payload, buffers),
+    )
     owner = c.locate(s)
     outcome = {}
 
@@ -106,6 +115,7 @@ def test_cancel_by_call_id_raises_call_cancelled_in_the_method(cluster, tmp_path
             outcome["result"] = c._call(s, request, payload, buffers)
         except Exception as exc:
             outcome["error"] = exc
+
     t = threading.Thread(target=call)
     t.start()
     deadline = time.monotonic() + 30
@@ -118,7 +128,7 @@ def test_cancel_by_call_id_raises_call_cancelled_in_the_method(cluster, tmp_path
     assert isinstance(outcome.get("error"), CallCancelled), outcome
     assert "rolled back" in str(outcome["error"])
     assert s.read() == (0, 0)
-    assert c.cancel_call(owner, call_id) is False   # nothing runs under that id now
+    assert c.cancel_call(owner, call_id) is False  # nothing runs under that id now
 
 
 def _spin_task(obj, log, seconds):
@@ -144,8 +154,8 @@ def test_a_task_past_its_time_out_stops_running(cluster, tmp_path):
     assert time.monotonic() - started < 10
     size = os.path.getsize(log)
     time.sleep(0.5)
-    assert os.path.getsize(log) == size       # the function no longer runs
-    assert s.read() == (0, 0)                 # its change was rolled back
+    assert os.path.getsize(log) == size  # the function no longer runs
+    assert s.read() == (0, 0)  # its change was rolled back
 
 
 @pytest.mark.both_transports
@@ -173,7 +183,7 @@ def test_future_cancel_stops_a_running_task(cluster, tmp_path):
         wait_on(f)
     assert f.cancelled() and f.cancel() is False
     started = time.monotonic()
-    assert s.read() == (0, 0)          # stopped on its backend and rolled back
+    assert s.read() == (0, 0)  # stopped on its backend and rolled back
     assert time.monotonic() - started < 3
 
 
@@ -187,6 +197,7 @@ def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_pa
     from store._wire.generated import claypot_pb2 as pb
     from store._model.objects import METHOD
     from store._wire.serialization import dumps
+
     s = Spinner()
     s.make_persistent()
     c = store.client()
@@ -195,8 +206,14 @@ def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_pa
     wait_for(str(tmp_path / "first"))
     call_id = uuid.uuid4().hex
     payload, buffers = dumps(((str(tmp_path / "second"), 60), {}))
-    request = pb.CallRequest(object_id=s.getID(), kind=METHOD, name="spin", call_id=call_id,
-                             chain_id=uuid.uuid4().hex, args=wire.inline_value(payload, buffers))
+    request = pb.CallRequest(
+        object_id=s.getID(),
+        kind=METHOD,
+        name="spin",
+        call_id=call_id,
+        chain_id=uuid.uuid4().hex,
+        args=wire.inline_value(payload, buffers),
+    )
     outcome = {}
 
     def second():
@@ -204,13 +221,14 @@ def test_a_call_cancelled_while_it_waits_for_the_lock_never_runs(cluster, tmp_pa
             outcome["result"] = c._call(s, request, payload, buffers)
         except Exception as exc:
             outcome["error"] = exc
+
     t = threading.Thread(target=second)
     t.start()
-    time.sleep(0.3)                                  # queued behind the first call's lock
-    assert c.cancel_call(c.locate(s), call_id) is False   # not running yet
+    time.sleep(0.3)  # queued behind the first call's lock
+    assert c.cancel_call(c.locate(s), call_id) is False  # not running yet
     first.join(30)
     t.join(30)
     assert isinstance(outcome.get("error"), CallCancelled), outcome
-    assert not os.path.exists(str(tmp_path / "second"))   # it never ran
+    assert not os.path.exists(str(tmp_path / "second"))  # it never ran
     value, steps = s.read()
-    assert value == 1 and steps > 0                  # the first call's result stands
+    assert value == 1 and steps > 0  # the first call's result stands

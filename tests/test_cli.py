@@ -12,8 +12,7 @@ CLAYPOT = [sys.executable, "-m", "store._ops.cli"]
 
 
 def run(args, env, timeout=120):
-    return subprocess.run(CLAYPOT + args, capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(CLAYPOT + args, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_up_status_connect_down(tmp_path):
@@ -25,15 +24,16 @@ def test_up_status_connect_down(tmp_path):
         assert "CLAYPOT_ADDRESS=127.0.0.1:" in up.stdout
         again = run(["up"], env)
         assert again.returncode == 1 and "already running" in again.stderr
-        script = ("import store\n"
-                  "from store import StorageObject\n"
-                  "class Note(StorageObject):\n"
-                  "    def __init__(self, text): self.text = text\n"
-                  "store.connect()\n"
-                  "Note('hello').make_persistent(alias='note')\n"
-                  "print('READ', store.get_by_alias('note').text)\n")
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             env=env, timeout=60)
+        script = (
+            "import store\n"
+            "from store import StorageObject\n"
+            "class Note(StorageObject):\n"
+            "    def __init__(self, text): self.text = text\n"
+            "store.connect()\n"
+            "Note('hello').make_persistent(alias='note')\n"
+            "print('READ', store.get_by_alias('note').text)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
         assert "READ hello" in out.stdout, out.stderr
         address = up.stdout.split("CLAYPOT_ADDRESS=")[1].split()[0]
         demo = run(["demo", "--address", address], env)
@@ -60,8 +60,9 @@ def test_demo_runs_end_to_end():
 
 def test_quickstart_example_runs():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(here, "examples", "quickstart.py")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(here, "examples", "quickstart.py")], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "incr(2) -> 7" in out.stdout and "get_by_alias('c1').incr() -> 11" in out.stdout
 
@@ -69,6 +70,7 @@ def test_quickstart_example_runs():
 def test_local_cluster_stops_everything_when_the_body_raises():
     import psutil
     from store import LocalCluster
+
     pids = []
     data_dir = None
     try:
@@ -81,8 +83,9 @@ def test_local_cluster_stops_everything_when_the_body_raises():
     assert len(pids) == 3
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    assert not os.path.exists(data_dir)   # the temporary data dir is removed too
+    assert not os.path.exists(data_dir)  # the temporary data dir is removed too
     import pytest
     import store
-    with pytest.raises(store.errors.ConfigurationError):   # disconnected, too
+
+    with pytest.raises(store.errors.ConfigurationError):  # disconnected, too
         store.backends()

@@ -19,8 +19,11 @@ import store
 import runtime
 
 # Modules that need an optional extra to import: still checked when it is installed.
-OPTIONAL = {"store.dashboard": "starlette", "runtime._dask_executor": "distributed",
-            "store.backend._service.dask_worker": "distributed"}
+OPTIONAL = {
+    "store.dashboard": "starlette",
+    "runtime._dask_executor": "distributed",
+    "store.backend._service.dask_worker": "distributed",
+}
 
 
 def _modules() -> list[types.ModuleType]:
@@ -42,7 +45,7 @@ def _modules() -> list[types.ModuleType]:
 
 def _unwrapped(obj):
     """The function behind a decorator (functools.wraps, click commands, properties)."""
-    callback = getattr(obj, "callback", None)   # a click command
+    callback = getattr(obj, "callback", None)  # a click command
     if callable(callback) and not isinstance(obj, (type, types.FunctionType)):
         obj = callback
     return inspect.unwrap(obj) if isinstance(obj, types.FunctionType) else obj
@@ -51,9 +54,8 @@ def _unwrapped(obj):
 def _missing(fn: types.FunctionType, bound: bool) -> list[str]:
     """Names of ``fn``'s unannotated parameters, and "return" if its return is not."""
     params = list(inspect.signature(fn).parameters.values())
-    if bound and params and params[0].kind in (params[0].POSITIONAL_ONLY,
-                                                params[0].POSITIONAL_OR_KEYWORD):
-        params = params[1:]   # self or cls
+    if bound and params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        params = params[1:]  # self or cls
     out = [p.name for p in params if p.annotation is inspect.Parameter.empty]
     if "return" not in fn.__annotations__:
         out.append("return")
@@ -68,8 +70,7 @@ def public_functions() -> list[tuple[str, types.FunctionType, bool]]:
     def add(qualname: str, fn, bound: bool) -> None:
         fn = _unwrapped(fn)
         # A lambda (a default value, a property made in one line) takes no annotations.
-        if isinstance(fn, types.FunctionType) and fn.__name__ != "<lambda>" \
-                and id(fn) not in seen:
+        if isinstance(fn, types.FunctionType) and fn.__name__ != "<lambda>" and id(fn) not in seen:
             seen.add(id(fn))
             out.append((qualname, fn, bound))
 
@@ -91,11 +92,12 @@ def public_functions() -> list[tuple[str, types.FunctionType, bool]]:
                         for part in (member.fget, member.fset):
                             if part is not None:
                                 add(where, part, True)
-                    elif isinstance(member, types.FunctionType) \
-                            and member.__qualname__.startswith(obj.__qualname__ + "."):
+                    elif isinstance(member, types.FunctionType) and member.__qualname__.startswith(
+                        obj.__qualname__ + "."
+                    ):
                         add(where, member, True)
                     elif hasattr(member, "func") and isinstance(member.func, types.FunctionType):
-                        add(where, member.func, True)   # functools.cached_property
+                        add(where, member.func, True)  # functools.cached_property
             elif getattr(obj, "__qualname__", None) == name:
                 add(f"{mod.__name__}.{name}", obj, False)
     return out
@@ -107,16 +109,17 @@ def test_every_public_function_is_annotated():
     assert len(functions) > 500, len(functions)
     missing = {q: m for q, fn, bound in functions if (m := _missing(fn, bound))}
     assert not missing, "public functions without annotations:\n" + "\n".join(
-        f"  {q}: {', '.join(m)}" for q, m in sorted(missing.items()))
+        f"  {q}: {', '.join(m)}" for q, m in sorted(missing.items())
+    )
 
 
 def test_the_walk_sees_methods_decorators_and_commands():
     """The walk reaches what a plain dir() would miss, so the rule has no blind spot."""
     names = {q for q, _, _ in public_functions()}
-    assert "store.backend._service.server.BackendServicer.Call" in names          # under @replies
-    assert "store.backend._service.polyglot.PolyglotServicer.GetArray" in names   # under @aborts
-    assert "store._ops.cli.up" in names                                       # a click command
-    assert "store._client.client.Client.read_cache" in names                     # cached_property
+    assert "store.backend._service.server.BackendServicer.Call" in names  # under @replies
+    assert "store.backend._service.polyglot.PolyglotServicer.GetArray" in names  # under @aborts
+    assert "store._ops.cli.up" in names  # a click command
+    assert "store._client.client.Client.read_cache" in names  # cached_property
     assert "runtime._decorators.task" in names
 
 

@@ -13,10 +13,8 @@ import pytest
 import store
 from runtime import task, wait_on
 from store import LocalCluster
-from store.collections import (ArrayBlock, DictShard, ShardedArray, StorageDict, plan_rebalance,
-                               shard_of, spread)
-from store.errors import AliasExists, BackendNotFound, BackendUnavailable, ConfigurationError, \
-    InvalidKey
+from store.collections import ArrayBlock, DictShard, ShardedArray, StorageDict, plan_rebalance, shard_of, spread
+from store.errors import AliasExists, BackendNotFound, BackendUnavailable, ConfigurationError, InvalidKey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +30,7 @@ def _object_count() -> int:
 
 
 # -- pure parts: placement, rebalancing plans, key hashing ---------------------------------
+
 
 def test_spread_alternates_hosts_before_backends_of_one_host():
     backends = [("a1", "hostA"), ("a2", "hostA"), ("b1", "hostB"), ("a3", "hostA")]
@@ -50,8 +49,7 @@ def test_plan_rebalance_evens_bytes_and_empties_excluded_backends():
     # Already even: nothing moves.
     assert plan_rebalance([("a", 10), ("b", 10)], ["a", "b"]) == []
     # A backend that is leaving gives all its shards away.
-    assert dict(plan_rebalance([("a", 5), ("gone", 5), ("gone", 5)], ["a", "b"])) == \
-        {1: "b", 2: "a"}
+    assert dict(plan_rebalance([("a", 5), ("gone", 5), ("gone", 5)], ["a", "b"])) == {1: "b", 2: "a"}
     # Uneven sizes: the result is never worse than before.
     shards = [("a", 100), ("a", 1), ("a", 1), ("b", 1)]
     moves = dict(plan_rebalance(shards, ["a", "b", "c"]))
@@ -63,11 +61,19 @@ def test_plan_rebalance_evens_bytes_and_empties_excluded_backends():
 def test_shard_of_is_the_same_in_every_process_and_equal_keys_agree():
     keys = ["alpha", b"raw", 7, (1, "x", None), 2.5, -3]
     here = [shard_of(k, 16) for k in keys]
-    code = ("from store.collections import shard_of; "
-            "print([shard_of(k, 16) for k in ['alpha', b'raw', 7, (1, 'x', None), 2.5, -3]])")
+    code = (
+        "from store.collections import shard_of; "
+        "print([shard_of(k, 16) for k in ['alpha', b'raw', 7, (1, 'x', None), 2.5, -3]])"
+    )
     for seed in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == str(here)
     assert shard_of(1, 8) == shard_of(1.0, 8) == shard_of(True, 8) == shard_of(np.int64(1), 8)
@@ -79,6 +85,7 @@ def test_shard_of_is_the_same_in_every_process_and_equal_keys_agree():
 
 # -- ShardedArray ------------------------------------------------------------------------------
 
+
 @pytest.mark.both_transports
 def test_from_numpy_places_blocks_over_backends_and_round_trips(cluster):
     x = np.random.default_rng(0).normal(size=(1001, 5)).astype(np.float32)
@@ -86,7 +93,7 @@ def test_from_numpy_places_blocks_over_backends_and_round_trips(cluster):
     assert a.shape == x.shape and a.dtype == x.dtype and len(a) == 1001 and a.nshards == 4
     assert a.nbytes == x.nbytes
     parts = a.partitions()
-    assert {p.backend for p in parts} == set(cluster.backends)   # spread over both
+    assert {p.backend for p in parts} == set(cluster.backends)  # spread over both
     assert [p.backend for p in parts] == a.locations()
     assert parts[0].start == 0 and parts[-1].stop == 1001
     hosts = {b.backend_id: b.host for b in store.backends()}
@@ -103,10 +110,25 @@ def test_indexing_matches_numpy(cluster):
     a = ShardedArray.from_numpy(x, block_rows=100)
     assert a.nshards == 10
     rng = np.random.default_rng(1)
-    cases = [0, 996, -1, -997, np.int64(5), slice(None), slice(10, 20), slice(95, 305),
-             slice(None, None, 7), slice(3, 990, 101), slice(None, None, -1),
-             slice(900, 10, -13), slice(50, 50), slice(2000, 3000), (slice(100, 400), 1),
-             (7, 2), (slice(None, None, 3), slice(0, 2))]
+    cases = [
+        0,
+        996,
+        -1,
+        -997,
+        np.int64(5),
+        slice(None),
+        slice(10, 20),
+        slice(95, 305),
+        slice(None, None, 7),
+        slice(3, 990, 101),
+        slice(None, None, -1),
+        slice(900, 10, -13),
+        slice(50, 50),
+        slice(2000, 3000),
+        (slice(100, 400), 1),
+        (7, 2),
+        (slice(None, None, 3), slice(0, 2)),
+    ]
     for _ in range(20):
         lo, hi = sorted(rng.integers(-997, 997, size=2))
         cases.append(slice(int(lo), int(hi), int(rng.integers(1, 50))))
@@ -135,7 +157,7 @@ def test_map_blocks_and_reduce_run_next_to_each_block(cluster):
     got = wait_on(futures)
     for part, f, (pid, s) in zip(a.partitions(), futures, got):
         assert f.backend == part.backend and pid == pids[part.backend]
-        assert s == pytest.approx(2.0 * x[part.start:part.stop].sum())
+        assert s == pytest.approx(2.0 * x[part.start : part.stop].sum())
     # A user task given a block from split() is placed by locality too.
     for part in a.partitions():
         f = _where(part.shard)
@@ -150,11 +172,12 @@ def test_map_blocks_and_reduce_run_next_to_each_block(cluster):
 def test_update_blocks_changes_blocks_in_place(cluster):
     x = np.arange(600, dtype=np.float64).reshape(200, 3)
     a = ShardedArray.from_numpy(x, shards=3)
-    wait_on(a.update_blocks(np.multiply, 3.0, out=None))   # returns a new block
+    wait_on(a.update_blocks(np.multiply, 3.0, out=None))  # returns a new block
     np.testing.assert_array_equal(a.to_numpy(), x * 3)
 
     def in_place(b):
         b += 1
+
     wait_on(a.update_blocks(in_place))
     np.testing.assert_array_equal(a.to_numpy(), x * 3 + 1)
     # A block may not change its shape: the manifest records its rows.
@@ -174,9 +197,10 @@ def test_from_iterable_consumes_chunks_lazily(cluster):
         for i in range(25):
             consumed.append(i)
             yield np.full((13, 4), i, dtype=np.int32)
+
     a = ShardedArray.from_iterable(chunks(), block_rows=50)
     assert a.shape == (325, 4) and a.dtype == np.int32
-    assert a.nshards == 7                    # six of 50 rows, one of 25
+    assert a.nshards == 7  # six of 50 rows, one of 25
     expected = np.repeat(np.arange(25, dtype=np.int32), 13)[:, None].repeat(4, axis=1)
     np.testing.assert_array_equal(a.to_numpy(), expected)
     assert {p.backend for p in a.partitions()} == set(cluster.backends)
@@ -200,10 +224,9 @@ def test_from_function_makes_each_block_on_its_backend(cluster):
     for p in a.partitions():
         # Each block was made by a process of the backend that holds it, not by this one.
         expected = _rows(p.start, p.stop, 3) - os.getpid() + pids[p.backend]
-        np.testing.assert_array_equal(data[p.start:p.stop], expected)
+        np.testing.assert_array_equal(data[p.start : p.stop], expected)
     # The blocks were empty when first weighed for locality: later tasks still follow them.
-    assert wait_on(a.map_blocks(lambda b: os.getpid())) == [pids[p.backend]
-                                                           for p in a.partitions()]
+    assert wait_on(a.map_blocks(lambda b: os.getpid())) == [pids[p.backend] for p in a.partitions()]
     with pytest.raises(ConfigurationError):
         ShardedArray.from_function(lambda lo, hi: np.zeros(3), 100, 2)
     a.delete()
@@ -240,9 +263,9 @@ def test_bad_input_and_all_or_nothing_creation(cluster):
     before = _object_count()
     with pytest.raises(AliasExists):
         ShardedArray.from_numpy(x, shards=3, alias="taken")
-    assert _object_count() == before          # the blocks of the failed one are gone
+    assert _object_count() == before  # the blocks of the failed one are gone
     with pytest.raises(ConfigurationError):
-        StorageDict.load("taken")              # an array is not a dict
+        StorageDict.load("taken")  # an array is not a dict
     a.delete()
 
 
@@ -252,8 +275,7 @@ def test_placement_by_list_and_by_function(cluster):
     a = ShardedArray.from_numpy(np.zeros((40, 1)), shards=4, placement=[b1])
     assert set(a.locations()) == {b1}
     a.delete()
-    a = ShardedArray.from_numpy(np.zeros((40, 1)), shards=3,
-                                placement=lambda n, up: [b0] * (n - 1) + [b1])
+    a = ShardedArray.from_numpy(np.zeros((40, 1)), shards=3, placement=lambda n, up: [b0] * (n - 1) + [b1])
     assert a.locations() == [b0, b0, b1]
     a.delete()
 
@@ -271,6 +293,7 @@ def test_a_handle_travels_into_tasks(cluster):
 
 
 # -- StorageDict ---------------------------------------------------------------------------
+
 
 @pytest.mark.both_transports
 def test_storage_dict_behaves_like_a_dict(cluster):
@@ -316,7 +339,7 @@ def test_storage_dict_from_iterable_in_batches_and_work_per_shard(cluster):
     d = StorageDict.from_iterable(pairs, shards=3, batch=128, alias="words")
     assert len(d) == 5000 and d["w4999"] == 4999
     sizes = [s.size() for s in d.split()]
-    assert sum(sizes) == 5000 and min(sizes) > 1000           # the hash spreads keys
+    assert sum(sizes) == 5000 and min(sizes) > 1000  # the hash spreads keys
     pids = _pids()
     futures = d.map_blocks(lambda shard: (os.getpid(), len(shard)))
     for part, f in zip(d.partitions(), futures):
@@ -332,6 +355,7 @@ def test_storage_dict_from_iterable_in_batches_and_work_per_shard(cluster):
 
 # -- rebalance, locality of slices, restarts (clusters of their own) ------------------------
 
+
 @pytest.mark.slow
 def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
@@ -345,12 +369,11 @@ def test_rebalance_moves_blocks_to_a_backend_that_joined(tmp_path):
         assert len(moves) == 2 and {m[2] for m in moves} == set(c.backends[1:])
         counts = {b: a.locations().count(b) for b in c.backends}
         assert sorted(counts.values()) == [1, 1, 2]
-        assert a.rebalance() == []                      # already even
+        assert a.rebalance() == []  # already even
         np.testing.assert_array_equal(a.to_numpy(), x)
         # Tasks follow the blocks to their new backends.
         pids = _pids()
-        for part, (pid, _) in zip(a.partitions(),
-                                  wait_on(a.map_blocks(lambda b: (os.getpid(), 0)))):
+        for part, (pid, _) in zip(a.partitions(), wait_on(a.map_blocks(lambda b: (os.getpid(), 0)))):
             assert pid == pids[part.backend]
         # A handle opened elsewhere sees the new owners in the manifest.
         assert ShardedArray.load("grow").locations() == a.locations()
@@ -371,7 +394,7 @@ def test_a_slice_fetches_only_the_blocks_it_touches(tmp_path):
         b0, b1 = c.backends
         x = np.arange(4000, dtype=np.int64).reshape(1000, 4)
         a = ShardedArray.from_numpy(x, shards=4, placement=[b0, b0, b1, b1])
-        c.process_of(b1).stop()                      # rows 500-999 are unreachable now
+        c.process_of(b1).stop()  # rows 500-999 are unreachable now
         np.testing.assert_array_equal(a[:500], x[:500])
         np.testing.assert_array_equal(a[10:480:7, 2], x[10:480:7, 2])
         np.testing.assert_array_equal(a[499], x[499])
@@ -388,8 +411,7 @@ def test_collections_survive_a_kill_and_restart_of_every_backend(tmp_path):
         a = ShardedArray.from_numpy(x, shards=4, alias="kept")
         g = ShardedArray.from_function(_rows, 500, 2, args=(2,), alias="made")
         made = g.to_numpy()
-        d = StorageDict.from_iterable({f"k{i}": [i] * 3 for i in range(300)}, shards=3,
-                                      alias="kept-dict")
+        d = StorageDict.from_iterable({f"k{i}": [i] * 3 for i in range(300)}, shards=3, alias="kept-dict")
         d["late"] = "set after creation"
         wait_on(a.update_blocks(np.negative))
         before = a.locations()

@@ -54,7 +54,7 @@ def write_config(path, cluster, style="claypot"):
             CLAYPOT_ADDRESS={cluster.address}
             export CLAYPOT_TOKEN="{cluster.token}"
         """
-    else:   # dataClay's storage.properties names
+    else:  # dataClay's storage.properties names
         body = f"""
             DC_HOST={host}
             DC_PORT='{port}'
@@ -89,8 +89,7 @@ def test_master_init_getbyid_getlocations_finish(tmp_path, cluster, monkeypatch)
         same = compss.getByID(oid)
         assert same is t and same.bump() == 1
         owner = t.get_location()
-        assert compss.getLocations(oid) == [b.host for b in store.backends()
-                                            if b.backend_id == owner]
+        assert compss.getLocations(oid) == [b.host for b in store.backends() if b.backend_id == owner]
         assert compss.getLocations(oid)
         assert compss.get_client() is store.client()
     finally:
@@ -162,12 +161,15 @@ def test_worker_forks_executors_that_connect_after_the_fork(tmp_path, cluster):
         t.make_persistent()
         script = tmp_path / "worker.py"
         script.write_text(WORKER)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([store.compat.shim_path(), TESTS,
-                                                             REPO]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([store.compat.shim_path(), TESTS, REPO]))
         env.pop("CLAYPOT_ADDRESS", None)
-        run = subprocess.run([sys.executable, str(script),
-                              write_config(tmp_path / "w.properties", cluster), t.getID(), "3"],
-                             env=env, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, str(script), write_config(tmp_path / "w.properties", cluster), t.getID(), "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "executors failed: 0"
         assert t.count == 3

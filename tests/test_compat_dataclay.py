@@ -17,13 +17,21 @@ import store.compat
 from store import LocalCluster
 from store.errors import ConfigurationError
 
-store.compat.enable()   # the models below import ``dataclay``, as dataClay documents them
+store.compat.enable()  # the models below import ``dataclay``, as dataClay documents them
 
-from dataclay import (AlienDataClayObject, Client, DataClayObject,  # noqa: E402
-                      StubDataClayObject, activemethod)
-from dataclay.exceptions import (AliasAlreadyExistError, AliasDoesNotExistError,  # noqa: E402
-                                 ObjectIsNotVersionError,
-                                 ObjectNotRegisteredError)
+from dataclay import (  # noqa: E402
+    AlienDataClayObject,
+    Client,
+    DataClayObject,
+    StubDataClayObject,
+    activemethod,
+)
+from dataclay.exceptions import (  # noqa: E402
+    AliasAlreadyExistError,
+    AliasDoesNotExistError,
+    ObjectIsNotVersionError,
+    ObjectNotRegisteredError,
+)
 from dataclay_model.company import Company, Employee  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +47,9 @@ def cluster():
 @pytest.fixture(scope="module")
 def client(cluster):
     host, port = cluster.address.rsplit(":", 1)
-    client = Client(host=host, port=port, username="testuser", password="s3cret",
-                    dataset="testdata", token=cluster.token)
+    client = Client(
+        host=host, port=port, username="testuser", password="s3cret", dataset="testdata", token=cluster.token
+    )
     client.start()
     yield client
     client.stop()
@@ -58,17 +67,24 @@ def _connected(request):
 
 def shim_env(cluster, **extra):
     host, port = cluster.address.rsplit(":", 1)
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([store.compat.shim_path(), TESTS, REPO]),
-                DC_HOST=host, DC_PORT=port, CLAYPOT_TOKEN=cluster.token, **extra)
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([store.compat.shim_path(), TESTS, REPO]),
+        DC_HOST=host,
+        DC_PORT=port,
+        CLAYPOT_TOKEN=cluster.token,
+        **extra,
+    )
 
 
 # -- the user guide -------------------------------------------------------------------------
 
+
 def test_user_guide_make_persistent_activemethods_and_properties(client):
     employee = Employee("John", 1000.0)
     employee.make_persistent()
-    assert employee.get_payroll(50) == 1000.0 + 10 * 25.0     # one remote call
-    employee.salary = 2000.0                                   # one remote call
+    assert employee.get_payroll(50) == 1000.0 + 10 * 25.0  # one remote call
+    employee.salary = 2000.0  # one remote call
     assert (employee.name, employee.salary) == ("John", 2000.0)
     assert Employee.get_by_id(employee.getID()) is employee
 
@@ -91,14 +107,14 @@ def test_user_guide_recursive_and_automatic_persistence(client):
     company = Company("ABC")
     company.make_persistent()
     employee = Employee("John", 1000.0)
-    company.employees = [employee]          # assigning registers it
+    company.employees = [employee]  # assigning registers it
     assert employee.is_registered
     assert employee in company.employees
 
     company = Company("ABC")
     company.make_persistent()
     employee = Employee("John", 1000.0)
-    company.employees.append(employee)      # a local copy: NOT registered
+    company.employees.append(employee)  # a local copy: NOT registered
     assert not employee.is_registered
     assert employee not in company.employees
 
@@ -118,8 +134,8 @@ def test_user_guide_aliases(client):
     aliases = employee.get_aliases()
     assert "CFO" in aliases and "CEO" in aliases
     Employee.delete_alias("CEO")
-    Employee.delete_alias("CEO")            # idempotent
-    employee.delete_alias("CFO")            # also on an instance
+    Employee.delete_alias("CEO")  # idempotent
+    employee.delete_alias("CFO")  # also on an instance
     assert employee.get_aliases() == set()
     with pytest.raises(AliasDoesNotExistError, match="Alias .*/CEO does not exist"):
         Employee.get_by_alias("CEO")
@@ -160,35 +176,34 @@ def test_only_annotated_attributes_persist_and_plain_methods_run_locally(client)
     s = Sensor(1.5)
     s.make_persistent()
     assert s.where() != os.getpid()
-    assert s.here() == (os.getpid(), 1.5)          # local method, remote property
-    assert s.label == "kept in the client"          # not a property: stays here
+    assert s.here() == (os.getpid(), 1.5)  # local method, remote property
+    assert s.label == "kept in the client"  # not a property: stays here
     s.label = "changed here"
-    assert Sensor.get_by_id(s.getID()).label == "changed here"   # the same proxy
+    assert Sensor.get_by_id(s.getID()).label == "changed here"  # the same proxy
     assert s.get_properties() == {"reading": 1.5}
 
 
 # -- hello-family, unchanged ----------------------------------------------------------------
 
+
 def test_hello_family_example_runs_unchanged(client, cluster):
     script = os.path.join(TESTS, "dataclay_model", "hello_family_client.py")
     env = shim_env(cluster)
-    first = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                           timeout=120)
+    first = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines() == ["Hello1", "Hello2", "Members:",
-                                         " - Name: Marc, age: 24"]
-    second = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                            timeout=120)
+    assert first.stdout.splitlines() == ["Hello1", "Hello2", "Members:", " - Name: Marc, age: 24"]
+    second = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("Marc") == 2
 
 
 # -- the advanced guide: move and versioning -----------------------------------------------
 
+
 def test_advanced_move_and_recursive_move(client):
     backend_ids = list(client.get_backends())
     employee = Employee("John", 1000.0)
-    employee.move(backend_ids[0])                   # not yet persistent: placed there
+    employee.move(backend_ids[0])  # not yet persistent: placed there
     assert employee._dc_master_backend_id == backend_ids[0]
     employee.move(backend_ids[1])
     assert employee.get_location() == backend_ids[1]
@@ -244,6 +259,7 @@ def test_version_on_a_chosen_backend_keeps_the_original_alias(client):
 
 # -- exceptions ------------------------------------------------------------------------------
 
+
 def test_dataclay_exceptions_and_messages(client):
     employee = Employee("Ex", 1.0)
     with pytest.raises(ObjectNotRegisteredError, match="is not registered!"):
@@ -265,13 +281,13 @@ def test_dataclay_exceptions_and_messages(client):
 
 # -- async twins -----------------------------------------------------------------------------
 
+
 def test_async_twins_and_sync_calls_inside_a_running_loop(client):
     async def main():
         print(await client.a_get_backends())
         employee_1 = Employee("John", 1000.0)
         employee_2 = Employee("Jane", 2000.0)
-        await asyncio.gather(employee_1.a_make_persistent("async-1"),
-                             employee_2.a_make_persistent("async-2"))
+        await asyncio.gather(employee_1.a_make_persistent("async-1"), employee_2.a_make_persistent("async-2"))
         got = await Employee.a_get_by_alias("async-2")
         assert got is employee_2
         await got.a_add_alias("async-2b")
@@ -284,24 +300,26 @@ def test_async_twins_and_sync_calls_inside_a_running_loop(client):
         assert Employee.get_by_alias("async-2").salary == 3.0
         await got.a_new_replica()
         assert len(store._api.api.get_locations(got.getID())) == 2
+
     asyncio.run(main())
 
 
 # -- alien and stub objects ------------------------------------------------------------------
+
 
 def test_alien_objects_builtins_and_numpy(client):
     a = AlienDataClayObject([1, 2, 3])
     assert type(a).__qualname__ == "AlienDataClayObject[builtins.list]"
     assert isinstance(a, DataClayObject)
     a.make_persistent("alien-list")
-    a.append(4)                       # runs on the backend
+    a.append(4)  # runs on the backend
     assert len(a) == 4 and list(a) == [1, 2, 3, 4] and a[3] == 4 and 2 in a
     assert DataClayObject.get_by_alias("alien-list") is a
     m = AlienDataClayObject(np.arange(12).reshape(3, 4))
     m.make_persistent()
     assert m.shape == (3, 4)
     assert int(m.sum()) == 66
-    m.fill(1)                         # an in-place change, stored
+    m.fill(1)  # an in-place change, stored
     assert int(m.sum()) == 12
 
 
@@ -333,8 +351,7 @@ def test_stub_objects_without_the_model_locally(client, cluster, tmp_path):
     """)
     env = shim_env(cluster)
     env["PYTHONPATH"] += os.pathsep + str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", maker], env=env, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", maker], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "vaultmodel" not in sys.modules
     VaultStub = StubDataClayObject["vaultmodel.Vault"]
@@ -344,12 +361,13 @@ def test_stub_objects_without_the_model_locally(client, cluster, tmp_path):
     assert vault.opened == 1
     vault.secret = "silver"
     assert vault.open() == "SILVER"
-    made = VaultStub(secret="iron")   # a stub is always remote: made on a backend
+    made = VaultStub(secret="iron")  # a stub is always remote: made on a backend
     made.add_alias("vault-iron")
     assert VaultStub.get_by_alias("vault-iron").open() == "IRON"
 
 
 # -- the shim --------------------------------------------------------------------------------
+
 
 def test_shim_resolves_dataclay_and_storage_api(cluster):
     code = textwrap.dedent("""
@@ -360,8 +378,9 @@ def test_shim_resolves_dataclay_and_storage_api(cluster):
         assert storage.api.getByID is sri.getByID and storage.api.TaskContext is sri.TaskContext
         print("resolved", dataclay.__version__)
     """)
-    run = subprocess.run([sys.executable, "-c", code], env=shim_env(cluster),
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=shim_env(cluster), capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "resolved 4.3.1"
 
@@ -372,12 +391,11 @@ def test_shim_never_hides_a_real_dataclay(cluster, tmp_path):
     (real / "__init__.py").write_text("REAL = True\n")
     env = shim_env(cluster)
     env["PYTHONPATH"] += os.pathsep + str(tmp_path / "site")
-    run = subprocess.run([sys.executable, "-c", "import dataclay"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", "import dataclay"], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "a real dataClay is installed" in run.stderr
     enable = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(tmp_path / 'site')!r})
+        sys.path.insert(0, {str(tmp_path / "site")!r})
         import store.compat
         try:
             store.compat.enable()
@@ -386,13 +404,23 @@ def test_shim_never_hides_a_real_dataclay(cluster, tmp_path):
         import dataclay
         print("real" if getattr(dataclay, "REAL", False) else "shim")
     """)
-    run = subprocess.run([sys.executable, "-c", enable], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    run = subprocess.run(
+        [sys.executable, "-c", enable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert run.returncode == 0, run.stderr
     assert "refused: a real dataClay is installed" in run.stdout
     assert run.stdout.strip().endswith("real")
-    out = subprocess.run([sys.executable, "-m", "store.compat"], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "store.compat"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert out.stdout.strip() == store.compat.shim_path()
 
 
@@ -408,13 +436,34 @@ def test_enable_refuses_when_a_real_dataclay_is_on_the_path(tmp_path, monkeypatc
 def test_public_names_are_pinned():
     import store.compat.compss as sri
     import store.compat.dataclay as layer
-    assert sorted(layer.__all__) == sorted([
-        "Client", "DataClayObject", "AlienDataClayObject", "StubDataClayObject",
-        "activemethod", "StorageObject", "exceptions"])
-    assert sorted(sri.__all__) == sorted([
-        "init", "finish", "initWorker", "finishWorker", "initWorkerPostFork",
-        "finishWorkerPostFork", "getByID", "getLocations", "TaskContext", "StorageObject",
-        "get_client", "read_config"])
+
+    assert sorted(layer.__all__) == sorted(
+        [
+            "Client",
+            "DataClayObject",
+            "AlienDataClayObject",
+            "StubDataClayObject",
+            "activemethod",
+            "StorageObject",
+            "exceptions",
+        ]
+    )
+    assert sorted(sri.__all__) == sorted(
+        [
+            "init",
+            "finish",
+            "initWorker",
+            "finishWorker",
+            "initWorkerPostFork",
+            "finishWorkerPostFork",
+            "getByID",
+            "getLocations",
+            "TaskContext",
+            "StorageObject",
+            "get_client",
+            "read_config",
+        ]
+    )
     for name in layer.exceptions.__all__:
         cls = getattr(layer.exceptions, name)
         assert issubclass(cls, layer.exceptions.DataClayException) and cls.__doc__, name

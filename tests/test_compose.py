@@ -69,14 +69,14 @@ print(json.dumps(out))
 
 def _engine_missing() -> str | None:
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                              capture_output=True, text=True, timeout=30)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
         return f"no Docker engine reachable ({exc})"
     if info.returncode != 0:
         return f"no Docker engine reachable ({info.stderr.strip()[:200]})"
-    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True,
-                             timeout=30)
+    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
     if compose.returncode != 0:
         return "docker compose v2 is not installed"
     return None
@@ -90,18 +90,32 @@ def compose():
             pytest.fail(f"CI must run the compose test: {why}")
         pytest.skip(why)
     project = "claypot-test-" + secrets.token_hex(4)
-    env = dict(os.environ, CLAYPOT_TOKEN=secrets.token_hex(16),
-               CLAYPOT_REDIS_PASSWORD=secrets.token_hex(16))
+    env = dict(os.environ, CLAYPOT_TOKEN=secrets.token_hex(16), CLAYPOT_REDIS_PASSWORD=secrets.token_hex(16))
 
     def run(*args, timeout=300, check=True):
-        out = subprocess.run(["docker", "compose", "-p", project, *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            ["docker", "compose", "-p", project, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and out.returncode != 0:
-            logs = subprocess.run(["docker", "compose", "-p", project, "logs", "--tail", "40"],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-            raise AssertionError(f"docker compose {' '.join(args)}: exit {out.returncode}\n"
-                                 f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs.stdout[-4000:]}")
+            logs = subprocess.run(
+                ["docker", "compose", "-p", project, "logs", "--tail", "40"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            raise AssertionError(
+                f"docker compose {' '.join(args)}: exit {out.returncode}\n"
+                f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs.stdout[-4000:]}"
+            )
         return out
+
     run.project = project
     run.env = env
     try:
@@ -123,38 +137,47 @@ def test_compose_cluster_builds_runs_the_demo_twice_and_keeps_objects_across_a_r
     assert "bob moved to backend" in again.stdout, again.stdout
 
     # `ps` shows each backend at the port it listens on (the image's 7000).
-    ps = [json.loads(line) for line in
-          compose("ps", "--format", "json", "backend").stdout.splitlines() if line.strip()]
+    ps = [json.loads(line) for line in compose("ps", "--format", "json", "backend").stdout.splitlines() if line.strip()]
     assert len(ps) == 2
     for c in ps:
         assert {p["TargetPort"] for p in c["Publishers"]} == {7000}, c["Publishers"]
 
-    made = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", MAKE)
-                      .stdout.strip().splitlines()[-1])
+    made = json.loads(
+        compose("run", "--rm", "--entrypoint", "python", "demo", "-c", MAKE).stdout.strip().splitlines()[-1]
+    )
     assert len(made) == 2 and len({v[0] for v in made.values()}) == 2
     # Backends on 0.0.0.0 publish metrics because the file sets CLAYPOT_METRICS_PORT.
-    scraped = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", METRICS)
-                         .stdout.strip().splitlines()[-1])
+    scraped = json.loads(
+        compose("run", "--rm", "--entrypoint", "python", "demo", "-c", METRICS).stdout.strip().splitlines()[-1]
+    )
     assert set(scraped) == {v[0] for v in made.values()}
     for address, has_calls in scraped.values():
         assert address.endswith(":9100") and not address.startswith("0.0.0.0") and has_calls
 
     # Restart one backend container: its objects are back, on the same backend id.
     victim = ps[0]["Name"]
-    subprocess.run(["docker", "restart", "-t", "10", victim], check=True, timeout=120,
-                   capture_output=True)
-    read = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ,
-                              json.dumps(sorted(made))).stdout.strip().splitlines()[-1])
+    subprocess.run(["docker", "restart", "-t", "10", victim], check=True, timeout=120, capture_output=True)
+    read = json.loads(
+        compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ, json.dumps(sorted(made)))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert read == {alias: [v[0], v[1]] for alias, v in made.items()}
 
     # More backends from the same block (CLAYPOT_BACKENDS sets the replicas); a client
     # uses all three, and the first two kept their objects.
     compose.env["CLAYPOT_BACKENDS"] = "3"
     compose("up", "-d", "--wait", "backend", timeout=300)
-    spread = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c",
-                                MAKE.replace("check-", "scaled-")).stdout.strip().splitlines()[-1])
+    spread = json.loads(
+        compose("run", "--rm", "--entrypoint", "python", "demo", "-c", MAKE.replace("check-", "scaled-"))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert len({v[0] for v in spread.values()}) == 3
-    assert len({v[2] for v in spread.values()}) == 3   # each registered its own address
-    read = json.loads(compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ,
-                              json.dumps(sorted(made))).stdout.strip().splitlines()[-1])
+    assert len({v[2] for v in spread.values()}) == 3  # each registered its own address
+    read = json.loads(
+        compose("run", "--rm", "--entrypoint", "python", "demo", "-c", READ, json.dumps(sorted(made)))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert read == {alias: [v[0], v[1]] for alias, v in made.items()}

@@ -52,17 +52,22 @@ def _need(condition: bool, why: str) -> None:
 @pytest.fixture(scope="module")
 def binaries() -> dict:
     _need(shutil.which("cmake") is not None, "cmake is not installed")
-    has_grpc = subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode == 0 \
-        if shutil.which("pkg-config") else False
-    _need(has_grpc and shutil.which("grpc_cpp_plugin") is not None,
-          "the gRPC C++ packages are missing (apt-get install libgrpc++-dev "
-          "protobuf-compiler-grpc)")
-    for cmd in (["cmake", "-S", CPP_DIR, "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", BUILD_DIR, "-j2"]):
+    has_grpc = (
+        subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode == 0
+        if shutil.which("pkg-config")
+        else False
+    )
+    _need(
+        has_grpc and shutil.which("grpc_cpp_plugin") is not None,
+        "the gRPC C++ packages are missing (apt-get install libgrpc++-dev protobuf-compiler-grpc)",
+    )
+    for cmd in (
+        ["cmake", "-S", CPP_DIR, "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release"],
+        ["cmake", "--build", BUILD_DIR, "-j2"],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return {name: os.path.join(BUILD_DIR, name) for name in ("claypot_example",
-                                                             "claypot_roundtrip")}
+    return {name: os.path.join(BUILD_DIR, name) for name in ("claypot_example", "claypot_roundtrip")}
 
 
 def _address(backend_id: str) -> str:
@@ -76,42 +81,47 @@ def _run(cmd, token, timeout=120):
 
 
 def test_example_reads_a_multi_mib_float64_array_bit_exact(cluster, binaries, tmp_path):
-    sig = Signal(768 * 1024, seed=11)            # 6 MiB of float64: streamed in chunks
+    sig = Signal(768 * 1024, seed=11)  # 6 MiB of float64: streamed in chunks
     sig.make_persistent(alias="signal-cpp", backend=cluster.backends[1])
     out = tmp_path / "samples.bin"
     gateway = _address(cluster.backends[0])
-    code, summary, err = _run([binaries["claypot_example"], gateway, "signal-cpp", "bump",
-                               '[2, "from c++"]', "samples", str(out)], cluster.token)
+    code, summary, err = _run(
+        [binaries["claypot_example"], gateway, "signal-cpp", "bump", '[2, "from c++"]', "samples", str(out)],
+        cluster.token,
+    )
     assert code == 0, err
     assert summary["object_id"] == sig.getID()
     assert summary["backend_id"] == cluster.backends[1]
     assert summary["result"] == {"calls": 2, "note": "from c++"}
-    assert (summary["dtype"], summary["shape"], summary["nbytes"]) == (
-        "float64", [768 * 1024], 6 * 1024 * 1024)
+    assert (summary["dtype"], summary["shape"], summary["nbytes"]) == ("float64", [768 * 1024], 6 * 1024 * 1024)
     expected = sig.samples
-    assert out.read_bytes() == expected.tobytes()          # bit-exact
+    assert out.read_bytes() == expected.tobytes()  # bit-exact
     assert summary["sum"] == pytest.approx(float(expected.sum()), rel=1e-12)
     assert sig.calls == 2
 
     # Straight from the owner too (no forwarding hop).
-    code, summary, err = _run([binaries["claypot_example"], _address(cluster.backends[1]),
-                               "signal-cpp", "bump", "[1]", "samples"], cluster.token)
+    code, summary, err = _run(
+        [binaries["claypot_example"], _address(cluster.backends[1]), "signal-cpp", "bump", "[1]", "samples"],
+        cluster.token,
+    )
     assert code == 0 and summary["result"] == {"calls": 3, "note": ""}, err
 
 
 def test_example_reports_claypot_errors(cluster, binaries):
     gateway = _address(cluster.backends[0])
-    code, summary, _ = _run([binaries["claypot_example"], gateway, "no-such-alias", "bump",
-                             "[1]", "samples"], cluster.token)
+    code, summary, _ = _run(
+        [binaries["claypot_example"], gateway, "no-such-alias", "bump", "[1]", "samples"], cluster.token
+    )
     assert (code, summary["error"]) == (1, "AliasNotFound")
-    code, summary, _ = _run([binaries["claypot_example"], gateway, "signal-cpp", "bump",
-                             "[1]", "samples"], "wrong-token")
+    code, summary, _ = _run(
+        [binaries["claypot_example"], gateway, "signal-cpp", "bump", "[1]", "samples"], "wrong-token"
+    )
     assert (code, summary) == (1, {"error": "AuthenticationError", "grpc_status": 16})
-    code, summary, _ = _run([binaries["claypot_example"], "127.0.0.1:1", "x", "m", "[]", "a"],
-                            cluster.token, timeout=60)
+    code, summary, _ = _run(
+        [binaries["claypot_example"], "127.0.0.1:1", "x", "m", "[]", "a"], cluster.token, timeout=60
+    )
     assert (code, summary["error"]) == (1, "BackendUnavailable")
-    proc = subprocess.run([binaries["claypot_example"]], capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run([binaries["claypot_example"]], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
@@ -120,10 +130,11 @@ def test_cpp_writes_arrays_creates_and_deletes(cluster, binaries, mode):
     alias = f"signal-rt-{mode}"
     sig = Signal(4, seed=1)
     sig.make_persistent(alias=alias, backend=cluster.backends[1])
-    n = 600_000                                             # 4.6 MiB: chunked upload
+    n = 600_000  # 4.6 MiB: chunked upload
     extra = ["direct"] if mode == "direct" else []
-    code, out, err = _run([binaries["claypot_roundtrip"], _address(cluster.backends[0]),
-                           alias, "Signal", str(n)] + extra, cluster.token)
+    code, out, err = _run(
+        [binaries["claypot_roundtrip"], _address(cluster.backends[0]), alias, "Signal", str(n)] + extra, cluster.token
+    )
     assert code == 0, err
     assert out["same"] is True and (out["dtype"], out["n"]) == ("float64", n)
     assert out["too_small"] == "ValueTooLarge" and out["wrong_type"] == "ProtocolError"

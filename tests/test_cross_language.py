@@ -65,9 +65,11 @@ def _address_of(backend_id: str) -> str:
 
 def _ping(address: str, token: str) -> pb.PingReply:
     with grpc.insecure_channel(address) as channel:
-        ping = channel.unary_unary("/claypot.v1.Backend/Ping",
-                                   request_serializer=pb.PingRequest.SerializeToString,
-                                   response_deserializer=pb.PingReply.FromString)
+        ping = channel.unary_unary(
+            "/claypot.v1.Backend/Ping",
+            request_serializer=pb.PingRequest.SerializeToString,
+            response_deserializer=pb.PingReply.FromString,
+        )
         return ping(pb.PingRequest(), metadata=[("claypot-token", token)], timeout=10)
 
 
@@ -81,8 +83,7 @@ def test_node_client_calls_reads_and_writes_a_python_object(cluster):
     gateway = _address_of(cluster.backends[0])
 
     started = time.monotonic()
-    proc = subprocess.run([node, CLIENT_JS, gateway, cluster.token, alias],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([node, CLIENT_JS, gateway, cluster.token, alias], capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"node client failed:\n{proc.stdout}\n{proc.stderr}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,8 +94,7 @@ def test_node_client_calls_reads_and_writes_a_python_object(cluster):
     assert out["resolve"]["class_key"]
 
     assert out["call"] == {"result": {"total": 4.0, "count": 2}}
-    assert out["read"] == {"result": [{"amount": 1.5, "memo": "from python"},
-                                      {"amount": 2.5, "memo": "from node"}]}
+    assert out["read"] == {"result": [{"amount": 1.5, "memo": "from python"}, {"amount": 2.5, "memo": "from node"}]}
     assert out["write"] == {"result": None}
     written = {"name": "node", "tags": ["js", "grpc"], "n": 3}
     assert out["read_back"] == {"result": written}
@@ -120,8 +120,7 @@ def test_node_client_calls_reads_and_writes_a_python_object(cluster):
 
 def test_node_client_reports_bad_usage(cluster):
     node = _node_or_skip()
-    proc = subprocess.run([node, CLIENT_JS, cluster.address], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([node, CLIENT_JS, cluster.address], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "usage: node client.js ADDRESS TOKEN ALIAS" in proc.stderr
 
@@ -160,6 +159,7 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
 
     token = [(TOKEN_HEADER, cluster.token)]
     with grpc.insecure_channel(address) as channel:
+
         def raw(method: str):
             # No serializers: the bytes go on the wire exactly as given.
             return channel.unary_unary(f"/claypot.v1.Backend/{method}")
@@ -168,8 +168,7 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
         for method in ("Call", "CallJson", "Persist", "Resolve"):
             with pytest.raises(grpc.RpcError) as info:
                 raw(method)(b"\xff\xff\xff\xff\x0f not protobuf", metadata=token, timeout=10)
-            assert info.value.code() in (grpc.StatusCode.INTERNAL,
-                                         grpc.StatusCode.INVALID_ARGUMENT), info.value
+            assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT), info.value
 
         # Without the token the same bytes are refused before anything is parsed.
         with pytest.raises(grpc.RpcError) as info:
@@ -177,21 +176,31 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         # A well-formed message whose pickled arguments are garbage: a typed error reply.
-        bogus = pb.CallRequest(object_id=ledger.getID(), kind=pb.METHOD, name="record",
-                               args=pb.Value(payload=b"\x80\x05 this is not a pickle"))
-        reply = pb.CallReply.FromString(
-            raw("Call")(bogus.SerializeToString(), metadata=token, timeout=10))
+        bogus = pb.CallRequest(
+            object_id=ledger.getID(),
+            kind=pb.METHOD,
+            name="record",
+            args=pb.Value(payload=b"\x80\x05 this is not a pickle"),
+        )
+        reply = pb.CallReply.FromString(raw("Call")(bogus.SerializeToString(), metadata=token, timeout=10))
         assert reply.error.code == "SerializationError", reply.error
         # Garbage state for a class the backend knows: refused, and no half-made object.
         resolve = pb.ResolveRequest(object_id=ledger.getID())
         class_key = pb.ResolveReply.FromString(
-            raw("Resolve")(resolve.SerializeToString(), metadata=token, timeout=10)).ref.class_key
+            raw("Resolve")(resolve.SerializeToString(), metadata=token, timeout=10)
+        ).ref.class_key
         junk_id, junk_alias = uuid.uuid4().hex, f"junk-{uuid.uuid4().hex[:8]}"
-        persist = pb.PersistRequest(objects=[pb.PersistObject(
-            object_id=junk_id, class_key=class_key, alias=junk_alias,
-            state=pb.Value(payload=b"\x80\x05 garbage"))])
-        status = pb.Status.FromString(
-            raw("Persist")(persist.SerializeToString(), metadata=token, timeout=10))
+        persist = pb.PersistRequest(
+            objects=[
+                pb.PersistObject(
+                    object_id=junk_id,
+                    class_key=class_key,
+                    alias=junk_alias,
+                    state=pb.Value(payload=b"\x80\x05 garbage"),
+                )
+            ]
+        )
+        status = pb.Status.FromString(raw("Persist")(persist.SerializeToString(), metadata=token, timeout=10))
         assert status.error.code == "SerializationError", status
         with pytest.raises(store.errors.AliasNotFound):
             store.get_by_alias(junk_alias)
@@ -199,10 +208,10 @@ def test_malformed_bytes_leave_the_backend_serving(cluster):
             store.get_by_id(junk_id)
 
         # Arguments that are not JSON: a ProtocolError reply, not a crash.
-        json_call = pb.JsonCallRequest(object_id=ledger.getID(), kind=pb.METHOD,
-                                       name="record", args_json="[1, oops")
+        json_call = pb.JsonCallRequest(object_id=ledger.getID(), kind=pb.METHOD, name="record", args_json="[1, oops")
         json_reply = pb.JsonCallReply.FromString(
-            raw("CallJson")(json_call.SerializeToString(), metadata=token, timeout=10))
+            raw("CallJson")(json_call.SerializeToString(), metadata=token, timeout=10)
+        )
         assert json_reply.error.code == "ProtocolError"
 
     # The same process still answers, and the object is intact and callable.

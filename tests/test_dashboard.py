@@ -48,20 +48,28 @@ def shard_size(s, pause):
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and DRIVER):
-        why = "chromium and chromium-driver are not installed (apt-get install chromium " \
-              "chromium-driver)"
+        why = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the dashboard test: {why}")
         pytest.skip(why)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--window-size=1280,1000",
-                 f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager never looks for one on the network.
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
@@ -89,8 +97,8 @@ def texts(driver, selector: str) -> list[str]:
     """Text of every element matching ``selector``, read in one step: the page redraws
     its tables every second, so elements found in one call may be gone by the next."""
     return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)",
-        selector)
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", selector
+    )
 
 
 def column(driver, cls: str) -> list[float]:
@@ -103,9 +111,18 @@ def test_page_shows_both_backends_and_updates_live(browser, tmp_path):
         server = dashboard.serve(c.client, port=0)
         try:
             browser.get(server.url)
-            shown = wait_for(lambda: [x for x in browser.execute_script(
-                "return [...document.querySelectorAll('#backends tbody tr')]"
-                ".map(r => r.dataset.backend)")] or None, "backend rows")
+            shown = wait_for(
+                lambda: (
+                    [
+                        x
+                        for x in browser.execute_script(
+                            "return [...document.querySelectorAll('#backends tbody tr')].map(r => r.dataset.backend)"
+                        )
+                    ]
+                    or None
+                ),
+                "backend rows",
+            )
             assert sorted(shown) == sorted(c.backends)
             assert texts(browser, "#backends td.up") == ["up", "up"]
             objects_before = sum(column(browser, "objects"))
@@ -121,24 +138,22 @@ def test_page_shows_both_backends_and_updates_live(browser, tmp_path):
             futures = [shard_size(s, 0.05) for s in shards for _ in range(3)]
             assert wait_on(futures) == [201_000] * 3 + [401_000] * 3
 
-            wait_for(lambda: sum(column(browser, "objects")) >= objects_before + 2,
-                     "the object count to grow")
-            wait_for(lambda: sum(column(browser, "calls")) > calls_before,
-                     "the call count to grow")
+            wait_for(lambda: sum(column(browser, "objects")) >= objects_before + 2, "the object count to grow")
+            wait_for(lambda: sum(column(browser, "calls")) > calls_before, "the call count to grow")
             wait_for(lambda: sum(column(browser, "tasks-done")) >= 6, "tasks done to show")
-            wait_for(lambda: texts(browser, "#task-counts")[:1] == [
-                "6/6 finished: 6 done, 0 failed, 0 pending"], "6 of 6 tasks finished")
+            wait_for(
+                lambda: texts(browser, "#task-counts")[:1] == ["6/6 finished: 6 done, 0 failed, 0 pending"],
+                "6 of 6 tasks finished",
+            )
             assert len(texts(browser, "svg rect.task.done")) == 6
             # The largest object of the cluster is the 401 kB shard, on the second backend.
-            first_row = wait_for(lambda: texts(browser, "#largest tbody tr")[:1],
-                                 "the largest objects")[0]
+            first_row = wait_for(lambda: texts(browser, "#largest tbody tr")[:1], "the largest objects")[0]
             assert shards[1].getID()[:12] in first_row
             assert c.backends[1][:12] in first_row
             # All of it without a reload.
             assert browser.execute_script("return window.performance.timeOrigin") == page_id
 
-            artifacts = os.environ.get("CLAYPOT_ARTIFACT_DIR", os.path.join(ROOT,
-                                                                            "test-artifacts"))
+            artifacts = os.environ.get("CLAYPOT_ARTIFACT_DIR", os.path.join(ROOT, "test-artifacts"))
             os.makedirs(artifacts, exist_ok=True)
             path = os.path.join(artifacts, "dashboard.png")
             assert browser.save_screenshot(path)

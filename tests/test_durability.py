@@ -62,8 +62,9 @@ def one_backend(tmp_path):
     A short checkpoint interval makes the tests cover both places a state
     can come back from: the log and the checkpoint files.
     """
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
-                      backend_env={"CLAYPOT_CHECKPOINT_INTERVAL": "0.5"}) as c:
+    with LocalCluster(
+        backends=1, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_CHECKPOINT_INTERVAL": "0.5"}
+    ) as c:
         yield c
 
 
@@ -76,9 +77,9 @@ def test_kill9_after_acknowledged_writes_loses_nothing(one_backend):
     c = one_backend
     bid = c.backends[0]
     rng = random.Random(3)
-    expected: dict[str, str] = {}        # object id -> hash of acknowledged content
+    expected: dict[str, str] = {}  # object id -> hash of acknowledged content
     proxies: dict[str, Blob] = {}
-    aliases: dict[str, str] = {}         # alias -> object id
+    aliases: dict[str, str] = {}  # alias -> object id
     for rnd in range(3):
         batch = [Blob(_payload(rng)) for _ in range(80)]
         store.make_persistent_many(batch)
@@ -114,8 +115,9 @@ def test_async_policy_survives_process_kill(tmp_path):
 
     (Only a machine crash can lose the last ``flush_interval`` of changes.)
     """
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="async",
-                      backend_env={"CLAYPOT_FLUSH_INTERVAL": "0.2"}) as c:
+    with LocalCluster(
+        backends=1, data_dir=str(tmp_path / "c"), durability="async", backend_env={"CLAYPOT_FLUSH_INTERVAL": "0.2"}
+    ) as c:
         objs = [Blob(bytes([i]) * 100) for i in range(50)]
         store.make_persistent_many(objs)
         for i, o in enumerate(objs):
@@ -132,8 +134,9 @@ def test_corrupt_checkpoint_quarantines_one_object(one_backend):
     store.make_persistent_many(objs)
     # Let the checkpointer write every object file and trim the log, so the files
     # (and not the log) are what the restarted backend reads.
-    chaos.wait_until(lambda: all(os.path.exists(chaos.object_file(c, bid, o.getID()))
-                                 for o in objs), what="checkpoints written")
+    chaos.wait_until(
+        lambda: all(os.path.exists(chaos.object_file(c, bid, o.getID())) for o in objs), what="checkpoints written"
+    )
     chaos.wait_until(lambda: chaos.wal_bytes(c, bid) == 0, what="log trimmed")
     chaos.stop_backend(c, bid)
     torn, rotten = objs[3].getID(), objs[7].getID()
@@ -223,7 +226,7 @@ def test_graceful_stop_is_fast_and_complete(one_backend):
     bid = c.backends[0]
     objs = [Blob(i.to_bytes(4, "little") * 8) for i in range(5000)]
     for i in range(0, len(objs), 1000):
-        store.make_persistent_many(objs[i:i + 1000])
+        store.make_persistent_many(objs[i : i + 1000])
     took = chaos.stop_backend(c, bid)
     assert took < 1.0, f"graceful stop took {took:.2f}s"
     chaos.start_backend(c, bid)
@@ -243,8 +246,9 @@ def test_durability_policy_is_per_backend(tmp_path):
     from store._directory.directory import Directory
 
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
-        scratch = BackendProcess(str(tmp_path / "c" / "scratch"), c.redis_url, c.token,
-                                 extra_args=["--durability", "none"]).start()
+        scratch = BackendProcess(
+            str(tmp_path / "c" / "scratch"), c.redis_url, c.token, extra_args=["--durability", "none"]
+        ).start()
         c.processes.append(scratch)  # stopped with the cluster
         durable_id = c.backends[0]
         d = Directory(c.redis_url, token=c.token)
@@ -339,6 +343,7 @@ def test_a_late_background_checkpoint_never_overwrites_a_newer_direct_write(tmp_
     """Ordering of checkpoint files: a spill (direct write) that lands while the
     checkpointer has an older state of the same object staged wins."""
     from store.backend._storage.storage import Record, Storage
+
     s = Storage(str(tmp_path / "b"), policy="sync")
     s.write(Record("a" * 32, "k", "", b"old", []))
 
@@ -347,6 +352,7 @@ def test_a_late_background_checkpoint_never_overwrites_a_newer_direct_write(tmp_
         # the state of "a" is spilled meanwhile, newer than the staged one.
         s.write_checkpoint(Record("a" * 32, "k", "", b"new", []))
         return True
+
     s.checkpoint_live = checkpoint_live
     s.mark_dirty("b" * 32)
     s.checkpoint()

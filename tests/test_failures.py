@@ -59,9 +59,11 @@ class Note(StorageObject):
 def cluster2(tmp_path, monkeypatch):
     """Two backends whose heartbeat expires after 2 s; the client stops reconnecting after 3 s."""
     monkeypatch.setenv("CLAYPOT_RECONNECT_TIMEOUT", "3")
-    with LocalCluster(backends=2, data_dir=str(tmp_path / "c"),
-                      backend_env={"CLAYPOT_HEARTBEAT_TTL": "2",
-                                   "CLAYPOT_HEARTBEAT_INTERVAL": "0.3"}) as c:
+    with LocalCluster(
+        backends=2,
+        data_dir=str(tmp_path / "c"),
+        backend_env={"CLAYPOT_HEARTBEAT_TTL": "2", "CLAYPOT_HEARTBEAT_INTERVAL": "0.3"},
+    ) as c:
         yield c
 
 
@@ -92,8 +94,10 @@ def _check_notes(expected) -> None:
 def _directory_snapshot(cluster) -> tuple[dict, dict]:
     d = Directory(cluster.redis_url)
     try:
-        return ({k.decode(): v.decode() for k, v in d.r.hgetall(d.k_objects).items()},
-                {k.decode(): v.decode() for k, v in d.r.hgetall(d.k_aliases).items()})
+        return (
+            {k.decode(): v.decode() for k, v in d.r.hgetall(d.k_objects).items()},
+            {k.decode(): v.decode() for k, v in d.r.hgetall(d.k_aliases).items()},
+        )
     finally:
         d.close()
 
@@ -126,8 +130,7 @@ def test_redis_wipe_is_republished_by_backends(cluster2):
     expected = _notes(30)
     before = _directory_snapshot(c)
     chaos.wipe_redis(c)
-    chaos.wait_until(lambda: _directory_snapshot(c) == before, timeout=10,
-                     what="directory republished")
+    chaos.wait_until(lambda: _directory_snapshot(c) == before, timeout=10, what="directory republished")
     _check_notes(expected)
 
 
@@ -232,8 +235,11 @@ def test_dead_backend_is_shown_down_and_fails_fast(cluster2):
     on_victim = _notes(5, backend=victim)
     on_survivor = _notes(5, backend=survivor)
     chaos.kill_backend(c, victim)
-    chaos.wait_until(lambda: [b.up for b in store.backends() if b.backend_id == victim] == [False],
-                     timeout=6, what="heartbeat expiry")
+    chaos.wait_until(
+        lambda: [b.up for b in store.backends() if b.backend_id == victim] == [False],
+        timeout=6,
+        what="heartbeat expiry",
+    )
     oid = next(iter(on_victim))
     for _ in range(2):
         start = time.monotonic()
@@ -254,8 +260,9 @@ def test_status_command_shows_dead_backend(cluster2, capsys):
     c = cluster2
     victim = c.backends[1]
     chaos.kill_backend(c, victim)
-    chaos.wait_until(lambda: not [b for b in store.backends() if b.backend_id == victim][0].up,
-                     timeout=6, what="heartbeat expiry")
+    chaos.wait_until(
+        lambda: not [b for b in store.backends() if b.backend_id == victim][0].up, timeout=6, what="heartbeat expiry"
+    )
     assert claypot(["status", "--address", c.address, "--token", c.token]) == 3
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith(victim[:8])][0]
@@ -271,8 +278,7 @@ def test_a_deleted_alias_stays_deleted_after_a_rebuild(cluster2):
     # Ask through the other backend: the request still goes to the owner.
     store.delete_alias("short-lived")
     chaos.wipe_redis(c)
-    chaos.wait_until(lambda: note.getID() in _directory_snapshot(c)[0], timeout=10,
-                     what="directory republished")
+    chaos.wait_until(lambda: note.getID() in _directory_snapshot(c)[0], timeout=10, what="directory republished")
     assert "short-lived" not in _directory_snapshot(c)[1]
     with pytest.raises(AliasNotFound):
         store.get_by_alias("short-lived")

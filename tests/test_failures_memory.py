@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 N_ARRAYS = 32
-ARRAY_BYTES = 64 * MiB          # 32 x 64 MiB = 2 GiB, eight times the limit
+ARRAY_BYTES = 64 * MiB  # 32 x 64 MiB = 2 GiB, eight times the limit
 LIMIT = 256 * MiB
 
 
@@ -69,10 +69,11 @@ def test_memory_limit_spills_and_returns_every_array(tmp_path):
         # transient buffers while a stream is in flight may pass it briefly, and a
         # changed state waits in the log's private copy until its checkpoint (at most
         # one 64 MiB log segment's worth, outside the budget: see the README's limits).
-        assert sampler.peak < LIMIT + 32 * MiB + 64 * MiB, \
-            f"peak RSS {sampler.peak / MiB:.0f} MiB"
+        assert sampler.peak < LIMIT + 32 * MiB + 64 * MiB, f"peak RSS {sampler.peak / MiB:.0f} MiB"
         info = store.backends()[0]
         assert info.objects == N_ARRAYS
         assert info.resident_objects < N_ARRAYS // 4
-        print(f"peak RSS {sampler.peak / MiB:.0f} MiB for {N_ARRAYS * ARRAY_BYTES / MiB:.0f} MiB "
-              f"of arrays under a {LIMIT / MiB:.0f} MiB limit")
+        print(
+            f"peak RSS {sampler.peak / MiB:.0f} MiB for {N_ARRAYS * ARRAY_BYTES / MiB:.0f} MiB "
+            f"of arrays under a {LIMIT / MiB:.0f} MiB limit"
+        )

@@ -30,8 +30,15 @@ from store import LocalCluster, StorageObject
 from store._wire import wire
 from store._client.client import TOKEN_HEADER, Client
 from store.config import Settings
-from store.errors import (BackendUnavailable, CallInterrupted, ClaypotError, DeadlineExceeded,
-                          ObjectNotFound, ProtocolError, ValueTooLarge)
+from store.errors import (
+    BackendUnavailable,
+    CallInterrupted,
+    ClaypotError,
+    DeadlineExceeded,
+    ObjectNotFound,
+    ProtocolError,
+    ValueTooLarge,
+)
 from store._wire.generated import claypot_pb2 as pb
 from store._model.objects import readonly
 
@@ -45,6 +52,7 @@ def _streams_not_shared_memory():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLAYPOT_SHM", "0")
         yield
+
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -106,11 +114,11 @@ class Mixed(StorageObject):
 
     def __init__(self, seed: int):
         rng = np.random.default_rng(seed)
-        self.floats = rng.random((700, 600))                       # C order, 3.2 MiB
-        self.fortran = np.asfortranarray(rng.random((500, 400)))   # F order, 1.5 MiB
+        self.floats = rng.random((700, 600))  # C order, 3.2 MiB
+        self.fortran = np.asfortranarray(rng.random((500, 400)))  # F order, 1.5 MiB
         self.strided = rng.integers(0, 9, 3 * MiB, dtype=np.int8)[::3]  # not contiguous
-        self.small = np.arange(10)                                 # in the pickle stream
-        self.blob = bytearray(rng.bytes(2 * MiB))                  # out of band, not numpy
+        self.small = np.arange(10)  # in the pickle stream
+        self.blob = bytearray(rng.bytes(2 * MiB))  # out of band, not numpy
         self.label = "mixed"
 
 
@@ -249,16 +257,18 @@ def test_fortran_ordered_out_of_band_buffer_streams():
 
 # -- malformed streams: raw frames to a real backend -------------------------------------
 
+
 def _raw(cluster):
-    channel = grpc.insecure_channel(cluster.address, options=[
-        ("grpc.max_send_message_length", 16 * MiB), ("grpc.max_receive_message_length", 16 * MiB)])
+    channel = grpc.insecure_channel(
+        cluster.address,
+        options=[("grpc.max_send_message_length", 16 * MiB), ("grpc.max_receive_message_length", 16 * MiB)],
+    )
     return channel, wire.StreamStub(channel), ((TOKEN_HEADER, cluster.token),)
 
 
 def _persist_header(oid: str, sizes: list[int], class_key: str = "tests:Holder") -> bytes:
     state = pb.Value(buffer_sizes=sizes)
-    request = pb.PersistRequest(objects=[pb.PersistObject(object_id=oid, class_key=class_key,
-                                                          state=state)])
+    request = pb.PersistRequest(objects=[pb.PersistObject(object_id=oid, class_key=class_key, state=state)])
     return request.SerializeToString()
 
 
@@ -269,14 +279,10 @@ def _assert_absent(cluster, oid: str) -> None:
 
 MALFORMED = {
     "data-before-header": lambda h: [wire.encode_data(b"x" * 10), wire.encode_header(h)],
-    "fewer-bytes-than-announced": lambda h: [wire.encode_header(h),
-                                             wire.encode_data(b"x" * (2 * MiB))],
-    "more-bytes-than-announced": lambda h: [wire.encode_header(h),
-                                            wire.encode_data(b"x" * (3 * MiB + 1))],
-    "second-header": lambda h: [wire.encode_header(h), wire.encode_data(b"x" * MiB),
-                                wire.encode_header(h)],
-    "garbage-header": lambda h: [wire.encode_header(b"\xff\xff\xff\xff"),
-                                 wire.encode_data(b"x")],
+    "fewer-bytes-than-announced": lambda h: [wire.encode_header(h), wire.encode_data(b"x" * (2 * MiB))],
+    "more-bytes-than-announced": lambda h: [wire.encode_header(h), wire.encode_data(b"x" * (3 * MiB + 1))],
+    "second-header": lambda h: [wire.encode_header(h), wire.encode_data(b"x" * MiB), wire.encode_header(h)],
+    "garbage-header": lambda h: [wire.encode_header(b"\xff\xff\xff\xff"), wire.encode_data(b"x")],
     "empty-chunk": lambda h: [wire.encode_header(h), b""],
     "empty-stream": lambda h: [],
 }
@@ -301,13 +307,16 @@ def test_malformed_call_stream_is_a_protocol_error(cluster):
     """CallStream checks its stream the same way (fewer bytes than the header announced)."""
     obj = Holder(np.zeros(4))
     obj.make_persistent(backend=cluster.backends[0])
-    request = pb.CallRequest(object_id=obj.getID(), kind=pb.METHOD, name="echo",
-                             args=pb.Value(buffer_sizes=[10, 2 * MiB]), call_id="x")
+    request = pb.CallRequest(
+        object_id=obj.getID(), kind=pb.METHOD, name="echo", args=pb.Value(buffer_sizes=[10, 2 * MiB]), call_id="x"
+    )
     channel, stub, metadata = _raw(cluster)
     try:
-        reply = stub.CallStream(iter([wire.encode_header(request.SerializeToString()),
-                                      wire.encode_data(b"y" * MiB)]),
-                                timeout=30, metadata=metadata)
+        reply = stub.CallStream(
+            iter([wire.encode_header(request.SerializeToString()), wire.encode_data(b"y" * MiB)]),
+            timeout=30,
+            metadata=metadata,
+        )
     finally:
         channel.close()
     assert isinstance(wire.error_from_pb(reply.error), ProtocolError), reply.error
@@ -318,8 +327,9 @@ def test_absurd_announced_size_is_refused(cluster):
     oid = os.urandom(16).hex()
     channel, stub, metadata = _raw(cluster)
     try:
-        reply = stub.PersistStream(iter([wire.encode_header(_persist_header(oid, [10, 1 << 62]))]),
-                                   timeout=30, metadata=metadata)
+        reply = stub.PersistStream(
+            iter([wire.encode_header(_persist_header(oid, [10, 1 << 62]))]), timeout=30, metadata=metadata
+        )
     finally:
         channel.close()
     assert isinstance(wire.error_from_pb(reply.error), ValueTooLarge), reply.error
@@ -330,8 +340,7 @@ def test_unknown_result_handle_streams_back_an_error(cluster):
     """FetchResult for a handle that does not exist answers with an error header."""
     channel, stub, metadata = _raw(cluster)
     try:
-        frames = list(stub.FetchResult(pb.FetchRequest(result_handle="nope"), timeout=30,
-                                       metadata=metadata))
+        frames = list(stub.FetchResult(pb.FetchRequest(result_handle="nope"), timeout=30, metadata=metadata))
     finally:
         channel.close()
     with pytest.raises(ObjectNotFound):
@@ -365,6 +374,7 @@ def test_sender_failing_mid_stream_leaves_nothing(cluster):
 
 # -- peers dying mid-stream ------------------------------------------------------------
 
+
 def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
@@ -393,8 +403,7 @@ def test_backend_killed_during_make_persistent(fresh_cluster):
 
     worker = threading.Thread(target=persist)
     worker.start()
-    chaos.wait_until(lambda: _rss(proc.pid) > base + 96 * MiB, timeout=60,
-                     what="backend receiving the stream")
+    chaos.wait_until(lambda: _rss(proc.pid) > base + 96 * MiB, timeout=60, what="backend receiving the stream")
     chaos.kill_backend(c, b0)
     killed = time.monotonic()
     worker.join(30)
@@ -426,8 +435,12 @@ def test_backend_killed_while_result_streams_back(fresh_cluster):
 
     worker = threading.Thread(target=read)
     worker.start()
-    chaos.wait_until(lambda: me.memory_info().rss > base + 48 * MiB or not worker.is_alive(),
-                     timeout=60, interval=0.005, what="result streaming")
+    chaos.wait_until(
+        lambda: me.memory_info().rss > base + 48 * MiB or not worker.is_alive(),
+        timeout=60,
+        interval=0.005,
+        what="result streaming",
+    )
     chaos.kill_backend(c, b0)
     worker.join(30)
     assert not worker.is_alive(), "a read hung after its backend died"
@@ -463,8 +476,12 @@ def test_stalled_backend_hits_the_size_scaled_deadline(cluster):
     worker = threading.Thread(target=persist)
     try:
         worker.start()
-        chaos.wait_until(lambda: proc.memory_info().rss > base + 32 * MiB or not worker.is_alive(),
-                         timeout=60, interval=0.005, what="backend receiving the stream")
+        chaos.wait_until(
+            lambda: proc.memory_info().rss > base + 32 * MiB or not worker.is_alive(),
+            timeout=60,
+            interval=0.005,
+            what="backend receiving the stream",
+        )
         proc.suspend()
         worker.join(settings.stream_deadline(size) + 10)
     finally:
@@ -475,8 +492,9 @@ def test_stalled_backend_hits_the_size_scaled_deadline(cluster):
     print(f"\nmake_persistent to a frozen backend -> {result!r}")
     if result != "stored":  # on a fast machine the stream may finish before the freeze
         assert isinstance(result, DeadlineExceeded), result
-        chaos.wait_until(lambda: proc.memory_info().rss < base + 64 * MiB, timeout=30,
-                         what="backend dropping the cancelled stream")
+        chaos.wait_until(
+            lambda: proc.memory_info().rss < base + 64 * MiB, timeout=30, what="backend dropping the cancelled stream"
+        )
         after = {b.backend_id: b.objects for b in cluster.client.backends()}[b0]
         assert after == before
 
@@ -499,13 +517,17 @@ def test_client_killed_mid_stream_frees_the_backend(cluster):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT)
     try:
-        chaos.wait_until(lambda: _rss(backend_pid) > base + 96 * MiB or child.poll() is not None,
-                         timeout=60, what="backend receiving the child's stream")
+        chaos.wait_until(
+            lambda: _rss(backend_pid) > base + 96 * MiB or child.poll() is not None,
+            timeout=60,
+            what="backend receiving the child's stream",
+        )
         assert child.poll() is None, "the child finished before it could be killed"
         child.kill()
         child.wait()
-        chaos.wait_until(lambda: _rss(backend_pid) < base + 64 * MiB, timeout=30,
-                         what="backend freeing the half-received buffer")
+        chaos.wait_until(
+            lambda: _rss(backend_pid) < base + 64 * MiB, timeout=30, what="backend freeing the half-received buffer"
+        )
     finally:
         if child.poll() is None:
             child.kill()
@@ -516,6 +538,7 @@ def test_client_killed_mid_stream_frees_the_backend(cluster):
 
 
 # -- 3 GiB: no ceiling, one copy per side ---------------------------------------------------
+
 
 class PeakRSS:
     """Samples the RSS of some processes every few ms (psutil) and keeps the peaks."""
@@ -593,9 +616,13 @@ def test_3gib_array_persist_read_move_near_one_copy():
         assert obj.get_location() == b1
         assert obj.data_digest() == expected
 
-    print("\n3 GiB figures (RSS growth in MiB):",
-          {k: ({n: round(v / MiB) for n, v in d.items()} if isinstance(d, dict) else round(d, 2))
-           for k, d in figures.items()})
+    print(
+        "\n3 GiB figures (RSS growth in MiB):",
+        {
+            k: ({n: round(v / MiB) for n, v in d.items()} if isinstance(d, dict) else round(d, 2))
+            for k, d in figures.items()
+        },
+    )
     # Transient slack for gRPC's in-flight buffers and allocator caches: measured
     # growth is usually 1.01-1.03 copies, rarely up to 1.18 on this shared VM.
     slack = 640 * MiB

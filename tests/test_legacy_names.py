@@ -17,9 +17,9 @@ import pytest
 import store
 from store import _legacy
 
+
 def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -48,7 +48,8 @@ def test_every_old_name_in_a_fresh_interpreter():
 
 def test_names_under_a_moved_package_are_not_loaded_twice():
     from store._wire.generated import claypot_pb2
-    import store.generated.claypot_pb2 as old   # protobuf refuses a second registration
+    import store.generated.claypot_pb2 as old  # protobuf refuses a second registration
+
     assert old is claypot_pb2
     assert _legacy.new_name("store.generated.claypot_pb2_grpc") == "store._wire.generated.claypot_pb2_grpc"
     assert _legacy.new_name("store.errors") is None
@@ -63,12 +64,14 @@ def test_from_old_module_import_gives_the_same_objects():
     from store._client.client import Client as NewClient
     from store.backend._engine.heap import Heap as NewHeap
     from runtime._core import current as new_current
+
     assert Client is NewClient and Heap is NewHeap and current is new_current
     assert StorageObject is store.StorageObject
 
 
 def test_monkeypatching_an_old_name_reaches_the_moved_module(monkeypatch):
     import store.backend._storage.storage as new
+
     monkeypatch.setattr("store.backend.storage.read_backend_id", lambda path: "patched")
     assert new.read_backend_id("/nowhere") == "patched"
     # store.client by its old module name (store.client the attribute is the function
@@ -77,8 +80,10 @@ def test_monkeypatching_an_old_name_reaches_the_moved_module(monkeypatch):
     marker = object()
     monkeypatch.setattr(old, "CHANNEL_OPTIONS", marker)
     import store._client.client as moved
+
     assert moved.CHANNEL_OPTIONS is marker
     from store.client import CHANNEL_OPTIONS
+
     assert CHANNEL_OPTIONS is marker
 
 
@@ -115,6 +120,7 @@ def test_old_name_imported_first_in_a_process():
 def test_pickles_that_name_old_module_paths_load():
     from store._model.objects import load_reference
     from store.backend._core.lifecycle import State
+
     # Written by an older version: a function and a class by their old module path.
     assert pickle.loads(b"cstore.objects\nload_reference\n.") is load_reference
     assert pickle.loads(b"cstore.backend.lifecycle\nState\n.") is State
@@ -125,6 +131,7 @@ def test_instances_round_trip_and_load_from_old_paths(protocol):
     from store._api.alien import Alien
     from store._directory.replica_set import ReplicaSet
     from store.backend._core.lifecycle import State
+
     for value in (ReplicaSet(3, "b1", ("b2", "b3"), 2), State.SPILLED, Alien):
         data = pickle.dumps(value, protocol=protocol)
         assert pickle.loads(data) == value
@@ -142,11 +149,11 @@ def test_instances_round_trip_and_load_from_old_paths(protocol):
 
 
 def test_python_m_with_an_old_name_runs_the_moved_module():
-    proc = subprocess.run([sys.executable, "-m", "store.cli", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "store.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: claypot" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "store.backend", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "store.backend", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--data-dir" in proc.stdout

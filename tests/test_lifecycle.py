@@ -90,12 +90,15 @@ def test_spilled_objects_load_and_a_failed_load_goes_back(life):
     assert life.delete_done("s", 3) == []  # not resident: nothing to drop
 
 
-@pytest.mark.parametrize("event", [
-    lambda life: life.move_requested("x", "B"),   # not live
-    lambda life: life.loaded("x", 1, False),       # not loading
-    lambda life: life.move_done("x", 1),           # not moving
-    lambda life: life.persisted("x", 1, 1, False),  # already here
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        lambda life: life.move_requested("x", "B"),  # not live
+        lambda life: life.loaded("x", 1, False),  # not loading
+        lambda life: life.move_done("x", 1),  # not moving
+        lambda life: life.persisted("x", 1, 1, False),  # already here
+    ],
+)
 def test_illegal_transitions_are_refused(life, event):
     life.stored_at_start(["x"])
     with pytest.raises(IllegalTransition):
@@ -136,8 +139,7 @@ def test_random_event_sequences_keep_every_invariant():
                 todo = life.call_finished(oid, True, rng.randrange(1, 800), rec.big)
             elif choice == 1:
                 life.move_requested(oid, "B")
-                todo = life.move_done(oid, lsn) if rng.random() < 0.7 else \
-                    (life.move_failed(oid) or [])
+                todo = life.move_done(oid, lsn) if rng.random() < 0.7 else (life.move_failed(oid) or [])
             elif choice == 2:
                 life.delete_requested(oid)
                 todo = life.delete_done(oid, lsn)
@@ -148,8 +150,9 @@ def test_random_event_sequences_keep_every_invariant():
                 todo = life.logged(oid, lsn)
         elif state is State.SPILLED:
             life.load_started(oid)
-            todo = life.loaded(oid, rng.randrange(1, 800), False) if rng.random() < 0.8 \
-                else (life.load_failed(oid) or [])
+            todo = (
+                life.loaded(oid, rng.randrange(1, 800), False) if rng.random() < 0.8 else (life.load_failed(oid) or [])
+            )
         else:
             todo = []
         for ins in todo:

@@ -33,8 +33,7 @@ def gone(pid):
 
 
 def start_owner(mode):
-    owner = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdout=subprocess.PIPE,
-                             text=True)
+    owner = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdout=subprocess.PIPE, text=True)
     info = json.loads(owner.stdout.readline())
     assert len(info["pids"]) == 3 and os.path.isdir(info["data_dir"])
     return owner, info
@@ -77,11 +76,12 @@ def test_a_child_started_from_a_thread_outlives_that_thread():
     import threading
 
     from store import LocalCluster
+
     with LocalCluster(backends=1) as c:
         bid = c.backends[0]
         t = threading.Thread(target=lambda: c.restart(bid, kill=True))
         t.start()
         t.join()
-        time.sleep(1.0)   # PDEATHSIG would have killed it by now
+        time.sleep(1.0)  # PDEATHSIG would have killed it by now
         assert c.processes[0].alive()
         assert c.client.backends()[0].up

@@ -85,11 +85,11 @@ def test_objects_on_three_hosts_seen_from_every_client(bed):
         f"    x = hostlib.Box(10)\n"
         f"    x.make_persistent(alias='three-{tag}-' + key, backend=bid)\n"
         "    made[key] = x.where()[0]\n",
-        "made")
+        "made",
+    )
     assert placed == {"b0": "host0", "b1": "host1", "b2": "host2"}
     # The other client, on host1, finds them by alias and changes them.
-    got = a1.run("", f"[store.get_by_alias('three-{tag}-' + k).incr(k == 'b2') "
-                     f"for k in ('b0', 'b1', 'b2')]")
+    got = a1.run("", f"[store.get_by_alias('three-{tag}-' + k).incr(k == 'b2') for k in ('b0', 'b1', 'b2')]")
     assert got == [10, 10, 11]
 
 
@@ -100,7 +100,8 @@ def test_nested_calls_across_hosts(bed):
         f"x = hostlib.Box(1); x.make_persistent(backend={bid['b1']!r})\n"
         f"y = hostlib.Box(2, peer=x); y.make_persistent(backend={bid['b2']!r})\n"
         "x.peer = y\n",
-        "x.chain(5)")
+        "x.chain(5)",
+    )
     assert hosts == ["host1", "host2", "host1", "host2", "host1", "host2"]
 
 
@@ -113,7 +114,8 @@ def test_moves_between_hosts_keep_the_data(bed):
         f"m.move({bid['b2']!r}); trail.append((m.where()[0], m.total()))\n"
         f"m.move({bid['b0']!r}); trail.append((m.where()[0], m.total()))\n"
         f"m.move({bid['b1x']!r}); trail.append((m.where()[0], m.total()))\n",
-        "trail")
+        "trail",
+    )
     expected = float(sum(range(2_000_000)))
     assert [h for h, _ in out] == ["host1", "host2", "host0", "host1"]
     assert all(t == expected for _, t in out)
@@ -128,10 +130,11 @@ def test_tasks_run_where_their_data_is(bed):
         "    blocks.append(b)\n"
         "ran = [wait_on(hostlib.where_task(b)) for b in blocks]\n"
         "homes = [b.where() for b in blocks]\n",
-        "[ran, homes]")
+        "[ran, homes]",
+    )
     ran, homes = out
     for (host, pid, total), (home_host, home_pid) in zip(ran, homes):
-        assert (host, pid) == (home_host, home_pid)   # in the very process that holds it
+        assert (host, pid) == (home_host, home_pid)  # in the very process that holds it
         assert total == 600_000.0
     assert [h for h, _ in homes] == ["host0", "host1", "host1", "host2"]
 
@@ -142,16 +145,17 @@ def test_shared_memory_within_a_host_only(bed):
     bid = ids(bed)
     a1 = bed.agents["host1"]
     out = a1.run(
-        "arr = np.ones(4 << 20 >> 3)\n"          # 4 MiB: above the inline limit
+        "arr = np.ones(4 << 20 >> 3)\n"  # 4 MiB: above the inline limit
         "counts = {}\n"
         f"for key, bid in {dict((k, bid[k]) for k in ('b1', 'b1x', 'b0', 'b2'))!r}.items():\n"
         "    before = len(exported)\n"
         "    s = hostlib.Box(arr.copy()); s.make_persistent(backend=bid)\n"
-        "    back = s.data\n"                      # a large result: shm only if same host
+        "    back = s.data\n"  # a large result: shm only if same host
         "    assert float(back.sum()) == arr.size\n"
         "    counts[key] = len(exported) - before\n"
         "same = {a: cl._same_host(a) for a in [b.address for b in store.backends()]}\n",
-        "[counts, same]")
+        "[counts, same]",
+    )
     counts, same = out
     assert counts["b1"] >= 1 and counts["b1x"] >= 1
     assert counts["b0"] == 0 and counts["b2"] == 0
@@ -175,10 +179,11 @@ def test_everything_works_with_2ms_between_hosts(bed):
             "big = hostlib.Box(np.ones(1 << 20)); big.make_persistent(backend=x.get_location())\n"
             f"big.move({bid['b2']!r})\n"
             "res = wait_on(hostlib.where_task(big))\n",
-            "[x.chain(3), rtt, big.where()[0], res[0], res[2]]")
+            "[x.chain(3), rtt, big.where()[0], res[0], res[2]]",
+        )
         chain, rtt, home, task_host, total = out
         assert chain == ["host1", "host2", "host1", "host2"]
-        assert rtt >= 0.004   # 2 ms each way: the delay is really there
+        assert rtt >= 0.004  # 2 ms each way: the delay is really there
         assert home == task_host == "host2" and total == float(1 << 20)
     finally:
         for h in bed.hosts:
@@ -199,7 +204,9 @@ def test_calls_and_transfers_survive_packet_loss(bed):
             f"lossy.make_persistent(backend={bid['b2']!r})\n"
             "sums = [lossy.total() for _ in range(30)]\n"
             "copy = lossy.data\n",
-            "[len(set(sums)), sums[0], float(copy.sum()), lossy.where()[0]]", timeout=120)
+            "[len(set(sums)), sums[0], float(copy.sum()), lossy.where()[0]]",
+            timeout=120,
+        )
         expected = float(sum(range(1 << 19)))
         assert out == [1, expected, expected, "host2"]
     finally:

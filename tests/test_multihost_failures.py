@@ -43,35 +43,44 @@ def bed(tmp_path):
 def test_machine_loss_fails_fast_naming_the_host_and_restart_brings_objects_back(bed):
     h0, h1, h2 = bed.hosts
     c = bed.client
-    c.run(f"on1 = hostlib.Box(1); on1.make_persistent(alias='on1', backend={bed.b1.backend_id!r})\n"
-          f"on2 = hostlib.Box(2); on2.make_persistent(alias='on2', backend={bed.b2.backend_id!r})\n"
-          "on2.incr(40)\n")
+    c.run(
+        f"on1 = hostlib.Box(1); on1.make_persistent(alias='on1', backend={bed.b1.backend_id!r})\n"
+        f"on2 = hostlib.Box(2); on2.make_persistent(alias='on2', backend={bed.b2.backend_id!r})\n"
+        "on2.incr(40)\n"
+    )
     assert c.run("", "[on1.where()[0], on2.where()[0]]") == ["host1", "host2"]
 
     killed = bed.kill_host(h2)
     assert bed.b2.proc.pid in killed
     t0 = time.monotonic()
-    err = c.run("""
+    err = c.run(
+        """
 try:
     on2.total(); outcome = None
 except errors.BackendDown as exc:
     outcome = [type(exc).__name__, exc.host, exc.address, str(exc),
                isinstance(exc, errors.BackendUnavailable)]
-""", "outcome", timeout=60)
+""",
+        "outcome",
+        timeout=60,
+    )
     took = time.monotonic() - t0
     assert err is not None, "a call on a lost host's object returned"
     name, host, address, message, unavailable = err
     assert name == "BackendDown" and host == "host2" and address == bed.b2.address
     assert "host2" in message and unavailable
-    assert took < TTL + 3.0, took          # the TTL, a check period and slack: not a deadline
+    assert took < TTL + 3.0, took  # the TTL, a check period and slack: not a deadline
     # A second call fails as fast, and the other host's objects keep working meanwhile.
     t0 = time.monotonic()
-    again = c.run("""
+    again = c.run(
+        """
 try:
     on2.incr(); again = None
 except errors.BackendDown as exc:
     again = exc.host
-""", "[again, on1.incr(5), store.get_by_alias('on1').total()]")
+""",
+        "[again, on1.incr(5), store.get_by_alias('on1').total()]",
+    )
     assert again == ["host2", 6, 6]
     assert time.monotonic() - t0 < TTL + 3.0
     status = c.run("", "{b.host: b.up for b in store.backends()}")
@@ -90,14 +99,16 @@ def test_a_call_in_flight_to_a_lost_host_is_given_up(bed):
     gets BackendDown within the TTL instead of waiting for the call's deadline."""
     h0, h1, h2 = bed.hosts
     c = bed.client
-    c.run(f"slow = hostlib.Box(0); slow.make_persistent(backend={bed.b2.backend_id!r})\n"
-          "import threading\n"
-          "box = {}\n"
-          "def _call():\n"
-          "    try:\n"
-          "        slow.chain(0); box['r'] = 'returned'\n"
-          "    except Exception as exc:\n"
-          "        box['r'] = type(exc).__name__\n")
+    c.run(
+        f"slow = hostlib.Box(0); slow.make_persistent(backend={bed.b2.backend_id!r})\n"
+        "import threading\n"
+        "box = {}\n"
+        "def _call():\n"
+        "    try:\n"
+        "        slow.chain(0); box['r'] = 'returned'\n"
+        "    except Exception as exc:\n"
+        "        box['r'] = type(exc).__name__\n"
+    )
     # Take the link down first (packets vanish), then kill: the call is sent into the void.
     bed.partition(h2)
     c.run("t0 = time.monotonic(); th = threading.Thread(target=_call); th.start()")
@@ -115,12 +126,12 @@ def test_host_cut_off_from_redis_still_serves_its_clients(bed):
     # host2 can no longer reach host0 (Redis and this client): use a client on host1.
     c1 = bed.agent(h1, env=FAST)
     c1.run(SETUP.format(address=bed.b1.address, token=bed.token))
-    c1.run("", "[b.address for b in store.backends()]")   # learn every address first
+    c1.run("", "[b.address for b in store.backends()]")  # learn every address first
     oid = c.run("", "p.getID()")
     c1.run(f"q = store.get_by_id({oid!r})")
     bed.partition(h2, [h0])
     try:
-        time.sleep(TTL + 1.0)   # host2's heartbeat has expired in Redis by now
+        time.sleep(TTL + 1.0)  # host2's heartbeat has expired in Redis by now
         shown = c1.run("", "{b.host: b.up for b in store.backends()}")
         assert shown["host2"] is False
         # Calls go straight to the owner, which needs no Redis for them.

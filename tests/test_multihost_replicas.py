@@ -65,8 +65,10 @@ def bed(tmp_path):
         h0, h1, h2, h3 = b.hosts
         b.token = uuid.uuid4().hex
         b.redis_url = b.start_redis(h0)
-        b.backends = {h.name: b.start_backend(h, b.redis_url, b.token, name=f"b{i}", env=FAST)
-                      for i, h in enumerate((h1, h2, h3), 1)}
+        b.backends = {
+            h.name: b.start_backend(h, b.redis_url, b.token, name=f"b{i}", env=FAST)
+            for i, h in enumerate((h1, h2, h3), 1)
+        }
         b.client = b.agent(h0, env=FAST)
         b.client.run(SETUP.format(address=b.backends["host1"].address, token=b.token))
         yield b
@@ -87,12 +89,10 @@ def test_losing_the_primarys_host_then_partitioning_the_next_loses_nothing(bed):
     h0, h1, h2, h3 = bed.hosts
     by_name = {h.name: h for h in bed.hosts}
     c = bed.client
-    c.run(f"ctr = hostlib.Box(0); "
-          f"ctr.make_persistent(backend={bed.backends['host1'].backend_id!r}, replicas=1)")
+    c.run(f"ctr = hostlib.Box(0); ctr.make_persistent(backend={bed.backends['host1'].backend_id!r}, replicas=1)")
     hosts = c.run("", "hosts_of()")
     assert hosts[0] == "host1" and len(hosts) == 2 and hosts[1] != "host1"
-    c.run("threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]\n"
-          "[t.start() for t in threads]")
+    c.run("threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]\n[t.start() for t in threads]")
 
     # 1. The primary's machine is lost.
     time.sleep(rng.uniform(0.5, 1.5))
@@ -112,15 +112,18 @@ def test_losing_the_primarys_host_then_partitioning_the_next_loses_nothing(bed):
     assert hosts[1] == primary, hosts
     time.sleep(0.5)
 
-    result = c.run("stop.set(); [t.join(60) for t in threads]; final = ctr.total()\n"
-                   "last = hist.begin(-1, 'get'); History.done(last, final)",
-                   "[final, check(hist.ops), len(hist.ops), "
-                   "sum(1 for o in hist.ops if o.name == 'incr' and o.result is not UNKNOWN), "
-                   "sum(1 for o in hist.ops if o.name == 'incr' and o.result is UNKNOWN), "
-                   f"stalls({killed_at}), stalls({cut_at})]", timeout=120)
+    result = c.run(
+        "stop.set(); [t.join(60) for t in threads]; final = ctr.total()\n"
+        "last = hist.begin(-1, 'get'); History.done(last, final)",
+        "[final, check(hist.ops), len(hist.ops), "
+        "sum(1 for o in hist.ops if o.name == 'incr' and o.result is not UNKNOWN), "
+        "sum(1 for o in hist.ops if o.name == 'incr' and o.result is UNKNOWN), "
+        f"stalls({killed_at}), stalls({cut_at})]",
+        timeout=120,
+    )
     print("multihost failover:", result)
     final, why, n_ops, acked, open_, stall_kill, stall_cut = result
-    assert why is None, why                      # linearizable: nothing lost or run twice
+    assert why is None, why  # linearizable: nothing lost or run twice
     assert acked <= final <= acked + open_, result
     assert n_ops > 50, result
     # Calls resumed within a bound (the soak bench publishes the measured figures).

@@ -36,11 +36,11 @@ def test_hosts_reach_each_other_and_faults_are_real_and_cleaned_up():
         assert reach(h0, h1.ip) == reach(h0, h2.ip) == "refused"
         # Each host has its own hostname, and the bridge has no address: the subnet
         # exists only inside the namespaces.
-        names = {subprocess.run([*h.wrapper(), "hostname"], capture_output=True, text=True)
-                 .stdout.strip() for h in bed.hosts}
+        names = {
+            subprocess.run([*h.wrapper(), "hostname"], capture_output=True, text=True).stdout.strip() for h in bed.hosts
+        }
         assert names == {"host0", "host1", "host2"}
-        assert "inet " not in subprocess.run(["ip", "addr", "show", bed.bridge],
-                                             capture_output=True, text=True).stdout
+        assert "inet " not in subprocess.run(["ip", "addr", "show", bed.bridge], capture_output=True, text=True).stdout
         # A partition from one host drops packets silently, both ways; heal restores.
         bed.partition(h1, [h0])
         assert reach(h0, h1.ip) == "silent" and reach(h1, h0.ip) == "silent"
@@ -50,7 +50,7 @@ def test_hosts_reach_each_other_and_faults_are_real_and_cleaned_up():
         # A lost host: its processes are gone and nothing answers for it.
         sleeper = bed.start_program(h2, ["sleep", "600"], f"{bed.workdir}/sleep.log")
         deadline = time.monotonic() + 10
-        while sleeper.pid not in h2.pids():   # it enters the namespace as it starts
+        while sleeper.pid not in h2.pids():  # it enters the namespace as it starts
             assert time.monotonic() < deadline, "the process never showed in its host"
             time.sleep(0.02)
         bed.kill_host(h2)
@@ -72,7 +72,6 @@ def test_hosts_reach_each_other_and_faults_are_real_and_cleaned_up():
     assert bed.prefix not in namespaces
     assert subprocess.run(["ip", "link", "show", bed.bridge], capture_output=True).returncode != 0
     if rule:
-        assert bed.bridge not in subprocess.run(["iptables", "-S", "FORWARD"],
-                                                capture_output=True, text=True).stdout
+        assert bed.bridge not in subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
     with pytest.raises(Exception):
         netbed.Host.exec(h0, "true")

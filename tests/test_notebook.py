@@ -20,10 +20,13 @@ class Greeter(StorageObject):
         return "hello " + self.name
 """
 
-V2 = V1.replace('"hello "', '"HELLO, "') + """
+V2 = (
+    V1.replace('"hello "', '"HELLO, "')
+    + """
     def shout(self):
         return self.greet() + "!"
 """
+)
 
 
 def run_cell(namespace, source):
@@ -41,18 +44,18 @@ def test_redefined_class_and_upgrade_class(tmp_path):
             old.make_persistent(alias="greeter")
             assert old.greet() == "hello ada"
 
-            run_cell(cells, V2)               # the cell is edited and run again
+            run_cell(cells, V2)  # the cell is edited and run again
             new = cells["Greeter"]("bob")
             new.make_persistent()
             assert new.greet() == "HELLO, bob" and new.shout() == "HELLO, bob!"
             assert old.greet() == "hello ada"  # existing objects keep their version
 
             with pytest.raises(ClassNotFound, match="pass it"):
-                old.upgrade_class()           # __main__ has no Greeter here
-            main.Greeter = cells["Greeter"]   # as a kernel's __main__ would
-            old.upgrade_class()               # to what Greeter is bound to now
+                old.upgrade_class()  # __main__ has no Greeter here
+            main.Greeter = cells["Greeter"]  # as a kernel's __main__ would
+            old.upgrade_class()  # to what Greeter is bound to now
             assert old.greet() == "HELLO, ada" and old.shout() == "HELLO, ada!"
-            assert old.name == "ada"          # its state is kept
+            assert old.name == "ada"  # its state is kept
 
             # Durable: after a restart of its backend it still runs the new code,
             # and a fresh proxy from the directory has the new methods.
@@ -62,6 +65,7 @@ def test_redefined_class_and_upgrade_class(tmp_path):
 
             class Other(cells["Greeter"].__bases__[0]):
                 pass
+
             with pytest.raises(ClassNotFound, match="same class"):
                 old.upgrade_class(Other)
     finally:

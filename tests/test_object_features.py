@@ -55,8 +55,7 @@ class Packed(StorageObject):
         return {"packed": ",".join(self.items)}
 
     def __setstate__(self, state):
-        self.__dict__.update(items=[x for x in state["packed"].split(",") if x],
-                             cache={"rebuilt": True})
+        self.__dict__.update(items=[x for x in state["packed"].split(",") if x], cache={"rebuilt": True})
 
     def add(self, item):
         self.items.append(item)
@@ -72,6 +71,7 @@ def cluster():
 
 
 # -- aliases --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.both_transports
@@ -117,6 +117,7 @@ def test_concurrent_add_alias_keeps_every_alias(cluster):
             store.get_by_id(p.getID()).add_alias(f"busy-{i}")
         except Exception as exc:  # reported below
             errors_seen.append(exc)
+
     threads = [threading.Thread(target=add, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
@@ -145,6 +146,7 @@ def test_aliases_survive_a_wiped_directory_and_repair(tmp_path):
     """Every alias is in the object's stored state: republish and `claypot repair` bring
     them all back, including the one added after a move."""
     from store._ops.cli import main as claypot
+
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
         p = Person("kept")
         p.make_persistent(alias="kept-1", backend=c.backends[0])
@@ -153,8 +155,9 @@ def test_aliases_survive_a_wiped_directory_and_repair(tmp_path):
         p.add_alias("kept-3")
         p.delete_alias("kept-1")
         chaos.wipe_redis(c)
-        chaos.wait_until(lambda: _aliases_or_none("kept-3") == {"kept-2", "kept-3"},
-                         timeout=15, what="aliases republished")
+        chaos.wait_until(
+            lambda: _aliases_or_none("kept-3") == {"kept-2", "kept-3"}, timeout=15, what="aliases republished"
+        )
         dirs = [proc.data_dir for proc in c.processes]
         for bid in c.backends:
             chaos.stop_backend(c, bid)
@@ -177,6 +180,7 @@ def _aliases_or_none(alias):
 
 
 # -- versions -------------------------------------------------------------------------------
+
 
 @pytest.mark.both_transports
 def test_new_version_changes_in_isolation_and_consolidates_back(cluster):
@@ -233,12 +237,12 @@ def test_version_made_by_one_process_consolidated_by_another(cluster):
         store.get_by_id({v.getID()!r}).consolidate_version()
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
-    subprocess.run([sys.executable, "-c", "import test_object_features\n" + code], check=True,
-                   env=env, timeout=60)
+    subprocess.run([sys.executable, "-c", "import test_object_features\n" + code], check=True, env=env, timeout=60)
     assert store.get_by_alias("shared-v").age == 99
 
 
 # -- recursive move -------------------------------------------------------------------------
+
 
 @pytest.mark.both_transports
 def test_recursive_move_takes_references_of_references_and_cycles(cluster):
@@ -247,8 +251,8 @@ def test_recursive_move_takes_references_of_references_and_cycles(cluster):
     far.make_persistent(backend=b1)
     root.add(mid)
     mid.add(leaf)
-    leaf.add(root)          # a cycle back to the root
-    leaf.add(far)           # and an object on another backend
+    leaf.add(root)  # a cycle back to the root
+    leaf.add(far)  # and an object on another backend
     root.make_persistent(backend=b0)
     assert {n.get_location() for n in (root, mid, leaf)} == {b0}
     root.move(b2, recursive=True)
@@ -270,6 +274,7 @@ def test_plain_move_leaves_references_where_they_are(cluster):
 
 # -- custom pickling ------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_custom_getstate_setstate_through_persist_move_and_spill(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), memory_limit="1MB") as c:
@@ -288,6 +293,7 @@ def test_custom_getstate_setstate_through_persist_move_and_spill(tmp_path):
 
 
 # -- backends, identity, stubs --------------------------------------------------------------
+
 
 @pytest.mark.both_transports
 def test_get_backends_is_an_ordered_mapping_of_handles(cluster):
@@ -354,8 +360,7 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
         store.connect({cluster.address!r}, {cluster.token!r})
         Secret("psst").make_persistent(alias="secret")
     """)
-    subprocess.run([sys.executable, "-c", maker], check=True, timeout=60,
-                   env=dict(os.environ, PYTHONPATH=REPO))
+    subprocess.run([sys.executable, "-c", maker], check=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert "secretmod" not in sys.modules
     Secret = store.stub_class("secretmod.Secret")
     s = store.get_by_alias("secret")
@@ -363,7 +368,7 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
     assert s.shout() == "PSST"
     s.set("quiet")
     assert (s.shout(), s.length, s.word) == ("QUIET", 5, "quiet")
-    made = Secret("new one")   # constructed on a backend, returned as a proxy
+    made = Secret("new one")  # constructed on a backend, returned as a proxy
     assert made.getID() and made.shout() == "NEW ONE"
     assert store.get_by_id(made.getID()) is made
     with pytest.raises(errors.ClassNotFound):
@@ -372,13 +377,15 @@ def test_stub_by_class_name_without_the_class_locally(cluster, tmp_path):
 
 # -- values that are not StorageObjects -----------------------------------------------------
 
+
 @pytest.mark.both_transports
 def test_any_picklable_value_as_an_object_with_remote_methods(cluster):
     import numpy as np
+
     arr = store.Alien(np.arange(10, dtype=np.float64))
     assert type(arr).__qualname__ == "Alien[numpy.ndarray]"
     arr.make_persistent(alias="weights", backend=cluster.backends[1])
-    arr.fill(2.0)                                  # in place, on the backend
+    arr.fill(2.0)  # in place, on the backend
     assert arr.shape == (10,) and float(arr.sum()) == 20.0
     same = store.get_by_alias("weights")
     assert same is arr and same.get_location() == cluster.backends[1]
@@ -398,6 +405,7 @@ def test_republish_keeps_the_aliases_still_free(tmp_path):
     """After Redis lost everything, a backend republishes its objects; an alias another
     object took meanwhile is dropped, the object's other aliases are kept."""
     from store._directory.directory import Directory
+
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
         p = Person("both")
         p.make_persistent(alias="first", backend=c.backends[0])

@@ -56,21 +56,23 @@ def test_every_backend_serves_metrics_that_follow_its_work(cluster):
         log.add(i)
     with pytest.raises(AttributeError):
         log.no_such_method()
-    big = Block(np.ones(2_000_000))     # 16 MB: streamed or passed through /dev/shm
+    big = Block(np.ones(2_000_000))  # 16 MB: streamed or passed through /dev/shm
     big.make_persistent(backend=second)
     assert wait_on(block_sum(big)) == 2_000_000.0
     assert wait_on(inc(41)) == 42
 
     after = {bid: scrape(a) for bid, a in addresses.items()}
     a0, a1 = before[first], after[first]
-    calls = total(a1, "claypot_calls_total", kind="method", outcome="ok") - \
-        total(a0, "claypot_calls_total", kind="method", outcome="ok")
+    calls = total(a1, "claypot_calls_total", kind="method", outcome="ok") - total(
+        a0, "claypot_calls_total", kind="method", outcome="ok"
+    )
     assert calls >= 20
-    assert total(a1, "claypot_calls_total", outcome="error") > \
-        total(a0, "claypot_calls_total", outcome="error")
+    assert total(a1, "claypot_calls_total", outcome="error") > total(a0, "claypot_calls_total", outcome="error")
     # The latency histogram counts the same calls as the counter.
-    assert total(a1, "claypot_call_seconds_count", kind="method") - \
-        total(a0, "claypot_call_seconds_count", kind="method") >= 20
+    assert (
+        total(a1, "claypot_call_seconds_count", kind="method") - total(a0, "claypot_call_seconds_count", kind="method")
+        >= 20
+    )
     # Under the default sync durability each changing call fsyncs the log.
     assert total(a1, "claypot_fsync_seconds_count") > total(a0, "claypot_fsync_seconds_count")
     assert total(a1, "claypot_group_commit_records_sum") >= 20
@@ -81,26 +83,27 @@ def test_every_backend_serves_metrics_that_follow_its_work(cluster):
     b0, b1 = before[second], after[second]
     assert total(b1, "claypot_objects", state="resident") >= 1
     assert total(b1, "claypot_memory_bytes", what="objects") >= 16_000_000
-    moved = sum(total(b1, name, direction="in") - total(b0, name, direction="in")
-                for name in ("claypot_stream_bytes_total", "claypot_shm_bytes_total"))
+    moved = sum(
+        total(b1, name, direction="in") - total(b0, name, direction="in")
+        for name in ("claypot_stream_bytes_total", "claypot_shm_bytes_total")
+    )
     assert moved >= 16_000_000
     # block_sum ran next to its block; inc ran on either backend.
-    assert total(b1, "claypot_tasks_total", outcome="done") - \
-        total(b0, "claypot_tasks_total", outcome="done") >= 1
-    tasks_done = sum(total(after[b], "claypot_tasks_total", outcome="done") -
-                     total(before[b], "claypot_tasks_total", outcome="done") for b in addresses)
+    assert total(b1, "claypot_tasks_total", outcome="done") - total(b0, "claypot_tasks_total", outcome="done") >= 1
+    tasks_done = sum(
+        total(after[b], "claypot_tasks_total", outcome="done") - total(before[b], "claypot_tasks_total", outcome="done")
+        for b in addresses
+    )
     assert tasks_done >= 2
     assert all(total(after[b], "claypot_tasks_now", state="running") == 0 for b in addresses)
 
 
 def test_failed_tasks_are_counted(cluster):
     infos = store.backends()
-    before = sum(total(scrape(b.metrics_address), "claypot_tasks_total", outcome="failed")
-                 for b in infos)
+    before = sum(total(scrape(b.metrics_address), "claypot_tasks_total", outcome="failed") for b in infos)
     with pytest.raises(Exception, match="broken on 1"):
         wait_on(broken(1))
-    after = sum(total(scrape(b.metrics_address), "claypot_tasks_total", outcome="failed")
-                for b in infos)
+    after = sum(total(scrape(b.metrics_address), "claypot_tasks_total", outcome="failed") for b in infos)
     assert after >= before + 1
 
 
@@ -119,8 +122,8 @@ def test_metrics_address_follows_the_settings():
 @pytest.mark.slow
 def test_metrics_can_be_turned_off(tmp_path):
     from store import LocalCluster
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
-                      backend_env={"CLAYPOT_METRICS_PORT": "-1"}) as c:
+
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_METRICS_PORT": "-1"}) as c:
         infos = c.client.backends()
         assert [b.metrics_address for b in infos] == [""]
 
@@ -128,6 +131,7 @@ def test_metrics_can_be_turned_off(tmp_path):
 @task(returns=1)
 def settle(i, pause):
     import time
+
     time.sleep(pause)
     if i % 3 == 0:
         raise ValueError(f"task {i} fails on purpose")
@@ -138,6 +142,7 @@ def test_progress_counts_done_and_failed_tasks(cluster):
     import io
 
     from runtime import progress
+
     out = io.StringIO()
     futures = [settle(i, 0.05 * (i % 4)) for i in range(9)]
     report = progress(futures, timeout=120, file=out)
@@ -156,6 +161,7 @@ def test_progress_times_out_clearly(cluster):
     import io
 
     from runtime import progress
+
     slow = settle(1, 3.0)
     with pytest.raises(TimeoutError, match="1 of 1 tasks did not finish"):
         progress([slow], timeout=0.3, file=io.StringIO())
@@ -173,12 +179,13 @@ def test_long_transfers_show_bytes_and_rate_when_asked(tmp_path):
     import store
     from lifelib import Array
     from store import LocalCluster
+
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c")):
         client = store.client()
         client.settings = client.settings.replace(shm=False)  # the stream path (between hosts)
         out = io.StringIO()
         with store.show_transfers(min_bytes=1 << 20, file=out):
-            a = Array(2 * 1024 * 1024)          # 16 MiB of float64
+            a = Array(2 * 1024 * 1024)  # 16 MiB of float64
             a.make_persistent()
             data = a.data
         assert isinstance(data, np.ndarray) and data.nbytes == 16 * 1024 * 1024

@@ -30,24 +30,69 @@ from store._wire.generated import claypot_pb2 as pb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_API = [
-    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "aio", "backends",
-    "client", "connect", "delete_alias", "disconnect", "empty", "errors", "getByID",
-    "get_backends", "get_by_alias", "get_by_id", "get_locations", "make_persistent_many",
-    "readonly", "show_transfers", "stub_class", "zeros",
+    "Alien",
+    "BackendStatus",
+    "LocalCluster",
+    "Settings",
+    "StorageObject",
+    "aio",
+    "backends",
+    "client",
+    "connect",
+    "delete_alias",
+    "disconnect",
+    "empty",
+    "errors",
+    "getByID",
+    "get_backends",
+    "get_by_alias",
+    "get_by_id",
+    "get_locations",
+    "make_persistent_many",
+    "readonly",
+    "show_transfers",
+    "stub_class",
+    "zeros",
 ]
 
 ERRORS_API = [
-    "AliasExists", "AliasNotFound", "AlreadyPersistent", "AuthenticationError", "BackendDown",
-    "BackendError", "BackendNotFound", "BackendUnavailable", "CallCancelled", "CallInterrupted",
-    "ClassNotFound", "ClaypotError", "ConfigurationError", "DeadlineExceeded",
-    "FeatureUnavailable", "InvalidKey", "NotAVersion", "NotPersistent", "ObjectBusy",
-    "ObjectCorrupt", "ObjectError", "ObjectMoved", "ObjectNotFound", "ProtocolError",
-    "RemoteError", "SerializationError", "StorageFailed", "TaskCancelled", "TaskError",
-    "TaskTimeout", "ValueTooLarge", "by_code",
+    "AliasExists",
+    "AliasNotFound",
+    "AlreadyPersistent",
+    "AuthenticationError",
+    "BackendDown",
+    "BackendError",
+    "BackendNotFound",
+    "BackendUnavailable",
+    "CallCancelled",
+    "CallInterrupted",
+    "ClassNotFound",
+    "ClaypotError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "FeatureUnavailable",
+    "InvalidKey",
+    "NotAVersion",
+    "NotPersistent",
+    "ObjectBusy",
+    "ObjectCorrupt",
+    "ObjectError",
+    "ObjectMoved",
+    "ObjectNotFound",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "StorageFailed",
+    "TaskCancelled",
+    "TaskError",
+    "TaskTimeout",
+    "ValueTooLarge",
+    "by_code",
 ]
 
 
 # -- public API ---------------------------------------------------------------------------
+
 
 def test_store_exports_exactly_the_pinned_names():
     assert sorted(store.__all__) == STORE_API
@@ -55,15 +100,21 @@ def test_store_exports_exactly_the_pinned_names():
     for name in store.__all__:
         assert getattr(store, name) is not None, name
     # Nothing public escapes __all__ (submodules such as store._api.api are not API names).
-    public = {name for name, value in vars(store).items()
-              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    public = {
+        name
+        for name, value in vars(store).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
     assert public == set(STORE_API) - {"errors", "aio"}
 
 
 def test_store_errors_exports_exactly_the_pinned_names():
     assert sorted(store.errors.__all__) == ERRORS_API
-    defined = {name for name, value in vars(store.errors).items()
-               if not name.startswith("_") and getattr(value, "__module__", "") == "store.errors"}
+    defined = {
+        name
+        for name, value in vars(store.errors).items()
+        if not name.startswith("_") and getattr(value, "__module__", "") == "store.errors"
+    }
     assert defined == set(ERRORS_API)
     for name in ERRORS_API:
         value = getattr(store.errors, name)
@@ -96,40 +147,42 @@ def test_error_tree_in_the_docstring_matches_the_classes():
 
 # -- command lines ------------------------------------------------------------------------
 
+
 def _claypot() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "claypot")
-    return exe if os.path.exists(exe) else shutil.which("claypot") or pytest.fail(
-        "the claypot console script is not installed (pip install -e '.[dev]')")
+    return (
+        exe
+        if os.path.exists(exe)
+        else shutil.which("claypot")
+        or pytest.fail("the claypot console script is not installed (pip install -e '.[dev]')")
+    )
 
 
 def test_backend_module_help():
-    proc = subprocess.run([sys.executable, "-m", "store.backend", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "store.backend", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: claypot backend")
     for flag in ("--data-dir", "--redis", "--host", "--port", "--advertise", "--token"):
         assert flag in proc.stdout
 
 
-@pytest.mark.parametrize("command", [["claypot"], [sys.executable, "-m", "store"]],
-                         ids=["console-script", "python-m-store"])
+@pytest.mark.parametrize(
+    "command", [["claypot"], [sys.executable, "-m", "store"]], ids=["console-script", "python-m-store"]
+)
 @pytest.mark.slow
 def test_claypot_help_lists_the_commands(command):
     exe = [_claypot()] if command == ["claypot"] else command
     proc = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: claypot")
-    for sub in ("up", "status", "down", "demo", "backend", "repair", "restart", "logs",
-                "forget", "health"):
+    for sub in ("up", "status", "down", "demo", "backend", "repair", "restart", "logs", "forget", "health"):
         assert re.search(rf"^\s+{sub}\s", proc.stdout, re.M), sub
-    backend = subprocess.run([*exe, "backend", "--help"], capture_output=True, text=True,
-                             timeout=60)
+    backend = subprocess.run([*exe, "backend", "--help"], capture_output=True, text=True, timeout=60)
     assert backend.returncode == 0 and "--advertise" in backend.stdout
 
 
 def test_claypot_rejects_an_unknown_command():
-    proc = subprocess.run([_claypot(), "no-such-command"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([_claypot(), "no-such-command"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "No such command 'no-such-command'" in proc.stderr
 
@@ -143,6 +196,7 @@ def test_advertise_setting_comes_from_the_environment():
 
 # -- docker-compose.yml without a YAML library ---------------------------------------------
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice (docker compose refuses it too,
     while plain safe_load keeps the last one silently)."""
@@ -151,8 +205,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
         for key in keys:
             if keys.count(key) > 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -246,8 +299,7 @@ def test_dockerfile_builds_on_python_311_slim_and_runs_claypot():
     with open(os.path.join(ROOT, ".dockerignore")) as f:
         ignored = {line.strip() for line in f if line.strip() and not line.startswith("#")}
     assert {".git", "tests", "**/__pycache__"} <= ignored
-    copied = [path for paths in re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, re.M)
-              for path in paths.split()]
+    copied = [path for paths in re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, re.M) for path in paths.split()]
     # Everything the package build reads is in the build context.
     assert {"pyproject.toml", "README.md", "proto", "store", "runtime"} <= set(copied)
     for path in copied:
@@ -256,6 +308,7 @@ def test_dockerfile_builds_on_python_311_slim_and_runs_claypot():
 
 
 # -- the compose backend command line, run for real ----------------------------------------
+
 
 class Box(StorageObject):
     def __init__(self, value):
@@ -280,15 +333,15 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
     port = _free_port()
     advertised = f"127.0.0.1:{port}"
     with LocalCluster(backends=1) as cluster:
-        local = {"--data-dir": str(tmp_path / "backend"),
-                 "--host": "127.0.0.1", "--port": str(port)}
+        local = {"--data-dir": str(tmp_path / "backend"), "--host": "127.0.0.1", "--port": str(port)}
         flags = _flags(argv[1:])
         assert set(flags) == set(local)
         args = [argv[0]] + [x for flag in flags for x in (flag, local[flag])]
         env = dict(os.environ, CLAYPOT_TOKEN=cluster.token, CLAYPOT_REDIS=cluster.redis_url)
         log = open(tmp_path / "backend.log", "wb")
-        proc = subprocess.Popen([_claypot(), *args], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [_claypot(), *args], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         try:
             deadline = time.monotonic() + 30
             mine = []
@@ -302,8 +355,8 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
                 ping = channel.unary_unary(
                     "/claypot.v1.Backend/Ping",
                     request_serializer=pb.PingRequest.SerializeToString,
-                    response_deserializer=pb.PingReply.FromString)(
-                        pb.PingRequest(), metadata=[("claypot-token", cluster.token)], timeout=10)
+                    response_deserializer=pb.PingReply.FromString,
+                )(pb.PingRequest(), metadata=[("claypot-token", cluster.token)], timeout=10)
             assert ping.address == advertised and ping.pid == proc.pid
 
             # This process reaches the new backend at the advertised address...
@@ -313,16 +366,19 @@ def test_compose_backend_command_registers_a_reachable_address(tmp_path):
             assert box.double() == 42
             # ...and so does the other backend, forwarding a call it does not own.
             with grpc.insecure_channel(cluster.address) as channel:
-                reply = pb.JsonCallReply.FromString(channel.unary_unary(
-                    "/claypot.v1.Backend/CallJson")(
-                    pb.JsonCallRequest(object_id=box.getID(), kind=pb.METHOD,
-                                       name="double").SerializeToString(),
-                    metadata=[("claypot-token", cluster.token)], timeout=30))
+                reply = pb.JsonCallReply.FromString(
+                    channel.unary_unary("/claypot.v1.Backend/CallJson")(
+                        pb.JsonCallRequest(object_id=box.getID(), kind=pb.METHOD, name="double").SerializeToString(),
+                        metadata=[("claypot-token", cluster.token)],
+                        timeout=30,
+                    )
+                )
             assert reply.result_json == "84", reply.error
 
             # The compose healthcheck and demo command: claypot status against it.
-            status = subprocess.run([_claypot(), "status", "--address", advertised], env=env,
-                                    capture_output=True, text=True, timeout=60)
+            status = subprocess.run(
+                [_claypot(), "status", "--address", advertised], env=env, capture_output=True, text=True, timeout=60
+            )
             assert status.returncode == 0, status.stderr
             assert advertised in status.stdout and "2 backend(s), 2 up" in status.stdout
         finally:
@@ -340,6 +396,7 @@ def test_a_backend_on_a_wildcard_address_registers_its_own_address():
     """Listening on 0.0.0.0 (a container) with no --advertise: the backend registers
     the address its host reaches others from, never the wildcard."""
     from store.backend._service.server import advertised_address
+
     assert advertised_address("10.1.2.3", 7000) == "10.1.2.3:7000"
     for wildcard in ("0.0.0.0", "", "::"):
         host, port = advertised_address(wildcard, 7000).rsplit(":", 1)

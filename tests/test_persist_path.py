@@ -50,8 +50,12 @@ _READER = textwrap.dedent("""
 
 def test_visible_to_another_process_at_once_and_durable(tmp_path):
     with LocalCluster(backends=2, data_dir=str(tmp_path / "c")) as c:
-        reader = subprocess.Popen([sys.executable, "-c", _READER, c.address, c.token],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, c.address, c.token],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert reader.stdout.readline().strip() == "ready"
             made = []
@@ -139,8 +143,7 @@ def test_claim_sent_ahead_survives_a_lost_script_cache_and_a_dropped_connection(
             assert d.resolve_alias("first") == "a" * 32
             # The connection is cut after the claim was sent: the reply is lost, the
             # claim runs again (same writes) on a new connection and succeeds.
-            finish = d.claim_unsynced_send([("b" * 32, "b1", "k", "second")], "b1",
-                                           settled=["a" * 32])
+            finish = d.claim_unsynced_send([("b" * 32, "b1", "k", "second")], "b1", settled=["a" * 32])
             admin.client_kill_filter(_type="normal", skipme=True)
             finish()
             assert d.resolve_alias("second") == "b" * 32

@@ -34,8 +34,9 @@ def _check(proto_dir: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if proto_dir is not None:
         env["PROTO_DIR"] = proto_dir
-    return subprocess.run(["bash", os.path.join(ROOT, "tools", "check_buf.sh")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "tools", "check_buf.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_current_proto_passes_lint_and_breaking_check(buf):
@@ -44,13 +45,15 @@ def test_current_proto_passes_lint_and_breaking_check(buf):
     assert "no breaking change" in proc.stdout
 
 
-@pytest.mark.parametrize("change, expect", [
-    (("bool accept_shm = 9;", "bool accept_shm = 99;"), "accept_shm"),
-    (("  rpc Move(MoveRequest) returns (Status);\n", ""), "Move"),
-    (("message DeleteObjectResponse {}", "message DeleteObjectResponse {}\nmessage bad_name {}"),
-     "bad_name"),
-    (("  bool adopt = 2;\n", ""), "adopt"),
-])
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (("bool accept_shm = 9;", "bool accept_shm = 99;"), "accept_shm"),
+        (("  rpc Move(MoveRequest) returns (Status);\n", ""), "Move"),
+        (("message DeleteObjectResponse {}", "message DeleteObjectResponse {}\nmessage bad_name {}"), "bad_name"),
+        (("  bool adopt = 2;\n", ""), "adopt"),
+    ],
+)
 def test_breaking_or_unidiomatic_changes_fail(buf, tmp_path, change, expect):
     text = Path(PROTO).read_text(encoding="utf-8")
     old, new = change

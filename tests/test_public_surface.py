@@ -14,27 +14,91 @@ import store
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STORE_ALL = [
-    "Alien", "BackendStatus", "LocalCluster", "Settings", "StorageObject", "aio", "backends", "client",
-    "connect", "delete_alias", "disconnect", "empty", "errors", "getByID", "get_backends", "get_by_alias",
-    "get_by_id", "get_locations", "make_persistent_many", "readonly", "show_transfers", "stub_class", "zeros",
+    "Alien",
+    "BackendStatus",
+    "LocalCluster",
+    "Settings",
+    "StorageObject",
+    "aio",
+    "backends",
+    "client",
+    "connect",
+    "delete_alias",
+    "disconnect",
+    "empty",
+    "errors",
+    "getByID",
+    "get_backends",
+    "get_by_alias",
+    "get_by_id",
+    "get_locations",
+    "make_persistent_many",
+    "readonly",
+    "show_transfers",
+    "stub_class",
+    "zeros",
 ]
 
 RUNTIME_ALL = [
-    "COLLECTION_IN", "COLLECTION_INOUT", "DIRECTORY_IN", "DIRECTORY_INOUT", "DIRECTORY_OUT", "Direction",
-    "FILE_IN", "FILE_INOUT", "FILE_OUT", "FILE_OUT_STDERR", "FILE_OUT_STDOUT", "Future", "IN", "INOUT", "OUT",
-    "OnFailure", "ProgressReport", "TaskFunction", "barrier", "binary", "constraint", "implement", "mpi",
-    "open_file", "progress", "task", "use_executor", "wait_on", "wait_on_file",
+    "COLLECTION_IN",
+    "COLLECTION_INOUT",
+    "DIRECTORY_IN",
+    "DIRECTORY_INOUT",
+    "DIRECTORY_OUT",
+    "Direction",
+    "FILE_IN",
+    "FILE_INOUT",
+    "FILE_OUT",
+    "FILE_OUT_STDERR",
+    "FILE_OUT_STDOUT",
+    "Future",
+    "IN",
+    "INOUT",
+    "OUT",
+    "OnFailure",
+    "ProgressReport",
+    "TaskFunction",
+    "barrier",
+    "binary",
+    "constraint",
+    "implement",
+    "mpi",
+    "open_file",
+    "progress",
+    "task",
+    "use_executor",
+    "wait_on",
+    "wait_on_file",
 ]
 
 # Modules users import by name (the README documents each), and entry points
 # run with `python -m`. Everything else is private: an underscore in its path.
 PUBLIC_MODULES = [
-    "runtime", "runtime.elastic", "runtime.mpi_rank",
-    "store", "store.aio", "store.backend", "store.certs", "store.collections", "store.compat",
-    "store.compat.compss", "store.compat.dataclay", "store.compat.dataclay.exceptions", "store.compat.shim",
-    "store.compat.shim.dataclay", "store.compat.shim.dataclay.exceptions", "store.compat.shim.storage",
-    "store.compat.shim.storage.api", "store.config", "store.dashboard", "store.elastic", "store.errors",
-    "store.logs", "store.metrics", "store.slurm", "store.tracing",
+    "runtime",
+    "runtime.elastic",
+    "runtime.mpi_rank",
+    "store",
+    "store.aio",
+    "store.backend",
+    "store.certs",
+    "store.collections",
+    "store.compat",
+    "store.compat.compss",
+    "store.compat.dataclay",
+    "store.compat.dataclay.exceptions",
+    "store.compat.shim",
+    "store.compat.shim.dataclay",
+    "store.compat.shim.dataclay.exceptions",
+    "store.compat.shim.storage",
+    "store.compat.shim.storage.api",
+    "store.config",
+    "store.dashboard",
+    "store.elastic",
+    "store.errors",
+    "store.logs",
+    "store.metrics",
+    "store.slurm",
+    "store.tracing",
 ]
 
 
@@ -89,13 +153,22 @@ def test_no_public_module_beyond_the_list():
 def test_private_modules_exist_and_import():
     private = [m for m in _modules() if any(part.startswith("_") for part in m.split("."))]
     # The layers of ARCHITECTURE.md, each a private package with modules in it.
-    for package in ("store._api", "store._client", "store._directory", "store._model", "store._ops",
-                    "store._util", "store._wire", "store.backend._core", "store.backend._engine",
-                    "store.backend._service", "store.backend._storage"):
+    for package in (
+        "store._api",
+        "store._client",
+        "store._directory",
+        "store._model",
+        "store._ops",
+        "store._util",
+        "store._wire",
+        "store.backend._core",
+        "store.backend._engine",
+        "store.backend._service",
+        "store.backend._storage",
+    ):
         assert package in private
         assert any(m.startswith(package + ".") for m in private), package
     for name in private:
-        if name.startswith("store._wire.generated") or name.endswith("dask_worker") \
-                or name.endswith("_dask_executor"):
-            continue   # generated code, and modules of the optional dask extra
+        if name.startswith("store._wire.generated") or name.endswith("dask_worker") or name.endswith("_dask_executor"):
+            continue  # generated code, and modules of the optional dask extra
         assert importlib.import_module(name).__name__ == name

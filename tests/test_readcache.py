@@ -23,7 +23,7 @@ from store._model.objects import readonly
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 
 MiB = 1 << 20
-N = MiB   # float64 elements: 8 MiB, over the inline limit
+N = MiB  # float64 elements: 8 MiB, over the inline limit
 
 
 class Field(StorageObject):
@@ -81,13 +81,13 @@ def test_a_change_is_seen_by_the_next_read_and_old_views_keep_their_snapshot(clu
     f = Field(np.zeros(N))
     f.make_persistent()
     old = f.data
-    assert np.array_equal(f.data, old)          # reused
-    f.add(1.0)                                  # a new array
+    assert np.array_equal(f.data, old)  # reused
+    f.add(1.0)  # a new array
     assert f.data[0] == 1.0 and f.data[-1] == 1.0
-    f.add_in_place(2.0)                         # the same array, changed in place
+    f.add_in_place(2.0)  # the same array, changed in place
     now = f.data
     assert now[0] == 3.0 and now[-1] == 3.0
-    f.data = np.full(N, 7.0)                    # an attribute write
+    f.data = np.full(N, 7.0)  # an attribute write
     assert f.data[0] == 7.0
     del f.data
     f.data = np.full(N, 8.0)
@@ -107,7 +107,7 @@ def test_many_changes_interleaved_with_reads_are_never_stale(cluster):
         got = f.data
         assert got[0] == float(k) and got[-1] == float(k)
         keep.append(got)
-        assert f.data[0] == float(k)            # the reused view: same state
+        assert f.data[0] == float(k)  # the reused view: same state
     assert [a[0] for a in keep[1::2]] == [float(k) for k in range(1, 30)]
 
 
@@ -142,7 +142,7 @@ def test_only_plain_array_attributes_are_reused(cluster):
     keep = [f.snapshot(), f.snapshot(), f.doubled, f.doubled]
     before = reused(cluster)
     keep += [f.snapshot(), f.doubled, f.tag, f.tag]
-    assert reused(cluster) == before            # methods, properties, small values: RPCs
+    assert reused(cluster) == before  # methods, properties, small values: RPCs
     assert keep[2][0] == 2.0 and keep[-1] == "t"
 
 
@@ -153,7 +153,7 @@ def test_no_reuse_once_the_reader_dropped_its_views(cluster):
     del view
     gc.collect()
     before = reused(cluster)
-    got = f.data                                 # the lease ended: a new one, by RPC
+    got = f.data  # the lease ended: a new one, by RPC
     assert reused(cluster) == before and got[0] == 1.0
 
 
@@ -169,17 +169,17 @@ def test_a_restarted_backend_is_asked_again(tmp_path, kill):
         held = f.data
         restart_backend(c, f.get_location(), kill=kill)
         before = reused(c)
-        again = f.data                            # the new process's state, by RPC
+        again = f.data  # the new process's state, by RPC
         assert reused(c) == before
         assert again[0] == 5.0 and again[-1] == 5.0
         assert view[0] == 0.0 and held[0] == 5.0
         f.add(1.0)
         assert f.data[0] == 6.0 and f.data[-1] == 6.0
-        g = Field(np.ones(N))                      # kept in a segment of the new process
+        g = Field(np.ones(N))  # kept in a segment of the new process
         g.make_persistent()
         first = g.data
         assert g.data[0] == 1.0 and first[0] == 1.0
-        assert reused(c) == before + 1            # reused through the new process's table
+        assert reused(c) == before + 1  # reused through the new process's table
 
 
 class Holder(StorageObject):
@@ -204,7 +204,7 @@ def test_a_change_through_another_object_sharing_the_array_is_seen(cluster):
     held = f.data
     before = reused(cluster)
     assert f.data[0] == 0.0 and reused(cluster) == before + 1
-    h.bump_x()                                   # writes f's array, in f's segment
+    h.bump_x()  # writes f's array, in f's segment
     got = f.data
     assert got[0] == 1.0 and got[-1] == 1.0
     assert held[0] == 0.0
@@ -220,7 +220,8 @@ def test_reads_beside_a_writer_are_whole_and_never_older_than_a_finished_change(
     def writer():
         while not stop.is_set() and done[0] < 40:
             f.add_in_place(1.0)
-            done[0] += 1               # this change ended: every later read sees it
+            done[0] += 1  # this change ended: every later read sees it
+
     t = threading.Thread(target=writer)
     keep = [f.data]
     t.start()
@@ -228,8 +229,8 @@ def test_reads_beside_a_writer_are_whole_and_never_older_than_a_finished_change(
         while t.is_alive():
             floor = done[0]
             got = f.data
-            assert got[0] == got[-1]   # whole: never a change half done
-            assert got[0] >= floor     # linearizable: never older than a finished change
+            assert got[0] == got[-1]  # whole: never a change half done
+            assert got[0] >= floor  # linearizable: never older than a finished change
             keep.append(got)
             keep = keep[-4:]
     finally:

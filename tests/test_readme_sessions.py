@@ -67,7 +67,7 @@ def _block(lang: str) -> str:
 def objects(cluster):
     c1 = Counter(5)
     c1.make_persistent(alias="c1", backend=cluster.backends[1])
-    field = Field(200_000)                    # 1.6 MB: read in chunks
+    field = Field(200_000)  # 1.6 MB: read in chunks
     field.make_persistent(alias="field", backend=cluster.backends[1])
     address = next(b.address for b in store.backends() if b.backend_id == cluster.backends[0])
     return c1, field, address
@@ -83,8 +83,10 @@ def _check_effects(cluster, c1, field):
 def test_node_session(cluster, objects, tmp_path):
     node = shutil.which("node")
     lib = os.path.join(ROOT, "clients", "node")
-    _need(node is not None and os.path.isdir(os.path.join(lib, "node_modules", "@grpc")),
-          "node or clients/node/node_modules is missing")
+    _need(
+        node is not None and os.path.isdir(os.path.join(lib, "node_modules", "@grpc")),
+        "node or clients/node/node_modules is missing",
+    )
     c1, field, address = objects
     c1.value = 5
     field.grid = np.zeros((2, 3), dtype=np.float32)
@@ -92,8 +94,14 @@ def test_node_session(cluster, objects, tmp_path):
     os.symlink(os.path.abspath(lib), tmp_path / "node_modules" / "claypot-client")
     script = tmp_path / "session.js"
     script.write_text(_block("js").replace("127.0.0.1:7000", address))
-    proc = subprocess.run([node, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, CLAYPOT_TOKEN=cluster.token))
+    proc = subprocess.run(
+        [node, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CLAYPOT_TOKEN=cluster.token),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[:2] == ["7", "10"]
@@ -105,22 +113,30 @@ def test_node_session(cluster, objects, tmp_path):
 
 def test_cpp_session(cluster, objects, tmp_path):
     lib = os.path.join(CPP_BUILD, "libclaypot_client.a")
-    _need(os.path.exists(lib) and shutil.which("g++") is not None,
-          "clients/cpp is not built (tests/test_cpp_client.py builds it)")
+    _need(
+        os.path.exists(lib) and shutil.which("g++") is not None,
+        "clients/cpp is not built (tests/test_cpp_client.py builds it)",
+    )
     c1, field, address = objects
     c1.value = 5
     field.grid = np.zeros((2, 3), dtype=np.float32)
     source = tmp_path / "session.cpp"
     source.write_text(_block("cpp").replace("127.0.0.1:7000", address))
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"], capture_output=True, text=True, check=True
+    ).stdout.split()
     exe = tmp_path / "session"
-    proc = subprocess.run(["g++", "-std=c++17", str(source), "-o", str(exe),
-                           "-I" + os.path.join(ROOT, "clients", "cpp", "include"), lib] + flags,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["g++", "-std=c++17", str(source), "-o", str(exe), "-I" + os.path.join(ROOT, "clients", "cpp", "include"), lib]
+        + flags,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, CLAYPOT_TOKEN=cluster.token))
+    proc = subprocess.run(
+        [str(exe)], capture_output=True, text=True, timeout=120, env=dict(os.environ, CLAYPOT_TOKEN=cluster.token)
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[:5] == ["7", "10", "float64 200000 1.5", "42", "AliasNotFound 5"]

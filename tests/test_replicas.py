@@ -48,10 +48,19 @@ def _raw_call(cluster, address: str, object_id: str, name: str, args, call_id: s
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     try:
         reply = pb_grpc.BackendStub(channel).Call(
-            pb.CallRequest(object_id=object_id, kind=pb.METHOD, name=name, chain_id=call_id,
-                           call_id=call_id, args=pb.Value(payload=payload, buffers=buffers)),
+            pb.CallRequest(
+                object_id=object_id,
+                kind=pb.METHOD,
+                name=name,
+                chain_id=call_id,
+                call_id=call_id,
+                args=pb.Value(payload=payload, buffers=buffers),
+            ),
             # A new channel may share the killed backend's connection backoff: wait.
-            timeout=30, metadata=((TOKEN_HEADER, cluster.token),), wait_for_ready=True)
+            timeout=30,
+            metadata=((TOKEN_HEADER, cluster.token),),
+            wait_for_ready=True,
+        )
     finally:
         channel.close()
     if reply.HasField("error"):
@@ -87,7 +96,7 @@ def test_replicas_are_placed_elsewhere_read_and_deleted_with_the_object(rcluster
     # Synchronous shipping: every replica has every acknowledged change.
     reader = ctr.call_on_replica()
     assert [reader.get() for _ in range(4)] == [15] * 4 and reader.value == 15
-    assert reader.incr() == 16   # a changing call still goes to the primary
+    assert reader.incr() == 16  # a changing call still goes to the primary
     ctr.call_on_replica(False)
     for rid in ref.replicas:
         assert list(_copies(c, rid)) == [ctr.getID()]
@@ -97,13 +106,14 @@ def test_replicas_are_placed_elsewhere_read_and_deleted_with_the_object(rcluster
     for rid in ref.replicas:
         _wait(lambda: _copies(c, rid) == {}, 10, "replica copies dropped")
     with pytest.raises(ConfigurationError):
-        Counter().make_persistent(replicas=3)   # only 2 other backends
+        Counter().make_persistent(replicas=3)  # only 2 other backends
     with pytest.raises(ConfigurationError):
         Counter().make_persistent(replicas=-1)
 
 
 class ReplicatedCounter(Counter):
     """Every instance keeps one replica unless make_persistent says otherwise."""
+
     claypot_replicas = 1
 
 
@@ -133,11 +143,10 @@ def test_a_retried_call_id_runs_once_even_across_a_failover(rcluster):
     ref = c.client.resolve(object_id=oid)
     primary = c.process_of(ref.backend_id)
     assert _raw_call(c, primary.address, oid, "incr", (10,), "call-a") == 10
-    assert _raw_call(c, primary.address, oid, "incr", (10,), "call-a") == 10   # a retry
+    assert _raw_call(c, primary.address, oid, "incr", (10,), "call-a") == 10  # a retry
     assert _raw_call(c, primary.address, oid, "incr", (1,), "call-b") == 11
     primary.kill()
-    new = _wait(lambda: (r := c.client.resolve(object_id=oid)).backend_id != ref.backend_id
-                and r, TTL * 5, "promotion")
+    new = _wait(lambda: (r := c.client.resolve(object_id=oid)).backend_id != ref.backend_id and r, TTL * 5, "promotion")
     assert new.epoch > ref.epoch
     promoted = c.process_of(new.backend_id)
     # The interrupted client retries both calls at the new primary: original results.
@@ -145,8 +154,7 @@ def test_a_retried_call_id_runs_once_even_across_a_failover(rcluster):
     assert _raw_call(c, promoted.address, oid, "incr", (1,), "call-b") == 11
     assert ctr.get() == 11
     # The factor comes back: a new replica on the remaining backend.
-    again = _wait(lambda: (r := c.client.resolve(object_id=oid)).replicas and r, TTL * 5,
-                  "repair")
+    again = _wait(lambda: (r := c.client.resolve(object_id=oid)).replicas and r, TTL * 5, "repair")
     assert again.replicas[0] not in (ref.backend_id, new.backend_id)
     # The old primary restarts: the directory names another owner, so it drops its copy
     # and sends callers there.
@@ -183,10 +191,18 @@ def test_replica_reads_refuse_changing_methods(rcluster):
     channel = grpc.insecure_channel(replica.address, options=CHANNEL_OPTIONS)
     try:
         reply = pb_grpc.BackendStub(channel).Call(
-            pb.CallRequest(object_id=ctr.getID(), kind=pb.METHOD, name="incr",
-                           chain_id="x", call_id="x", on_replica=True,
-                           args=pb.Value(payload=payload, buffers=buffers)),
-            timeout=30, metadata=((TOKEN_HEADER, c.token),))
+            pb.CallRequest(
+                object_id=ctr.getID(),
+                kind=pb.METHOD,
+                name="incr",
+                chain_id="x",
+                call_id="x",
+                on_replica=True,
+                args=pb.Value(payload=payload, buffers=buffers),
+            ),
+            timeout=30,
+            metadata=((TOKEN_HEADER, c.token),),
+        )
     finally:
         channel.close()
     assert reply.error.code == ProtocolError.__name__, reply.error

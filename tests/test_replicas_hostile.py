@@ -19,8 +19,7 @@ import chaos
 from hostilelib import raw_call, raw_delete, raw_get_attr, wait_for
 from lifelib import Counter
 from replicalib import TTL
-from store.errors import (ClaypotError, ConfigurationError, FeatureUnavailable,
-                          ObjectNotFound)
+from store.errors import ClaypotError, ConfigurationError, FeatureUnavailable, ObjectNotFound
 from store._wire.generated import claypot_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -33,10 +32,12 @@ def _promoted(c, oid: str, old: str):
         except ClaypotError:
             return None
         return r if r.backend_id != old else None
+
     return wait_for(check, TTL * 6, "promotion of a replica")
 
 
 # -- split brain ---------------------------------------------------------------------------
+
 
 def test_a_change_running_when_the_primary_is_deposed_is_never_acknowledged(rcluster):
     """A changing call in progress on the primary while it is frozen past the TTL (a
@@ -50,11 +51,12 @@ def test_a_change_running_when_the_primary_is_deposed_is_never_acknowledged(rclu
     ref = c.client.resolve(object_id=oid)
     old = c.process_of(ref.backend_id)
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault(
-        "r", raw_call(c, old.address, oid, "slow_incr", (TTL * 3.5, 1), "slow-1", 60)))
+    t = threading.Thread(
+        target=lambda: out.setdefault("r", raw_call(c, old.address, oid, "slow_incr", (TTL * 3.5, 1), "slow-1", 60))
+    )
     t.start()
-    time.sleep(0.3)                       # the call is running (holds the object's lock)
-    os.kill(old.pid, signal.SIGSTOP)      # cut off: no heartbeat, no answers
+    time.sleep(0.3)  # the call is running (holds the object's lock)
+    os.kill(old.pid, signal.SIGSTOP)  # cut off: no heartbeat, no answers
     try:
         new = _promoted(c, oid, ref.backend_id)
     finally:
@@ -64,8 +66,10 @@ def test_a_change_running_when_the_primary_is_deposed_is_never_acknowledged(rclu
     value = raw_call(c, c.process_of(new.backend_id).address, oid, "get", (), "get-1")
     if not isinstance(acked, pb.Error):
         # The old primary acknowledged the increment (returned 1): it must be in the object.
-        assert value == acked, (f"old primary acknowledged slow_incr -> {acked}, but the new "
-                                f"primary holds {value}: acknowledged change lost")
+        assert value == acked, (
+            f"old primary acknowledged slow_incr -> {acked}, but the new "
+            f"primary holds {value}: acknowledged change lost"
+        )
 
 
 def test_a_deposed_primary_does_not_acknowledge_a_delete(rcluster):
@@ -82,8 +86,7 @@ def test_a_deposed_primary_does_not_acknowledge_a_delete(rcluster):
     os.kill(old.pid, signal.SIGSTOP)
     out = {}
     try:
-        t = threading.Thread(target=lambda: out.setdefault(
-            "d", raw_delete(c, old.address, oid, 60)))
+        t = threading.Thread(target=lambda: out.setdefault("d", raw_delete(c, old.address, oid, 60)))
         t.start()
         new = _promoted(c, oid, ref.backend_id)
         newp = c.process_of(new.backend_id)
@@ -97,12 +100,14 @@ def test_a_deposed_primary_does_not_acknowledge_a_delete(rcluster):
         after = raw_call(c, newp.address, oid, "incr", (1,), "after-delete")
         assert isinstance(after, pb.Error), (
             "the deposed primary acknowledged a delete and the new primary still "
-            f"acknowledges changes to the object (incr -> {after})")
+            f"acknowledges changes to the object (incr -> {after})"
+        )
     else:
         assert out["d"].code in ("ObjectMoved", "BackendUnavailable"), out["d"]
 
 
 # -- repair / the directory ----------------------------------------------------------------
+
 
 def test_a_directory_wipe_does_not_silently_drop_the_replication_factor(rcluster):
     """FLUSHALL: backends republish what they hold, but the replica sets (hash
@@ -117,10 +122,9 @@ def test_a_directory_wipe_does_not_silently_drop_the_replication_factor(rcluster
         ctr.incr()
     chaos.wipe_redis(c)
     wait_for(lambda: _resolves(c, oid), TTL * 5, "object republished")
-    time.sleep(TTL * 4)   # monitor rounds: step-downs, drops, repair
+    time.sleep(TTL * 4)  # monitor rounds: step-downs, drops, repair
     ref = c.client.resolve(object_id=oid)
-    assert len(ref.replicas) == 1, (
-        f"after a directory wipe object has replicas {list(ref.replicas)} (factor 1 lost)")
+    assert len(ref.replicas) == 1, f"after a directory wipe object has replicas {list(ref.replicas)} (factor 1 lost)"
 
 
 def _resolves(c, oid):
@@ -131,6 +135,7 @@ def _resolves(c, oid):
 
 
 # -- durability ----------------------------------------------------------------------------
+
 
 def _kill_all(c):
     for p in c.processes:
@@ -157,9 +162,9 @@ def test_kill9_of_every_holder_after_a_failover_loses_nothing_acknowledged(rclus
     old.kill()
     new = _promoted(c, oid, ref.backend_id)
     for _ in range(10):
-        ctr.incr()          # acknowledged by the new primary (and its replica, if repaired)
+        ctr.incr()  # acknowledged by the new primary (and its replica, if repaired)
     _kill_all(c)
-    _start(c, old)          # the deposed one first, with the oldest state
+    _start(c, old)  # the deposed one first, with the oldest state
     time.sleep(TTL * 2.5)
     for p in c.processes:
         if p is not old:
@@ -208,7 +213,8 @@ def _get(c, oid):
 
 # -- bad input: typed errors, never a hang -----------------------------------------------------
 
-@pytest.mark.parametrize("bad", [-1, True, 1.5, "1", 3, 10 ** 6])
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "1", 3, 10**6])
 def test_bad_replica_counts_are_configuration_errors_and_leave_nothing(rcluster, bad):
     c = rcluster
     before = chaos.redis_client(c).hlen(_objects_key(c))
@@ -217,7 +223,7 @@ def test_bad_replica_counts_are_configuration_errors_and_leave_nothing(rcluster,
     with pytest.raises(ConfigurationError):
         obj.make_persistent(replicas=bad)
     assert time.monotonic() - started < TTL * 2
-    assert chaos.redis_client(c).hlen(_objects_key(c)) == before   # nothing half-made
+    assert chaos.redis_client(c).hlen(_objects_key(c)) == before  # nothing half-made
 
 
 def _objects_key(c):
@@ -229,7 +235,7 @@ def _objects_key(c):
 def test_add_replica_edge_cases_are_typed(rcluster):
     c = rcluster
     ctr = Counter(2)
-    ctr.make_persistent(replicas=2)     # every other backend holds a replica already
+    ctr.make_persistent(replicas=2)  # every other backend holds a replica already
     ref = c.client.resolve(object_id=ctr.getID())
     with pytest.raises(ConfigurationError):
         ctr.add_replica()
@@ -244,6 +250,7 @@ def test_add_replica_edge_cases_are_typed(rcluster):
 
 
 # -- replica reads ---------------------------------------------------------------------------
+
 
 def test_replica_reads_never_go_back_in_time_under_concurrent_writes(rcluster):
     """A read on a replica sees every increment acknowledged before the read started."""
@@ -265,6 +272,7 @@ def test_replica_reads_never_go_back_in_time_under_concurrent_writes(rcluster):
             v = r.get()
             if v < floor:
                 bad.append((floor, v))
+
     ts = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
     for t in ts:
         t.start()
@@ -296,12 +304,14 @@ def test_replica_read_of_a_deleted_object_is_object_not_found(rcluster):
 
 # -- failover back to a backend that held the object before ------------------------------------
 
+
 def _repaired(c, oid, want: str | None = None):
     def check():
         r = _resolves(c, oid)
         if r is None or not r.replicas:
             return None
         return r if want is None or want in r.replicas else None
+
     return wait_for(check, TTL * 8, f"repair{' onto ' + want[:8] if want else ''}")
 
 
@@ -370,6 +380,7 @@ def test_failover_back_to_a_primary_that_stepped_down_in_the_same_process(rclust
 
 # -- operations: drain / scale down ------------------------------------------------------------
 
+
 def test_draining_the_primary_of_a_replicated_object_works(rcluster):
     """`claypot drain` / LocalCluster.drain / scale down move every object off a backend.
     A replicated object is never moved (FeatureUnavailable), so draining its primary
@@ -390,6 +401,7 @@ def test_draining_the_primary_of_a_replicated_object_works(rcluster):
 
 
 # -- Redis restarts ------------------------------------------------------------------------------
+
 
 def test_a_redis_restart_longer_than_the_ttl_loses_and_duplicates_nothing(rcluster):
     """kill -9 of Redis for longer than the heartbeat TTL while clients increment: every
@@ -412,6 +424,7 @@ def test_a_redis_restart_longer_than_the_ttl_loses_and_duplicates_nothing(rclust
             except ClaypotError:
                 unknown[0] += 1
                 time.sleep(0.05)
+
     ts = [threading.Thread(target=writer) for _ in range(2)]
     for t in ts:
         t.start()
@@ -430,7 +443,6 @@ def test_a_redis_restart_longer_than_the_ttl_loses_and_duplicates_nothing(rclust
     assert time.monotonic() - started < TTL * 2
 
 
-
 def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
     """After a partition heals, the deposed primary must not answer reads from its stale
     copy (the new primary acknowledged an increment meanwhile). A race between the
@@ -446,8 +458,7 @@ def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
         os.kill(old.pid, signal.SIGSTOP)
         try:
             new = _promoted(c, oid, ref.backend_id)
-            assert raw_call(c, c.process_of(new.backend_id).address, oid, "incr", (1,),
-                             f"i{round_}") == 1
+            assert raw_call(c, c.process_of(new.backend_id).address, oid, "incr", (1,), f"i{round_}") == 1
         finally:
             os.kill(old.pid, signal.SIGCONT)
         end = time.monotonic() + TTL
@@ -457,37 +468,40 @@ def test_a_healed_old_primary_never_serves_a_stale_read(rcluster):
                 stale.append(round_)
         if stale:
             break
-        time.sleep(TTL)   # let the healed backend come back up before the next round
+        time.sleep(TTL)  # let the healed backend come back up before the next round
     assert not stale, f"{len(stale)} stale read(s) of 0 from the deposed primary (new value 1)"
 
 
 # -- big objects -------------------------------------------------------------------------------
+
 
 def test_a_retried_call_id_on_a_big_replicated_object_runs_once(bigcluster):
     """The client library retries CallInterrupted of a replicated object's changing calls
     with the same call id, relying on the ledger. A big (write-behind) object's changes
     never record their call id, so a retry runs the method a second time."""
     from lifelib import Grow
+
     c = bigcluster
     g = Grow()
     g.make_persistent(replicas=1)
-    g.grow(200_000)                       # now over big_object: write-behind
+    g.grow(200_000)  # now over big_object: write-behind
     oid = g.getID()
     ref = c.client.resolve(object_id=oid)
     addr = c.process_of(ref.backend_id).address
     assert raw_call(c, addr, oid, "slow", (0.0,), "once") is None
-    assert raw_call(c, addr, oid, "slow", (0.0,), "once") is None   # the retry
+    assert raw_call(c, addr, oid, "slow", (0.0,), "once") is None  # the retry
     assert g.info() == (1000, 200_000), f"a retried call ran twice: {g.info()}"
 
 
 def test_a_big_replicated_object_survives_failover_after_its_flush(bigcluster):
     from lifelib import Grow
+
     c = bigcluster
     g = Grow()
     g.make_persistent(replicas=1)
     g.grow(200_000)
     g.settag(7)
-    time.sleep(3)                         # past the flush interval: shipped at checkpoint
+    time.sleep(3)  # past the flush interval: shipped at checkpoint
     oid = g.getID()
     ref = c.client.resolve(object_id=oid)
     c.process_of(ref.backend_id).kill()
@@ -497,24 +511,29 @@ def test_a_big_replicated_object_survives_failover_after_its_flush(bigcluster):
 
 # -- creation window -----------------------------------------------------------------------------
 
+
 def test_a_change_made_while_replicas_are_being_created_is_not_lost(rcluster):
     """make_persistent(replicas=1) must not publish the object (alias included) before its
     replicas hold it: a change another client makes in between would be acknowledged by
     the primary alone and never reach the replica, so a kill of the primary right after
     would lose it. The replicas are frozen for a moment (< TTL) while it is created."""
     from store._api import api
+
     c = rcluster
     p = c.processes[0]
     others = [q for q in c.processes if q is not p]
-    Counter(0).make_persistent(backend=p.backend_id, replicas=2)   # channels to both open
+    Counter(0).make_persistent(backend=p.backend_id, replicas=2)  # channels to both open
     out = {}
     for q in others:
-        os.kill(q.pid, signal.SIGSTOP)   # the replicas take their state slowly (< TTL)
+        os.kill(q.pid, signal.SIGSTOP)  # the replicas take their state slowly (< TTL)
     thaw = threading.Timer(0.4, lambda: [os.kill(q.pid, signal.SIGCONT) for q in others])
     thaw.start()
     try:
-        t = threading.Thread(target=lambda: out.setdefault("r", Counter(0).make_persistent(
-            alias="race", backend=p.backend_id, replicas=1)))
+        t = threading.Thread(
+            target=lambda: out.setdefault(
+                "r", Counter(0).make_persistent(alias="race", backend=p.backend_id, replicas=1)
+            )
+        )
         t.start()
         proxy = wait_for(lambda: _by_alias(api, "race"), 5, "the alias published")
         t1 = time.monotonic()
@@ -539,6 +558,7 @@ def _by_alias(api, alias):
 
 
 # -- repair -----------------------------------------------------------------------------------
+
 
 def test_repair_survives_its_target_freezing_mid_copy_and_restores_the_factor(rcluster):
     """The replica is killed; the only repair target is frozen while repair copies to it,
@@ -574,6 +594,7 @@ def test_repair_survives_its_target_freezing_mid_copy_and_restores_the_factor(rc
 
 
 # -- one slow replica must not stall unrelated objects ----------------------------------------------
+
 
 def test_a_frozen_replica_does_not_stall_objects_replicated_elsewhere(rcluster):
     """Every ship goes through one pool of 8 threads per backend. 24 objects whose

@@ -17,11 +17,11 @@ def test_replica_set_round_trips_through_its_directory_encoding():
 
 
 def test_a_replica_refuses_older_epochs_and_ignores_older_states():
-    assert rp.verdict(3, 100, 2, 500) is Verdict.STALE      # a deposed primary
+    assert rp.verdict(3, 100, 2, 500) is Verdict.STALE  # a deposed primary
     assert rp.verdict(3, 100, 3, 101) is Verdict.APPLY
-    assert rp.verdict(3, 100, 3, 100) is Verdict.OLD        # a resend: acknowledged, no change
+    assert rp.verdict(3, 100, 3, 100) is Verdict.OLD  # a resend: acknowledged, no change
     assert rp.verdict(3, 100, 3, 50) is Verdict.OLD
-    assert rp.verdict(3, 100, 4, 1) is Verdict.APPLY        # a new epoch wins whatever its LSN
+    assert rp.verdict(3, 100, 4, 1) is Verdict.APPLY  # a new epoch wins whatever its LSN
 
 
 def test_the_primary_acknowledges_only_when_every_replica_has_the_state():
@@ -36,7 +36,7 @@ def test_promotion_raises_the_epoch_and_only_a_member_with_a_copy_may_try():
     rs = ReplicaSet(4, "p", ("a", "b"), 2)
     assert rp.can_promote(rs, "a", primary_up=False, have_copy=True)
     assert not rp.can_promote(rs, "a", primary_up=True, have_copy=True)
-    assert not rp.can_promote(rs, "c", primary_up=False, have_copy=True)   # dropped earlier
+    assert not rp.can_promote(rs, "c", primary_up=False, have_copy=True)  # dropped earlier
     assert not rp.can_promote(rs, "a", primary_up=False, have_copy=False)
     new = rp.promoted(rs, "a")
     assert (new.epoch, new.primary, new.replicas, new.target) == (5, "a", ("b",), 2)

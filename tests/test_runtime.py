@@ -14,8 +14,7 @@ import pytest
 
 import runtime
 import store
-from runtime import (COLLECTION_IN, COLLECTION_INOUT, INOUT, OUT, Future, barrier, constraint,
-                     task, wait_on)
+from runtime import COLLECTION_IN, COLLECTION_INOUT, INOUT, OUT, Future, barrier, constraint, task, wait_on
 
 from store.errors import SerializationError, TaskCancelled, TaskError, TaskTimeout
 from tasklib import Block, Log, add, append, block_sum, inc, scale, snapshot
@@ -56,12 +55,39 @@ def backend_ids():
 
 
 def test_public_api_is_pinned():
-    assert sorted(runtime.__all__) == sorted([
-        "task", "constraint", "implement", "binary", "mpi", "wait_on", "barrier", "Future",
-        "TaskFunction", "IN", "INOUT", "OUT", "COLLECTION_IN", "COLLECTION_INOUT", "FILE_IN",
-        "FILE_OUT", "FILE_INOUT", "FILE_OUT_STDOUT", "FILE_OUT_STDERR", "DIRECTORY_IN",
-        "DIRECTORY_OUT", "DIRECTORY_INOUT", "Direction",
-        "OnFailure", "use_executor", "wait_on_file", "open_file", "progress", "ProgressReport"])
+    assert sorted(runtime.__all__) == sorted(
+        [
+            "task",
+            "constraint",
+            "implement",
+            "binary",
+            "mpi",
+            "wait_on",
+            "barrier",
+            "Future",
+            "TaskFunction",
+            "IN",
+            "INOUT",
+            "OUT",
+            "COLLECTION_IN",
+            "COLLECTION_INOUT",
+            "FILE_IN",
+            "FILE_OUT",
+            "FILE_INOUT",
+            "FILE_OUT_STDOUT",
+            "FILE_OUT_STDERR",
+            "DIRECTORY_IN",
+            "DIRECTORY_OUT",
+            "DIRECTORY_INOUT",
+            "Direction",
+            "OnFailure",
+            "use_executor",
+            "wait_on_file",
+            "open_file",
+            "progress",
+            "ProgressReport",
+        ]
+    )
 
 
 def test_issue_example_blocks_scaled_and_summed():
@@ -100,9 +126,9 @@ def test_reader_after_writer_sees_the_write_and_wait_on_object_syncs():
 
 
 def test_diamond_graph_of_futures():
-    a = inc(1)                  # 2
-    left, right = inc(a), add(a, 10)   # 3, 12
-    top = add(left, right)      # 15
+    a = inc(1)  # 2
+    left, right = inc(a), add(a, 10)  # 3, 12
+    top = add(left, right)  # 15
     assert wait_on(top) == 15
     assert wait_on([a, left, right]) == [2, 3, 12]
 
@@ -158,7 +184,7 @@ def test_task_sees_live_array_on_owner_no_copy():
     @task(b=INOUT, returns=1)
     def poke(b):
         arr = b.data
-        arr[0] = 5.0        # in place on the object's own array: visible only if not a copy
+        arr[0] = 5.0  # in place on the object's own array: visible only if not a copy
         return b.data is arr
 
     assert wait_on(poke(b)) is True
@@ -353,18 +379,17 @@ def test_constraint_computing_units_serialises_big_tasks():
 
     first, second = hog(b, 0.3), hog(b, 0.3)
     (a1, z1), (a2, z2) = wait_on(list(first)), wait_on(list(second))
-    assert a2 >= z1 or a1 >= z2          # never at the same time on that backend
+    assert a2 >= z1 or a1 >= z2  # never at the same time on that backend
     with pytest.raises(ValueError, match="computing_units"):
         constraint(computing_units=slots + 1)(task(lambda: None))()
 
 
 def test_thousand_task_graph():
     started = time.monotonic()
-    leaves = [inc(i) for i in range(500)]       # 500 tasks
+    leaves = [inc(i) for i in range(500)]  # 500 tasks
     level = leaves
-    while len(level) > 1:                       # 499 more, a reduction tree
-        level = [add(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
+    while len(level) > 1:  # 499 more, a reduction tree
+        level = [add(level[i], level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)]
     assert wait_on(level[0]) == sum(range(1, 501))
     assert runtime._core.current().pending() == 0
     assert time.monotonic() - started < 60
@@ -372,7 +397,8 @@ def test_thousand_task_graph():
 
 def test_inline_mode_without_a_cluster(tmp_path):
     script = tmp_path / "inline.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os
         from runtime import task, wait_on, barrier, INOUT
         from store import objects
@@ -408,18 +434,23 @@ def test_inline_mode_without_a_cluster(tmp_path):
         except TaskCancelled:
             cancelled = True
         print(total, acc, wait_on(f) == os.getpid(), f.backend, cancelled)
-    """))
+    """)
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAYPOT_")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "10 [0, 1, 2] True None True"
 
 
 @pytest.mark.slow
 def test_numpy_training_example_reduces_loss():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "numpy_training.py")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "numpy_training.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     assert float(lines["final_loss"]) < 0.1 * float(lines["initial_loss"])
@@ -450,7 +481,7 @@ def test_burst_of_tiny_tasks_is_batched_and_errors_stay_per_task():
 def test_locality_weighs_bytes_not_just_count():
     pids = {b.backend_id: b.pid for b in store.backends() if b.up}
     a, b = sorted(pids)
-    big = Block(np.ones(200_000))          # 1.6 MB on a
+    big = Block(np.ones(200_000))  # 1.6 MB on a
     big.make_persistent(backend=a)
     smalls = [Block(np.ones(2)) for _ in range(3)]
     for s in smalls:
@@ -475,7 +506,7 @@ def test_object_made_by_a_task_stays_where_it_was_made():
 def test_task_calling_a_task_runs_it_in_place():
     @task(returns=1)
     def outer(b):
-        inner = pid_of(b)          # inside a backend: runs inline, right here
+        inner = pid_of(b)  # inside a backend: runs inline, right here
         return os.getpid(), wait_on(inner)
 
     blk = Block(np.ones(3))
@@ -494,7 +525,7 @@ def test_future_nested_in_a_plain_value_is_a_clear_error():
 
 
 def test_new_storage_object_argument_is_made_persistent_and_ordered():
-    log = Log()                      # not persistent yet
+    log = Log()  # not persistent yet
     append(log, 1, pause=0.2)
     assert log.is_persistent
     append(log, 2)
@@ -502,6 +533,6 @@ def test_new_storage_object_argument_is_made_persistent_and_ordered():
 
 
 def test_memory_size_beyond_a_backend_is_refused_at_call_time():
-    huge = constraint(memory_size=10**6)(task(lambda: None))   # a million GiB
+    huge = constraint(memory_size=10**6)(task(lambda: None))  # a million GiB
     with pytest.raises(ValueError, match="memory_size"):
         huge()

@@ -30,6 +30,7 @@ from tasklib import Block, Log, add, append, block_sum, inc, scale, snapshot  # 
 def where(*objs):
     """The process and the Dask worker the task ran in."""
     from distributed import get_worker
+
     return os.getpid(), get_worker().name
 
 
@@ -95,7 +96,7 @@ def test_task_reads_the_owners_array_in_place(dask_cluster):
     @task(b=INOUT, returns=1)
     def poke(b):
         arr = b.data
-        arr[0] = 5.0        # visible afterwards only if this was the heap's own array
+        arr[0] = 5.0  # visible afterwards only if this was the heap's own array
         return b.data is arr
 
     assert wait_on(poke(b)) is True
@@ -112,7 +113,7 @@ def test_dependency_graph_of_futures_and_objects(dask_cluster):
     partials = [block_sum(b) for b in blocks]
     total = add(add(partials[0], partials[1]), add(partials[2], partials[3]))
     a = inc(1)
-    diamond = add(inc(a), add(a, 10))       # (2 + 1) + (2 + 10)
+    diamond = add(inc(a), add(a, 10))  # (2 + 1) + (2 + 10)
     assert wait_on(total) == 8000.0
     assert wait_on(diamond) == 15
     barrier()
@@ -178,8 +179,8 @@ def test_backend_without_a_worker_is_a_clear_error(dask_cluster, tmp_path):
     # with a message saying why, instead of waiting forever for a worker.
     from store._ops.cluster import BackendProcess
     from store.errors import ConfigurationError
-    plain = BackendProcess(str(tmp_path / "plain"), dask_cluster.redis_url,
-                           dask_cluster.token).start()
+
+    plain = BackendProcess(str(tmp_path / "plain"), dask_cluster.redis_url, dask_cluster.token).start()
     rt = runtime._core.current()
     try:
         blk = Block(np.ones(10))
@@ -202,6 +203,7 @@ def test_environment_selects_the_dask_executor(dask_cluster):
     import subprocess
     import sys
     import textwrap
+
     script = textwrap.dedent("""
         import os, store, runtime._core
         from runtime import task, wait_on
@@ -216,12 +218,15 @@ def test_environment_selects_the_dask_executor(dask_cluster):
         print(type(runtime._core.current().executor).__name__, pid, worker)
         runtime.use_executor("store")   # closes the Dask client before exiting
     """)
-    env = dict(os.environ, CLAYPOT_EXECUTOR="dask",
-               CLAYPOT_DASK_SCHEDULER=dask_cluster.dask_scheduler,
-               CLAYPOT_DASK_TLS_DIR=dask_cluster.dask_tls_dir,
-               CLAYPOT_ADDRESS=dask_cluster.address, CLAYPOT_TOKEN=dask_cluster.token)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = dict(
+        os.environ,
+        CLAYPOT_EXECUTOR="dask",
+        CLAYPOT_DASK_SCHEDULER=dask_cluster.dask_scheduler,
+        CLAYPOT_DASK_TLS_DIR=dask_cluster.dask_tls_dir,
+        CLAYPOT_ADDRESS=dask_cluster.address,
+        CLAYPOT_TOKEN=dask_cluster.token,
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     name, pid, worker = out.stdout.split()
     pids = {p.backend_id: p.pid for p in dask_cluster.processes}
@@ -243,6 +248,7 @@ def test_burst_of_tasks_with_chains_over_both_backends(dask_cluster):
 @pytest.mark.slow
 def test_time_out_through_dask(dask_cluster):
     from store.errors import TaskTimeout
+
     slow = task(returns=1, time_out=0.3)(lambda: time.sleep(1.5) or 1)
     f = slow()
     g = inc(f)

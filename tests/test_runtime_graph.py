@@ -27,9 +27,9 @@ def test_a_versioned_writer_waits_for_the_last_writer_only_its_commit_for_reader
     g = TaskGraph()
     assert g.add(1, writes=["x"])
     assert not g.add(2, reads=["x"])
-    assert not g.add(3, early=["x"])            # the run: after writer 1, not reader 2
+    assert not g.add(3, early=["x"])  # the run: after writer 1, not reader 2
     assert not g.add(4, after=[3], writes=["x"])  # the commit: after the run and reader 2
-    assert not g.add(5, reads=["x"])            # later readers wait for the commit
+    assert not g.add(5, reads=["x"])  # later readers wait for the commit
     assert g.predecessors(3) == {1}
     assert g.predecessors(4) == {1, 2, 3}
     assert g.finish(1) == [2, 3]
@@ -90,12 +90,12 @@ def test_graph_stays_small_over_a_long_chain():
 def test_locality_picks_the_backend_with_most_bytes_then_least_loaded():
     s = Scheduler(slots=4)
     s.set_backends(["a", "b"])
-    assert s.choose(["a", "b", "b"]) == "b"                       # by count
+    assert s.choose(["a", "b", "b"]) == "b"  # by count
     assert s.choose(["a", "b", "b"], [1000.0, 1.0, 1.0]) == "a"  # by bytes
     s.take("a", Demand())
-    assert s.choose(["a", "b"]) == "b"                            # tie: less loaded
-    assert s.choose([]) == "b"                                    # no data: least loaded
-    assert s.choose(["gone"]) in ("a", "b")                       # owner not up: ignored
+    assert s.choose(["a", "b"]) == "b"  # tie: less loaded
+    assert s.choose([]) == "b"  # no data: least loaded
+    assert s.choose(["gone"]) in ("a", "b")  # owner not up: ignored
     assert locality_scores(["a", "a"]) == {"a": 2.0}
 
 
@@ -113,8 +113,6 @@ def test_decorator_validation():
         task(nope=INOUT)(lambda x: x)
     with pytest.raises(ValueError, match="on_failure"):
         task(on_failure="SOMETIMES")(lambda x: x)
-    t = constraint(computing_units=2, memory_size=0.5)(task(returns=2, on_failure="retry")(
-        lambda x: (x, x)))
-    assert (t.returns, t.on_failure, t.computing_units, t.memory_bytes) == \
-        (2, OnFailure.RETRY, 2, 2**29)
+    t = constraint(computing_units=2, memory_size=0.5)(task(returns=2, on_failure="retry")(lambda x: (x, x)))
+    assert (t.returns, t.on_failure, t.computing_units, t.memory_bytes) == (2, OnFailure.RETRY, 2, 2**29)
     assert t.positional_names(1) == ["x"]

@@ -14,9 +14,23 @@ import pytest
 import runtime
 import runtime.elastic
 import store
-from runtime import (FILE_IN, FILE_INOUT, FILE_OUT, FILE_OUT_STDERR, FILE_OUT_STDOUT, INOUT,
-                     barrier, binary, compss_open, compss_wait_on_file, constraint, implement,
-                     mpi, task, wait_on)
+from runtime import (
+    FILE_IN,
+    FILE_INOUT,
+    FILE_OUT,
+    FILE_OUT_STDERR,
+    FILE_OUT_STDOUT,
+    INOUT,
+    barrier,
+    binary,
+    compss_open,
+    compss_wait_on_file,
+    constraint,
+    implement,
+    mpi,
+    task,
+    wait_on,
+)
 from store import LocalCluster
 from store.errors import ConfigurationError, TaskCancelled, TaskError
 from tasklib import Block
@@ -35,8 +49,7 @@ def cluster():
 @pytest.fixture
 def nodes(cluster):
     edge, big, plain = (p.backend_id for p in cluster.processes[:3])
-    return {"edge": edge, "big": big, "plain": plain,
-            "pid": {p.backend_id: p.pid for p in cluster.processes}}
+    return {"edge": edge, "big": big, "plain": plain, "pid": {p.backend_id: p.pid for p in cluster.processes}}
 
 
 @task(returns=1)
@@ -65,8 +78,7 @@ def test_constraints_with_pycompss_names_pick_the_backend(nodes):
     perf = constraint(memory_size=6.0, processorPerformance="5000")(task(returns=1)(where.fn))
     label = constraint(zone="EDGE")(task(returns=1)(where.fn))
     units = constraint(computingUnits="8")(task(returns=1)(where.fn))
-    got = wait_on([edge() for _ in range(4)] + [perf() for _ in range(4)] +
-                  [label(), units()])
+    got = wait_on([edge() for _ in range(4)] + [perf() for _ in range(4)] + [label(), units()])
     pid = nodes["pid"]
     assert set(got[:4]) == {pid[nodes["edge"]]}
     assert set(got[4:8]) == {pid[nodes["big"]]}
@@ -83,7 +95,7 @@ def test_constraints_come_before_locality(nodes):
     # It runs where it may, and reads the object remotely there (the object stays put).
     assert pid == nodes["pid"][nodes["edge"]] and total == 45.0
     free = wait_on(list(where_with(b)))
-    assert free[0] == nodes["pid"][nodes["plain"]]   # no constraint: locality decides
+    assert free[0] == nodes["pid"][nodes["plain"]]  # no constraint: locality decides
 
 
 def test_a_task_no_backend_can_run_fails_at_the_call():
@@ -152,13 +164,13 @@ def read(path):
 def test_file_directions_versions_and_wait_on_file(tmp_path):
     path = str(tmp_path / "log.txt")
     write(path, "a\n")
-    first = read(path)                      # reads version 1
+    first = read(path)  # reads version 1
     for i in range(3):
-        append_line(path, f"{i}\n")          # versions 2..4; none waits for `first`
+        append_line(path, f"{i}\n")  # versions 2..4; none waits for `first`
     last = read(path)
     assert wait_on(first) == "a\n"
     assert wait_on(last) == "a\n0\n1\n2\n"
-    assert not os.path.exists(path)         # versions live with the runtime until asked for
+    assert not os.path.exists(path)  # versions live with the runtime until asked for
     assert compss_wait_on_file(path) == path
     with open(path) as f:
         assert f.read() == "a\n0\n1\n2\n"
@@ -169,12 +181,13 @@ def test_file_directions_versions_and_wait_on_file(tmp_path):
 
 def test_file_bytes_travel_to_the_backend_large(tmp_path, nodes):
     src = tmp_path / "big.bin"
-    data = os.urandom(3 * 2**20)            # past the inline limit: streamed
+    data = os.urandom(3 * 2**20)  # past the inline limit: streamed
     src.write_bytes(data)
-    size = constraint(zone="edge")(task(returns=1, path=FILE_IN)(
-        lambda path: (os.path.getsize(path), os.path.dirname(path))))
+    size = constraint(zone="edge")(
+        task(returns=1, path=FILE_IN)(lambda path: (os.path.getsize(path), os.path.dirname(path)))
+    )
     n, where_dir = wait_on(size(str(src)))
-    assert n == len(data) and where_dir != str(tmp_path)   # a copy on the backend's side
+    assert n == len(data) and where_dir != str(tmp_path)  # a copy on the backend's side
 
 
 def test_binary_task_with_files_streams_and_exit_codes(tmp_path):
@@ -202,12 +215,13 @@ def test_binary_task_with_files_streams_and_exit_codes(tmp_path):
         wait_on(bad)
     with pytest.raises(TaskCancelled):
         wait_on(after)
-    barrier()                                # CANCEL_SUCCESSORS: the barrier does not raise
+    barrier()  # CANCEL_SUCCESSORS: the barrier does not raise
 
     @binary(binary="sh", args="-c 'exit 5'", fail_by_exit_value=False)
     @task(returns=int)
     def exit_code():
         pass
+
     assert wait_on(exit_code()) == 5
 
 
@@ -224,8 +238,7 @@ def test_mpi_task_runs_ranks_and_fails_by_exit_code(tmp_path):
     out = str(tmp_path / "ranks.out")
 
     @constraint(computing_units="2")
-    @mpi(runner="mpirun", binary="sh", args="-c 'echo rank=$OMPI_COMM_WORLD_RANK'",
-         processes=4)
+    @mpi(runner="mpirun", binary="sh", args="-c 'echo rank=$OMPI_COMM_WORLD_RANK'", processes=4)
     @task(returns=int, stdOutFile=FILE_OUT_STDOUT)
     def ranks(stdOutFile):
         pass
@@ -238,7 +251,8 @@ def test_mpi_task_runs_ranks_and_fails_by_exit_code(tmp_path):
     @task(returns=int, on_failure="IGNORE")
     def broken():
         pass
-    assert wait_on(broken()) is None         # IGNORE: the failure is logged, not raised
+
+    assert wait_on(broken()) is None  # IGNORE: the failure is logged, not raised
 
 
 def _need_mpi4py():
@@ -263,6 +277,7 @@ def test_mpi_task_runs_a_python_function_on_every_rank(cluster):
     @task(returns=1)
     def spread(b, scale):
         from mpi4py import MPI
+
         comm = MPI.COMM_WORLD
         rank, size = comm.Get_rank(), comm.Get_size()
         mine = float(b.data[rank::size].sum()) * scale
@@ -276,12 +291,14 @@ def test_mpi_task_runs_a_python_function_on_every_rank(cluster):
     @task(returns=1)
     def one_rank_fails():
         from mpi4py import MPI
+
         if MPI.COMM_WORLD.Get_rank() == 1:
             raise ValueError("rank 1 failed")
         return "ok"
+
     with pytest.raises(ValueError, match="rank 1 failed"):
         wait_on(one_rank_fails())
-    with pytest.raises(TaskError):   # and the next barrier reports it, once
+    with pytest.raises(TaskError):  # and the next barrier reports it, once
         barrier()
 
 
@@ -291,7 +308,7 @@ def multiply(a, b, c):
 
 
 def test_blocked_matrix_multiplication_on_persistent_blocks(cluster):
-    n, m = 3, 16                              # 3x3 blocks of 16x16
+    n, m = 3, 16  # 3x3 blocks of 16x16
     rng = np.random.default_rng(7)
     A = rng.random((n * m, n * m))
     B = rng.random((n * m, n * m))
@@ -302,11 +319,12 @@ def test_blocked_matrix_multiplication_on_persistent_blocks(cluster):
         for i in range(n):
             row = []
             for j in range(n):
-                blk = Block(np.zeros((m, m)) if zero else M[i*m:(i+1)*m, j*m:(j+1)*m].copy())
+                blk = Block(np.zeros((m, m)) if zero else M[i * m : (i + 1) * m, j * m : (j + 1) * m].copy())
                 blk.make_persistent(backend=ids[(i * n + j) % len(ids)])
                 row.append(blk)
             out.append(row)
         return out
+
     a, b, c = blocks(A), blocks(B), blocks(None, zero=True)
     for i in range(n):
         for j in range(n):
@@ -341,11 +359,12 @@ def test_elastic_scale_uses_new_backends_at_once_and_drains(tmp_path):
 
 def test_autoscaling_policy():
     from runtime.elastic import target
-    assert target(0, 0.0, 3, 1, 4) == 1                 # idle: down to the minimum
+
+    assert target(0, 0.0, 3, 1, 4) == 1  # idle: down to the minimum
     assert target(20, 0.1, 1, 1, 4, tasks_per_backend=8) == 3
-    assert target(100, 0.1, 1, 1, 4) == 4                # capped at the maximum
-    assert target(2, 9.0, 1, 1, 4, max_wait=5.0) == 2    # long waits add one
-    assert target(1, 0.0, 3, 1, 4) == 3                  # never shrinks under pending tasks
+    assert target(100, 0.1, 1, 1, 4) == 4  # capped at the maximum
+    assert target(2, 9.0, 1, 1, 4, max_wait=5.0) == 2  # long waits add one
+    assert target(1, 0.0, 3, 1, 4) == 3  # never shrinks under pending tasks
     with pytest.raises(ConfigurationError):
         runtime.elastic.Autoscaler(None, minimum=3, maximum=2)
 
@@ -353,6 +372,7 @@ def test_autoscaling_policy():
 @task(returns=1)
 def nap(seconds, after=None):
     import time
+
     time.sleep(seconds)
     return os.getpid()
 
@@ -362,9 +382,9 @@ def test_autoscaler_grows_with_the_queue_and_shrinks_when_idle(tmp_path):
     import time
 
     from runtime.elastic import Autoscaler
+
     with LocalCluster(backends=1, data_dir=str(tmp_path / "auto")) as c:
-        with Autoscaler(c, minimum=1, maximum=2, tasks_per_backend=4, interval=0.2,
-                        cooldown=0.5) as auto:
+        with Autoscaler(c, minimum=1, maximum=2, tasks_per_backend=4, interval=0.2, cooldown=0.5) as auto:
             # Tasks are placed when they become ready: these wait behind a gate long
             # enough for the queue to be seen and a backend to join.
             gate = nap(3.0)
@@ -375,14 +395,13 @@ def test_autoscaler_grows_with_the_queue_and_shrinks_when_idle(tmp_path):
                 time.sleep(0.1)
         assert auto.error is None
         assert [n for _, n in auto.history][:1] == [2] and auto.history[-1][1] == 1
-        assert len(pids) == 2            # the new backend took tasks that became ready
+        assert len(pids) == 2  # the new backend took tasks that became ready
         assert auto.size() == 1
 
 
 def test_workflow_of_python_binary_and_mpi_tasks_over_files(tmp_path):
     _need("mpirun")
-    data, sorted_out, ranks_out = (str(tmp_path / n) for n in ("data.txt", "sorted.txt",
-                                                               "ranks.txt"))
+    data, sorted_out, ranks_out = (str(tmp_path / n) for n in ("data.txt", "sorted.txt", "ranks.txt"))
 
     @task(path=FILE_OUT)
     def generate(path, n):
@@ -394,8 +413,7 @@ def test_workflow_of_python_binary_and_mpi_tasks_over_files(tmp_path):
     def sort_numbers(src, out):
         pass
 
-    @mpi(runner="mpirun", binary="sh", processes=3,
-         args="-c 'echo $OMPI_COMM_WORLD_RANK $(wc -l < {{src}})'")
+    @mpi(runner="mpirun", binary="sh", processes=3, args="-c 'echo $OMPI_COMM_WORLD_RANK $(wc -l < {{src}})'")
     @task(returns=int, src=FILE_IN, out=FILE_OUT_STDOUT)
     def count_on_ranks(src, out):
         pass
@@ -417,6 +435,7 @@ def test_file_and_binary_tasks_run_inline_without_a_cluster(tmp_path):
     import subprocess
     import sys
     import textwrap
+
     script = textwrap.dedent(f"""
         from runtime import task, binary, FILE_IN, FILE_INOUT, FILE_OUT_STDOUT, wait_on
         from runtime import compss_wait_on_file
@@ -431,14 +450,20 @@ def test_file_and_binary_tasks_run_inline_without_a_cluster(tmp_path):
         def lines(path, out):
             pass
 
-        p = {str(tmp_path / 'inline.txt')!r}
+        p = {str(tmp_path / "inline.txt")!r}
         add_line(p, "a"); add_line(p, "b")
         assert wait_on(lines(p, p + ".wc")) == 0
         print(open(compss_wait_on_file(p + ".wc")).read().split()[0])
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAYPOT_ADDRESS")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2"
 
@@ -448,6 +473,7 @@ def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
     from slurmbed import SlurmBed, missing
 
     from store.slurm import SlurmCluster
+
     why = missing()
     if why:
         if os.environ.get("CI"):
@@ -462,11 +488,11 @@ def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
                 job = engine.processes[0]
                 assert job.state() == "RUNNING" and joined == [job.backend_id]
                 on_slurm = constraint(zone="slurm")(task(returns=1)(where.fn))
-                assert wait_on(on_slurm()) == job.pid     # used at once
+                assert wait_on(on_slurm()) == job.pid  # used at once
                 obj = Block(np.arange(4.0))
                 obj.make_persistent(backend=job.backend_id)
                 assert engine.scale(0) == [job.backend_id]
-                assert job.state() == "" and engine.size() == 0   # the job ended
+                assert job.state() == "" and engine.size() == 0  # the job ended
                 assert obj.data.tolist() == [0.0, 1.0, 2.0, 3.0]  # moved before it left
                 with pytest.raises(ConfigurationError, match="zone"):
                     on_slurm()
@@ -479,18 +505,27 @@ def test_slurm_jobs_join_take_tasks_and_leave_drained(tmp_path):
 def test_resource_names_parsing_and_matching():
     from runtime._resources import constraints, satisfies, unmet
     from store._util import resources as res
-    assert [res.canonical(n) for n in ("MemorySize", "computingUnits", "GPU", "zone")] == \
-        ["memory_size", "computing_units", "gpu", "zone"]
-    offered = res.parse("computing_units=4, MemorySize=8,processorType=ARM,"
-                        "app_software=numpy;gromacs,zone=edge")
-    assert offered == {"computing_units": 4.0, "memory_size": 8.0, "processor_type": "ARM",
-                       "app_software": ["gromacs", "numpy"], "zone": "edge"}
-    assert satisfies(constraints(computingUnits="2", processor_type="arm",
-                                 appSoftware="numpy"), offered)
-    assert unmet(constraints(memory_size=16, app_software=["numpy", "tf"], zone="cloud"),
-                 offered) == ["memory_size=16.0 (offered: 8.0)",
-                              "app_software=['numpy', 'tf'] (offered: ['gromacs', 'numpy'])",
-                              "zone='cloud' (offered: 'edge')"]
+
+    assert [res.canonical(n) for n in ("MemorySize", "computingUnits", "GPU", "zone")] == [
+        "memory_size",
+        "computing_units",
+        "gpu",
+        "zone",
+    ]
+    offered = res.parse("computing_units=4, MemorySize=8,processorType=ARM,app_software=numpy;gromacs,zone=edge")
+    assert offered == {
+        "computing_units": 4.0,
+        "memory_size": 8.0,
+        "processor_type": "ARM",
+        "app_software": ["gromacs", "numpy"],
+        "zone": "edge",
+    }
+    assert satisfies(constraints(computingUnits="2", processor_type="arm", appSoftware="numpy"), offered)
+    assert unmet(constraints(memory_size=16, app_software=["numpy", "tf"], zone="cloud"), offered) == [
+        "memory_size=16.0 (offered: 8.0)",
+        "app_software=['numpy', 'tf'] (offered: ['gromacs', 'numpy'])",
+        "zone='cloud' (offered: 'edge')",
+    ]
     for bad in ("computing_units", "memory_size=-1", "gpus=many"):
         with pytest.raises(ConfigurationError):
             res.parse(bad)
@@ -500,6 +535,7 @@ def test_resource_names_parsing_and_matching():
 
 def test_directory_directions_travel_as_trees_with_versions(tmp_path):
     from runtime import DIRECTORY_IN, DIRECTORY_INOUT, DIRECTORY_OUT
+
     out = str(tmp_path / "tree")
 
     @task(d=DIRECTORY_OUT)
@@ -516,12 +552,11 @@ def test_directory_directions_travel_as_trees_with_versions(tmp_path):
 
     @task(returns=1, d=DIRECTORY_IN)
     def listing(d):
-        return sorted(os.path.relpath(os.path.join(r, f), d)
-                      for r, _, fs in os.walk(d) for f in fs)
+        return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
 
     fill(out, 3)
-    before = listing(out)                 # version 1
-    add(out, "extra")                     # version 2: does not wait for `before`
+    before = listing(out)  # version 1
+    add(out, "extra")  # version 2: does not wait for `before`
     after = listing(out)
     assert wait_on(before) == ["sub/0.txt", "sub/1.txt", "sub/2.txt"]
     assert wait_on(after) == ["extra", "sub/0.txt", "sub/1.txt", "sub/2.txt"]
@@ -536,6 +571,7 @@ def test_a_directory_archive_cannot_write_outside_its_tree(tmp_path):
     import tarfile
 
     from runtime._files import unpack
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("../escaped")
@@ -554,6 +590,7 @@ def test_files_on_the_shared_filesystem_do_not_travel(cluster, tmp_path):
     saved = client.settings
     client.settings = saved.replace(shared_dir=str(shared))
     try:
+
         @task(returns=1, path=FILE_INOUT)
         def grow(path, text):
             with open(path, "a") as f:

@@ -76,10 +76,10 @@ def test_versioned_writer_runs_alongside_an_earlier_reader(cluster):
     writer = deposit_versioned(acct, 5)
     later = read(acct)
     (started, changed_id), (first, last, reader_done) = wait_on(writer), wait_on(reader)
-    assert started < reader_done - 0.5      # it did not wait for the reader
-    assert changed_id != acct.getID()        # it changed a version, not the object
-    assert (first, last) == (100, 100)       # the reader never saw the change midway
-    assert wait_on(later) == 105             # a later task sees it written back
+    assert started < reader_done - 0.5  # it did not wait for the reader
+    assert changed_id != acct.getID()  # it changed a version, not the object
+    assert (first, last) == (100, 100)  # the reader never saw the change midway
+    assert wait_on(later) == 105  # a later task sees it written back
     assert acct.balance == 105
     with pytest.raises(store.errors.ObjectNotFound):
         store.get_by_id(changed_id).balance  # the version is gone
@@ -117,11 +117,10 @@ def test_a_failed_versioned_task_changes_nothing_and_leaves_no_version(cluster):
     with pytest.raises(ValueError, match="refused"):
         wait_on(failing)
     with pytest.raises(TaskError):
-        wait_on(after)          # cancelled: it depended on the failed task
+        wait_on(after)  # cancelled: it depended on the failed task
     assert acct.balance == 7
     # The version it changed is deleted.
-    chaos.wait_until(lambda: stored_objects(cluster) == before, timeout=15,
-                     what="the failed task's version deleted")
+    chaos.wait_until(lambda: stored_objects(cluster) == before, timeout=15, what="the failed task's version deleted")
 
 
 def stored_objects(cluster) -> int:

@@ -52,6 +52,7 @@ class Vault(StorageObject):
 
     def big(self, n):
         import numpy
+
         return numpy.zeros(n, dtype=numpy.uint8)
 
 
@@ -69,8 +70,7 @@ def _raw(address, method, request, response_cls, token=None, timeout=10):
     with grpc.insecure_channel(address) as channel:
         fn = channel.unary_unary(f"/claypot.v1.Backend/{method}")
         metadata = [("claypot-token", token)] if token is not None else None
-        return response_cls.FromString(
-            fn(request.SerializeToString(), metadata=metadata, timeout=timeout))
+        return response_cls.FromString(fn(request.SerializeToString(), metadata=metadata, timeout=timeout))
 
 
 def _redis(cluster) -> redis.Redis:
@@ -78,6 +78,7 @@ def _redis(cluster) -> redis.Redis:
 
 
 # -- Redis -------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_embedded_redis_needs_its_password(cluster):
@@ -89,11 +90,12 @@ def test_embedded_redis_needs_its_password(cluster):
         cmdline = " ".join(process_identity(proc.pid)["cmdline"])
         assert cluster.redis.password not in cmdline
         assert cluster.token not in cmdline
-    assert _redis(cluster).ping()   # with it, Redis answers
+    assert _redis(cluster).ping()  # with it, Redis answers
     conf = os.path.join(cluster.redis.data_dir, "redis.conf")
     assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
     # Error messages name the Redis URL, never its password.
     from store._directory.directory import redact_url
+
     assert cluster.redis.password not in redact_url(cluster.redis_url)
     assert Directory(cluster.redis_url).url.endswith(f":***@127.0.0.1:{cluster.redis.port}/0")
 
@@ -108,18 +110,16 @@ def test_forged_code_entry_is_never_unpickled(tmp_path):
         (key,) = [k for k in r.hkeys("claypot:code") if b"Vault" in k]
         r.hset("claypot:code", key, pickle.dumps(Exploit(marker)))
         # Also an entry signed with a key derived from a guessed (wrong) token.
-        forged = DirectoryKeys.from_token("guess").seal_code(key.decode(),
-                                                             pickle.dumps(Exploit(marker)))
+        forged = DirectoryKeys.from_token("guess").seal_code(key.decode(), pickle.dumps(Exploit(marker)))
         r.hset("claypot:code", b"x:" + key, forged)
-        c.restart(c.backends[0], kill=True)    # its class cache is gone: it must reload
+        c.restart(c.backends[0], kill=True)  # its class cache is gone: it must reload
         fresh = store.connect(c.address, c.token)
         # The backend reloads the class from the code kept in its own storage dir,
         # never from the forged registry entry.
         assert fresh.get_by_alias("vault").read() == "gold"
         with pytest.raises(errors.ClassNotFound):  # the forged registry entry is refused
             _raise_if_forged(c, key)
-        reply = _raw(c.address, "GetCode", pb.GetCodeRequest(key="x:" + key.decode()),
-                     pb.GetCodeReply, c.token)
+        reply = _raw(c.address, "GetCode", pb.GetCodeRequest(key="x:" + key.decode()), pb.GetCodeReply, c.token)
         assert reply.error.code == "ClassNotFound" and not reply.code
         assert not os.path.exists(marker)
         # A token holder registering the class again heals the entry.
@@ -128,8 +128,7 @@ def test_forged_code_entry_is_never_unpickled(tmp_path):
 
 
 def _raise_if_forged(c, key: bytes) -> None:
-    reply = _raw(c.address, "GetCode", pb.GetCodeRequest(key=key.decode()), pb.GetCodeReply,
-                 c.token)
+    reply = _raw(c.address, "GetCode", pb.GetCodeRequest(key=key.decode()), pb.GetCodeReply, c.token)
     if reply.HasField("error"):
         raise errors.by_code(reply.error.code)(reply.error.message)
 
@@ -137,8 +136,7 @@ def _raise_if_forged(c, key: bytes) -> None:
 def test_forged_backend_address_is_not_handed_to_clients(cluster):
     r = _redis(cluster)
     fake = uuid.uuid4().hex
-    r.hset("claypot:backends", fake, json.dumps({"address": "127.0.0.1:9", "host": "evil",
-                                                  "pid": 1, "started": 0}))
+    r.hset("claypot:backends", fake, json.dumps({"address": "127.0.0.1:9", "host": "evil", "pid": 1, "started": 0}))
     r.set("claypot:alive:" + fake, "1", px=60_000)
     real_id = cluster.backends[1]
     r.hset("claypot:backends", real_id, json.dumps({"address": "127.0.0.1:9"}))
@@ -154,11 +152,13 @@ def test_forged_backend_address_is_not_handed_to_clients(cluster):
 
 # -- the state file and claypot down --------------------------------------------------------
 
+
 def test_state_file_and_dir_are_private_from_the_start(tmp_path, monkeypatch):
     from store._ops import cli
+
     state_dir = tmp_path / "state"
     monkeypatch.setenv("CLAYPOT_STATE_DIR", str(state_dir))
-    old = os.umask(0)   # the most permissive umask: modes must not depend on it
+    old = os.umask(0)  # the most permissive umask: modes must not depend on it
     try:
         cli._save_state({"address": "127.0.0.1:1", "token": "t" * 32})
     finally:
@@ -184,12 +184,12 @@ def test_state_file_and_dir_are_private_from_the_start(tmp_path, monkeypatch):
 
 def test_cluster_files_are_private(tmp_path):
     """Objects' checkpoints and logs, the Redis AOF, logs and certificates: this user's only."""
-    old = os.umask(0o022)   # a usual umask, which would leave files world-readable
+    old = os.umask(0o022)  # a usual umask, which would leave files world-readable
     try:
         with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), tls=True) as c:
             v = Vault("on disk")
             v.make_persistent()
-            v.secret = "changed"   # a logged change
+            v.secret = "changed"  # a logged change
             data_dir = c.data_dir
             seen = 0
             for root, dirs, files in os.walk(data_dir):
@@ -205,6 +205,7 @@ def test_cluster_files_are_private(tmp_path):
 def test_down_signals_only_processes_it_started(tmp_path):
     """A recorded PID now running something else (PID reuse) is left alone."""
     from store._util.security import write_private
+
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         ident = process_identity(bystander.pid)
@@ -212,26 +213,39 @@ def test_down_signals_only_processes_it_started(tmp_path):
         state_dir.mkdir(mode=0o700)
         reused = dict(ident, create_time=ident["create_time"] - 3600, role="backend")
         other_cmd = dict(ident, cmdline=["redis-server"], role="redis")
-        write_private(str(state_dir / "cluster.json"), json.dumps(
-            {"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid],
-             "redis_pid": bystander.pid, "processes": [reused, other_cmd]}).encode())
+        write_private(
+            str(state_dir / "cluster.json"),
+            json.dumps(
+                {
+                    "address": "127.0.0.1:1",
+                    "token": "t",
+                    "pids": [bystander.pid],
+                    "redis_pid": bystander.pid,
+                    "processes": [reused, other_cmd],
+                }
+            ).encode(),
+        )
         env = dict(os.environ, CLAYPOT_STATE_DIR=str(state_dir))
-        out = subprocess.run([sys.executable, "-m", "store._ops.cli", "down"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "store._ops.cli", "down"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         assert "not signalled" in out.stdout
         time.sleep(0.3)
         assert bystander.poll() is None, "claypot down signalled a process it did not start"
         # A state file from before identities were recorded: PIDs alone are never signalled,
         # and `up` will not start a second cluster beside what may be the old one.
-        write_private(str(state_dir / "cluster.json"), json.dumps(
-            {"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid],
-             "redis_pid": None}).encode())
-        up = subprocess.run([sys.executable, "-m", "store._ops.cli", "up"], env=env,
-                            capture_output=True, text=True, timeout=60)
+        write_private(
+            str(state_dir / "cluster.json"),
+            json.dumps({"address": "127.0.0.1:1", "token": "t", "pids": [bystander.pid], "redis_pid": None}).encode(),
+        )
+        up = subprocess.run(
+            [sys.executable, "-m", "store._ops.cli", "up"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert up.returncode == 1 and "older claypot" in up.stderr
-        out = subprocess.run([sys.executable, "-m", "store._ops.cli", "down"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "store._ops.cli", "down"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0 and str(bystander.pid) in out.stdout
         time.sleep(0.3)
         assert bystander.poll() is None
@@ -242,16 +256,19 @@ def test_down_signals_only_processes_it_started(tmp_path):
 
 # -- the token check, Ping, listening ---------------------------------------------------------
 
+
 def test_token_comparison_is_constant_time(monkeypatch):
     import hmac
 
     from store.backend._service.server import carries_token
+
     calls = []
     real = hmac.compare_digest
 
     def counting(a, b):
         calls.append((a, b))
         return real(a, b)
+
     monkeypatch.setattr(hmac, "compare_digest", counting)
     assert carries_token([("claypot-token", "s3cret")], "s3cret")
     assert not carries_token([("claypot-token", "s3cres")], "s3cret")
@@ -259,46 +276,54 @@ def test_token_comparison_is_constant_time(monkeypatch):
     assert not carries_token([("other", "s3cret")], "s3cret")
     assert not token_matches("s3cret", None)
     assert token_matches("pässwörd", "pässwörd")
-    assert len(calls) >= 3   # every comparison went through compare_digest
+    assert len(calls) >= 3  # every comparison went through compare_digest
 
 
 def test_wrong_token_is_refused_and_ping_says_only_serving(cluster):
     with pytest.raises(grpc.RpcError) as info:
-        _raw(cluster.address, "ListBackends", pb.ListBackendsRequest(), pb.ListBackendsReply,
-             token=cluster.token[:-1] + ("0" if cluster.token[-1] != "0" else "1"))
+        _raw(
+            cluster.address,
+            "ListBackends",
+            pb.ListBackendsRequest(),
+            pb.ListBackendsReply,
+            token=cluster.token[:-1] + ("0" if cluster.token[-1] != "0" else "1"),
+        )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     anonymous = _raw(cluster.address, "Ping", pb.PingRequest(), pb.PingReply)
     assert anonymous.status == "serving"
-    assert (anonymous.backend_id, anonymous.host, anonymous.address, anonymous.pid) == \
-        ("", "", "", 0)
+    assert (anonymous.backend_id, anonymous.host, anonymous.address, anonymous.pid) == ("", "", "", 0)
     known = _raw(cluster.address, "Ping", pb.PingRequest(), pb.PingReply, cluster.token)
     assert known.status == "serving" and known.backend_id == cluster.backends[0]
 
 
 def test_backend_refuses_an_open_address_without_a_token(cluster, tmp_path):
     from store.backend._service.server import check_listen
+
     env = dict(os.environ, CLAYPOT_TOKEN="", CLAYPOT_REDIS=cluster.redis_url)
-    out = subprocess.run([sys.executable, "-m", "store.backend", "--data-dir",
-                          str(tmp_path / "b"), "--host", "0.0.0.0", "--port", "0"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "store.backend", "--data-dir", str(tmp_path / "b"), "--host", "0.0.0.0", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "without a token" in out.stderr and "--insecure" in out.stderr
     # Only an explicit --insecure accepts it (checked without opening the port).
     check_listen(store.Settings.from_env({}, host="0.0.0.0", insecure=True))
-    check_listen(store.Settings.from_env({}, host="127.0.0.1"))          # loopback: fine
+    check_listen(store.Settings.from_env({}, host="127.0.0.1"))  # loopback: fine
     check_listen(store.Settings.from_env({}, host="0.0.0.0", token="t"))  # a token: fine
     # A hosted Dask worker joins only a TLS scheduler, with the cluster's certificates.
     with pytest.raises(errors.ConfigurationError, match="without TLS"):
         check_listen(store.Settings.from_env({}, dask_scheduler="tcp://127.0.0.1:8786"))
     with pytest.raises(errors.ConfigurationError, match="without TLS"):
         check_listen(store.Settings.from_env({}, dask_scheduler="tls://127.0.0.1:8786"))
-    check_listen(store.Settings.from_env({}, dask_scheduler="tls://127.0.0.1:8786",
-                                         dask_tls_dir=str(tmp_path)))
-    check_listen(store.Settings.from_env({}, dask_scheduler="tcp://127.0.0.1:8786",
-                                         insecure=True))
+    check_listen(store.Settings.from_env({}, dask_scheduler="tls://127.0.0.1:8786", dask_tls_dir=str(tmp_path)))
+    check_listen(store.Settings.from_env({}, dask_scheduler="tcp://127.0.0.1:8786", insecure=True))
 
 
 # -- shared memory -------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not shm.available(), reason="no /dev/shm")
 def test_shm_refuses_symlinks_foreign_modes_and_sweeps_orphans(tmp_path):
@@ -326,7 +351,7 @@ def test_shm_refuses_symlinks_foreign_modes_and_sweeps_orphans(tmp_path):
     (mine,) = shm.export([b"y" * 32])
     with open(os.path.join(shm.SHM_DIR, orphan), "wb") as f:
         f.write(b"z")
-    shm.remove_orphans()   # younger than the TTL: it may still be claimed, so it stays
+    shm.remove_orphans()  # younger than the TTL: it may still be claimed, so it stays
     assert os.path.exists(os.path.join(shm.SHM_DIR, orphan))
     old = time.time() - 2 * shm.RESULT_TTL
     os.utime(os.path.join(shm.SHM_DIR, orphan), (old, old))
@@ -346,54 +371,89 @@ def test_backend_sweeps_orphans_at_start_and_unclaimed_results_on_a_timer(tmp_pa
     orphan = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{dead.pid}-{uuid.uuid4().hex}")
     with open(orphan, "wb") as f:
         f.write(b"left by a kill -9")
-    os.utime(orphan, (time.time() - 60, time.time() - 60))   # older than the TTL below
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
-                      backend_env={"CLAYPOT_RESULT_TTL": "1"}) as c:
+    os.utime(orphan, (time.time() - 60, time.time() - 60))  # older than the TTL below
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_RESULT_TTL": "1"}) as c:
         assert not os.path.exists(orphan)
         v = Vault("x")
         v.make_persistent()
         args = pickle.dumps(((4 << 20,), {}), protocol=5)
-        reply = _raw(c.address, "Call", pb.CallRequest(
-            object_id=v.getID(), kind=pb.METHOD, name="big", chain_id="c1", accept_shm=True,
-            args=pb.Value(payload=args)), pb.CallReply, c.token)
+        reply = _raw(
+            c.address,
+            "Call",
+            pb.CallRequest(
+                object_id=v.getID(),
+                kind=pb.METHOD,
+                name="big",
+                chain_id="c1",
+                accept_shm=True,
+                args=pb.Value(payload=args),
+            ),
+            pb.CallReply,
+            c.token,
+        )
         assert not reply.HasField("error") and reply.result.shm
         names = list(reply.result.shm)
         assert all(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
         # Nobody claims them and nothing else moves: the timer removes them.
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-                os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names):
+        while time.monotonic() < deadline and any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names):
             time.sleep(0.2)
         assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
         # The same for a streamed result nobody fetched: dropped, not kept for ever.
-        reply = _raw(c.address, "Call", pb.CallRequest(
-            object_id=v.getID(), kind=pb.METHOD, name="big", chain_id="c2",
-            args=pb.Value(payload=args)), pb.CallReply, c.token)
+        reply = _raw(
+            c.address,
+            "Call",
+            pb.CallRequest(object_id=v.getID(), kind=pb.METHOD, name="big", chain_id="c2", args=pb.Value(payload=args)),
+            pb.CallReply,
+            c.token,
+        )
         assert reply.result_handle
         time.sleep(3)
         with grpc.insecure_channel(c.address) as channel:
-            chunks = list(channel.unary_stream("/claypot.v1.Backend/FetchResult")(
-                pb.FetchRequest(result_handle=reply.result_handle).SerializeToString(),
-                metadata=[("claypot-token", c.token)], timeout=10))
+            chunks = list(
+                channel.unary_stream("/claypot.v1.Backend/FetchResult")(
+                    pb.FetchRequest(result_handle=reply.result_handle).SerializeToString(),
+                    metadata=[("claypot-token", c.token)],
+                    timeout=10,
+                )
+            )
         first = pb.Chunk.FromString(chunks[0])
         assert pb.CallReply.FromString(first.header).error.code == "ObjectNotFound"
 
 
 # -- CallJson and raw calls ------------------------------------------------------------------
 
+
 def test_call_json_reaches_public_names_only(cluster):
     v = Vault("json-secret")
     v.make_persistent(backend=cluster.backends[0])
-    for kind, name in [(pb.METHOD, "_private"), (pb.METHOD, "__reduce_ex__"),
-                       (pb.GET_ATTR, "__class__"), (pb.GET_ATTR, "_claypot_id"),
-                       (pb.GET_ATTR, "__dict__"), (pb.SET_ATTR, "_claypot_backend"),
-                       (pb.METHOD, "read.__globals__"), (pb.METHOD, "")]:
-        reply = _raw(cluster.address, "CallJson", pb.JsonCallRequest(
-            object_id=v.getID(), kind=kind, name=name, args_json="[1]" if kind == pb.SET_ATTR
-            else ""), pb.JsonCallReply, cluster.token)
+    for kind, name in [
+        (pb.METHOD, "_private"),
+        (pb.METHOD, "__reduce_ex__"),
+        (pb.GET_ATTR, "__class__"),
+        (pb.GET_ATTR, "_claypot_id"),
+        (pb.GET_ATTR, "__dict__"),
+        (pb.SET_ATTR, "_claypot_backend"),
+        (pb.METHOD, "read.__globals__"),
+        (pb.METHOD, ""),
+    ]:
+        reply = _raw(
+            cluster.address,
+            "CallJson",
+            pb.JsonCallRequest(
+                object_id=v.getID(), kind=kind, name=name, args_json="[1]" if kind == pb.SET_ATTR else ""
+            ),
+            pb.JsonCallReply,
+            cluster.token,
+        )
         assert reply.error.code == "ProtocolError", (name, reply)
-    ok = _raw(cluster.address, "CallJson", pb.JsonCallRequest(
-        object_id=v.getID(), kind=pb.METHOD, name="read"), pb.JsonCallReply, cluster.token)
+    ok = _raw(
+        cluster.address,
+        "CallJson",
+        pb.JsonCallRequest(object_id=v.getID(), kind=pb.METHOD, name="read"),
+        pb.JsonCallReply,
+        cluster.token,
+    )
     assert json.loads(ok.result_json) == "json-secret"
     assert v.read() == "json-secret" and v.getID()
 
@@ -404,26 +464,33 @@ def test_raw_calls_without_a_chain_do_not_share_an_object_lock(cluster):
     peaks = []
 
     def call():
-        reply = _raw(cluster.address, "Call", pb.CallRequest(
-            object_id=v.getID(), kind=pb.METHOD, name="slow"), pb.CallReply, cluster.token,
-            timeout=30)
+        reply = _raw(
+            cluster.address,
+            "Call",
+            pb.CallRequest(object_id=v.getID(), kind=pb.METHOD, name="slow"),
+            pb.CallReply,
+            cluster.token,
+            timeout=30,
+        )
         peaks.append(pickle.loads(reply.result.payload))
+
     threads = [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(peaks) == [1, 1, 1]   # one at a time inside the object
+    assert sorted(peaks) == [1, 1, 1]  # one at a time inside the object
 
 
 # -- Dask ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path):
     import distributed
     from store.certs import make_cluster_certs
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), dask=True,
-                      connect=False) as c:
+
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), dask=True, connect=False) as c:
         assert c.dask_scheduler.startswith("tls://")
         plain = c.dask_scheduler.replace("tls://", "tcp://")
         with pytest.raises((OSError, TimeoutError)):
@@ -431,13 +498,12 @@ def test_dask_scheduler_refuses_clients_without_the_cluster_certificate(tmp_path
         # TLS with a certificate from another CA (an attacker's own): refused too.
         other = make_cluster_certs(str(tmp_path / "other"))
         with pytest.raises((OSError, TimeoutError)):
-            distributed.Client(c.dask_scheduler, timeout=3, set_as_default=False,
-                               security=other.dask_security())
+            distributed.Client(c.dask_scheduler, timeout=3, set_as_default=False, security=other.dask_security())
         # The cluster's own certificate gets in, and reaches the backend's worker.
-        with distributed.Client(c.dask_scheduler, timeout=30, set_as_default=False,
-                                security=c.certs.dask_security()) as ok:
-            assert c.backends[0] in {w["name"] for w in
-                                      ok.scheduler_info()["workers"].values()}
+        with distributed.Client(
+            c.dask_scheduler, timeout=30, set_as_default=False, security=c.certs.dask_security()
+        ) as ok:
+            assert c.backends[0] in {w["name"] for w in ok.scheduler_info()["workers"].values()}
         mode = stat.S_IMODE(os.stat(c.certs.key).st_mode)
         assert mode == 0o600
 
@@ -459,19 +525,21 @@ def test_claypot_up_tls_serves_tls_and_status_finds_the_ca(tmp_path):
     env.pop("CLAYPOT_ADDRESS", None)
     env.pop("CLAYPOT_TLS_CA", None)
     cli = [sys.executable, "-m", "store._ops.cli"]
-    up = subprocess.run(cli + ["up", "--tls", "--backends", "1", "--data-dir",
-                               str(tmp_path / "data")], env=env, capture_output=True,
-                        text=True, timeout=120)
+    up = subprocess.run(
+        cli + ["up", "--tls", "--backends", "1", "--data-dir", str(tmp_path / "data")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert up.returncode == 0, up.stderr
         assert "CLAYPOT_TLS_CA=" in up.stdout
-        status = subprocess.run(cli + ["status"], env=env, capture_output=True, text=True,
-                                timeout=60)
+        status = subprocess.run(cli + ["status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "1 backend(s), 1 up" in status.stdout, status.stderr
         address = up.stdout.split("CLAYPOT_ADDRESS=")[1].split()[0]
-        with pytest.raises(grpc.RpcError):   # plaintext gets nowhere
+        with pytest.raises(grpc.RpcError):  # plaintext gets nowhere
             _raw(address, "Ping", pb.PingRequest(), pb.PingReply, timeout=3)
     finally:
-        down = subprocess.run(cli + ["down"], env=env, capture_output=True, text=True,
-                              timeout=60)
+        down = subprocess.run(cli + ["down"], env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -12,10 +12,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_hostile_input_leaves_the_backend_serving_and_objects_intact(tmp_path):
-    with LocalCluster(backends=2, data_dir=str(tmp_path / "c"),
-                      backend_env={"CLAYPOT_ADMIN_TIMEOUT": "3"}) as cluster:
-        summary = hostile.run(cluster, examples=12, connections=1000, random_conns=60,
-                              silent=3)
+    with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_ADMIN_TIMEOUT": "3"}) as cluster:
+        summary = hostile.run(cluster, examples=12, connections=1000, random_conns=60, silent=3)
     print(json.dumps(summary, indent=2, sort_keys=True))
     attacks = {k: v for k, v in summary.items() if isinstance(v, dict)}
     assert len(attacks) == 8
@@ -34,7 +32,7 @@ def test_hostile_input_leaves_the_backend_serving_and_objects_intact(tmp_path):
     assert big.get("grpc:RESOURCE_EXHAUSTED") == 1 and big.get("reply:ValueTooLarge") == 3, big
     # No request the generator made crashed a handler (that would be gRPC UNKNOWN).
     generated = attacks["hypothesis_requests"]
-    assert generated["sent"] >= 12 * 13   # Ping and ListBackends have one request each
+    assert generated["sent"] >= 12 * 13  # Ping and ListBackends have one request each
     assert "grpc:UNKNOWN" not in generated["outcomes"], generated["outcomes"]
     assert "reply:RemoteError" not in generated["outcomes"], generated["outcomes"]
     assert attacks["many_connections"]["opened"] == 1000

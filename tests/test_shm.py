@@ -53,8 +53,7 @@ def segments() -> set[str]:
 
 def in_use() -> set[str]:
     """Segments other than free ones and spares kept for reuse."""
-    return {n for n in segments()
-            if f"-{shm.FREE_MARK}" not in n and f"-{shm.SPARE_MARK}" not in n}
+    return {n for n in segments() if f"-{shm.FREE_MARK}" not in n and f"-{shm.SPARE_MARK}" not in n}
 
 
 @pytest.fixture
@@ -72,6 +71,7 @@ def counted(monkeypatch):
     def fill(name, buf):
         real_fill(name, buf)
         made.append(name)
+
     monkeypatch.setattr(shm, "export", export)
     monkeypatch.setattr(shm, "fill", fill)
     return made
@@ -79,19 +79,19 @@ def counted(monkeypatch):
 
 def test_every_path_goes_through_shared_memory(cluster, counted):
     before = segments()
-    a = np.random.default_rng(1).random(3 * MiB)          # 24 MiB
+    a = np.random.default_rng(1).random(3 * MiB)  # 24 MiB
     h = Holder(a)
     h.make_persistent(backend=cluster.backends[0])
     assert counted, "make_persistent did not use shared memory"
-    assert digest(h.data) == digest(a)                     # result through shm
+    assert digest(h.data) == digest(a)  # result through shm
     first = h.address()
-    assert h.address() == first                            # the backend keeps one live array
+    assert h.address() == first  # the backend keeps one live array
     b = np.arange(2 * MiB, dtype=np.float64)
     n = len(counted)
-    assert h.replace(b) == b.sum()                         # argument through shm
+    assert h.replace(b) == b.sum()  # argument through shm
     assert len(counted) > n
     assert digest(h.scaled(2.0)) == digest(b * 2.0)
-    h.move(cluster.backends[1])                            # backend to backend, same host
+    h.move(cluster.backends[1])  # backend to backend, same host
     assert digest(h.data) == digest(b)
     assert wait_on(total(h, np.ones(2 * MiB))) == float(b.sum() + 2 * MiB)
     # A backend keeps a live object's buffers in its segments (zero-copy reads); once the
@@ -107,6 +107,7 @@ def test_every_path_goes_through_shared_memory(cluster, counted):
 
 def test_disabled_falls_back_to_streams(cluster, counted, monkeypatch):
     import store
+
     client = store.client()
     monkeypatch.setattr(client, "settings", client.settings.replace(shm=False))
     a = np.ones(4 * MiB)
@@ -118,13 +119,19 @@ def test_disabled_falls_back_to_streams(cluster, counted, monkeypatch):
 
 def test_bad_segment_names_are_refused(cluster):
     import store
+
     client = store.client()
     for names in (["../../etc/passwd"], ["claypot-" + "0" * 32]):
-        request = pb.PersistRequest(objects=[pb.PersistObject(
-            object_id="e" * 32, class_key="x:y#0",
-            state=pb.Value(payload=b"\x80\x05N.", buffer_sizes=[10], shm=names))])
-        reply = client._stub(cluster.address).Persist(request, timeout=10,
-                                                      metadata=client._metadata)
+        request = pb.PersistRequest(
+            objects=[
+                pb.PersistObject(
+                    object_id="e" * 32,
+                    class_key="x:y#0",
+                    state=pb.Value(payload=b"\x80\x05N.", buffer_sizes=[10], shm=names),
+                )
+            ]
+        )
+        reply = client._stub(cluster.address).Persist(request, timeout=10, metadata=client._metadata)
         assert reply.error.code == "ProtocolError"
     with pytest.raises(errors.ObjectNotFound):
         store.get_by_id("e" * 32)
@@ -132,8 +139,10 @@ def test_bad_segment_names_are_refused(cluster):
 
 def test_full_shared_memory_falls_back_to_streams(cluster, monkeypatch):
     """No room in /dev/shm (a small container tmpfs, say): the value streams instead."""
+
     def full(buffers):
         raise shm.Unavailable("No space left on device")
+
     monkeypatch.setattr(shm, "export", full)
     a = np.arange(3 * MiB, dtype=np.float64)
     h = Holder(a)
@@ -148,41 +157,44 @@ def test_mid_sized_values_go_by_shared_memory_from_shm_min(cluster, counted, mon
     (faster than the protobuf copies of an inline value); below it, or with
     shm_min raised, they stay inline."""
     import store
+
     attached = []
     real_attach = shm.attach
 
     def attach(names, sizes):
         attached.extend(names)
         return real_attach(names, sizes)
+
     monkeypatch.setattr(shm, "attach", attach)
     client = store.client()
     h = Holder(np.zeros(4))
     h.make_persistent(backend=cluster.backends[0])
-    mid = np.random.default_rng(3).random(32 * 1024)          # 256 KiB
+    mid = np.random.default_rng(3).random(32 * 1024)  # 256 KiB
     assert client.settings.shm_min <= mid.nbytes < client.settings.inline_limit
     out = h.scaled(1.0)
-    assert counted == [] and attached == []                    # small: inline
+    assert counted == [] and attached == []  # small: inline
     assert h.replace(mid) == mid.sum()
-    assert len(counted) == 1                                   # argument through shm
+    assert len(counted) == 1  # argument through shm
     out = h.scaled(2.0)
-    assert len(attached) == 1                                  # result through shm
+    assert len(attached) == 1  # result through shm
     assert digest(out) == digest(mid * 2.0)
-    out[0] = -1.0                                              # a private, writable copy
+    out[0] = -1.0  # a private, writable copy
     assert digest(h.scaled(1.0)) == digest(mid)
     monkeypatch.setattr(client, "settings", client.settings.replace(shm_min=2 * MiB))
     n = len(counted)
     assert h.replace(mid + 1) == (mid + 1).sum()
-    assert len(counted) == n                                   # shm_min raised: inline
+    assert len(counted) == n  # shm_min raised: inline
     h.delete_persistent()
 
 
 def test_mid_sized_values_fall_back_inline_when_shared_memory_is_full(cluster, monkeypatch):
     def full(buffers):
         raise shm.Unavailable("No space left on device")
+
     monkeypatch.setattr(shm, "export", full)
     h = Holder(np.zeros(4))
     h.make_persistent()
-    mid = np.arange(32 * 1024, dtype=np.float64)               # 256 KiB
+    mid = np.arange(32 * 1024, dtype=np.float64)  # 256 KiB
     assert h.replace(mid) == mid.sum()
     assert digest(h.scaled(1.0)) == digest(mid)
     h.delete_persistent()
@@ -190,5 +202,6 @@ def test_mid_sized_values_fall_back_inline_when_shared_memory_is_full(cluster, m
 
 def test_shm_min_must_not_be_negative():
     from store.config import Settings
+
     with pytest.raises(errors.ConfigurationError, match="shm_min"):
         Settings.from_env({"CLAYPOT_SHM_MIN": "-1"})

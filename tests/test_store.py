@@ -73,8 +73,14 @@ class Node(StorageObject):
 def run_script(code: str, env_extra=None, timeout=120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
@@ -136,11 +142,14 @@ def test_two_client_processes_share_objects(cluster):
 
 
 def test_connect_from_environment(cluster):
-    out = run_script("""
+    out = run_script(
+        """
         import store
         store.connect()
         print("BACKENDS", len(store.backends()))
-    """, {"CLAYPOT_ADDRESS": cluster.address, "CLAYPOT_TOKEN": cluster.token})
+    """,
+        {"CLAYPOT_ADDRESS": cluster.address, "CLAYPOT_TOKEN": cluster.token},
+    )
     assert "BACKENDS 2" in out.stdout, out.stderr
 
 
@@ -180,10 +189,10 @@ def test_references_travel_as_references(cluster):
     a, b = Counter(1), Counter(2)
     b.make_persistent(backend=cluster.backends[1])
     a.make_persistent(backend=cluster.backends[0])
-    a.hold(b)                       # a proxy argument arrives as a reference
-    assert a.other_value() == 2     # a's backend calls b's backend
+    a.hold(b)  # a proxy argument arrives as a reference
+    assert a.other_value() == 2  # a's backend calls b's backend
     b.incr(5)
-    assert a.other_value() == 7     # not a copy: the same object
+    assert a.other_value() == 7  # not a copy: the same object
     held = a.other
     assert held.getID() == b.getID()
 
@@ -194,7 +203,7 @@ def test_new_objects_persist_with_their_holder(cluster):
     holder = Bag([child, Counter(20)])
     holder.make_persistent(backend=cluster.backends[1])
     first = holder[0]
-    assert first.getID() == child.getID()          # the local instance became a proxy
+    assert first.getID() == child.getID()  # the local instance became a proxy
     assert child.get_location() == cluster.backends[1]
     assert child.incr() == 11
     assert holder[1].value == 20
@@ -216,7 +225,7 @@ def test_nested_calls_across_backends_do_not_deadlock(cluster):
     b.make_persistent(backend=cluster.backends[1])
     a.peer = b
     b.peer = a
-    trail = a.bounce(5)            # a -> b -> a -> b -> a -> b
+    trail = a.bounce(5)  # a -> b -> a -> b -> a -> b
     assert [name for name, _ in trail] == ["a", "b", "a", "b", "a", "b"]
     assert len({pid for _, pid in trail}) == 2
     assert a.hits == 3 and b.hits == 3
@@ -235,6 +244,7 @@ def test_concurrent_calls_are_serialised_per_object(cluster):
                 c.incr()
         except Exception as exc:  # surfaced by the assertion below
             errors_seen.append(exc)
+
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
         t.start()
@@ -255,9 +265,9 @@ def test_aliases(cluster):
         store.get_by_alias("alias-test")
     with pytest.raises(errors.AliasNotFound):
         store.delete_alias("alias-test")
-    assert store.get_by_id(c.getID()).value == 1   # the object outlives its alias
+    assert store.get_by_id(c.getID()).value == 1  # the object outlives its alias
     d = Counter(3)
-    d.make_persistent(alias="alias-test")          # the alias is free again
+    d.make_persistent(alias="alias-test")  # the alias is free again
     assert store.get_by_alias("alias-test").value == 3
 
 
@@ -270,12 +280,12 @@ def test_duplicate_alias_leaves_nothing_behind(cluster):
     before = sum(b.objects for b in store.backends())
     with pytest.raises(errors.AliasExists):
         loser.make_persistent(alias="taken")
-    assert loser.getID() is None and child.getID() is None   # still plain local objects
+    assert loser.getID() is None and child.getID() is None  # still plain local objects
     assert len(loser) == 1 and loser.items[0] is child
     assert store.get_by_alias("taken").value == 1
     assert store.client().resolve(alias="taken").object_id
     time.sleep(0.3)
-    assert sum(b.objects for b in store.backends()) == before   # neither holder nor child
+    assert sum(b.objects for b in store.backends()) == before  # neither holder nor child
 
 
 @pytest.mark.both_transports
@@ -307,12 +317,16 @@ def test_unpicklable_value_is_refused_cleanly(cluster):
 @pytest.mark.both_transports
 def test_missing_class_is_a_clear_error(cluster):
     from store._wire.generated import claypot_pb2 as pb
+
     client = store.client()
-    request = pb.PersistRequest(objects=[pb.PersistObject(
-        object_id="f" * 32, class_key="nowhere.module:Ghost#0000",
-        state=pb.Value(payload=b"\x80\x05}\x94."))])
-    reply = client._stub(cluster.address).Persist(request, timeout=10,
-                                                  metadata=client._metadata)
+    request = pb.PersistRequest(
+        objects=[
+            pb.PersistObject(
+                object_id="f" * 32, class_key="nowhere.module:Ghost#0000", state=pb.Value(payload=b"\x80\x05}\x94.")
+            )
+        ]
+    )
+    reply = client._stub(cluster.address).Persist(request, timeout=10, metadata=client._metadata)
     assert reply.error.code == "ClassNotFound"
     with pytest.raises(errors.ObjectNotFound):
         store.get_by_id("f" * 32)
@@ -348,11 +362,11 @@ def test_delete_persistent(cluster):
 def test_move_keeps_id_alias_and_state(cluster):
     c = Counter(7)
     c.make_persistent(alias="mover", backend=cluster.backends[0])
-    other = store.get_by_alias("mover")       # a second proxy with a stale location
+    other = store.get_by_alias("mover")  # a second proxy with a stale location
     c.move(cluster.backends[1])
     assert c.get_location() == cluster.backends[1]
     assert c.incr() == 8
-    assert other.incr() == 9                  # follows the object to its new backend
+    assert other.incr() == 9  # follows the object to its new backend
     assert store.get_by_alias("mover").get_location() == cluster.backends[1]
     with pytest.raises(errors.BackendNotFound):
         c.move("no-such-backend")
@@ -427,8 +441,9 @@ def test_oversized_values_are_refused_before_sending(cluster, monkeypatch):
 def test_backend_refuses_values_over_its_limit(tmp_path):
     """The backend checks the announced size before allocating anything."""
     np = pytest.importorskip("numpy")
-    with store.LocalCluster(backends=1, data_dir=str(tmp_path / "c"),
-                            backend_env={"CLAYPOT_MAX_VALUE_SIZE": "1MiB"}) as c:
+    with store.LocalCluster(
+        backends=1, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_MAX_VALUE_SIZE": "1MiB"}
+    ) as c:
         big = Bag([np.zeros(2 << 20, dtype=np.uint8)])
         with pytest.raises(errors.ValueTooLarge):
             big.make_persistent(alias="too-big")

@@ -32,8 +32,11 @@ def test_an_open_file_is_stored_as_a_copy_with_a_warning(cluster, tmp_path):
 
 def test_a_value_that_cannot_be_pickled_names_its_attribute(cluster):
     h = Holder({"config": {"guard": threading.Lock()}})
-    with pytest.raises(SerializationError, match=r"\['thing'\]\['config'\]\['guard'\] "
-                                                 r"\(a lock\)"):
+    with pytest.raises(
+        SerializationError,
+        match=r"\['thing'\]\['config'\]\['guard'\] "
+        r"\(a lock\)",
+    ):
         h.make_persistent()
     assert not h.is_persistent
 
@@ -41,10 +44,10 @@ def test_a_value_that_cannot_be_pickled_names_its_attribute(cluster):
 def test_remote_tracebacks_point_at_the_source(cluster):
     h = Holder(1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # nothing to warn about here
+        warnings.simplefilter("error")  # nothing to warn about here
         h.make_persistent()
     with pytest.raises(ValueError) as info:
         h.fail()
     note = "\n".join(info.value.__notes__)
     assert "<dynamic-code>" not in note
-    assert __file__ in note and 'raise ValueError(marker)' in note
+    assert __file__ in note and "raise ValueError(marker)" in note

@@ -24,19 +24,61 @@ class Box(StorageObject):
 
 def make_certs(d) -> dict:
     """A CA and a backend certificate for 127.0.0.1 / localhost, signed by it."""
+
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=claypot test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "backend.key", "-out", "backend.csr",
-        "-subj", "/CN=localhost")
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=claypot test CA",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "backend.key",
+        "-out",
+        "backend.csr",
+        "-subj",
+        "/CN=localhost",
+    )
     with open(os.path.join(d, "san.ext"), "w") as f:
         f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "backend.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "backend.pem", "-days", "2", "-extfile", "san.ext")
-    return {"CLAYPOT_TLS_CA": os.path.join(d, "ca.pem"),
-            "CLAYPOT_TLS_CERT": os.path.join(d, "backend.pem"),
-            "CLAYPOT_TLS_KEY": os.path.join(d, "backend.key")}
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "backend.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "backend.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+    return {
+        "CLAYPOT_TLS_CA": os.path.join(d, "ca.pem"),
+        "CLAYPOT_TLS_CERT": os.path.join(d, "backend.pem"),
+        "CLAYPOT_TLS_KEY": os.path.join(d, "backend.key"),
+    }
 
 
 @pytest.mark.slow
@@ -48,7 +90,7 @@ def test_cluster_over_tls(tmp_path, monkeypatch):
         b.make_persistent(backend=c.backends[1])
         a.make_persistent(alias="tls-box", backend=c.backends[0])
         a.peer = b
-        assert a.through_peer() == 2          # backend to backend, over TLS too
+        assert a.through_peer() == 2  # backend to backend, over TLS too
         assert store.get_by_alias("tls-box").value == 1
 
         # A client without the CA cannot talk to a TLS backend: a clear error, no hang.
@@ -64,7 +106,6 @@ def test_cluster_over_tls(tmp_path, monkeypatch):
 
 def test_tls_settings_are_checked(tmp_path):
     with pytest.raises(errors.ConfigurationError):
-        store.Settings.from_env({}, tls_cert=str(tmp_path / "missing.pem"),
-                                tls_key=str(tmp_path / "missing.key"))
+        store.Settings.from_env({}, tls_cert=str(tmp_path / "missing.pem"), tls_key=str(tmp_path / "missing.key"))
     with pytest.raises(errors.ConfigurationError):
         store.Settings.from_env({}, tls_cert=__file__)

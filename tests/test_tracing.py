@@ -56,10 +56,16 @@ def local_spans(exporter) -> list[dict]:
     out = []
     for s in exporter.get_finished_spans():
         ctx = s.get_span_context()
-        out.append({"name": s.name, "trace_id": format(ctx.trace_id, "032x"),
-                    "span_id": format(ctx.span_id, "016x"),
-                    "parent_id": format(s.parent.span_id, "016x") if s.parent else "",
-                    "pid": os.getpid(), "kind": s.kind.name})
+        out.append(
+            {
+                "name": s.name,
+                "trace_id": format(ctx.trace_id, "032x"),
+                "span_id": format(ctx.span_id, "016x"),
+                "parent_id": format(s.parent.span_id, "016x") if s.parent else "",
+                "pid": os.getpid(),
+                "kind": s.kind.name,
+            }
+        )
     return out
 
 
@@ -67,8 +73,7 @@ def spans_of_trace(exporter, path, trace_id: str, at_least: int) -> list[dict]:
     """Every span of ``trace_id`` from all processes, once ``at_least`` have arrived."""
     deadline = time.monotonic() + 15
     while True:
-        spans = [s for s in local_spans(exporter) + tracing.read_trace_file(path)
-                 if s["trace_id"] == trace_id]
+        spans = [s for s in local_spans(exporter) + tracing.read_trace_file(path) if s["trace_id"] == trace_id]
         if len(spans) >= at_least or time.monotonic() > deadline:
             return spans
         time.sleep(0.05)
@@ -102,9 +107,15 @@ def test_nested_calls_a_b_a_are_one_trace(traced):
     spans = spans_of_trace(exporter, path, trace_id, at_least=7)
     top = next(s for s in spans if s["name"] == "user work")
     chain = chain_below(spans, top)
-    assert [s["name"] for s in chain] == ["user work", "call bounce", "method bounce",
-                                          "call bounce", "method bounce", "call bounce",
-                                          "method bounce"]
+    assert [s["name"] for s in chain] == [
+        "user work",
+        "call bounce",
+        "method bounce",
+        "call bounce",
+        "method bounce",
+        "call bounce",
+        "method bounce",
+    ]
     assert [s["kind"] for s in chain[1:]] == ["CLIENT", "SERVER"] * 3
     pids = [s["pid"] for s in chain]
     pid_a, pid_b = (c.process_of(x).proc.pid for x in c.backends)
@@ -121,8 +132,7 @@ def test_a_task_and_its_calls_are_one_trace(traced):
     exporter.clear()
     assert wait_on(bounce_from(a, 1)) == ["a", "b"]
     # The runtime sends the task from a thread of its own: its client span is the root.
-    top = next(s for s in local_spans(exporter) if "bounce_from" in s["name"]
-               and s["kind"] == "CLIENT")
+    top = next(s for s in local_spans(exporter) if "bounce_from" in s["name"] and s["kind"] == "CLIENT")
     spans = spans_of_trace(exporter, path, top["trace_id"], at_least=4)
     chain = chain_below(spans, top)
     names = [s["name"] for s in chain]
@@ -143,7 +153,7 @@ class Blob(StorageObject):
 
 def test_streams_and_checkpoints_have_spans(traced):
     c, exporter, path = traced
-    blob = Blob(3 * 1024 * 1024)          # over the inline limit
+    blob = Blob(3 * 1024 * 1024)  # over the inline limit
     blob.make_persistent(backend=c.backends[1])
     with trace.get_tracer("test").start_as_current_span("fetch") as root:
         assert len(blob.payload()) == 3 * 1024 * 1024
@@ -168,6 +178,7 @@ def test_streams_and_checkpoints_have_spans(traced):
 def test_the_core_imports_and_refuses_tracing_without_opentelemetry():
     import subprocess
     import sys
+
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"
         "import store, store.backend._service.server, runtime\n"
@@ -176,9 +187,9 @@ def test_the_core_imports_and_refuses_tracing_without_opentelemetry():
         "try:\n"
         "    tracing.enable()\n"
         "except ConfigurationError as e:\n"
-        "    print('refused:', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "refused: tracing needs OpenTelemetry" in out.stdout
 
@@ -189,6 +200,7 @@ class Chatty(StorageObject):
 
     def work(self):
         import logging
+
         self.n += 1
         logging.getLogger("app").warning("working on call %d", self.n)
         return self.n
@@ -197,8 +209,13 @@ class Chatty(StorageObject):
 @pytest.mark.slow
 def test_json_logs_name_backend_object_call_and_trace(tmp_path):
     import json
-    env = {"CLAYPOT_LOG_FORMAT": "json", "CLAYPOT_LOG": "INFO", "CLAYPOT_TRACING": "1",
-           "CLAYPOT_TRACE_FILE": str(tmp_path / "spans.jsonl")}
+
+    env = {
+        "CLAYPOT_LOG_FORMAT": "json",
+        "CLAYPOT_LOG": "INFO",
+        "CLAYPOT_TRACING": "1",
+        "CLAYPOT_TRACE_FILE": str(tmp_path / "spans.jsonl"),
+    }
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env=env) as c:
         obj = Chatty()
         obj.make_persistent()

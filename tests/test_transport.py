@@ -40,7 +40,7 @@ class Box(StorageObject):
 
     def nap(self, seconds):
         end = time.monotonic() + seconds
-        while time.monotonic() < end:    # short sleeps: a cancelled call stops between them
+        while time.monotonic() < end:  # short sleeps: a cancelled call stops between them
             time.sleep(0.01)
         return seconds
 
@@ -66,6 +66,7 @@ class Ping(StorageObject):
 
 def test_both_transports_satisfy_the_protocol(inproc_cluster):
     from store.config import Settings
+
     grpc_transport = GrpcTransport(Settings.from_env())
     for t in (grpc_transport, inproc_cluster.transport()):
         assert isinstance(t, Transport)
@@ -97,11 +98,14 @@ def test_no_object_is_shared_between_caller_and_backend(inproc_cluster):
     argument.append("changed by the caller")
     returned.append("also changed by the caller")
     returned[0].append("and inside")
-    assert b.get() == [["a"]]                  # the backend's copy is its own
+    assert b.get() == [["a"]]  # the backend's copy is its own
     again = b.get()
-    assert again is not b.get()                # each reply is parsed afresh
-    live = inproc_cluster.servers[0].heap if b.get_location() == inproc_cluster.backends[0] \
+    assert again is not b.get()  # each reply is parsed afresh
+    live = (
+        inproc_cluster.servers[0].heap
+        if b.get_location() == inproc_cluster.backends[0]
         else inproc_cluster.servers[1].heap
+    )
     assert live.count() >= 1
 
 
@@ -139,20 +143,26 @@ def test_a_deadline_ends_the_wait_with_deadline_exceeded(inproc_cluster):
 def test_the_token_is_carried_and_checked(inproc_cluster):
     stub = inproc_cluster.transport().stub(inproc_cluster.address)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ListBackends(pb.ListBackendsRequest(), timeout=5,
-                          metadata=(("claypot-token", "not-the-token"),))
+        stub.ListBackends(pb.ListBackendsRequest(), timeout=5, metadata=(("claypot-token", "not-the-token"),))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    reply = stub.ListBackends(pb.ListBackendsRequest(), timeout=5,
-                              metadata=(("claypot-token", inproc_cluster.token),))
+    reply = stub.ListBackends(pb.ListBackendsRequest(), timeout=5, metadata=(("claypot-token", inproc_cluster.token),))
     assert {b.backend_id for b in reply.backends} == set(inproc_cluster.backends)
     # Ping is open, but tells only token holders who answers.
     anonymous = stub.Ping(pb.PingRequest(), timeout=5)
     assert anonymous.status == "serving" and not anonymous.backend_id
     with pytest.raises(errors.AuthenticationError):
-        store.connect(inproc_cluster.address, "not-the-token", transport=inproc_cluster.transport(),
-                      settings=inproc_cluster.settings(token="not-the-token"))
-    store.connect(inproc_cluster.address, inproc_cluster.token, transport=inproc_cluster.transport(),
-                  settings=inproc_cluster.settings())
+        store.connect(
+            inproc_cluster.address,
+            "not-the-token",
+            transport=inproc_cluster.transport(),
+            settings=inproc_cluster.settings(token="not-the-token"),
+        )
+    store.connect(
+        inproc_cluster.address,
+        inproc_cluster.token,
+        transport=inproc_cluster.transport(),
+        settings=inproc_cluster.settings(),
+    )
 
 
 def test_an_address_nothing_serves_is_unavailable(inproc_cluster):
@@ -161,21 +171,29 @@ def test_an_address_nothing_serves_is_unavailable(inproc_cluster):
         stub.Ping(pb.PingRequest(), timeout=2)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(errors.BackendUnavailable):
-        store.connect("inproc-9:10", inproc_cluster.token, transport=inproc_cluster.transport(),
-                      settings=inproc_cluster.settings())
-    store.connect(inproc_cluster.address, inproc_cluster.token, transport=inproc_cluster.transport(),
-                  settings=inproc_cluster.settings())
+        store.connect(
+            "inproc-9:10",
+            inproc_cluster.token,
+            transport=inproc_cluster.transport(),
+            settings=inproc_cluster.settings(),
+        )
+    store.connect(
+        inproc_cluster.address,
+        inproc_cluster.token,
+        transport=inproc_cluster.transport(),
+        settings=inproc_cluster.settings(),
+    )
 
 
 def test_large_values_stream_both_ways(inproc_cluster):
-    n = 600_000                                  # 4.8 MB: over the inline limit, streamed
+    n = 600_000  # 4.8 MB: over the inline limit, streamed
     b = Box([np.ones(n)])
     b.make_persistent()
     items = b.get()
     assert items[0].shape == (n,) and float(items[0].sum()) == n
     result = b.big(n)
     assert result.shape == (n,) and result[-1] == n - 1
-    result[0] = 42.0                             # writable, and the backend's stays as it was
+    result[0] = 42.0  # writable, and the backend's stays as it was
     assert b.big(3)[0] == 0.0
 
 
@@ -208,6 +226,7 @@ def test_the_process_dispatcher_stays_the_callers(inproc_cluster):
 def test_dispatching_is_local_to_a_context():
     class Fake:
         pass
+
     mine, other = Fake(), Fake()
     results = {}
 
@@ -219,7 +238,7 @@ def test_dispatching_is_local_to_a_context():
         with objects.dispatching(other):
             assert objects.get_dispatcher() is other
         assert objects.get_dispatcher() is mine
-        t = threading.Thread(target=in_thread)   # a new thread starts with an empty context
+        t = threading.Thread(target=in_thread)  # a new thread starts with an empty context
         t.start()
         t.join()
     assert results["thread"] is False
@@ -236,6 +255,7 @@ def test_dropping_an_address_ends_the_calls_in_flight(inproc_cluster):
             b.nap(3)
         except errors.ClaypotError as exc:
             errors_seen.append(exc)
+
     t = threading.Thread(target=call)
     t.start()
     time.sleep(0.3)
@@ -243,8 +263,7 @@ def test_dropping_an_address_ends_the_calls_in_flight(inproc_cluster):
     c.transport.drop(inproc_cluster.servers[0].address)
     t.join(10)
     assert not t.is_alive() and time.monotonic() - started < 2.5
-    assert errors_seen and isinstance(errors_seen[0], (errors.CallInterrupted,
-                                                       errors.BackendUnavailable))
+    assert errors_seen and isinstance(errors_seen[0], (errors.CallInterrupted, errors.BackendUnavailable))
 
 
 def test_a_stopped_cluster_leaves_the_process_disconnected(tmp_path):

@@ -26,7 +26,7 @@ from store._model.objects import readonly
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 
 MiB = 1 << 20
-N = 4 * MiB   # float64 elements: 32 MiB, over the inline limit
+N = 4 * MiB  # float64 elements: 32 MiB, over the inline limit
 
 
 class Grid(StorageObject):
@@ -34,7 +34,7 @@ class Grid(StorageObject):
         self.data = data
 
     def bump(self, k=1.0):
-        self.data += k          # in place: the backend's private pages, never the segment
+        self.data += k  # in place: the backend's private pages, never the segment
 
     def bump_head(self):
         self.data[:1024] += 1.0
@@ -79,6 +79,7 @@ def test_read_is_a_leased_view_that_stays_unchanged_while_a_writer_changes(clust
         while not stop.is_set() and len(bumps) < 20:
             g.bump()
             bumps.append(1)
+
     t = threading.Thread(target=writer)
     t.start()
     try:
@@ -91,8 +92,8 @@ def test_read_is_a_leased_view_that_stays_unchanged_while_a_writer_changes(clust
         t.join(60)
     expected = np.arange(N, dtype=np.float64) + len(bumps)
     now = g.data
-    assert np.array_equal(now, expected)        # a later read sees the new state, whole
-    assert not now.flags.writeable              # ... again without a copy (a new segment)
+    assert np.array_equal(now, expected)  # a later read sees the new state, whole
+    assert not now.flags.writeable  # ... again without a copy (a new segment)
     assert report(cluster, g)["relocations"] >= 1
     assert np.array_equal(view, np.arange(N, dtype=np.float64))
     # The snapshot's segment no longer describes a live object: reported as extra memory.
@@ -109,7 +110,7 @@ def test_a_small_change_after_a_read_leaves_the_whole_view_alone(cluster):
     g = Grid(np.zeros(N))
     g.make_persistent()
     view = g.data
-    g.bump_head()                       # changes 1024 elements, after the copy aside
+    g.bump_head()  # changes 1024 elements, after the copy aside
     assert view[0] == 0.0 and g.head() == 1.0
     assert np.array_equal(view, np.zeros(N))
 
@@ -123,12 +124,12 @@ def test_store_zeros_is_handed_over_without_a_copy(cluster, monkeypatch):
     a[:] = 7.0
     g = Grid(a)
     g.make_persistent()
-    assert exported == []                 # the segment itself went to the backend
-    a[0] = -1.0                           # this process's copy-on-write: the object keeps 7
+    assert exported == []  # the segment itself went to the backend
+    a[0] = -1.0  # this process's copy-on-write: the object keeps 7
     assert g.head() == 7.0
     view = g.data
     assert not view.flags.writeable and view[0] == 7.0 and view[-1] == 7.0
-    g.bump()                              # this process still maps the segment: moved aside
+    g.bump()  # this process still maps the segment: moved aside
     assert a[0] == -1.0 and a[1] == 7.0 and a[-1] == 7.0
     assert view[1] == 7.0 and g.head() == 8.0
     e = store.empty((3, 5), dtype=np.int32)
@@ -146,11 +147,16 @@ def test_a_reader_killed_with_kill_9_releases_its_lease(cluster):
         "view = g.data\n"
         "assert not view.flags.writeable\n"
         "print('holding', flush=True)\n"
-        "time.sleep(600)\n")
+        "time.sleep(600)\n"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", script, cluster.address, cluster.token],
-                            stdout=subprocess.PIPE, text=True, cwd=root,
-                            env={**os.environ, "PYTHONPATH": root})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, cluster.address, cluster.token],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "holding", line
@@ -167,13 +173,14 @@ def test_a_reader_killed_with_kill_9_releases_its_lease(cluster):
 
 
 def test_leased_memory_is_bounded_and_reported(tmp_path):
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none",
-                      backend_env={"CLAYPOT_SHM_LEASE_LIMIT": "48MiB"}) as c:
+    with LocalCluster(
+        backends=1, data_dir=str(tmp_path / "c"), durability="none", backend_env={"CLAYPOT_SHM_LEASE_LIMIT": "48MiB"}
+    ) as c:
         a, b = Grid(np.ones(N)), Grid(np.full(N, 2.0))
         a.make_persistent()
         b.make_persistent()
         va = a.data
-        vb = b.data                       # a second lease would pass the limit: a copy
+        vb = b.data  # a second lease would pass the limit: a copy
         assert not va.flags.writeable
         assert vb.flags.writeable and vb[0] == 2.0
         r = c.client.shm_report(a.get_location())
@@ -189,12 +196,13 @@ def test_leased_memory_is_bounded_and_reported(tmp_path):
 
 def test_cross_host_readers_get_copies(tmp_path):
     # A backend whose host identity differs is another host: nothing goes through /dev/shm.
-    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none",
-                      backend_env={"CLAYPOT_HOST_ID": "another-host"}) as c:
+    with LocalCluster(
+        backends=1, data_dir=str(tmp_path / "c"), durability="none", backend_env={"CLAYPOT_HOST_ID": "another-host"}
+    ) as c:
         g = Grid(np.arange(N, dtype=np.float64))
         g.make_persistent()
         got = g.data
-        assert got.flags.writeable                  # a copy of its own, streamed
+        assert got.flags.writeable  # a copy of its own, streamed
         assert np.array_equal(got, np.arange(N, dtype=np.float64))
         r = c.client.shm_report(g.get_location())
         assert r["segments"] == 0 and r["leases"] == 0
@@ -202,41 +210,43 @@ def test_cross_host_readers_get_copies(tmp_path):
 
 def test_a_restart_never_serves_segments_and_readers_keep_their_snapshot(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
-        g = Grid(np.zeros(MiB))           # 8 MiB: logged under sync before a call returns
+        g = Grid(np.zeros(MiB))  # 8 MiB: logged under sync before a call returns
         g.make_persistent(alias="zc-restart")
         view = g.data
         assert not view.flags.writeable
         g.bump(5.0)
         restart_backend(c, g.get_location(), kill=True)
-        assert view[0] == 0.0 and view[-1] == 0.0      # the reader's mapping outlives it
+        assert view[0] == 0.0 and view[-1] == 0.0  # the reader's mapping outlives it
         again = store.get_by_alias("zc-restart").data
-        assert again[0] == 5.0 and again[-1] == 5.0    # the acknowledged state, from disk
+        assert again[0] == 5.0 and again[-1] == 5.0  # the acknowledged state, from disk
         del view
 
 
 # -- the sync write of a big object (store/backend/_storage/direct.py) ---------------------------
 
+
 def test_direct_write_is_byte_for_byte_the_encoded_record(tmp_path, monkeypatch):
     from store.backend._storage import direct, storage
-    data = np.random.default_rng(1).random((40 * MiB) // 8 + 77)   # not block-aligned
+
+    data = np.random.default_rng(1).random((40 * MiB) // 8 + 77)  # not block-aligned
     rec = storage.Record("oid", "mod:Cls#1", "alias", b"payload", [memoryview(data).cast("B")])
     rec.lsn = 42
     path = str(tmp_path / "rec")
-    assert direct.write(path, storage._PREFIX, storage._MAGIC, storage.record_header(rec),
-                        [rec.payload] + list(rec.buffers), os.fsync)
+    assert direct.write(
+        path, storage._PREFIX, storage._MAGIC, storage.record_header(rec), [rec.payload] + list(rec.buffers), os.fsync
+    )
     with open(path, "rb") as f:
         assert f.read() == bytes(storage.encode(rec))
     # A system without O_DIRECT: nothing written, the caller takes the buffered path.
     monkeypatch.delattr(os, "O_DIRECT")
     probe = str(tmp_path / "probe")
-    assert direct.write(probe, storage._PREFIX, storage._MAGIC, b"h", [b"x" * 10],
-                        os.fsync) is False
+    assert direct.write(probe, storage._PREFIX, storage._MAGIC, b"h", [b"x" * 10], os.fsync) is False
     assert not os.path.exists(probe)
 
 
 def test_big_object_under_sync_survives_kill_9(tmp_path):
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="sync") as c:
-        data = np.arange(5 * MiB, dtype=np.float64)        # 40 MiB: the direct path
+        data = np.arange(5 * MiB, dtype=np.float64)  # 40 MiB: the direct path
         g = Grid(data)
         g.make_persistent(alias="zc-big-sync")
         restart_backend(c, g.get_location(), kill=True)
@@ -245,29 +255,28 @@ def test_big_object_under_sync_survives_kill_9(tmp_path):
 
 @pytest.mark.slow
 def test_freed_segments_are_reused_and_never_while_a_reader_maps_them(tmp_path):
-    M = N + 4096   # a size of its own: other clusters' free segments do not fit it exactly
+    M = N + 4096  # a size of its own: other clusters' free segments do not fit it exactly
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
         first = Grid(np.full(M, 1.0))
         first.make_persistent()
         bid = first.get_location()
-        view = first.data                      # a reader maps the segment
+        view = first.data  # a reader maps the segment
         # Its first lease readies a spare of its size (for a copy-on-write), mapped by the
         # backend ahead of need: kept for the backend's own copy, never claimed by a put.
         wait_for(lambda: c.client.shm_report(bid)["pool_segments"] == 1)
         first.delete_persistent()
         r = c.client.shm_report(bid)
-        assert r["pool_segments"] == 1 and r["leases"] == 1   # held by the view: not reusable
+        assert r["pool_segments"] == 1 and r["leases"] == 1  # held by the view: not reusable
         second = Grid(np.full(M, 2.0))
-        second.make_persistent()               # the leased one is untouchable, the spare kept
+        second.make_persistent()  # the leased one is untouchable, the spare kept
         assert view[0] == 1.0 and view[-1] == 1.0
         assert c.client.shm_report(bid)["pool_segments"] == 1
         del view
         gc.collect()
-        r = wait_for(lambda: (lambda r: r if r["pool_segments"] == 2 else None)(
-            c.client.shm_report(bid)))
+        r = wait_for(lambda: (lambda r: r if r["pool_segments"] == 2 else None)(c.client.shm_report(bid)))
         assert r["pool_bytes"] == 2 * M * 8 and r["leases"] == 0
         third = Grid(np.full(M, 3.0))
-        third.make_persistent()                # claims the freed segment: pages already there
+        third.make_persistent()  # claims the freed segment: pages already there
         assert c.client.shm_report(bid)["pool_segments"] == 1
         assert np.array_equal(third.data, np.full(M, 3.0))
         assert np.array_equal(second.data, np.full(M, 2.0))

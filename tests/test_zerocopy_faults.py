@@ -21,8 +21,7 @@ from store import LocalCluster, StorageObject
 from store._client import shm
 from store.backend._storage import direct, storage
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
 
@@ -57,9 +56,9 @@ def test_a_change_after_a_read_copies_into_a_mapped_spare_without_a_fault_per_pa
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
         s = Slab(np.zeros(size // 8))
         s.make_persistent()
-        s.bump()                                   # the backend's mapping is populated
+        s.bump()  # the backend's mapping is populated
         bid = s.get_location()
-        view = s.data                              # leased: the next change copies aside
+        view = s.data  # leased: the next change copies aside
         # The lease readied a spare, mapped with its page tables filled, off the path.
         wait_for(lambda: c.client.shm_report(bid)["pool_bytes"] >= size)
         time.sleep(0.3)
@@ -87,19 +86,19 @@ def test_a_put_into_a_reused_segment_fills_it_through_the_kept_mapping(tmp_path)
     size = 16 * MiB
     shm.forget_fills()
     with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), durability="none") as c:
-        first = Slab(np.full(size // 8 + 17, 1.0))   # a size of its own
+        first = Slab(np.full(size // 8 + 17, 1.0))  # a size of its own
         first.make_persistent()
         bid = first.get_location()
-        first.delete_persistent()                   # its segment is free, in the pool
+        first.delete_persistent()  # its segment is free, in the pool
         wait_for(lambda: c.client.shm_report(bid)["pool_segments"] >= 1)
         second = Slab(np.full(size // 8 + 17, 2.0))
-        second.make_persistent()                    # claims it, maps it once, keeps that
+        second.make_persistent()  # claims it, maps it once, keeps that
         kept = _filled()
         assert len(kept) == 1
         second.delete_persistent()
         wait_for(lambda: c.client.shm_report(bid)["pool_segments"] >= 1)
         third = Slab(np.full(size // 8 + 17, 3.0))
-        third.make_persistent()                     # the same file, through the same mapping
+        third.make_persistent()  # the same file, through the same mapping
         assert _filled() == kept
         assert np.array_equal(third.data, np.full(size // 8 + 17, 3.0))
         del third
@@ -109,8 +108,7 @@ def test_a_put_into_a_reused_segment_fills_it_through_the_kept_mapping(tmp_path)
     wait_for(lambda: not _filled(), timeout=10.0)
     inodes = {ino for _, ino in kept}
     with open("/proc/self/maps") as f:
-        assert not [line for line in f if len(line.split()) > 4
-                    and int(line.split()[4]) in inodes]
+        assert not [line for line in f if len(line.split()) > 4 and int(line.split()[4]) in inodes]
 
 
 def _direct_ok(directory: str) -> bool:
@@ -130,16 +128,15 @@ def _direct_ok(directory: str) -> bool:
 def test_a_big_record_written_from_its_own_memory_decodes_byte_for_byte(tmp_path, layout):
     if not _direct_ok(str(tmp_path)):
         pytest.skip("this filesystem refuses O_DIRECT")
-    big = mmap.mmap(-1, direct.CHUNK * 2 + 3 * 4096 + 100)   # page-aligned, odd tail
+    big = mmap.mmap(-1, direct.CHUNK * 2 + 3 * 4096 + 100)  # page-aligned, odd tail
     big[:] = np.random.default_rng(1).integers(0, 255, len(big), dtype=np.uint8).tobytes()
-    odd = memoryview(big)[7:direct.CHUNK + 7]                  # not page-aligned
+    odd = memoryview(big)[7 : direct.CHUNK + 7]  # not page-aligned
     parts = {"aligned": [big], "mixed": [b"x" * 100, odd, big], "unaligned": [odd]}[layout]
     rec = storage.Record("obj", "k#1", "alias", b"payload", list(parts))
     rec.lsn = 9
     path = str(tmp_path / "record")
     header = storage.record_header(rec)
-    assert direct.write(path, storage._PREFIX, storage._MAGIC, header,
-                        [rec.payload] + list(parts), os.fsync)
+    assert direct.write(path, storage._PREFIX, storage._MAGIC, header, [rec.payload] + list(parts), os.fsync)
     with open(path, "rb") as f:
         data = f.read()
     got, end = storage.decode(memoryview(data))
@@ -148,9 +145,9 @@ def test_a_big_record_written_from_its_own_memory_decodes_byte_for_byte(tmp_path
     assert bytes(got.payload) == b"payload"
     assert [bytes(b) for b in got.buffers] == [bytes(memoryview(p).cast("B")) for p in parts]
     hlen = storage._PREFIX.unpack_from(data, 0)[1]
-    if layout == "aligned":   # the header padded so that the buffer starts on a page
+    if layout == "aligned":  # the header padded so that the buffer starts on a page
         assert (storage._PREFIX.size + hlen + len(b"payload")) % 4096 == 0
     elif layout == "unaligned":
-        assert hlen == len(header)   # nothing to align: the header as encode writes it
+        assert hlen == len(header)  # nothing to align: the header as encode writes it
     del got, odd, parts, rec
     gc.collect()

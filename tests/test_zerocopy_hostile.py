@@ -34,12 +34,13 @@ class Giver(StorageObject):
         self.data = data
 
     def give(self, other):
-        other.data = self.data        # a local call on the same backend: by reference
+        other.data = self.data  # a local call on the same backend: by reference
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
-N = 4 * MiB   # float64: 32 MiB
+N = 4 * MiB  # float64: 32 MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
@@ -60,6 +61,7 @@ def shm_files_held(pid: int) -> list[str]:
 
 # -- leaks ----------------------------------------------------------------------------------
 
+
 def test_store_zeros_segment_is_unlinked_when_the_array_is_collected():
     # FAILS: shm._made keeps made -> region alive, so the finalizer never runs; every
     # store.zeros/empty array stays in /dev/shm (and mapped) until the process exits.
@@ -68,8 +70,7 @@ def test_store_zeros_segment_is_unlinked_when_the_array_is_collected():
     assert os.path.exists(os.path.join(shm.SHM_DIR, name))
     del a
     gc.collect()
-    assert not os.path.exists(os.path.join(shm.SHM_DIR, name)), \
-        "store.zeros segment outlives its array"
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, name)), "store.zeros segment outlives its array"
 
 
 def test_relocated_segment_is_not_pinned_by_the_backend(cluster):
@@ -81,7 +82,7 @@ def test_relocated_segment_is_not_pinned_by_the_backend(cluster):
     g.make_persistent()
     pid = backend_pid(cluster, g.get_location())
     view = g.data
-    g.bump()                                    # leased: moved aside, one relocation
+    g.bump()  # leased: moved aside, one relocation
     del view
     gc.collect()
     r = cluster.client.shm_report(g.get_location())
@@ -102,10 +103,12 @@ def test_creator_lease_ends_when_the_handed_over_array_is_collected(cluster):
     g.make_persistent()
     del z
     gc.collect()
-    g.bump()                                    # creator's lease forces a copy aside
+    g.bump()  # creator's lease forces a copy aside
     assert g.head() == 4.0
-    r = wait_for(lambda: (lambda r: r if r["stale_leased_bytes"] == 0 else None)(
-        cluster.client.shm_report(g.get_location())), timeout=5)
+    r = wait_for(
+        lambda: (lambda r: r if r["stale_leased_bytes"] == 0 else None)(cluster.client.shm_report(g.get_location())),
+        timeout=5,
+    )
     assert r["stale_leased_bytes"] == 0
     g.delete_persistent()
 
@@ -154,15 +157,20 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
     with own_cluster(tmp_path, 1, "none") as c:
         script = tmp_path / "creator.py"
         script.write_text(_NS_CREATOR % N)
-        cmd = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-               f"echo {free - 1} > /proc/sys/kernel/ns_last_pid; "
-               f"{sys.executable} {script} {c.address} {c.token}"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, cwd=ROOT, env=ENV)
+        cmd = [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            f"echo {free - 1} > /proc/sys/kernel/ns_last_pid; {sys.executable} {script} {c.address} {c.token}",
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
         try:
             line = proc.stdout.readline()
             assert line.startswith("persisted"), line
-            time.sleep(2.5)                          # a few lease sweeps
+            time.sleep(2.5)  # a few lease sweeps
             g = store.get_by_alias("zc-hostile-ns")
             g.bump(1.0)
             assert g.head() == 8.0
@@ -170,8 +178,7 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
             proc.stdin.flush()
             seen = proc.stdout.readline().split()
             assert seen[0] == "seen", seen
-            assert float(seen[1]) == 7.0 and float(seen[2]) == 7.0, \
-                f"creator's own array changed under it: {seen}"
+            assert float(seen[1]) == 7.0 and float(seen[2]) == 7.0, f"creator's own array changed under it: {seen}"
         finally:
             proc.kill()
             proc.wait(10)
@@ -180,6 +187,7 @@ def test_creator_in_another_pid_namespace_never_sees_the_object_change(tmp_path)
 
 
 # -- torn reads -----------------------------------------------------------------------------
+
 
 def test_same_host_read_racing_a_writer_is_never_torn(cluster):
     # FAILS (documented as a caveat, but issue 19 says readers are never torn): while a
@@ -193,6 +201,7 @@ def test_same_host_read_racing_a_writer_is_never_torn(cluster):
     def writer():
         while not stop.is_set():
             g.bump()
+
     t = threading.Thread(target=writer)
     t.start()
     torn = []
@@ -231,21 +240,33 @@ def test_store_zeros_larger_than_shm_free_space_never_sigbus(tmp_path):
     # fallback to ordinary memory (posix_fallocate the segment, fall back on ENOSPC).
     script = tmp_path / "c.py"
     script.write_text(_SMALL_SHM_CLIENT % N)
-    r = subprocess.run(["unshare", "--mount", "sh", "-c",
-                        "mount -t tmpfs -o size=8m tmpfs /dev/shm && "
-                        f"exec {sys.executable} {script}"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
-    assert r.returncode != -signal.SIGBUS and r.returncode == 0, \
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} {script}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=120,
+    )
+    assert r.returncode != -signal.SIGBUS and r.returncode == 0, (
         f"rc={r.returncode} (SIGBUS={signal.SIGBUS}) {r.stdout} {r.stderr[-500:]}"
+    )
     assert r.stdout.startswith(("ok", "refused")), r.stdout
 
 
 # -- durability ---------------------------------------------------------------------------------
 
+
 def test_big_store_zeros_object_under_sync_is_on_disk_before_make_persistent_returns(tmp_path):
     # Probe (passes): over big_object, handed over without a copy, kill -9 at once.
     with own_cluster(tmp_path, 1, "sync") as c:
-        z = store.zeros(9 * MiB)                    # 72 MiB > big_object (64 MiB)
+        z = store.zeros(9 * MiB)  # 72 MiB > big_object (64 MiB)
         z[:] = np.arange(9 * MiB, dtype=np.float64)
         g = Grid(z)
         g.make_persistent(alias="zc-hostile-big")
@@ -255,6 +276,7 @@ def test_big_store_zeros_object_under_sync_is_on_disk_before_make_persistent_ret
 
 
 # -- views survive everything ---------------------------------------------------------------
+
 
 def test_new_version_of_a_same_host_object_can_change(cluster):
     # FAILS (regression): new_version fetches the state to the client, which now gets
@@ -288,7 +310,7 @@ def test_views_survive_delete_move_and_spill(tmp_path):
         other = [p.backend_id for p in c.processes if p.backend_id != g.get_location()][0]
         g.move(other)
         g.bump()
-        fill = [Grid(np.full(N, float(k))) for k in range(8)]   # 256 MiB: spills
+        fill = [Grid(np.full(N, float(k))) for k in range(8)]  # 256 MiB: spills
         for f in fill:
             f.make_persistent(backend=other)
         v1 = g.data
@@ -303,9 +325,14 @@ def test_views_survive_delete_move_and_spill(tmp_path):
 
 def test_bad_inputs_round_trip(cluster):
     # Probe: 0-size, non-contiguous, Fortran-order and object arrays; store.zeros(0).
-    arrs = [np.zeros(0), np.arange(2 * N, dtype=np.float64)[::2],
-            np.asfortranarray(np.arange(N, dtype=np.float64).reshape(2048, -1)),
-            np.array([{"a": 1}, None] * 10, dtype=object), store.zeros(0), store.zeros((0, 5))]
+    arrs = [
+        np.zeros(0),
+        np.arange(2 * N, dtype=np.float64)[::2],
+        np.asfortranarray(np.arange(N, dtype=np.float64).reshape(2048, -1)),
+        np.array([{"a": 1}, None] * 10, dtype=object),
+        store.zeros(0),
+        store.zeros((0, 5)),
+    ]
     for a in arrs:
         g = Grid(a)
         g.make_persistent()
@@ -326,6 +353,7 @@ def test_store_zeros_of_a_huge_shape_is_refused():
     free = os.statvfs(shm.SHM_DIR)
     room = free.f_bavail * free.f_frsize
     from store.errors import ClaypotError
+
     with pytest.raises((MemoryError, ClaypotError)):
         a = store.zeros(((room + (1 << 40)) // 8,))
         del a
@@ -376,10 +404,20 @@ def test_backend_survives_shm_full_while_changing_a_handed_over_segment(tmp_path
     # Over big_object (64 MiB): under durability none the backend never reads it, so
     # the holes stay holes (a smaller object is digested, which fills them in).
     script.write_text(_SMALL_SHM_CLUSTER % (9 * MiB))
-    r = subprocess.run(["unshare", "--mount", "sh", "-c",
-                        "mount -t tmpfs -o size=128m tmpfs /dev/shm && "
-                        f"exec {sys.executable} {script} {tmp_path / 'c'}"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=128m tmpfs /dev/shm && exec {sys.executable} {script} {tmp_path / 'c'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     out = r.stdout
     assert "alive True" in out, f"rc={r.returncode} out={out!r} err={r.stderr[-800:]}"
     assert ("bumped" in out and "head 2.0" in out) or ("refused" in out and "head 1.0" in out)
@@ -393,7 +431,8 @@ def test_many_leased_views_do_not_exhaust_file_descriptors(cluster):
     # the fd closed right after (ctypes mmap / one shared mapping per segment), or fall
     # back to a copy.
     import resource
-    g = Grid(np.ones(300_000))                  # 2.4 MB: over the inline limit
+
+    g = Grid(np.ones(300_000))  # 2.4 MB: over the inline limit
     g.make_persistent()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
@@ -424,7 +463,7 @@ def test_a_killed_backends_segments_are_removed_when_it_restarts(tmp_path):
         restart_backend(c, g.get_location(), kill=True)
         time.sleep(3)
         left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix)]
-        shm.discard(left)                           # do not leave them to other tests
+        shm.discard(left)  # do not leave them to other tests
         assert left == [], f"dead backend's segments still in /dev/shm: {left}"
 
 
@@ -465,8 +504,11 @@ def test_a_failed_zero_copy_put_leaves_no_lease_or_segment(cluster):
     gc.collect()
     time.sleep(1.5)
     after = cluster.client.shm_report(target)
-    assert (after["segments"], after["leases"], after["leased_bytes"]) == \
-        (base["segments"], base["leases"], base["leased_bytes"]), after
+    assert (after["segments"], after["leases"], after["leased_bytes"]) == (
+        base["segments"],
+        base["leases"],
+        base["leased_bytes"],
+    ), after
     first.delete_persistent()
 
 
@@ -476,7 +518,8 @@ def test_kill_9_during_a_direct_write_leaves_a_whole_state(tmp_path, delay):
     # kill -9 in the middle of the put or of its write-behind checkpoint, restart: the
     # object is absent or whole, and an acknowledged earlier state is never torn.
     from chaos import kill_later, start_backend
-    M = 20 * MiB                                       # 160 MiB
+
+    M = 20 * MiB  # 160 MiB
     with own_cluster(tmp_path, 1, "sync") as c:
         bid = c.processes[0].backend_id
         g = Grid(np.ones(M))
@@ -488,7 +531,7 @@ def test_kill_9_during_a_direct_write_leaves_a_whole_state(tmp_path, delay):
             z[:] = 3.0
             Grid(z).make_persistent(alias="zc-hostile-direct-b")
             put_ok = True
-            g.bump(1.0)                                # write-behind checkpoint follows
+            g.bump(1.0)  # write-behind checkpoint follows
             time.sleep(3)
         except store.errors.ClaypotError:
             pass
@@ -518,7 +561,7 @@ def test_a_forked_child_of_the_creator_cannot_write_the_stored_object(cluster):
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:                                   # the child: numpy only, then exit
+    if pid == 0:  # the child: numpy only, then exit
         try:
             os.read(go_r, 1)
             z[:] = 9.0
@@ -552,8 +595,7 @@ def test_a_persist_cannot_take_over_another_objects_kept_segment(cluster, monkey
     before = set(os.listdir(shm.SHM_DIR))
     victim = Grid(np.full(N, 1.0))
     victim.make_persistent(backend=target)
-    mine = [n for n in set(os.listdir(shm.SHM_DIR)) - before
-            if n.startswith(f"{shm.PREFIX}{pid}-")]
+    mine = [n for n in set(os.listdir(shm.SHM_DIR)) - before if n.startswith(f"{shm.PREFIX}{pid}-")]
     assert len(mine) == 1, mine
     real = shm.hand_over
     monkeypatch.setattr(shm, "hand_over", lambda bufs: ([mine[0]], [""], []))
@@ -561,7 +603,7 @@ def test_a_persist_cannot_take_over_another_objects_kept_segment(cluster, monkey
     try:
         attacker.make_persistent(backend=target)
     except store.errors.ClaypotError:
-        return                                     # refused: the fix
+        return  # refused: the fix
     finally:
         monkeypatch.setattr(shm, "hand_over", real)
     attacker.bump(5.0)
@@ -586,9 +628,14 @@ def test_a_reader_in_another_pid_namespace_gets_a_copy(cluster, tmp_path):
     base = cluster.client.shm_report(g.get_location())
     script = tmp_path / "r.py"
     script.write_text(_PIDNS_READER)
-    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
-                        str(script), cluster.address, cluster.token],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    r = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script), cluster.address, cluster.token],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=120,
+    )
     assert r.stdout.split() == ["got", "True", "4.0"], (r.stdout, r.stderr[-500:])
     assert cluster.client.shm_report(g.get_location())["leases"] == base["leases"]
     g.delete_persistent()
@@ -622,8 +669,8 @@ def test_leased_views_stay_frozen_under_concurrent_writers(cluster):
                     errors.append((first, float(view[0]), float(view[-1])))
             if len(held) > 8:
                 held.pop(0)
-    threads = [threading.Thread(target=writer)] + \
-        [threading.Thread(target=reader) for _ in range(2)]
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
         t.start()
     time.sleep(10)
@@ -666,13 +713,22 @@ def test_copy_on_write_with_shm_full_is_a_typed_refusal(tmp_path):
     # Probe: a leased object whose copy does not fit: ObjectBusy, the view intact.
     script = tmp_path / "s.py"
     script.write_text(_FULL_RELOCATE % N)
-    r = subprocess.run(["unshare", "--mount", "sh", "-c",
-                        "mount -t tmpfs -o size=64m tmpfs /dev/shm && "
-                        f"exec {sys.executable} {script} {tmp_path / 'c'}"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {script} {tmp_path / 'c'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     lines = r.stdout.splitlines()
-    assert lines[:3] == ["busy", "view 1.0 1.0", "alive True head 1.0"], \
-        (r.stdout, r.stderr[-800:])
+    assert lines[:3] == ["busy", "view 1.0 1.0", "alive True head 1.0"], (r.stdout, r.stderr[-800:])
 
 
 @pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit")
@@ -691,7 +747,7 @@ def test_a_backend_keeping_many_segments_does_not_run_out_of_file_descriptors(tm
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:"], check=True)
         objs = []
         for k in range(160):
-            g = Grid(np.full(160_000, float(k)))         # 1.28 MB: over the inline limit
+            g = Grid(np.full(160_000, float(k)))  # 1.28 MB: over the inline limit
             g.make_persistent(backend=bid)
             objs.append(g)
         assert objs[-1].head() == 159.0
@@ -703,7 +759,7 @@ class Peeker(StorageObject):
         self.n = 0
 
     def peek(self, grid):
-        return float(grid.data[-1])      # a same-host read back into the caller's backend
+        return float(grid.data[-1])  # a same-host read back into the caller's backend
 
 
 class Stepper(StorageObject):
@@ -712,7 +768,7 @@ class Stepper(StorageObject):
 
     def step(self, peeker):
         self.data += 1.0
-        return peeker.peek(self)          # a callback while this changing call runs
+        return peeker.peek(self)  # a callback while this changing call runs
 
 
 def test_a_read_nested_in_its_own_changing_call_does_not_wait_for_it(cluster):
@@ -724,7 +780,7 @@ def test_a_read_nested_in_its_own_changing_call_does_not_wait_for_it(cluster):
     s.make_persistent(backend=ids[0])
     p = Peeker()
     p.make_persistent(backend=ids[1])
-    view = s.data                                     # leased: the step copies aside
+    view = s.data  # leased: the step copies aside
     started = time.monotonic()
     assert s.step(p) == 1.0
     assert time.monotonic() - started < 10.0

@@ -26,11 +26,10 @@ from store import StorageObject
 from store._client import shm
 from test_zerocopy import Grid
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")]
 
 MiB = 1 << 20
-N = 4 * MiB   # float64: 32 MiB
+N = 4 * MiB  # float64: 32 MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
@@ -43,7 +42,7 @@ class Pair(StorageObject):
         self.data = data
 
     def take(self, other):
-        self.data = other.data          # a local call: the same array, by reference
+        self.data = other.data  # a local call: the same array, by reference
 
     def bump(self, k=1.0):
         self.data += k
@@ -87,7 +86,7 @@ def test_puts_in_a_row_through_kept_mappings_never_overwrite_an_object(tmp_path)
             g = Grid(np.full(N, float(k)))
             g.make_persistent()
             objs.append(g)
-            if k % 3 == 2:                       # frees a segment for the next put
+            if k % 3 == 2:  # frees a segment for the next put
                 objs[k - 1].delete_persistent()
                 objs[k - 1] = None
         for k, g in enumerate(objs):
@@ -103,7 +102,7 @@ def test_many_copy_on_writes_in_a_row_keep_every_view_and_leak_nothing(tmp_path)
         g.make_persistent()
         pid = backend_pid(c, g.get_location())
         views = []
-        for k in range(6):                      # warm up
+        for k in range(6):  # warm up
             views.append(g.data)
             g.bump()
         del views
@@ -139,14 +138,15 @@ def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_pa
         b.make_persistent()
         b.take(a)
         for k in range(15):
-            view = a.data                       # leased: both changes want a copy aside
+            view = a.data  # leased: both changes want a copy aside
             errs = []
 
             def change(o):
                 try:
-                    o.bump_half(o is b)         # each its own half: no race of theirs
-                except Exception as exc:        # noqa: BLE001
+                    o.bump_half(o is b)  # each its own half: no race of theirs
+                except Exception as exc:  # noqa: BLE001
                     errs.append(exc)
+
             ts = [threading.Thread(target=change, args=(o,)) for o in (a, b)]
             for t in ts:
                 t.start()
@@ -155,8 +155,9 @@ def test_two_objects_sharing_an_array_changed_at_once_leave_reads_current(tmp_pa
             assert not errs, errs
             assert float(view.min()) == float(k) == float(view.max())
             now = a.data
-            assert float(now.min()) == float(k + 1) == float(now.max()), \
+            assert float(now.min()) == float(k + 1) == float(now.max()), (
                 f"round {k}: a change lost: {float(now.min())}..{float(now.max())}"
+            )
             del view, now
 
 
@@ -193,24 +194,30 @@ print("done", g.get_location(), flush=True)
 
 
 def test_a_sync_put_of_a_big_object_survives_kill_9_exactly(tmp_path):
-    n = 9 * MiB                               # 72 MiB: a big record, written with O_DIRECT
+    n = 9 * MiB  # 72 MiB: a big record, written with O_DIRECT
     with own_cluster(tmp_path, 1, "sync") as c:
         for round_ in range(2):
             alias = f"speed-sync-{round_}"
             script = tmp_path / "put.py"
             script.write_text(_SYNC_PUT % (n, n))
-            r = subprocess.run([sys.executable, str(script), c.address, c.token, alias],
-                               capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+            r = subprocess.run(
+                [sys.executable, str(script), c.address, c.token, alias],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=ENV,
+                timeout=120,
+            )
             assert r.stdout.startswith("done"), (r.stdout, r.stderr[-800:])
             bid = r.stdout.split()[1]
             old = backend_pid(c, bid)
-            view = store.get_by_alias(alias).data     # leased: the backend readies a spare
-            wait_for(lambda: [n for n in shm_entries(old) if f"-{shm.SPARE_MARK}" in n],
-                     timeout=10, what="a spare made")
+            view = store.get_by_alias(alias).data  # leased: the backend readies a spare
+            wait_for(
+                lambda: [n for n in shm_entries(old) if f"-{shm.SPARE_MARK}" in n], timeout=10, what="a spare made"
+            )
             restart_backend(c, bid, kill=True)
             del view
-            wait_for(lambda: not shm_entries(old), timeout=10,
-                     what="the killed backend's segments and spares removed")
+            wait_for(lambda: not shm_entries(old), timeout=10, what="the killed backend's segments and spares removed")
             back = store.get_by_alias(alias).data
             assert np.array_equal(back, np.arange(n, dtype=np.float64))
             z = store.get_by_alias(alias + "-z").data
@@ -246,9 +253,17 @@ def test_two_clients_putting_and_deleting_never_overwrite_each_other(tmp_path):
     with own_cluster(tmp_path, 1, "none") as c:
         script = tmp_path / "putter.py"
         script.write_text(_PUTTER % N)
-        procs = [subprocess.Popen([sys.executable, str(script), c.address, c.token, str(me)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  cwd=ROOT, env=ENV) for me in (1, 2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), c.address, c.token, str(me)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=ENV,
+            )
+            for me in (1, 2)
+        ]
         outs = [p.communicate(timeout=240) for p in procs]
         for p, (out, err) in zip(procs, outs):
             assert p.returncode == 0 and out.startswith("ok"), (out, err[-800:])
@@ -257,8 +272,7 @@ def test_two_clients_putting_and_deleting_never_overwrite_each_other(tmp_path):
 def mapped_segments(pid: int) -> list[str]:
     """The claypot segments a process maps (deleted files included)."""
     with open(f"/proc/{pid}/maps") as f:
-        return sorted({line.split(None, 5)[5].strip() for line in f
-                       if "/dev/shm/claypot" in line})
+        return sorted({line.split(None, 5)[5].strip() for line in f if "/dev/shm/claypot" in line})
 
 
 def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
@@ -266,16 +280,16 @@ def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
         ids = [p.backend_id for p in c.processes]
         pids = [backend_pid(c, b) for b in ids]
         base = {p: fds(p) for p in pids}
-        before = shm_entries(os.getpid(), *pids)   # the backends' change-word tables
+        before = shm_entries(os.getpid(), *pids)  # the backends' change-word tables
         for k in range(12):
             g = Grid(np.full(N, float(k)))
             g.make_persistent(backend=ids[0])
-            v = g.data                           # first lease: a spare is being made
+            v = g.data  # first lease: a spare is being made
             if k % 2:
                 g.move(ids[1])
                 g.bump()
                 assert g.head() == k + 1.0
-            g.delete_persistent()                # while the spare may still be made
+            g.delete_persistent()  # while the spare may still be made
             assert float(v.min()) == float(k) == float(v.max())
             del v
         gc.collect()
@@ -285,18 +299,22 @@ def test_delete_and_move_racing_spare_preparation_leak_nothing(tmp_path):
             pooled = sum(c.client.shm_report(b)["pool_segments"] for b in ids)
             segs = sum(c.client.shm_report(b)["segments"] for b in ids)
             return (left, pooled) if segs == 0 and len(left) == pooled else None
+
         try:
             left, pooled = wait_for(settled, timeout=10, what="only pooled segments left")
         except AssertionError:
-            raise AssertionError((shm_entries(os.getpid(), *pids) - before,
-                                  [c.client.shm_report(b) for b in ids])) from None
+            raise AssertionError(
+                (shm_entries(os.getpid(), *pids) - before, [c.client.shm_report(b) for b in ids])
+            ) from None
         for p in pids:
             # A move's sender fills the target's free segments like any client, and
             # keeps its mappings of up to four (files the target keeps or pools).
             assert fds(p) <= base[p] + shm._FILLS_MAX, (base[p], shm_files_held(p))
-            wait_for(lambda: not [m for m in mapped_segments(p) + shm_files_held(p)
-                                  if m.endswith("(deleted)")],
-                     timeout=5, what=f"backend {p} lets go of unlinked segments")
+            wait_for(
+                lambda: not [m for m in mapped_segments(p) + shm_files_held(p) if m.endswith("(deleted)")],
+                timeout=5,
+                what=f"backend {p} lets go of unlinked segments",
+            )
 
 
 def test_kept_client_mappings_go_once_the_backend_unlinks_their_files(tmp_path):
@@ -307,12 +325,15 @@ def test_kept_client_mappings_go_once_the_backend_unlinks_their_files(tmp_path):
             g.make_persistent()
             objs.append(g)
             if k % 2:
-                objs[-2].delete_persistent()    # the next put claims its segment
+                objs[-2].delete_persistent()  # the next put claims its segment
         held = [f for f in shm_files_held(os.getpid())]
         assert held, "no kept mapping: the put did not go through a reused segment"
     # The cluster stopped: every segment is unlinked; the kept mappings must follow.
-    wait_for(lambda: not [f for f in shm_files_held(os.getpid()) if f.endswith("(deleted)")],
-             timeout=5, what="kept mappings of unlinked segments dropped")
+    wait_for(
+        lambda: not [f for f in shm_files_held(os.getpid()) if f.endswith("(deleted)")],
+        timeout=5,
+        what="kept mappings of unlinked segments dropped",
+    )
 
 
 def shm_files_held(pid: int) -> list[str]:
@@ -365,8 +386,14 @@ def test_a_forked_child_and_its_parent_put_after_the_fork_without_overwriting(tm
     with own_cluster(tmp_path, 1, "none") as c:
         script = tmp_path / "forker.py"
         script.write_text(_FORKER % N)
-        r = subprocess.run([sys.executable, str(script), c.address, c.token],
-                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+        r = subprocess.run(
+            [sys.executable, str(script), c.address, c.token],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+            timeout=120,
+        )
         lines = r.stdout.splitlines()
         assert lines[-1:] == ["status 0"], (r.stdout, r.stderr[-800:])
         for line in lines[:-1]:
@@ -406,13 +433,22 @@ def test_a_forked_child_that_never_puts_does_not_pin_unlinked_segments(tmp_path)
         with own_cluster(tmp_path, 1, "none") as c:
             script = tmp_path / "idle.py"
             script.write_text(_FORK_IDLE % N)
-            r = subprocess.run([sys.executable, str(script), c.address, c.token],
-                               capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+            r = subprocess.run(
+                [sys.executable, str(script), c.address, c.token],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=ENV,
+                timeout=120,
+            )
             assert r.returncode == 0, (r.stdout, r.stderr[-800:])
             child = int(r.stdout.split()[0])
         # The cluster stopped: its segments are unlinked.
-        wait_for(lambda: not [f for f in shm_files_held(child) if f.endswith("(deleted)")],
-                 timeout=5, what="the idle child's inherited mappings dropped")
+        wait_for(
+            lambda: not [f for f in shm_files_held(child) if f.endswith("(deleted)")],
+            timeout=5,
+            what="the idle child's inherited mappings dropped",
+        )
     finally:
         if child:
             try:
@@ -421,15 +457,14 @@ def test_a_forked_child_that_never_puts_does_not_pin_unlinked_segments(tmp_path)
                 pass
 
 
-def test_a_big_record_written_while_a_sharing_object_changes_its_array_loads_after_kill_9(
-        tmp_path):
+def test_a_big_record_written_while_a_sharing_object_changes_its_array_loads_after_kill_9(tmp_path):
     # FAILED before the fix (ObjectCorrupt). A big object's checkpoint goes to the disk
     # from its own memory (O_DIRECT) while a
     # checksum thread reads the same memory; another object holding the same array (a
     # local call passed it by reference) changes it meanwhile. The record must still
     # load after a crash (a torn state is what two unsynchronised writers get; a record
     # whose checksum fails is an object lost).
-    n = 9 * MiB                                   # 72 MiB: big, written with O_DIRECT
+    n = 9 * MiB  # 72 MiB: big, written with O_DIRECT
     with own_cluster(tmp_path, 1, "sync") as c:
         a = Pair(np.zeros(n))
         a.make_persistent(alias="speed-shared-a")
@@ -441,14 +476,15 @@ def test_a_big_record_written_while_a_sharing_object_changes_its_array_loads_aft
         def loop(o, second):
             while not stop.is_set():
                 o.bump_half(second)
+
         ts = [threading.Thread(target=loop, args=(o, s)) for o, s in ((a, False), (b, True))]
         for t in ts:
             t.start()
-        time.sleep(5)                              # several write-behind checkpoints
+        time.sleep(5)  # several write-behind checkpoints
         stop.set()
         for t in ts:
             t.join(60)
         restart_backend(c, a.get_location(), kill=True)
         for alias in ("speed-shared-a", "speed-shared-b"):
-            d = store.get_by_alias(alias).data      # ObjectCorrupt before the fix
+            d = store.get_by_alias(alias).data  # ObjectCorrupt before the fix
             assert d.shape == (n,)

@@ -23,8 +23,7 @@ from typing import Any
 from store._model.objects import StorageObject
 
 # Dunders forwarded to the wrapped value (others belong to the object model).
-FORWARDED_DUNDERS = ("__len__", "__getitem__", "__setitem__", "__delitem__", "__contains__",
-                     "__str__")
+FORWARDED_DUNDERS = ("__len__", "__getitem__", "__setitem__", "__delitem__", "__contains__", "__str__")
 
 _types: dict[type, type] = {}
 
@@ -75,5 +74,6 @@ class Alien(StorageObject):
 def _forward(name: str) -> Any:
     def method(self, *args, **kwargs):
         return getattr(self.__dict__["value"], name)(*args, **kwargs)
+
     method.__name__ = name
     return method

@@ -20,14 +20,14 @@ _client: Client | None = None
 
 def state_file() -> str:
     """Where ``claypot up`` records the running cluster (address, token, PIDs)."""
-    base = os.environ.get("CLAYPOT_STATE_DIR") or os.path.join(os.path.expanduser("~"),
-                                                                ".claypot")
+    base = os.environ.get("CLAYPOT_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".claypot")
     return os.path.join(base, "cluster.json")
 
 
 def load_state() -> dict:
     """The cluster ``claypot up`` recorded ({} when none)."""
     from store._util.security import read_private
+
     try:
         state = json.loads(read_private(state_file()))
     except (FileNotFoundError, ValueError, TypeError):
@@ -50,19 +50,27 @@ def _stale_env(state: dict, address: str, token: str) -> list[str]:
     notes = []
     env_address = os.environ.get("CLAYPOT_ADDRESS", "")
     if env_address and env_address == address and address not in _state_addresses(state):
-        notes.append(f"CLAYPOT_ADDRESS={env_address} (from the environment) is not an address "
-                     f"of the cluster recorded in {state_file()} "
-                     f"({', '.join(_state_addresses(state))}): unset it or export the new value")
+        notes.append(
+            f"CLAYPOT_ADDRESS={env_address} (from the environment) is not an address "
+            f"of the cluster recorded in {state_file()} "
+            f"({', '.join(_state_addresses(state))}): unset it or export the new value"
+        )
     env_token = os.environ.get("CLAYPOT_TOKEN", "")
     if env_token and env_token == token and state.get("token") and env_token != state["token"]:
-        notes.append(f"CLAYPOT_TOKEN (from the environment) differs from the token of the "
-                     f"cluster recorded in {state_file()}: unset it or export the new value")
+        notes.append(
+            f"CLAYPOT_TOKEN (from the environment) differs from the token of the "
+            f"cluster recorded in {state_file()}: unset it or export the new value"
+        )
     return notes
 
 
-def connect(address: str | None = None, token: str | None = None,
-            tls_ca: str | None = None, transport: Transport | None = None,
-            settings: Settings | None = None) -> Client:
+def connect(
+    address: str | None = None,
+    token: str | None = None,
+    tls_ca: str | None = None,
+    transport: Transport | None = None,
+    settings: Settings | None = None,
+) -> Client:
     """Connect this process to a running cluster.
 
     ``address`` is any backend's host:port; by default ``CLAYPOT_ADDRESS``,
@@ -90,10 +98,8 @@ def connect(address: str | None = None, token: str | None = None,
     if not address:
         address, source = state.get("address", ""), state_file()
     if not address:
-        raise ConfigurationError("no cluster to connect to: pass an address, set "
-                                 "CLAYPOT_ADDRESS, or run `claypot up`")
-    address = check_address(address, source) if transport is None else \
-        transport.check_address(address, source)
+        raise ConfigurationError("no cluster to connect to: pass an address, set CLAYPOT_ADDRESS, or run `claypot up`")
+    address = check_address(address, source) if transport is None else transport.check_address(address, source)
     if token is None:
         token = settings.token or state.get("token", "")
     same_cluster = address in _state_addresses(state)
@@ -161,6 +167,7 @@ def make_persistent_many(objs: Iterable[objmod.StorageObject], backend: str | No
 @dataclass(frozen=True)
 class BackendStatus:
     """One backend as the directory sees it."""
+
     backend_id: str
     address: str
     host: str
@@ -170,16 +177,28 @@ class BackendStatus:
     memory_bytes: int
     resident_objects: int
     running_tasks: int
-    host_id: str = ""   # equal for backends that share /dev/shm (see store._client.shm.host_id)
+    host_id: str = ""  # equal for backends that share /dev/shm (see store._client.shm.host_id)
     metrics_address: str = ""  # host:port of its Prometheus metrics; empty when off
 
 
 def backends() -> list[BackendStatus]:
     """Every backend of the cluster: id, address, host, object count, memory, up/down."""
-    return [BackendStatus(b.backend_id, b.address, b.host, b.pid, b.up, b.objects,
-                          b.memory_bytes, b.resident_objects, b.running_tasks, b.host_id,
-                          b.metrics_address)
-            for b in client().backends()]
+    return [
+        BackendStatus(
+            b.backend_id,
+            b.address,
+            b.host,
+            b.pid,
+            b.up,
+            b.objects,
+            b.memory_bytes,
+            b.resident_objects,
+            b.running_tasks,
+            b.host_id,
+            b.metrics_address,
+        )
+        for b in client().backends()
+    ]
 
 
 def get_locations(object_id: str) -> list[str]:
@@ -200,4 +219,5 @@ def stub_class(name: str) -> type:
     """A proxy class for ``name`` ("module.Class"), a class registered in the cluster that
     this process need not be able to import: its methods are asked from a backend."""
     from store._model.objectops import stub_class as build
+
     return build(client(), name)

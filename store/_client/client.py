@@ -29,20 +29,40 @@ from store._model import objects as objmod
 from store._client import shm
 from store import tracing
 from store._wire import transfers, wire
+
 # CHANNEL_OPTIONS and MAX_MESSAGE stay importable from here (servers and tests use them).
 from store._client.transport import CHANNEL_OPTIONS, MAX_MESSAGE, Transport, for_settings  # noqa: F401
 from store.config import Settings
-from store.errors import (AuthenticationError, BackendDown, BackendNotFound, BackendUnavailable,
-                          CallInterrupted, ClaypotError, ConfigurationError, DeadlineExceeded, NotPersistent,
-                          ObjectMoved, ObjectNotFound, ProtocolError, ValueTooLarge)
+from store.errors import (
+    AuthenticationError,
+    BackendDown,
+    BackendNotFound,
+    BackendUnavailable,
+    CallInterrupted,
+    ClaypotError,
+    ConfigurationError,
+    DeadlineExceeded,
+    NotPersistent,
+    ObjectMoved,
+    ObjectNotFound,
+    ProtocolError,
+    ValueTooLarge,
+)
 from store._wire.generated import claypot_pb2 as pb
 from store._wire.generated import claypot_pb2_grpc as pb_grpc
 from store._util.ids import fresh_id
 from store._client.retry import Retry
-from store._wire.serialization import (PickleContext, code_key_and_bytes, dumps, import_by_key, load_code,
-                                       loads, remember_code)
+from store._wire.serialization import (
+    PickleContext,
+    code_key_and_bytes,
+    dumps,
+    import_by_key,
+    load_code,
+    loads,
+    remember_code,
+)
 
-if TYPE_CHECKING:   # imported when first used: most clients never need them
+if TYPE_CHECKING:  # imported when first used: most clients never need them
     from store._client.leases import LeaseReturns
     from store._client.readcache import ReadCache
 
@@ -71,14 +91,22 @@ class _NotRun(Exception):
         self.error = error
 
 
-_MISS = object()   # a replica read that did not happen (the primary answers instead)
+_MISS = object()  # a replica read that did not happen (the primary answers instead)
 
 
 def _is_connect_failure(err: grpc.RpcError) -> bool:
     details = (err.details() or "").lower()
-    return any(s in details for s in ("failed to connect", "connection refused",
-                                      "connections to all backends failing", "dns resolution",
-                                      "no route to host", "unavailable: ipv4"))
+    return any(
+        s in details
+        for s in (
+            "failed to connect",
+            "connection refused",
+            "connections to all backends failing",
+            "dns resolution",
+            "no route to host",
+            "unavailable: ipv4",
+        )
+    )
 
 
 def translate(err: grpc.RpcError, may_have_run: bool, what: str = "call") -> ClaypotError:
@@ -91,14 +119,14 @@ def translate(err: grpc.RpcError, may_have_run: bool, what: str = "call") -> Cla
         return DeadlineExceeded(f"{what}: no answer within its deadline")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ValueTooLarge(f"{what}: {details}")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
-                grpc.StatusCode.UNIMPLEMENTED):
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED):
         return ProtocolError(f"{what}: {details}")
     if code == grpc.StatusCode.UNAVAILABLE and (_is_connect_failure(err) or not may_have_run):
         return BackendUnavailable(f"{what}: backend unreachable ({details})")
     if may_have_run:
-        return CallInterrupted(f"{what}: the connection broke while the call was in flight "
-                               f"({code.name}: {details}); it may have run")
+        return CallInterrupted(
+            f"{what}: the connection broke while the call was in flight ({code.name}: {details}); it may have run"
+        )
     return BackendUnavailable(f"{what}: {code.name}: {details}")
 
 
@@ -110,15 +138,21 @@ class Client:
     (:class:`store._ops.inproc.InProcessCluster`).
     """
 
-    def __init__(self, address: str | None = None, token: str | None = None,
-                 settings: Settings | None = None, gateways: list[str] | None = None,
-                 transport: Transport | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        settings: Settings | None = None,
+        gateways: list[str] | None = None,
+        transport: Transport | None = None,
+    ):
         self.settings = settings or Settings.from_env()
         address = address or self.settings.address
         if not address:
             raise ConfigurationError(
                 "no cluster address: pass one to store.connect(), set CLAYPOT_ADDRESS, "
-                "or start a cluster with `claypot up`")
+                "or start a cluster with `claypot up`"
+            )
         self.token = token if token is not None else self.settings.token
         wire.set_receive_budget(self.settings.receive_budget_bytes())
         self._metadata = ((TOKEN_HEADER, self.token),)
@@ -129,8 +163,8 @@ class Client:
         self._gateways = [address] + [g for g in (gateways or []) if g != address]
         # Channels read the settings when they open: callers may replace self.settings.
         self.transport: Transport = for_settings(lambda: self.settings, transport)
-        self._addresses: dict[str, str] = {}   # backend id -> address
-        self._host_ids: dict[str, str] = {}    # address -> host id it reported (see _same_host)
+        self._addresses: dict[str, str] = {}  # backend id -> address
+        self._host_ids: dict[str, str] = {}  # address -> host id it reported (see _same_host)
         self._down_checked: dict[str, tuple] = {}  # address -> (when, BackendDown or None)
         # Long calls in flight, watched for a backend whose host vanished (see _watch).
         self._inflight: dict[int, tuple[str, float]] = {}
@@ -150,8 +184,9 @@ class Client:
         self._proxies: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     @classmethod
-    def inside_backend(cls, heap: Any, backend_id: str, address: str, settings: Settings,
-                       transport: Transport | None = None) -> "Client":
+    def inside_backend(
+        cls, heap: Any, backend_id: str, address: str, settings: Settings, transport: Transport | None = None
+    ) -> "Client":
         """The client a backend's own code uses (methods calling other objects, tasks).
 
         Calls to objects in ``heap`` run in place; everything else goes out
@@ -182,8 +217,7 @@ class Client:
         self._closed = True
         self.transport.close()
 
-    def _rpc(self, address: str, method: str, request, timeout: float, may_have_run: bool,
-             what: str):
+    def _rpc(self, address: str, method: str, request, timeout: float, may_have_run: bool, what: str):
         key = None
         if timeout > self.settings.heartbeat_ttl:
             # Long calls are watched (see _watch); a plain dict entry, not a
@@ -195,12 +229,13 @@ class Client:
             if self._watchdog is None:
                 self._start_watchdog()
         try:
-            return getattr(self._stub(address), method)(request, timeout=timeout,
-                                                        metadata=tracing.metadata(self._metadata))
+            return getattr(self._stub(address), method)(
+                request, timeout=timeout, metadata=tracing.metadata(self._metadata)
+            )
         except grpc.RpcError as err:
             lost = self._lost.get(address)
             if key is not None and lost is not None and lost[0] >= started:
-                raise lost[1] from None   # cancelled by the watchdog: its host is gone
+                raise lost[1] from None  # cancelled by the watchdog: its host is gone
             exc = translate(err, may_have_run, what)
             if isinstance(exc, BackendUnavailable):
                 raise _NotRun(exc) from None
@@ -219,8 +254,7 @@ class Client:
     def _start_watchdog(self) -> None:
         with self._lock:
             if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, name="claypot-watchdog",
-                                                  daemon=True)
+                self._watchdog = threading.Thread(target=self._watch, name="claypot-watchdog", daemon=True)
                 self._watchdog.start()
 
     def _watch(self) -> None:
@@ -257,8 +291,8 @@ class Client:
                 continue
             try:
                 reply = self._stub(gateway).ListBackends(
-                    pb.ListBackendsRequest(), timeout=min(self.settings.admin_timeout, 2.0),
-                    metadata=self._metadata)
+                    pb.ListBackendsRequest(), timeout=min(self.settings.admin_timeout, 2.0), metadata=self._metadata
+                )
             except grpc.RpcError:
                 continue
             for b in reply.backends:
@@ -266,25 +300,29 @@ class Client:
                     found = BackendDown(
                         f"backend {b.backend_id[:8]} on host {b.host} ({address}) is down: "
                         f"no heartbeat for {self.settings.heartbeat_ttl:g}s",
-                        b.backend_id, b.host, address)
+                        b.backend_id,
+                        b.host,
+                        address,
+                    )
             break
         self._down_checked[address] = (now, found)
         return found
 
     def _admin(self, method: str, request, address: str | None = None):
         """A directory question: safe to retry, tried on every known gateway."""
+
         def attempt():
             addrs = [address] if address else self._gateway_order()
             last = None
             for addr in addrs:
                 try:
-                    return self._rpc(addr, method, request, self.settings.admin_timeout,
-                                     False, method)
+                    return self._rpc(addr, method, request, self.settings.admin_timeout, False, method)
                 except _NotRun as exc:
                     last = exc
                 except BackendDown as exc:  # a gateway on a lost host: ask the next one
                     last = _NotRun(exc)
             raise last
+
         try:
             return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt)
         except _NotRun as exc:
@@ -309,12 +347,12 @@ class Client:
         for addr in self._gateway_order():
             tried.append(addr)
             try:
-                reply = self._stub(addr).ListBackends(pb.ListBackendsRequest(), timeout=timeout,
-                                                      metadata=self._metadata)
+                reply = self._stub(addr).ListBackends(
+                    pb.ListBackendsRequest(), timeout=timeout, metadata=self._metadata
+                )
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise AuthenticationError(f"{addr}: {err.details() or 'wrong token'}") \
-                        from None
+                    raise AuthenticationError(f"{addr}: {err.details() or 'wrong token'}") from None
                 last = f"{err.code().name}: {err.details()}"
                 continue
             with self._lock:
@@ -337,17 +375,23 @@ class Client:
 
     def validate_backend(self, backend_id: str) -> None:
         """Ask a backend to check its lifecycle invariants; raises if one is broken."""
-        reply = self._on_owner(backend_id, lambda addr: self._rpc(
-            addr, "Validate", pb.ValidateRequest(), self.settings.admin_timeout, False,
-            "validate"))
+        reply = self._on_owner(
+            backend_id,
+            lambda addr: self._rpc(
+                addr, "Validate", pb.ValidateRequest(), self.settings.admin_timeout, False, "validate"
+            ),
+        )
         if reply.HasField("error"):
             raise AssertionError(reply.error.message)
 
     def checkpoint_backend(self, backend_id: str) -> None:
         """Make a backend write every pending change to its checkpoint now."""
-        reply = self._on_owner(backend_id, lambda addr: self._rpc(
-            addr, "Checkpoint", pb.CheckpointRequest(), self.settings.call_timeout, False,
-            "checkpoint"))
+        reply = self._on_owner(
+            backend_id,
+            lambda addr: self._rpc(
+                addr, "Checkpoint", pb.CheckpointRequest(), self.settings.call_timeout, False, "checkpoint"
+            ),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -391,8 +435,7 @@ class Client:
         try:
             return Retry(self.settings.reconnect_timeout, (_NotRun,)).run(attempt, on_retry)
         except _NotRun as exc:
-            raise BackendUnavailable(f"backend {backend_id[:8]} is unavailable: "
-                                     f"{exc.error}") from None
+            raise BackendUnavailable(f"backend {backend_id[:8]} is unavailable: {exc.error}") from None
 
     # -- code ------------------------------------------------------------------------------
     def register_code(self, obj: Any) -> str:
@@ -423,8 +466,9 @@ class Client:
         return cls
 
     # -- objects ---------------------------------------------------------------------------
-    def make_persistent(self, objs: list, alias: str | None = None,
-                        backend: str | None = None, replicas: int | None = None) -> None:
+    def make_persistent(
+        self, objs: list, alias: str | None = None, backend: str | None = None, replicas: int | None = None
+    ) -> None:
         """Persist ``objs`` (and the new StorageObjects they reference) in one batch.
 
         ``replicas``: synchronous replicas of each (default: the first object's
@@ -433,8 +477,7 @@ class Client:
         if alias is not None and (not isinstance(alias, str) or not alias or "|" in alias):
             raise ValueError("an alias is a non-empty string without '|'")
         if replicas is None:
-            replicas = getattr(objmod.real_class(objs[0]), "claypot_replicas", None) \
-                if objs else None
+            replicas = getattr(objmod.real_class(objs[0]), "claypot_replicas", None) if objs else None
             if replicas is None:
                 replicas = self.settings.replicas
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -445,10 +488,8 @@ class Client:
         items, _ = self._collect(objs, target)
         entries = []
         for i, (obj, oid, key, payload, buffers) in enumerate(items):
-            entries.append(pb.PersistObject(object_id=oid, class_key=key,
-                                            alias=(alias or "") if i == 0 else ""))
-        self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items],
-                           replicas=replicas)
+            entries.append(pb.PersistObject(object_id=oid, class_key=key, alias=(alias or "") if i == 0 else ""))
+        self._send_persist(target, entries, [(p, b) for _, _, _, p, b in items], replicas=replicas)
         for obj, oid, key, _, _ in items:
             objmod.turn_into_proxy(obj, oid, key, target)
             self._remember_proxy(oid, obj)
@@ -470,6 +511,7 @@ class Client:
         for obj in roots:
             if obj.getID() is not None:
                 from store.errors import AlreadyPersistent
+
                 raise AlreadyPersistent(f"object {obj.getID()} is already persistent")
             new_object(obj)
         ctx = PickleContext(new_object)
@@ -491,8 +533,7 @@ class Client:
         """
         self._send_persist(target, entries, values, adopt=adopt)
 
-    def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False,
-                      replicas: int = 0):
+    def _send_persist(self, target: str, entries: list, values: list, adopt: bool = False, replicas: int = 0):
         size = sum(wire.total_size(p, b) for p, b in values)
         check_size(size, self.settings, "make_persistent")
         if size <= self.settings.inline_limit:
@@ -501,35 +542,38 @@ class Client:
             request = pb.PersistRequest(objects=entries, adopt=adopt, replicas=replicas)
 
             def send(addr):
-                return self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
-                                 False, "make_persistent")
+                return self._rpc(
+                    addr, "Persist", request, self.settings.stream_deadline(size), False, "make_persistent"
+                )
         else:
             blobs = []
             for entry, (p, b) in zip(entries, values):
                 value, parts = wire.streamed_value(p, b)
                 entry.state.CopyFrom(value)
                 blobs += parts
-            header = pb.PersistRequest(objects=entries, adopt=adopt,
-                                       replicas=replicas).SerializeToString()
+            header = pb.PersistRequest(objects=entries, adopt=adopt, replicas=replicas).SerializeToString()
             small_payloads = sum(len(p) for p, _ in values) <= self.settings.inline_limit
 
             def send(addr):
                 if small_payloads and self._same_host(addr):
                     try:
-                        return self._persist_via_shm(addr, entries, values, adopt, size,
-                                                     replicas)
+                        return self._persist_via_shm(addr, entries, values, adopt, size, replicas)
                     except shm.Unavailable:
                         pass  # /dev/shm full or missing: stream instead
                 try:
                     return self._streams(addr).PersistStream(
-                        wire.chunk_stream(header, blobs, self.settings.chunk_size,
-                                          transfers.meter(size, "make_persistent")),
-                        timeout=self.settings.stream_deadline(size), metadata=self._metadata)
+                        wire.chunk_stream(
+                            header, blobs, self.settings.chunk_size, transfers.meter(size, "make_persistent")
+                        ),
+                        timeout=self.settings.stream_deadline(size),
+                        metadata=self._metadata,
+                    )
                 except grpc.RpcError as err:
                     exc = translate(err, False, "make_persistent")
                     if isinstance(exc, BackendUnavailable) and _is_connect_failure(err):
                         raise _NotRun(exc) from None
                     raise exc from None
+
         if self.local is not None and target == self.local_id:
             raise ConfigurationError("in-process persist goes through the heap")
         reply = self._on_owner(target, send)
@@ -555,15 +599,15 @@ class Client:
     def _ask_host_id(self, address: str) -> str | None:
         """The host id a backend reports (one Ping, cached per address)."""
         try:
-            reply = self._stub(address).Ping(pb.PingRequest(), metadata=self._metadata,
-                                              timeout=min(self.settings.admin_timeout, 2.0))
+            reply = self._stub(address).Ping(
+                pb.PingRequest(), metadata=self._metadata, timeout=min(self.settings.admin_timeout, 2.0)
+            )
         except grpc.RpcError:
             return None  # unreachable now: stream, and ask again next time
         self._host_ids[address] = reply.host_id
         return reply.host_id
 
-    def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int,
-                         replicas: int = 0):
+    def _persist_via_shm(self, addr: str, entries: list, values: list, adopt: bool, size: int, replicas: int = 0):
         names: list[str] = []
         try:
             objects = []
@@ -577,12 +621,12 @@ class Client:
                 held += [(lease, m) for lease, m in zip([x for x in leases if x], made)]
                 obj = pb.PersistObject()
                 obj.CopyFrom(entry)
-                obj.state.CopyFrom(pb.Value(payload=p, shm=segments, leases=leases,
-                                            buffer_sizes=[memoryview(x).nbytes for x in b]))
+                obj.state.CopyFrom(
+                    pb.Value(payload=p, shm=segments, leases=leases, buffer_sizes=[memoryview(x).nbytes for x in b])
+                )
                 objects.append(obj)
             request = pb.PersistRequest(objects=objects, adopt=adopt, replicas=replicas)
-            reply = self._rpc(addr, "Persist", request, self.settings.stream_deadline(size),
-                              False, "make_persistent")
+            reply = self._rpc(addr, "Persist", request, self.settings.stream_deadline(size), False, "make_persistent")
             for lease, made in held:
                 self.lease_returns.track(memoryview(made.region), addr, lease)
             return reply
@@ -590,8 +634,7 @@ class Client:
             shm.discard(names)  # the backend unlinked what it took; this clears the rest
 
     def resolve(self, *, object_id: str | None = None, alias: str | None = None) -> pb.ObjectRef:
-        request = pb.ResolveRequest(object_id=object_id) if object_id else \
-            pb.ResolveRequest(alias=alias)
+        request = pb.ResolveRequest(object_id=object_id) if object_id else pb.ResolveRequest(alias=alias)
         reply = self._admin("Resolve", request)
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
@@ -626,8 +669,10 @@ class Client:
         bring it back."""
         owner = self.resolve(alias=alias).backend_id
         request = pb.AliasRequest(alias=alias)
-        reply = self._on_owner(owner, lambda addr: self._rpc(
-            addr, "DeleteAlias", request, self.settings.admin_timeout, True, "delete_alias"))
+        reply = self._on_owner(
+            owner,
+            lambda addr: self._rpc(addr, "DeleteAlias", request, self.settings.admin_timeout, True, "delete_alias"),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -640,19 +685,34 @@ class Client:
 
     def delete_persistent(self, proxy: objmod.StorageObject) -> None:
         oid = proxy.getID()
-        reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "Delete", pb.DeleteRequest(object_id=oid, chain_id=current_chain() or ""),
-            self.settings.admin_timeout, True, "delete_persistent"))
+        reply = self._with_relocation(
+            proxy,
+            lambda addr: self._rpc(
+                addr,
+                "Delete",
+                pb.DeleteRequest(object_id=oid, chain_id=current_chain() or ""),
+                self.settings.admin_timeout,
+                True,
+                "delete_persistent",
+            ),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
     def move(self, proxy: objmod.StorageObject, backend_id: str) -> None:
         oid = proxy.getID()
         self.address_of(backend_id)
-        reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "Move", pb.MoveRequest(object_id=oid, target_backend_id=backend_id,
-                                         chain_id=current_chain() or ""),
-            self.settings.call_timeout, True, "move"))
+        reply = self._with_relocation(
+            proxy,
+            lambda addr: self._rpc(
+                addr,
+                "Move",
+                pb.MoveRequest(object_id=oid, target_backend_id=backend_id, chain_id=current_chain() or ""),
+                self.settings.call_timeout,
+                True,
+                "move",
+            ),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._OWNER] = backend_id
@@ -662,10 +722,11 @@ class Client:
         StorageObject.upgrade_class)."""
         key = self.register_code(objmod.real_class(cls))
         oid = proxy.getID()
-        request = pb.UpgradeClassRequest(object_id=oid, class_key=key,
-                                          chain_id=current_chain() or "")
-        reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "UpgradeClass", request, self.settings.call_timeout, True, "upgrade_class"))
+        request = pb.UpgradeClassRequest(object_id=oid, class_key=key, chain_id=current_chain() or "")
+        reply = self._with_relocation(
+            proxy,
+            lambda addr: self._rpc(addr, "UpgradeClass", request, self.settings.call_timeout, True, "upgrade_class"),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         proxy.__dict__[objmod._KEY] = key
@@ -677,10 +738,11 @@ class Client:
         """One more synchronous replica of a persistent object; returns its backend id."""
         oid = proxy.getID()
         if backend_id:
-            self.address_of(backend_id)   # BackendNotFound early
+            self.address_of(backend_id)  # BackendNotFound early
         request = pb.AddReplicaRequest(object_id=oid, backend_id=backend_id or "")
-        reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "AddReplica", request, self.settings.call_timeout, True, "add_replica"))
+        reply = self._with_relocation(
+            proxy, lambda addr: self._rpc(addr, "AddReplica", request, self.settings.call_timeout, True, "add_replica")
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         return reply.backend_id
@@ -746,8 +808,7 @@ class Client:
             payload, buffers = self._dump_args((args, kwargs), owner)
         else:
             payload, buffers = b"", []
-        request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain,
-                                 call_id=fresh_id())
+        request = pb.CallRequest(object_id=oid, kind=kind, name=name, chain_id=chain, call_id=fresh_id())
         if proxy.__dict__.get(objmod._PREFIX + "on_replica") and self._reads(proxy, kind, name):
             hit = self._call_replica(proxy, request, payload, buffers)
             if hit is not _MISS:
@@ -775,17 +836,15 @@ class Client:
                 raise first from None
             if not ref.epoch:
                 raise
-            deadline = time.monotonic() + (self.settings.failover_timeout
-                                            or 3 * self.settings.heartbeat_ttl)
+            deadline = time.monotonic() + (self.settings.failover_timeout or 3 * self.settings.heartbeat_ttl)
             last: ClaypotError = first
             while time.monotonic() < deadline:
                 time.sleep(min(0.2, self.settings.heartbeat_ttl / 10))
                 try:
                     ref = self.resolve(object_id=request.object_id)
                     addr = self._addresses.get(ref.backend_id, "")
-                    if isinstance(last, BackendDown) and addr == last.address \
-                            and self._down_at(addr) is not None:
-                        continue   # not promoted yet: a frozen host would hold the call
+                    if isinstance(last, BackendDown) and addr == last.address and self._down_at(addr) is not None:
+                        continue  # not promoted yet: a frozen host would hold the call
                     proxy.__dict__[objmod._OWNER] = ref.backend_id
                     return self._call(proxy, request, payload, buffers)
                 except (CallInterrupted, BackendUnavailable) as exc:
@@ -818,12 +877,13 @@ class Client:
         if payload:
             request.args.CopyFrom(wire.inline_value(payload, buffers))
         try:
-            reply = self._on_owner(replica, lambda addr: self._rpc(
-                addr, "Call", request, self.settings.call_timeout, True, request.name))
+            reply = self._on_owner(
+                replica, lambda addr: self._rpc(addr, "Call", request, self.settings.call_timeout, True, request.name)
+            )
             return self._result(reply, self.address_of(replica))
         except (ObjectNotFound, BackendUnavailable, CallInterrupted):
             proxy.__dict__.pop(objmod._PREFIX + "replicas", None)
-            return _MISS   # not current there, or gone: the primary answers
+            return _MISS  # not current there, or gone: the primary answers
         finally:
             request.on_replica = False
             request.ClearField("args")
@@ -842,14 +902,14 @@ class Client:
         def new_object(obj):
             fresh.append(obj)
             return self._persist_now(obj, owner)
+
         return dumps(value, PickleContext(new_object))
 
     def _persist_now(self, obj, backend: str) -> tuple[str, str, str]:
         self.make_persistent([obj], None, backend or None)
         return obj.getID(), obj.__dict__[objmod._KEY], obj.__dict__[objmod._OWNER]
 
-    def _call(self, proxy, request: pb.CallRequest, payload: bytes, buffers: list,
-              owner: str | None = None) -> Any:
+    def _call(self, proxy, request: pb.CallRequest, payload: bytes, buffers: list, owner: str | None = None) -> Any:
         size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
         timeout = self.settings.call_timeout + size / self.settings.stream_min_rate
         check_size(size, self.settings, request.name)
@@ -882,14 +942,18 @@ class Client:
                         return reply
                 try:
                     return self._streams(addr).CallStream(
-                        wire.chunk_stream(header, blobs, self.settings.chunk_size,
-                                          transfers.meter(size, f"{request.name} arguments")),
-                        timeout=timeout, metadata=tracing.metadata(self._metadata))
+                        wire.chunk_stream(
+                            header, blobs, self.settings.chunk_size, transfers.meter(size, f"{request.name} arguments")
+                        ),
+                        timeout=timeout,
+                        metadata=tracing.metadata(self._metadata),
+                    )
                 except grpc.RpcError as err:
                     exc = translate(err, True, request.name)
                     if isinstance(exc, BackendUnavailable):
                         raise _NotRun(exc) from None
                     raise exc from None
+
         try:
             if proxy is None:
                 reply = self._on_owner(owner, send)
@@ -900,14 +964,13 @@ class Client:
         except (KeyboardInterrupt, DeadlineExceeded):
             # The caller gave up (Ctrl-C, or its deadline passed): stop the call
             # on the backend too, so it neither keeps running nor holds the lock.
-            self.cancel_call(owner if proxy is None else proxy.__dict__.get(objmod._OWNER, ""),
-                             request.call_id)
+            self.cancel_call(owner if proxy is None else proxy.__dict__.get(objmod._OWNER, ""), request.call_id)
             raise
-        return self._result(reply, addr, (request.object_id, request.name)
-                            if request.kind == objmod.GET_ATTR else None)
+        return self._result(reply, addr, (request.object_id, request.name) if request.kind == objmod.GET_ATTR else None)
 
-    def _call_via_shm(self, addr: str, request: pb.CallRequest, payload: bytes, buffers: list,
-                      timeout: float) -> pb.CallReply | None:
+    def _call_via_shm(
+        self, addr: str, request: pb.CallRequest, payload: bytes, buffers: list, timeout: float
+    ) -> pb.CallReply | None:
         """Send a call's argument buffers through /dev/shm; None when it cannot take them."""
         try:
             names = shm.export(buffers)
@@ -917,9 +980,9 @@ class Client:
             request.accept_shm = True
             request.reader_pid = os.getpid()
             request.reader_pid_ns = shm.pid_namespace()
-            request.args.CopyFrom(pb.Value(
-                payload=payload, shm=names,
-                buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+            request.args.CopyFrom(
+                pb.Value(payload=payload, shm=names, buffer_sizes=[memoryview(b).nbytes for b in buffers])
+            )
             return self._rpc(addr, "Call", request, timeout, True, request.name)
         finally:
             shm.discard(names)
@@ -934,14 +997,12 @@ class Client:
             return False
         try:
             addr = self._addresses.get(backend_id) or self.address_of(backend_id)
-            reply = self._stub(addr).Cancel(pb.CancelRequest(call_id=call_id), timeout=2.0,
-                                            metadata=self._metadata)
+            reply = self._stub(addr).Cancel(pb.CancelRequest(call_id=call_id), timeout=2.0, metadata=self._metadata)
             return reply.found
         except (grpc.RpcError, ClaypotError, ValueError):
             return False
 
-    def _result(self, reply: pb.CallReply, address: str,
-                reusable: tuple[str, str] | None = None) -> Any:
+    def _result(self, reply: pb.CallReply, address: str, reusable: tuple[str, str] | None = None) -> Any:
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         ctx = None
@@ -951,10 +1012,11 @@ class Client:
                     chunks = self._streams(address).FetchResult(
                         pb.FetchRequest(result_handle=reply.result_handle),
                         timeout=self.settings.stream_deadline(reply.result_size),
-                        metadata=tracing.metadata(self._metadata))
-                    header, values = wire.receive_stream(iter(chunks), pb.CallReply,
-                                                         _max_value_size(self.settings),
-                                                         progress="result")
+                        metadata=tracing.metadata(self._metadata),
+                    )
+                    header, values = wire.receive_stream(
+                        iter(chunks), pb.CallReply, _max_value_size(self.settings), progress="result"
+                    )
             except grpc.RpcError as err:
                 raise translate(err, True, "fetching a result") from None
             if header.HasField("error"):
@@ -968,10 +1030,16 @@ class Client:
             value = loads(reply.result.payload, views, ctx)
             if reusable is not None and reply.version_table:
                 # The backend lets this view be reused while the object is unchanged.
-                self.read_cache.remember(reusable, reply.version_table, reply.version_slot,
-                                         reply.version_word, reply.version_pid,
-                                         reply.result.payload, views,
-                                         list(reply.result.shm_offsets))
+                self.read_cache.remember(
+                    reusable,
+                    reply.version_table,
+                    reply.version_slot,
+                    reply.version_word,
+                    reply.version_pid,
+                    reply.result.payload,
+                    views,
+                    list(reply.result.shm_offsets),
+                )
             return value
         if reply.result.shm:
             buffers = shm.attach(list(reply.result.shm), list(reply.result.buffer_sizes))
@@ -1003,17 +1071,20 @@ class Client:
     def read_cache(self) -> ReadCache:
         """Leased views reused while their objects stay unchanged (store._client.readcache)."""
         from store._client.readcache import ReadCache
+
         return ReadCache()
 
     @functools.cached_property
     def lease_returns(self) -> LeaseReturns:
         from store._client.leases import LeaseReturns
+
         return LeaseReturns(self._return_leases)
 
     def _return_leases(self, address: str, lease_ids: list[str], timeout: float):
         """Tell a backend these leases ended; returns its report of shared memory held."""
-        reply = self._stub(address).Leases(pb.LeasesRequest(release=lease_ids),
-                                           metadata=self._metadata, timeout=timeout)
+        reply = self._stub(address).Leases(
+            pb.LeasesRequest(release=lease_ids), metadata=self._metadata, timeout=timeout
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
         return reply
@@ -1027,15 +1098,29 @@ class Client:
         if "lease_returns" in self.__dict__:
             self.lease_returns.flush()
         reply = self._return_leases(self.address_of(backend_id), [], self.settings.admin_timeout)
-        return {"segments": reply.segments, "segment_bytes": reply.segment_bytes,
-                "leases": reply.leases, "leased_bytes": reply.leased_bytes,
-                "stale_leased_bytes": reply.stale_leased_bytes, "limit": reply.limit,
-                "relocations": reply.relocations, "pool_bytes": reply.pool_bytes,
-                "pool_segments": reply.pool_segments}
+        return {
+            "segments": reply.segments,
+            "segment_bytes": reply.segment_bytes,
+            "leases": reply.leases,
+            "leased_bytes": reply.leased_bytes,
+            "stale_leased_bytes": reply.stale_leased_bytes,
+            "limit": reply.limit,
+            "relocations": reply.relocations,
+            "pool_bytes": reply.pool_bytes,
+            "pool_segments": reply.pool_segments,
+        }
 
-    def run_task(self, backend_id: str, code_key: str, args: tuple, kwargs: dict,
-                 mutates: list[str], timeout: float = 0.0, chain: str | None = None,
-                 task_key: str | None = None) -> Any:
+    def run_task(
+        self,
+        backend_id: str,
+        code_key: str,
+        args: tuple,
+        kwargs: dict,
+        mutates: list[str],
+        timeout: float = 0.0,
+        chain: str | None = None,
+        task_key: str | None = None,
+    ) -> Any:
         """Run a registered task function on a backend, returning its result.
 
         ``task_key`` names the task across its retries: a backend that already
@@ -1043,11 +1128,15 @@ class Client:
         task again.
         """
         payload, buffers = self._dump_args((args, kwargs), backend_id)
-        request = pb.CallRequest(kind=pb.TASK, name=code_key, chain_id=chain or uuid.uuid4().hex,
-                                 call_id=task_key or uuid.uuid4().hex, mutates=mutates,
-                                 timeout=timeout)
-        with tracing.client_span(f"task {code_key}", backend_id=backend_id,
-                                 call_id=request.call_id):
+        request = pb.CallRequest(
+            kind=pb.TASK,
+            name=code_key,
+            chain_id=chain or uuid.uuid4().hex,
+            call_id=task_key or uuid.uuid4().hex,
+            mutates=mutates,
+            timeout=timeout,
+        )
+        with tracing.client_span(f"task {code_key}", backend_id=backend_id, call_id=request.call_id):
             return self._call(None, request, payload, buffers, owner=backend_id)
 
     # -- aliases, backends, identity ------------------------------------------------------
@@ -1063,9 +1152,17 @@ class Client:
         if not isinstance(alias, str) or not alias or "|" in alias:
             raise ValueError("an alias is a non-empty string without '|'")
         oid = proxy.getID()
-        reply = self._with_relocation(proxy, lambda addr: self._rpc(
-            addr, "AddAlias", pb.AliasRequest(alias=alias, object_id=oid),
-            self.settings.admin_timeout, True, "add_alias"))
+        reply = self._with_relocation(
+            proxy,
+            lambda addr: self._rpc(
+                addr,
+                "AddAlias",
+                pb.AliasRequest(alias=alias, object_id=oid),
+                self.settings.admin_timeout,
+                True,
+                "add_alias",
+            ),
+        )
         if reply.HasField("error"):
             raise wire.error_from_pb(reply.error)
 
@@ -1117,6 +1214,6 @@ def check_size(size: int, settings: Settings, what: str) -> None:
     """Refuse a value over ``max_value_size`` before a byte of it is sent."""
     limit = settings.max_value_bytes()
     if limit and size > limit:
-        raise ValueTooLarge(f"{what}: value of {size} bytes exceeds the limit of {limit} bytes "
-                            f"(CLAYPOT_MAX_VALUE_SIZE)")
-
+        raise ValueTooLarge(
+            f"{what}: value of {size} bytes exceeds the limit of {limit} bytes (CLAYPOT_MAX_VALUE_SIZE)"
+        )

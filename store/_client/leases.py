@@ -38,7 +38,7 @@ class LeaseReturns:
     """Queues leases whose views died and returns them to their backends."""
 
     def __init__(self, send: Callable[[str, list[str], float], None]):
-        self._send = send   # (backend address, lease ids, deadline)
+        self._send = send  # (backend address, lease ids, deadline)
         self._cv = threading.Condition()
         self._queue: collections.deque[tuple[str, str]] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -52,8 +52,7 @@ class LeaseReturns:
         with self._cv:
             self._queue.append((address, lease_id))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="claypot-leases",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._run, name="claypot-leases", daemon=True)
                 self._thread.start()
             self._cv.notify()
 
@@ -62,7 +61,7 @@ class LeaseReturns:
             with self._cv:
                 while not self._queue:
                     if not self._cv.wait(30.0):
-                        self._thread = None   # idle: the next release starts a new one
+                        self._thread = None  # idle: the next release starts a new one
                         return
                 batch: dict[str, list[str]] = {}
                 while self._queue:
@@ -86,8 +85,7 @@ class LeaseReturns:
                 self._send(address, ids, _RELEASE_DEADLINE)
                 return
             except Exception as exc:
-                log.debug("returning %d leases to %s failed (attempt %d): %s",
-                          len(ids), address, attempt + 1, exc)
+                log.debug("returning %d leases to %s failed (attempt %d): %s", len(ids), address, attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -96,7 +94,7 @@ class LeaseReturns:
             return self._cv.wait_for(lambda: not self._queue and not self._inflight, timeout)
 
 
-def empty(shape: Any, dtype: Any=float) -> Any:
+def empty(shape: Any, dtype: Any = float) -> Any:
     """A numpy array in shared memory, uninitialised: stored without a copy on this host.
 
     Like ``numpy.empty``. ``make_persistent`` of an object holding it (as a
@@ -107,13 +105,15 @@ def empty(shape: Any, dtype: Any=float) -> Any:
         return shm.make_array(shape, dtype, zero=False)
     except shm.Unavailable:
         import numpy as np
+
         return np.empty(shape, dtype)
 
 
-def zeros(shape: Any, dtype: Any=float) -> Any:
+def zeros(shape: Any, dtype: Any = float) -> Any:
     """Like :func:`empty`, filled with zeros (a new segment reads as zeros: no extra cost)."""
     try:
         return shm.make_array(shape, dtype, zero=True)
     except shm.Unavailable:
         import numpy as np
+
         return np.zeros(shape, dtype)

@@ -38,7 +38,7 @@ _MAX_ENTRIES = 4096
 
 @dataclass
 class _Table:
-    words: memoryview   # the table as 64-bit words, mapped read-only
+    words: memoryview  # the table as 64-bit words, mapped read-only
     path: str
     inode: int
     pid: int
@@ -50,7 +50,7 @@ class _Entry:
     slot: int
     word: int
     payload: bytes
-    views: list   # (weak reference to a leased mapping, offset, size) per buffer
+    views: list  # (weak reference to a leased mapping, offset, size) per buffer
 
 
 class ReadCache:
@@ -60,10 +60,19 @@ class ReadCache:
         self._mu = threading.Lock()
         self._tables: dict[str, _Table] = {}
         self._entries: dict[tuple[str, str], _Entry] = {}
-        self.reused = 0   # reads answered here, without an RPC
+        self.reused = 0  # reads answered here, without an RPC
 
-    def remember(self, key: tuple[str, str], table: str, slot: int, word: int, pid: int,
-                 payload: bytes, views: list[memoryview], offsets: list[int]) -> None:
+    def remember(
+        self,
+        key: tuple[str, str],
+        table: str,
+        slot: int,
+        word: int,
+        pid: int,
+        payload: bytes,
+        views: list[memoryview],
+        offsets: list[int],
+    ) -> None:
         """Keep a read's leased views under ``key`` (object id, attribute).
 
         ``views[i]`` is ``offsets[i]`` bytes into its mapping (``views[i].obj``),
@@ -79,8 +88,8 @@ class ReadCache:
                 return
             refs = [(weakref.ref(v.obj), off, v.nbytes) for v, off in zip(views, offsets)]
         except (OSError, ValueError, TypeError):
-            return   # no reuse; the read itself went through
-        except Exception:   # a malformed name (ProtocolError): likewise
+            return  # no reuse; the read itself went through
+        except Exception:  # a malformed name (ProtocolError): likewise
             return
         with self._mu:
             if len(self._entries) >= _MAX_ENTRIES:
@@ -109,16 +118,14 @@ class ReadCache:
         if entry is None:
             return False, None
         regions = [r() for r, _, _ in entry.views]
-        if any(m is None for m in regions) or entry.table.words[entry.slot] != entry.word \
-                or not _serving(entry.table):
+        if any(m is None for m in regions) or entry.table.words[entry.slot] != entry.word or not _serving(entry.table):
             with self._mu:
                 if self._entries.get(key) is entry:
                     del self._entries[key]
             return False, None
         # The word held when checked: the read is ordered there. The views show the
         # state at that word whatever happens next (a change copies them aside first).
-        views = [memoryview(m)[off:off + size]
-                 for m, (_, off, size) in zip(regions, entry.views)]
+        views = [memoryview(m)[off : off + size] for m, (_, off, size) in zip(regions, entry.views)]
         value = loads(entry.payload, views)
         self.reused += 1
         return True, value
@@ -138,7 +145,7 @@ def _serving(table: _Table) -> bool:
             return False
         os.kill(table.pid, 0)
     except PermissionError:
-        return True   # a process of another user: alive
+        return True  # a process of another user: alive
     except OSError:
         return False
     return True

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter, capped at ``cap`` seconds."""
+
     base: float = 0.02
     cap: float = 0.5
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * (2 ** attempt)))
+        return random.uniform(0, min(self.cap, self.base * (2**attempt)))
 
 
 class Retry:
@@ -31,13 +32,12 @@ class Retry:
     The last error is re-raised when time is up.
     """
 
-    def __init__(self, timeout: float, retryable: tuple[type[BaseException], ...],
-                 backoff: Backoff | None = None):
+    def __init__(self, timeout: float, retryable: tuple[type[BaseException], ...], backoff: Backoff | None = None):
         self.timeout = timeout
         self.retryable = retryable
         self.backoff = backoff or Backoff()
 
-    def run(self, fn: Callable[[], Any], on_retry: Callable[..., Any] | None=None) -> Any:
+    def run(self, fn: Callable[[], Any], on_retry: Callable[..., Any] | None = None) -> Any:
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:

@@ -89,8 +89,7 @@ def is_local_address(address: str) -> bool:
 
 
 def _path(name: str) -> str:
-    if (not name.startswith(PREFIX) or len(name) > 100
-            or not name[len(PREFIX):].replace("-", "").isalnum()):
+    if not name.startswith(PREFIX) or len(name) > 100 or not name[len(PREFIX) :].replace("-", "").isalnum():
         raise ProtocolError(f"not a claypot shared-memory segment: {name[:120]!r}")
     return os.path.join(SHM_DIR, name)
 
@@ -121,14 +120,13 @@ def spare_name() -> str:
 def _settled(name: str) -> bool:
     """A kept, spare or free segment of a keeper in this PID namespace: its PID tells
     all."""
-    rest = name[len(PREFIX):].split("-", 1)[-1]
+    rest = name[len(PREFIX) :].split("-", 1)[-1]
     if rest.startswith(FREE_MARK):
         return True
-    mark = KEPT_MARK if rest.startswith(KEPT_MARK) else \
-        SPARE_MARK if rest.startswith(SPARE_MARK) else ""
+    mark = KEPT_MARK if rest.startswith(KEPT_MARK) else SPARE_MARK if rest.startswith(SPARE_MARK) else ""
     if not mark:
         return False
-    ns = rest[len(mark):].split("n", 1)[0]
+    ns = rest[len(mark) :].split("n", 1)[0]
     return ns.isdigit() and int(ns) == pid_namespace()
 
 
@@ -145,8 +143,7 @@ def claim_free(nbytes: int) -> str:
     pages exist already, so filling it runs at memory speed.
     """
     try:
-        names = [n for n in os.listdir(SHM_DIR)
-                 if n.startswith(PREFIX) and f"-{FREE_MARK}" in n]
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX) and f"-{FREE_MARK}" in n]
     except OSError:
         return ""
     sized = []
@@ -165,7 +162,7 @@ def claim_free(nbytes: int) -> str:
         try:
             os.rename(os.path.join(SHM_DIR, n), os.path.join(SHM_DIR, mine))
         except OSError:
-            continue   # another process claimed it first
+            continue  # another process claimed it first
         return mine
     return ""
 
@@ -182,7 +179,7 @@ class _Fill:
         try:
             self.region.close()
         except BufferError:
-            pass   # a copy into it is still running: the mapping goes with the object
+            pass  # a copy into it is still running: the mapping goes with the object
         os.close(self.fd)
 
 
@@ -200,7 +197,7 @@ _fills_watch: list[threading.Thread] = []
 
 
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
-_COPY_PART = 32 << 20   # the least a thread copies: below that, starting it costs more
+_COPY_PART = 32 << 20  # the least a thread copies: below that, starting it costs more
 
 
 def copy(dst: int, src: int, n: int) -> None:
@@ -209,14 +206,16 @@ def copy(dst: int, src: int, n: int) -> None:
     memory bus, so a 1 GiB copy on two free cores takes about two thirds of the time
     (Ray's store copies in parallel too)."""
     import ctypes
+
     k = min(_COPY_THREADS, n // _COPY_PART)
     if k <= 1:
         ctypes.memmove(dst, src, n)
         return
     step = -(-n // k // mmap.PAGESIZE) * mmap.PAGESIZE
-    threads = [threading.Thread(target=ctypes.memmove, name="claypot-copy",
-                                args=(dst + off, src + off, min(step, n - off)))
-               for off in range(step, n, step)]
+    threads = [
+        threading.Thread(target=ctypes.memmove, name="claypot-copy", args=(dst + off, src + off, min(step, n - off)))
+        for off in range(step, n, step)
+    ]
     for t in threads:
         t.start()
     ctypes.memmove(dst, src, step)
@@ -248,15 +247,14 @@ def fill(name: str, buf: Any) -> None:
             got.close()
             got = None
         if got is None:
-            region = mmap.mmap(fd, view.nbytes,
-                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            region = mmap.mmap(fd, view.nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             got = _Fill(region, fd, view.nbytes)
             keep = True
         dst, src = buffer_address(got.region), buffer_address(view)
         if dst is not None and src is not None:
             copy(dst, src, view.nbytes)
         else:
-            got.region[:view.nbytes] = view
+            got.region[: view.nbytes] = view
         _remember_fill(key, got)
     finally:
         if not keep:
@@ -271,8 +269,7 @@ def _remember_fill(key: tuple[int, int], got: _Fill) -> None:
             oldest = next(iter(_fills))
             old.append(_fills.pop(oldest))
         if not _fills_watch:
-            _fills_watch.append(threading.Thread(target=_watch_fills, name="claypot-fills",
-                                                 daemon=True))
+            _fills_watch.append(threading.Thread(target=_watch_fills, name="claypot-fills", daemon=True))
             _fills_watch[0].start()
     for f in old:
         f.close()
@@ -297,7 +294,7 @@ def _watch_fills(period: float = 1.0) -> None:
             dropped = [_fills.pop(k) for k in gone]
             idle = not _fills
             if idle:
-                _fills_watch.clear()   # the next fill starts a new watcher
+                _fills_watch.clear()  # the next fill starts a new watcher
         for f in dropped:
             f.close()
         if idle:
@@ -319,8 +316,7 @@ def _check_segment(fd: int, name: str, size: int) -> None:
     if st.st_uid != os.getuid():
         raise ProtocolError(f"shared-memory segment {name} belongs to another user")
     if stat.S_IMODE(st.st_mode) != 0o600:
-        raise ProtocolError(f"shared-memory segment {name} has mode "
-                            f"{stat.S_IMODE(st.st_mode):o}, not 600")
+        raise ProtocolError(f"shared-memory segment {name} has mode {stat.S_IMODE(st.st_mode):o}, not 600")
     if st.st_size != size:
         raise ProtocolError(f"shared-memory segment {name} has the wrong size")
 
@@ -330,18 +326,18 @@ def export(buffers: Sequence) -> list[str]:
     names: list[str] = []
     try:
         for buf in buffers:
-            view = memoryview(buf).cast("B") if memoryview(buf).contiguous else \
-                memoryview(bytes(buf))
+            view = memoryview(buf).cast("B") if memoryview(buf).contiguous else memoryview(bytes(buf))
             name = _new_name()
-            fd = os.open(os.path.join(SHM_DIR, name),
-                         os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             names.append(name)
             try:
                 os.ftruncate(fd, view.nbytes)
                 # pwrite into tmpfs measured 2-3x faster than copying through a mapping.
                 offset = 0
                 while offset < view.nbytes:
-                    offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
+                    offset += os.pwrite(fd, view[offset : offset + _WRITE_SLICE], offset)
             finally:
                 os.close(fd)
     except OSError as exc:
@@ -368,8 +364,7 @@ def attach(names: Sequence[str], sizes: Sequence[int]) -> list[memoryview]:
             except FileNotFoundError:
                 raise ProtocolError(f"shared-memory segment {name} is gone") from None
             except OSError as exc:
-                raise ProtocolError(f"shared-memory segment {name} cannot be opened "
-                                    f"safely: {exc.strerror}") from None
+                raise ProtocolError(f"shared-memory segment {name} cannot be opened safely: {exc.strerror}") from None
             try:
                 _check_segment(fd, name, size)
                 region = map_fd(fd, size, True) if size else bytearray()
@@ -405,6 +400,7 @@ def remove_orphans(min_age: float = RESULT_TTL) -> int:
     if not available():
         return 0
     import psutil
+
     removed = 0
     now = time.time()
     try:
@@ -414,7 +410,7 @@ def remove_orphans(min_age: float = RESULT_TTL) -> int:
     for name in names:
         if not name.startswith(PREFIX):
             continue
-        pid_text = name[len(PREFIX):].split("-", 1)[0]
+        pid_text = name[len(PREFIX) :].split("-", 1)[0]
         try:
             st = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False)
         except OSError:
@@ -488,8 +484,7 @@ def _open_checked(path: str, name: str, flags: int, size: int | None) -> int:
     except FileNotFoundError:
         raise ProtocolError(f"shared-memory segment {name} is gone") from None
     except OSError as exc:
-        raise ProtocolError(f"shared-memory segment {name} cannot be opened "
-                            f"safely: {exc.strerror}") from None
+        raise ProtocolError(f"shared-memory segment {name} cannot be opened safely: {exc.strerror}") from None
     try:
         _check_segment(fd, name, os.fstat(fd).st_size if size is None else size)
     except BaseException:
@@ -522,12 +517,13 @@ def maps_segment(pid: int, name: str) -> bool:
 
 def creator_pid(name: str) -> int:
     """The PID in a segment's name (0 if there is none)."""
-    text = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+    text = name[len(PREFIX) :].split("-", 1)[0] if name.startswith(PREFIX) else ""
     return int(text) if text.isdigit() else 0
 
 
-def keep(names: Sequence[str], sizes: Sequence[int],
-         copy: Sequence[bool] = ()) -> list[tuple[str, "mmap.mmap | bytearray | None"]]:
+def keep(
+    names: Sequence[str], sizes: Sequence[int], copy: Sequence[bool] = ()
+) -> list[tuple[str, "mmap.mmap | bytearray | None"]]:
     """Take the segments over: rename each to this process's name, map it shared.
 
     Returns (new name, mapping) per segment (``None`` for an empty buffer,
@@ -585,7 +581,7 @@ def _read_private(fd: int, size: int) -> bytearray:
     view = memoryview(buf)
     offset = 0
     while offset < size:
-        n = os.preadv(fd, [view[offset:offset + _WRITE_SLICE]], offset)
+        n = os.preadv(fd, [view[offset : offset + _WRITE_SLICE]], offset)
         if n <= 0:
             break
         offset += n
@@ -627,14 +623,13 @@ def map_readonly(name: str, offset: int, size: int) -> memoryview:
     try:
         total = os.fstat(fd).st_size
         if offset < 0 or size < 0 or offset + size > total:
-            raise ProtocolError(f"shared-memory segment {name} holds {total} bytes, not "
-                                f"{size} at offset {offset}")
+            raise ProtocolError(f"shared-memory segment {name} holds {total} bytes, not {size} at offset {offset}")
         region = map_fd(fd, total, False) if total else None
     finally:
         os.close(fd)
     if region is None:
         return memoryview(b"")
-    return memoryview(region)[offset:offset + size]
+    return memoryview(region)[offset : offset + size]
 
 
 @functools.lru_cache(maxsize=1)
@@ -673,13 +668,12 @@ _MAP_FIXED = 0x10
 def _libc():
     import ctypes
     import ctypes.util
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mremap.restype = ctypes.c_void_p
-    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                            ctypes.c_void_p]
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
@@ -702,6 +696,7 @@ def relocate(region: mmap.mmap, reuse: str = "", mapped: int = 0) -> str:
     long as the memcpy itself). Returns the new segment's name.
     """
     import ctypes
+
     libc = _libc()
     size = len(region)
     start = buffer_address(region)
@@ -711,7 +706,7 @@ def relocate(region: mmap.mmap, reuse: str = "", mapped: int = 0) -> str:
         return _relocate_premapped(start, size, reuse, mapped)
     fd = -1
     reused = False
-    if reuse:   # a free segment (renamed to a name of ours first: a client may claim it)
+    if reuse:  # a free segment (renamed to a name of ours first: a client may claim it)
         name = kept_name()
         try:
             os.rename(os.path.join(SHM_DIR, reuse), os.path.join(SHM_DIR, name))
@@ -722,8 +717,9 @@ def relocate(region: mmap.mmap, reuse: str = "", mapped: int = 0) -> str:
     if fd < 0:
         name = kept_name()
         try:
-            fd = os.open(os.path.join(SHM_DIR, name),
-                         os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(
+                os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o600
+            )
         except OSError as exc:
             raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
     try:
@@ -735,19 +731,20 @@ def relocate(region: mmap.mmap, reuse: str = "", mapped: int = 0) -> str:
                 view = memoryview(region)
                 offset = 0
                 while offset < size:
-                    offset += os.pwrite(fd, view[offset:offset + _WRITE_SLICE], offset)
+                    offset += os.pwrite(fd, view[offset : offset + _WRITE_SLICE], offset)
                 view.release()
         except OSError as exc:
             raise Unavailable(f"cannot copy into {SHM_DIR}: {exc}") from exc
         # Mapped by libc, not by an mmap object: once moved, no Python object owns the
         # temporary address (one would unmap it on collection, whatever lives there then).
         # Populated: the copy and the change about to run touch pages without a fault each.
-        got = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                        mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+        got = libc.mmap(
+            None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), fd, 0
+        )
         if got in (None, _MAP_FAILED):
             raise Unavailable(f"cannot map a copy: {os.strerror(ctypes.get_errno())}")
         if reused:
-            copy(got, start, size)   # existing pages: a plain memcpy
+            copy(got, start, size)  # existing pages: a plain memcpy
         _swap_in(got, start, size)
     except BaseException:
         os.close(fd)
@@ -762,8 +759,8 @@ def _relocate_premapped(start: int, size: int, name: str, mapped: int) -> str:
     length = _page_up(size)
     try:
         total = os.stat(os.path.join(SHM_DIR, name), follow_symlinks=False).st_size
-        length = _page_up(total)   # what premap mapped
-        kept = kept_name()   # from now on the object's memory: named as such
+        length = _page_up(total)  # what premap mapped
+        kept = kept_name()  # from now on the object's memory: named as such
         os.rename(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, kept))
         name = kept
         if total < size:
@@ -775,7 +772,7 @@ def _relocate_premapped(start: int, size: int, name: str, mapped: int) -> str:
                 _libc().munmap(mapped + _page_up(size), length - _page_up(size))
                 length = _page_up(size)
             os.truncate(os.path.join(SHM_DIR, name), size)
-        copy(mapped, start, size)   # pages and page tables exist: one memcpy
+        copy(mapped, start, size)  # pages and page tables exist: one memcpy
         _swap_in(mapped, start, size)
     except BaseException:
         _libc().munmap(mapped, length)
@@ -802,14 +799,14 @@ def _swap_in(got: int, start: int, size: int) -> None:
     the now empty range, and the old one is unmapped by a background thread.
     """
     import ctypes
+
     libc = _libc()
     park = _reserve(size)
     if park:
-        moved = libc.mremap(start, size, size,
-                            _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP, park)
+        moved = libc.mremap(start, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP, park)
         if moved == park:
             unmap_later(park, size)
-        else:   # an older kernel: the move below unmaps the old pages itself
+        else:  # an older kernel: the move below unmaps the old pages itself
             libc.munmap(park, size)
     moved = libc.mremap(got, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, start)
     if moved != start:
@@ -827,8 +824,7 @@ def _reserve(size: int) -> int:
 
     Aligned ranges let mremap move a whole page table (512 pages) at a time."""
     libc = _libc()
-    got = libc.mmap(None, size + _PMD, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                    -1, 0)
+    got = libc.mmap(None, size + _PMD, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
     if got in (None, _MAP_FAILED):
         return 0
     aligned = -(-got // _PMD) * _PMD
@@ -856,8 +852,14 @@ def premap(name: str) -> int:
         addr = _reserve(size)
         if not addr:
             raise Unavailable("no address range for a spare segment")
-        got = libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                        mmap.MAP_SHARED | _MAP_FIXED | getattr(mmap, "MAP_POPULATE", 0), fd, 0)
+        got = libc.mmap(
+            addr,
+            size,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_SHARED | _MAP_FIXED | getattr(mmap, "MAP_POPULATE", 0),
+            fd,
+            0,
+        )
         if got != addr:
             libc.munmap(addr, size)
             raise Unavailable("cannot map a spare segment")
@@ -873,8 +875,7 @@ def unmap(addr: int, size: int) -> None:
 
 def unmap_later(addr: int, size: int) -> None:
     """Unmap in a background thread (tearing down a big mapping takes a while)."""
-    threading.Thread(target=unmap, args=(addr, size), name="claypot-unmap",
-                     daemon=True).start()
+    threading.Thread(target=unmap, args=(addr, size), name="claypot-unmap", daemon=True).start()
 
 
 class _Made:
@@ -888,6 +889,7 @@ class _Made:
 
     def __init__(self, name: str, size: int, region: mmap.mmap):
         import weakref
+
         self.name, self.size, self.frozen, self.forked = name, size, False, False
         self._region = weakref.ref(region)
 
@@ -897,7 +899,7 @@ class _Made:
 
 
 _made_lock = threading.Lock()
-_made: dict[int, "_Made"] = {}   # start address -> segment, while its mapping lives
+_made: dict[int, "_Made"] = {}  # start address -> segment, while its mapping lives
 
 
 def _after_fork() -> None:
@@ -915,7 +917,7 @@ def _after_fork_in_child() -> None:
     global _made_lock, _fills_lock
     _made_lock = threading.Lock()
     _fills_lock = threading.Lock()
-    _fills_watch.clear()   # the parent's watcher thread is not in the child
+    _fills_watch.clear()  # the parent's watcher thread is not in the child
     # The parent's kept mappings of filled segments (and their open files) are not the
     # child's to keep: a child that never puts would start no watcher, and would hold
     # those files' pages after their keeper unlinked them, for as long as it lives.
@@ -942,9 +944,10 @@ def make_array(shape: Any, dtype: Any, zero: bool) -> Any:
     import weakref
 
     import numpy as np
+
     dt = np.dtype(dtype)
     count = 1
-    for n in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+    for n in shape if isinstance(shape, (tuple, list)) else (shape,):
         if int(n) < 0:
             raise ValueError(f"negative dimension in shape {shape!r}")
         count *= int(n)
@@ -960,12 +963,11 @@ def make_array(shape: Any, dtype: Any, zero: bool) -> Any:
     name = _new_name()
     path = os.path.join(SHM_DIR, name)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise Unavailable(f"cannot create a segment in {SHM_DIR}: {exc}") from exc
     try:
-        os.ftruncate(fd, size)   # a new tmpfs file reads as zeros
+        os.ftruncate(fd, size)  # a new tmpfs file reads as zeros
         # Pages allocated now, not on first write: a write to a hole that a full tmpfs
         # cannot back kills the process with SIGBUS.
         os.posix_fallocate(fd, 0, size)
@@ -987,6 +989,7 @@ def make_array(shape: Any, dtype: Any, zero: bool) -> Any:
                 del _made[start]
         if not made.frozen:
             discard([made.name])
+
     weakref.finalize(region, gone)
     return arr
 
@@ -1001,9 +1004,14 @@ def made_segment(buf: Any) -> "_Made | None":
         return None
     with _made_lock:
         made = _made.get(start)
-    if made is None or made.frozen or made.forked or made.region is None \
-            or memoryview(buf).nbytes != made.size \
-            or not os.path.exists(os.path.join(SHM_DIR, made.name)):
+    if (
+        made is None
+        or made.frozen
+        or made.forked
+        or made.region is None
+        or memoryview(buf).nbytes != made.size
+        or not os.path.exists(os.path.join(SHM_DIR, made.name))
+    ):
         return None
     return made
 
@@ -1019,8 +1027,7 @@ def freeze(made: "_Made") -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         start = buffer_address(made.region)
-        got = libc.mmap(start, made.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                        mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        got = libc.mmap(start, made.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
         if got != start:
             err = __import__("ctypes").get_errno()
             raise Unavailable(f"cannot remap segment {made.name} private: {os.strerror(err)}")

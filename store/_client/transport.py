@@ -88,6 +88,7 @@ class Transport(Protocol):
 
 # -- gRPC --------------------------------------------------------------------------
 
+
 class GrpcTransport:
     """Backends over gRPC channels: one channel per address, TLS when ``settings.tls_ca``.
 
@@ -115,8 +116,7 @@ class GrpcTransport:
             hit = self._channels.get(address)
             if hit is None:
                 if self.settings.tls_ca:
-                    creds = grpc.ssl_channel_credentials(
-                        root_certificates=self.settings.read_pem("tls_ca"))
+                    creds = grpc.ssl_channel_credentials(root_certificates=self.settings.read_pem("tls_ca"))
                     channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
                 else:
                     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -154,6 +154,7 @@ class GrpcTransport:
 
 
 # -- in process ----------------------------------------------------------------------
+
 
 class InProcessRpcError(grpc.RpcError, grpc.Call):
     """A failed in-process call, shaped like the error a gRPC stub raises."""
@@ -293,12 +294,11 @@ class _Context(grpc.ServicerContext):
             self._cancelled = self._cancelled or cancelled
             callbacks, self._callbacks = self._callbacks, []
         if cancelled:
-            _settle(self._outcome, error=self._error() or InProcessRpcError(
-                grpc.StatusCode.CANCELLED, "Cancelled"))
+            _settle(self._outcome, error=self._error() or InProcessRpcError(grpc.StatusCode.CANCELLED, "Cancelled"))
         for callback in callbacks:
             try:
                 callback()
-            except Exception:   # a callback's failure must not end the transport's thread
+            except Exception:  # a callback's failure must not end the transport's thread
                 log.exception("in-process call: a context callback failed")
 
     def _error(self) -> InProcessRpcError | None:
@@ -319,10 +319,9 @@ class _Served:
         self.address = address
         self.dispatcher = dispatcher
         self.handlers: list = []
-        wire.add_servicer(servicer, self)   # collects the handlers, as a grpc.Server would
+        wire.add_servicer(servicer, self)  # collects the handlers, as a grpc.Server would
         self.interceptors = list(interceptors)
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=f"inproc-{address}")
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"inproc-{address}")
         self.closed = False
 
     # The one method of grpc.Server that wire.add_servicer needs.
@@ -339,7 +338,7 @@ class _Served:
 
         chain = lookup
         for interceptor in reversed(self.interceptors):
-            chain = (lambda inner, icp: (lambda d: icp.intercept_service(inner, d)))(chain, interceptor)
+            chain = (lambda inner, icp: lambda d: icp.intercept_service(inner, d))(chain, interceptor)
         return chain(details)
 
     def run(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -348,15 +347,17 @@ class _Served:
         def serve():
             with objmod.dispatching(self.dispatcher):
                 return fn()
+
         if self.closed:
-            raise InProcessRpcError(grpc.StatusCode.UNAVAILABLE,
-                                    f"failed to connect to all addresses; {self.address} is stopped")
+            raise InProcessRpcError(
+                grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; {self.address} is stopped"
+            )
         try:
             return self.pool.submit(serve)
-        except RuntimeError:   # the pool shut down between the check and the submit
-            raise InProcessRpcError(grpc.StatusCode.UNAVAILABLE,
-                                    f"failed to connect to all addresses; {self.address} is stopped") \
-                from None
+        except RuntimeError:  # the pool shut down between the check and the submit
+            raise InProcessRpcError(
+                grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; {self.address} is stopped"
+            ) from None
 
 
 class InProcessNetwork:
@@ -366,8 +367,7 @@ class InProcessNetwork:
         self._served: dict[str, _Served] = {}
         self._lock = threading.Lock()
 
-    def serve(self, address: str, servicer: Any, interceptors: list, dispatcher: Any,
-              threads: int = 16) -> None:
+    def serve(self, address: str, servicer: Any, interceptors: list, dispatcher: Any, threads: int = 16) -> None:
         """Serve ``servicer`` at ``address``: its calls run behind ``interceptors``
         with ``dispatcher`` as the context's dispatcher (see store._model.objects.dispatching)."""
         with self._lock:
@@ -389,17 +389,19 @@ class InProcessNetwork:
     def find(self, address: str) -> _Served:
         served = self._served.get(address)
         if served is None or served.closed:
-            raise InProcessRpcError(grpc.StatusCode.UNAVAILABLE,
-                                    f"failed to connect to all addresses; nothing serves {address} "
-                                    f"in this process")
+            raise InProcessRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"failed to connect to all addresses; nothing serves {address} in this process",
+            )
         return served
 
 
 class _Call:
     """One RPC of the Backend service at one address, called in process."""
 
-    def __init__(self, transport: "InProcessTransport", address: str, name: str,
-                 request_serializer, response_deserializer):
+    def __init__(
+        self, transport: "InProcessTransport", address: str, name: str, request_serializer, response_deserializer
+    ):
         self.transport, self.address, self.name = transport, address, name
         self.serialize = request_serializer
         self.deserialize = response_deserializer
@@ -449,12 +451,14 @@ class _Call:
             if error is not None:
                 _settle(context._outcome, error=error)
             elif reply is None and replies is None:
-                _settle(context._outcome, error=InProcessRpcError(
-                    grpc.StatusCode.INTERNAL, f"{self.name} returned nothing"))
+                _settle(
+                    context._outcome, error=InProcessRpcError(grpc.StatusCode.INTERNAL, f"{self.name} returned nothing")
+                )
             else:
                 _settle(context._outcome, reply)
             if replies is not None:
                 _offer(replies, _END, context)
+
         self.transport._track(self.address, context)
         try:
             served.run(run)
@@ -495,6 +499,7 @@ class _Call:
                 out.set_result(self(request, timeout=timeout, metadata=metadata))
             except BaseException as exc:
                 out.set_exception(exc)
+
         threading.Thread(target=run, name=f"inproc-future-{self.name}", daemon=True).start()
         return out
 
@@ -507,15 +512,14 @@ class _Call:
                     item = replies.get(timeout=0.25 if remaining is None else min(remaining, 0.25))
                 except queue.Empty:
                     if context._done and context._outcome.done():
-                        self._wait(context)   # ended from outside (a dropped connection)
+                        self._wait(context)  # ended from outside (a dropped connection)
                         return
                     if remaining is not None and remaining <= 0.25:
                         context._end(cancelled=True)
-                        raise InProcessRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                "Deadline Exceeded") from None
+                        raise InProcessRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
                     continue
                 if item is _END:
-                    self._wait(context)   # raises the call's error, if it failed
+                    self._wait(context)  # raises the call's error, if it failed
                     return
                 yield self.deserialize(item) if self.deserialize is not None else item
         finally:
@@ -544,7 +548,7 @@ def _settle(outcome: concurrent.futures.Future, result=None, error: BaseExceptio
         else:
             outcome.set_result(result)
     except concurrent.futures.InvalidStateError:
-        pass   # ended first (deadline, cancel, a dropped connection)
+        pass  # ended first (deadline, cancel, a dropped connection)
 
 
 class _Stub:
@@ -581,12 +585,12 @@ class _AioStub:
         async def invoke(request, timeout=None, metadata=None, **_ignored):
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(
-                    None, lambda: call(request, timeout=timeout, metadata=metadata))
+                return await loop.run_in_executor(None, lambda: call(request, timeout=timeout, metadata=metadata))
             except InProcessRpcError as err:
-                raise grpc.aio.AioRpcError(err.code(), grpc.aio.Metadata(),
-                                           grpc.aio.Metadata(*err.trailing_metadata()),
-                                           err.details()) from None
+                raise grpc.aio.AioRpcError(
+                    err.code(), grpc.aio.Metadata(), grpc.aio.Metadata(*err.trailing_metadata()), err.details()
+                ) from None
+
         return invoke
 
 
@@ -607,6 +611,7 @@ class InProcessTransport:
 
     def check_address(self, address: str, source: str = "address") -> str:
         from store.errors import ConfigurationError
+
         text = (address or "").strip()
         if not text:
             raise ConfigurationError(f"{source}: empty address")
@@ -631,6 +636,7 @@ class InProcessTransport:
     def aio_stub(self, address: str) -> tuple[_AioStub, Callable[[], Awaitable[None]]]:
         async def close() -> None:
             return None
+
         return _AioStub(self.stub(address)), close
 
     def _track(self, address: str, context: _Context) -> None:
@@ -658,12 +664,17 @@ class InProcessTransport:
             self.drop(address)
 
 
-def for_settings(settings: Settings | Callable[[], Settings],
-                 transport: Transport | None = None) -> Transport:
+def for_settings(settings: Settings | Callable[[], Settings], transport: Transport | None = None) -> Transport:
     """``transport`` if given, else gRPC channels configured by ``settings`` (or what it returns)."""
     return transport if transport is not None else GrpcTransport(settings)
 
 
-__all__ = ["Transport", "GrpcTransport", "InProcessTransport", "InProcessNetwork",
-           "InProcessRpcError", "CHANNEL_OPTIONS", "for_settings"]
-
+__all__ = [
+    "Transport",
+    "GrpcTransport",
+    "InProcessTransport",
+    "InProcessNetwork",
+    "InProcessRpcError",
+    "CHANNEL_OPTIONS",
+    "for_settings",
+]

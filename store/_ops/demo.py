@@ -36,8 +36,10 @@ class Account(StorageObject):
 def run(backends: int = 2, address: str | None = None, token: str | None = None) -> int:
     """Run the demo on a fresh embedded cluster, or on a running one at ``address``."""
     from store._ops.cluster import LocalCluster
+
     if address:
         from store._api import api
+
         api.connect(address, token)
         ids = [b.backend_id for b in api.backends() if b.up]
         print(f"connected to the cluster at {address}; this process is pid {os.getpid()}")
@@ -46,8 +48,10 @@ def run(backends: int = 2, address: str | None = None, token: str | None = None)
         return 0
     t0 = time.monotonic()
     with LocalCluster(backends=backends) as cluster:
-        print(f"started an embedded Redis and {backends} backends in "
-              f"{time.monotonic() - t0:.1f}s; this process is pid {os.getpid()}")
+        print(
+            f"started an embedded Redis and {backends} backends in "
+            f"{time.monotonic() - t0:.1f}s; this process is pid {os.getpid()}"
+        )
         show(cluster.backends)
     print("cluster stopped; demo done")
     return 0
@@ -57,16 +61,15 @@ def show(backend_ids: list[str], suffix: str = "") -> None:
     """The demo proper: two accounts on two backends, calls, a nested call, a move."""
     from store._api import api
     from store._ops.status_table import format_status
+
     alice, bob = Account("alice", 100), Account("bob", 20)
     alice.make_persistent(alias="alice" + suffix, backend=backend_ids[0])
     bob.make_persistent(alias="bob" + suffix, backend=backend_ids[-1])
-    print(f"alice lives on backend {alice.get_location()[:8]}, "
-          f"bob on {bob.get_location()[:8]}")
+    print(f"alice lives on backend {alice.get_location()[:8]}, bob on {bob.get_location()[:8]}")
     print(f"alice.where() -> {alice.where()}   bob.where() -> {bob.where()}")
     print(f"alice.deposit(50) -> {alice.deposit(50)} (ran on alice's backend)")
     a, b = alice.transfer_to(bob, 30)
-    print(f"alice.transfer_to(bob, 30) -> alice {a}, bob {b} "
-          f"(alice's backend called bob's)")
+    print(f"alice.transfer_to(bob, 30) -> alice {a}, bob {b} (alice's backend called bob's)")
     same = api.get_by_alias("bob" + suffix)
     print(f"get_by_alias('bob').balance -> {same.balance}, history {same.history}")
     start = time.perf_counter()

@@ -51,8 +51,9 @@ class InProcessCluster:
     (``durability="none"``, ``memory_limit=...``).
     """
 
-    def __init__(self, backends: int = 2, data_dir: str | None = None, token: str | None = None,
-                 connect: bool = True, **settings):
+    def __init__(
+        self, backends: int = 2, data_dir: str | None = None, token: str | None = None, connect: bool = True, **settings
+    ):
         if backends < 1:
             raise ConfigurationError("a cluster needs at least one backend")
         self._n = backends
@@ -63,7 +64,7 @@ class InProcessCluster:
         self._settings = settings
         self.network = InProcessNetwork()
         self.redis: RedisProcess | None = None
-        self.servers: list = []      # store.backend._service.server.Backend, in start order
+        self.servers: list = []  # store.backend._service.server.Backend, in start order
         self.client: Client | None = None
 
     @property
@@ -86,31 +87,36 @@ class InProcessCluster:
 
     def settings(self, **overrides: Any) -> Settings:
         """The settings of this cluster's clients (and, with a data dir, its backends)."""
-        base: dict[str, Any] = dict(token=self.token, redis=self.redis_url, shm=False, shm_leases=False,
-                    metrics_port=-1, address="")
+        base: dict[str, Any] = dict(
+            token=self.token, redis=self.redis_url, shm=False, shm_leases=False, metrics_port=-1, address=""
+        )
         base.update(self._settings)
         base.update(overrides)
         return Settings.from_env(**base)
 
     def start(self) -> "InProcessCluster":
         from store.backend._service.server import Backend
+
         try:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-            self.redis = RedisProcess(os.path.join(self.data_dir, "redis"),
-                                      password=new_secret(), die_with_parent=True).start()
+            self.redis = RedisProcess(
+                os.path.join(self.data_dir, "redis"), password=new_secret(), die_with_parent=True
+            ).start()
             for i in range(self._n):
                 address = f"inproc-{i}:{i + 1}"
-                settings = self.settings(data_dir=os.path.join(self.data_dir, f"backend-{i}"),
-                                         advertise=address)
+                settings = self.settings(data_dir=os.path.join(self.data_dir, f"backend-{i}"), advertise=address)
                 backend = Backend(settings, transport=self.transport())
                 backend.start()
                 self.servers.append(backend)
-                self.network.serve(address, backend.servicer, backend.interceptors, backend.client,
-                                   threads=settings.server_threads)
+                self.network.serve(
+                    address, backend.servicer, backend.interceptors, backend.client, threads=settings.server_threads
+                )
             if self._connect:
                 from store._api import api
-                self.client = api.connect(self.address, self.token, transport=self.transport(),
-                                          settings=self.settings())
+
+                self.client = api.connect(
+                    self.address, self.token, transport=self.transport(), settings=self.settings()
+                )
         except BaseException:
             self.stop()
             raise
@@ -119,6 +125,7 @@ class InProcessCluster:
     def connect_client(self) -> "Client":
         """A new client of this cluster (not installed as this process's connection)."""
         from store._client.client import Client
+
         client = Client(self.address, self.token, self.settings(), transport=self.transport())
         client.probe()
         return client
@@ -137,6 +144,7 @@ class InProcessCluster:
         """Disconnect (if this process is connected here) and stop every backend, then Redis."""
         if self.client is not None:
             from store._api import api
+
             api.disconnect(self.client)
             self.client = None
         for backend in reversed(self.servers):

@@ -27,10 +27,12 @@ import time
 # parent is still there, then exec the real program (the setting survives exec).
 # A preexec_fn would do the same in the forked child, but Python code between
 # fork and exec in a process with gRPC's threads can deadlock or abort.
-_ARM = ("import ctypes, os, sys\n"
-        "ctypes.CDLL(None).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
-        "os.getppid() == int(sys.argv[2]) or os._exit(1)\n"
-        "os.execv(sys.argv[3], sys.argv[3:])\n")
+_ARM = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
+    "os.getppid() == int(sys.argv[2]) or os._exit(1)\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
+)
 
 
 def die_with_parent(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
@@ -42,9 +44,9 @@ def die_with_parent(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(argv)
     import shutil
+
     program = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
-    return [sys.executable, "-S", "-c", _ARM, str(int(sig)), str(os.getpid()), program,
-            *argv[1:]]
+    return [sys.executable, "-S", "-c", _ARM, str(int(sig)), str(os.getpid()), program, *argv[1:]]
 
 
 _spawner_lock = threading.Lock()
@@ -73,8 +75,7 @@ def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
     with _spawner_lock:
         if _spawner_queue is None:
             _spawner_queue = queue.Queue()
-            threading.Thread(target=_spawner_loop, args=(_spawner_queue,),
-                             name="claypot-spawner", daemon=True).start()
+            threading.Thread(target=_spawner_loop, args=(_spawner_queue,), name="claypot-spawner", daemon=True).start()
     outcome: dict = {}
     done = threading.Event()
     _spawner_queue.put((args, kwargs, outcome, done))
@@ -88,12 +89,17 @@ def start_reaper(owner: int, pid_file: str, remove_dir: str) -> subprocess.Popen
     """Start the reaper of a cluster owned by ``owner`` (see the module docstring)."""
     return subprocess.Popen(
         [sys.executable, "-m", "store._ops.lifeline", str(owner), pid_file, remove_dir],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True)
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _identity_matches(rec: dict) -> bool:
     import psutil
+
     try:
         return abs(psutil.Process(rec["pid"]).create_time() - rec["started"]) < 0.01
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
@@ -102,10 +108,11 @@ def _identity_matches(rec: dict) -> bool:
 
 def _reap(owner: int, pid_file: str, remove_dir: str, grace: float = 15.0) -> None:
     import shutil
+
     # The reaper is the owner's child: once the owner is gone, it is re-parented.
     while os.getppid() == owner:
         if not os.path.isdir(remove_dir):
-            return   # the owner stopped its cluster cleanly
+            return  # the owner stopped its cluster cleanly
         time.sleep(0.25)
     try:
         with open(pid_file) as f:

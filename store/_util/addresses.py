@@ -22,26 +22,21 @@ def check_address(address: str, source: str = "address") -> str:
     text = address.strip()
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise ConfigurationError(f"{source}={address!r}: drop the {scheme}:// prefix; "
-                                 f"a backend address is host:port")
+        raise ConfigurationError(f"{source}={address!r}: drop the {scheme}:// prefix; a backend address is host:port")
     if "/" in text:
-        raise ConfigurationError(f"{source}={address!r}: a backend address is host:port, "
-                                 f"without a path")
-    if text.startswith("["):       # [IPv6]:port
+        raise ConfigurationError(f"{source}={address!r}: a backend address is host:port, without a path")
+    if text.startswith("["):  # [IPv6]:port
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ConfigurationError(f"{source}={address!r}: no port (expected host:port, "
-                                 f"e.g. 127.0.0.1:50051)")
+        raise ConfigurationError(f"{source}={address!r}: no port (expected host:port, e.g. 127.0.0.1:50051)")
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{source}={address!r}: port {port!r} is not a number "
-                                 f"between 1 and 65535")
+        raise ConfigurationError(f"{source}={address!r}: port {port!r} is not a number between 1 and 65535")
     try:
         socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigurationError(f"{source}={address!r}: cannot resolve host {host!r} "
-                                 f"({exc})") from None
+        raise ConfigurationError(f"{source}={address!r}: cannot resolve host {host!r} ({exc})") from None
     return text
 
 

@@ -27,15 +27,23 @@ from store.errors import ConfigurationError
 # Constraint names whose values are quantities: a backend satisfies a task when
 # it offers at least as much. Memory and storage are in GiB, speeds in GHz,
 # bandwidth in MB/s, wall_clock_limit in seconds, as in PyCOMPSs.
-NUMERIC = frozenset({
-    "computing_units", "memory_size", "processor_speed", "processor_performance",
-    "processor_internal_memory_size", "storage_size", "storage_bw", "gpus",
-    "wall_clock_limit",
-})
+NUMERIC = frozenset(
+    {
+        "computing_units",
+        "memory_size",
+        "processor_speed",
+        "processor_performance",
+        "processor_internal_memory_size",
+        "storage_size",
+        "storage_bw",
+        "gpus",
+        "wall_clock_limit",
+    }
+)
 # Names whose values are comma-separated sets: the task's set must be contained.
 LISTS = frozenset({"host_queues", "app_software"})
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")   # "GPU" stays one word
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")  # "GPU" stays one word
 
 
 def canonical(name: str) -> str:
@@ -74,8 +82,9 @@ def parse(text: str) -> dict:
             continue
         name, sep, value = part.partition("=")
         if not sep or not value.strip():
-            raise ConfigurationError(f"resources: {part!r} is not name=value "
-                                     f"(for example computing_units=4,memory_size=8)")
+            raise ConfigurationError(
+                f"resources: {part!r} is not name=value (for example computing_units=4,memory_size=8)"
+            )
         key, val = normalise(name, value)
         out[key] = val
     return out
@@ -83,8 +92,10 @@ def parse(text: str) -> dict:
 
 def detect() -> dict:
     """What this machine says about itself, for names a backend did not declare."""
-    return {"processor_architecture": platform.machine() or "unknown",
-            "operating_system_type": platform.system() or "unknown"}
+    return {
+        "processor_architecture": platform.machine() or "unknown",
+        "operating_system_type": platform.system() or "unknown",
+    }
 
 
 def declared(text: str) -> dict:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from store.errors import ConfigurationError
 
 _MAC_LEN = 32
-CODE_MAGIC = b"CPS1"   # a signed code-registry entry: magic, 32-byte MAC, cloudpickle
+CODE_MAGIC = b"CPS1"  # a signed code-registry entry: magic, 32-byte MAC, cloudpickle
 
 
 def token_matches(expected: str, given: str | bytes | None) -> bool:
@@ -59,14 +59,17 @@ class DirectoryKeys:
     Derived from the cluster token, one key per purpose, so a MAC for one kind
     of entry never verifies as another.
     """
+
     code: bytes
     backends: bytes
 
     @classmethod
     def from_token(cls, token: str) -> "DirectoryKeys":
         root = token.encode("utf-8", "surrogatepass")
-        return cls(code=hmac.new(root, b"claypot/v1/code-registry", hashlib.sha256).digest(),
-                   backends=hmac.new(root, b"claypot/v1/backends", hashlib.sha256).digest())
+        return cls(
+            code=hmac.new(root, b"claypot/v1/code-registry", hashlib.sha256).digest(),
+            backends=hmac.new(root, b"claypot/v1/backends", hashlib.sha256).digest(),
+        )
 
     # -- code registry: bytes that backends unpickle -------------------------------
     def seal_code(self, key: str, code: bytes) -> bytes:
@@ -78,7 +81,7 @@ class DirectoryKeys:
         head = len(CODE_MAGIC) + _MAC_LEN
         if len(stored) < head or not stored.startswith(CODE_MAGIC):
             raise TamperedEntry(f"code entry {key!r} is not signed")
-        mac, code = stored[len(CODE_MAGIC):head], stored[head:]
+        mac, code = stored[len(CODE_MAGIC) : head], stored[head:]
         if not hmac.compare_digest(mac, self._code_mac(key, code)):
             raise TamperedEntry(f"code entry {key!r} has a bad signature")
         return code
@@ -98,8 +101,7 @@ class DirectoryKeys:
     def open_backend(self, backend_id: str, stored: str) -> dict:
         """The record inside a stored backend entry, or TamperedEntry."""
         mac, sep, text = stored.partition(".")
-        if not sep or not hmac.compare_digest(mac.encode(), self._backend_mac(backend_id,
-                                                                              text).encode()):
+        if not sep or not hmac.compare_digest(mac.encode(), self._backend_mac(backend_id, text).encode()):
             raise TamperedEntry(f"backend entry {backend_id!r} has a bad signature")
         try:
             info = json.loads(text)
@@ -118,6 +120,7 @@ class DirectoryKeys:
 
 # -- private files ---------------------------------------------------------------------
 
+
 def private_dir(path: str) -> str:
     """Create ``path`` (and missing parents) with mode 0700; refuse one others can use.
 
@@ -131,13 +134,15 @@ def private_dir(path: str) -> str:
         pass
     st = os.stat(path, follow_symlinks=False)
     import stat
+
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigurationError(f"{path} is not a directory")
     if st.st_uid != os.getuid():
         raise ConfigurationError(f"{path} belongs to another user (uid {st.st_uid})")
     if st.st_mode & 0o022:
-        raise ConfigurationError(f"{path} is writable by other users (mode "
-                                 f"{st.st_mode & 0o777:o}): not keeping secrets in it")
+        raise ConfigurationError(
+            f"{path} is writable by other users (mode {st.st_mode & 0o777:o}): not keeping secrets in it"
+        )
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
@@ -172,8 +177,7 @@ def read_private(path: str) -> bytes:
     try:
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise ConfigurationError(f"{path} is writable by other users or not ours: "
-                                     f"not trusting it")
+            raise ConfigurationError(f"{path} is writable by other users or not ours: not trusting it")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     finally:
@@ -182,9 +186,11 @@ def read_private(path: str) -> bytes:
 
 # -- process identity --------------------------------------------------------------
 
+
 def process_identity(pid: int) -> dict | None:
     """What identifies a running process beyond its PID: start time and command line."""
     import psutil
+
     try:
         p = psutil.Process(pid)
         return {"pid": pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
@@ -201,11 +207,13 @@ def same_process(recorded: dict) -> bool:
         return False
     # create_time is a float computed from boot time and clock ticks: equal to
     # well under a tick for the same process, seconds apart for a reused PID.
-    return (abs(now["create_time"] - float(recorded.get("create_time", -1))) < 0.05
-            and now["cmdline"] == list(recorded.get("cmdline", [])))
+    return abs(now["create_time"] - float(recorded.get("create_time", -1))) < 0.05 and now["cmdline"] == list(
+        recorded.get("cmdline", [])
+    )
 
 
 # -- listening --------------------------------------------------------------------
+
 
 def is_loopback_host(host: str) -> bool:
     """True if listening on ``host`` reaches only this machine."""
@@ -218,6 +226,15 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-__all__ = ["token_matches", "new_secret", "DirectoryKeys", "TamperedEntry", "private_dir",
-           "write_private", "read_private", "process_identity", "same_process",
-           "is_loopback_host"]
+__all__ = [
+    "token_matches",
+    "new_secret",
+    "DirectoryKeys",
+    "TamperedEntry",
+    "private_dir",
+    "write_private",
+    "read_private",
+    "process_identity",
+    "same_process",
+    "is_loopback_host",
+]

@@ -76,16 +76,19 @@ def check_health(address: str, timeout: float = 5.0, service: str = "") -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from store.config import Settings
+
     settings = Settings.from_env()
     if settings.tls_ca:
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
-            root_certificates=settings.read_pem("tls_ca")))
+        channel = grpc.secure_channel(
+            address, grpc.ssl_channel_credentials(root_certificates=settings.read_pem("tls_ca"))
+        )
     else:
         channel = grpc.insecure_channel(address)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -103,8 +106,22 @@ def error_codes() -> list[str]:
 
 # -- typed arrays -------------------------------------------------------------------
 
-DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128")
+DTYPES = (
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
 """Element types a TypedArray may carry, by numpy name."""
 
 _NATIVE = pb.BYTE_ORDER_LITTLE_ENDIAN if sys.byteorder == "little" else pb.BYTE_ORDER_BIG_ENDIAN
@@ -114,8 +131,7 @@ def _numpy():
     try:
         import numpy
     except ImportError:
-        raise SerializationError("typed arrays need numpy on the backend "
-                                 "(pip install 'claypot[numpy]')") from None
+        raise SerializationError("typed arrays need numpy on the backend (pip install 'claypot[numpy]')") from None
     return numpy
 
 
@@ -131,19 +147,19 @@ def describe_array(value: Any, what: str, inline_limit: int) -> tuple[pb.TypedAr
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):
-        raise SerializationError(f"{what} is a {type(value).__name__}, not a numpy array "
-                                 f"(use CallJson for other values)")
+        raise SerializationError(
+            f"{what} is a {type(value).__name__}, not a numpy array (use CallJson for other values)"
+        )
     if value.dtype.name not in DTYPES:
-        raise SerializationError(f"{what} has dtype {value.dtype}, which has no typed-array "
-                                 f"encoding (supported: {', '.join(DTYPES)})")
+        raise SerializationError(
+            f"{what} has dtype {value.dtype}, which has no typed-array encoding (supported: {', '.join(DTYPES)})"
+        )
     # Row-major is the wire's order: a Fortran-ordered or strided view is
     # copied once here; a C-contiguous array is sent from its own memory.
     value = np.ascontiguousarray(value)
     order = value.dtype.byteorder
-    byte_order = (pb.BYTE_ORDER_LITTLE_ENDIAN if order == "<" else
-                  pb.BYTE_ORDER_BIG_ENDIAN if order == ">" else _NATIVE)
-    header = pb.TypedArray(dtype=value.dtype.name, shape=list(value.shape),
-                           byte_order=byte_order, nbytes=value.nbytes)
+    byte_order = pb.BYTE_ORDER_LITTLE_ENDIAN if order == "<" else pb.BYTE_ORDER_BIG_ENDIAN if order == ">" else _NATIVE
+    header = pb.TypedArray(dtype=value.dtype.name, shape=list(value.shape), byte_order=byte_order, nbytes=value.nbytes)
     if value.nbytes <= inline_limit:
         header.data = value.tobytes()
     else:
@@ -156,19 +172,18 @@ def expected_nbytes(header: pb.TypedArray, max_bytes: int) -> int:
     np = _numpy()
     if header.dtype not in DTYPES:
         raise ProtocolError(f"unknown dtype {header.dtype!r} (supported: {', '.join(DTYPES)})")
-    if header.byte_order not in (pb.BYTE_ORDER_UNSPECIFIED, pb.BYTE_ORDER_LITTLE_ENDIAN,
-                                 pb.BYTE_ORDER_BIG_ENDIAN):
+    if header.byte_order not in (pb.BYTE_ORDER_UNSPECIFIED, pb.BYTE_ORDER_LITTLE_ENDIAN, pb.BYTE_ORDER_BIG_ENDIAN):
         raise ProtocolError(f"unknown byte order {header.byte_order}")
     nbytes = math.prod(int(n) for n in header.shape) * np.dtype(header.dtype).itemsize
     if header.nbytes != nbytes:
-        raise ProtocolError(f"nbytes {header.nbytes} does not match dtype {header.dtype} "
-                            f"and shape {list(header.shape)} ({nbytes} bytes)")
+        raise ProtocolError(
+            f"nbytes {header.nbytes} does not match dtype {header.dtype} "
+            f"and shape {list(header.shape)} ({nbytes} bytes)"
+        )
     if max_bytes and nbytes > max_bytes:
-        raise ValueTooLarge(f"array of {nbytes} bytes exceeds the limit of {max_bytes} bytes "
-                            f"(max_value_size)")
+        raise ValueTooLarge(f"array of {nbytes} bytes exceeds the limit of {max_bytes} bytes (max_value_size)")
     if not header.chunked and len(header.data) != nbytes:
-        raise ProtocolError(f"inline data has {len(header.data)} bytes, "
-                            f"the header announces {nbytes}")
+        raise ProtocolError(f"inline data has {len(header.data)} bytes, the header announces {nbytes}")
     return nbytes
 
 

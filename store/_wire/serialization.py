@@ -38,10 +38,14 @@ def _file_copied(f):
     # cloudpickle stores an open file as a copy of what it can read now (an
     # in-memory StringIO when loaded): never the file itself. Say so.
     import warnings
-    warnings.warn(f"the open file {getattr(f, 'name', f)!r} is stored as a copy of its "
-                  f"contents (an in-memory StringIO when loaded), not as the file; store "
-                  f"its path instead, and open it in the method that needs it",
-                  UserWarning, stacklevel=2)
+
+    warnings.warn(
+        f"the open file {getattr(f, 'name', f)!r} is stored as a copy of its "
+        f"contents (an in-memory StringIO when loaded), not as the file; store "
+        f"its path instead, and open it in the method that needs it",
+        UserWarning,
+        stacklevel=2,
+    )
     return _FILE_REDUCE(f)
 
 
@@ -51,8 +55,7 @@ _FILE_REDUCE = cloudpickle.Pickler.dispatch_table[io.TextIOWrapper]
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, warning about values it silently changes (open files)."""
 
-    dispatch_table = collections.ChainMap({io.TextIOWrapper: _file_copied},
-                                          cloudpickle.Pickler.dispatch_table)
+    dispatch_table = collections.ChainMap({io.TextIOWrapper: _file_copied}, cloudpickle.Pickler.dispatch_table)
 
 
 def _culprit(value: Any, path: str = "", depth: int = 4) -> str | None:
@@ -92,8 +95,8 @@ class PickleContext:
     def reference_new(self, obj: Any) -> tuple:
         if self._new_object is None:
             from store.errors import NotPersistent
-            raise NotPersistent(
-                f"{type(obj).__name__} object is not persistent and cannot be referenced here")
+
+            raise NotPersistent(f"{type(obj).__name__} object is not persistent and cannot be referenced here")
         return self._new_object(obj)
 
 
@@ -175,6 +178,7 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
         raise SerializationError(f"value is too deeply nested to pickle: {exc}") from None
     except Exception as exc:
         from store.errors import ClaypotError
+
         if isinstance(exc, ClaypotError):
             raise
         where = None
@@ -183,27 +187,25 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
         except Exception:
             pass  # looking for the culprit is a courtesy; the error stands without it
         if where is not None:
-            raise SerializationError(f"cannot pickle {where} of a {type(value).__name__}: "
-                                     f"{exc}") from exc
-        raise SerializationError(
-            f"cannot pickle value of type {type(value).__name__}: {exc}") from exc
+            raise SerializationError(f"cannot pickle {where} of a {type(value).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot pickle value of type {type(value).__name__}: {exc}") from exc
     finally:
         _local.pickle_ctx = previous
 
 
-def loads(payload: bytes | memoryview, buffers: Sequence=(), ctx: UnpickleContext | None = None) -> Any:
+def loads(payload: bytes | memoryview, buffers: Sequence = (), ctx: UnpickleContext | None = None) -> Any:
     """Unpickle a value produced by :func:`dumps`."""
     previous = getattr(_local, "unpickle_ctx", None)
     _local.unpickle_ctx = ctx
     try:
-        if buffers and _READONLY_BUFFER in (payload if isinstance(payload, (bytes, bytearray))
-                                            else bytes(payload)):
+        if buffers and _READONLY_BUFFER in (payload if isinstance(payload, (bytes, bytearray)) else bytes(payload)):
             return _WritableUnpickler(io.BytesIO(payload), buffers=buffers).load()
         return pickle.loads(payload, buffers=buffers)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise ClassNotFound(f"cannot load a class or function the value needs: {exc}") from exc
     except Exception as exc:
         from store.errors import ClaypotError
+
         if isinstance(exc, ClaypotError):
             raise
         raise SerializationError(f"cannot unpickle value: {type(exc).__name__}: {exc}") from exc
@@ -240,13 +242,17 @@ def _frombuffer_writable(rebuild, buf, *args):
             whole = memoryview(view.obj)
             if not whole.readonly and whole.c_contiguous and whole.nbytes:
                 import numpy as np
+
                 whole = whole.cast("B")
-                offset = (np.frombuffer(view.cast("B"), np.uint8).ctypes.data
-                          - np.frombuffer(whole, np.uint8).ctypes.data) if view.nbytes else 0
+                offset = (
+                    (np.frombuffer(view.cast("B"), np.uint8).ctypes.data - np.frombuffer(whole, np.uint8).ctypes.data)
+                    if view.nbytes
+                    else 0
+                )
                 if 0 <= offset and offset + view.nbytes <= whole.nbytes:
-                    buf = whole[offset:offset + view.nbytes]
+                    buf = whole[offset : offset + view.nbytes]
     except (TypeError, ValueError):
-        pass   # not a plain buffer: rebuilt as pickled
+        pass  # not a plain buffer: rebuilt as pickled
     return rebuild(buf, *args)
 
 
@@ -277,6 +283,7 @@ def code_key_and_bytes(obj: Any) -> tuple[str, bytes]:
     module = getattr(obj, "__module__", "__main__")
     by_value_module = None
     import sys
+
     mod = sys.modules.get(module)
     if module != "__main__" and mod is not None and not _is_installed(mod):
         by_value_module = mod
@@ -308,6 +315,7 @@ def remember_code(key: str, obj: Any) -> None:
 def import_by_key(key: str) -> Any:
     """Import the class or function behind a code key ('module:qualname[#digest]') by name."""
     import importlib
+
     name = key.split("#", 1)[0]
     module, _, qualname = name.partition(":")
     try:
@@ -317,8 +325,8 @@ def import_by_key(key: str) -> Any:
         return obj
     except Exception as exc:
         raise ClassNotFound(
-            f"class or function {name!r} was not shipped to the cluster and cannot be "
-            f"imported on the backend: {exc}") from None
+            f"class or function {name!r} was not shipped to the cluster and cannot be imported on the backend: {exc}"
+        ) from None
 
 
 def _is_installed(module: Any) -> bool:
@@ -327,17 +335,18 @@ def _is_installed(module: Any) -> bool:
     if name in ("store", "runtime") or name in sys_builtin_names():
         return True
     path = getattr(module, "__file__", None) or ""
-    return "site-packages" in path or "dist-packages" in path or path == "" \
-        or path.startswith(_stdlib_prefix())
+    return "site-packages" in path or "dist-packages" in path or path == "" or path.startswith(_stdlib_prefix())
 
 
 def sys_builtin_names() -> Sequence[str]:
     import sys
+
     return sys.builtin_module_names
 
 
 def _stdlib_prefix() -> str:
     import sysconfig
+
     return sysconfig.get_paths()["stdlib"]
 
 
@@ -350,6 +359,7 @@ def load_code(code: bytes) -> Any:
 
 
 # -- exceptions ----------------------------------------------------------------
+
 
 def dump_exception(exc: BaseException) -> tuple[str, str, bytes]:
     """(qualified type, formatted traceback, pickled exception or b'')."""
@@ -369,6 +379,7 @@ _DYNAMIC_FRAME = None
 def _codes_of(obj: Any, out: list) -> None:
     """Code objects of a shipped function or class (methods, properties, nested code)."""
     import types
+
     if isinstance(obj, type):
         for value in vars(obj).values():
             if isinstance(value, (staticmethod, classmethod)):
@@ -401,6 +412,7 @@ def annotate_remote_traceback(text: str) -> str:
         return text
     import linecache
     import re
+
     if _DYNAMIC_FRAME is None:
         _DYNAMIC_FRAME = re.compile(r'^(\s*)File "<dynamic-code>", line (\d+), in (.+)$')
     with _code_lock:
@@ -415,8 +427,7 @@ def annotate_remote_traceback(text: str) -> str:
             out.append(line)
             continue
         indent, number, name = m.group(1), int(m.group(2)), m.group(3)
-        found = next((c for c in codes if c.co_name == name
-                      and any(ln == number for _, _, ln in c.co_lines())), None)
+        found = next((c for c in codes if c.co_name == name and any(ln == number for _, _, ln in c.co_lines())), None)
         if found is None:
             out.append(line)
             continue

@@ -23,13 +23,12 @@ DEFAULT_MIN_BYTES = 64 * 1024 * 1024
 
 
 @contextmanager
-def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file: Any=None) -> Iterator[None]:
+def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file: Any = None) -> Iterator[None]:
     """Within this block, this thread's transfers of ``min_bytes`` or more show progress."""
     try:
         import tqdm.auto  # noqa: F401
     except ImportError:
-        raise ConfigurationError("transfer progress needs tqdm: pip install 'claypot[progress]'") \
-            from None
+        raise ConfigurationError("transfer progress needs tqdm: pip install 'claypot[progress]'") from None
     previous = getattr(_local, "options", None)
     _local.options = (min_bytes, file)
     try:
@@ -41,10 +40,19 @@ def show_transfers(min_bytes: int = DEFAULT_MIN_BYTES, file: Any=None) -> Iterat
 class Meter:
     """A progress bar of bytes moved; ``add(n)`` as they move, ``close()`` at the end."""
 
-    def __init__(self, total: int, desc: str, file: Any=None):
+    def __init__(self, total: int, desc: str, file: Any = None):
         from tqdm.auto import tqdm
-        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                         file=file, dynamic_ncols=True, mininterval=0.2)
+
+        self._bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=file,
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
         self._lock = threading.Lock()  # a stream may be consumed by a gRPC thread
 
     def add(self, n: int) -> None:

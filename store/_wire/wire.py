@@ -41,7 +41,7 @@ from store.errors import ProtocolError, ValueTooLarge
 from store._wire.generated import claypot_pb2 as pb
 
 _HEADER_TAG = 0x0A  # Chunk field 1 (header), length-delimited
-_DATA_TAG = 0x12    # Chunk field 2 (data), length-delimited
+_DATA_TAG = 0x12  # Chunk field 2 (data), length-delimited
 
 
 def total_size(payload: bytes, buffers: Sequence) -> int:
@@ -87,6 +87,7 @@ def value_parts(value: pb.Value) -> tuple[bytes, list]:
 
 
 # -- chunk framing ---------------------------------------------------------------
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -141,8 +142,7 @@ def decode_chunk(chunk: Any) -> tuple[str | None, memoryview | bytes]:
 MAX_CHUNK = 16 * 1024 * 1024 - 64
 
 
-def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
-                 meter: Any=None) -> Iterator[bytes]:
+def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int, meter: Any = None) -> Iterator[bytes]:
     """The header chunk, then every blob cut in ``chunk_size`` pieces, framed as Chunks.
 
     ``chunk_size`` is capped at :data:`MAX_CHUNK` so a larger setting cannot
@@ -155,7 +155,7 @@ def chunk_stream(header: bytes, blobs: Iterable, chunk_size: int,
         for blob in blobs:
             view = flat_bytes(blob)
             for start in range(0, view.nbytes, chunk_size):
-                piece = view[start:start + chunk_size]
+                piece = view[start : start + chunk_size]
                 yield encode_data(piece)
                 if meter is not None:
                     meter.add(piece.nbytes)
@@ -186,14 +186,14 @@ class StreamStub:
     def __init__(self, channel: grpc.Channel):
         prefix = f"/{_SERVICE}/"
         self.PersistStream = channel.stream_unary(
-            prefix + "PersistStream", request_serializer=_serialize_chunk,
-            response_deserializer=pb.Status.FromString)
+            prefix + "PersistStream", request_serializer=_serialize_chunk, response_deserializer=pb.Status.FromString
+        )
         self.CallStream = channel.stream_unary(
-            prefix + "CallStream", request_serializer=_serialize_chunk,
-            response_deserializer=pb.CallReply.FromString)
+            prefix + "CallStream", request_serializer=_serialize_chunk, response_deserializer=pb.CallReply.FromString
+        )
         self.FetchResult = channel.unary_stream(
-            prefix + "FetchResult", request_serializer=pb.FetchRequest.SerializeToString,
-            response_deserializer=None)
+            prefix + "FetchResult", request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
+        )
 
 
 def add_servicer(servicer: Any, server: grpc.Server) -> None:
@@ -218,14 +218,14 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
             make = grpc.unary_stream_rpc_method_handler
         else:
             make = grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(fn, request_deserializer=deserialize,
-                                     response_serializer=serialize)
+        handlers[method.name] = make(fn, request_deserializer=deserialize, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(_SERVICE, handlers)
 
 
 # -- receiving -------------------------------------------------------------------
+
 
 def streamed_values(message: Any) -> list[pb.Value]:
     """The streamed Values inside a header message, in wire order."""
@@ -264,7 +264,8 @@ class ReceiveBudget:
                 raise ValueTooLarge(
                     f"cannot receive a value of {nbytes} bytes now: {self.used} of the "
                     f"{self.limit} bytes this process receives at once (receive_budget) are "
-                    f"in use by other streams")
+                    f"in use by other streams"
+                )
             self.used += nbytes
 
     def release(self, nbytes: int) -> None:
@@ -310,7 +311,7 @@ def receive_buffer(nbytes: int) -> tuple[memoryview, "_Prefaulter | None"]:
 
 _PREFAULT_MIN = 16 << 20
 _PREFAULT_SLICE = 8 << 20
-_PREFAULT_WINDOW = 32 << 20   # bytes mapped ahead of the data received
+_PREFAULT_WINDOW = 32 << 20  # bytes mapped ahead of the data received
 _MADV_POPULATE_WRITE = 23
 
 
@@ -344,6 +345,7 @@ class _Prefaulter:
     @classmethod
     def start(cls, region: mmap.mmap, nbytes: int) -> "_Prefaulter | None":
         import ctypes
+
         if cls._libc is None:
             try:
                 cls._libc = ctypes.CDLL(None, use_errno=True)
@@ -370,6 +372,7 @@ class _Prefaulter:
                 n = min(_PREFAULT_SLICE, nbytes - off)
                 if madvise(base + off, n, _MADV_POPULATE_WRITE) != 0:
                     return  # old kernel or no memory: pages fault in on first write
+
         threading.Thread(target=run, name="prefault", daemon=True).start()
         return self
 
@@ -387,8 +390,7 @@ class Assembler:
         sizes = [int(n) for v in values for n in v.buffer_sizes]
         total = sum(sizes)
         if max_bytes and total > max_bytes:
-            raise ValueTooLarge(
-                f"value of {total} bytes exceeds the limit of {max_bytes} bytes (max_value_size)")
+            raise ValueTooLarge(f"value of {total} bytes exceeds the limit of {max_bytes} bytes (max_value_size)")
         for v in values:
             if not v.buffer_sizes:
                 raise ProtocolError("streamed value has no pickle stream")
@@ -441,7 +443,7 @@ class Assembler:
             if blob is None:
                 blob = self._blobs[self._index] = memoryview(bytearray(self._sizes[self._index]))
             take = min(blob.nbytes - self._offset, view.nbytes)
-            blob[self._offset:self._offset + take] = view[:take]
+            blob[self._offset : self._offset + take] = view[:take]
             self._offset += take
             prefaulter = self._prefaulters[self._index]
             if prefaulter is not None:
@@ -456,14 +458,13 @@ class Assembler:
     def finish(self) -> list[tuple[memoryview, list]]:
         """Per streamed Value: (pickle stream, [PickleBuffer, ...])."""
         if self.received != self.expected:
-            raise ProtocolError(
-                f"stream ended after {self.received} of {self.expected} bytes")
+            raise ProtocolError(f"stream ended after {self.received} of {self.expected} bytes")
         self.close()
         self._blobs = [b if b is not None else memoryview(bytearray(0)) for b in self._blobs]
         out, pos = [], 0
         for value in self._values:
             n = len(value.buffer_sizes)
-            blobs = self._blobs[pos:pos + n]
+            blobs = self._blobs[pos : pos + n]
             pos += n
             out.append((blobs[0], [pickle.PickleBuffer(b) for b in blobs[1:]]))
         return out
@@ -490,13 +491,17 @@ def receive_stream(chunks: Iterator, header_type: Any, max_bytes: int, progress:
         raise ProtocolError(f"malformed stream header: {exc}") from None
     assembler = Assembler(streamed_values(header), max_bytes)
     from store._wire.transfers import meter as transfer_meter
+
     bar = transfer_meter(assembler.expected, progress) if progress else None
     try:
         for chunk in chunks:
             kind, body = decode_chunk(chunk)
             if kind != "data":
-                raise ProtocolError("a second header inside one stream" if kind == "header"
-                                    else "a stream chunk with neither header nor data")
+                raise ProtocolError(
+                    "a second header inside one stream"
+                    if kind == "header"
+                    else "a stream chunk with neither header nor data"
+                )
             assembler.feed(body)
             if bar is not None:
                 bar.add(memoryview(body).nbytes)
@@ -509,21 +514,28 @@ def receive_stream(chunks: Iterator, header_type: Any, max_bytes: int, progress:
 
 # -- errors across the wire ------------------------------------------------------
 
+
 def error_to_pb(exc: BaseException) -> pb.Error:
     """Encode an exception for a reply: claypot errors by name, user errors pickled."""
     from store import errors
     from store._wire.serialization import dump_exception
+
     if isinstance(exc, errors.ClaypotError) and errors.by_code(type(exc).__name__):
-        return pb.Error(code=type(exc).__name__, message=str(exc),
-                        moved_to=getattr(exc, "moved_to", "") or "")
+        return pb.Error(code=type(exc).__name__, message=str(exc), moved_to=getattr(exc, "moved_to", "") or "")
     remote_type, tb, pickled = dump_exception(exc)
-    return pb.Error(code="RemoteError", message=f"{type(exc).__name__}: {exc}",
-                    remote_type=remote_type, traceback=tb, pickled=pickled)
+    return pb.Error(
+        code="RemoteError",
+        message=f"{type(exc).__name__}: {exc}",
+        remote_type=remote_type,
+        traceback=tb,
+        pickled=pickled,
+    )
 
 
 def error_from_pb(err: pb.Error) -> BaseException:
     """The exception a reply's Error stands for, ready to raise."""
     from store import errors
+
     if err.code != "RemoteError":
         cls = errors.by_code(err.code) or errors.ClaypotError
         if cls is errors.ObjectMoved:
@@ -535,11 +547,14 @@ def error_from_pb(err: pb.Error) -> BaseException:
             if isinstance(exc, BaseException):
                 if err.traceback:
                     from store._wire.serialization import annotate_remote_traceback
-                    exc.add_note("Remote traceback (on the claypot backend):\n"
-                                 + annotate_remote_traceback(err.traceback.rstrip()))
+
+                    exc.add_note(
+                        "Remote traceback (on the claypot backend):\n"
+                        + annotate_remote_traceback(err.traceback.rstrip())
+                    )
                 return exc
         except Exception:
             pass
     from store._wire.serialization import annotate_remote_traceback
-    return errors.RemoteError(err.message, err.remote_type,
-                              annotate_remote_traceback(err.traceback))
+
+    return errors.RemoteError(err.message, err.remote_type, annotate_remote_traceback(err.traceback))

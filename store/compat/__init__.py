@@ -54,7 +54,8 @@ def enable() -> None:
     if found is not None:
         raise ConfigurationError(
             f"a real dataClay is installed ({found}); claypot will not shadow it. "
-            f"Import store.compat.dataclay by name instead, or uninstall dataclay")
+            f"Import store.compat.dataclay by name instead, or uninstall dataclay"
+        )
     loaded = sys.modules.get("dataclay")
     if loaded is not None and not getattr(loaded, "__claypot_shim__", False):
         raise ConfigurationError(f"dataclay is already imported from {loaded.__file__}")

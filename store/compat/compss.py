@@ -58,12 +58,11 @@ def read_config(config_file_path: str | None) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
-            line = line[len("export "):].lstrip()
+            line = line[len("export ") :].lstrip()
         key, sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key.replace("_", "").isalnum():
-            raise ConfigurationError(f"{config_file_path}:{number}: expected KEY=VALUE, "
-                                     f"got {raw!r}")
+            raise ConfigurationError(f"{config_file_path}:{number}: expected KEY=VALUE, got {raw!r}")
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         out[key] = value
@@ -78,7 +77,7 @@ def _address(env: Any) -> str | None:
     return None
 
 
-def initWorker(config_file_path: str | None=None, **kwargs: Any) -> None:
+def initWorker(config_file_path: str | None = None, **kwargs: Any) -> None:
     """Worker process set-up, before it forks: reads the configuration only."""
     global _config
     _config = read_config(config_file_path)
@@ -105,7 +104,7 @@ def finishWorker(**kwargs: Any) -> None:
     """Worker tear-down: nothing is held per worker beyond its executors."""
 
 
-def init(config_file_path: str | None=None, **kwargs: Any) -> None:
+def init(config_file_path: str | None = None, **kwargs: Any) -> None:
     """Master set-up: read the configuration and connect."""
     initWorker(config_file_path)
     initWorkerPostFork()
@@ -124,8 +123,9 @@ def get_client() -> Any:
 def getByID(object_id: str) -> Any:
     """The persistent object with this id (what its ``getID()`` returned)."""
     if _client is None:
-        raise ConfigurationError("storage.api: call init() (master) or initWorker() and "
-                                 "initWorkerPostFork() (worker) first")
+        raise ConfigurationError(
+            "storage.api: call init() (master) or initWorker() and initWorkerPostFork() (worker) first"
+        )
     return store.get_by_id(object_id)
 
 
@@ -158,9 +158,20 @@ class TaskContext:
             self.logger.warning("claypot: task raised %s: %s", etype.__name__, value)
         else:
             self.logger.debug("claypot: task finished")
-        return False   # never swallow the task's exception
+        return False  # never swallow the task's exception
 
 
-__all__ = ["init", "finish", "initWorker", "finishWorker", "initWorkerPostFork",
-           "finishWorkerPostFork", "getByID", "getLocations", "TaskContext", "StorageObject",
-           "get_client", "read_config"]
+__all__ = [
+    "init",
+    "finish",
+    "initWorker",
+    "finishWorker",
+    "initWorkerPostFork",
+    "finishWorkerPostFork",
+    "getByID",
+    "getLocations",
+    "TaskContext",
+    "StorageObject",
+    "get_client",
+    "read_config",
+]

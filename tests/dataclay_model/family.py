@@ -4,7 +4,6 @@ from dataclay import DataClayObject, activemethod
 
 
 class Person(DataClayObject):
-
     name: str
     age: int
 
@@ -15,7 +14,6 @@ class Person(DataClayObject):
 
 
 class Family(DataClayObject):
-
     members: list[Person]
 
     @activemethod

@@ -55,7 +55,7 @@ class State(enum.Enum):
     DELETED = "deleted"
 
 
-RESIDENT = (State.LIVE, State.MOVING)   # states in which the live instance is in memory
+RESIDENT = (State.LIVE, State.MOVING)  # states in which the live instance is in memory
 PRESENT = (State.LIVE, State.SPILLED, State.LOADING, State.MOVING)  # held by this backend
 
 
@@ -66,50 +66,58 @@ class IllegalTransition(AssertionError):
 @dataclass(slots=True)
 class Life:
     """One object's lifecycle record."""
+
     object_id: str
     state: State
     epoch: int = 0
-    lsn: int = 0          # LSN of the last acknowledged stored state (0: none)
-    size: int = 0         # bytes of its state, as last measured
-    big: bool = False     # over the big-object threshold: write-behind, no rollback copy
+    lsn: int = 0  # LSN of the last acknowledged stored state (0: none)
+    size: int = 0  # bytes of its state, as last measured
+    big: bool = False  # over the big-object threshold: write-behind, no rollback copy
     moved_to: str = ""
 
 
 # -- instructions --------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class LogState:
     """Log the object's current state (acknowledged once durable)."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class MarkDirty:
     """A big object changed: checkpoint it from a snapshot within the flush interval."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class WriteCheckpoint:
     """Write the object's current state straight to its checkpoint file, now."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Restore:
     """Rebuild the live instance from the last acknowledged stored state (a rollback)."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class LogDelete:
     """Log that the object no longer lives here (durable before anything else is told)."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class SendState:
     """Ship the object's state to backend ``to`` (which stores it durably)."""
+
     object_id: str
     to: str
 
@@ -117,6 +125,7 @@ class SendState:
 @dataclass(frozen=True, slots=True)
 class PublishMove:
     """Point the directory entry of the object at backend ``to``."""
+
     object_id: str
     to: str
 
@@ -124,24 +133,28 @@ class PublishMove:
 @dataclass(frozen=True, slots=True)
 class Forget:
     """Remove the object (and its aliases) from the directory."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Drop:
     """Drop the live instance from memory."""
+
     object_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Spill:
     """Memory is over budget: write the object out if disk lacks its state, then Drop it."""
+
     object_id: str
 
 
 # What a transition asks the heap to do, in order.
-Instruction = (LogState | MarkDirty | WriteCheckpoint | Restore | LogDelete | SendState
-               | PublishMove | Forget | Drop | Spill)
+Instruction = (
+    LogState | MarkDirty | WriteCheckpoint | Restore | LogDelete | SendState | PublishMove | Forget | Drop | Spill
+)
 
 
 class Lifecycle:
@@ -156,7 +169,7 @@ class Lifecycle:
         self._lives: dict[str, Life] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # oid -> size, LRU first
         self.resident_bytes = 0
-        self.largest = 0   # bytes of the largest object seen: headroom for one arriving
+        self.largest = 0  # bytes of the largest object seen: headroom for one arriving
         self._present = 0  # objects held here (PRESENT states), kept as they change
         # Memory held outside the objects: shared-memory segments that readers still
         # lease after their object changed or left (store.backend._storage.segments).
@@ -193,8 +206,9 @@ class Lifecycle:
         if life is None or life.state is State.DELETED:
             raise ObjectNotFound(f"object {object_id} is not on backend {backend[:8]}")
         if life.state is State.MOVED:
-            raise ObjectMoved(f"object {object_id} moved from backend {backend[:8]} to "
-                              f"{life.moved_to[:8]}", life.moved_to)
+            raise ObjectMoved(
+                f"object {object_id} moved from backend {backend[:8]} to {life.moved_to[:8]}", life.moved_to
+            )
         return life
 
     def touch(self, object_id: str) -> None:
@@ -296,8 +310,7 @@ class Lifecycle:
         """Delete: durable in storage first, then out of the directory."""
         life = self._lives.get(object_id)
         if life is None or life.state not in (State.LIVE, State.SPILLED):
-            raise IllegalTransition(f"{object_id} delete_requested while "
-                                    f"{life.state.value if life else 'absent'}")
+            raise IllegalTransition(f"{object_id} delete_requested while {life.state.value if life else 'absent'}")
         return [LogDelete(object_id), Forget(object_id)]
 
     def delete_done(self, object_id: str, lsn: int) -> list[Instruction]:
@@ -366,8 +379,7 @@ class Lifecycle:
     def _expect(self, object_id: str, state: State, event: str) -> Life:
         life = self._lives.get(object_id)
         if life is None or life.state is not state:
-            raise IllegalTransition(f"{object_id}: {event} while "
-                                    f"{life.state.value if life else 'absent'}")
+            raise IllegalTransition(f"{object_id}: {event} while {life.state.value if life else 'absent'}")
         return life
 
     def validate(self) -> None:
@@ -380,8 +392,7 @@ class Lifecycle:
             assert size == life.size, f"{oid} resident size {size} != {life.size}"
             total += size
         assert self.leased_bytes >= 0, f"leased bytes {self.leased_bytes} < 0"
-        assert total == self.resident_bytes, \
-            f"resident bytes {self.resident_bytes} != sum of sizes {total}"
+        assert total == self.resident_bytes, f"resident bytes {self.resident_bytes} != sum of sizes {total}"
         present = sum(1 for life in self._lives.values() if life.state in PRESENT)
         assert present == self._present, f"present count {self._present} != {present}"
         for oid, life in self._lives.items():
@@ -391,6 +402,7 @@ class Lifecycle:
                 assert oid in self._resident, f"{oid} {life.state.value} but not resident"
             else:
                 assert oid not in self._resident, f"{oid} {life.state.value} but resident"
-            assert bool(life.moved_to) == (life.state in (State.MOVED, State.MOVING)), \
+            assert bool(life.moved_to) == (life.state in (State.MOVED, State.MOVING)), (
                 f"{oid} {life.state.value} with moved_to={life.moved_to!r}"
+            )
             assert life.epoch >= 0 and life.lsn >= 0 and life.size >= 0

@@ -38,14 +38,14 @@ from dataclasses import dataclass, field, replace
 
 from store._directory.replica_set import ReplicaSet
 
-RECENT_CALLS = 32        # call ids (with results) shipped with each state of an object
-LEDGER_LIMIT = 8192      # call ids remembered by one backend, all objects together
+RECENT_CALLS = 32  # call ids (with results) shipped with each state of an object
+LEDGER_LIMIT = 8192  # call ids remembered by one backend, all objects together
 
 
 class Verdict(enum.Enum):
-    APPLY = "apply"          # newer: store it
-    OLD = "old"              # already held (or older): acknowledge, change nothing
-    STALE = "stale"          # from a deposed primary (older epoch): refuse
+    APPLY = "apply"  # newer: store it
+    OLD = "old"  # already held (or older): acknowledge, change nothing
+    STALE = "stale"  # from a deposed primary (older epoch): refuse
 
 
 def verdict(held_epoch: int, held_lsn: int, epoch: int, lsn: int) -> Verdict:
@@ -58,13 +58,12 @@ def verdict(held_epoch: int, held_lsn: int, epoch: int, lsn: int) -> Verdict:
 
 
 class ShipOutcome(enum.Enum):
-    ACK = "ack"              # every replica has it: acknowledge the call
-    DROP = "drop"            # some unreachable: drop them (CAS), then acknowledge
-    DEPOSED = "deposed"      # a replica knows a higher epoch: fail, this backend is not primary
+    ACK = "ack"  # every replica has it: acknowledge the call
+    DROP = "drop"  # some unreachable: drop them (CAS), then acknowledge
+    DEPOSED = "deposed"  # a replica knows a higher epoch: fail, this backend is not primary
 
 
-def after_ship(rset: ReplicaSet, accepted: set[str], refused: set[str]) -> tuple[ShipOutcome,
-                                                                                 ReplicaSet]:
+def after_ship(rset: ReplicaSet, accepted: set[str], refused: set[str]) -> tuple[ShipOutcome, ReplicaSet]:
     """The primary's decision once a state was sent to every replica of ``rset``.
 
     Returns the outcome and, for DROP, the set without the unreachable
@@ -86,8 +85,7 @@ def can_promote(rset: ReplicaSet, me: str, primary_up: bool, have_copy: bool) ->
 
 def promoted(rset: ReplicaSet, me: str) -> ReplicaSet:
     """The set after ``me`` takes over: epoch + 1, the old primary out (it rejoins by repair)."""
-    return ReplicaSet(rset.epoch + 1, me, tuple(r for r in rset.replicas if r != me),
-                      rset.target)
+    return ReplicaSet(rset.epoch + 1, me, tuple(r for r in rset.replicas if r != me), rset.target)
 
 
 def resized(rset: ReplicaSet, replicas: tuple[str, ...]) -> ReplicaSet:
@@ -96,8 +94,9 @@ def resized(rset: ReplicaSet, replicas: tuple[str, ...]) -> ReplicaSet:
     return replace(rset, epoch=rset.epoch + 1, replicas=tuple(replicas))
 
 
-def choose_targets(n: int, primary: str, taken: tuple[str, ...],
-                   candidates: list[tuple[str, str]], hosts: dict[str, str]) -> list[str]:
+def choose_targets(
+    n: int, primary: str, taken: tuple[str, ...], candidates: list[tuple[str, str]], hosts: dict[str, str]
+) -> list[str]:
     """Up to ``n`` backends for new replicas, other hosts first.
 
     ``candidates`` are (backend id, host id) of the backends that are up, in
@@ -122,6 +121,7 @@ def choose_targets(n: int, primary: str, taken: tuple[str, ...],
 @dataclass
 class Copy:
     """A replica held by this backend: the primary's last state it accepted."""
+
     object_id: str
     primary: str
     epoch: int
@@ -130,7 +130,7 @@ class Copy:
     alias: str
     payload: bytes
     buffers: list
-    calls: list = field(default_factory=list)   # [(call_id, payload, buffers)], oldest first
+    calls: list = field(default_factory=list)  # [(call_id, payload, buffers)], oldest first
 
 
 class CallLedger:
@@ -171,8 +171,7 @@ class CallLedger:
     def recent(self, object_id: str) -> list[tuple[str, tuple]]:
         with self._lock:
             ids = list(self._recent.get(object_id, ()))
-            return [(c, self._items[(object_id, c)]) for c in ids
-                    if (object_id, c) in self._items]
+            return [(c, self._items[(object_id, c)]) for c in ids if (object_id, c) in self._items]
 
     def seed(self, object_id: str, calls: list) -> None:
         for call_id, payload, buffers in calls:

@@ -27,8 +27,8 @@ from store.errors import CallCancelled, TaskTimeout
 _api = ctypes.pythonapi.PyThreadState_SetAsyncExc  # (thread id, exception type or NULL)
 
 _mu = threading.Lock()
-_armed: dict[str, int] = {}        # call id -> ident of the thread running it
-_fired: dict[int, type] = {}       # thread ident -> exception type sent to it
+_armed: dict[str, int] = {}  # call id -> ident of the thread running it
+_fired: dict[int, type] = {}  # thread ident -> exception type sent to it
 _local = threading.local()
 # Cancels that came before their call started running (it waited for its
 # object's lock, or was still on the way): refused when it starts. Call ids are
@@ -65,6 +65,7 @@ def cancel(call_id: str) -> bool:
     object's lock), it is refused as it starts.
     """
     import time
+
     with _mu:
         ident = _armed.get(call_id)
         if ident is not None:
@@ -72,8 +73,7 @@ def cancel(call_id: str) -> bool:
         if call_id:
             now = time.monotonic()
             if len(_early) >= _EARLY_MAX:
-                for k in [k for k, t in _early.items() if now - t > _EARLY_TTL] or \
-                        list(_early)[:_EARLY_MAX // 10]:
+                for k in [k for k, t in _early.items() if now - t > _EARLY_TTL] or list(_early)[: _EARLY_MAX // 10]:
                     _early.pop(k, None)
             _early[call_id] = now
         return False
@@ -97,10 +97,12 @@ def armed(what: str, timeout: float = 0.0) -> Iterator[None]:
             _armed[key] = ident
     timer = None
     if timeout and timeout > 0 and not nested:
+
         def expire():
             with _mu:
                 if _armed.get(key) == ident:
                     _fire(ident, TaskTimeout)
+
         timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
@@ -110,10 +112,10 @@ def armed(what: str, timeout: float = 0.0) -> Iterator[None]:
         if exc.args:
             raise
         if isinstance(exc, TaskTimeout):
-            raise TaskTimeout(f"{what} ran past its time_out of {timeout:g}s and was stopped; "
-                              f"its changes were rolled back") from None
-        raise CallCancelled(f"{what} was cancelled by its caller; its changes were "
-                            f"rolled back") from None
+            raise TaskTimeout(
+                f"{what} ran past its time_out of {timeout:g}s and was stopped; its changes were rolled back"
+            ) from None
+        raise CallCancelled(f"{what} was cancelled by its caller; its changes were rolled back") from None
     finally:
         if timer is not None:
             timer.cancel()

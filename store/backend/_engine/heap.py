@@ -42,8 +42,17 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from store._model import objects as objmod
-from store.errors import (ClassNotFound, DeadlineExceeded, NotPersistent, ObjectBusy, ObjectMoved,
-                          ObjectNotFound, ProtocolError, TaskTimeout, ValueTooLarge)
+from store.errors import (
+    ClassNotFound,
+    DeadlineExceeded,
+    NotPersistent,
+    ObjectBusy,
+    ObjectMoved,
+    ObjectNotFound,
+    ProtocolError,
+    TaskTimeout,
+    ValueTooLarge,
+)
 from store._model.objects import DEL_ATTR, GET_ATTR, METHOD, SET_ATTR, StorageObject
 from store._wire.serialization import PickleContext, UnpickleContext, dumps, import_by_key, loads
 from store.backend._engine import cancel
@@ -55,9 +64,9 @@ from store.backend._storage.storage import Record, Storage
 log = logging.getLogger("claypot.heap")
 
 _SNAPSHOT_LOCK_WAIT = 1.0  # seconds the checkpointer waits for a busy object's lock
-_TASK_LEDGER = 4096        # finished INOUT task attempts remembered (for retries)
-_KEPT_RESULT = 64 * 1024   # bytes of a changing call's result kept for its retries
-_NOT_KEPT = (None, [])     # ledger entry of a call whose result was too large or unpicklable
+_TASK_LEDGER = 4096  # finished INOUT task attempts remembered (for retries)
+_KEPT_RESULT = 64 * 1024  # bytes of a changing call's result kept for its retries
+_NOT_KEPT = (None, [])  # ledger entry of a call whose result was too large or unpicklable
 
 
 class ChainLock:
@@ -117,8 +126,7 @@ class ChainLock:
 class Entry:
     """The live side of one object; ``obj`` is None unless it is resident."""
 
-    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in",
-                 "verified")
+    __slots__ = ("object_id", "obj", "class_key", "alias", "lock", "digest", "moved_in", "verified")
 
     def __init__(self, object_id: str, class_key: str, alias: str):
         self.object_id = object_id
@@ -127,13 +135,12 @@ class Entry:
         self.alias = alias
         self.lock = ChainLock()
         self.digest = b""
-        self.moved_in = False   # arrived by a move (see storage.Record.moved_in)
-        self.verified = False   # the directory was seen to name this backend as its owner
+        self.moved_in = False  # arrived by a move (see storage.Record.moved_in)
+        self.verified = False  # the directory was seen to name this backend as its owner
 
     def record(self, payload: bytes, buffers: list) -> Record:
         """A storage record of this object's state."""
-        return Record(self.object_id, self.class_key, self.alias, payload, buffers,
-                      moved_in=self.moved_in)
+        return Record(self.object_id, self.class_key, self.alias, payload, buffers, moved_in=self.moved_in)
 
 
 def digest_of(payload: bytes | memoryview, buffers: Sequence) -> bytes:
@@ -182,6 +189,7 @@ class CodeCache:
                     code = None  # the registry is unreachable: try an import
             if code:
                 from store._wire.serialization import load_code, remember_code
+
                 obj = load_code(code)
                 remember_code(key, obj)
                 self._raw[key] = bytes(code)
@@ -249,9 +257,16 @@ class _TaskLedger:
 class Heap:
     """The live objects of one backend (see the module docstring)."""
 
-    def __init__(self, backend_id: str, storage: Storage, code: CodeCache, directory,
-                 big_object: int = 64 * 1024 * 1024, memory_budget: int = 0,
-                 lock_timeout: float | None = None):
+    def __init__(
+        self,
+        backend_id: str,
+        storage: Storage,
+        code: CodeCache,
+        directory,
+        big_object: int = 64 * 1024 * 1024,
+        memory_budget: int = 0,
+        lock_timeout: float | None = None,
+    ):
         self.backend_id = backend_id
         self.storage = storage
         self.code = code
@@ -260,7 +275,7 @@ class Heap:
         self.memory_budget = memory_budget
         self.lock_timeout = lock_timeout
         self.life = Lifecycle(memory_budget)
-        self._mu = threading.Lock()   # guards self.life and self._entries; never held for I/O
+        self._mu = threading.Lock()  # guards self.life and self._entries; never held for I/O
         self._entries: dict[str, Entry] = {}
         self.life.stored_at_start(storage.object_ids(at_start=True))
         self._tasks = _TaskLedger()
@@ -336,16 +351,25 @@ class Heap:
     def largest(self, n: int = 10) -> list[dict]:
         """The ``n`` largest objects here by last measured size (for the dashboard)."""
         import heapq
+
         with self._mu:
-            lives = heapq.nlargest(n, (life for oid, life in self.life._lives.items()
-                                       if self.life.present(oid)), key=lambda life: life.size)
+            lives = heapq.nlargest(
+                n,
+                (life for oid, life in self.life._lives.items() if self.life.present(oid)),
+                key=lambda life: life.size,
+            )
             out = []
             for life in lives:
                 entry = self._entries.get(life.object_id)
-                out.append({"object_id": life.object_id, "bytes": life.size,
-                            "state": life.state.name.lower(),
-                            "class_key": entry.class_key if entry else "",
-                            "alias": entry.alias if entry else ""})
+                out.append(
+                    {
+                        "object_id": life.object_id,
+                        "bytes": life.size,
+                        "state": life.state.name.lower(),
+                        "class_key": entry.class_key if entry else "",
+                        "alias": entry.alias if entry else "",
+                    }
+                )
             return out
 
     def state_of(self, object_id: str) -> State | None:
@@ -361,8 +385,7 @@ class Heap:
                 entry = self._entries[object_id] = Entry(object_id, "", "")
             return entry
 
-    def _acquire(self, object_id: str, chain: str, load: bool = True,
-                 verify: bool = True) -> Entry:
+    def _acquire(self, object_id: str, chain: str, load: bool = True, verify: bool = True) -> Entry:
         """The object's entry, locked by ``chain`` and admitted again under the lock.
 
         Loads the object if it is spilled (under its own lock only).
@@ -373,8 +396,7 @@ class Heap:
             with self._mu:
                 life = self.life.admit(object_id, self.backend_id)  # moved/deleted meanwhile?
                 if self._entries.get(object_id) is not entry:
-                    raise ObjectNotFound(f"object {object_id} is not on backend "
-                                         f"{self.backend_id[:8]}")
+                    raise ObjectNotFound(f"object {object_id} is not on backend {self.backend_id[:8]}")
                 self.life.touch(object_id)
                 spilled = life.state is State.SPILLED
             if spilled and load:
@@ -398,8 +420,9 @@ class Heap:
         except Exception:  # unknown (a wiped directory being republished) or unreachable
             return
         if owner != self.backend_id:
-            raise ObjectMoved(f"object {entry.object_id} is owned by {owner[:8]}: this "
-                              f"copy's move has not committed", owner)
+            raise ObjectMoved(
+                f"object {entry.object_id} is owned by {owner[:8]}: this copy's move has not committed", owner
+            )
         entry.verified = True
 
     def _load(self, entry: Entry) -> None:
@@ -443,7 +466,7 @@ class Heap:
         try:
             payload, buffers = dumps(result, self.pickle_context(chain))
         except Exception:
-            return _NOT_KEPT   # the reply will say why, as before
+            return _NOT_KEPT  # the reply will say why, as before
         if len(payload) + sum(memoryview(b).nbytes for b in buffers) > _KEPT_RESULT:
             return _NOT_KEPT
         return (bytes(payload), [bytes(memoryview(b)) for b in buffers])
@@ -528,8 +551,9 @@ class Heap:
             if adopt:
                 self.storage.sync()  # one fsync acknowledges the whole batch
             else:
-                self._claim_while_syncing([(oid, self.backend_id, key, alias)
-                                           for oid, key, _, _, alias, _ in built] + retried)
+                self._claim_while_syncing(
+                    [(oid, self.backend_id, key, alias) for oid, key, _, _, alias, _ in built] + retried
+                )
         except BaseException:
             for oid, *_ in built:  # nobody was told of them: take them back out
                 try:
@@ -618,6 +642,7 @@ class Heap:
         through the heap (locks, logging) from now on.
         """
         from store._wire.serialization import code_key_and_bytes
+
         key, code = code_key_and_bytes(objmod.real_class(obj))
         if self.directory is not None and code and not self.directory.has_code(key):
             self.directory.put_code(key, code)
@@ -632,8 +657,9 @@ class Heap:
         return oid, key, self.backend_id
 
     # -- calls ---------------------------------------------------------------------
-    def invoke(self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict,
-               chain: str, call_id: str = "") -> Any:
+    def invoke(
+        self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict, chain: str, call_id: str = ""
+    ) -> Any:
         """Run a method or attribute access on a live object, under its lock.
 
         A changing call with a ``call_id`` that already changed the object
@@ -652,7 +678,8 @@ class Heap:
                     if hit[0] is None:
                         raise ValueTooLarge(
                             f"call {call_id} on {object_id} already ran; its result was not "
-                            f"kept for retries (over {_KEPT_RESULT} bytes, or unpicklable)")
+                            f"kept for retries (over {_KEPT_RESULT} bytes, or unpicklable)"
+                        )
                     return loads(hit[0], hit[1], self.unpickle_context()) if hit[0] else None
             obj = entry.obj
             if kind == GET_ATTR:
@@ -671,7 +698,7 @@ class Heap:
                 self.before_change(object_id)
                 announced = True
             try:
-                with cancel.armed(f"method {name}"):   # Cancel RPC (store.backend._engine.cancel)
+                with cancel.armed(f"method {name}"):  # Cancel RPC (store.backend._engine.cancel)
                     result = fn(*args, **kwargs)
             except BaseException:
                 if changes and outermost:
@@ -679,8 +706,9 @@ class Heap:
                 raise
             if changes and outermost:
                 try:
-                    self._after_change(entry, chain, check=kind == METHOD,
-                                       call=[call_id, result, None] if call_id else None)
+                    self._after_change(
+                        entry, chain, check=kind == METHOD, call=[call_id, result, None] if call_id else None
+                    )
                 except BaseException:
                     # Not stored (unpicklable state, a failed disk): not applied in memory
                     # either.
@@ -703,9 +731,11 @@ class Heap:
         try:
             old = objmod.real_class(type(entry.obj))
             if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-                raise ClassNotFound(f"object {object_id} is a {old.__qualname__}, not a "
-                                    f"{cls.__qualname__}: upgrade_class takes a new version "
-                                    f"of the same class")
+                raise ClassNotFound(
+                    f"object {object_id} is a {old.__qualname__}, not a "
+                    f"{cls.__qualname__}: upgrade_class takes a new version "
+                    f"of the same class"
+                )
             entry.obj.__class__ = cls
             entry.class_key = class_key
             entry.obj.__dict__[objmod._KEY] = class_key
@@ -714,8 +744,16 @@ class Heap:
             entry.lock.release()
         self.directory.claim([(object_id, self.backend_id, class_key, entry.alias)])
 
-    def run_task(self, fn: Callable[..., Any], args: tuple, kwargs: dict, mutates: list[str], chain: str,
-                 timeout: float = 0.0, task_key: str = "") -> Any:
+    def run_task(
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        mutates: list[str],
+        chain: str,
+        timeout: float = 0.0,
+        task_key: str = "",
+    ) -> Any:
         """Run a task function here; objects it may change (INOUT) are locked and logged.
 
         Atomic like a method: if the function raises, or runs past its
@@ -747,9 +785,11 @@ class Heap:
                     result = fn(*args, **kwargs)
                 elapsed = time.monotonic() - started
                 if timeout and elapsed > timeout:
-                    raise TaskTimeout(f"task {getattr(fn, '__qualname__', fn)} ran "
-                                      f"{elapsed:.2f}s, over its time_out of {timeout}s; "
-                                      f"its changes were rolled back")
+                    raise TaskTimeout(
+                        f"task {getattr(fn, '__qualname__', fn)} ran "
+                        f"{elapsed:.2f}s, over its time_out of {timeout}s; "
+                        f"its changes were rolled back"
+                    )
             except BaseException:
                 for entry, outermost in entries:
                     if outermost:
@@ -815,8 +855,7 @@ class Heap:
         except Exception:
             # Never leave the half-changed instance in memory: drop it, so the next
             # call loads the last acknowledged state from disk.
-            log.exception("object %s: rollback after a failed call failed; dropping the "
-                          "live instance", oid)
+            log.exception("object %s: rollback after a failed call failed; dropping the live instance", oid)
             with self._mu:
                 life = self.life.get(oid)
                 if life is not None and life.state is State.LIVE:
@@ -862,8 +901,8 @@ class Heap:
         if self.replicate is not None:
             self.replicate(entry, payload, buffers, None)
         lsn = self.storage.write_checkpoint(
-            entry.record(payload, [b.raw() if hasattr(b, "raw") else b for b in buffers]),
-            clear_dirty=clear_dirty)
+            entry.record(payload, [b.raw() if hasattr(b, "raw") else b for b in buffers]), clear_dirty=clear_dirty
+        )
         with self._mu:
             self.life.logged(entry.object_id, lsn)
         return lsn
@@ -923,8 +962,7 @@ class Heap:
         finally:
             entry.lock.release()
 
-    def move(self, object_id: str, target: str, chain: str,
-             send: Callable[[str, str, str, bytes, list], None]) -> None:
+    def move(self, object_id: str, target: str, chain: str, send: Callable[[str, str, str, bytes, list], None]) -> None:
         """Move an object to backend ``target``: its state there, the directory, then here.
 
         ``send(target, class_key, alias, payload, buffers)`` stores the state
@@ -935,8 +973,10 @@ class Heap:
             return
         entry = self._entry(object_id)
         if chain and entry.lock.owner == chain:
-            raise ObjectBusy(f"object {object_id} cannot be moved from inside one of its own "
-                             f"methods (the call holds it); move it after the call returns")
+            raise ObjectBusy(
+                f"object {object_id} cannot be moved from inside one of its own "
+                f"methods (the call holds it); move it after the call returns"
+            )
         mover = "move:" + uuid.uuid4().hex
         entry = self._acquire(object_id, mover)
         try:
@@ -946,8 +986,7 @@ class Heap:
             try:
                 for ins in todo:
                     if isinstance(ins, lc.SendState):
-                        payload, buffers = dumps(entry.obj.__getstate__(),
-                                                 self.pickle_context(mover))
+                        payload, buffers = dumps(entry.obj.__getstate__(), self.pickle_context(mover))
                         send(target, entry.class_key, entry.alias, payload, buffers)
                     elif isinstance(ins, lc.PublishMove):
                         self.directory.move(object_id, target)
@@ -985,8 +1024,7 @@ class Heap:
         methods, goes ahead in that call's chain); calls queued behind it get
         ObjectNotFound, and the call in progress stores nothing after it.
         """
-        entry = self._acquire(object_id, chain or "delete:" + uuid.uuid4().hex, load=False,
-                              verify=forget)
+        entry = self._acquire(object_id, chain or "delete:" + uuid.uuid4().hex, load=False, verify=forget)
         try:
             todo = self.life_event(lambda: self.life.delete_requested(object_id))
             lsn = 0
@@ -1001,8 +1039,7 @@ class Heap:
                     except Exception as exc:
                         # Stored as deleted already; the directory entry left behind only
                         # answers ObjectNotFound from here (repair removes it).
-                        log.warning("object %s deleted, directory not updated: %s",
-                                    object_id, exc)
+                        log.warning("object %s deleted, directory not updated: %s", object_id, exc)
             with self._mu:
                 self.life.delete_done(object_id, lsn)
                 entry.obj = None
@@ -1060,9 +1097,9 @@ class Heap:
             life = self.life.get(oid)
             assert life is not None, f"{oid} has a live entry but no lifecycle record"
             resident = life.state in lc.RESIDENT
-            assert (entry.obj is not None) == resident, \
-                f"{oid} is {life.state.value} but its instance is " \
-                f"{'present' if entry.obj is not None else 'absent'}"
+            assert (entry.obj is not None) == resident, (
+                f"{oid} is {life.state.value} but its instance is {'present' if entry.obj is not None else 'absent'}"
+            )
 
     def validate(self) -> None:
         """Check the heap's and the lifecycle's invariants (AssertionError if broken)."""
@@ -1078,6 +1115,7 @@ def _glibc():
     if _libc is None:
         try:
             import ctypes
+
             _libc = ctypes.CDLL("libc.so.6")
             _libc.malloc_trim  # noqa: B018 - raises AttributeError when not glibc
         except (OSError, AttributeError):

@@ -56,11 +56,11 @@ from store.backend._storage.storage import atomic_write
 
 log = logging.getLogger("claypot.replicas")
 
-_NOT_KEPT_SIZE = 2 ** 63 - 1   # marks a call whose result was not kept (see heap)
-_LEASE_SHARE = 0.8   # of the heartbeat TTL: a primary's lease ends before its key expires
-_HEAD = struct.Struct("<II")   # record length, crc32 of the record
-_COMPACT_MIN = 16 * 1024 * 1024   # log bytes before a compaction is considered
-_WIPE_GRACE = 4   # heartbeat TTLs a replica keeps a copy whose set vanished (directory wipe)
+_NOT_KEPT_SIZE = 2**63 - 1  # marks a call whose result was not kept (see heap)
+_LEASE_SHARE = 0.8  # of the heartbeat TTL: a primary's lease ends before its key expires
+_HEAD = struct.Struct("<II")  # record length, crc32 of the record
+_COMPACT_MIN = 16 * 1024 * 1024  # log bytes before a compaction is considered
+_WIPE_GRACE = 4  # heartbeat TTLs a replica keeps a copy whose set vanished (directory wipe)
 
 
 class ReplicaLog:
@@ -104,7 +104,7 @@ class ReplicaLog:
         pos = 0
         while pos + _HEAD.size <= len(data):
             n, crc = _HEAD.unpack_from(data, pos)
-            body = data[pos + _HEAD.size:pos + _HEAD.size + n]
+            body = data[pos + _HEAD.size : pos + _HEAD.size + n]
             if len(body) < n or zlib.crc32(body) != crc:
                 break
             item = pickle.loads(body)
@@ -115,14 +115,14 @@ class ReplicaLog:
             pos += _HEAD.size + n
         return copies, pos, len(data)
 
-    def append(self, item: tuple, then: Callable[[], None] | None=None) -> None:
+    def append(self, item: tuple, then: Callable[[], None] | None = None) -> None:
         """Append ``item``; ``then()`` runs under the log's lock once it is written."""
         body = pickle.dumps(item, protocol=5)
         record = _HEAD.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
             view = memoryview(record)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             self.size += len(record)
             self._written += 1
             seq = self._written
@@ -189,25 +189,25 @@ class Replicator:
         self.me = backend.backend_id
         self.root = os.path.join(self.settings.data_dir, "replicas")
         os.makedirs(self.root, exist_ok=True)
-        self.sets: dict[str, ReplicaSet] = {}     # objects this backend is primary of
+        self.sets: dict[str, ReplicaSet] = {}  # objects this backend is primary of
         # Objects this backend was primary of until it learnt it was deposed -> the owner it
         # was told of: fenced (no change, read or delete served) until it is promoted again.
         self.deposed: dict[str, str] = {}
-        self._creating: dict[str, threading.Event] = {}   # published, replica set not yet
-        self.copies: dict[str, Copy] = {}         # replicas held here
-        self.confirmed: dict[str, float] = {}     # oid -> when the copy was last known current
-        self.received: dict[str, float] = {}      # oid -> when a state last arrived
-        self._set_seen: dict[str, float] = {}     # oid -> when its replica set was last read
+        self._creating: dict[str, threading.Event] = {}  # published, replica set not yet
+        self.copies: dict[str, Copy] = {}  # replicas held here
+        self.confirmed: dict[str, float] = {}  # oid -> when the copy was last known current
+        self.received: dict[str, float] = {}  # oid -> when a state last arrived
+        self._set_seen: dict[str, float] = {}  # oid -> when its replica set was last read
         self._locks: dict[str, threading.Lock] = {}
         self._mu = threading.Lock()
-        self._instances: dict[str, tuple[int, int, object]] = {}   # replica-read instances
+        self._instances: dict[str, tuple[int, int, object]] = {}  # replica-read instances
         self.lease_until = 0.0
         self.failovers = 0
         self.repairs = 0
         self.ship_timeout = max(1.0, self.settings.heartbeat_ttl)
         # A send unanswered this long starts a ping of its replica (answered this fast).
         self._probe_after = self.ship_timeout / 4
-        self._suspect: dict[str, float] = {}   # backend id -> suspect until (monotonic)
+        self._suspect: dict[str, float] = {}  # backend id -> suspect until (monotonic)
         self._probes: dict[str, threading.Lock] = {}
         self.log = ReplicaLog(self.root, self.settings.durability == "sync")
 
@@ -231,8 +231,7 @@ class Replicator:
         """
         if time.monotonic() > self.lease_until and self.sets:
             self._confirm_owned()
-        self.lease_until = max(self.lease_until,
-                               sent_at + self.settings.heartbeat_ttl * _LEASE_SHARE)
+        self.lease_until = max(self.lease_until, sent_at + self.settings.heartbeat_ttl * _LEASE_SHARE)
 
     def _confirm_owned(self) -> None:
         oids = list(self.sets)
@@ -241,9 +240,8 @@ class Replicator:
         for oid, entry, rset in zip(oids, owners, sets):
             mine = self.sets.get(oid)
             if mine is None or entry is None or rset is None:
-                continue   # deleted, or a wiped directory: the monitor sorts it out
-            if entry.backend_id != self.me or rset.primary != self.me \
-                    or rset.epoch > mine.epoch:
+                continue  # deleted, or a wiped directory: the monitor sorts it out
+            if entry.backend_id != self.me or rset.primary != self.me or rset.epoch > mine.epoch:
                 self._deposed(oid)
 
     def _lock(self, object_id: str) -> threading.Lock:
@@ -262,29 +260,30 @@ class Replicator:
             raise BackendUnavailable(f"object {object_id} is still getting its replicas: retry")
         owner = self.deposed.get(object_id)
         if owner is not None:
-            raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}: this backend "
-                              f"is no longer its primary", owner)
+            raise ObjectMoved(
+                f"object {object_id} failed over to {owner[:8]}: this backend is no longer its primary", owner
+            )
         if object_id in self.sets and time.monotonic() > self.lease_until:
             raise BackendUnavailable(
                 f"backend {self.me[:8]} cannot confirm it is still the primary of "
                 f"{object_id} (no heartbeat stored for {self.settings.heartbeat_ttl:g}s): "
-                f"retry, the object may be failing over")
+                f"retry, the object may be failing over"
+            )
 
     def replicate(self, entry: Any, payload: bytes, buffers: list, call: Any) -> None:
         """The heap's hook: send a new state to every replica before it is acknowledged."""
         oid = entry.object_id
         rset = self.sets.get(oid)
         if rset is None:
-            self.check_serving(oid)   # deposed: a change finishing now is never acknowledged
+            self.check_serving(oid)  # deposed: a change finishing now is never acknowledged
             return
         self.check_serving(oid)
         if not rset.replicas:
-            return   # every replica was dropped (the directory agrees): repair adds one
+            return  # every replica was dropped (the directory agrees): repair adds one
         calls = self.heap.calls.recent(oid)
         if call is not None:
             calls.append((call[0], call[2]))
-        request = self._request(oid, rset.epoch, entry.class_key, entry.alias, payload, buffers,
-                                calls)
+        request = self._request(oid, rset.epoch, entry.class_key, entry.alias, payload, buffers, calls)
         accepted, refused = self._ship(rset.replicas, request)
         outcome, new = rp.after_ship(rset, accepted, refused)
         if outcome is ShipOutcome.ACK:
@@ -298,11 +297,16 @@ class Replicator:
         except ClaypotError as exc:
             raise BackendUnavailable(
                 f"object {oid}: replica(s) {', '.join(r[:8] for r in rset.replicas if r not in accepted)} "
-                f"unreachable and the directory too ({exc}): the change was rolled back") from None
+                f"unreachable and the directory too ({exc}): the change was rolled back"
+            ) from None
         if not ok:
             raise self._deposed(oid)
-        log.warning("object %s: dropped unreachable replica(s) %s (epoch %d)", oid,
-                    [r[:8] for r in rset.replicas if r not in accepted], new.epoch)
+        log.warning(
+            "object %s: dropped unreachable replica(s) %s (epoch %d)",
+            oid,
+            [r[:8] for r in rset.replicas if r not in accepted],
+            new.epoch,
+        )
         self.sets[oid] = new
 
     def _deposed(self, object_id: str) -> ObjectMoved:
@@ -316,11 +320,9 @@ class Replicator:
         except ClaypotError:
             owner = ""
         self.deposed[object_id] = owner
-        log.warning("object %s: deposed (the directory names %s): stepping down", object_id,
-                    owner[:8])
+        log.warning("object %s: deposed (the directory names %s): stepping down", object_id, owner[:8])
         threading.Thread(target=self._step_down, args=(object_id,), daemon=True).start()
-        return ObjectMoved(f"object {object_id} failed over to {owner[:8]}; its change here "
-                           f"was not applied", owner)
+        return ObjectMoved(f"object {object_id} failed over to {owner[:8]}; its change here was not applied", owner)
 
     def _step_down(self, object_id: str) -> None:
         try:
@@ -329,14 +331,19 @@ class Replicator:
         except ClaypotError as exc:
             log.warning("object %s: stale primary copy not dropped: %s", object_id, exc)
 
-    def _request(self, oid: str, epoch: int, class_key: str, alias: str, payload, buffers,
-                 calls) -> pb.ReplicateRequest:
+    def _request(
+        self, oid: str, epoch: int, class_key: str, alias: str, payload, buffers, calls
+    ) -> pb.ReplicateRequest:
         return pb.ReplicateRequest(
-            object_id=oid, primary_id=self.me, epoch=epoch, lsn=self.b.storage.next_lsn(),
-            class_key=class_key, alias=alias,
-            state=pb.Value(payload=bytes(payload),
-                           buffers=[bytes(memoryview(b)) for b in buffers]),
-            calls=[pb.ReplicatedCall(call_id=c, result=_result_value(r)) for c, r in calls])
+            object_id=oid,
+            primary_id=self.me,
+            epoch=epoch,
+            lsn=self.b.storage.next_lsn(),
+            class_key=class_key,
+            alias=alias,
+            state=pb.Value(payload=bytes(payload), buffers=[bytes(memoryview(b)) for b in buffers]),
+            calls=[pb.ReplicatedCall(call_id=c, result=_result_value(r)) for c, r in calls],
+        )
 
     def _ship(self, replicas, request) -> tuple[set[str], set[str]]:
         """Send ``request`` to each replica at once; (accepted, refused with a higher epoch).
@@ -351,13 +358,13 @@ class Replicator:
         pending = {}
         for r in replicas:
             if self._suspect_now(r):
-                log.warning("replica %s of %s suspect (unresponsive): not waited for", r[:8],
-                            request.object_id)
+                log.warning("replica %s of %s suspect (unresponsive): not waited for", r[:8], request.object_id)
                 continue
             try:
                 addr = self.b.client.address_of(r)
                 pending[r] = self.b.client._stub(addr).Replicate.future(
-                    request, timeout=self.ship_timeout, metadata=self.b.client._metadata)
+                    request, timeout=self.ship_timeout, metadata=self.b.client._metadata
+                )
             except (grpc.RpcError, ClaypotError, ValueError) as exc:
                 log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id, exc)
         accepted, refused = set(), set()
@@ -365,16 +372,19 @@ class Replicator:
             try:
                 reply = self._await(r, fut)
             except (grpc.RpcError, ClaypotError, ValueError) as exc:
-                log.warning("replica %s of %s unreachable: %s", r[:8], request.object_id,
-                            exc.details() if isinstance(exc, grpc.RpcError) else exc)
+                log.warning(
+                    "replica %s of %s unreachable: %s",
+                    r[:8],
+                    request.object_id,
+                    exc.details() if isinstance(exc, grpc.RpcError) else exc,
+                )
                 continue
             if reply.epoch > request.epoch:
                 refused.add(r)
             elif not reply.HasField("error"):
                 accepted.add(r)
             else:
-                log.warning("replica %s refused %s: %s", r[:8], request.object_id,
-                            reply.error.message)
+                log.warning("replica %s refused %s: %s", r[:8], request.object_id, reply.error.message)
         return accepted, refused
 
     def _suspect_now(self, backend_id: str) -> bool:
@@ -412,8 +422,9 @@ class Replicator:
                 return False
             try:
                 addr = self.b.client.address_of(backend_id)
-                self.b.client._stub(addr).Ping(pb.PingRequest(), timeout=self._probe_after,
-                                               metadata=self.b.client._metadata)
+                self.b.client._stub(addr).Ping(
+                    pb.PingRequest(), timeout=self._probe_after, metadata=self.b.client._metadata
+                )
                 return True
             except (grpc.RpcError, ClaypotError, ValueError):
                 self._suspect[backend_id] = time.monotonic() + self.ship_timeout
@@ -422,8 +433,7 @@ class Replicator:
         finally:
             probe.release()
 
-    def create(self, items: list[tuple[str, str, object, list, str]], factor: int,
-               publish: Callable[[], None]) -> None:
+    def create(self, items: list[tuple[str, str, object, list, str]], factor: int, publish: Callable[[], None]) -> None:
         """Persist new objects here with ``factor`` replicas each.
 
         The replicas take the state first; then ``publish()`` persists the objects
@@ -436,9 +446,7 @@ class Replicator:
         """
         targets = self._targets(factor, ())
         if len(targets) < factor:
-            raise ConfigurationError(
-                f"replicas={factor} needs {factor} other backend(s) up; {len(targets)} "
-                f"available")
+            raise ConfigurationError(f"replicas={factor} needs {factor} other backend(s) up; {len(targets)} available")
         rsets = {}
         for oid, key, payload, buffers, alias in items:
             rset = ReplicaSet(1, self.me, tuple(targets), factor)
@@ -474,13 +482,11 @@ class Replicator:
             gate.set()
 
     def _targets(self, n: int, taken: tuple[str, ...]) -> list[str]:
-        ups = [b for b in self.directory.backends()
-               if b["up"] and not self._suspect_now(b["backend_id"])]
+        ups = [b for b in self.directory.backends() if b["up"] and not self._suspect_now(b["backend_id"])]
         hosts = {b["backend_id"]: b.get("host_id", "") for b in ups}
         hosts.setdefault(self.me, self.b.host_id)
         # Fewest objects first: spreads replicas over the cluster.
-        cands = [(b["backend_id"], b.get("host_id", ""))
-                 for b in sorted(ups, key=lambda b: b.get("objects", 0))]
+        cands = [(b["backend_id"], b.get("host_id", "")) for b in sorted(ups, key=lambda b: b.get("objects", 0))]
         return rp.choose_targets(n, self.me, taken, cands, hosts)
 
     def add(self, object_id: str, backend_id: str = "") -> str:
@@ -494,27 +500,29 @@ class Replicator:
             rset = self.sets.get(object_id) or ReplicaSet(0, self.me, (), 0)
             if backend_id:
                 if backend_id == self.me or backend_id in rset.replicas:
-                    raise ConfigurationError(f"backend {backend_id[:8]} already holds "
-                                             f"object {object_id}")
+                    raise ConfigurationError(f"backend {backend_id[:8]} already holds object {object_id}")
                 target = backend_id
             else:
                 found = self._targets(1, rset.replicas)
                 if not found:
-                    raise ConfigurationError(f"no other backend is up to hold a replica of "
-                                             f"{object_id}")
+                    raise ConfigurationError(f"no other backend is up to hold a replica of {object_id}")
                 target = found[0]
-            payload, buffers = dumps(entry.obj.__getstate__(),
-                                     self.heap.pickle_context("replicas"))
-            request = self._request(object_id, rset.epoch + 1, entry.class_key, entry.alias,
-                                    payload, buffers, self.heap.calls.recent(object_id))
+            payload, buffers = dumps(entry.obj.__getstate__(), self.heap.pickle_context("replicas"))
+            request = self._request(
+                object_id,
+                rset.epoch + 1,
+                entry.class_key,
+                entry.alias,
+                payload,
+                buffers,
+                self.heap.calls.recent(object_id),
+            )
             accepted, refused = self._ship((target,), request)
             if refused:
                 raise self._deposed(object_id)
             if target not in accepted:
-                raise BackendUnavailable(f"backend {target[:8]} did not take a replica of "
-                                         f"{object_id}")
-            new = ReplicaSet(rset.epoch + 1, self.me, rset.replicas + (target,),
-                             rset.target + 1)
+                raise BackendUnavailable(f"backend {target[:8]} did not take a replica of {object_id}")
+            new = ReplicaSet(rset.epoch + 1, self.me, rset.replicas + (target,), rset.target + 1)
             if not self.directory.replace_replica_set(object_id, rset.epoch, self.me, new):
                 raise self._deposed(object_id)
             self.sets[object_id] = new
@@ -535,12 +543,18 @@ class Replicator:
                 owner = ""
             if owner and owner != self.me:
                 self.deposed[object_id] = owner
-                raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}; it was not "
-                                  f"deleted there", owner)
+                raise ObjectMoved(f"object {object_id} failed over to {owner[:8]}; it was not deleted there", owner)
         if rset and rset.replicas:
-            self._ship(rset.replicas, pb.ReplicateRequest(
-                object_id=object_id, primary_id=self.me, epoch=rset.epoch,
-                lsn=self.b.storage.next_lsn(), deleted=True))
+            self._ship(
+                rset.replicas,
+                pb.ReplicateRequest(
+                    object_id=object_id,
+                    primary_id=self.me,
+                    epoch=rset.epoch,
+                    lsn=self.b.storage.next_lsn(),
+                    deleted=True,
+                ),
+            )
 
     def replicated(self, object_id: str) -> bool:
         return object_id in self.sets or object_id in self.copies
@@ -554,7 +568,7 @@ class Replicator:
             if mine is not None and request.primary_id != self.me:
                 if request.epoch <= mine.epoch:
                     return pb.ReplicateResponse(epoch=mine.epoch)
-                self._deposed(oid)   # a later epoch than ours: we were deposed
+                self._deposed(oid)  # a later epoch than ours: we were deposed
             copy = self.copies.get(oid)
             held = (copy.epoch, copy.lsn) if copy is not None else (0, 0)
             v = rp.verdict(held[0], held[1], request.epoch, request.lsn)
@@ -564,12 +578,18 @@ class Replicator:
                 if request.deleted:
                     self._drop_copy(oid)
                 else:
-                    copy = Copy(oid, request.primary_id, request.epoch, request.lsn,
-                                request.class_key, request.alias, bytes(request.state.payload),
-                                [bytes(b) for b in request.state.buffers],
-                                [(c.call_id, *_result_of(c.result)) for c in request.calls])
-                    self.log.append(("put", copy),
-                                    lambda: self.copies.__setitem__(oid, copy))
+                    copy = Copy(
+                        oid,
+                        request.primary_id,
+                        request.epoch,
+                        request.lsn,
+                        request.class_key,
+                        request.alias,
+                        bytes(request.state.payload),
+                        [bytes(b) for b in request.state.buffers],
+                        [(c.call_id, *_result_of(c.result)) for c in request.calls],
+                    )
+                    self.log.append(("put", copy), lambda: self.copies.__setitem__(oid, copy))
             self.confirmed[oid] = self.received[oid] = time.monotonic()
             return pb.ReplicateResponse(epoch=request.epoch)
 
@@ -594,8 +614,7 @@ class Replicator:
         seen = self.confirmed.get(object_id, 0.0)
         if copy is None or time.monotonic() - seen > self.settings.heartbeat_ttl:
             owner = copy.primary if copy is not None else ""
-            raise ObjectMoved(f"replica of {object_id} here is not known current: ask the "
-                              f"primary", owner)
+            raise ObjectMoved(f"replica of {object_id} here is not known current: ask the primary", owner)
         hit = self._instances.get(object_id)
         if hit is None or hit[:2] != (copy.epoch, copy.lsn):
             cls = self.heap.code.get(copy.class_key)
@@ -609,15 +628,14 @@ class Replicator:
             return getattr(obj, name)
         fn = getattr(obj, name)
         if kind != objmod.METHOD or not getattr(fn, "__claypot_readonly__", False):
-            raise ProtocolError(f"{name} is not a @readonly method: replicas run read-only "
-                                f"calls only")
+            raise ProtocolError(f"{name} is not a @readonly method: replicas run read-only calls only")
         return fn(*args, **kwargs)
 
     # -- monitor: failover, step-down, repair ---------------------------------------------
     def monitor_once(self) -> None:
         """One round of the monitor (see the module docstring)."""
         if not (self.copies or self.sets):
-            return   # nothing replicated here: no directory traffic
+            return  # nothing replicated here: no directory traffic
         ups = {b["backend_id"]: b for b in self.directory.backends()}
         self._watch_primaries(ups)
         self._check_own(ups)
@@ -644,8 +662,11 @@ class Replicator:
                     fresh = copy is not None and (
                         (rset is not None and copy.epoch > rset.epoch)
                         or now - self.received.get(oid, 0.0) < 2 * self.ship_timeout
-                        or (rset is None and now - self._set_seen.setdefault(oid, now)
-                            < _WIPE_GRACE * self.settings.heartbeat_ttl))
+                        or (
+                            rset is None
+                            and now - self._set_seen.setdefault(oid, now) < _WIPE_GRACE * self.settings.heartbeat_ttl
+                        )
+                    )
                     if copy is not None and not fresh:
                         self._drop_copy(oid)
                 continue
@@ -672,11 +693,9 @@ class Replicator:
             self.heap.calls.seed(object_id, copy.calls)
             # The copy becomes a live object first, unverified: until the directory names
             # this backend, a call reaching it is sent to the owner the directory names.
-            self.heap.persist([(object_id, copy.class_key, copy.payload, copy.buffers,
-                                copy.alias)], adopt=True)
+            self.heap.persist([(object_id, copy.class_key, copy.payload, copy.buffers, copy.alias)], adopt=True)
             try:
-                won = self.directory.replace_replica_set(object_id, rset.epoch, rset.primary,
-                                                         new)
+                won = self.directory.replace_replica_set(object_id, rset.epoch, rset.primary, new)
             except ClaypotError:
                 won = False
             if not won:
@@ -686,8 +705,12 @@ class Replicator:
             self.deposed.pop(object_id, None)
             self._drop_copy(object_id)
             self.failovers += 1
-        log.warning("object %s: promoted to primary (epoch %d) after backend %s was lost",
-                    object_id, new.epoch, rset.primary[:8])
+        log.warning(
+            "object %s: promoted to primary (epoch %d) after backend %s was lost",
+            object_id,
+            new.epoch,
+            rset.primary[:8],
+        )
         # The other replicas learn the new epoch now (and drop any state the old primary
         # sent them without acknowledging it).
         if new.replicas:
@@ -706,14 +729,13 @@ class Replicator:
                 continue
             if entry is None or rset is None:
                 if not self.heap.has(oid):
-                    self.sets.pop(oid, None)   # deleted
+                    self.sets.pop(oid, None)  # deleted
                 elif entry is not None and entry.backend_id == self.me:
                     # The directory was wiped and this backend republished the object:
                     # put its replica set back (from "none", with the epoch known here).
                     if self.directory.replace_replica_set(oid, 0, self.me, mine):
-                        log.warning("object %s: replica set put back in the directory "
-                                    "(epoch %d)", oid, mine.epoch)
-                continue   # (no entry yet: the republish after a wipe comes first)
+                        log.warning("object %s: replica set put back in the directory (epoch %d)", oid, mine.epoch)
+                continue  # (no entry yet: the republish after a wipe comes first)
             if entry.backend_id != self.me or rset.epoch > mine.epoch and rset.primary != self.me:
                 self._deposed(oid)
                 continue
@@ -734,14 +756,19 @@ class Replicator:
             if rset is None:
                 return
             kept = tuple(r for r in rset.replicas if r not in dead)
-            fresh = self._targets(rset.target - len(kept), kept) \
-                if rset.target > len(kept) else []
+            fresh = self._targets(rset.target - len(kept), kept) if rset.target > len(kept) else []
             if not (dead or fresh or push):
                 return
-            payload, buffers = dumps(entry.obj.__getstate__(),
-                                     self.heap.pickle_context("replicas"))
-            request = self._request(object_id, rset.epoch + 1, entry.class_key, entry.alias,
-                                    payload, buffers, self.heap.calls.recent(object_id))
+            payload, buffers = dumps(entry.obj.__getstate__(), self.heap.pickle_context("replicas"))
+            request = self._request(
+                object_id,
+                rset.epoch + 1,
+                entry.class_key,
+                entry.alias,
+                payload,
+                buffers,
+                self.heap.calls.recent(object_id),
+            )
             accepted, refused = self._ship(kept + tuple(fresh), request)
             if refused:
                 raise self._deposed(object_id)
@@ -752,14 +779,17 @@ class Replicator:
             added = [r for r in new.replicas if r not in rset.replicas]
             if added:
                 self.repairs += 1
-                log.warning("object %s: new replica(s) %s (epoch %d)", object_id,
-                            [r[:8] for r in added], new.epoch)
+                log.warning("object %s: new replica(s) %s (epoch %d)", object_id, [r[:8] for r in added], new.epoch)
         finally:
             entry.lock.release()
 
     def stats(self) -> dict:
-        return {"primary_of": len(self.sets), "replicas_held": len(self.copies),
-                "failovers": self.failovers, "repairs": self.repairs}
+        return {
+            "primary_of": len(self.sets),
+            "replicas_held": len(self.copies),
+            "failovers": self.failovers,
+            "repairs": self.repairs,
+        }
 
     def close(self) -> None:
         self.log.close()

@@ -51,8 +51,7 @@ def _note(exc: BaseException, rpc: str, user_code: bool) -> None:
         log.error("%s failed unexpectedly", rpc, exc_info=exc)
 
 
-def error_reply(reply_cls: type, exc: BaseException, rpc: str = "",
-                user_code: bool = False) -> Any:
+def error_reply(reply_cls: type, exc: BaseException, rpc: str = "", user_code: bool = False) -> Any:
     """``reply_cls`` carrying ``exc`` as its ``error`` field."""
     _note(exc, rpc or reply_cls.__name__, user_code)
     return reply_cls(error=wire.error_to_pb(exc))
@@ -79,6 +78,7 @@ def _boundary(method: F, answer: Callable[[BaseException, str, Any], Any]) -> F:
             return method(self, request, context)
         except Exception as exc:
             return answer(exc, name, context)
+
     return rpc  # type: ignore[return-value]
 
 
@@ -88,8 +88,10 @@ def replies(reply_cls: type, user_code: bool = False) -> Callable[[F], F]:
     ``user_code`` marks RPCs whose non-claypot exceptions come from the user's
     methods or tasks (logged at debug level, not as a backend fault).
     """
+
     def wrap(method: F) -> F:
         return _boundary(method, lambda exc, rpc, _: error_reply(reply_cls, exc, rpc, user_code))
+
     return wrap
 
 
@@ -98,8 +100,7 @@ def replies_json(method: F) -> F:
 
     The call runs the user's method, so its non-claypot exceptions are the user's.
     """
-    return _boundary(method, lambda exc, rpc, _: pb.JsonCallReply(
-        error=json_error(exc, rpc, user_code=True)))
+    return _boundary(method, lambda exc, rpc, _: pb.JsonCallReply(error=json_error(exc, rpc, user_code=True)))
 
 
 def fail(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:

@@ -30,8 +30,9 @@ START_TIMEOUT = 30.0
 class HostedDaskWorker:
     """A ``distributed.Worker`` on its own event loop thread (see the module docstring)."""
 
-    def __init__(self, scheduler: str, name: str, host: str = "127.0.0.1",
-                 nthreads: int | None = None, tls_dir: str = ""):
+    def __init__(
+        self, scheduler: str, name: str, host: str = "127.0.0.1", nthreads: int | None = None, tls_dir: str = ""
+    ):
         self.scheduler = scheduler
         self.tls_dir = tls_dir
         self.name = name
@@ -47,8 +48,7 @@ class HostedDaskWorker:
         try:
             import distributed  # noqa: F401
         except ImportError:
-            raise ConfigurationError(
-                "--dask-scheduler needs Dask: pip install 'claypot[dask]'") from None
+            raise ConfigurationError("--dask-scheduler needs Dask: pip install 'claypot[dask]'") from None
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -70,11 +70,9 @@ class HostedDaskWorker:
         self._thread = threading.Thread(target=run, name="dask-worker", daemon=True)
         self._thread.start()
         if not ready.wait(timeout):
-            raise ConfigurationError(f"the Dask worker did not join {self.scheduler} "
-                                     f"within {timeout:.0f}s")
+            raise ConfigurationError(f"the Dask worker did not join {self.scheduler} within {timeout:.0f}s")
         if failure:
-            raise ConfigurationError(f"the Dask worker could not join {self.scheduler}: "
-                                     f"{failure[0]!r}") from failure[0]
+            raise ConfigurationError(f"the Dask worker could not join {self.scheduler}: {failure[0]!r}") from failure[0]
         log.info("Dask worker %s (%s) joined %s", self.name, self.address, self.scheduler)
         return self
 
@@ -82,6 +80,7 @@ class HostedDaskWorker:
         from distributed import Worker
 
         from store.certs import dask_security
+
         tls = {}
         if self.tls_dir:
             # The worker runs whatever the scheduler sends, in this backend: it
@@ -91,10 +90,17 @@ class HostedDaskWorker:
         # spilling or pausing this process would fight it.
         # "units" mirrors the runtime's computing_units, so a multi-unit task
         # holds as many of the worker's threads as it declares.
-        self._worker = await Worker(self.scheduler, name=self.name, host=self.host,
-                                    nthreads=self.nthreads, memory_limit=0,
-                                    resources={"units": self.nthreads}, dashboard=False,
-                                    validate=False, **tls)
+        self._worker = await Worker(
+            self.scheduler,
+            name=self.name,
+            host=self.host,
+            nthreads=self.nthreads,
+            memory_limit=0,
+            resources={"units": self.nthreads},
+            dashboard=False,
+            validate=False,
+            **tls,
+        )
         self.address = self._worker.address
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -104,8 +110,7 @@ class HostedDaskWorker:
             return
         if worker is not None:
             try:
-                asyncio.run_coroutine_threadsafe(worker.close(timeout=timeout / 2),
-                                                 loop).result(timeout)
+                asyncio.run_coroutine_threadsafe(worker.close(timeout=timeout / 2), loop).result(timeout)
             except Exception as exc:  # the scheduler may be gone already
                 log.debug("closing the Dask worker: %r", exc)
         loop.call_soon_threadsafe(loop.stop)

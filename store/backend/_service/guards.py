@@ -22,7 +22,7 @@ from store.errors import ProtocolError
 
 log = logging.getLogger("claypot.backend")
 
-MAX_NAME = 1024   # characters in an alias, object id or code key
+MAX_NAME = 1024  # characters in an alias, object id or code key
 
 
 def check_name(what: str, value: str, allow_empty: bool = False) -> str:
@@ -53,8 +53,7 @@ class _Watchdog:
         with self._lock:
             self._calls[key] = (deadline, context)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stream-watchdog",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
                 self._thread.start()
 
     def done(self, key: int) -> None:
@@ -118,9 +117,10 @@ class StreamIdleGuard(grpc.ServerInterceptor):
                 return inner(watched, context)
             finally:
                 watched.close()
+
         return grpc.stream_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 __all__ = ["StreamIdleGuard", "check_name", "MAX_NAME"]

@@ -49,14 +49,12 @@ class StandardServices:
     def __init__(self, server: grpc.Server):
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.serving(False)
 
     def serving(self, ok: bool) -> None:
         """Report SERVING (True) or NOT_SERVING, for the server and the claypot service."""
-        status = (health_pb2.HealthCheckResponse.SERVING if ok
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self._health.set(name, status)
 
@@ -117,13 +115,14 @@ class PolyglotServicer:
         # GetArrayResponse's fields share Chunk's numbers (1 header, 2 data), so
         # the raw framing of wire.chunk_stream sends the bytes straight from the
         # array's memory.
-        return wire.chunk_stream(header.SerializeToString(),
-                                 [array] if header.chunked else [],
-                                 self.settings.chunk_size)
+        return wire.chunk_stream(
+            header.SerializeToString(), [array] if header.chunked else [], self.settings.chunk_size
+        )
 
     @aborts
-    def SetArray(self, request_iterator: Iterator[pb.SetArrayRequest],
-                 context: grpc.ServicerContext) -> pb.SetArrayResponse:
+    def SetArray(
+        self, request_iterator: Iterator[pb.SetArrayRequest], context: grpc.ServicerContext
+    ) -> pb.SetArrayResponse:
         first = next(request_iterator, None)
         if first is None:
             raise ProtocolError("empty SetArray stream")
@@ -183,11 +182,14 @@ class PolyglotServicer:
         # Here: straight into the heap (the client only persists to other
         # backends), with the StorageObjects the new one references.
         items, _ = self.b.client._collect([obj], target)
-        self.b.heap.persist([(oid, key, payload, buffers, (alias or "") if i == 0 else "")
-                             for i, (_, oid, key, payload, buffers) in enumerate(items)])
+        self.b.heap.persist(
+            [
+                (oid, key, payload, buffers, (alias or "") if i == 0 else "")
+                for i, (_, oid, key, payload, buffers) in enumerate(items)
+            ]
+        )
         _, oid, key, _, _ = items[0]
-        return pb.CreateObjectResponse(ref=pb.ObjectRef(object_id=oid, class_key=key,
-                                                        backend_id=target))
+        return pb.CreateObjectResponse(ref=pb.ObjectRef(object_id=oid, class_key=key, backend_id=target))
 
     @aborts
     def DeleteObject(self, request: pb.DeleteObjectRequest, context: grpc.ServicerContext) -> pb.DeleteObjectResponse:
@@ -198,8 +200,7 @@ class PolyglotServicer:
     @staticmethod
     def _ref(obj) -> pb.ObjectRef:
         d = obj.__dict__
-        return pb.ObjectRef(object_id=d[objmod._ID], class_key=d[objmod._KEY],
-                            backend_id=d[objmod._OWNER])
+        return pb.ObjectRef(object_id=d[objmod._ID], class_key=d[objmod._KEY], backend_id=d[objmod._OWNER])
 
     def _class_key(self, name: str) -> str:
         """A registry key from a key, "module:Qualname" or "Qualname" (exactly one match)."""
@@ -208,13 +209,15 @@ class PolyglotServicer:
         keys = self.b.directory.code_keys()
         if name in keys:
             return name
-        matches = sorted({k for k in keys if k.split("#", 1)[0] == name
-                          or k.split("#", 1)[0].split(":", 1)[-1] == name})
+        matches = sorted(
+            {k for k in keys if k.split("#", 1)[0] == name or k.split("#", 1)[0].split(":", 1)[-1] == name}
+        )
         if not matches:
             raise ClassNotFound(f"no class {name!r} in the cluster's code registry")
         if len(matches) > 1:
-            raise ClassNotFound(f"class name {name!r} matches {len(matches)} registered "
-                                f"versions; pass one key: {', '.join(matches)}")
+            raise ClassNotFound(
+                f"class name {name!r} matches {len(matches)} registered versions; pass one key: {', '.join(matches)}"
+            )
         return matches[0]
 
 

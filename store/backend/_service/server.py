@@ -31,8 +31,14 @@ from store._wire import wire
 from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER, Client, set_chain
 from store.config import Settings, parse_memory_limit
 from store._directory.directory import Directory, split_aliases
-from store.errors import (ClaypotError, ConfigurationError, ObjectNotFound, ProtocolError, SerializationError,
-                          ValueTooLarge)
+from store.errors import (
+    ClaypotError,
+    ConfigurationError,
+    ObjectNotFound,
+    ProtocolError,
+    SerializationError,
+    ValueTooLarge,
+)
 from store._wire.generated import claypot_pb2 as pb
 from store._wire.generated import claypot_pb2_grpc as pb_grpc
 from store._util.ids import fresh_id
@@ -50,7 +56,7 @@ from store.backend._storage.storage import Storage
 log = logging.getLogger("claypot.backend")
 
 _OPEN_METHODS = {"/claypot.v1.Backend/Ping"} | OPEN_METHODS
-_KIND_NAMES = {v: k.lower() for k, v in pb.CallKind.items()}   # metric labels
+_KIND_NAMES = {v: k.lower() for k, v in pb.CallKind.items()}  # metric labels
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -65,6 +71,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing claypot token")
+
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
@@ -103,16 +110,20 @@ def _check_items(items) -> None:
         check_name("object id", oid)
         check_name("class key", key)
         # A moved or republished object carries all its aliases, joined by "|".
-        for one in (alias.split("|") if alias else [""]):
+        for one in alias.split("|") if alias else [""]:
             check_name("alias", one, allow_empty=not alias)
 
 
 def _served_span(request: pb.CallRequest, context, streamed: bool = False):
     """The span of a call or task served here (a no-op unless tracing is on)."""
     kind = _KIND_NAMES.get(request.kind, "call")
-    return tracing.server_span(f"{kind} {request.name}", context,
-                               object_id=request.object_id, call_id=request.call_id,
-                               streamed=streamed or None)
+    return tracing.server_span(
+        f"{kind} {request.name}",
+        context,
+        object_id=request.object_id,
+        call_id=request.call_id,
+        streamed=streamed or None,
+    )
 
 
 class PendingResults:
@@ -165,7 +176,7 @@ def advertised_address(host: str, port: int) -> str:
     ip = ""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never actually sent to
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never actually sent to
             ip = s.getsockname()[0]
     except OSError:
         pass
@@ -187,7 +198,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         self.settings = backend.settings
         self.pending = PendingResults(self.settings.result_ttl)
         self.outbox = shm.Outbox(self.settings.result_ttl)
-        self._alias_lock = threading.Lock()   # see AddAlias
+        self._alias_lock = threading.Lock()  # see AddAlias
 
     # -- identity and directory ---------------------------------------------------
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
@@ -196,9 +207,14 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         token = self.settings.token
         if token and not carries_token(context.invocation_metadata(), token):
             return pb.PingReply(status="serving")
-        return pb.PingReply(backend_id=self.b.backend_id, address=self.b.address,
-                            host=self.b.host, pid=os.getpid(), status="serving",
-                            host_id=self.b.host_id)
+        return pb.PingReply(
+            backend_id=self.b.backend_id,
+            address=self.b.address,
+            host=self.b.host,
+            pid=os.getpid(),
+            status="serving",
+            host_id=self.b.host_id,
+        )
 
     @replies(pb.ResolveReply)
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveReply:
@@ -208,24 +224,37 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             oid = check_name("object id", request.object_id)
             entry = self.directory.lookup(oid)
         rset = self.directory.replica_set(oid)
-        return pb.ResolveReply(ref=pb.ObjectRef(object_id=oid, class_key=entry.class_key,
-                                                backend_id=entry.backend_id,
-                                                aliases=entry.aliases,
-                                                replicas=rset.replicas if rset else (),
-                                                epoch=rset.epoch if rset else 0))
+        return pb.ResolveReply(
+            ref=pb.ObjectRef(
+                object_id=oid,
+                class_key=entry.class_key,
+                backend_id=entry.backend_id,
+                aliases=entry.aliases,
+                replicas=rset.replicas if rset else (),
+                epoch=rset.epoch if rset else 0,
+            )
+        )
 
     def ListBackends(self, request: pb.ListBackendsRequest, context: grpc.ServicerContext) -> pb.ListBackendsReply:
         infos = []
         for b in self.directory.backends():
-            infos.append(pb.BackendInfo(
-                backend_id=b["backend_id"], address=b.get("address", ""), host=b.get("host", ""),
-                pid=b.get("pid", 0), up=b["up"], objects=b.get("objects", 0),
-                memory_bytes=b.get("memory_bytes", 0),
-                resident_objects=b.get("resident_objects", 0),
-                running_tasks=b.get("running_tasks", 0), host_id=b.get("host_id", ""),
-                stopped=bool(b.get("stopped")) and not b["up"],
-                metrics_address=b.get("metrics_address", ""),
-                resources_json=json.dumps(b.get("resources") or {}, sort_keys=True)))
+            infos.append(
+                pb.BackendInfo(
+                    backend_id=b["backend_id"],
+                    address=b.get("address", ""),
+                    host=b.get("host", ""),
+                    pid=b.get("pid", 0),
+                    up=b["up"],
+                    objects=b.get("objects", 0),
+                    memory_bytes=b.get("memory_bytes", 0),
+                    resident_objects=b.get("resident_objects", 0),
+                    running_tasks=b.get("running_tasks", 0),
+                    host_id=b.get("host_id", ""),
+                    stopped=bool(b.get("stopped")) and not b["up"],
+                    metrics_address=b.get("metrics_address", ""),
+                    resources_json=json.dumps(b.get("resources") or {}, sort_keys=True),
+                )
+            )
         return pb.ListBackendsReply(backends=infos)
 
     @replies(pb.Status)
@@ -242,8 +271,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     @replies(pb.Status)
     def SetAlias(self, request: pb.AliasRequest, context: grpc.ServicerContext) -> pb.Status:
-        self.directory.set_alias(check_name("alias", request.alias),
-                                 check_name("object id", request.object_id))
+        self.directory.set_alias(check_name("alias", request.alias), check_name("object id", request.object_id))
         if self.heap.has(request.object_id):
             self.heap.set_alias(request.object_id, request.alias)
         return pb.Status()
@@ -286,15 +314,17 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     buffers = self._buffers(o.state)
                 items.append((o.object_id, o.class_key, o.state.payload, buffers, o.alias))
             _check_items(items)
+
             def persist() -> None:
                 self.heap.persist(items, adopt=request.adopt)
                 for oid, names in kept:
                     self.b.segments.bind(oid, names)
+
             self._persist_new(items, request.replicas, persist)
             ok = True
             return pb.Status()
         finally:
-            if not ok:   # the segments taken over go back: nothing holds them now
+            if not ok:  # the segments taken over go back: nothing holds them now
                 self.b.segments.abandon([n for _, names in kept for n in names])
             metrics.call_done("persist", ok, time.perf_counter() - started)
 
@@ -304,8 +334,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         limit = self.b.max_value_size
         if limit and sum(sizes) > limit:
             shm.discard(list(value.shm))
-            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
-                                f"bytes (max_value_size)")
+            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} bytes (max_value_size)")
         metrics.shm_done("in", sum(sizes))
         return self.b.segments.keep(list(value.shm), sizes, list(value.leases))
 
@@ -318,8 +347,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         started = time.perf_counter()
         ok = False
         try:
-            header, values = wire.receive_stream(request_iterator, pb.PersistRequest,
-                                                 self.b.max_value_size)
+            header, values = wire.receive_stream(request_iterator, pb.PersistRequest, self.b.max_value_size)
             if metrics.enabled():
                 metrics.stream_done("in", sum(wire.total_size(p, b) for p, b in values))
             streamed = iter(values)
@@ -331,8 +359,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                     payload, buffers = next(streamed)
                 items.append((o.object_id, o.class_key, payload, buffers, o.alias))
             _check_items(items)
-            self._persist_new(items, header.replicas,
-                              lambda: self.heap.persist(items, adopt=header.adopt))
+            self._persist_new(items, header.replicas, lambda: self.heap.persist(items, adopt=header.adopt))
             ok = True
             return pb.Status()
         finally:
@@ -379,15 +406,13 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         limit = self.b.max_value_size
         if limit and sum(sizes) > limit:
             shm.discard(list(value.shm))
-            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} "
-                                f"bytes (max_value_size)")
+            raise ValueTooLarge(f"value of {sum(sizes)} bytes exceeds the limit of {limit} bytes (max_value_size)")
         metrics.shm_done("in", sum(sizes))
         return shm.attach(list(value.shm), sizes)
 
     @replies(pb.CallReply)
     def CallStream(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.CallReply:
-        header, values = wire.receive_stream(request_iterator, pb.CallRequest,
-                                             self.b.max_value_size)
+        header, values = wire.receive_stream(request_iterator, pb.CallRequest, self.b.max_value_size)
         payload, buffers = values[0] if values else (header.args.payload, [])
         metrics.stream_done("in", wire.total_size(payload, buffers))
         with _served_span(header, context, streamed=True):
@@ -409,12 +434,13 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             version = (0, 0)
             if request.kind == pb.TASK:
                 result = self.b.run_task(request, payload, buffers, chain)
-            elif request.on_replica and request.kind in (pb.METHOD, pb.GET_ATTR) \
-                    and self.b.replicator.has_copy(request.object_id):
-                args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) \
-                    if payload else ((), {})
-                result = self.b.replicator.read(request.object_id, request.kind, request.name,
-                                                args, kwargs)
+            elif (
+                request.on_replica
+                and request.kind in (pb.METHOD, pb.GET_ATTR)
+                and self.b.replicator.has_copy(request.object_id)
+            ):
+                args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload else ((), {})
+                result = self.b.replicator.read(request.object_id, request.kind, request.name, args, kwargs)
             else:
                 # Refused before its arguments are unpickled: not here, or moved away.
                 self.heap.admit(request.object_id)
@@ -427,10 +453,10 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
                 else:
                     args, kwargs = (), {}
                 version = self._version_before(request)
-                result = self.heap.invoke(request.object_id, request.kind, request.name,
-                                          args, kwargs, chain, call_id=request.call_id)
-            pid = request.reader_pid \
-                if request.reader_pid_ns == shm.pid_namespace() else 0
+                result = self.heap.invoke(
+                    request.object_id, request.kind, request.name, args, kwargs, chain, call_id=request.call_id
+                )
+            pid = request.reader_pid if request.reader_pid_ns == shm.pid_namespace() else 0
             # A call nested in a changing call of the same chain (a callback) must not
             # wait for that call's end: it would wait for itself.
             nested = self.heap.held_by(request.object_id, chain)
@@ -446,30 +472,31 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             set_chain(None)
             if logs.json_on:
                 logs.set_call("", "")
-            metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok,
-                              time.perf_counter() - started)
+            metrics.call_done(_KIND_NAMES.get(request.kind, "other"), ok, time.perf_counter() - started)
             cancel.set_current(None)
 
     def _version_before(self, request: pb.CallRequest) -> tuple[int, int]:
         """The change word of an object whose attribute a same-host reader reads, taken
         before the read (store.backend._storage.versions); (0, 0) when the read is not reusable."""
-        if request.kind != pb.GET_ATTR or not request.accept_shm or not request.reader_pid \
-                or request.reader_pid_ns != shm.pid_namespace() \
-                or self.b.segments.versions is None \
-                or self.b.replicator.replicated(request.object_id):
+        if (
+            request.kind != pb.GET_ATTR
+            or not request.accept_shm
+            or not request.reader_pid
+            or request.reader_pid_ns != shm.pid_namespace()
+            or self.b.segments.versions is None
+            or self.b.replicator.replicated(request.object_id)
+        ):
             return 0, 0
         # Only for a loaded object whose attribute is a large array already: a slot
         # is not spent on every small attribute read.
         obj = self.heap.loaded(request.object_id)
         np = shm._numpy()
         value = getattr(obj, "__dict__", {}).get(request.name) if obj is not None else None
-        if np is None or value is None or type(value) is not np.ndarray \
-                or value.nbytes <= self.settings.inline_limit:
+        if np is None or value is None or type(value) is not np.ndarray or value.nbytes <= self.settings.inline_limit:
             return 0, 0
         return self.b.segments.version(request.object_id)
 
-    def _offer_reuse(self, reply: pb.CallReply, request: pb.CallRequest, result,
-                     version: tuple[int, int]) -> None:
+    def _offer_reuse(self, reply: pb.CallReply, request: pb.CallRequest, result, version: tuple[int, int]) -> None:
         """Let the reader reuse this leased view while the object's change word holds.
 
         Only when the value is the attribute itself (the object's own state, not
@@ -479,9 +506,14 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         obj = self.heap.loaded(request.object_id)
         np = shm._numpy()
         versions = self.b.segments.versions
-        if obj is None or np is None or versions is None or type(result) is not np.ndarray \
-                or getattr(obj, "__dict__", {}).get(request.name) is not result \
-                or self.b.replicator.replicated(request.object_id):
+        if (
+            obj is None
+            or np is None
+            or versions is None
+            or type(result) is not np.ndarray
+            or getattr(obj, "__dict__", {}).get(request.name) is not result
+            or self.b.replicator.replicated(request.object_id)
+        ):
             return
         slot, word = version
         if self.b.segments.reusable(request.object_id, slot, word, list(reply.result.shm)):
@@ -490,8 +522,9 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
             reply.version_word = word
             reply.version_pid = os.getpid()
 
-    def _reply(self, result, chain: str, accept_shm: bool = False,
-               reader_pid: int = 0, wait: bool = True) -> pb.CallReply:
+    def _reply(
+        self, result, chain: str, accept_shm: bool = False, reader_pid: int = 0, wait: bool = True
+    ) -> pb.CallReply:
         if result is None:
             return pb.CallReply()
         payload, buffers = dumps(result, self.heap.pickle_context(chain))
@@ -501,24 +534,26 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         # even when they would fit inline (see README, Performance).
         if small and not (accept_shm and buffers and size >= self.settings.shm_min):
             return pb.CallReply(result=wire.inline_value(payload, buffers))
-        if accept_shm and self.settings.shm and shm.available() \
-                and len(payload) <= self.settings.inline_limit:
-            leased = self.b.segments.lease([b.raw() for b in buffers], reader_pid, wait) \
-                if reader_pid else None
+        if accept_shm and self.settings.shm and shm.available() and len(payload) <= self.settings.inline_limit:
+            leased = self.b.segments.lease([b.raw() for b in buffers], reader_pid, wait) if reader_pid else None
             if leased is not None:
                 # Zero copies: the reader maps the backend's own segments read-only.
                 metrics.shm_done("out", size)
-                return pb.CallReply(result=pb.Value(
-                    payload=payload, shm=[name for name, _, _ in leased],
-                    buffer_sizes=[memoryview(b).nbytes for b in buffers],
-                    shm_offsets=[offset for _, offset, _ in leased],
-                    leases=[lease for _, _, lease in leased]))
+                return pb.CallReply(
+                    result=pb.Value(
+                        payload=payload,
+                        shm=[name for name, _, _ in leased],
+                        buffer_sizes=[memoryview(b).nbytes for b in buffers],
+                        shm_offsets=[offset for _, offset, _ in leased],
+                        leases=[lease for _, _, lease in leased],
+                    )
+                )
             try:
                 names = self.outbox.export(buffers)
                 metrics.shm_done("out", size)
-                return pb.CallReply(result=pb.Value(
-                    payload=payload, shm=names,
-                    buffer_sizes=[memoryview(b).nbytes for b in buffers]))
+                return pb.CallReply(
+                    result=pb.Value(payload=payload, shm=names, buffer_sizes=[memoryview(b).nbytes for b in buffers])
+                )
             except shm.Unavailable:
                 pass  # /dev/shm full: the result goes inline or streams instead
         if small:
@@ -527,9 +562,11 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
 
     @replies(pb.UpgradeClassResponse)
     def UpgradeClass(self, request: pb.UpgradeClassRequest, context: grpc.ServicerContext) -> pb.UpgradeClassResponse:
-        self.heap.upgrade_class(check_name("object id", request.object_id),
-                                check_name("class key", request.class_key),
-                                request.chain_id or "anon:" + uuid.uuid4().hex)
+        self.heap.upgrade_class(
+            check_name("object id", request.object_id),
+            check_name("class key", request.class_key),
+            request.chain_id or "anon:" + uuid.uuid4().hex,
+        )
         return pb.UpgradeClassResponse()
 
     @replies(pb.LeasesResponse)
@@ -543,15 +580,16 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
     def FetchResult(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk | bytes]:
         try:
             payload, buffers = self.pending.take(request.result_handle)
-        except ObjectNotFound as exc:   # the only failure: the stream's header says so
+        except ObjectNotFound as exc:  # the only failure: the stream's header says so
             yield pb.Chunk(header=error_reply(pb.CallReply, exc).SerializeToString())
             return
         value, blobs = wire.streamed_value(payload, buffers)
         size = wire.total_size(payload, buffers)
         metrics.stream_done("out", size)
         with tracing.server_span("stream result", context, bytes=size):
-            yield from wire.chunk_stream(pb.CallReply(result=value).SerializeToString(), blobs,
-                                         self.settings.chunk_size)
+            yield from wire.chunk_stream(
+                pb.CallReply(result=value).SerializeToString(), blobs, self.settings.chunk_size
+            )
 
     @replies(pb.Status)
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Status:
@@ -570,8 +608,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         delete interrupted between its storage write and its directory write left: the
         object is gone, so the entry (and its alias) go too."""
         try:
-            if not self.heap.has(object_id) and \
-                    self.directory.lookup(object_id).backend_id == self.b.backend_id:
+            if not self.heap.has(object_id) and self.directory.lookup(object_id).backend_id == self.b.backend_id:
                 self.directory.forget(object_id, owner=self.b.backend_id)
         except ClaypotError:
             pass
@@ -614,8 +651,7 @@ class BackendServicer(PolyglotServicer, pb_grpc.BackendServicer):
         if request.kind not in (pb.METHOD, pb.GET_ATTR, pb.SET_ATTR):
             raise ProtocolError("CallJson supports METHOD, GET_ATTR and SET_ATTR")
         check_public_name(request.name)
-        proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid,
-                                  entry.class_key, entry.backend_id)
+        proxy = objmod.make_proxy(self.b.client.class_for_key(entry.class_key), oid, entry.class_key, entry.backend_id)
         result = self.b.client.call(proxy, request.kind, request.name, args, kwargs)
         try:
             text = json.dumps(result)
@@ -632,8 +668,7 @@ def check_public_name(name: str) -> None:
     identity fields (``_claypot_*``), which all start with an underscore.
     """
     if not name or not name.isidentifier() or name.startswith("_"):
-        raise ProtocolError(f"CallJson reaches public methods and attributes only, "
-                            f"not {name[:80]!r}")
+        raise ProtocolError(f"CallJson reaches public methods and attributes only, not {name[:80]!r}")
 
 
 def check_listen(settings: Settings) -> None:
@@ -642,26 +677,34 @@ def check_listen(settings: Settings) -> None:
     The same for a hosted Dask worker: it runs whatever its scheduler sends, so
     it joins only a ``tls://`` scheduler with the cluster's certificates.
     """
-    if settings.dask_scheduler and not (settings.dask_scheduler.startswith("tls://")
-                                        and settings.dask_tls_dir) and not settings.insecure:
+    if (
+        settings.dask_scheduler
+        and not (settings.dask_scheduler.startswith("tls://") and settings.dask_tls_dir)
+        and not settings.insecure
+    ):
         raise ConfigurationError(
             f"refusing to host a Dask worker on {settings.dask_scheduler} without TLS: "
             f"anyone who reaches that scheduler could run code here. Use a tls:// "
             f"scheduler and CLAYPOT_DASK_TLS_DIR (LocalCluster(dask=True) does), or pass "
-            f"--insecure to accept that")
+            f"--insecure to accept that"
+        )
     if settings.token:
         return
     if is_loopback_host(settings.host):
-        log.warning("serving without a token: any user of this machine can run code in "
-                    "this process (set CLAYPOT_TOKEN)")
+        log.warning(
+            "serving without a token: any user of this machine can run code in this process (set CLAYPOT_TOKEN)"
+        )
         return
     if not settings.insecure:
         raise ConfigurationError(
             f"refusing to listen on {settings.host} without a token: anyone who reaches "
             f"the port could run code here. Set CLAYPOT_TOKEN (or --token), or pass "
-            f"--insecure to accept that")
-    log.warning("listening on %s WITHOUT a token (--insecure): anyone who reaches this "
-                "port can run code in this process", settings.host)
+            f"--insecure to accept that"
+        )
+    log.warning(
+        "listening on %s WITHOUT a token (--insecure): anyone who reaches this port can run code in this process",
+        settings.host,
+    )
 
 
 class _HandlerSink:
@@ -697,16 +740,20 @@ class Backend:
         self.host = socket.gethostname()
         self.host_id = shm.host_id(settings.host_id)
         from store._util import resources as _resources
+
         self.resources = _resources.declared(settings.resources)
-        self.directory = Directory(settings.redis, timeout=settings.admin_timeout,
-                                   token=settings.token)
+        self.directory = Directory(settings.redis, timeout=settings.admin_timeout, token=settings.token)
         if self.directory.r.connection_pool.connection_kwargs.get("password") is None:
             # Signatures still keep code and addresses safe; the rest is open to anyone
             # who reaches this Redis.
             log.warning("the directory (%s) has no password", self.directory.url)
         self.directory.wait_ready(settings.admin_timeout)
-        self.storage = Storage(settings.data_dir, settings.durability, settings.flush_interval,
-                               checkpoint_interval=settings.checkpoint_interval)
+        self.storage = Storage(
+            settings.data_dir,
+            settings.durability,
+            settings.flush_interval,
+            checkpoint_interval=settings.checkpoint_interval,
+        )
         self.backend_id = self.storage.backend_id
         self.code = CodeCache(self.directory.get_code, self.storage)
         limit = parse_memory_limit(settings.memory_limit)
@@ -715,17 +762,25 @@ class Backend:
         budget = 0
         if limit:
             import psutil
+
             base = psutil.Process().memory_info().rss
             budget = max(limit - base - 32 * 1024 * 1024, limit // 4)
-        self.heap = Heap(self.backend_id, self.storage, self.code, self.directory,
-                         big_object=settings.big_object, memory_budget=budget)
+        self.heap = Heap(
+            self.backend_id,
+            self.storage,
+            self.code,
+            self.directory,
+            big_object=settings.big_object,
+            memory_budget=budget,
+        )
         self.segments = Segments(
             parse_memory_limit(settings.shm_lease_limit) if settings.shm_leases else 0,
             # Reported under an object's lock: the spills it asks for run on a thread of
             # their own (each takes its object's lock only if free), not at the next
             # transition, which may be long in coming.
             on_stale_bytes=self._stale_leased_bytes,
-            pool_limit=parse_memory_limit(settings.shm_pool))
+            pool_limit=parse_memory_limit(settings.shm_pool),
+        )
         # The live object goes along: its arrays may live in another object's segments.
         self.heap.before_change = lambda oid: self.segments.changing(oid, self.heap.loaded(oid))
         self.heap.change_done = self.segments.changed
@@ -736,21 +791,19 @@ class Backend:
             self.server = None
             self.services = StandardServices(_HandlerSink())  # health kept, served by no one
             self.address = settings.advertise
-            self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings,
-                                                transport=transport)
+            self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings, transport=transport)
             self._init_rest()
             return
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.server_threads,
-                                       thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=settings.server_threads, thread_name_prefix="rpc"),
             interceptors=self.interceptors,
-            options=CHANNEL_OPTIONS)
+            options=CHANNEL_OPTIONS,
+        )
         wire.add_servicer(self.servicer, self.server)
         self.services = StandardServices(self.server)  # health (NOT_SERVING until started), reflection
         listen = f"{settings.host}:{settings.port}"
         if settings.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(settings.read_pem("tls_key"), settings.read_pem("tls_cert"))])
+            creds = grpc.ssl_server_credentials([(settings.read_pem("tls_key"), settings.read_pem("tls_cert"))])
             port = self.server.add_secure_port(listen, creds)
         else:
             port = self.server.add_insecure_port(listen)
@@ -767,7 +820,7 @@ class Backend:
         self._stop = threading.Event()
         self._epoch: str | None = None
         self.started = time.time()
-        self.dask_worker = None   # a HostedDaskWorker when settings.dask_scheduler is set
+        self.dask_worker = None  # a HostedDaskWorker when settings.dask_scheduler is set
         self.replicator = Replicator(self)
         self.metrics_address = ""  # host:port of the Prometheus metrics, once started
 
@@ -775,8 +828,7 @@ class Backend:
     def _stale_leased_bytes(self, nbytes: int) -> None:
         todo = self.heap.life_event(lambda: self.heap.life.leased(nbytes))
         if todo:
-            threading.Thread(target=self.heap._perform, args=(todo,), name="claypot-spill",
-                             daemon=True).start()
+            threading.Thread(target=self.heap._perform, args=(todo,), name="claypot-spill", daemon=True).start()
 
     def start(self) -> None:
         # Segments left in /dev/shm by processes that died (kill -9) mid-transfer.
@@ -809,10 +861,14 @@ class Backend:
         if self.settings.dask_scheduler:
             # Joins after the server is up, so a Dask task pinned here finds a serving backend.
             from store.backend._service.dask_worker import HostedDaskWorker
-            self.dask_worker = HostedDaskWorker(self.settings.dask_scheduler, self.backend_id,
-                                                self.settings.host,
-                                                nthreads=self.settings.task_slots,
-                                                tls_dir=self.settings.dask_tls_dir).start()
+
+            self.dask_worker = HostedDaskWorker(
+                self.settings.dask_scheduler,
+                self.backend_id,
+                self.settings.host,
+                nthreads=self.settings.task_slots,
+                tls_dir=self.settings.dask_tls_dir,
+            ).start()
         self.services.serving(True)
         log.info("backend %s serving on %s", self.backend_id, self.address)
 
@@ -835,28 +891,33 @@ class Backend:
 
     def _stats(self) -> dict:
         import psutil
-        return {"address": self.address, "host": self.host, "host_id": self.host_id,
-                "pid": os.getpid(),
-                "started": self.started, "objects": self.heap.count(),
-                "resident_objects": self.heap.resident_count(),
-                "memory_bytes": psutil.Process().memory_info().rss,
-                "running_tasks": self.heap.running_tasks,
-                "durability": self.settings.durability,
-                "metrics_address": self.metrics_address,
-                "resources": self.resources}
+
+        return {
+            "address": self.address,
+            "host": self.host,
+            "host_id": self.host_id,
+            "pid": os.getpid(),
+            "started": self.started,
+            "objects": self.heap.count(),
+            "resident_objects": self.heap.resident_count(),
+            "memory_bytes": psutil.Process().memory_info().rss,
+            "running_tasks": self.heap.running_tasks,
+            "durability": self.settings.durability,
+            "metrics_address": self.metrics_address,
+            "resources": self.resources,
+        }
 
     def _heartbeat(self) -> None:
         sent = time.monotonic()
-        self.directory.register_backend(self.backend_id, self._stats(),
-                                        self.settings.heartbeat_ttl)
-        self.replicator.renewed(sent)   # a stored heartbeat extends the primary's lease
+        self.directory.register_backend(self.backend_id, self._stats(), self.settings.heartbeat_ttl)
+        self.replicator.renewed(sent)  # a stored heartbeat extends the primary's lease
 
     def _replica_loop(self) -> None:
         """Failover, step-down and repair of replicated objects (store.backend._engine.replicas)."""
         while not self._stop.wait(self.settings.heartbeat_interval):
             try:
                 self.replicator.monitor_once()
-            except Exception as exc:   # the directory unreachable: try again next round
+            except Exception as exc:  # the directory unreachable: try again next round
                 log.warning("replica monitor: %s", exc)
 
     def _heartbeat_loop(self) -> None:
@@ -914,10 +975,9 @@ class Backend:
 
     def republish(self) -> int:
         """Claim every object stored here, with its alias, in the directory."""
-        entries = [(oid, self.backend_id, key, alias)
-                   for oid, key, alias in self.storage.scan_headers()]
+        entries = [(oid, self.backend_id, key, alias) for oid, key, alias in self.storage.scan_headers()]
         for i in range(0, len(entries), 1000):
-            self._claim_each(entries[i:i + 1000])
+            self._claim_each(entries[i : i + 1000])
         return len(entries)
 
     def _epoch_path(self) -> str:
@@ -934,6 +994,7 @@ class Backend:
     def _remember_epoch(self, epoch: str | None) -> None:
         if epoch and epoch != self._seen_epoch():
             from store.backend._storage.storage import atomic_write
+
             atomic_write(self._epoch_path(), [epoch.encode()])
 
     def reconcile(self) -> tuple[int, int]:
@@ -951,7 +1012,7 @@ class Backend:
         claimed = dropped = 0
         dropped += self._forget_unsynced({oid for oid, _, _, _ in stored})
         for i in range(0, len(stored), 1000):
-            batch = stored[i:i + 1000]
+            batch = stored[i : i + 1000]
             owners = self.directory.lookup_many([oid for oid, _, _, _ in batch])
             missing = []
             for (oid, key, alias, moved_in), entry in zip(batch, owners):
@@ -969,8 +1030,7 @@ class Backend:
                 self._claim_each(missing)
                 claimed += len(missing)
         if claimed or dropped:
-            log.warning("reconciled with the directory: %d objects claimed, %d stale copies "
-                        "dropped", claimed, dropped)
+            log.warning("reconciled with the directory: %d objects claimed, %d stale copies dropped", claimed, dropped)
         return claimed, dropped
 
     def _forget_unsynced(self, stored: set) -> int:
@@ -984,17 +1044,15 @@ class Backend:
         pending = self.directory.unsynced(self.backend_id)
         forgotten = 0
         for i in range(0, len(pending), 1000):
-            batch = pending[i:i + 1000]
+            batch = pending[i : i + 1000]
             owners = self.directory.lookup_many(batch)
             for oid, entry in zip(batch, owners):
-                if oid not in stored and entry is not None \
-                        and entry.backend_id == self.backend_id:
+                if oid not in stored and entry is not None and entry.backend_id == self.backend_id:
                     self.directory.forget(oid)
                     forgotten += 1
             self.directory.clear_unsynced(self.backend_id, batch)
         if forgotten:
-            log.warning("forgot %d directory entries whose state was not stored before a crash",
-                        forgotten)
+            log.warning("forgot %d directory entries whose state was not stored before a crash", forgotten)
         return forgotten
 
     def _claim_each(self, entries: list) -> None:
@@ -1006,24 +1064,31 @@ class Backend:
                     self.directory.claim([e])
                 except ClaypotError:
                     self.directory.claim([(e[0], e[1], e[2], "")])
-                    for alias in split_aliases(e[3]):   # and keep those still free
+                    for alias in split_aliases(e[3]):  # and keep those still free
                         try:
                             self.directory.add_alias(alias, e[0])
                         except ClaypotError:
-                            log.warning("alias %r of %s is taken by another object: dropped",
-                                        alias, e[0])
+                            log.warning("alias %r of %s is taken by another object: dropped", alias, e[0])
 
     # -- operations that span backends ---------------------------------------------------
     def move(self, object_id: str, target: str, chain: str = "") -> None:
         """Move an object to another backend (see Heap.move)."""
         if object_id in self.replicator.sets:
             from store.errors import FeatureUnavailable
-            raise FeatureUnavailable(f"object {object_id} has replicas: a replicated object "
-                                     f"is not moved (it fails over to a replica instead)")
+
+            raise FeatureUnavailable(
+                f"object {object_id} has replicas: a replicated object "
+                f"is not moved (it fails over to a replica instead)"
+            )
+
         def send(to, class_key, alias, payload, buffers):
             self.client.send_states(
-                to, [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],
-                [(payload, buffers)], adopt=True)
+                to,
+                [pb.PersistObject(object_id=object_id, class_key=class_key, alias=alias)],
+                [(payload, buffers)],
+                adopt=True,
+            )
+
         self.heap.move(object_id, target, chain, send)
 
     def run_task(self, request: pb.CallRequest, payload: bytes, buffers: list, chain: str = "") -> Any:
@@ -1032,13 +1097,18 @@ class Backend:
         ok = False
         try:
             fn = self.code.get(request.name)
-            args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload \
-                else ((), {})
+            args, kwargs = loads(payload, buffers, self.heap.unpickle_context()) if payload else ((), {})
             metrics.task_queued(-1)
             queued = False
-            result = self.heap.run_task(fn, args, kwargs, list(request.mutates),
-                                        chain or request.chain_id, request.timeout,
-                                        task_key=request.call_id)
+            result = self.heap.run_task(
+                fn,
+                args,
+                kwargs,
+                list(request.mutates),
+                chain or request.chain_id,
+                request.timeout,
+                task_key=request.call_id,
+            )
             ok = True
             return result
         finally:
@@ -1046,13 +1116,15 @@ class Backend:
                 metrics.task_queued(-1)
             metrics.task_done(ok)
 
-    def serve_forever(self, on_ready: Callable[[], None] | None=None) -> None:
+    def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully.
 
         ``on_ready()`` runs once the server is up and registered.
         """
+
         def on_term(signum, frame):
             self._stop.set()
+
         # Handlers first: a SIGTERM that arrives while starting still stops cleanly.
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
@@ -1063,12 +1135,19 @@ class Backend:
             pass
         self.stop()
 
+
 def _announce(backend_id: str, message: str) -> None:
     """One line in the backend's log whatever CLAYPOT_LOG says, in the log's format."""
     if logs.json_on:
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "level": "INFO",
-                           "logger": "claypot.backend", "message": message,
-                           "backend_id": backend_id})
+        line = json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "level": "INFO",
+                "logger": "claypot.backend",
+                "message": message,
+                "backend_id": backend_id,
+            }
+        )
     else:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
     print(line, file=sys.stderr, flush=True)
@@ -1077,45 +1156,68 @@ def _announce(backend_id: str, message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``claypot backend``."""
     import argparse
+
     p = argparse.ArgumentParser(prog="claypot backend", description="Run one claypot backend.")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--redis")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--advertise", help="host:port to register for clients and peers "
-                   "(default: --host:port; set it when listening on 0.0.0.0)")
+    p.add_argument(
+        "--advertise",
+        help="host:port to register for clients and peers (default: --host:port; set it when listening on 0.0.0.0)",
+    )
     p.add_argument("--token")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="serve a non-loopback address without a token (anyone who reaches "
-                        "the port can run code in this process)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without a token (anyone who reaches the port can run code in this process)",
+    )
     p.add_argument("--durability", choices=["sync", "async", "none"])
     p.add_argument("--flush-interval", type=float)
     p.add_argument("--memory-limit")
-    p.add_argument("--dask-scheduler", help="tcp://host:port of a Dask scheduler: host a "
-                   "Dask worker named after this backend in this process")
-    p.add_argument("--resources", help="what this backend offers tasks, name=value pairs: "
-                   "computing_units=4,memory_size=8,processor_type=ARM,gpus=1,zone=edge")
+    p.add_argument(
+        "--dask-scheduler",
+        help="tcp://host:port of a Dask scheduler: host a Dask worker named after this backend in this process",
+    )
+    p.add_argument(
+        "--resources",
+        help="what this backend offers tasks, name=value pairs: "
+        "computing_units=4,memory_size=8,processor_type=ARM,gpus=1,zone=edge",
+    )
     p.add_argument("--ready-file", help="write the address here once serving")
     a = p.parse_args(argv)
-    settings = Settings.from_env(data_dir=a.data_dir, redis=a.redis, host=a.host, port=a.port,
-                                 advertise=a.advertise,
-                                 token=a.token, insecure=a.insecure, durability=a.durability,
-                                 flush_interval=a.flush_interval, memory_limit=a.memory_limit,
-                                 dask_scheduler=a.dask_scheduler, resources=a.resources)
+    settings = Settings.from_env(
+        data_dir=a.data_dir,
+        redis=a.redis,
+        host=a.host,
+        port=a.port,
+        advertise=a.advertise,
+        token=a.token,
+        insecure=a.insecure,
+        durability=a.durability,
+        flush_interval=a.flush_interval,
+        memory_limit=a.memory_limit,
+        dask_scheduler=a.dask_scheduler,
+        resources=a.resources,
+    )
     logs.configure(settings.log_format)
     backend = Backend(settings)
     logs.set_backend_id(backend.backend_id)
 
     def announce():
         # One line in the log (claypot logs) whatever CLAYPOT_LOG says: who serves where.
-        _announce(backend.backend_id, f"backend {backend.backend_id} serving at "
-                  f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})")
+        _announce(
+            backend.backend_id,
+            f"backend {backend.backend_id} serving at "
+            f"{backend.address} (pid {os.getpid()}, data in {settings.data_dir})",
+        )
         if a.ready_file:  # how a parent process learns the address and id
             tmp = a.ready_file + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({"address": backend.address, "backend_id": backend.backend_id,
-                           "pid": os.getpid()}, f)
+                json.dump({"address": backend.address, "backend_id": backend.backend_id, "pid": os.getpid()}, f)
             os.replace(tmp, a.ready_file)
+
     backend.serve_forever(announce)
     _announce(backend.backend_id, f"backend {backend.backend_id} stopped")
     # Everything is on disk and closed: skip the interpreter's teardown, which

@@ -43,8 +43,8 @@ from typing import Callable, Sequence
 
 ALIGN = 4096
 CHUNK = 16 << 20
-BUFFERS = 3   # bounce buffers: the copy runs a chunk or two ahead of the disk
-MIN_BYTES = 32 << 20   # smaller records: the buffered path is as fast
+BUFFERS = 3  # bounce buffers: the copy runs a chunk or two ahead of the disk
+MIN_BYTES = 32 << 20  # smaller records: the buffered path is as fast
 
 
 def _crc_function():
@@ -62,14 +62,14 @@ def _crc_function():
 
 
 crc32 = _crc_function()
-_SLICE = 4 << 20   # checksum slices: the writer thread is never kept from the GIL long
+_SLICE = 4 << 20  # checksum slices: the writer thread is never kept from the GIL long
 
 
 def _crc(head: bytes, parts: Sequence, out: list) -> None:
     crc = crc32(head)
     for part in parts:
         for pos in range(0, part.nbytes, _SLICE):
-            crc = crc32(part[pos:pos + _SLICE], crc)
+            crc = crc32(part[pos : pos + _SLICE], crc)
     out.append(crc)
 
 
@@ -77,8 +77,9 @@ class _Changed(Exception):
     """The source changed while it was written: the checksum may not match the file."""
 
 
-def _verify(head: bytes, parts: Sequence, base: int, out: list[int],
-            progress: threading.Condition, written_to: list[float]) -> None:
+def _verify(
+    head: bytes, parts: Sequence, base: int, out: list[int], progress: threading.Condition, written_to: list[float]
+) -> None:
     """The checksum again, over each slice once the file holds it.
 
     The bytes written left the source (its own memory, or a bounce buffer's
@@ -96,7 +97,7 @@ def _verify(head: bytes, parts: Sequence, base: int, out: list[int],
             with progress:
                 while written_to[0] < end:
                     progress.wait()
-            crc = crc32(part[pos:pos + _SLICE], crc)
+            crc = crc32(part[pos : pos + _SLICE], crc)
         at += part.nbytes
     out.append(crc)
 
@@ -106,10 +107,12 @@ def _copy(dst: mmap.mmap, dst_pos: int, src: memoryview, src_pos: int, n: int) -
     copies, so the writer and checksum threads run meanwhile)."""
     np = _numpy()
     if np is None:
-        dst[dst_pos:dst_pos + n] = src[src_pos:src_pos + n]
+        dst[dst_pos : dst_pos + n] = src[src_pos : src_pos + n]
         return
-    np.copyto(np.frombuffer(dst, dtype=np.uint8, count=n, offset=dst_pos),
-              np.frombuffer(src, dtype=np.uint8, count=n, offset=src_pos))
+    np.copyto(
+        np.frombuffer(dst, dtype=np.uint8, count=n, offset=dst_pos),
+        np.frombuffer(src, dtype=np.uint8, count=n, offset=src_pos),
+    )
 
 
 def _numpy():
@@ -148,8 +151,9 @@ def _aligned_part(head_len: int, views: Sequence[memoryview]) -> tuple[int, int]
     return -1, 0
 
 
-def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: Sequence,
-          fsync: Callable[..., None]) -> bool:
+def write(
+    path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: Sequence, fsync: Callable[..., None]
+) -> bool:
     """Write ``prefix | header | parts`` to ``path`` (a new temp file) and fsync it.
 
     ``fsync(fd)`` is the storage's own (a failure stops the storage).
@@ -170,15 +174,17 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
     except OSError:
         return False
     crc_out: list[int] = []
-    crc_thread = threading.Thread(target=_crc, args=(header, views, crc_out),
-                                  name="claypot-crc", daemon=True)
+    crc_thread = threading.Thread(target=_crc, args=(header, views, crc_out), name="claypot-crc", daemon=True)
     crc_thread.start()
     progress = threading.Condition()
-    written_to = [0.0]   # the file holds every byte below this offset (writes go in order)
+    written_to = [0.0]  # the file holds every byte below this offset (writes go in order)
     again: list[int] = []
     verify_thread = threading.Thread(
-        target=_verify, args=(header, views, prefix.size + len(header), again, progress,
-                              written_to), name="claypot-crc-verify", daemon=True)
+        target=_verify,
+        args=(header, views, prefix.size + len(header), again, progress, written_to),
+        name="claypot-crc-verify",
+        daemon=True,
+    )
     verify_thread.start()
     bounce = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
     todo: queue.Queue = queue.Queue(maxsize=BUFFERS - 1)
@@ -186,7 +192,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
     for b in bounce:
         free.put(b)
     failure: list[BaseException] = []
-    wrote: list[int] = []   # offsets written: a refusal before any means no O_DIRECT here
+    wrote: list[int] = []  # offsets written: a refusal before any means no O_DIRECT here
     spare: list[mmap.mmap] = []
 
     def put(fd_: int, view: memoryview, offset: int) -> None:
@@ -203,7 +209,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         while True:
             item = todo.get()
             if item is None:
-                advance(float("inf"))   # done (or failed): the verifier waits no more
+                advance(float("inf"))  # done (or failed): the verifier waits no more
                 return
             buf, n, offset, recycle = item
             try:
@@ -227,6 +233,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                 failure.append(exc)
             if recycle:
                 free.put(buf)
+
     w = threading.Thread(target=writer, name="claypot-direct-write", daemon=True)
     w.start()
     first_block = bytearray(ALIGN)
@@ -240,13 +247,14 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         def flush(n: int) -> None:
             nonlocal buf, offset, fill
             if offset == 0:
-                first_block[:min(ALIGN, n)] = buf[:min(ALIGN, n)]
+                first_block[: min(ALIGN, n)] = buf[: min(ALIGN, n)]
             todo.put((buf, n, offset, True))
             offset += n
             fill = 0
             buf = free.get()
             if failure:
                 raise failure[0]
+
         for i, part in enumerate(stream):
             pos = 0
             if i == direct_at:
@@ -258,7 +266,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                 whole = part.nbytes // ALIGN * ALIGN
                 while pos < whole:
                     n = min(CHUNK, whole - pos)
-                    todo.put((part[pos:pos + n], n, offset, False))
+                    todo.put((part[pos : pos + n], n, offset, False))
                     offset += n
                     pos += n
                     if failure:
@@ -272,7 +280,7 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
                     flush(CHUNK)
         if fill:
             if offset == 0:
-                first_block[:min(ALIGN, fill)] = buf[:min(ALIGN, fill)]
+                first_block[: min(ALIGN, fill)] = buf[: min(ALIGN, fill)]
             padded = -(-fill // ALIGN) * ALIGN
             buf[fill:padded] = bytes(padded - fill)
             todo.put((buf, padded, offset, True))
@@ -298,9 +306,9 @@ def write(path: str, prefix: struct.Struct, magic: bytes, header: bytes, parts: 
         os.close(fd)
         os.unlink(path)
         if isinstance(exc, OSError) and exc.errno == errno.EINVAL and not wrote:
-            return False   # opened, but its first direct write was refused: write buffered
+            return False  # opened, but its first direct write was refused: write buffered
         if isinstance(exc, _Changed):
-            return False   # the buffered write encodes a copy first: its sum matches it
+            return False  # the buffered write encodes a copy first: its sum matches it
         raise
     finally:
         crc_thread.join()

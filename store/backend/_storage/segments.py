@@ -60,7 +60,7 @@ class Lease:
 
     segment: str
     pid: int
-    started: float   # the reader process's start time, to tell a reused PID
+    started: float  # the reader process's start time, to tell a reused PID
 
 
 @dataclass
@@ -69,20 +69,19 @@ class Segment:
 
     name: str
     size: int
-    start: int                       # address of the backend's private mapping
-    region: weakref.ref              # the mapping: dead once the object dropped it
-    object_id: str = ""              # "" until the persist that brought it committed
-    current: bool = True             # still the object's memory
-    mapped: bool = True              # the backend maps it (false once copied aside)
-    reuse: bool = True               # new data may go into it once nobody maps it
+    start: int  # address of the backend's private mapping
+    region: weakref.ref  # the mapping: dead once the object dropped it
+    object_id: str = ""  # "" until the persist that brought it committed
+    current: bool = True  # still the object's memory
+    mapped: bool = True  # the backend maps it (false once copied aside)
+    reuse: bool = True  # new data may go into it once nobody maps it
     leases: set[str] = field(default_factory=set)
 
 
 class Segments:
     """The segments of one backend and their leases (see the module docstring)."""
 
-    def __init__(self, limit: int, on_stale_bytes: Callable[[int], None] | None = None,
-                 pool_limit: int = 0):
+    def __init__(self, limit: int, on_stale_bytes: Callable[[int], None] | None = None, pool_limit: int = 0):
         self.limit = limit
         # Free segments kept for reuse (their pages exist: a copy into one runs at
         # memory speed), up to pool_limit bytes, oldest dropped first. Same-host
@@ -97,17 +96,17 @@ class Segments:
         self._segments: dict[str, Segment] = {}
         self._by_object: dict[str, list[str]] = {}
         self._leases: dict[str, Lease] = {}
-        self._starts: list[tuple[int, int, str]] = []   # (start, end, name), for lookups
-        self._busy: dict[str, int] = {}   # object id -> changing calls running on it
+        self._starts: list[tuple[int, int, str]] = []  # (start, end, name), for lookups
+        self._busy: dict[str, int] = {}  # object id -> changing calls running on it
         # object id -> address ranges of the arrays a changing call on it may write
         # (an array of another object's segment, passed to it by reference, included)
         self._busy_ranges: dict[str, list[tuple[int, int]]] = {}
         self._idle = threading.Condition(self._mu)
-        self._moving = threading.Lock()   # one relocation at a time (see _move_aside)
-        self.lease_wait = 30.0   # how long a read waits for a changing call to end
+        self._moving = threading.Lock()  # one relocation at a time (see _move_aside)
+        self.lease_wait = 30.0  # how long a read waits for a changing call to end
         self._reported_stale = 0
         self.relocations = 0
-        self._preparing = 0     # bytes of spare segments being made (see _prepare_spare)
+        self._preparing = 0  # bytes of spare segments being made (see _prepare_spare)
         self._spare_done = threading.Condition(self._mu)
         self._closed = False
         # Change words for same-host readers that reuse a view (store.backend._storage.versions);
@@ -115,14 +114,16 @@ class Segments:
         self.versions = None
         if limit:
             from store.backend._storage.versions import Versions
+
             try:
                 self.versions = Versions()
             except (OSError, ValueError):
                 self.versions = None
 
     # -- taking segments over ------------------------------------------------------------
-    def keep(self, names: Sequence[str], sizes: Sequence[int],
-             creator_leases: Sequence[str] = ()) -> tuple[list, list[str]]:
+    def keep(
+        self, names: Sequence[str], sizes: Sequence[int], creator_leases: Sequence[str] = ()
+    ) -> tuple[list, list[str]]:
         """Take a persist's segments over; returns (buffers, kept names).
 
         ``creator_leases[i]`` (if given and not empty) is a lease the segment's
@@ -142,8 +143,7 @@ class Segments:
             # lease of the creator it can watch (a process of this PID namespace that
             # maps it) and within the lease limit; otherwise it keeps a private copy,
             # which nothing the backend does can show to the creator.
-            private = bool(lease_id) and (
-                size > budget or not creators[i] or not shm.maps_segment(creators[i], name))
+            private = bool(lease_id) and (size > budget or not creators[i] or not shm.maps_segment(creators[i], name))
             if lease_id and not private:
                 budget -= size
             copy.append(private)
@@ -154,11 +154,11 @@ class Segments:
                 if region is None:
                     buffers.append(bytearray())
                     continue
-                if isinstance(region, bytearray):   # read into ordinary memory
+                if isinstance(region, bytearray):  # read into ordinary memory
                     buffers.append(region)
                     continue
                 start = shm.buffer_address(region)
-                if start is None:   # numpy absent: an ordinary private buffer, never leased
+                if start is None:  # numpy absent: an ordinary private buffer, never leased
                     buffers.append(memoryview(region))
                     shm.discard([name])
                     continue
@@ -195,12 +195,12 @@ class Segments:
                     seg.current = False
                     for lease_id in seg.leases:
                         self._leases.pop(lease_id, None)
-                        seg.reuse = False   # the creator's private mapping reads its pages
+                        seg.reuse = False  # the creator's private mapping reads its pages
                     seg.leases.clear()
             drop = self._collect_locked()
         self._finish(drop)
 
-    def changing(self, object_id: str, obj: Any=None) -> None:
+    def changing(self, object_id: str, obj: Any = None) -> None:
         """A call that may change ``object_id`` starts (its lock is held).
 
         Leased segments move aside first (see the module docstring): the
@@ -219,14 +219,16 @@ class Segments:
                     names.add(name)
             if self.versions is not None:
                 self.versions.changing_locked(object_id, names)
-            leased = [self._segments[n] for n in names
-                      if n in self._segments and self._segments[n].leases
-                      and self._segments[n].current]
+            leased = [
+                self._segments[n]
+                for n in names
+                if n in self._segments and self._segments[n].leases and self._segments[n].current
+            ]
         for seg in leased:
             with self._moving:
                 self._move_aside(object_id, seg)
         if leased:
-            self._finish([])   # the old files are now extra memory: report it
+            self._finish([])  # the old files are now extra memory: report it
 
     def _move_aside(self, object_id: str, seg: Segment) -> None:
         """Relocate one leased segment (``_moving`` held).
@@ -248,14 +250,17 @@ class Segments:
         except shm.Unavailable as exc:
             # No room for a copy: the method must not write into what readers map.
             from store.errors import ObjectBusy
+
             self.changed(object_id)
-            raise ObjectBusy(f"object {object_id} is leased by readers and no copy of "
-                             f"it fits in shared memory ({exc}); retry once they let go")
+            raise ObjectBusy(
+                f"object {object_id} is leased by readers and no copy of "
+                f"it fits in shared memory ({exc}); retry once they let go"
+            )
         with self._mu:
             self.relocations += 1
             seg.current = False
             seg.mapped = False
-            owner = seg.object_id   # another object's, for an array shared with it
+            owner = seg.object_id  # another object's, for an array shared with it
             moved = Segment(fresh, seg.size, seg.start, seg.region, owner)
             self._segments[fresh] = moved
             self._starts = [t for t in self._starts if t[2] != seg.name]
@@ -318,8 +323,7 @@ class Segments:
                 self.versions.gone_locked(object_id)
 
     # -- leases ----------------------------------------------------------------------------
-    def lease(self, buffers: Sequence, pid: int,
-              wait: bool = True) -> list[tuple[str, int, str]] | None:
+    def lease(self, buffers: Sequence, pid: int, wait: bool = True) -> list[tuple[str, int, str]] | None:
         """Leases on the segments holding each of ``buffers``, for reader ``pid``.
 
         Returns (segment, offset, lease id) per buffer, or None (all or none)
@@ -345,13 +349,13 @@ class Segments:
             def settled() -> bool:
                 got[:] = [self._found_locked(addresses)]
                 return got[0] is not None
+
             if not self._idle.wait_for(settled, self.lease_wait if wait else 0):
                 return None
             found = got[0]
             if not found:
                 return None
-            extra = sum(seg.size for seg in {s.name: s for s, _ in found}.values()
-                        if not seg.leases)
+            extra = sum(seg.size for seg in {s.name: s for s, _ in found}.values() if not seg.leases)
             if self.leased_bytes_locked() + extra > self.limit:
                 return None
             out = []
@@ -379,8 +383,7 @@ class Segments:
         alone.
         """
         with self._mu:
-            if self._closed or size > self.pool_limit or any(
-                    sz >= size and n in self._mapped for n, sz in self._pool):
+            if self._closed or size > self.pool_limit or any(sz >= size and n in self._mapped for n, sz in self._pool):
                 return
             # A free segment that fits is mapped rather than a new one made.
             free = [(n, sz) for n, sz in self._pool if sz >= size]
@@ -405,16 +408,15 @@ class Segments:
                     # cannot claim it any more (or claimed it first: then make one).
                     os.rename(os.path.join(shm.SHM_DIR, reuse[0]), path)
                 except OSError:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                     try:
-                        os.posix_fallocate(fd, 0, size)   # the pages, allocated and cleared
+                        os.posix_fallocate(fd, 0, size)  # the pages, allocated and cleared
                     finally:
                         os.close(fd)
                 try:
-                    addr = shm.premap(name)   # and their page tables filled
+                    addr = shm.premap(name)  # and their page tables filled
                 except (OSError, ProtocolError):
-                    addr = 0   # unmapped, the spare still saves clearing its pages
+                    addr = 0  # unmapped, the spare still saves clearing its pages
                 with self._mu:
                     if not self._closed:
                         self._pool.append((name, size))
@@ -422,7 +424,7 @@ class Segments:
                             self._mapped[name] = addr
                         kept = True
             except OSError:
-                pass   # /dev/shm full: the change copies into new memory, as before
+                pass  # /dev/shm full: the change copies into new memory, as before
             finally:
                 with self._mu:
                     self._preparing -= size
@@ -431,6 +433,7 @@ class Segments:
                     if addr:
                         shm.unmap(addr, size)
                     shm.discard([name])
+
         threading.Thread(target=make, name="claypot-spare", daemon=True).start()
 
     def _found_locked(self, addresses) -> list | None:
@@ -442,8 +445,10 @@ class Segments:
             if seg is None:
                 return []
             if self._busy.get(seg.object_id) or any(
-                    lo < seg.start + seg.size and seg.start < hi
-                    for ranges in self._busy_ranges.values() for lo, hi in ranges):
+                lo < seg.start + seg.size and seg.start < hi
+                for ranges in self._busy_ranges.values()
+                for lo, hi in ranges
+            ):
                 return None
             found.append((seg, start - seg.start))
         return found
@@ -454,7 +459,7 @@ class Segments:
                 seg = self._segments.get(name)
                 # A dead mapping's addresses may belong to a new one: never trust them.
                 if seg is None or not seg.current or seg.region() is None:
-                    continue   # an old tie of this address range; a current one may follow
+                    continue  # an old tie of this address range; a current one may follow
                 return seg
         return None
 
@@ -507,16 +512,14 @@ class Segments:
         # One this backend still maps (an array of the dropped object lives on
         # somewhere, say in a log record not yet checkpointed) is unlinked: its
         # memory goes with that array, and no new data may go into it.
-        drop = [name for name, seg in self._segments.items()
-                if not seg.current and not seg.leases]
+        drop = [name for name, seg in self._segments.items() if not seg.current and not seg.leases]
         out = []
         for name in drop:
             seg = self._segments.pop(name)
             names = self._by_object.get(seg.object_id)
             if names and name in names:
                 names.remove(name)
-            out.append((name, seg.size,
-                        seg.reuse and (not seg.mapped or seg.region() is None)))
+            out.append((name, seg.size, seg.reuse and (not seg.mapped or seg.region() is None)))
         if drop:
             gone = set(drop)
             self._starts = [t for t in self._starts if t[2] not in gone]
@@ -529,8 +532,8 @@ class Segments:
             # A spare being made for this segment (its first lease started it): waiting
             # for it costs less than clearing new pages here as well.
             self._spare_done.wait_for(
-                lambda: any(sz >= size for _, sz in self._pool) or self._preparing < size,
-                timeout=30.0)
+                lambda: any(sz >= size for _, sz in self._pool) or self._preparing < size, timeout=30.0
+            )
             fits = [(n, sz) for n, sz in self._pool if sz >= size]
             if not fits:
                 return "", 0
@@ -594,8 +597,7 @@ class Segments:
                 "segment_bytes": sum(s.size for s in self._segments.values()),
                 "leases": len(self._leases),
                 "leased_bytes": self.leased_bytes_locked(),
-                "stale_leased_bytes": sum(s.size for s in self._segments.values()
-                                          if s.leases and not s.current),
+                "stale_leased_bytes": sum(s.size for s in self._segments.values() if s.leases and not s.current),
                 "limit": self.limit,
                 "relocations": self.relocations,
                 "pool_bytes": sum(sz for _, sz in self._pool),
@@ -645,7 +647,7 @@ def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:
         elif isinstance(value, (list, tuple, set, frozenset)):
             todo += value
         elif not isinstance(value, _OPAQUE):
-            try:   # never through __getattr__: a proxy's would make a remote call
+            try:  # never through __getattr__: a proxy's would make a remote call
                 attrs = object.__getattribute__(value, "__dict__")
             except (AttributeError, TypeError):
                 continue
@@ -655,13 +657,23 @@ def _array_ranges(obj, limit: int = 2000) -> list[tuple[int, int]]:
 
 
 # Values whose attributes are no object's state (a module's would be walked whole).
-_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-           types.MethodType, str, bytes, int, float)
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    str,
+    bytes,
+    int,
+    float,
+)
 
 
 def _process_start(pid: int) -> float | None:
     """A process's start time (None if it does not exist): PID plus this names one process."""
     import psutil
+
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):

@@ -68,8 +68,7 @@ _PREFIX = struct.Struct("<4sIQI")
 _SEGMENT_LIMIT = 64 * 1024 * 1024
 _ABSENT = object()
 _DIRTY = None  # a pending entry that is a write-behind mark rather than a logged blob
-_QUARANTINED = ("its stored state is torn or corrupt (checksum mismatch); "
-                "the file is kept in quarantine/")
+_QUARANTINED = "its stored state is torn or corrupt (checksum mismatch); the file is kept in quarantine/"
 _CHECKPOINT_BATCH = 128  # checkpoint files written (and fsync'd) together
 _BOOT_SHIFT = 40
 
@@ -81,6 +80,7 @@ class _Abandoned(Exception):
 @dataclass
 class Record:
     """One object's stored state: class, alias, pickle stream and buffers."""
+
     object_id: str
     class_key: str = ""
     alias: str = ""
@@ -99,6 +99,7 @@ class Record:
 @dataclass
 class _Logged:
     """A pending record: its LSN and its encoded bytes (private, as logged)."""
+
     lsn: int
     blob: bytearray
     deleted: bool
@@ -110,9 +111,19 @@ class _Logged:
 def record_header(rec: Record) -> bytes:
     """The pickled header of a record (what :func:`encode` puts after the prefix)."""
     sizes = [memoryview(b).nbytes for b in rec.buffers]
-    return pickle.dumps({"id": rec.object_id, "class": rec.class_key, "alias": rec.alias,
-                         "deleted": rec.deleted, "lsn": rec.lsn, "moved": rec.moved_in,
-                         "payload": len(rec.payload), "buffers": sizes}, protocol=5)
+    return pickle.dumps(
+        {
+            "id": rec.object_id,
+            "class": rec.class_key,
+            "alias": rec.alias,
+            "deleted": rec.deleted,
+            "lsn": rec.lsn,
+            "moved": rec.moved_in,
+            "payload": len(rec.payload),
+            "buffers": sizes,
+        },
+        protocol=5,
+    )
 
 
 def encode(rec: Record) -> bytearray:
@@ -123,14 +134,14 @@ def encode(rec: Record) -> bytearray:
     blob = bytearray(_PREFIX.size + len(header) + body_len)
     view = memoryview(blob)
     pos = _PREFIX.size
-    view[pos:pos + len(header)] = header
+    view[pos : pos + len(header)] = header
     pos += len(header)
     for part in [rec.payload] + list(rec.buffers):
         m = memoryview(part).cast("B")
-        view[pos:pos + m.nbytes] = m
+        view[pos : pos + m.nbytes] = m
         pos += m.nbytes
     # The checksum is taken over the copy, so it always matches the bytes written.
-    crc = zlib.crc32(view[_PREFIX.size:])
+    crc = zlib.crc32(view[_PREFIX.size :])
     _PREFIX.pack_into(blob, 0, _MAGIC, len(header), body_len, crc)
     return blob
 
@@ -148,7 +159,7 @@ def _decode_head(data: memoryview, offset: int) -> tuple[dict, int, int] | None:
     if zlib.crc32(data[start:end]) != crc:
         return None
     try:
-        head = pickle.loads(data[start:start + hlen])
+        head = pickle.loads(data[start : start + hlen])
     except Exception:
         return None
     return head, start + hlen, end
@@ -163,14 +174,22 @@ def decode(data: memoryview, offset: int = 0) -> tuple[Record, int] | None:
     if parsed is None:
         return None
     head, pos, end = parsed
-    payload = data[pos:pos + head["payload"]]
+    payload = data[pos : pos + head["payload"]]
     pos += head["payload"]
     buffers = []
     for n in head["buffers"]:
-        buffers.append(data[pos:pos + n])
+        buffers.append(data[pos : pos + n])
         pos += n
-    rec = Record(head["id"], head["class"], head["alias"], payload, buffers, head["deleted"],
-                 head.get("lsn", 0), head.get("moved", False))
+    rec = Record(
+        head["id"],
+        head["class"],
+        head["alias"],
+        payload,
+        buffers,
+        head["deleted"],
+        head.get("lsn", 0),
+        head.get("moved", False),
+    )
     return rec, end
 
 
@@ -280,8 +299,7 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
     latest: dict[str, tuple[Record, memoryview]] = {}
     count = high = 0
     wal = os.path.join(root, "wal")
-    names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) \
-        else []
+    names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) else []
     for name in names:
         path = os.path.join(wal, name)
         with open(path, "rb") as f:
@@ -297,8 +315,7 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
                     break
                 # Valid records follow: damage inside the log, not a torn tail.
                 # Cutting there would drop acknowledged records; skip only the bad one.
-                log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path,
-                          offset, resume - offset)
+                log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path, offset, resume - offset)
                 offset = resume
                 continue
             head, _, end = parsed
@@ -310,9 +327,17 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
             old = latest.get(oid)
             if old is None or lsn >= old[0].lsn:
                 # Only the header is decoded here: replay needs no payload.
-                latest[oid] = (Record(oid, head["class"], head["alias"], deleted=head["deleted"],
-                                      lsn=lsn, moved_in=head.get("moved", False)),
-                               data[offset:end])
+                latest[oid] = (
+                    Record(
+                        oid,
+                        head["class"],
+                        head["alias"],
+                        deleted=head["deleted"],
+                        lsn=lsn,
+                        moved_in=head.get("moved", False),
+                    ),
+                    data[offset:end],
+                )
             offset = end
     # A checkpoint file written after the logged record (a spill, a write-behind
     # object, a move back in) is newer: it wins.
@@ -359,9 +384,14 @@ class Storage:
     its lock and writes it with write_checkpoint().
     """
 
-    def __init__(self, root: str, policy: str = "sync", flush_interval: float = 1.0,
-                 checkpoint_live: Callable[[str], bool] | None = None,
-                 checkpoint_interval: float = 10.0):
+    def __init__(
+        self,
+        root: str,
+        policy: str = "sync",
+        flush_interval: float = 1.0,
+        checkpoint_live: Callable[[str], bool] | None = None,
+        checkpoint_interval: float = 10.0,
+    ):
         self.root = root
         self.policy = policy
         self.flush_interval = flush_interval
@@ -378,10 +408,10 @@ class Storage:
         # files from earlier runs have smaller LSNs than any of this run.
         self._rename_lock = threading.Lock()
         self._file_lsn: dict[str, int] = {}
-        self._lock = threading.Lock()          # log appends and the pending map
-        self._sync_lock = threading.Lock()     # one fsync at a time (group commit)
-        self._written = 0                      # records appended
-        self._synced = 0                       # records known durable
+        self._lock = threading.Lock()  # log appends and the pending map
+        self._sync_lock = threading.Lock()  # one fsync at a time (group commit)
+        self._written = 0  # records appended
+        self._synced = 0  # records known durable
         # Logged, not yet checkpointed; _DIRTY marks a write-behind object (snapshot it).
         self._pending: dict[str, _Logged | None] = {}
         self._inflight: dict[str, _Logged | None] = {}  # being checkpointed right now
@@ -451,16 +481,17 @@ class Storage:
     # -- recovery -----------------------------------------------------------------
     def _recover(self) -> int:
         """Replay log segments into the pending map; returns records replayed."""
+
         def cut(path, offset):
             log.warning("log %s: torn record at byte %d, cut off", path, offset)
             with open(path, "r+b") as f:
                 f.truncate(offset)
                 os.fsync(f.fileno())
+
         latest, count, _ = _replay(self.root, cut)
         for oid, (rec, raw) in latest.items():
             # The record's bytes as logged, copied out so the segment's buffer is freed.
-            self._pending[oid] = _Logged(rec.lsn, bytearray(raw), rec.deleted, rec.class_key,
-                                         rec.alias, rec.moved_in)
+            self._pending[oid] = _Logged(rec.lsn, bytearray(raw), rec.deleted, rec.class_key, rec.alias, rec.moved_in)
         segments = self._segments()
         self._segment_seq = (segments[-1] + 1) if segments else 1
         self._open_segment()
@@ -505,7 +536,8 @@ class Storage:
         if self.failed is not None:
             raise StorageFailed(
                 f"the storage of backend {self.backend_id[:8]} failed ({self.failed}); it "
-                f"acknowledges nothing further: restart the backend") from None
+                f"acknowledges nothing further: restart the backend"
+            ) from None
 
     def _fsync(self, fd: int, data_only: bool = False) -> None:
         """fsync (or fdatasync) ``fd``; a failure stops the storage (see the module docstring)."""
@@ -548,8 +580,7 @@ class Storage:
             self._written += 1
             ticket = self._written
             self._segment_bytes += len(blob)
-            self._pending[rec.object_id] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key,
-                                                   rec.alias, rec.moved_in)
+            self._pending[rec.object_id] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias, rec.moved_in)
             rotate = self._segment_bytes > _SEGMENT_LIMIT
         if durable and self.policy == "sync":
             self._sync(ticket)
@@ -593,9 +624,11 @@ class Storage:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         # A big record under sync goes straight to the disk (O_DIRECT, see .direct):
         # no encoded copy, no page-cache writeback before the fsync.
-        if not (sync and rec.size() >= direct.MIN_BYTES and direct.write(
-                tmp, _PREFIX, _MAGIC, record_header(rec), [rec.payload] + list(rec.buffers),
-                self._fsync)):
+        if not (
+            sync
+            and rec.size() >= direct.MIN_BYTES
+            and direct.write(tmp, _PREFIX, _MAGIC, record_header(rec), [rec.payload] + list(rec.buffers), self._fsync)
+        ):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _write_all(fd, [encode(rec)])
@@ -640,8 +673,7 @@ class Storage:
     def is_dirty(self, object_id: str) -> bool:
         """True while a write-behind object has changes not yet in its checkpoint."""
         with self._lock:
-            return (self._pending.get(object_id, False) is _DIRTY
-                    or self._inflight.get(object_id, False) is _DIRTY)
+            return self._pending.get(object_id, False) is _DIRTY or self._inflight.get(object_id, False) is _DIRTY
 
     def _sync(self, ticket: int) -> None:
         with self._sync_lock:
@@ -673,8 +705,7 @@ class Storage:
 
     # -- code ---------------------------------------------------------------------
     def _code_path(self, key: str) -> str:
-        return os.path.join(self.root, "code",
-                            hashlib.sha256(key.encode()).hexdigest() + ".code")
+        return os.path.join(self.root, "code", hashlib.sha256(key.encode()).hexdigest() + ".code")
 
     def save_code(self, key: str, code: bytes) -> None:
         """Keep a class's code with the data, so a restart needs nothing but this dir."""
@@ -774,14 +805,12 @@ class Storage:
     def start(self) -> None:
         """Start the background checkpointer (and, under ``async``, the log flusher)."""
         if self._checkpointer is None:
-            self._checkpointer = threading.Thread(target=self._run, name="checkpointer",
-                                                  daemon=True)
+            self._checkpointer = threading.Thread(target=self._run, name="checkpointer", daemon=True)
             self._checkpointer.start()
             if self.policy == "async":
                 # Its own thread: a long checkpoint must not stretch the window of
                 # un-fsync'd log past flush_interval.
-                threading.Thread(target=self._flush_loop, name="log-flusher",
-                                 daemon=True).start()
+                threading.Thread(target=self._flush_loop, name="log-flusher", daemon=True).start()
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval):
@@ -807,8 +836,7 @@ class Storage:
             if self._stop.is_set() or self.failed is not None:
                 break
             try:
-                if (time.monotonic() - last_full >= self.checkpoint_interval
-                        or self._segment_bytes > _SEGMENT_LIMIT):
+                if time.monotonic() - last_full >= self.checkpoint_interval or self._segment_bytes > _SEGMENT_LIMIT:
                     self.checkpoint(self._stop)
                     last_full = time.monotonic()
                 else:
@@ -880,8 +908,7 @@ class Storage:
                 pending, self._pending = self._pending, {}
                 self._inflight = dict(pending)
                 written_before = self._written
-                self._fd = os.open(self._segment_path(self._segment_seq),
-                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._fd = os.open(self._segment_path(self._segment_seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 self._segment_bytes = 0
             try:
                 self._fsync(old_fd)
@@ -893,7 +920,7 @@ class Storage:
         done = count = 0
         try:
             for i in range(0, len(items), _CHECKPOINT_BATCH):
-                batch = items[i:i + _CHECKPOINT_BATCH]
+                batch = items[i : i + _CHECKPOINT_BATCH]
                 count += self._write_checkpoints(batch, stop)
                 done += len(batch)
         except _Abandoned:
@@ -926,8 +953,8 @@ class Storage:
         """
         staged = []  # (fd, temp path, final path, object id, lsn)
         written_live = 0
-        dirs = set()   # directories to fsync after the renames
-        made = set()   # directories known to exist
+        dirs = set()  # directories to fsync after the renames
+        made = set()  # directories known to exist
         try:
             for oid, rec in batch:
                 if stop is not None and stop.is_set():

@@ -41,7 +41,7 @@ import os
 
 from store._client import shm
 
-SLOTS = 65536   # objects with a word at once; past it, reads take the round trip
+SLOTS = 65536  # objects with a word at once; past it, reads take the round trip
 
 
 class Versions:
@@ -53,20 +53,18 @@ class Versions:
     def __init__(self, slots: int = SLOTS):
         self.name = shm.kept_name()
         path = os.path.join(shm.SHM_DIR, self.name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, 8 * (slots + 1))
-            self._map = mmap.mmap(fd, 8 * (slots + 1), mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = mmap.mmap(fd, 8 * (slots + 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         self._words = memoryview(self._map).cast("Q")
         self._slots = slots
-        self._free = list(range(slots, 0, -1))   # slot 0 is the header
+        self._free = list(range(slots, 0, -1))  # slot 0 is the header
         self._slot: dict[str, int] = {}
         self._busy: dict[str, int] = {}
-        self._segments: dict[str, set[str]] = {}   # object id -> segments its words cover
+        self._segments: dict[str, set[str]] = {}  # object id -> segments its words cover
         self._clock = 0
         self._words[0] = 1
 
@@ -88,8 +86,7 @@ class Versions:
 
     def valid_locked(self, object_id: str, slot: int, word: int, names: Iterable[str]) -> bool:
         """Whether a view of ``names`` read while the word was ``word`` may be reused."""
-        if not slot or word % 2 or self._slot.get(object_id) != slot \
-                or self._words[slot] != word:
+        if not slot or word % 2 or self._slot.get(object_id) != slot or self._words[slot] != word:
             return False
         self._segments.setdefault(object_id, set()).update(names)
         return True
@@ -134,7 +131,7 @@ class Versions:
         try:
             self._words[0] = 0
         except ValueError:
-            return   # closed already
+            return  # closed already
         self._words.release()
         self._map.close()
         shm.discard([self.name])

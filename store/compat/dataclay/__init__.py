@@ -45,11 +45,16 @@ from store._model import objects as _obj
 from store._model import objectops as _ops
 
 from . import exceptions
-from .exceptions import (AliasAlreadyExistError, AliasDoesNotExistError, BackendDoesNotExistError,
-                         ObjectIsNotVersionError, ObjectNotFound,
-                         ObjectNotRegisteredError)
+from .exceptions import (
+    AliasAlreadyExistError,
+    AliasDoesNotExistError,
+    BackendDoesNotExistError,
+    ObjectIsNotVersionError,
+    ObjectNotFound,
+    ObjectNotRegisteredError,
+)
 
-__version__ = "4.3.1"   # the dataClay API this layer mirrors
+__version__ = "4.3.1"  # the dataClay API this layer mirrors
 
 DEFAULT_PORT = 6867
 
@@ -59,6 +64,7 @@ _BASE_NAMES = frozenset({"DataClayObject", "AlienDataClayObject", "StubDataClayO
 
 
 # -- errors -----------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _as_dataclay(alias: str | None = None, object_id: Any = None):
@@ -95,6 +101,7 @@ async def _in_thread(fn, *args, **kwargs):
 
 # -- client -----------------------------------------------------------------------------------
 
+
 class Client:
     """A session with a claypot cluster, as dataClay's ``Client``.
 
@@ -105,11 +112,18 @@ class Client:
     claypot authenticates with the token and has one namespace of aliases.
     """
 
-    def __init__(self, host: str | None = None, port: int | str | None = None,
-                 username: str | None = None, password: str | None = None,
-                 dataset: str | None = None, local_backend: str | None = None,
-                 proxy_host: str | None = None, proxy_port: int | str | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        dataset: str | None = None,
+        local_backend: str | None = None,
+        proxy_host: str | None = None,
+        proxy_port: int | str | None = None,
+        token: str | None = None,
+    ):
         host = host or os.environ.get("DC_HOST")
         port = port or os.environ.get("DC_PORT")
         if port and not host:
@@ -161,6 +175,7 @@ class Client:
 
 # -- objects ----------------------------------------------------------------------------------
 
+
 def activemethod(func: Any) -> Any:
     """Mark a method to run on the object's backend once the object is persistent.
 
@@ -202,8 +217,11 @@ class DataClayObject(_obj.StorageObject):
             return
         names: set[str] = set()
         for klass in cls.__mro__:
-            if klass is object or klass is _obj.StorageObject or (
-                    klass.__module__ == __name__ and klass.__qualname__ in _BASE_NAMES):
+            if (
+                klass is object
+                or klass is _obj.StorageObject
+                or (klass.__module__ == __name__ and klass.__qualname__ in _BASE_NAMES)
+            ):
                 continue
             names.update(n for n in _annotations(klass) if not n.startswith("_dc_"))
         cls._dc_properties = frozenset(names)
@@ -217,12 +235,12 @@ class DataClayObject(_obj.StorageObject):
     def __claypot_proxy_namespace__(cls, ns: dict, members: dict) -> None:
         for name, value in members.items():
             if any(vars(base).get(name) is value for base in _COMPAT_BASES):
-                ns.pop(name, None)           # the compatibility API itself runs here
+                ns.pop(name, None)  # the compatibility API itself runs here
             elif isinstance(value, property) or not getattr(value, "_dc_activemethod", False):
-                ns[name] = value             # not an active method: runs in the caller
+                ns[name] = value  # not an active method: runs in the caller
         for prop in cls._dc_properties:
             ns[prop] = _obj.remote_attribute(prop)
-        ns["__setattr__"] = object.__setattr__   # properties are descriptors; the rest is local
+        ns["__setattr__"] = object.__setattr__  # properties are descriptors; the rest is local
         ns["__delattr__"] = object.__delattr__
         ns["__getattr__"] = _local_getattr
 
@@ -250,8 +268,7 @@ class DataClayObject(_obj.StorageObject):
             _obj.get_dispatcher().locate(self)
 
     # -- persistence --------------------------------------------------------------------------
-    def make_persistent(self, alias: str | None = None, backend_id: Any=None,
-                        recursive: bool = True) -> None:
+    def make_persistent(self, alias: str | None = None, backend_id: Any = None, recursive: bool = True) -> None:
         """Store the object (and the dataClay objects it references) on a backend.
 
         On an object that is already persistent, ``backend_id`` moves it and
@@ -265,14 +282,16 @@ class DataClayObject(_obj.StorageObject):
             if alias:
                 self.add_alias(alias)
             return
-        volatile = {k: v for k, v in self.__dict__.items()
-                    if k not in type(self)._dc_properties and not k.startswith(_obj._PREFIX)}
+        volatile = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in type(self)._dc_properties and not k.startswith(_obj._PREFIX)
+        }
         with _as_dataclay(alias=alias):
-            _obj.get_dispatcher().make_persistent(
-                [self], alias, _id(backend_id) if backend_id is not None else None)
-        self.__dict__.update(volatile)   # dataClay keeps what does not persist in the client
+            _obj.get_dispatcher().make_persistent([self], alias, _id(backend_id) if backend_id is not None else None)
+        self.__dict__.update(volatile)  # dataClay keeps what does not persist in the client
 
-    def dc_put(self, alias: str, backend_id: Any=None) -> None:
+    def dc_put(self, alias: str, backend_id: Any = None) -> None:
         """make_persistent with a required alias (dataClay's object-store style)."""
         if not alias:
             raise AttributeError("dc_put needs an alias")
@@ -329,13 +348,12 @@ class DataClayObject(_obj.StorageObject):
                     if client.locate(obj) == here:
                         client.move(obj, target)
 
-    def new_version(self, backend_id: Any=None, recursive: bool = False) -> Any:
+    def new_version(self, backend_id: Any = None, recursive: bool = False) -> Any:
         """A persistent copy to change in isolation; ``consolidate_version`` writes it back."""
         with _as_dataclay(object_id=self.getID()):
             if not self.is_persistent:
                 raise _err.NotPersistent("not persistent")
-            return _ops.new_version(_obj.get_dispatcher(), self,
-                                    _id(backend_id) if backend_id is not None else None)
+            return _ops.new_version(_obj.get_dispatcher(), self, _id(backend_id) if backend_id is not None else None)
 
     def consolidate_version(self) -> None:
         """Write this version into its original (which keeps its id and aliases)."""
@@ -344,7 +362,7 @@ class DataClayObject(_obj.StorageObject):
                 raise _err.NotPersistent("not persistent")
             _ops.consolidate_version(_obj.get_dispatcher(), self)
 
-    def new_replica(self, backend_id: Any=None, recursive: bool = True, remotes: bool = True) -> None:
+    def new_replica(self, backend_id: Any = None, recursive: bool = True, remotes: bool = True) -> None:
         """One more replica of this object (and, with ``recursive``, of every persistent
         object reachable from it), on ``backend_id`` or on a backend of another host.
 
@@ -401,7 +419,7 @@ class DataClayObject(_obj.StorageObject):
     getByID = get_by_id
 
     # -- asyncio twins --------------------------------------------------------------------------
-    async def a_make_persistent(self, alias: str | None=None, backend_id: Any=None, recursive: bool=True) -> None:
+    async def a_make_persistent(self, alias: str | None = None, backend_id: Any = None, recursive: bool = True) -> None:
         return await _in_thread(self.make_persistent, alias, backend_id, recursive)
 
     @classmethod
@@ -409,7 +427,7 @@ class DataClayObject(_obj.StorageObject):
         return await _in_thread(cls.get_by_id, object_id)
 
     @classmethod
-    async def a_get_by_alias(cls, alias: str, dataset_name: str | None=None) -> Any:
+    async def a_get_by_alias(cls, alias: str, dataset_name: str | None = None) -> Any:
         return await _in_thread(cls.get_by_alias, alias, dataset_name)
 
     async def a_add_alias(self, alias: str) -> None:
@@ -419,19 +437,19 @@ class DataClayObject(_obj.StorageObject):
         return await _in_thread(self.get_aliases)
 
     @_HybridMethod
-    async def a_delete_alias(cls_or_self: Any, alias: str, dataset_name: str | None=None) -> None:
+    async def a_delete_alias(cls_or_self: Any, alias: str, dataset_name: str | None = None) -> None:
         return await _in_thread(cls_or_self.delete_alias, alias, dataset_name)
 
-    async def a_move(self, backend_id: Any, recursive: bool=False, remotes: bool=True) -> None:
+    async def a_move(self, backend_id: Any, recursive: bool = False, remotes: bool = True) -> None:
         return await _in_thread(self.move, backend_id, recursive, remotes)
 
-    async def a_new_version(self, backend_id: Any=None, recursive: bool=False) -> Any:
+    async def a_new_version(self, backend_id: Any = None, recursive: bool = False) -> Any:
         return await _in_thread(self.new_version, backend_id, recursive)
 
     async def a_consolidate_version(self) -> None:
         return await _in_thread(self.consolidate_version)
 
-    async def a_new_replica(self, backend_id: Any=None, recursive: bool=True, remotes: bool=True) -> None:
+    async def a_new_replica(self, backend_id: Any = None, recursive: bool = True, remotes: bool = True) -> None:
         return await _in_thread(self.new_replica, backend_id, recursive, remotes)
 
     async def a_sync(self) -> None:
@@ -446,14 +464,15 @@ class DataClayObject(_obj.StorageObject):
 
 def _local_getattr(self, name):
     # dataClay: an attribute that is not a property lives in the client only.
-    raise AttributeError(f"{type(self).__qualname__!r} object has no attribute {name!r} "
-                         f"(only annotated attributes are stored with the object)")
+    raise AttributeError(
+        f"{type(self).__qualname__!r} object has no attribute {name!r} "
+        f"(only annotated attributes are stored with the object)"
+    )
 
 
 # -- alien objects ----------------------------------------------------------------------------
 
-_ALIEN_DUNDERS = ("__len__", "__getitem__", "__setitem__", "__delitem__", "__contains__",
-                  "__str__")
+_ALIEN_DUNDERS = ("__len__", "__getitem__", "__setitem__", "__delitem__", "__contains__", "__str__")
 
 
 class AlienDataClayObject(DataClayObject):
@@ -481,9 +500,10 @@ class AlienDataClayObject(DataClayObject):
         hit = AlienDataClayObject._types.get(base)
         if hit is not None:
             return hit
-        ns: dict[str, Any] = {"__module__": __name__,
-                              "__qualname__": f"AlienDataClayObject[{base.__module__}."
-                                              f"{base.__qualname__}]"}
+        ns: dict[str, Any] = {
+            "__module__": __name__,
+            "__qualname__": f"AlienDataClayObject[{base.__module__}.{base.__qualname__}]",
+        }
         for name in dir(base):
             member = getattr(base, name, None)
             if not callable(member) or (name.startswith("_") and name not in _ALIEN_DUNDERS):
@@ -523,6 +543,7 @@ class AlienDataClayObject(DataClayObject):
 def _delegate(name: str):
     def method(self, *args, **kwargs):
         return getattr(self.__dict__["_dc_base_object"], name)(*args, **kwargs)
+
     method.__name__ = name
     return method
 
@@ -534,6 +555,7 @@ def _alien_getattr(self, name):
 
 
 # -- stubs ------------------------------------------------------------------------------------
+
 
 class _StubMeta(type):
     def __getitem__(cls, name: str) -> type:
@@ -553,8 +575,7 @@ _COMPAT_BASES = (DataClayObject, AlienDataClayObject, StubDataClayObject)
 for _cls in (DataClayObject, Client):
     for _name, _value in list(vars(_cls).items()):
         if _name.startswith("a_"):
-            _fn = _value.__func__ if isinstance(_value, classmethod) else \
-                getattr(_value, "fn", _value)
+            _fn = _value.__func__ if isinstance(_value, classmethod) else getattr(_value, "fn", _value)
             if not _fn.__doc__:
                 _fn.__doc__ = f"Async twin of :meth:`{_name[2:]}` (awaitable; runs off the loop)."
             if isinstance(_value, _HybridMethod):
@@ -562,5 +583,12 @@ for _cls in (DataClayObject, Client):
 
 StorageObject = DataClayObject
 
-__all__ = ["Client", "DataClayObject", "AlienDataClayObject", "StubDataClayObject",
-           "activemethod", "StorageObject", "exceptions"]
+__all__ = [
+    "Client",
+    "DataClayObject",
+    "AlienDataClayObject",
+    "StubDataClayObject",
+    "activemethod",
+    "StorageObject",
+    "exceptions",
+]

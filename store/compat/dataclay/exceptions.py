@@ -153,5 +153,6 @@ class DataClayFeatureUnavailable(DataClayException, FeatureUnavailable):
     ``store.errors.FeatureUnavailable``."""
 
 
-__all__ = [name for name, value in list(globals().items())
-           if isinstance(value, type) and issubclass(value, DataClayException)]
+__all__ = [
+    name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, DataClayException)
+]

@@ -14,9 +14,11 @@ for _entry in _sys.path:
     if _os.path.abspath(_entry or ".") == _here:
         continue
     if _machinery.PathFinder.find_spec("dataclay", [_entry or "."]) is not None:
-        raise ImportError(f"a real dataClay is installed in {_entry}; claypot's shim is "
-                          f"earlier on the path and will not hide it: remove the shim from "
-                          f"PYTHONPATH or uninstall dataclay")
+        raise ImportError(
+            f"a real dataClay is installed in {_entry}; claypot's shim is "
+            f"earlier on the path and will not hide it: remove the shim from "
+            f"PYTHONPATH or uninstall dataclay"
+        )
 
 from store.compat.dataclay import *  # noqa: E402,F401,F403
 from store.compat.dataclay import __all__, __version__  # noqa: E402,F401
