@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Static checks CI runs after the tests: lint (ruff), the layer contracts
+# Static checks CI runs after the tests: lint and format (ruff), the layer contracts
 # (import-linter: the client side and the runtime never import the backend), and
 # types (mypy; the pure cores listed in pyproject.toml are held to strict rules,
 # and everywhere else no new error may appear: tools/mypy-baseline.txt lists the
@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ruff check .
+ruff format --check .
 lint-imports
 mypy --follow-imports=silent store/backend/_core/lifecycle.py store/errors.py store/config.py \
     runtime/_graph.py runtime/_scheduler.py
