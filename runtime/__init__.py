@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from store._model import objects as _objects
+from store import StorageObject as _StorageObject
 
 from runtime._core import current, use_executor
 from runtime._decorators import TaskFunction, binary, constraint, implement, mpi, task
@@ -106,7 +106,7 @@ def wait_on(obj: Any, timeout: float | None = None, progress: bool = False) -> A
         return [wait_on(x, timeout) for x in obj]
     if isinstance(obj, tuple):
         return tuple(wait_on(x, timeout) for x in obj)
-    if isinstance(obj, _objects.StorageObject) and obj.is_persistent:
+    if isinstance(obj, _StorageObject) and obj.is_persistent:
         for f in current().futures_using(obj.getID()):
             f.exception(timeout)
     return obj

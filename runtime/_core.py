@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store import elastic as _elastic
-from store._model import objects as objmod
+from store import StorageObject, hooks
 from store.config import Settings
 from store.errors import CallInterrupted, ConfigurationError, TaskCancelled, TaskError, TaskTimeout
 
@@ -201,14 +201,14 @@ class Runtime:
                     if not item.done():
                         call.after.add(item.task_id)
                     call.failed_deps.append(item)
-                elif isinstance(item, objmod.StorageObject) and not self.inline:
+                elif isinstance(item, StorageObject) and not self.inline:
                     if not item.is_persistent:
                         # It needs an identity to be ordered and placed: give it one now.
                         item.make_persistent()
                     oid = item.getID()
                     (call.writes if direction.writes else call.reads).append(oid)
                     call.oids.append(oid)
-                    call.owners.append(item.__dict__.get(objmod._OWNER, ""))
+                    call.owners.append(hooks.owner_of(item))
 
     # -- task versions ----------------------------------------------------------------------------
     def _add_versioned(self, call: Call) -> None:
@@ -238,16 +238,14 @@ class Runtime:
     def _prepare_versioned(self, call: Call) -> tuple[tuple, dict]:
         """The call's arguments with each INOUT object replaced by a new version of it
         (made on the object's backend); runs on an executor thread before each attempt."""
-        from store._model import objectops
-
         args, kwargs = self._resolve(call)
         self._discard_versions(call)  # a retry starts from fresh versions
         call.mutates.clear()
         writes = set(call.writes)
 
         def one(x):
-            if isinstance(x, objmod.StorageObject) and x.getID() in writes:
-                version = objectops.new_version(self.client, x)
+            if isinstance(x, StorageObject) and x.getID() in writes:
+                version = hooks.new_version(self.client, x)
                 call.versions.append((x, version))
                 call.mutates.append(version.getID())
                 return version
@@ -278,13 +276,11 @@ class Runtime:
     def _commit(self, commit: Call) -> None:
         """Write a finished run's versions back (its earlier readers are done), then
         finish the task's futures and release its successors. On its own thread."""
-        from store._model import objectops
-
         run = commit.commit_of
         error = None
         try:
             for _, version in run.versions:
-                objectops.consolidate_version(self.client, version)
+                hooks.consolidate_version(self.client, version)
         except BaseException as exc:
             error = exc
         with self._lock:
@@ -828,7 +824,7 @@ def _on_dispatcher_change(new) -> None:
         rt.close("this process reconnected")
 
 
-objmod.on_dispatcher_change(_on_dispatcher_change)
+hooks.on_client_change(_on_dispatcher_change)
 
 
 def _on_backend_change(event: str, backend_id: str) -> None:
@@ -852,7 +848,7 @@ def current() -> Runtime:
     inner task runs in place, next to the outer one's data.
     """
     global _runtime
-    client = objmod.get_dispatcher() if objmod.has_dispatcher() else None
+    client = hooks.current_client()
     if client is not None and getattr(client, "local", None) is not None:
         client = None
     rt = _runtime

@@ -68,16 +68,14 @@ def run_pinned(
     afterwards by the heap, and the result is pickled with the heap's context
     (new objects it returns stay on this backend).
     """
-    from store._model import objects
-    from store._client.client import current_chain, set_chain
-    from store._wire.serialization import dumps, loads
+    from store.hooks import current_chain, dumps, loads, local_backend, set_chain
 
-    heap = getattr(objects.get_dispatcher(), "local", None)
+    heap = local_backend()
     if heap is None:
         raise ConfigurationError(
             "this Dask worker is not hosted by a claypot backend (start backends with --dask-scheduler)"
         )
-    fn = heap.code.get(code_key)
+    fn = heap.code(code_key)
     args, kwargs = loads(packed.payload, packed.buffers, heap.unpickle_context())
     # The chain id makes nested calls from this task re-enter the locks it holds.
     previous = current_chain()
@@ -272,7 +270,7 @@ class DaskExecutor:
 
     @staticmethod
     def _outcome(job: Job, future: Any, packed: Packed | None) -> None:
-        from store._wire.serialization import loads
+        from store.hooks import loads
 
         try:
             if packed is None:

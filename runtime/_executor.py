@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from store.errors import RemoteError, TaskTimeout
+from store.errors import ConfigurationError, RemoteError, TaskTimeout
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -65,15 +65,17 @@ def run_batch(items: list) -> list:
     """
     import cloudpickle
 
-    from store._model import objects
     from store import tracing
+    from store.hooks import local_backend
 
-    code = objects.get_dispatcher().local.code
+    backend = local_backend()
+    if backend is None:
+        raise ConfigurationError("a batch of tasks runs inside a backend only")
     out = []
     for key, args, kwargs in items:
         try:
             with tracing.span(f"task {key}"):  # each task of the batch, under the batch's span
-                out.append((True, code.get(key)(*args, **kwargs)))
+                out.append((True, backend.code(key)(*args, **kwargs)))
         except Exception as exc:
             exc.add_note("remote traceback (in a batch of tasks):\n" + traceback.format_exc())
             try:

@@ -217,14 +217,11 @@ def run_python_ranks(program: dict, fn: Callable[..., Any], values: dict) -> lis
         with open(call, "wb") as f:
             f.write(cloudpickle.dumps((fn, dict(values))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        from store._model import objects
+        from store.hooks import backend_gateway
 
-        dispatcher = objects.get_dispatcher() if objects.has_dispatcher() else None
-        if dispatcher is not None and getattr(
-            dispatcher, "gateway", ""
-        ):  # inside a backend: the ranks reach the cluster through it
-            env["CLAYPOT_ADDRESS"] = getattr(dispatcher, "gateway", "")
-            env["CLAYPOT_TOKEN"] = getattr(dispatcher, "token", "") or ""
+        gateway = backend_gateway()
+        if gateway is not None:  # inside a backend: the ranks reach the cluster through it
+            env["CLAYPOT_ADDRESS"], env["CLAYPOT_TOKEN"] = gateway
         argv = _mpi_prefix(program) + [sys.executable, "-m", "runtime.mpi_rank", call, work]
         try:
             proc = subprocess.run(

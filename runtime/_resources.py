@@ -1,7 +1,7 @@
 """Constraints against resources: which backends may run a task. Pure logic, no I/O.
 
 A task's ``@constraint`` is a dict of PyCOMPSs resource names
-(:mod:`store._util.resources`); a backend satisfies it when, for every name,
+(:mod:`store.hooks`, :func:`~store.hooks.normalise_resource`); a backend satisfies it when, for every name,
 
 - quantities (``computing_units``, ``memory_size``, ``processor_performance``,
   ``gpus``, ...): the backend offers at least the value asked;
@@ -17,7 +17,7 @@ offers the runtime's task slots and its share of the host's memory.
 from __future__ import annotations
 
 from typing import Any
-from store._util import resources as _res
+from store import hooks
 
 
 def constraints(**kwargs: Any) -> dict:
@@ -26,7 +26,7 @@ def constraints(**kwargs: Any) -> dict:
     for name, value in kwargs.items():
         if value is None:
             continue
-        key, val = _res.normalise(name, value)
+        key, val = hooks.normalise_resource(name, value)
         out[key] = val
     return out
 
@@ -36,9 +36,9 @@ def unmet(required: dict, offered: dict) -> list[str]:
     missing = []
     for key, want in required.items():
         have = offered.get(key)
-        if key in _res.NUMERIC:
+        if key in hooks.NUMERIC_RESOURCES:
             ok = have is not None and float(have) >= float(want)
-        elif key in _res.LISTS:
+        elif key in hooks.LIST_RESOURCES:
             ok = have is not None and set(want) <= set(have)
         else:
             ok = have is not None and str(have).lower() == str(want).lower()

@@ -21,10 +21,10 @@ CACHE_ENTRIES = 100_000
 
 def sizes_here(object_ids: list[str]) -> list[int]:
     """Runs inside a backend: bytes of each object's last stored state (0 if unknown)."""
-    from store._model import objects
+    from store.hooks import local_backend
 
-    heap = getattr(objects.get_dispatcher(), "local", None)
-    return heap.sizes(object_ids) if heap is not None else [0] * len(object_ids)
+    backend = local_backend()
+    return backend.sizes(object_ids) if backend is not None else [0] * len(object_ids)
 
 
 class SizeCache:

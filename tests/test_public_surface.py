@@ -95,6 +95,7 @@ PUBLIC_MODULES = [
     "store.dashboard",
     "store.elastic",
     "store.errors",
+    "store.hooks",
     "store.logs",
     "store.metrics",
     "store.slurm",
@@ -172,3 +173,28 @@ def test_private_modules_exist_and_import():
         if name.startswith("store._wire.generated") or name.endswith("dask_worker") or name.endswith("_dask_executor"):
             continue  # generated code, and modules of the optional dask extra
         assert importlib.import_module(name).__name__ == name
+
+
+def test_runtime_reaches_the_store_only_through_public_modules():
+    """The task runtime imports store.hooks and other public modules, never a private one."""
+    import ast
+    import pathlib
+
+    import runtime
+
+    offenders = []
+    for path in pathlib.Path(runtime.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "store" and any(p.startswith("_") for p in parts[1:]):
+                    offenders.append(f"{path.name}:{node.lineno} {name}")
+    assert not offenders, offenders
+    import store.hooks
+
+    assert set(store.hooks.__all__) >= {"local_backend", "owner_of", "current_client", "dumps", "loads"}
