@@ -36,6 +36,10 @@ MOVED: dict[str, str] = {
     "store.objects": "store._model.objects",
     "store.objectops": "store._model.objectops",
     "store.client": "store._client.client",
+    # Short names for the transport seam and the in-process cluster, as
+    # contributors first met them.
+    "store.transport": "store._client.transport",
+    "store.inproc": "store._ops.inproc",
     "store.retry": "store._client.retry",
     "store.shm": "store._client.shm",
     "store.leases": "store._client.leases",

@@ -16,9 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE_ALL = [
     "Alien",
     "BackendStatus",
+    "GrpcTransport",
+    "InProcessTransport",
     "LocalCluster",
     "Settings",
     "StorageObject",
+    "Transport",
     "aio",
     "backends",
     "client",
