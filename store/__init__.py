@@ -37,7 +37,6 @@ from store._api.api import (
 )
 from store._api.alien import Alien
 from store._ops.cluster import LocalCluster
-from store._client.transport import GrpcTransport, InProcessTransport, Transport
 from .config import Settings
 from store._client.leases import empty, zeros
 from store._model.objects import StorageObject, readonly
@@ -48,9 +47,6 @@ __all__ = [
     "Alien",
     "readonly",
     "LocalCluster",
-    "Transport",
-    "GrpcTransport",
-    "InProcessTransport",
     "Settings",
     "BackendStatus",
     "errors",

@@ -16,12 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE_ALL = [
     "Alien",
     "BackendStatus",
-    "GrpcTransport",
-    "InProcessTransport",
     "LocalCluster",
     "Settings",
     "StorageObject",
-    "Transport",
     "aio",
     "backends",
     "client",
