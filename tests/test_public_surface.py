@@ -10,34 +10,12 @@ import os
 
 import runtime
 import store
+from test_packaging import STORE_API
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STORE_ALL = [
-    "Alien",
-    "BackendStatus",
-    "LocalCluster",
-    "Settings",
-    "StorageObject",
-    "aio",
-    "backends",
-    "client",
-    "connect",
-    "delete_alias",
-    "disconnect",
-    "empty",
-    "errors",
-    "getByID",
-    "get_backends",
-    "get_by_alias",
-    "get_by_id",
-    "get_locations",
-    "make_persistent_many",
-    "readonly",
-    "show_transfers",
-    "stub_class",
-    "zeros",
-]
+# The store's names are pinned once, with the error names, in test_packaging.
+STORE_ALL = sorted(STORE_API)
 
 RUNTIME_ALL = [
     "COLLECTION_IN",
