@@ -135,6 +135,55 @@ def test_anything_else_takes_the_full_pickler():
     assert loads(*dumps((MyInt(3),)))[0].__class__ is MyInt
 
 
+def _full_pickle(value):
+    buffers: list = []
+
+    def out_of_band(buf):
+        if buf.raw().nbytes >= serialization.OUT_OF_BAND_MIN:
+            buffers.append(buf)
+            return False
+        return True
+
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=out_of_band).dump(value)
+    return out.getvalue(), buffers
+
+
+def test_numpy_arrays_take_the_c_pickler_with_the_same_bytes_and_buffers():
+    np = pytest.importorskip("numpy")
+    small = np.arange(10, dtype=np.int32)
+    big = np.arange(1 << 15, dtype=np.float64)  # 256 KiB: out of band
+    fortran = np.asfortranarray(np.ones((300, 300)))
+    strided = big[::3]  # not contiguous: numpy pickles it in band
+    frozen = np.arange(1 << 15, dtype=np.float64)
+    frozen.flags.writeable = False
+    for value in (((small,), {}), [big, "x"], {"a": fortran}, (strided,), (frozen,), big):
+        assert serialization._plain(value) == serialization._WITH_ARRAYS
+        payload, buffers = dumps(value)
+        want_payload, want_buffers = _full_pickle(value)
+        assert payload == want_payload
+        assert [bytes(b.raw()) for b in buffers] == [bytes(b.raw()) for b in want_buffers]
+        back = loads(payload, [b.raw() for b in buffers])
+        assert pickle.dumps(back, protocol=4) == pickle.dumps(value, protocol=4)  # same values, in band
+    payload, buffers = dumps(((big,), {}))
+    assert len(buffers) == 1 and buffers[0].raw().nbytes == big.nbytes
+    (got,), _ = loads(payload, [bytearray(b.raw()) for b in buffers])
+    assert np.array_equal(got, big) and got.flags.writeable
+
+
+def test_arrays_that_may_hold_objects_or_subclass_ndarray_take_the_full_pickler():
+    np = pytest.importorskip("numpy")
+    objects = np.array([Point(1), None], dtype=object)
+    fields = np.zeros(2, dtype=[("a", "i4"), ("b", object)])
+    masked = np.ma.masked_array([1, 2], mask=[0, 1])
+    scalar = np.float32(1.5)
+    for value in (objects, (fields,), [masked], (scalar,)):
+        assert serialization._plain(value) == serialization._NOT_PLAIN
+    back = loads(*dumps((objects,)))[0]
+    assert back[0] == Point(1) and back[1] is None
+    assert loads(*dumps([masked]))[0].mask.tolist() == [False, True]
+
+
 def test_a_cycle_or_deep_nesting_is_a_clear_error_not_a_crash():
     loop: list = []
     loop.append(loop)
