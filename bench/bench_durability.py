@@ -202,8 +202,9 @@ def _objects(backend_id: str) -> int:
 
 
 def _wal_bytes(data_dir: str) -> int:
-    wal = os.path.join(data_dir, "wal")
-    return sum(e.stat().st_size for e in os.scandir(wal))
+    from store.backend._storage.storage import log_bytes
+
+    return log_bytes(data_dir)  # records only: the open segment's reserved space left out
 
 
 def _fsync_cost(root: str, n: int = 200) -> float:
