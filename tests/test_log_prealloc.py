@@ -316,4 +316,3 @@ def _encoded(rec: Record) -> bytes:
 
     rec.lsn = 1 << 50
     return bytes(encode(rec))
-
