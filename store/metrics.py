@@ -165,6 +165,9 @@ class _LevelCollector:
                     total += os.stat(os.path.join(root, name)).st_size
                 except OSError:
                     pass  # removed by the checkpointer while walking
+        # The open log segment's file includes space reserved ahead of its records:
+        # counted as the records it holds, not as its file size.
+        total = max(0, total - self.b.storage.unused_reservation())
         self._disk = (now, total)
         return total
 

@@ -160,9 +160,10 @@ def object_file(cluster: LocalCluster, backend_id: str, object_id: str) -> str:
 
 
 def wal_bytes(cluster: LocalCluster, backend_id: str) -> int:
-    """Total size of a backend's redo log segments."""
-    wal = os.path.join(backend(cluster, backend_id).data_dir, "wal")
-    return sum(e.stat().st_size for e in os.scandir(wal) if e.name.endswith(".log"))
+    """Bytes of records in a backend's redo log segments (reserved space left out)."""
+    from store.backend._storage.storage import log_bytes
+
+    return log_bytes(backend(cluster, backend_id).data_dir)
 
 
 def truncate_file(path: str, keep: float = 0.5) -> None:

@@ -11,7 +11,12 @@ Layout::
 
 Writing an object's new state encodes it once into a private blob (a copy,
 never a view of the live object), appends the blob to the open log segment
-and keeps it in memory as the object's pending state. Under ``sync`` the
+and keeps it in memory as the object's pending state. The segment is written
+from offset 0 into space reserved ahead of the write position (see
+:mod:`.logspace`: a group commit's fdatasync then has no file growth to
+commit); a retired or closed segment is truncated to its records, and after
+a crash replay cuts the open segment's unused, zeroed reservation without a
+warning, keeping the warning for a torn record. Under ``sync`` the
 caller is acknowledged only after an fsync, and concurrent writers share one
 fsync (group commit); under ``async`` a flusher thread fsyncs every
 ``flush_interval``. Every ``checkpoint_interval`` (or when the log outgrows a
@@ -55,11 +60,11 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from store import metrics, tracing
 from store.errors import DeadlineExceeded, ObjectCorrupt, ObjectNotFound, StorageFailed
-from store.backend._storage import direct
+from store.backend._storage import direct, logspace
 
 log = logging.getLogger("claypot.storage")
 
@@ -217,6 +222,16 @@ def _write_all(fd: int, parts: list) -> None:
                 written = 0
 
 
+def _cut_reservation(fd: int, length: int) -> None:
+    """Truncate a segment that is done being written to its records (before its fsync)."""
+    try:
+        if os.fstat(fd).st_size > length:
+            os.ftruncate(fd, length)
+    except OSError as exc:
+        # Its reserved tail stays: replay knows it (zeros) and cuts it at the next start.
+        log.warning("log segment: truncating to its records failed: %s", exc)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -289,36 +304,87 @@ def _checkpoint_ids(root: str) -> set[str]:
     return ids
 
 
+def _scan_segment(data: memoryview) -> Iterator[tuple[str, int, Any]]:
+    """Walk one log segment: yields ``("record", offset, (head, body start, end))`` for each
+    record, ``("skip", offset, resume)`` for damage followed by valid records, and at
+    most one last item: ``("zeros", offset, None)`` for the unused reservation after the
+    last record or ``("torn", offset, None)`` for a record that never completed.
+    """
+    offset = 0
+    while offset < len(data):
+        parsed = _decode_head(data, offset)
+        if parsed is None:
+            if logspace.zeros_from(data, offset):
+                # Space reserved ahead of the write position and never written (a
+                # record starts with its non-zero magic, so zeros are no record).
+                yield "zeros", offset, None
+                return
+            resume = _next_record(data, offset)
+            if resume is None:
+                yield "torn", offset, None
+                return
+            yield "skip", offset, resume
+            offset = resume
+            continue
+        yield "record", offset, parsed
+        offset = parsed[2]
+
+
+def _written_length(data: memoryview) -> int:
+    """Bytes of a segment up to its unused reservation (the whole file if it has none)."""
+    for kind, offset, _ in _scan_segment(data):
+        if kind == "zeros":
+            return offset
+    return len(data)
+
+
+def _segment_names(root: str) -> list[str]:
+    wal = os.path.join(root, "wal")
+    return sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) else []
+
+
+def log_bytes(root: str) -> int:
+    """Bytes of records in a storage dir's log segments, the unused reserved space excluded.
+
+    What the log holds, as disk-use figures and tests read it: the open
+    segment's file is larger (space reserved ahead of its write position).
+    """
+    total = 0
+    for name in _segment_names(root):
+        try:
+            with open(os.path.join(root, "wal", name), "rb") as f:
+                total += _written_length(memoryview(f.read()))
+        except FileNotFoundError:
+            pass  # trimmed by the checkpointer meanwhile
+    return total
+
+
 def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview]], int, int]:
     """Read every log segment: per object, its highest-LSN record with the record's bytes
     as logged; also the records read and the highest LSN.
 
-    ``on_torn(path, offset)`` is called for a torn tail (the caller may cut it);
-    damage followed by valid records skips the bad record only.
+    ``on_torn(path, offset, zeros)`` is called for the end of a segment that
+    holds no record: a torn record (``zeros`` False) or the unused reserved
+    space (``zeros`` True); the caller may cut it. Damage followed by valid
+    records skips the bad record only.
     """
     latest: dict[str, tuple[Record, memoryview]] = {}
     count = high = 0
-    wal = os.path.join(root, "wal")
-    names = sorted(n for n in os.listdir(wal) if n.endswith(".log")) if os.path.isdir(wal) else []
-    for name in names:
-        path = os.path.join(wal, name)
+    for name in _segment_names(root):
+        path = os.path.join(root, "wal", name)
         with open(path, "rb") as f:
             data = memoryview(f.read())
-        offset = 0
-        while offset < len(data):
-            parsed = _decode_head(data, offset)
-            if parsed is None:
-                resume = _next_record(data, offset)
-                if resume is None:
-                    if on_torn is not None:
-                        on_torn(path, offset)
-                    break
+        for kind, offset, found in _scan_segment(data):
+            if kind in ("zeros", "torn"):
+                if on_torn is not None:
+                    on_torn(path, offset, kind == "zeros")
+                break
+            if kind == "skip":
                 # Valid records follow: damage inside the log, not a torn tail.
                 # Cutting there would drop acknowledged records; skip only the bad one.
-                log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path, offset, resume - offset)
-                offset = resume
+                log.error("log %s: corrupt record at byte %d skipped (%d bytes)", path, offset, found - offset)
                 continue
-            head, _, end = parsed
+            head, _, end = found
             count += 1
             lsn = head.get("lsn", 0)
             if lsn > high:
@@ -338,7 +404,6 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
                     ),
                     data[offset:end],
                 )
-            offset = end
     # A checkpoint file written after the logged record (a spill, a write-behind
     # object, a move back in) is newer: it wins.
     for oid in _checkpoint_ids(root).intersection(latest):
@@ -418,7 +483,15 @@ class Storage:
         self._corrupt: dict[str, str] = {}
         self._segment_seq = 0
         self._fd = -1
-        self._segment_bytes = 0
+        self._segment_bytes = 0  # written length of the open segment (its write position)
+        # End of the space reserved in the open segment (see .logspace); writes past
+        # it grow the file like appends. Off for good where the file system cannot
+        # reserve space, and for the segment where reserving failed otherwise.
+        self._reserved = 0
+        self._reserving = policy != "none"
+        self._reserve_off_seq = 0
+        self._reserve_wake = threading.Event()
+        self._reserver: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -482,8 +555,12 @@ class Storage:
     def _recover(self) -> int:
         """Replay log segments into the pending map; returns records replayed."""
 
-        def cut(path, offset):
-            log.warning("log %s: torn record at byte %d, cut off", path, offset)
+        def cut(path, offset, zeros):
+            if zeros:
+                # Space reserved ahead of the last write, never used: no record was lost.
+                log.debug("log %s: unused reserved space from byte %d cut off", path, offset)
+            else:
+                log.warning("log %s: torn record at byte %d, cut off", path, offset)
             with open(path, "r+b") as f:
                 f.truncate(offset)
                 os.fsync(f.fileno())
@@ -500,10 +577,93 @@ class Storage:
     def _open_segment(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        path = self._segment_path(self._segment_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd, self._segment_bytes = self._new_segment(self._segment_seq)
+        self._reserved = self._segment_bytes
         fsync_dir(os.path.join(self.root, "wal"))
-        self._segment_bytes = 0
+        self._request_reserve()
+
+    def _new_segment(self, seq: int) -> tuple[int, int]:
+        """Open segment ``seq`` for writing: (fd, write position).
+
+        No O_APPEND: records are written at the fd's position, into space
+        reserved ahead of it (see .logspace). A segment is always new; were one
+        there, writing continues after its end, as an append would.
+        """
+        fd = os.open(self._segment_path(seq), os.O_WRONLY | os.O_CREAT, 0o600)
+        return fd, os.lseek(fd, 0, os.SEEK_END)
+
+    # -- reserved log space -----------------------------------------------------------
+    def _reserve_due(self) -> bool:
+        """Under self._lock: the open segment's reserved space is running low."""
+        return (
+            self._reserving
+            and self._reserve_off_seq != self._segment_seq
+            and self._reserved - self._segment_bytes < logspace.RESERVE_LOW
+        )
+
+    def _request_reserve(self) -> None:
+        """Reserve more log space: by the reserver thread once started, else right here."""
+        if self._reserver is not None:
+            self._reserve_wake.set()
+        else:
+            try:
+                self._reserve_ahead()
+            except StorageFailed:
+                raise
+            except Exception:
+                log.exception("reserving log space failed; the log appends instead")
+
+    def _reserve_loop(self) -> None:
+        while True:
+            self._reserve_wake.wait()
+            self._reserve_wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._reserve_ahead()
+            except StorageFailed:
+                return
+            except Exception:
+                log.exception("reserving log space failed; the log appends instead")
+
+    def _reserve_ahead(self) -> None:
+        """Reserve the next step of the open segment, then make the reservation durable.
+
+        The fallocate runs under self._lock (a few µs; the segment cannot be
+        retired or closed meanwhile, so its file never gains space after it
+        was truncated to its records). The fdatasync that follows commits the
+        new extents and file size now, on this thread: otherwise the next
+        group commit's fdatasync would, at the price of an append.
+        """
+        with self._lock:
+            if self._fd < 0 or not self._reserve_due():
+                return
+            fd, seq = self._fd, self._segment_seq
+            start = max(self._reserved, self._segment_bytes)
+            end = self._segment_bytes + logspace.RESERVE_STEP
+            try:
+                supported = logspace.reserve(fd, start, end - start)
+            except OSError as exc:
+                # Not a reason to fail a write (a full disk fails the writes
+                # themselves): this segment appends from here on.
+                self._reserve_off_seq = seq
+                log.warning("log segment %d: reserving space failed (%s); appending instead", seq, exc)
+                return
+            if not supported:
+                self._reserving = False
+                log.info("the file system cannot reserve log space: the log appends instead")
+                return
+            self._reserved = end
+            synced = os.dup(fd)  # the segment may be retired (its fd closed) during the fsync
+        try:
+            self._fsync(synced, data_only=True)
+        finally:
+            os.close(synced)
+
+    def unused_reservation(self) -> int:
+        """Bytes reserved in the open log segment and not written yet (disk use leaves them out)."""
+        with self._lock:
+            return max(0, self._reserved - self._segment_bytes) if self._fd >= 0 else 0
 
     def object_ids(self, at_start: bool = False) -> set[str]:
         """Every object stored here (checkpointed, only logged, or quarantined), deleted ones
@@ -576,12 +736,24 @@ class Storage:
             return rec.lsn
         blob = encode(rec)
         with self._lock:
-            _write_all(self._fd, [blob])
+            try:
+                _write_all(self._fd, [blob])
+            except BaseException:
+                # A partial write moved the position: the written length follows it,
+                # so truncating a retired segment keeps every record after it.
+                try:
+                    self._segment_bytes = os.lseek(self._fd, 0, os.SEEK_CUR)
+                except OSError:
+                    pass
+                raise
             self._written += 1
             ticket = self._written
             self._segment_bytes += len(blob)
             self._pending[rec.object_id] = _Logged(rec.lsn, blob, rec.deleted, rec.class_key, rec.alias, rec.moved_in)
             rotate = self._segment_bytes > _SEGMENT_LIMIT
+            reserve = self._reserve_due()
+        if reserve:
+            self._request_reserve()  # before the fsync: the reserver works while we wait
         if durable and self.policy == "sync":
             self._sync(ticket)
         if rotate:
@@ -684,8 +856,9 @@ class Storage:
                 target, fd = self._written, self._fd
             if fd < 0:
                 return  # closed: close() flushed it
-            # fdatasync flushes the appended bytes and the new file size (what
-            # replay needs) but skips timestamps: measured ~20% cheaper here.
+            # fdatasync flushes the written bytes (and the file size, when a write
+            # went past the reserved space) but skips timestamps: measured ~20%
+            # cheaper here. Inside reserved space it has no size to commit.
             started = time.perf_counter()
             self._fsync(fd, data_only=True)
             metrics.fsync_done(time.perf_counter() - started, target - self._synced)
@@ -807,6 +980,10 @@ class Storage:
         if self._checkpointer is None:
             self._checkpointer = threading.Thread(target=self._run, name="checkpointer", daemon=True)
             self._checkpointer.start()
+            if self._reserving:
+                self._reserver = threading.Thread(target=self._reserve_loop, name="log-reserver", daemon=True)
+                self._reserver.start()
+                self._reserve_wake.set()  # in case the space ran low before the thread existed
             if self.policy == "async":
                 # Its own thread: a long checkpoint must not stretch the window of
                 # un-fsync'd log past flush_interval.
@@ -904,18 +1081,20 @@ class Storage:
                 # Rotate: records after this point go to a new segment and stay pending.
                 old_segments = [s for s in self._segments() if s <= self._segment_seq]
                 self._segment_seq += 1
-                old_fd = self._fd
+                old_fd, old_length = self._fd, self._segment_bytes
                 pending, self._pending = self._pending, {}
                 self._inflight = dict(pending)
                 written_before = self._written
-                self._fd = os.open(self._segment_path(self._segment_seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                self._segment_bytes = 0
+                self._fd, self._segment_bytes = self._new_segment(self._segment_seq)
+                self._reserved = self._segment_bytes
             try:
+                _cut_reservation(old_fd, old_length)
                 self._fsync(old_fd)
             finally:
                 os.close(old_fd)
             self._synced = max(self._synced, written_before)
         self._fsync_dir(os.path.join(self.root, "wal"))
+        self._request_reserve()
         items = list(pending.items())
         done = count = 0
         try:
@@ -1024,15 +1203,28 @@ class Storage:
         """
         self._stop.set()
         self._wake.set()
+        self._reserve_wake.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        if self._reserver is not None:
+            self._reserver.join()
         if self.policy != "none" and self.failed is None:
             self.flush_dirty()
             self.flush_log()
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
+        with self._sync_lock:
+            with self._lock:
+                fd, length = self._fd, self._segment_bytes
                 self._fd = -1
+            if fd < 0:
+                return
+            try:
+                if self.policy != "none" and self.failed is None:
+                    # The closed segment keeps its records only, durably: a restart
+                    # finds no reserved tail in it.
+                    _cut_reservation(fd, length)
+                    self._fsync(fd)
+            finally:
+                os.close(fd)
 
     def pending_count(self) -> int:
         with self._lock:
