@@ -548,8 +548,12 @@ def test_arrays_in_calls_over_shared_memory_and_streams(pcluster, path, monkeypa
         assert _describe(back[k]) == _describe(value[k]), k
     assert bag.total(a) == float(a.sum())
     # A leased, read-only result passed back as an argument and stored again.
-    view = bag.echo(a)
+    held = ArrayBag({"view": a})
+    held.make_persistent(backend=pcluster.backends[0])
+    view = held.same  # an attribute read: on the same host a leased view of its segment
     assert np.array_equal(view, a)
+    assert view.flags.writeable is (path == "stream"), "same host: a leased read-only view"
+    assert np.array_equal(bag.echo(view), a)
     assert bag.total(view) == float(a.sum())
     bag2 = ArrayBag({"view": view})
     bag2.make_persistent(backend=pcluster.backends[1])
@@ -572,3 +576,25 @@ def test_arrays_as_task_arguments_and_results(pcluster):
     assert np.array_equal(out["same"], a)
     assert out["fortran"].flags.f_contiguous and np.array_equal(out["fortran"], a.reshape(-1, 4))
     assert out["bag"] == float(a.sum())
+
+
+def test_a_big_state_moved_then_both_backends_killed_lives_on_the_target_only(tmp_path):
+    env = {"CLAYPOT_CHECKPOINT_INTERVAL": "3600"}  # the moved state stays in the target's log
+    with LocalCluster(backends=2, data_dir=str(tmp_path / "c"), backend_env=env) as c:
+        source, target = c.backends
+        big = Big()
+        big.make_persistent(backend=source)
+        for seed in (3, 4, 6):  # 5.5 MiB records, across the reserved end of the log
+            big.put(seed, 720_000)
+        big.move(target)
+        big.put(9, 720_000)  # logged on the target after the move
+        for bid in (source, target):
+            chaos.kill_backend(c, bid)
+        for bid in (target, source):
+            chaos.start_backend(c, bid)
+        assert big.check() == (9, True)
+        assert big.get_location() == target
+        target_dir = chaos.backend(c, target).data_dir
+        assert big.getID() in {oid for oid, _, _ in scan_storage_dir(target_dir)}
+        source_dir = chaos.backend(c, source).data_dir
+        assert big.getID() not in {oid for oid, _, _ in scan_storage_dir(source_dir)}
