@@ -598,3 +598,19 @@ def test_a_big_state_moved_then_both_backends_killed_lives_on_the_target_only(tm
         assert big.getID() in {oid for oid, _, _ in scan_storage_dir(target_dir)}
         source_dir = chaos.backend(c, source).data_dir
         assert big.getID() not in {oid for oid, _, _ in scan_storage_dir(source_dir)}
+
+
+def test_a_big_fortran_array_and_its_alias_in_a_state_survive_kill_9(pcluster):
+    # 100 MiB: over big_object (written directly, not logged) and far over the inline limit.
+    a = np.asfortranarray(np.random.default_rng(5).random((256, 200, 256)))
+    bag = ArrayBag({"view": a, "small": np.arange(5, dtype=">i2")})
+    bag.make_persistent(backend=pcluster.backends[1])
+    described = bag.describe()
+    assert described[1] is True
+    assert described[0]["view"] == _describe(a)
+    chaos.restart_backend(pcluster, pcluster.backends[1], kill=True)
+    assert bag.describe() == described
+    got = bag.same
+    assert got.flags.f_contiguous and chaos.content_hash(np.ascontiguousarray(got)) == chaos.content_hash(
+        np.ascontiguousarray(a)
+    )
