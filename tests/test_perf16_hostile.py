@@ -507,23 +507,17 @@ class ArrayBag(StorageObject):
         return self.arrays[key]
 
 
-@pytest.fixture(scope="module")
-def pcluster(tmp_path_factory):
-    with LocalCluster(backends=2, data_dir=str(tmp_path_factory.mktemp("p") / "c")) as c:
-        yield c
-
-
-def test_arrays_in_a_state_survive_a_restart_and_kill_9_with_their_aliases(pcluster):
+def test_arrays_in_a_state_survive_a_restart_and_kill_9_with_their_aliases(cluster):
     arrays = _arrays()
     want = {k: _describe(a) for k, a in arrays.items()}
     bag = ArrayBag(arrays)
-    bag.make_persistent(backend=pcluster.backends[0])
+    bag.make_persistent(backend=cluster.backends[0])
     assert bag.describe() == (want, True)
-    chaos.restart_backend(pcluster, pcluster.backends[0], kill=False)  # from its checkpoint or log
+    chaos.restart_backend(cluster, cluster.backends[0], kill=False)  # from its checkpoint or log
     assert bag.describe() == (want, True)
-    chaos.restart_backend(pcluster, pcluster.backends[0], kill=True)
+    chaos.restart_backend(cluster, cluster.backends[0], kill=True)
     assert bag.describe() == (want, True)
-    bag.move(pcluster.backends[1])
+    bag.move(cluster.backends[1])
     assert bag.describe() == (want, True)
     # Results come back with the same dtypes and layouts.
     for key in ("structured", "fortran", "datetime", "big_endian", "0d", "empty"):
@@ -531,12 +525,12 @@ def test_arrays_in_a_state_survive_a_restart_and_kill_9_with_their_aliases(pclus
 
 
 @pytest.mark.parametrize("path", ["shm", "stream"])
-def test_arrays_in_calls_over_shared_memory_and_streams(pcluster, path, monkeypatch):
+def test_arrays_in_calls_over_shared_memory_and_streams(cluster, path, monkeypatch):
     client = store.client()
     if path == "stream":
         monkeypatch.setattr(client, "settings", client.settings.replace(shm=False))
     bag = ArrayBag({"view": np.arange(10)})
-    bag.make_persistent(backend=pcluster.backends[0])
+    bag.make_persistent(backend=cluster.backends[0])
     a = np.random.default_rng(3).random(3 * MiB // 8 * 2)  # 6 MiB: over the inline limit
     f = np.asfortranarray(np.random.default_rng(4).random((600, 700)))
     s = np.zeros(200_000, dtype=[("t", "M8[us]"), ("v", ">f4")])
@@ -549,19 +543,19 @@ def test_arrays_in_calls_over_shared_memory_and_streams(pcluster, path, monkeypa
     assert bag.total(a) == float(a.sum())
     # A leased, read-only result passed back as an argument and stored again.
     held = ArrayBag({"view": a})
-    held.make_persistent(backend=pcluster.backends[0])
+    held.make_persistent(backend=cluster.backends[0])
     view = held.same  # an attribute read: on the same host a leased view of its segment
     assert np.array_equal(view, a)
     assert view.flags.writeable is (path == "stream"), "same host: a leased read-only view"
     assert np.array_equal(bag.echo(view), a)
     assert bag.total(view) == float(a.sum())
     bag2 = ArrayBag({"view": view})
-    bag2.make_persistent(backend=pcluster.backends[1])
+    bag2.make_persistent(backend=cluster.backends[1])
     assert bag2.describe()[1] is True
     assert np.array_equal(bag2.get("view"), a)
 
 
-def test_arrays_as_task_arguments_and_results(pcluster):
+def test_arrays_as_task_arguments_and_results(cluster):
     from runtime import task, wait_on
 
     @task(returns=1)
@@ -569,7 +563,7 @@ def test_arrays_as_task_arguments_and_results(pcluster):
         return {"a": a * k, "same": a, "fortran": np.asfortranarray(a.reshape(-1, 4)), "bag": bag.total(a)}
 
     bag = ArrayBag({"view": np.arange(10)})
-    bag.make_persistent(backend=pcluster.backends[1])
+    bag.make_persistent(backend=cluster.backends[1])
     a = np.arange(400_000, dtype=np.float64)  # 3 MiB
     out = wait_on(scaled(bag, a, 2.0))
     assert np.array_equal(out["a"], a * 2.0)
@@ -600,15 +594,15 @@ def test_a_big_state_moved_then_both_backends_killed_lives_on_the_target_only(tm
         assert big.getID() not in {oid for oid, _, _ in scan_storage_dir(source_dir)}
 
 
-def test_a_big_fortran_array_and_its_alias_in_a_state_survive_kill_9(pcluster):
+def test_a_big_fortran_array_and_its_alias_in_a_state_survive_kill_9(cluster):
     # 100 MiB: over big_object (written directly, not logged) and far over the inline limit.
     a = np.asfortranarray(np.random.default_rng(5).random((256, 200, 256)))
     bag = ArrayBag({"view": a, "small": np.arange(5, dtype=">i2")})
-    bag.make_persistent(backend=pcluster.backends[1])
+    bag.make_persistent(backend=cluster.backends[1])
     described = bag.describe()
     assert described[1] is True
     assert described[0]["view"] == _describe(a)
-    chaos.restart_backend(pcluster, pcluster.backends[1], kill=True)
+    chaos.restart_backend(cluster, cluster.backends[1], kill=True)
     assert bag.describe() == described
     got = bag.same
     assert got.flags.f_contiguous and chaos.content_hash(np.ascontiguousarray(got)) == chaos.content_hash(
