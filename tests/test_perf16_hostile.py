@@ -608,3 +608,91 @@ def test_a_big_fortran_array_and_its_alias_in_a_state_survive_kill_9(cluster):
     assert got.flags.f_contiguous and chaos.content_hash(np.ascontiguousarray(got)) == chaos.content_hash(
         np.ascontiguousarray(a)
     )
+
+
+# -- kill -9 of a process writing the log alone, many times on one dir ---------------------
+
+_WRITER = r"""
+import hashlib, os, random, sys
+from store.backend._storage.storage import Record, Storage
+root, policy, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+st = Storage(root, policy, checkpoint_interval=0.05, flush_interval=0.05)
+st.start()
+version = seed * 1_000_000
+while True:
+    version += 1
+    oid = "%032x" % rng.randrange(40)
+    if rng.random() < 0.1:
+        st.delete(oid)
+        print(oid, version, "-", flush=True)
+        continue
+    size = rng.choice([100, 5000, 300_000, 3_000_000, 5_000_000])
+    body = os.urandom(size) + bytes(rng.choice([0, 4096, size]))  # some end in long zero runs
+    payload = b"%d:" % version + body
+    st.write(Record(oid, "k:C", "", payload))
+    print(oid, version, hashlib.sha256(payload).hexdigest(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("policy", ["sync", "async"])
+def test_a_log_writer_killed_at_random_points_loses_and_resurrects_nothing(tmp_path, policy):
+    import hashlib
+    import signal
+
+    from store.errors import ObjectNotFound
+
+    root = str(tmp_path / "d")
+    rng = random.Random(1616)
+    acked: dict[str, tuple[int, str]] = {}  # object -> (version, sha or "-") of its last acknowledged op
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for round_ in range(1, 7):
+        proc = subprocess.Popen(
+            [os.sys.executable, "-c", _WRITER, root, policy, str(round_)],
+            stdout=subprocess.PIPE,
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": repo},
+        )
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
+        reader.start()
+        chaos.wait_until(lambda: len(lines) >= 5, timeout=30, what="the writer's first records")
+        time.sleep(rng.uniform(0.1, 1.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        reader.join(30)
+        proc.stdout.close()
+        for line in lines:
+            oid, version, sha = line.decode().split()
+            acked[oid] = (int(version), sha)
+        st = Storage(root, policy, checkpoint_interval=3600)
+        newer = 0  # objects found at an op newer than their last acknowledged one
+        for oid, (version, sha) in acked.items():
+            try:
+                payload = bytes(st.read(oid).payload)
+            except ObjectNotFound:
+                if sha != "-":
+                    # Only a delete in flight at the kill may have removed it.
+                    newer += 1
+                continue
+            got = int(payload.split(b":", 1)[0])
+            if got != version:
+                assert got > version, f"round {round_}: {oid} went back from {version} to {got}"
+                newer += 1
+            elif sha != "-":
+                assert hashlib.sha256(payload).hexdigest() == sha, f"round {round_}: {oid} torn"
+            else:
+                raise AssertionError(f"round {round_}: {oid} deleted at {version}, found at {got}")
+        assert newer <= 1, f"round {round_}: {newer} objects ahead of what was acknowledged"
+        # What the next round counts as acknowledged: what this restart found.
+        for oid in list(acked):
+            try:
+                payload = bytes(st.read(oid).payload)
+                acked[oid] = (int(payload.split(b":", 1)[0]), hashlib.sha256(payload).hexdigest())
+            except ObjectNotFound:
+                acked[oid] = (acked[oid][0], "-")
+        st.close()
+    st = Storage(root, policy, checkpoint_interval=3600)
+    st.checkpoint()
+    st.close()
+    assert log_bytes(root) == 0 and len(_segments(root)) == 1
