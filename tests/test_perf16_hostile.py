@@ -14,6 +14,7 @@ shared memory and streams, as task arguments, and from a forked child.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -209,20 +210,25 @@ def test_a_scan_of_a_live_dir_sees_every_acknowledged_object_while_the_log_rotat
 # -- a full file system -------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_fs():
-    """An 8 MiB tmpfs (root only): writes there run out of space."""
+@contextlib.contextmanager
+def _tmpfs(path: str):
+    """An 8 MiB tmpfs mounted at ``path`` (root only): writes there run out of space."""
     if os.geteuid() != 0:
         if os.environ.get("CI"):
-            pytest.fail("CI runs as root: the full-disk test needs to mount a tmpfs")
+            pytest.fail("CI runs as root: the full-disk tests need to mount a tmpfs")
         pytest.skip("mounting a small tmpfs needs root")
-    path = tempfile.mkdtemp(prefix="claypot-full-")
+    os.makedirs(path, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], check=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", path], check=True)
-        os.rmdir(path)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    with _tmpfs(str(tmp_path / "fs")) as path:
+        yield path
 
 
 def test_a_full_disk_fails_writes_clearly_and_acknowledges_nothing_it_lost(small_fs):
@@ -258,6 +264,43 @@ def test_a_full_disk_fails_writes_clearly_and_acknowledges_nothing_it_lost(small
         with pytest.raises(ClaypotError):
             st.read(oid)
     st.close()
+
+
+class Blob(StorageObject):
+    def __init__(self):
+        self.data = b""
+        self.n = 0
+
+    def put(self, size):
+        self.data = os.urandom(size)
+        self.n += 1
+        return self.n
+
+
+def test_a_full_disk_under_a_backend_fails_calls_and_persists_and_keeps_what_was_acknowledged(tmp_path):
+    data_dir = str(tmp_path / "c")
+    env = {"CLAYPOT_CHECKPOINT_INTERVAL": "3600"}
+    with _tmpfs(os.path.join(data_dir, "backend-0")):  # the backend's storage dir only
+        with LocalCluster(backends=1, data_dir=data_dir, backend_env=env) as c:
+            bid = c.backends[0]
+            blob = Blob()
+            blob.make_persistent()
+            acked = 0
+            with pytest.raises(OSError) as failed:
+                for _ in range(200):
+                    acked = blob.put(300_000)
+            assert failed.value.errno == errno.ENOSPC or "No space left" in str(failed.value)
+            assert acked > 5
+            with pytest.raises(OSError):
+                Tally(7).make_persistent(alias="late")
+            with pytest.raises(ClaypotError):
+                store.get_by_alias("late")
+            assert blob.n == acked  # the failed change is not kept in memory either
+            chaos.kill_backend(c, bid)
+            chaos.start_backend(c, bid)
+            assert blob.n == acked
+            with pytest.raises(ClaypotError):
+                store.get_by_alias("late")
 
 
 # -- kill -9 of a backend, at many points -----------------------------------------------
