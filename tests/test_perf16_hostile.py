@@ -739,3 +739,36 @@ def test_a_log_writer_killed_at_random_points_loses_and_resurrects_nothing(tmp_p
     st.checkpoint()
     st.close()
     assert log_bytes(root) == 0 and len(_segments(root)) == 1
+
+
+def _disk_bytes(metrics_address: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "claypot_disk_bytes":
+                return s.value
+    raise AssertionError("no claypot_disk_bytes")
+
+
+def test_disk_use_leaves_the_reservation_out_across_kill_9(tmp_path):
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c")) as c:
+        bid = c.backends[0]
+        Tally(1).make_persistent()
+        for kill in (False, True, True):
+            if kill:
+                chaos.kill_backend(c, bid)
+                chaos.start_backend(c, bid)
+                Tally(2).make_persistent()
+            (info,) = store.backends()
+            data_dir = chaos.backend(c, bid).data_dir
+            files = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(data_dir) for n in names)
+            assert files >= logspace.RESERVE_STEP  # the open segment's reservation is on disk
+            # Each backend process computes it at its first scrape: what its dir holds,
+            # less the open segment's unused reservation (the old one was cut at start).
+            used = _disk_bytes(info.metrics_address)
+            assert 0 < used < logspace.RESERVE_STEP // 2, (kill, used, files)
