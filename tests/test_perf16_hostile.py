@@ -772,3 +772,36 @@ def test_disk_use_leaves_the_reservation_out_across_kill_9(tmp_path):
             # less the open segment's unused reservation (the old one was cut at start).
             used = _disk_bytes(info.metrics_address)
             assert 0 < used < logspace.RESERVE_STEP // 2, (kill, used, files)
+
+
+def test_a_replicated_big_state_survives_kill_9_of_its_primary_then_of_the_promoted_one(rcluster):
+    from replicalib import TTL
+
+    c = rcluster
+    big = Big()
+    big.make_persistent(replicas=1)
+    for seed in (3, 6, 9):  # 5.5 MiB records in the replica's log, across its reserved end
+        assert big.put(seed, 720_000) == seed
+    first = c.client.resolve(object_id=big.getID())
+    c.process_of(first.backend_id).kill()
+    second = chaos.wait_until(
+        lambda: (r := c.client.resolve(object_id=big.getID())).backend_id != first.backend_id and r,
+        timeout=TTL * 6,
+        what="promotion of the replica",
+    )
+    assert big.check() == (9, True)
+    assert big.put(12, 720_000) == 12
+    c.restart(first.backend_id, kill=True)
+    # Once the factor is back, the promoted primary is killed and restarted (no time to fail
+    # over): its own log, with the big records past its reserved end, brings the state back.
+    chaos.wait_until(lambda: c.client.resolve(object_id=big.getID()).replicas, timeout=TTL * 6, what="repair")
+    c.restart(second.backend_id, kill=True)
+
+    def settled():
+        try:
+            return big.check() == (12, True)
+        except ClaypotError:  # calls while the restarted primary comes back
+            return False
+
+    chaos.wait_until(settled, timeout=TTL * 6, what="the state after the restarts")
+    assert big.check() == (12, True)
