@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import subprocess
-import tempfile
 import threading
 import time
 
