@@ -131,13 +131,30 @@ def _numpy_array_type() -> type | None:
     return getattr(np, "ndarray", None)
 
 
+def _plain_dtype(dt: Any) -> bool:
+    """True if ``dt`` is one of numpy's own dtypes, with no object fields and no metadata.
+
+    The C pickler would pickle anything else in a dtype by reference (a class in a
+    dtype's metadata or a ``numpy.void`` subclass from a user's script), where
+    cloudpickle's pickler sends it by value: such arrays take the full pickler.
+    """
+    if dt.hasobject or dt.metadata is not None or dt.type.__module__ != "numpy":
+        return False
+    if dt.fields is not None:
+        return all(_plain_dtype(f[0]) for f in dt.fields.values())
+    if dt.subdtype is not None:
+        return _plain_dtype(dt.subdtype[0])
+    return True
+
+
 def _plain(value: Any) -> int:
     """How ``value`` may be pickled without cloudpickle's Python-level pickler.
 
     ``_ATOMS_ONLY``: a few atoms, alone or in tuples, lists and dicts.
-    ``_WITH_ARRAYS``: the same, with numpy arrays (exact ``ndarray``, no object
-    fields) among them: numpy's own reduction, which cloudpickle uses too,
-    gives the same stream and the same out-of-band buffers with the C pickler.
+    ``_WITH_ARRAYS``: the same, with numpy arrays (exact ``ndarray`` of a plain
+    dtype, see :func:`_plain_dtype`) among them: numpy's own reduction, which
+    cloudpickle uses too, gives the same stream and the same out-of-band
+    buffers with the C pickler.
     ``_NOT_PLAIN``: anything else (an object, a function, a subclass, a big value).
     """
     todo, left, kind, ndarray = [value], _PLAIN_PARTS, _ATOMS_ONLY, None
@@ -160,7 +177,7 @@ def _plain(value: Any) -> int:
         else:
             if ndarray is None:
                 ndarray = _numpy_array_type()
-            if ndarray is None or t is not ndarray or v.dtype.hasobject:
+            if ndarray is None or t is not ndarray or not _plain_dtype(v.dtype):
                 return _NOT_PLAIN
             left -= 1
             kind = _WITH_ARRAYS

@@ -359,21 +359,27 @@ def log_bytes(root: str) -> int:
     return total
 
 
-def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview]], int, int]:
+def _replay(
+    root: str, on_torn=None, checkpoints_win: bool = True
+) -> tuple[dict[str, tuple[Record, memoryview]], int, int]:
     """Read every log segment: per object, its highest-LSN record with the record's bytes
     as logged; also the records read and the highest LSN.
 
     ``on_torn(path, offset, zeros)`` is called for the end of a segment that
     holds no record: a torn record (``zeros`` False) or the unused reserved
     space (``zeros`` True); the caller may cut it. Damage followed by valid
-    records skips the bad record only.
+    records skips the bad record only. With ``checkpoints_win`` an object whose
+    checkpoint file is newer than its logged record is left out.
     """
     latest: dict[str, tuple[Record, memoryview]] = {}
     count = high = 0
     for name in _segment_names(root):
         path = os.path.join(root, "wal", name)
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
+        try:
+            with open(path, "rb") as f:
+                data = memoryview(f.read())
+        except FileNotFoundError:
+            continue  # trimmed by a live backend's checkpoint (a scan retries: see scan_storage_dir)
         for kind, offset, found in _scan_segment(data):
             if kind in ("zeros", "torn"):
                 if on_torn is not None:
@@ -406,11 +412,15 @@ def _replay(root: str, on_torn=None) -> tuple[dict[str, tuple[Record, memoryview
                 )
     # A checkpoint file written after the logged record (a spill, a write-behind
     # object, a move back in) is newer: it wins.
-    for oid in _checkpoint_ids(root).intersection(latest):
+    for oid in _checkpoint_ids(root).intersection(latest) if checkpoints_win else ():
         head = read_header(_object_path(root, oid))
         if head is not None and head.get("lsn", 0) >= latest[oid][0].lsn:
             del latest[oid]
     return latest, count, high
+
+
+# Scans of a live dir whose log was trimmed under them before one is given up.
+_SCAN_TRIES = 20
 
 
 def scan_storage_dir(root: str) -> Iterator[tuple[str, str, str]]:
@@ -418,9 +428,28 @@ def scan_storage_dir(root: str) -> Iterator[tuple[str, str, str]]:
 
     For ``claypot repair``, which may run while the dir's backend is up:
     unlike opening a :class:`Storage`, it neither cuts a torn log tail nor
-    creates a log segment.
+    creates a log segment. A live backend's checkpoint may write an object's
+    file after the scan looked for it and trim the segment that held it before
+    the scan read the log: when a segment listed at the start is gone at the
+    end, the scan starts again.
     """
-    found: dict[str, tuple[str, str] | None] = {}
+    for _ in range(_SCAN_TRIES):
+        names = _segment_names(root)
+        found = _scan_once(root)
+        if all(os.path.exists(os.path.join(root, "wal", n)) for n in names):
+            yield from found
+            return
+    raise DeadlineExceeded(
+        f"{root}: its log was trimmed under each of {_SCAN_TRIES} scans (a backend checkpointing "
+        f"without pause); scan again, or stop its backend first"
+    )
+
+
+def _scan_once(root: str) -> list[tuple[str, str, str]]:
+    # Per object, the newest of its checkpoint file and its logged record, by LSN:
+    # a live backend writes files and trims the log meanwhile, so neither the files
+    # read first nor the log read next is the whole truth.
+    found: dict[str, tuple[int, tuple[str, str] | None]] = {}
     base = os.path.join(root, "objects")
     if os.path.isdir(base):
         for sub in os.scandir(base):
@@ -430,13 +459,12 @@ def scan_storage_dir(root: str) -> Iterator[tuple[str, str, str]]:
                 if entry.name.endswith(".obj"):
                     head = read_header(entry.path)
                     if head is not None and head["id"] == entry.name[:-4]:
-                        found[head["id"]] = (head["class"], head["alias"])
-    latest, _, _ = _replay(root)
+                        found[head["id"]] = (head.get("lsn", 0), (head["class"], head["alias"]))
+    latest, _, _ = _replay(root, checkpoints_win=False)
     for oid, (rec, _) in latest.items():
-        found[oid] = None if rec.deleted else (rec.class_key, rec.alias)
-    for oid, value in found.items():
-        if value is not None:
-            yield oid, value[0], value[1]
+        if oid not in found or rec.lsn >= found[oid][0]:
+            found[oid] = (rec.lsn, None if rec.deleted else (rec.class_key, rec.alias))
+    return [(oid, value[0], value[1]) for oid, (_, value) in found.items() if value is not None]
 
 
 class Storage:
@@ -571,6 +599,13 @@ class Storage:
             self._pending[oid] = _Logged(rec.lsn, bytearray(raw), rec.deleted, rec.class_key, rec.alias, rec.moved_in)
         segments = self._segments()
         self._segment_seq = (segments[-1] + 1) if segments else 1
+        for seq in segments:
+            # Each start opens a segment, and a checkpoint trims segments only when
+            # something was logged: without this, every start of a quiet backend (or
+            # crash, once its unused reservation is cut) would leave one empty file.
+            path = self._segment_path(seq)
+            if os.path.getsize(path) == 0:
+                os.unlink(path)
         self._open_segment()
         return count
 
