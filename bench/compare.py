@@ -72,6 +72,7 @@ BENCHES: dict[str, dict] = {
             "policies.sync.call_vs_none": "higher",
             "policies.sync.call_4threads_vs_none": "higher",
             "policies.sync.make_persistent_vs_none": "higher",
+            "log_fsync.storage_write_over_bare_append_p50": "lower",
         },
     },
     "compat": {
