@@ -9,6 +9,7 @@ test's ``tmp_path``; the fixtures ``rcluster`` and ``bigcluster``
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +21,8 @@ from store import LocalCluster
 from store._client.client import CHANNEL_OPTIONS, TOKEN_HEADER
 from store._wire.generated import claypot_pb2 as pb
 from store._wire.generated import claypot_pb2_grpc as pb_grpc
-from store._wire.serialization import dumps, loads
+from store._wire import serialization
+from store._wire.serialization import _Pickler, dumps, loads
 
 BIG_ENV = dict(REPLICA_ENV, CLAYPOT_BIG_OBJECT="65536")
 """Replica settings with a 64 KiB big-object threshold (write-behind for larger states)."""
@@ -117,3 +119,19 @@ def raw_delete(cluster: LocalCluster, address: str, object_id: str, timeout: flo
             metadata=((TOKEN_HEADER, cluster.token),),
         )
     return reply.error if reply.HasField("error") else None
+
+
+def full_pickle(value) -> tuple[bytes, list]:
+    """What ``dumps`` gives through cloudpickle's pickler: the stream and its out-of-band
+    buffers (the reference plain values taking the C pickler must match)."""
+    buffers: list = []
+
+    def out_of_band(buf):
+        if buf.raw().nbytes >= serialization.OUT_OF_BAND_MIN:
+            buffers.append(buf)
+            return False
+        return True
+
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=out_of_band).dump(value)
+    return out.getvalue(), buffers

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+from hostilelib import full_pickle
 
 from store._wire import serialization
 from store._util.ids import fresh_id
@@ -135,20 +136,6 @@ def test_anything_else_takes_the_full_pickler():
     assert loads(*dumps((MyInt(3),)))[0].__class__ is MyInt
 
 
-def _full_pickle(value):
-    buffers: list = []
-
-    def out_of_band(buf):
-        if buf.raw().nbytes >= serialization.OUT_OF_BAND_MIN:
-            buffers.append(buf)
-            return False
-        return True
-
-    out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=out_of_band).dump(value)
-    return out.getvalue(), buffers
-
-
 def test_numpy_arrays_take_the_c_pickler_with_the_same_bytes_and_buffers():
     np = pytest.importorskip("numpy")
     small = np.arange(10, dtype=np.int32)
@@ -160,7 +147,7 @@ def test_numpy_arrays_take_the_c_pickler_with_the_same_bytes_and_buffers():
     for value in (((small,), {}), [big, "x"], {"a": fortran}, (strided,), (frozen,), big):
         assert serialization._plain(value) == serialization._WITH_ARRAYS
         payload, buffers = dumps(value)
-        want_payload, want_buffers = _full_pickle(value)
+        want_payload, want_buffers = full_pickle(value)
         assert payload == want_payload
         assert [bytes(b.raw()) for b in buffers] == [bytes(b.raw()) for b in want_buffers]
         back = loads(payload, [b.raw() for b in buffers])

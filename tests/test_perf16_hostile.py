@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
 import random
@@ -26,11 +25,12 @@ import time
 
 import numpy as np
 import pytest
+from hostilelib import full_pickle
 
 import store
 from store import LocalCluster, StorageObject
 from store._wire import serialization
-from store._wire.serialization import _Pickler, dumps, loads
+from store._wire.serialization import dumps, loads
 from store.backend._storage import logspace
 from store.backend._storage.storage import Record, Storage, encode, log_bytes, scan_storage_dir
 from store.errors import ClaypotError
@@ -413,21 +413,6 @@ def test_kill9_at_many_points_keeps_every_acknowledged_change(tmp_path, durabili
 # -- plain numpy arrays and the C pickler -------------------------------------------------
 
 
-def _full_pickle(value):
-    """What dumps() gave before plain values took the C pickler: cloudpickle's pickler."""
-    buffers: list = []
-
-    def out_of_band(buf):
-        if buf.raw().nbytes >= serialization.OUT_OF_BAND_MIN:
-            buffers.append(buf)
-            return False
-        return True
-
-    out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=out_of_band).dump(value)
-    return out.getvalue(), buffers
-
-
 class Tag:
     """A class of this test module, which a dtype's metadata may carry."""
 
@@ -477,7 +462,7 @@ def test_every_dtype_and_layout_pickles_to_the_full_picklers_bytes_and_loads_bac
     for name, a in _arrays().items():
         for value in ((a,), {"state": a, "again": a}, [a, "x", (1, a)]):
             payload, buffers = dumps(value)
-            want_payload, want_buffers = _full_pickle(value)
+            want_payload, want_buffers = full_pickle(value)
             assert payload == want_payload, name
             assert [bytes(b.raw()) for b in buffers] == [bytes(b.raw()) for b in want_buffers], name
             back = loads(payload, [bytearray(b.raw()) for b in buffers])
@@ -502,7 +487,7 @@ def test_a_dtype_that_carries_a_class_takes_the_full_pickler():
     for name, a in cases.items():
         assert serialization._plain((a,)) == serialization._NOT_PLAIN, name
         payload, buffers = dumps((a,))
-        assert payload == _full_pickle((a,))[0], name
+        assert payload == full_pickle((a,))[0], name
         assert loads(payload, buffers)[0].tobytes() == a.tobytes()
 
 
@@ -515,7 +500,7 @@ def test_a_forked_child_pickles_arrays_as_its_parent_does():
     if pid == 0:  # the child: answers over the pipe, never returns into pytest
         try:
             payload, buffers = dumps(value)
-            ok = payload == want and len(buffers) == 1 and payload == _full_pickle(value)[0]
+            ok = payload == want and len(buffers) == 1 and payload == full_pickle(value)[0]
             os.write(write, b"1" if ok else b"0")
         finally:
             os._exit(0)

@@ -186,6 +186,15 @@ def _plain(value: Any) -> int:
 
 def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle ``value``; returns the stream and its out-of-band buffers."""
+    plain = _ATOMS_ONLY if type(value) in _ATOMS else _plain(value)
+    # Call arguments, small results, simple object states and plain numpy arrays:
+    # a per-call cloudpickle pickler (its set-up and a Python callback for every
+    # object) measured three times the cost of the C pickler here, for the same bytes.
+    if plain == _ATOMS_ONLY:
+        try:
+            return pickle.dumps(value, protocol=5), []
+        except RecursionError as exc:
+            raise SerializationError(f"value is too deeply nested to pickle: {exc}") from None
     buffers: list[pickle.PickleBuffer] = []
 
     def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -195,15 +204,8 @@ def dumps(value: Any, ctx: PickleContext | None = None) -> tuple[bytes, list[pic
             return False
         return True
 
-    plain = _ATOMS_ONLY if type(value) in _ATOMS else _plain(value)
-    if plain:
-        # Call arguments, small results, simple object states and plain numpy
-        # arrays: a per-call cloudpickle pickler (its set-up and a Python
-        # callback for every object) measured three times the cost of the C
-        # pickler here, for the same bytes.
+    if plain == _WITH_ARRAYS:
         try:
-            if plain == _ATOMS_ONLY:
-                return pickle.dumps(value, protocol=5), buffers
             return pickle.dumps(value, protocol=5, buffer_callback=keep_out_of_band), buffers
         except RecursionError as exc:
             raise SerializationError(f"value is too deeply nested to pickle: {exc}") from None
