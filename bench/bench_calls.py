@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,10 +48,13 @@ from bench.common import Counter, emit, machine, percentiles, throughput, timed 
 from store import LocalCluster  # noqa: E402
 
 
+SOCKET_ECHO = f"claypot-bench-echo-{os.getpid()}"
+
+
 def start_echo(workers: int):
     port_file = os.path.join(tempfile.mkdtemp(prefix="echo-"), "port")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo_server", port_file, str(workers)],
+        [sys.executable, "-m", "bench.echo_server", port_file, str(workers), "", SOCKET_ECHO],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     deadline = time.monotonic() + 20
@@ -61,6 +65,63 @@ def start_echo(workers: int):
         time.sleep(0.02)
     with open(port_file) as f:
         return proc, int(f.read())
+
+
+class SocketEcho:
+    """The local lane's yardstick: a bare length-prefixed echo over an abstract Unix
+    socket (bench/echo_server.py), one connection per calling thread."""
+
+    def __init__(self, name: str):
+        self.name = "\0" + name
+        self.local = threading.local()
+
+    def call(self, payload: bytes) -> bytes:
+        sock = getattr(self.local, "sock", None)
+        if sock is None:
+            sock = self.local.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(self.name)
+        sock.sendall(len(payload).to_bytes(4, "little") + payload)
+        n = int.from_bytes(_recv_exact(sock, 4), "little")
+        return _recv_exact(sock, n)
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("the echo closed the connection")
+        data += more
+    return data
+
+
+def grpc_path(cluster, a, objs_owner: str, objects: int) -> dict:
+    """The same calls from a client with the local lane off (every call over gRPC)."""
+    from store._client.client import Client
+    from store._model.objects import dispatching
+
+    client = Client(cluster.address, cluster.token, settings=store.Settings.from_env(local_lane=False))
+    try:
+        with dispatching(client):
+            c = Counter()
+            c.make_persistent(backend=objs_owner)
+            out = {
+                "method_call_readonly": percentiles(timed(c.get, a.calls)),
+                "method_call_mutating": percentiles(timed(c.incr, a.calls)),
+            }
+            batch = [Counter(i) for i in range(objects)]
+            t = time.perf_counter()
+            for o in batch:
+                o.make_persistent(backend=objs_owner)
+            out["make_persistent_per_s"] = round(objects / (time.perf_counter() - t))
+            mine = [Counter() for _ in range(8)]
+            for o in mine:
+                o.make_persistent(backend=objs_owner)
+            out["readonly_threads_8_per_s"] = round(throughput([o.get for o in mine], a.seconds))
+        return out
+    finally:
+        client.close()
 
 
 def boundary_cost_ns(n: int = 200_000) -> dict:
@@ -264,6 +325,15 @@ def main() -> None:
             echo_us = timed(echo_call, a.calls, warmup=0)
         cpu["bare_echo"] = m.per_call(a.calls)
         result["bare_grpc_unary"] = percentiles(echo_us)
+        sock_echo = SocketEcho(SOCKET_ECHO)
+
+        def socket_echo_call():
+            return sock_echo.call(payload)
+
+        timed(socket_echo_call, 0)
+        with CpuMeter(echo.pid) as m:
+            result["bare_socket_echo"] = percentiles(timed(socket_echo_call, a.calls, warmup=0))
+        cpu["bare_socket_echo"] = m.per_call(a.calls)
         with LocalCluster(backends=2, durability=a.durability) as cluster:
             result["fdatasync"] = fdatasync_us(cluster.data_dir)
             c = Counter()
@@ -334,15 +404,18 @@ def main() -> None:
 
             # Read-only calls at the same concurrency as the echo: 8 threads, 4 processes.
             echo8 = throughput([echo_call] * 8, a.seconds)
+            socket_echo8 = throughput([socket_echo_call] * 8, a.seconds)
             calls8 = throughput([o.get for o in mine], a.seconds)
             echo4p = run_processes(["echo"] * 4, f"127.0.0.1:{port}", "", a.seconds)
             calls4p = run_processes([f"bench-c{k}" for k in range(4)], cluster.address, cluster.token, a.seconds)
             result["readonly_calls_per_s"] = {
                 "threads_8": round(calls8),
                 "bare_echo_threads_8": round(echo8),
+                "bare_socket_echo_threads_8": round(socket_echo8),
                 "processes_4": round(calls4p),
                 "bare_echo_processes_4": round(echo4p),
             }
+            result["grpc_path"] = grpc_path(cluster, a, cluster.backends[1], a.objects // 2)
     finally:
         echo.kill()
         echo.wait()
@@ -367,6 +440,14 @@ def main() -> None:
         "threads_8_over_echo": round(ro["threads_8"] / ro["bare_echo_threads_8"], 2),
         "processes_4_over_echo": round(ro["processes_4"] / ro["bare_echo_processes_4"], 2),
         "readonly_call_cpu_over_echo": round(cpu["readonly_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
+        "readonly_call_over_socket_echo_p50": round(
+            result["method_call_readonly"]["p50_us"] / result["bare_socket_echo"]["p50_us"], 2
+        ),
+        "threads_8_over_socket_echo": round(ro["threads_8"] / ro["bare_socket_echo_threads_8"], 2),
+        "lane_over_grpc_readonly_p50": round(
+            result["grpc_path"]["method_call_readonly"]["p50_us"] / result["method_call_readonly"]["p50_us"], 2
+        ),
+        "lane_over_grpc_make_persistent": round(mp["one_at_a_time"] / result["grpc_path"]["make_persistent_per_s"], 2),
         "changing_call_cpu_over_echo": round(cpu["changing_call"]["total_us"] / cpu["bare_echo"]["total_us"], 2),
     }
     dc = result["dataclay"]

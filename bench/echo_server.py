@@ -1,8 +1,11 @@
 """A bare grpcio echo server: the yardstick claypot's calls are measured against.
 
-Run as a process: ``python -m bench.echo_server PORT_FILE [workers] [UNIX_SOCKET]``.
+Run as a process: ``python -m bench.echo_server PORT_FILE [workers] [UNIX_SOCKET] [SOCKET_ECHO]``.
 It listens on an ephemeral loopback TCP port (written to PORT_FILE) and, when
-given a path, also on that Unix-domain socket. It serves,
+given a path, also on that Unix-domain socket. With SOCKET_ECHO (a name) it
+also runs the yardstick of claypot's local lane: a bare echo on the abstract
+Unix socket of that name, without gRPC (a u32 length, then the bytes; one
+thread per connection, blocking reads and writes). It serves,
 with generic handlers and no serializers (raw bytes, no generated code):
 
 - ``/bench.Echo/Unary``: bytes in, the same bytes out;
@@ -22,7 +25,9 @@ with generic handlers and no serializers (raw bytes, no generated code):
 
 import mmap
 import os
+import socket
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -89,7 +94,43 @@ def _pull(request, context):
         yield source[start : start + chunk].tobytes()
 
 
-def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> None:
+def _socket_echo_connection(conn) -> None:
+    with conn:
+        while True:
+            head = _recv_exact(conn, 4)
+            if head is None:
+                return
+            body = _recv_exact(conn, int.from_bytes(head, "little"))
+            if body is None:
+                return
+            conn.sendall(head + body)
+
+
+def _recv_exact(conn, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def serve_socket_echo(name: str) -> None:
+    """A bare length-prefixed echo on the abstract Unix socket ``name``, one thread per connection."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)
+    listener.listen(64)
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=_socket_echo_connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def serve(port_file: str, workers: int = 16, unix_socket: str | None = None, socket_echo: str | None = None) -> None:
     """Serve on an ephemeral loopback port (and ``unix_socket``); write the port to ``port_file``."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     handler = grpc.method_handlers_generic_handler(
@@ -108,6 +149,8 @@ def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> 
     if unix_socket:
         server.add_insecure_port("unix:" + unix_socket)
     server.start()
+    if socket_echo:
+        serve_socket_echo(socket_echo)
     with open(port_file + ".tmp", "w") as f:
         f.write(str(port))
     os.replace(port_file + ".tmp", port_file)
@@ -115,4 +158,9 @@ def serve(port_file: str, workers: int = 16, unix_socket: str | None = None) -> 
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16, sys.argv[3] if len(sys.argv) > 3 else None)
+    serve(
+        sys.argv[1],
+        int(sys.argv[2]) if len(sys.argv) > 2 else 16,
+        sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None,
+        sys.argv[4] if len(sys.argv) > 4 else None,
+    )

@@ -44,6 +44,9 @@ class Settings:
     # Same host: values of at least this many bytes go through /dev/shm even when they
     # would fit inline (measured faster from 128-192 KiB; see README, Performance).
     shm_min: int = 128 * KiB
+    # Same host: unary calls go over a local socket instead of gRPC (store._wire.lane);
+    # never with TLS.
+    local_lane: bool = True
     host_id: str = ""  # same-host identity (see store._client.shm.host_id); empty: derived
     # Backend: same-host reads of large buffers are leased read-only views of its own
     # segments (store.backend._storage.segments); leases hold at most this (bytes or fraction of RAM).

@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import grpc
 
@@ -99,7 +99,8 @@ class GrpcTransport:
     def __init__(self, settings: Settings | Callable[[], Settings]):
         self._settings = settings
         self._lock = threading.Lock()
-        self._channels: dict[str, tuple[grpc.Channel, pb_grpc.BackendStub, wire.StreamStub]] = {}
+        self._channels: dict[str, tuple[grpc.Channel, Any, wire.StreamStub]] = {}
+        self._lane: Any = None  # a store._client.lane.LaneClient once a channel may use it
 
     @property
     def settings(self) -> Settings:
@@ -120,11 +121,25 @@ class GrpcTransport:
                     channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
                 else:
                     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                hit = (channel, pb_grpc.BackendStub(channel), wire.StreamStub(channel))
+                stub: Any = pb_grpc.BackendStub(channel)
+                if self.settings.local_lane and not self.settings.tls_ca:
+                    if self._lane is None:
+                        from store._client.lane import LaneClient
+
+                        self._lane = LaneClient()
+                    stub = _LaneStub(stub, self._lane, address)
+                    # The channel connects anyway, in the background: a call the lane
+                    # cannot take finds it ready, and gRPC channels opened elsewhere in
+                    # this process to the same address share its connection, as they
+                    # did when every call went through it.
+                    grpc.channel_ready_future(channel)
+                hit = (channel, stub, wire.StreamStub(channel))
                 self._channels[address] = hit
             return hit
 
-    def stub(self, address: str) -> pb_grpc.BackendStub:
+    def stub(self, address: str) -> Any:
+        """The unary and streaming RPCs of the Backend service at ``address`` (the
+        unary ones over the local lane when the backend is on this host)."""
         return self._open(address)[1]
 
     def streams(self, address: str) -> wire.StreamStub:
@@ -144,6 +159,8 @@ class GrpcTransport:
             hit = self._channels.pop(address, None)
         if hit is not None:
             hit[0].close()
+        if self._lane is not None:
+            self._lane.drop(address)
 
     def close(self) -> None:
         with self._lock:
@@ -151,6 +168,42 @@ class GrpcTransport:
             self._channels.clear()
         for channel, _, _ in hits:
             channel.close()
+        if self._lane is not None:
+            self._lane.close()
+
+
+class _LaneStub:
+    """A Backend stub whose unary RPCs try the local lane before the gRPC channel."""
+
+    def __init__(self, stub: pb_grpc.BackendStub, lane: Any, address: str):
+        self._stub, self._lane, self._address = stub, lane, address
+
+    def __getattr__(self, name: str):
+        found = getattr(self._stub, name)
+        method = _METHODS.get(name)
+        if method is not None and not (method.client_streaming or method.server_streaming):
+            found = _LaneMethod(found, self._lane, self._address, name, getattr(pb, method.output_type.name))
+        self.__dict__[name] = found
+        return found
+
+
+class _LaneMethod:
+    """One unary RPC: over the lane when it takes the call, else over gRPC."""
+
+    __slots__ = ("_grpc", "_lane", "_address", "_name", "_reply")
+
+    def __init__(self, grpc_method, lane, address: str, name: str, reply_type):
+        self._grpc, self._lane, self._address, self._name, self._reply = grpc_method, lane, address, name, reply_type
+
+    def __call__(self, request, timeout=None, metadata=None, **options):
+        if not options:  # wait_for_ready, compression, credentials: gRPC's own
+            data = self._lane.call(self._address, self._name, request.SerializeToString(), timeout, metadata)
+            if data is not None:
+                return self._reply.FromString(data)
+        return self._grpc(request, timeout=timeout, metadata=metadata, **options)
+
+    def __getattr__(self, name: str):  # .future, .with_call: gRPC's
+        return getattr(self._grpc, name)
 
 
 # -- in process ----------------------------------------------------------------------
@@ -312,34 +365,79 @@ def _copy(data) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
 
+class HandlerTable:
+    """A Backend servicer's RPC handlers behind its server interceptors, found by
+    method path as a ``grpc.Server`` finds them (for servers that are not gRPC's:
+    the in-process transport, the local lane)."""
+
+    def __init__(self, servicer, interceptors: list):
+        self.handlers: list = []
+        wire.add_servicer(servicer, self)  # collects the handlers, as a grpc.Server would
+        self.interceptors = list(interceptors)
+        chain = self._lookup
+        for interceptor in reversed(self.interceptors):
+            chain = (lambda inner, icp: lambda d: icp.intercept_service(inner, d))(chain, interceptor)
+        self._chain = chain
+
+    # The one method of grpc.Server that wire.add_servicer needs.
+    def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
+        self.handlers.extend(handlers)
+
+    def _lookup(self, details):
+        for generic in self.handlers:
+            found = generic.service(details)
+            if found is not None:
+                return found
+        return None
+
+    def handler(self, details: Any) -> Any:
+        """The handler a call with these ``details`` (method, metadata) gets, or None."""
+        return self._chain(details)
+
+
+def serve_unary(handler: Any, request: bytes | memoryview, context: _Context, name: str) -> bytes | None:
+    """Run a unary-unary ``handler`` on ``request`` bytes as a gRPC server would.
+
+    Returns the serialized reply, or None with the context's code and details
+    saying why (the servicer's abort, an exception, a request that does not parse).
+    """
+    deserialize = handler.request_deserializer
+    try:
+        arg = deserialize(request) if deserialize is not None else request
+    except Exception:
+        context._code, context._details = grpc.StatusCode.INTERNAL, "Exception deserializing request!"
+        return None
+    try:
+        result = handler.unary_unary(arg, context)
+    except _Aborted:
+        return None
+    except Exception as exc:
+        if context._code == grpc.StatusCode.OK:
+            log.exception("call %s failed", name)
+            context._code = grpc.StatusCode.UNKNOWN
+            context._details = f"Exception calling application: {exc}"
+        return None
+    if context._error() is not None:
+        return None
+    if result is None:
+        context._code, context._details = grpc.StatusCode.INTERNAL, f"{name} returned nothing"
+        return None
+    serialize = handler.response_serializer
+    return serialize(result) if serialize is not None else result
+
+
 class _Served:
     """One backend served in process: its handlers behind its interceptors, its thread pool."""
 
     def __init__(self, address: str, servicer, interceptors: list, dispatcher, threads: int):
         self.address = address
         self.dispatcher = dispatcher
-        self.handlers: list = []
-        wire.add_servicer(servicer, self)  # collects the handlers, as a grpc.Server would
-        self.interceptors = list(interceptors)
+        self.table = HandlerTable(servicer, interceptors)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"inproc-{address}")
         self.closed = False
 
-    # The one method of grpc.Server that wire.add_servicer needs.
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        self.handlers.extend(handlers)
-
     def handler(self, details: _CallDetails):
-        def lookup(d):
-            for generic in self.handlers:
-                found = generic.service(d)
-                if found is not None:
-                    return found
-            return None
-
-        chain = lookup
-        for interceptor in reversed(self.interceptors):
-            chain = (lambda inner, icp: lambda d: icp.intercept_service(inner, d))(chain, interceptor)
-        return chain(details)
+        return self.table.handler(details)
 
     def run(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         from store._model import objects as objmod

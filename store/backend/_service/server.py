@@ -47,6 +47,8 @@ from store._wire.serialization import dumps, loads
 from store.backend._engine import cancel
 from store.backend._service.boundary import error_reply, replies, replies_json
 from store.backend._service.guards import StreamIdleGuard, check_name
+from store.backend._service.lane import LaneServer
+from store._client.transport import HandlerTable
 from store.backend._engine.heap import CodeCache, Heap
 from store.backend._storage.segments import Segments
 from store.backend._service.polyglot import OPEN_METHODS, PolyglotServicer, StandardServices
@@ -787,6 +789,7 @@ class Backend:
         self.heap.on_gone = self.segments.gone
         self.interceptors = [TokenInterceptor(settings.token), StreamIdleGuard(settings.admin_timeout)]
         self.servicer = BackendServicer(self)
+        self.lane: LaneServer | None = None
         if self.embedded:
             self.server = None
             self.services = StandardServices(_HandlerSink())  # health kept, served by no one
@@ -812,6 +815,10 @@ class Backend:
         # A backend listening on 0.0.0.0 (a container) must register an address
         # its peers can reach: --advertise / CLAYPOT_ADVERTISE, else this host's own.
         self.address = settings.advertise or advertised_address(settings.host, port)
+        if settings.local_lane and not settings.tls_cert:
+            # Same-host clients' unary calls, past gRPC's machinery (store._wire.lane).
+            table = HandlerTable(self.servicer, self.interceptors)
+            self.lane = LaneServer(self.address, table, max_connections=max(16, 4 * settings.server_threads))
         self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings)
         objmod.set_dispatcher(self.client)
         self._init_rest()
@@ -854,6 +861,8 @@ class Backend:
         self.replicator.start()
         if self.server is not None:
             self.server.start()
+        if self.lane is not None:
+            self.lane.start()
         self._heartbeat()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._replica_loop, name="replicas", daemon=True).start()
@@ -881,6 +890,8 @@ class Backend:
             self.directory.unregister_backend(self.backend_id, self._stats())
         except Exception:
             pass
+        if self.lane is not None:
+            self.lane.stop(grace)
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
         self.segments.close()
