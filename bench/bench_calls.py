@@ -118,7 +118,16 @@ def grpc_path(cluster, a, objs_owner: str, objects: int) -> dict:
             mine = [Counter() for _ in range(8)]
             for o in mine:
                 o.make_persistent(backend=objs_owner)
-            out["readonly_threads_8_per_s"] = round(throughput([o.get for o in mine], a.seconds))
+
+            def on_grpc(fn):
+                # A new thread starts without this context's dispatcher: set it per call.
+                def call():
+                    with dispatching(client):
+                        return fn()
+
+                return call
+
+            out["readonly_threads_8_per_s"] = round(throughput([on_grpc(o.get) for o in mine], a.seconds))
         return out
     finally:
         client.close()

@@ -248,6 +248,8 @@ class _Aborted(Exception):
     """Raised inside a servicer by ``context.abort`` (gRPC raises its own)."""
 
 
+_SETTLED: concurrent.futures.Future = concurrent.futures.Future()
+_SETTLED.set_result(None)
 _Metadatum = collections.namedtuple("_Metadatum", ("key", "value"))
 _CallDetails = collections.namedtuple("_CallDetails", ("method", "invocation_metadata"))
 
@@ -255,7 +257,7 @@ _CallDetails = collections.namedtuple("_CallDetails", ("method", "invocation_met
 class _Context(grpc.ServicerContext):
     """The servicer's view of one in-process call: metadata, deadline, status."""
 
-    def __init__(self, metadata, deadline: float | None, address: str):
+    def __init__(self, metadata, deadline: float | None, address: str, outcome: bool = True):
         self._metadata = tuple(_Metadatum(k, v) for k, v in (metadata or ()))
         self._deadline = deadline
         self._address = address
@@ -266,8 +268,10 @@ class _Context(grpc.ServicerContext):
         self._done = False
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
-        # Settles with the serialized reply, or with the error the caller gets.
-        self._outcome: concurrent.futures.Future = concurrent.futures.Future()
+        # Settles with the serialized reply, or with the error the caller gets. A server
+        # that writes the reply itself (the local lane) passes outcome=False: a future
+        # costs a condition variable per call.
+        self._outcome: concurrent.futures.Future = concurrent.futures.Future() if outcome else _SETTLED
 
     # What servicers ask.
     def invocation_metadata(self):

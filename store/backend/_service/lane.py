@@ -142,7 +142,7 @@ class LaneServer:
     def _answer(self, body) -> bytes:
         method, timeout, metadata, request = frames.parse_request(body)
         deadline = None if timeout is None else time.monotonic() + timeout
-        context = _Context(metadata, deadline, self.address)
+        context = _Context(metadata, deadline, self.address, outcome=False)
         try:
             handler = self.table.handler(_CallDetails(f"/{_SERVICE}/{method}", context.invocation_metadata()))
             if handler is None or handler.request_streaming or handler.response_streaming:
