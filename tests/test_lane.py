@@ -317,3 +317,50 @@ def test_a_graceful_stop_refuses_new_calls_without_hanging(tmp_path):
         with pytest.raises(store.errors.ClaypotError):
             b.get()
         assert time.monotonic() - t0 < 30
+
+
+def test_a_lane_held_by_another_user_never_gets_the_token(tmp_path):
+    """A process of another user that binds a backend's lane name (abstract names are
+    first come, first served) is never sent a request: the client checks the peer's
+    credentials before reading its greeting, and uses gRPC."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the squatter as another user")
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env={"CLAYPOT_LOCAL_LANE": "0"}) as c:
+        address = c.processes[0].address
+        script = (
+            "import os, socket, sys\n"
+            "os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "s.bind(bytes.fromhex(sys.argv[1]))\n"
+            "s.listen(8)\n"
+            "print('ready', flush=True)\n"
+            "got = b''\n"
+            "s.settimeout(20)\n"
+            "try:\n"
+            "    while True:\n"
+            "        conn, _ = s.accept()\n"
+            "        conn.sendall(b'CPLANE1\\x01')\n"
+            "        conn.settimeout(2)\n"
+            "        try:\n"
+            "            got += conn.recv(65536)\n"
+            "        except OSError:\n"
+            "            pass\n"
+            "except OSError:\n"
+            "    pass\n"
+            "print(got.hex(), flush=True)\n"
+        )
+        squatter = subprocess.Popen(
+            [sys.executable, "-c", script, frames.socket_name(address).hex()], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert squatter.stdout.readline().strip() == "ready"
+            store.connect(c.address, c.token)
+            b = Box("safe")
+            b.make_persistent()
+            assert b.get() == "safe"
+            assert not _lane_sockets(address)
+        finally:
+            squatter.terminate()
+            out, _ = squatter.communicate(timeout=30)
+        assert c.token.encode().hex() not in out
+        assert out.strip() == ""  # nothing at all was sent to it

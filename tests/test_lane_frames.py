@@ -102,3 +102,17 @@ def test_read_frame_over_a_socket_pair_reads_whole_frames_and_sees_cuts():
 def test_socket_names_follow_the_advertised_address():
     assert lane.socket_name("127.0.0.1:5000") == b"\0claypot-lane:127.0.0.1:5000"
     assert lane.socket_name("a:1") != lane.socket_name("a:2")
+
+
+def test_a_long_address_gets_a_name_that_fits_a_socket():
+    name = lane.socket_name("h" * 300 + ":1")
+    assert len(name) <= 107 and name.startswith(b"\0claypot-lane#")
+    assert name != lane.socket_name("h" * 300 + ":2")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(name)  # fits
+
+
+def test_a_peer_of_this_user_is_trusted():
+    a, b = socket.socketpair()
+    with a, b:
+        assert lane.trusted_peer(a)

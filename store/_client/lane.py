@@ -143,7 +143,9 @@ class LaneClient:
         try:
             sock.settimeout(_CONNECT_TIMEOUT if timeout is None else min(_CONNECT_TIMEOUT, max(timeout, 0.001)))
             sock.connect(frames.socket_name(address))
-            greeting = _recv_exact(sock, len(frames.GREETING) + 1)
+            # Not even the greeting is read from a process of another user (a squatter
+            # on the name must never get this client's token).
+            greeting = _recv_exact(sock, len(frames.GREETING) + 1) if frames.trusted_peer(sock) else None
         except OSError:
             greeting = None
         if greeting is None or greeting[:-1] != frames.GREETING or greeting[-1:] != frames.SERVED:

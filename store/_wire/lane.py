@@ -13,6 +13,8 @@ Abstract socket names live in the network namespace, not on a filesystem: a
 name is reachable only from processes in the backend's own namespace (so a
 container or a namespace standing for another host never sees it), and it
 disappears with the process that bound it (a kill -9 leaves nothing behind).
+Names are not owned, though: a client talks only to a lane whose process runs
+as root or as its own user (:func:`trusted_peer`), else it uses gRPC.
 
 Frames, all integers little-endian:
 
@@ -33,7 +35,9 @@ connection.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import socket
 import struct
 from typing import Iterable
@@ -45,6 +49,7 @@ SERVED, FULL = b"\x01", b"\x00"
 # gRPC's largest message (transport.MAX_MESSAGE) plus room for the envelope.
 MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
 OK = 0
+_MAX_NAME = 107  # sun_path holds 108 bytes
 
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -53,8 +58,28 @@ _ENTRY = struct.Struct("<BH")
 
 
 def socket_name(address: str) -> bytes:
-    """The abstract socket name of the lane of the backend advertised at ``address``."""
-    return b"\0claypot-lane:" + address.encode("utf-8", "replace")
+    """The abstract socket name of the lane of the backend advertised at ``address``
+    (a digest of it when the address is too long for a socket name)."""
+    name = b"\0claypot-lane:" + address.encode("utf-8", "replace")
+    if len(name) > _MAX_NAME:
+        name = b"\0claypot-lane#" + hashlib.sha256(address.encode("utf-8", "replace")).hexdigest().encode()
+    return name
+
+
+def trusted_peer(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a lane connection runs as root or as
+    this process's own user (``SO_PEERCRED``).
+
+    Abstract socket names are first come, first served: a process of another
+    user could bind a backend's name while the backend is down, and a client
+    must not send it the cluster's token. Where the credentials cannot be
+    read, nothing is trusted.
+    """
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return False
+    return uid in (0, os.geteuid())
 
 
 def _metadata(entries: Iterable[tuple[str, str | bytes]] | None) -> list[bytes]:
