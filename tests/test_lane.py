@@ -191,7 +191,8 @@ def test_a_forked_child_uses_its_own_connections(lane_cluster):
         assert all(b.slow(0.0, f"parent-{n}") == f"parent-{n}" for n in range(200))
     finally:
         _, status = os.waitpid(pid, 0)
-    assert os.read(r, 1) == b"\x00"
+    got = os.read(r, 1)
+    assert got == b"\x00", (status, got)
     os.close(r)
     assert os.waitstatus_to_exitcode(status) == 0
 

@@ -4,6 +4,7 @@ import math
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -116,3 +117,24 @@ def test_a_peer_of_this_user_is_trusted():
     a, b = socket.socketpair()
     with a, b:
         assert lane.trusted_peer(a)
+
+
+def test_read_reply_takes_small_and_large_replies_and_refuses_extra_bytes():
+    for size in (0, 10, 70_000, 1_000_000):
+        a, b = socket.socketpair()
+        with a, b:
+            data = b"".join(lane.ok_frame(b"z" * size))
+            sender = threading.Thread(target=lambda: (a.sendall(data[:3]), a.sendall(data[3:])))
+            sender.start()
+            assert bytes(lane.read_reply(b)) == data[4:]
+            sender.join()
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"".join(lane.ok_frame(b"abc")) + b"junk")
+        time.sleep(0.05)
+        with pytest.raises(ProtocolError):
+            lane.read_reply(b)
+    c, d = socket.socketpair()
+    with c, d:
+        c.close()
+        assert lane.read_reply(d) is None

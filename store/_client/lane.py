@@ -182,7 +182,7 @@ class LaneClient:
         try:
             if deadline is not None:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            body = frames.read_frame(sock)
+            body = frames.read_reply(sock)
             if body is None:
                 raise ConnectionError("the backend closed the connection")
             code, reply, details, trailing = frames.parse_reply(body)

@@ -128,11 +128,7 @@ class GrpcTransport:
 
                         self._lane = LaneClient()
                     stub = _LaneStub(stub, self._lane, address)
-                    # The channel connects anyway, in the background: a call the lane
-                    # cannot take finds it ready, and gRPC channels opened elsewhere in
-                    # this process to the same address share its connection, as they
-                    # did when every call went through it.
-                    grpc.channel_ready_future(channel)
+                    _connect_now(channel)
                 hit = (channel, stub, wire.StreamStub(channel))
                 self._channels[address] = hit
             return hit
@@ -170,6 +166,20 @@ class GrpcTransport:
             channel.close()
         if self._lane is not None:
             self._lane.close()
+
+
+def _connect_now(channel: grpc.Channel) -> None:
+    """Ask ``channel`` to connect now, in gRPC's own background, without a call.
+
+    A channel beside the lane still connects: a call the lane cannot take finds
+    it ready, and gRPC channels opened elsewhere in this process to the same
+    address share its connection, as they did when every call went through it.
+    Not ``grpc.channel_ready_future``: its polling thread sits inside gRPC for a
+    while, and a fork then skips gRPC's fork handlers (the child can crash).
+    """
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is not None:
+        check(True)
 
 
 class _LaneStub:

@@ -50,6 +50,7 @@ SERVED, FULL = b"\x01", b"\x00"
 MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
 OK = 0
 _MAX_NAME = 107  # sun_path holds 108 bytes
+_FIRST_READ = 64 * 1024
 
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -198,6 +199,33 @@ def read_frame(sock: socket.socket) -> bytes | bytearray | None:
         return None
     length = frame_length(head)
     return _recv_exact(sock, length, allow_eof=False)
+
+
+def read_reply(sock: socket.socket) -> bytes | bytearray | None:
+    """A reply frame's body, read for a caller that has exactly one reply coming:
+    its first read takes the head and (usually) the whole body in one system call.
+    Bytes past the frame are a ProtocolError (a backend sends nothing unasked)."""
+    first = sock.recv(_FIRST_READ)
+    if not first:
+        return None
+    if len(first) < 4:
+        rest = _recv_exact(sock, 4 - len(first), allow_eof=False)
+        first += rest or b""
+    length = frame_length(first[:4])
+    have = len(first) - 4
+    if have > length:
+        raise ProtocolError("lane frame: bytes past the end of a reply")
+    if have == length:
+        return first[4:]
+    body = bytearray(length)
+    body[:have] = first[4:]
+    view = memoryview(body)
+    while have < length:
+        k = sock.recv_into(view[have:], length - have)
+        if k == 0:
+            raise ConnectionError("the lane's connection closed inside a frame")
+        have += k
+    return body
 
 
 def _recv_exact(sock: socket.socket, n: int, allow_eof: bool) -> bytes | bytearray | None:
