@@ -2,8 +2,10 @@
 
 Yardsticks, measured in the same run: a bare grpcio unary echo
 (bench/echo_server.py, a separate process, same payload size, same number of
-server threads) alone, from 8 threads and from 4 processes; one fdatasync of a
-small append on this disk; and, when an interpreter with dataClay is given
+server threads) alone, from 8 threads and from 4 processes; a bare echo over an
+abstract Unix socket in the same process (the local lane's floor: no gRPC, a
+length prefix, a thread per connection) alone and from 8 threads; one
+fdatasync of a small append on this disk; and, when an interpreter with dataClay is given
 (``--dataclay-python`` or ``CLAYPOT_DATACLAY_PYTHON``, see bench_dataclay.py),
 dataClay 4.3.1 on this machine. Reported:
 
@@ -21,7 +23,14 @@ dataClay 4.3.1 on this machine. Reported:
   no-op against the bare one), as a share of the read-only call;
 - the CPU each call costs the caller and the server (``cpu_per_call``, user +
   system, all threads) for the echo, a read-only call, a changing call and a
-  make_persistent: unlike latency, it hardly moves with the machine's load.
+  make_persistent: unlike latency, it hardly moves with the machine's load;
+- ``grpc_path``: the same read-only and changing calls, one-at-a-time
+  make_persistent and 8 reading threads from a client with the local lane off
+  (``local_lane=False``: every call over gRPC), so the lane's gain is measured
+  in the same run (``lane_over_grpc_*``).
+
+The claypot figures are on the default path: a client on the backends' host
+sends its unary calls over their local lane (store/_wire/lane.py).
 
 Prints one JSON document; ``ratios`` holds what bench/compare.py watches.
 

@@ -45,6 +45,8 @@ BENCHES: dict[str, dict] = {
             "ratios.threads_8_over_dataclay": "higher",
             "ratios.readonly_call_cpu_over_echo": "lower",
             "ratios.changing_call_cpu_over_echo": "lower",
+            "ratios.readonly_call_over_socket_echo_p50": "lower",
+            "ratios.lane_over_grpc_readonly_p50": "higher",
         },
     },
     "large_data": {
