@@ -386,6 +386,7 @@ class HandlerTable:
 
     def __init__(self, servicer, interceptors: list):
         self.handlers: list = []
+        self._by_method: dict[str, Any] = {}
         wire.add_servicer(servicer, self)  # collects the handlers, as a grpc.Server would
         self.interceptors = list(interceptors)
         chain = self._lookup
@@ -398,11 +399,15 @@ class HandlerTable:
         self.handlers.extend(handlers)
 
     def _lookup(self, details):
-        for generic in self.handlers:
-            found = generic.service(details)
-            if found is not None:
-                return found
-        return None
+        # By method path: the generic handlers answer by path alone.
+        found = self._by_method.get(details.method)
+        if found is None:
+            for generic in self.handlers:
+                found = generic.service(details)
+                if found is not None:
+                    self._by_method[details.method] = found
+                    break
+        return found
 
     def handler(self, details: Any) -> Any:
         """The handler a call with these ``details`` (method, metadata) gets, or None."""
