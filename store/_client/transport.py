@@ -207,9 +207,12 @@ class _LaneMethod:
 
     def __call__(self, request, timeout=None, metadata=None, **options):
         if not options:  # wait_for_ready, compression, credentials: gRPC's own
+            started = time.monotonic()
             data = self._lane.call(self._address, self._name, request.SerializeToString(), timeout, metadata)
             if data is not None:
                 return self._reply.FromString(data)
+            if timeout is not None:  # a lane that did not answer its greeting took some of it
+                timeout = max(timeout - (time.monotonic() - started), 0.001)
         return self._grpc(request, timeout=timeout, metadata=metadata, **options)
 
     def __getattr__(self, name: str):  # .future, .with_call: gRPC's
