@@ -113,16 +113,17 @@ class LaneServer:
         conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
+        # One bound for waiting on the next request and for writing a reply: a client
+        # that goes quiet, or never reads, frees this thread after IDLE_CLOSE seconds.
+        conn.settimeout(IDLE_CLOSE)
         try:
             while True:
-                conn.settimeout(IDLE_CLOSE)
                 try:
                     body = frames.read_frame(conn)
                 except (socket.timeout, ConnectionError):
                     return
                 if body is None:
                     return
-                conn.settimeout(None)
                 with self._lock:
                     self._busy += 1
                 try:
