@@ -92,8 +92,14 @@ class LaneServer:
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # stopped
+            except OSError as exc:
+                if self._stopped:
+                    return
+                # Out of file descriptors or memory for a moment: callers wait in the
+                # backlog (or, past their greeting's deadline, use gRPC) meanwhile.
+                log.warning("local lane: accept failed: %s", exc)
+                time.sleep(0.05)
+                continue
             with self._lock:
                 served = not self._stopped and len(self._conns) < self.max_connections
                 if served:
