@@ -9,6 +9,8 @@ See :mod:`store._wire.lane` for the frames and why the lane exists.
 
 Each thread keeps one connection per backend address and uses it for one call
 at a time (blocking send, blocking receive): no thread hand-off on either side.
+A call the thread makes while its own call waits on that connection (from a
+signal handler) goes over gRPC, so it never reads the other call's reply.
 Failures keep gRPC's meaning, so the client's retry rules stay right:
 
 - a request that could not be sent whole raises ``UNAVAILABLE`` with details
@@ -67,13 +69,16 @@ class LaneError(InProcessRpcError):
 
 
 class _Connection:
-    __slots__ = ("sock", "poll", "used")
+    __slots__ = ("sock", "poll", "used", "busy")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.used = time.monotonic()
+        # True while a call waits on it: a call the same thread makes meanwhile
+        # (from a signal handler) must not take it, or it would read that reply.
+        self.busy = False
 
     def __del__(self) -> None:
         # The thread that owned it ended (its thread-local went away): close quietly.
@@ -120,6 +125,8 @@ class LaneClient:
             return None
         conns = self._connections()
         conn = conns.get(address)
+        if conn is not None and conn.busy:
+            return None  # this thread's own call in flight holds it: gRPC takes this one
         now = time.monotonic()
         if conn is not None and not conn.reusable(now):
             self._close(address, conn)
@@ -156,6 +163,13 @@ class LaneClient:
         return _Connection(sock)
 
     def _exchange(self, address: str, conn: _Connection, parts: list, timeout: float | None) -> memoryview:
+        conn.busy = True
+        try:
+            return self._send_and_receive(address, conn, parts, timeout)
+        finally:
+            conn.busy = False
+
+    def _send_and_receive(self, address: str, conn: _Connection, parts: list, timeout: float | None) -> memoryview:
         sock = conn.sock
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
