@@ -3,8 +3,8 @@
 :class:`LaneClient` is used by :class:`store._client.transport.GrpcTransport`:
 its stubs try the lane first for the unary Backend RPCs and fall back to the
 gRPC channel when the lane cannot take the call before anything is sent (no
-backend of that address on this host's network namespace, its lane full, the
-request larger than a frame). Streams, the asyncio API and TLS always use gRPC.
+backend of that address on this host's network namespace, its lane full or
+held by another user, the request larger than a frame). Streams, the asyncio API and TLS always use gRPC.
 See :mod:`store._wire.lane` for the frames and why the lane exists.
 
 Each thread keeps one connection per backend address and uses it for one call
@@ -30,9 +30,11 @@ connections.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -44,12 +46,15 @@ from store._wire import lane as frames
 from store._client.transport import InProcessRpcError
 from store.errors import ProtocolError
 
+log = logging.getLogger("claypot.lane")
+
 IDLE_REUSE = 20.0  # seconds; the backend closes idle connections after lane.IDLE_CLOSE
 RETRY_ABSENT = 2.0  # seconds before an address with no lane is tried again
 _CONNECT_TIMEOUT = 1.0
 _JOIN_LIMIT = 256 * 1024  # frames up to this are joined and sent in one write
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _generation = 0  # bumped in a forked child: connections of an older generation are the parent's
 
 
@@ -150,7 +155,7 @@ class LaneClient:
         try:
             sock.settimeout(_CONNECT_TIMEOUT if timeout is None else min(_CONNECT_TIMEOUT, max(timeout, 0.001)))
             sock.connect(frames.socket_name(address))
-            greeting = _recv_exact(sock, len(frames.GREETING) + 1)
+            greeting = _recv_exact(sock, len(frames.GREETING) + 1) if _trusted(sock, address) else None
         except OSError:
             greeting = None
         if greeting is None or greeting[:-1] != frames.GREETING or greeting[-1:] != frames.SERVED:
@@ -255,6 +260,21 @@ class LaneClient:
             addresses = list(self._open)
         for address in addresses:
             self.drop(address, close=True)
+
+
+def _trusted(sock: socket.socket, address: str) -> bool:
+    """Whether the process listening on this lane may be sent this process's token.
+
+    An abstract name has no permissions: any local user can bind a backend's
+    lane name before the backend does (the backend then serves without a lane,
+    on its TCP port, which the squatter could not take). Only a listener of this
+    process's own user, or root, is trusted; either could read the token anyway.
+    """
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    if uid == os.geteuid() or uid == 0:
+        return True
+    log.warning("the local lane of %s is held by user id %d, not this user: its calls use gRPC", address, uid)
+    return False
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
