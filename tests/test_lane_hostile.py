@@ -218,9 +218,8 @@ def test_forks_while_other_threads_are_mid_call(connected):
     """Forked children of a process whose threads are mid-call on the lane: the
     children use connections of their own, the parent's threads get their own replies.
 
-    The process runs with gRPC's own fork handlers off: with them on, a fork while
-    other threads run outside gRPC crashes the child inside gRPC's handler now and
-    then, whatever those threads do (see the README's limits)."""
+    The process runs with gRPC's own fork handlers off: with them on, they now and
+    then crash a child inside gRPC, lane or not (see the README's limits)."""
     hc = connected
     for k in range(3):
         Cell(k).make_persistent(alias=f"lane-fork-{k}", backend=hc.backends[k % 2])
@@ -293,7 +292,9 @@ def test_a_3_mib_inline_argument_and_reply_cross_the_lane_whole(connected):
     hc = connected
     c = Cell()
     c.make_persistent(backend=hc.backends[1])
-    other = Client(hc.address, hc.token, settings=store.Settings.from_env(inline_limit=3 * 1024 * 1024, shm_min=1 << 40))
+    other = Client(
+        hc.address, hc.token, settings=store.Settings.from_env(inline_limit=3 * 1024 * 1024, shm_min=1 << 40)
+    )
     try:
         with dispatching(other):
             mine = other.get_by_id(c.getID())
@@ -415,6 +416,7 @@ def test_random_bytes_on_many_connections_touch_nothing(connected):
 
 
 # -- a process that is not the backend holds the lane's name ------------------------
+
 
 def _squat(address, accepting_for):
     """A process of user nobody that binds the lane name of ``address``, answers like a
