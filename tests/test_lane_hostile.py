@@ -319,6 +319,46 @@ def test_a_wrong_or_missing_token_is_refused_before_the_request_is_read(connecte
             assert code == 16 and reply is None, (code, details)  # UNAUTHENTICATED
 
 
+def test_a_caller_without_the_token_cannot_make_the_backend_hold_its_request(connected):
+    """gRPC's token interceptor runs on the headers, before the message arrives: a
+    refused caller never makes the backend buffer a request. The lane reads the
+    token first too, so 8 unfinished 16 MiB frames without it cost the backend nothing."""
+    import psutil
+
+    hc = connected
+    backend = psutil.Process(hc.processes[1].proc.pid)
+    address = hc.processes[1].address
+    meta = ((TOKEN_HEADER, "not-the-token"),)
+    head = b"".join(frames.request_frame("Call", 5.0, meta, b""))[4:]
+    chunk = b"\x00" * (12 * 1024 * 1024)
+    before = backend.memory_info().rss
+    held = []
+    refused = 0
+    try:
+        for _ in range(8):
+            sock = _raw(address)
+            held.append(sock)
+            try:
+                # A whole head's worth of bytes (HEAD_LIMIT) is what the backend reads first.
+                sock.sendall(struct.pack("<I", frames.MAX_FRAME) + head + b"\x00" * (frames.HEAD_LIMIT - len(head)))
+                sock.settimeout(2.0)
+                code, _, _, _ = frames.parse_reply(frames.read_frame(sock))
+                refused += code == 16  # UNAUTHENTICATED, on the first bytes
+                sock.sendall(chunk)  # and the rest is not read: the connection is closed
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                pass
+        time.sleep(0.5)
+        grown = backend.memory_info().rss - before
+    finally:
+        for sock in held:
+            sock.close()
+    assert refused == 8
+    assert grown < 48 * 1024 * 1024, f"the backend holds {grown >> 20} MiB of refused requests"
+    c = Cell("fine")
+    c.make_persistent(backend=hc.backends[1])
+    assert c.get() == "fine"
+
+
 def test_slowloris_and_huge_length_prefixes_leave_other_callers_served(connected):
     hc = connected
     address = hc.processes[1].address
@@ -418,46 +458,43 @@ def test_random_bytes_on_many_connections_touch_nothing(connected):
 # -- a process that is not the backend holds the lane's name ------------------------
 
 
+_SQUATTER = r"""
+import os, socket, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)  # before listen(): SO_PEERCRED names the user that listened
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(b"\0claypot-lane:" + sys.argv[1].encode())
+s.listen(64)
+print("bound", flush=True)
+got = 0
+s.settimeout(float(sys.argv[2]))
+try:
+    while True:
+        c, _ = s.accept()
+        c.settimeout(1.0)
+        try:
+            c.sendall(b"CPLANE1\x01")
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    break
+                got += len(data)
+        except OSError:
+            pass  # a client that left
+        c.close()
+except socket.timeout:
+    pass
+print(got, flush=True)
+"""
+
+
 def _squat(address, accepting_for):
     """A process of user nobody that binds the lane name of ``address``, answers like a
-    backend's lane and counts the bytes it is sent; (pid, pipe it reports on)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(frames.socket_name(address))
-            s.listen(64)
-            os.write(w, b"bound\n")
-            got = 0
-            s.settimeout(accepting_for)
-            try:
-                while True:
-                    c, _ = s.accept()
-                    c.settimeout(1.0)
-                    try:
-                        c.sendall(frames.GREETING + frames.SERVED)
-                        while True:
-                            data = c.recv(65536)
-                            if not data:
-                                break
-                            got += len(data)
-                    except OSError:
-                        pass  # a client that left
-                    c.close()
-            except socket.timeout:
-                pass
-            os.write(w, f"{got}\n".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    return pid, r
+    backend's lane and prints how many bytes it was sent."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _SQUATTER, address, str(accepting_for)], stdout=subprocess.PIPE, text=True
+    )
 
 
 def _free_port():
@@ -473,10 +510,9 @@ def test_a_squatter_of_another_user_never_gets_the_token_or_a_request(tmp_path):
     assert os.geteuid() == 0, "needs root, to run the squatter as another user"
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    pid, r = _squat(address, 5.0)
-    reports = os.fdopen(r)
+    squatter = _squat(address, 5.0)
     try:
-        assert reports.readline().strip() == "bound"
+        assert squatter.stdout.readline().strip() == "bound"
         with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), ports=[port]) as c:
             assert c.processes[0].address == address
             client = Client(c.address, c.token, settings=store.Settings.from_env(call_timeout=10))
@@ -489,14 +525,11 @@ def test_a_squatter_of_another_user_never_gets_the_token_or_a_request(tmp_path):
                 assert not _lane_sockets(client, address)
             finally:
                 client.close()
-        got = reports.readline().strip()
+        got = squatter.stdout.readline().strip()
     finally:
-        reports.close()
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
+        if squatter.poll() is None:
+            squatter.kill()
+        squatter.communicate(timeout=30)
     assert got == "0", f"the squatter was sent {got} bytes"
 
 
