@@ -305,6 +305,24 @@ def test_a_3_mib_inline_argument_and_reply_cross_the_lane_whole(connected):
         other.close()
 
 
+def test_a_deadline_already_past_is_deadline_exceeded_on_both_paths(connected):
+    """A negative call_timeout (the settings accept it) gives gRPC a deadline in the past."""
+    hc = connected
+    timeout = -1.0
+    c = Cell("untouched")
+    c.make_persistent(backend=hc.backends[0])
+    for lane in (False, True):
+        other = Client(hc.address, hc.token, settings=store.Settings.from_env(call_timeout=timeout, local_lane=lane))
+        try:
+            with dispatching(other):
+                mine = other.get_by_id(c.getID())
+                with pytest.raises(DeadlineExceeded):
+                    mine.echo(0.0, "never")
+        finally:
+            other.close()
+    assert c.get() == "untouched"
+
+
 # -- hostile bytes and the token -------------------------------------------------
 
 

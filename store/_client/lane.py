@@ -128,6 +128,9 @@ class LaneClient:
         take the call (nothing was sent: use gRPC). Raises :class:`LaneError`."""
         if self._closed:
             return None
+        if timeout is not None and timeout <= 0:
+            # As gRPC: a deadline already past ends the call before anything is sent.
+            raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         conns = self._connections()
         conn = conns.get(address)
         if conn is not None and conn.busy:
