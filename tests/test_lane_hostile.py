@@ -21,7 +21,14 @@ from store import LocalCluster, StorageObject, readonly
 from store._client.client import TOKEN_HEADER, Client
 from store._model.objects import dispatching
 from store._wire import lane as frames
-from store.errors import BackendDown, BackendUnavailable, CallInterrupted, ClaypotError, DeadlineExceeded
+from store.errors import (
+    AuthenticationError,
+    BackendDown,
+    BackendUnavailable,
+    CallInterrupted,
+    ClaypotError,
+    DeadlineExceeded,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -374,6 +381,19 @@ def test_a_caller_without_the_token_cannot_make_the_backend_hold_its_request(con
     c = Cell("fine")
     c.make_persistent(backend=hc.backends[1])
     assert c.get() == "fine"
+
+
+def test_a_wrong_token_with_a_large_request_gets_its_refusal_not_a_broken_pipe(connected):
+    """The refusal comes on the request's first bytes while the caller still sends the
+    rest: it must be able to send it all and read UNAUTHENTICATED (a client would
+    otherwise see a connection that broke, BackendUnavailable, and retry)."""
+    hc = connected
+    meta = ((TOKEN_HEADER, "not-the-token"),)
+    with _raw(hc.processes[0].address) as sock:
+        sock.sendall(b"".join(frames.request_frame("Call", 5.0, meta, b"\x01" * (4 * 1024 * 1024))))
+        code, _, details, _ = frames.parse_reply(frames.read_frame(sock))
+        assert code == 16, (code, details)
+        assert sock.recv(1) == b""  # and then the connection ends
 
 
 def test_slowloris_and_huge_length_prefixes_leave_other_callers_served(connected):

@@ -217,6 +217,16 @@ def read_rest(sock: socket.socket, length: int, first: bytes | bytearray) -> byt
     return buf
 
 
+def skip(sock: socket.socket, n: int) -> None:
+    """Read and drop ``n`` bytes (the rest of a refused frame) without holding them."""
+    scratch = bytearray(min(n, 64 * 1024))
+    while n > 0:
+        k = sock.recv_into(scratch, min(n, len(scratch)))
+        if k == 0:
+            raise ConnectionError("the lane's connection closed inside a frame")
+        n -= k
+
+
 def _recv_exact(sock: socket.socket, n: int, allow_eof: bool) -> bytes | bytearray | None:
     first = sock.recv(n)
     if len(first) == n:

@@ -13,7 +13,7 @@ told the lane is full and uses gRPC); a connection idle for ``IDLE_CLOSE``
 seconds is closed (clients stop reusing theirs sooner, see
 :mod:`store._client.lane`); bytes that are not a valid frame close the
 connection and touch nothing else; a request without the token is refused
-on its first bytes, and its connection closed, before the rest is read.
+on its first bytes, and its connection closed, the rest read and dropped unheld.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ class LaneServer:
                         return
                     length, first = head
                     if not self._admitted(conn, first):
-                        return  # the rest of its frame is never read: the connection ends
+                        # Its caller may still be sending: drain the rest unheld, so it
+                        # reads the refusal rather than a broken connection; then close.
+                        frames.skip(conn, length - len(first))
+                        return
                     body = frames.read_rest(conn, length, first)
                 except (socket.timeout, ConnectionError):
                     return
