@@ -22,7 +22,6 @@ from store._client.client import TOKEN_HEADER, Client
 from store._model.objects import dispatching
 from store._wire import lane as frames
 from store.errors import (
-    AuthenticationError,
     BackendDown,
     BackendUnavailable,
     CallInterrupted,
