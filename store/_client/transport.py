@@ -127,11 +127,17 @@ class GrpcTransport:
                         from store._client.lane import LaneClient
 
                         self._lane = LaneClient()
-                    # The channel connects on its first call (a stream, or one the lane
-                    # cannot take). Not in the background: a channel_ready_future's
-                    # connectivity watch made gRPC's fork handlers crash forked
-                    # children (SIGSEGV) about 1 fork in 8 (tests/test_lane_hostile.py).
                     stub = _LaneStub(stub, self._lane, address)
+                    # The channel connects anyway, in the background: a call the lane
+                    # cannot take finds it ready, and gRPC channels opened elsewhere in
+                    # this process to the same address share its connection, as they
+                    # did when every call went through it. Started by asking its state
+                    # (try_to_connect), not by grpc.channel_ready_future, whose
+                    # connectivity-watch thread made gRPC's fork handlers crash forked
+                    # children (SIGSEGV) about 1 fork in 8 (tests/test_lane_hostile.py).
+                    connect = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+                    if connect is not None:
+                        connect(True)
                 hit = (channel, stub, wire.StreamStub(channel))
                 self._channels[address] = hit
             return hit
