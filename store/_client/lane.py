@@ -3,12 +3,14 @@
 :class:`LaneClient` is used by :class:`store._client.transport.GrpcTransport`:
 its stubs try the lane first for the unary Backend RPCs and fall back to the
 gRPC channel when the lane cannot take the call before anything is sent (no
-backend of that address on this host's network namespace, its lane full, the
-request larger than a frame). Streams, the asyncio API and TLS always use gRPC.
+backend of that address on this host's network namespace, its lane full or
+held by another user, the request larger than a frame). Streams, the asyncio API and TLS always use gRPC.
 See :mod:`store._wire.lane` for the frames and why the lane exists.
 
 Each thread keeps one connection per backend address and uses it for one call
 at a time (blocking send, blocking receive): no thread hand-off on either side.
+A call the thread makes while its own call waits on that connection (from a
+signal handler) goes over gRPC, so it never reads the other call's reply.
 Failures keep gRPC's meaning, so the client's retry rules stay right:
 
 - a request that could not be sent whole raises ``UNAVAILABLE`` with details
@@ -28,6 +30,7 @@ connections.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -41,6 +44,8 @@ import grpc
 from store._wire import lane as frames
 from store._client.transport import InProcessRpcError
 from store.errors import ProtocolError
+
+log = logging.getLogger("claypot.lane")
 
 IDLE_REUSE = 20.0  # seconds; the backend closes idle connections after lane.IDLE_CLOSE
 RETRY_ABSENT = 2.0  # seconds before an address with no lane is tried again
@@ -67,13 +72,16 @@ class LaneError(InProcessRpcError):
 
 
 class _Connection:
-    __slots__ = ("sock", "poll", "used")
+    __slots__ = ("sock", "poll", "used", "busy")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.used = time.monotonic()
+        # True while a call waits on it: a call the same thread makes meanwhile
+        # (from a signal handler) must not take it, or it would read that reply.
+        self.busy = False
 
     def __del__(self) -> None:
         # The thread that owned it ended (its thread-local went away): close quietly.
@@ -118,8 +126,13 @@ class LaneClient:
         take the call (nothing was sent: use gRPC). Raises :class:`LaneError`."""
         if self._closed:
             return None
+        if timeout is not None and timeout <= 0:
+            # As gRPC: a deadline already past ends the call before anything is sent.
+            raise LaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         conns = self._connections()
         conn = conns.get(address)
+        if conn is not None and conn.busy:
+            return None  # this thread's own call in flight holds it: gRPC takes this one
         now = time.monotonic()
         if conn is not None and not conn.reusable(now):
             self._close(address, conn)
@@ -145,7 +158,7 @@ class LaneClient:
             sock.connect(frames.socket_name(address))
             # Not even the greeting is read from a process of another user (a squatter
             # on the name must never get this client's token).
-            greeting = _recv_exact(sock, len(frames.GREETING) + 1) if frames.trusted_peer(sock) else None
+            greeting = _recv_exact(sock, len(frames.GREETING) + 1) if _trusted(sock, address) else None
         except OSError:
             greeting = None
         if greeting is None or greeting[:-1] != frames.GREETING or greeting[-1:] != frames.SERVED:
@@ -158,6 +171,13 @@ class LaneClient:
         return _Connection(sock)
 
     def _exchange(self, address: str, conn: _Connection, parts: list, timeout: float | None) -> memoryview:
+        conn.busy = True
+        try:
+            return self._send_and_receive(address, conn, parts, timeout)
+        finally:
+            conn.busy = False
+
+    def _send_and_receive(self, address: str, conn: _Connection, parts: list, timeout: float | None) -> memoryview:
         sock = conn.sock
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -243,6 +263,15 @@ class LaneClient:
             addresses = list(self._open)
         for address in addresses:
             self.drop(address, close=True)
+
+
+def _trusted(sock: socket.socket, address: str) -> bool:
+    """Whether the process listening on this lane may be sent this process's token
+    (:func:`store._wire.lane.trusted_peer`: root, or this process's own user)."""
+    if frames.trusted_peer(sock):
+        return True
+    log.warning("the local lane of %s is held by another user: its calls use gRPC", address)
+    return False
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:

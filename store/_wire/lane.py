@@ -30,7 +30,10 @@ Frames, all integers little-endian:
 
 A frame longer than ``MAX_FRAME`` or one that does not parse is a
 :class:`store.errors.ProtocolError`; the side that reads it closes the
-connection.
+connection. A request's method, timeout and metadata must fit in its first
+``HEAD_LIMIT`` bytes: the backend reads those first and refuses a call without
+the token before it reads (and holds) the request bytes, as gRPC's interceptor
+runs on the headers before the message arrives.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
 OK = 0
 _MAX_NAME = 107  # sun_path holds 108 bytes
 _FIRST_READ = 64 * 1024
+# Most bytes of a request's method, timeout and metadata (gRPC's default metadata limit is 8 KiB).
+HEAD_LIMIT = 16 * 1024
 
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -128,15 +133,18 @@ def request_frame(
     name = method.encode("ascii")
     head = [bytes((len(name),)), name, _F64.pack(math.nan if timeout is None else timeout)]
     head += _metadata(metadata)
+    if sum(len(p) for p in head) > HEAD_LIMIT:
+        raise ProtocolError(f"lane frame: method and metadata exceed {HEAD_LIMIT} bytes")
     length = sum(len(p) for p in head) + len(request)
     if length > MAX_FRAME:
         raise ProtocolError(f"lane frame of {length} bytes exceeds {MAX_FRAME}")
     return [_U32.pack(length), *head, request]
 
 
-def parse_request(body: bytes | bytearray | memoryview) -> tuple[str, float | None, tuple, memoryview]:
-    """(method, timeout or None, metadata, request bytes) of a request frame's body."""
-    view = memoryview(body)
+def parse_request_head(head: bytes | bytearray | memoryview) -> tuple[str, float | None, tuple, int]:
+    """(method, timeout or None, metadata, where the request bytes start) of a request
+    frame's body, or of its first ``HEAD_LIMIT`` bytes."""
+    view = memoryview(head)
     try:
         n = view[0]
         method = bytes(view[1 : 1 + n]).decode("ascii")
@@ -147,10 +155,16 @@ def parse_request(body: bytes | bytearray | memoryview) -> tuple[str, float | No
     except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError(f"lane frame: truncated or malformed request ({exc})") from None
     if math.isnan(timeout):
-        return method, None, metadata, view[at:]
+        return method, None, metadata, at
     if not (math.isfinite(timeout) and timeout >= 0):
         raise ProtocolError(f"lane frame: bad timeout {timeout}")
-    return method, timeout, metadata, view[at:]
+    return method, timeout, metadata, at
+
+
+def parse_request(body: bytes | bytearray | memoryview) -> tuple[str, float | None, tuple, memoryview]:
+    """(method, timeout or None, metadata, request bytes) of a request frame's body."""
+    method, timeout, metadata, at = parse_request_head(body)
+    return method, timeout, metadata, memoryview(body)[at:]
 
 
 def ok_frame(reply: bytes) -> list[bytes]:
@@ -226,6 +240,44 @@ def read_reply(sock: socket.socket) -> bytes | bytearray | None:
             raise ConnectionError("the lane's connection closed inside a frame")
         have += k
     return body
+
+
+def read_request_head(sock: socket.socket) -> tuple[int, bytes | bytearray] | None:
+    """A request frame's length and its first ``min(length, HEAD_LIMIT)`` body bytes
+    (see :func:`parse_request_head`); None on a clean end of stream before it."""
+    head = _recv_exact(sock, 4, allow_eof=True)
+    if head is None:
+        return None
+    length = frame_length(head)
+    first = _recv_exact(sock, min(length, HEAD_LIMIT), allow_eof=False)
+    assert first is not None
+    return length, first
+
+
+def read_rest(sock: socket.socket, length: int, first: bytes | bytearray) -> bytes | bytearray:
+    """The whole body of a frame of ``length`` bytes whose ``first`` bytes were read."""
+    if len(first) == length:
+        return first
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = len(first)
+    view[:got] = first
+    while got < length:
+        k = sock.recv_into(view[got:], length - got)
+        if k == 0:
+            raise ConnectionError("the lane's connection closed inside a frame")
+        got += k
+    return buf
+
+
+def skip(sock: socket.socket, n: int) -> None:
+    """Read and drop ``n`` bytes (the rest of a refused frame) without holding them."""
+    scratch = bytearray(min(n, 64 * 1024))
+    while n > 0:
+        k = sock.recv_into(scratch, min(n, len(scratch)))
+        if k == 0:
+            raise ConnectionError("the lane's connection closed inside a frame")
+        n -= k
 
 
 def _recv_exact(sock: socket.socket, n: int, allow_eof: bool) -> bytes | bytearray | None:

@@ -12,7 +12,8 @@ Limits: at most ``max_connections`` connections at once (a client past it is
 told the lane is full and uses gRPC); a connection idle for ``IDLE_CLOSE``
 seconds is closed (clients stop reusing theirs sooner, see
 :mod:`store._client.lane`); bytes that are not a valid frame close the
-connection and touch nothing else.
+connection and touch nothing else; a request without the token is refused
+on its first bytes, and its connection closed, the rest read and dropped unheld.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any, Callable
 
 import grpc
 
@@ -38,10 +40,20 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Backend"].full_name
 class LaneServer:
     """Serves ``table``'s unary RPCs on the local lane of the backend advertised at ``address``."""
 
-    def __init__(self, address: str, table: HandlerTable, max_connections: int):
+    def __init__(
+        self,
+        address: str,
+        table: HandlerTable,
+        max_connections: int,
+        admits: Callable[[str, Any], bool] | None = None,
+    ):
         self.address = address
         self.table = table
         self.max_connections = max_connections
+        # (method path, metadata) -> whether the token check lets the call in; asked
+        # before the request bytes are read, so a refused caller cannot make this
+        # process hold them (the interceptors still run on every admitted call).
+        self.admits = admits
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -125,10 +137,17 @@ class LaneServer:
         try:
             while True:
                 try:
-                    body = frames.read_frame(conn)
+                    head = frames.read_request_head(conn)
+                    if head is None:
+                        return
+                    length, first = head
+                    if not self._admitted(conn, first):
+                        # Its caller may still be sending: drain the rest unheld, so it
+                        # reads the refusal rather than a broken connection; then close.
+                        frames.skip(conn, length - len(first))
+                        return
+                    body = frames.read_rest(conn, length, first)
                 except (socket.timeout, ConnectionError):
-                    return
-                if body is None:
                     return
                 with self._lock:
                     self._busy += 1
@@ -145,6 +164,16 @@ class LaneServer:
             pass  # the client went away
         finally:
             self._forget(conn)
+
+    def _admitted(self, conn: socket.socket, first) -> bool:
+        if self.admits is None:
+            return True
+        method, _, metadata, _ = frames.parse_request_head(first)
+        if self.admits(f"/{_SERVICE}/{method}", metadata):
+            return True
+        code = grpc.StatusCode.UNAUTHENTICATED.value[0]
+        conn.sendall(b"".join(frames.error_frame(code, "wrong or missing claypot token", ())))
+        return False
 
     def _answer(self, body) -> bytes:
         method, timeout, metadata, request = frames.parse_request(body)

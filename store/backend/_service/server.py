@@ -79,10 +79,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
         self._deny_stream_stream = grpc.stream_stream_rpc_method_handler(deny)
 
+    def admits(self, method: str, metadata: Any) -> bool:
+        """Whether a call of ``method`` (its full path) with ``metadata`` may run."""
+        return not self._token or method in _OPEN_METHODS or carries_token(metadata, self._token)
+
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
-        if not self._token or details.method in _OPEN_METHODS:
-            return continuation(details)
-        if carries_token(details.invocation_metadata, self._token):
+        if self.admits(details.method, details.invocation_metadata):
             return continuation(details)
         # The refusal must have the method's shape (unary or streaming on each
         # side); looking the handler up deserializes nothing.
@@ -787,7 +789,8 @@ class Backend:
         self.heap.before_change = lambda oid: self.segments.changing(oid, self.heap.loaded(oid))
         self.heap.change_done = self.segments.changed
         self.heap.on_gone = self.segments.gone
-        self.interceptors = [TokenInterceptor(settings.token), StreamIdleGuard(settings.admin_timeout)]
+        token_check = TokenInterceptor(settings.token)
+        self.interceptors = [token_check, StreamIdleGuard(settings.admin_timeout)]
         self.servicer = BackendServicer(self)
         self.lane: LaneServer | None = None
         if self.embedded:
@@ -818,7 +821,12 @@ class Backend:
         if settings.local_lane and not settings.tls_cert:
             # Same-host clients' unary calls, past gRPC's machinery (store._wire.lane).
             table = HandlerTable(self.servicer, self.interceptors)
-            self.lane = LaneServer(self.address, table, max_connections=max(16, 4 * settings.server_threads))
+            self.lane = LaneServer(
+                self.address,
+                table,
+                max_connections=max(16, 4 * settings.server_threads),
+                admits=token_check.admits,
+            )
         self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings)
         objmod.set_dispatcher(self.client)
         self._init_rest()
