@@ -72,20 +72,20 @@ class LaneError(InProcessRpcError):
 
 
 class _Connection:
-    __slots__ = ("sock", "poll", "used", "busy")
+    __slots__ = ("sock", "poll", "used", "busy", "__weakref__")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        # Closed when this connection is dropped, also when the thread that owned it
+        # ends: a finalizer, not __del__, so that a reference cycle the connection
+        # sits in (a traceback's frames) cannot let the socket be collected first.
+        weakref.finalize(self, sock.close)
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.used = time.monotonic()
         # True while a call waits on it: a call the same thread makes meanwhile
         # (from a signal handler) must not take it, or it would read that reply.
         self.busy = False
-
-    def __del__(self) -> None:
-        # The thread that owned it ended (its thread-local went away): close quietly.
-        self.sock.close()
 
     def reusable(self, now: float) -> bool:
         # The backend sends nothing between calls: anything readable is its close.
@@ -161,6 +161,9 @@ class LaneClient:
             greeting = _recv_exact(sock, len(frames.GREETING) + 1) if _trusted(sock, address) else None
         except OSError:
             greeting = None
+        except BaseException:  # an interrupt: the socket is nobody's yet
+            sock.close()
+            raise
         if greeting is None or greeting[:-1] != frames.GREETING or greeting[-1:] != frames.SERVED:
             sock.close()
             # No lane here, or it is full: gRPC for a while, then look again.
