@@ -235,16 +235,16 @@ def test_an_unknown_method_or_a_bad_request_gets_a_status_not_a_crash(lane_clust
     meta = ((TOKEN_HEADER, lane_cluster.token),)
     with _raw_lane(address) as sock:
         sock.sendall(b"".join(frames.request_frame("NoSuchMethod", 5.0, meta, b"")))
-        code, _, details, _ = frames.parse_reply(frames.read_frame(sock))
+        code, _, details, _ = frames.parse_reply(frames.read_reply(sock))
         assert code == 12  # UNIMPLEMENTED
         sock.sendall(b"".join(frames.request_frame("CallStream", 5.0, meta, b"")))
-        code, _, _, _ = frames.parse_reply(frames.read_frame(sock))
+        code, _, _, _ = frames.parse_reply(frames.read_reply(sock))
         assert code == 12  # streams are gRPC's
         sock.sendall(b"".join(frames.request_frame("Call", 5.0, meta, b"\xff\xff\xff")))
-        code, _, details, _ = frames.parse_reply(frames.read_frame(sock))
+        code, _, details, _ = frames.parse_reply(frames.read_reply(sock))
         assert code == 13 and "deserializing" in details  # INTERNAL, as gRPC answers
         sock.sendall(b"".join(frames.request_frame("Ping", 5.0, (), b"")))
-        code, reply, _, _ = frames.parse_reply(frames.read_frame(sock))
+        code, reply, _, _ = frames.parse_reply(frames.read_reply(sock))
         assert code == 0 and reply is not None  # the connection still serves
 
 

@@ -22,9 +22,12 @@ def _body(parts):
 def test_request_round_trip_keeps_method_timeout_metadata_and_bytes():
     meta = (("x-claypot-token", "s3cret"), ("trace-bin", b"\x00\xff"), ("empty", ""))
     body = _body(lane.request_frame("Call", 2.5, meta, b"\x01\x02payload"))
-    method, timeout, metadata, request = lane.parse_request(body)
+    method, timeout, metadata, at = lane.parse_request_head(body)
+    request = body[at:]
     assert (method, timeout, metadata, bytes(request)) == ("Call", 2.5, meta, b"\x01\x02payload")
-    method, timeout, metadata, request = lane.parse_request(_body(lane.request_frame("Ping", None, None, b"")))
+    body = _body(lane.request_frame("Ping", None, None, b""))
+    method, timeout, metadata, at = lane.parse_request_head(body)
+    request = body[at:]
     assert (method, timeout, metadata, bytes(request)) == ("Ping", None, (), b"")
 
 
@@ -62,7 +65,7 @@ def test_reply_round_trips_ok_and_error_with_trailing_metadata():
 )
 def test_malformed_requests_are_protocol_errors(body):
     with pytest.raises(ProtocolError):
-        lane.parse_request(body)
+        lane.parse_request_head(body)
 
 
 def test_malformed_replies_are_protocol_errors():
@@ -80,7 +83,7 @@ def test_frame_length_limits():
         lane.request_frame("Call", 1.0, (), b"x" * lane.MAX_FRAME)
 
 
-def test_read_frame_over_a_socket_pair_reads_whole_frames_and_sees_cuts():
+def test_read_reply_over_a_socket_pair_reads_whole_frames_and_sees_cuts():
     a, b = socket.socketpair()
     with a, b:
         parts = lane.ok_frame(b"y" * 300_000)
@@ -88,16 +91,16 @@ def test_read_frame_over_a_socket_pair_reads_whole_frames_and_sees_cuts():
         # Bigger than the socket's buffer: sent from a thread, in two writes.
         sender = threading.Thread(target=lambda: (a.sendall(data[:10]), a.sendall(data[10:])))
         sender.start()
-        assert bytes(lane.read_frame(b)) == data[4:]
+        assert bytes(lane.read_reply(b)) == data[4:]
         sender.join()
         a.sendall(b"\x05\x00\x00\x00ab")  # a frame of 5 bytes cut after 2
         a.shutdown(socket.SHUT_WR)
         with pytest.raises(ConnectionError):
-            lane.read_frame(b)
+            lane.read_reply(b)
     c, d = socket.socketpair()
     with c, d:
         c.close()
-        assert lane.read_frame(d) is None  # a clean end between frames
+        assert lane.read_reply(d) is None  # a clean end between frames
 
 
 def test_socket_names_follow_the_advertised_address():

@@ -338,7 +338,7 @@ def test_a_wrong_or_missing_token_is_refused_before_the_request_is_read(connecte
     for meta in ((), ((TOKEN_HEADER, "not-the-token"),), ((TOKEN_HEADER, ""),)):
         with _raw(address) as sock:
             sock.sendall(b"".join(frames.request_frame("Call", 5.0, meta, junk)))
-            code, reply, details, _ = frames.parse_reply(frames.read_frame(sock))
+            code, reply, details, _ = frames.parse_reply(frames.read_reply(sock))
             assert code == 16 and reply is None, (code, details)  # UNAUTHENTICATED
 
 
@@ -365,7 +365,7 @@ def test_a_caller_without_the_token_cannot_make_the_backend_hold_its_request(con
                 # A whole head's worth of bytes (HEAD_LIMIT) is what the backend reads first.
                 sock.sendall(struct.pack("<I", frames.MAX_FRAME) + head + b"\x00" * (frames.HEAD_LIMIT - len(head)))
                 sock.settimeout(2.0)
-                code, _, _, _ = frames.parse_reply(frames.read_frame(sock))
+                code, _, _, _ = frames.parse_reply(frames.read_reply(sock))
                 refused += code == 16  # UNAUTHENTICATED, on the first bytes
                 sock.sendall(chunk)  # and the rest is not read: the connection is closed
             except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -390,7 +390,7 @@ def test_a_wrong_token_with_a_large_request_gets_its_refusal_not_a_broken_pipe(c
     meta = ((TOKEN_HEADER, "not-the-token"),)
     with _raw(hc.processes[0].address) as sock:
         sock.sendall(b"".join(frames.request_frame("Call", 5.0, meta, b"\x01" * (4 * 1024 * 1024))))
-        code, _, details, _ = frames.parse_reply(frames.read_frame(sock))
+        code, _, details, _ = frames.parse_reply(frames.read_reply(sock))
         assert code == 16, (code, details)
         assert sock.recv(1) == b""  # and then the connection ends
 

@@ -158,7 +158,9 @@ class LaneClient:
             sock.connect(frames.socket_name(address))
             # Not even the greeting is read from a process of another user (a squatter
             # on the name must never get this client's token).
-            greeting = _recv_exact(sock, len(frames.GREETING) + 1) if _trusted(sock, address) else None
+            greeting = (
+                frames.recv_exact(sock, len(frames.GREETING) + 1, allow_eof=True) if _trusted(sock, address) else None
+            )
         except OSError:
             greeting = None
         except BaseException:  # an interrupt: the socket is nobody's yet
@@ -275,13 +277,3 @@ def _trusted(sock: socket.socket, address: str) -> bool:
         return True
     log.warning("the local lane of %s is held by another user: its calls use gRPC", address)
     return False
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            return None
-        data += more
-    return data

@@ -161,12 +161,6 @@ def parse_request_head(head: bytes | bytearray | memoryview) -> tuple[str, float
     return method, timeout, metadata, at
 
 
-def parse_request(body: bytes | bytearray | memoryview) -> tuple[str, float | None, tuple, memoryview]:
-    """(method, timeout or None, metadata, request bytes) of a request frame's body."""
-    method, timeout, metadata, at = parse_request_head(body)
-    return method, timeout, metadata, memoryview(body)[at:]
-
-
 def ok_frame(reply: bytes) -> list[bytes]:
     """A successful reply frame, as parts to send together."""
     return [_U32.pack(1 + len(reply)), b"\x00", reply]
@@ -202,19 +196,6 @@ def frame_length(head: bytes | bytearray) -> int:
     return length
 
 
-def read_frame(sock: socket.socket) -> bytes | bytearray | None:
-    """One frame's body from a blocking socket; None on a clean end of stream before it.
-
-    Raises ProtocolError for a bad length, ConnectionError for an end of
-    stream inside a frame, and whatever the socket raises (its timeout).
-    """
-    head = _recv_exact(sock, 4, allow_eof=True)
-    if head is None:
-        return None
-    length = frame_length(head)
-    return _recv_exact(sock, length, allow_eof=False)
-
-
 def read_reply(sock: socket.socket) -> bytes | bytearray | None:
     """A reply frame's body, read for a caller that has exactly one reply coming:
     its first read takes the head and (usually) the whole body in one system call.
@@ -223,33 +204,22 @@ def read_reply(sock: socket.socket) -> bytes | bytearray | None:
     if not first:
         return None
     if len(first) < 4:
-        rest = _recv_exact(sock, 4 - len(first), allow_eof=False)
+        rest = recv_exact(sock, 4 - len(first), allow_eof=False)
         first += rest or b""
     length = frame_length(first[:4])
-    have = len(first) - 4
-    if have > length:
+    if len(first) - 4 > length:
         raise ProtocolError("lane frame: bytes past the end of a reply")
-    if have == length:
-        return first[4:]
-    body = bytearray(length)
-    body[:have] = first[4:]
-    view = memoryview(body)
-    while have < length:
-        k = sock.recv_into(view[have:], length - have)
-        if k == 0:
-            raise ConnectionError("the lane's connection closed inside a frame")
-        have += k
-    return body
+    return read_rest(sock, length, first[4:])
 
 
 def read_request_head(sock: socket.socket) -> tuple[int, bytes | bytearray] | None:
     """A request frame's length and its first ``min(length, HEAD_LIMIT)`` body bytes
     (see :func:`parse_request_head`); None on a clean end of stream before it."""
-    head = _recv_exact(sock, 4, allow_eof=True)
+    head = recv_exact(sock, 4, allow_eof=True)
     if head is None:
         return None
     length = frame_length(head)
-    first = _recv_exact(sock, min(length, HEAD_LIMIT), allow_eof=False)
+    first = recv_exact(sock, min(length, HEAD_LIMIT), allow_eof=False)
     assert first is not None
     return length, first
 
@@ -280,21 +250,12 @@ def skip(sock: socket.socket, n: int) -> None:
         n -= k
 
 
-def _recv_exact(sock: socket.socket, n: int, allow_eof: bool) -> bytes | bytearray | None:
+def recv_exact(sock: socket.socket, n: int, allow_eof: bool = False) -> bytes | bytearray | None:
+    """Exactly ``n`` bytes; with ``allow_eof`` None on an end of stream before the first
+    of them (else, and inside them, ConnectionError)."""
     first = sock.recv(n)
-    if len(first) == n:
-        return first
     if not first:
         if allow_eof:
             return None
         raise ConnectionError("the lane's connection closed inside a frame")
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = len(first)
-    view[:got] = first
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("the lane's connection closed inside a frame")
-        got += k
-    return buf
+    return read_rest(sock, n, first)

@@ -141,7 +141,8 @@ class LaneServer:
                     if head is None:
                         return
                     length, first = head
-                    if not self._admitted(conn, first):
+                    method, timeout, metadata, at = frames.parse_request_head(first)
+                    if not self._admitted(conn, method, metadata):
                         # Its caller may still be sending: drain the rest unheld, so it
                         # reads the refusal rather than a broken connection; then close.
                         frames.skip(conn, length - len(first))
@@ -152,7 +153,7 @@ class LaneServer:
                 with self._lock:
                     self._busy += 1
                 try:
-                    answer = self._answer(body)
+                    answer = self._answer(method, timeout, metadata, memoryview(body)[at:])
                 finally:
                     with self._idle:
                         self._busy -= 1
@@ -165,18 +166,16 @@ class LaneServer:
         finally:
             self._forget(conn)
 
-    def _admitted(self, conn: socket.socket, first) -> bool:
+    def _admitted(self, conn: socket.socket, method: str, metadata: tuple) -> bool:
         if self.admits is None:
             return True
-        method, _, metadata, _ = frames.parse_request_head(first)
         if self.admits(f"/{_SERVICE}/{method}", metadata):
             return True
         code = grpc.StatusCode.UNAUTHENTICATED.value[0]
         conn.sendall(b"".join(frames.error_frame(code, "wrong or missing claypot token", ())))
         return False
 
-    def _answer(self, body) -> bytes:
-        method, timeout, metadata, request = frames.parse_request(body)
+    def _answer(self, method: str, timeout: float | None, metadata: tuple, request: memoryview) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         context = _Context(metadata, deadline, self.address, outcome=False)
         try:
