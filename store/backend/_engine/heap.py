@@ -59,6 +59,7 @@ from store.backend._engine import cancel
 from store.backend._core import lifecycle as lc
 from store.backend._core.lifecycle import Lifecycle, State
 from store.backend._core.replication import CallLedger
+from store.backend._storage import storage as storage_mod
 from store.backend._storage.storage import Record, Storage
 
 log = logging.getLogger("claypot.heap")
@@ -665,7 +666,19 @@ class Heap:
         A changing call with a ``call_id`` that already changed the object
         (a retry, here or on a replica promoted since) returns the recorded
         result instead of running again.
+
+        What it returns is durable: a change the local lane logged and has not
+        fsync'd yet (see storage.deferring) may be what this call saw, so a
+        call served elsewhere waits for that fsync before it answers.
         """
+        result = self._invoke(object_id, kind, name, args, kwargs, chain, call_id)
+        if self.storage.unsettled() and not storage_mod.is_deferring():
+            self.storage.settle()
+        return result
+
+    def _invoke(
+        self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict, chain: str, call_id: str = ""
+    ) -> Any:
         entry = self._acquire(object_id, chain)
         # Only the outermost call of a chain on this object stores or rolls back:
         # a nested call (A -> B -> A) is part of the outer one.

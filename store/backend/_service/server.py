@@ -826,6 +826,7 @@ class Backend:
                 table,
                 max_connections=max(16, 4 * settings.server_threads),
                 admits=token_check.admits,
+                settle=self.heap.storage.settle,
             )
         self.client = Client.inside_backend(self.heap, self.backend_id, self.address, settings)
         objmod.set_dispatcher(self.client)

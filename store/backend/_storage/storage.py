@@ -78,6 +78,24 @@ _CHECKPOINT_BATCH = 128  # checkpoint files written (and fsync'd) together
 _BOOT_SHIFT = 40
 
 
+_deferring = threading.local()
+
+
+def deferring(on: bool) -> None:
+    """Whether, on this thread, a durable write under ``sync`` returns before its fsync.
+
+    For a server that answers a batch of calls, then makes all of them durable
+    with one :meth:`Storage.settle` before any reply leaves (the local lane's
+    event loop). Every other thread waits for its own fsync, as before.
+    """
+    _deferring.on = on
+
+
+def is_deferring() -> bool:
+    """This thread defers durability (see :func:`deferring`)."""
+    return getattr(_deferring, "on", False)
+
+
 class _Abandoned(Exception):
     """A checkpoint batch given up because the backend is stopping."""
 
@@ -505,6 +523,7 @@ class Storage:
         self._sync_lock = threading.Lock()  # one fsync at a time (group commit)
         self._written = 0  # records appended
         self._synced = 0  # records known durable
+        self._deferred = 0  # last record appended on a deferring thread (see settle())
         # Logged, not yet checkpointed; _DIRTY marks a write-behind object (snapshot it).
         self._pending: dict[str, _Logged | None] = {}
         self._inflight: dict[str, _Logged | None] = {}  # being checkpointed right now
@@ -790,19 +809,49 @@ class Storage:
         if reserve:
             self._request_reserve()  # before the fsync: the reserver works while we wait
         if durable and self.policy == "sync":
-            self._sync(ticket)
+            if getattr(_deferring, "on", False):
+                self._note_deferred(ticket)
+            else:
+                self._sync(ticket)
         if rotate:
             self._wake.set()
         return rec.lsn
 
     def sync(self) -> None:
-        """Make everything logged so far durable (under ``sync``; a no-op otherwise)."""
+        """Make everything logged so far durable (under ``sync``; a no-op otherwise).
+
+        On a thread that defers durability (see :func:`deferring`), the fsync is
+        left to that thread's :meth:`settle`."""
         self._check()
         if self.policy != "sync":
             return
         with self._lock:
             ticket = self._written
+        if getattr(_deferring, "on", False):
+            self._note_deferred(ticket)
+            return
         self._sync(ticket)
+
+    def _note_deferred(self, ticket: int) -> None:
+        if ticket > self._deferred:
+            with self._lock:
+                self._deferred = max(self._deferred, ticket)
+
+    def settle(self) -> None:
+        """Make durable every record logged without its fsync on a deferring thread.
+
+        The local lane calls it once per batch of calls, before their replies
+        go out; a call served elsewhere calls it before it answers when it may
+        have seen such a record (:meth:`unsettled`). Raises StorageFailed if
+        the fsync fails.
+        """
+        ticket = self._deferred
+        if ticket > self._synced:
+            self._sync(ticket)
+
+    def unsettled(self) -> bool:
+        """Some record logged on a deferring thread is not durable yet."""
+        return self._deferred > self._synced
 
     def mark_dirty(self, object_id: str) -> None:
         """Write-behind: checkpoint the object's live state (checkpoint_live()) soon."""
