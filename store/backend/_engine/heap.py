@@ -934,7 +934,10 @@ class Heap:
                     # Replicas first: a state they refuse is never logged here, so the
                     # rollback that follows finds the last acknowledged one.
                     self.replicate(entry, payload, buffers, call)
-                lsn = self.storage.write(entry.record(payload, buffers))
+                # On the lane's loop the fsync is the batch's (storage.deferring): the
+                # reply waits for it, as does a call served elsewhere that reads this
+                # state (invoke); nothing tells the directory about it.
+                lsn = self.storage.write(entry.record(payload, buffers), defer=storage_mod.is_deferring())
                 if call is not None:
                     self.calls.record(entry.object_id, call[0], call[2])
                 entry.digest = digest

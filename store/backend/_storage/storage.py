@@ -82,11 +82,13 @@ _deferring = threading.local()
 
 
 def deferring(on: bool) -> None:
-    """Whether, on this thread, a durable write under ``sync`` returns before its fsync.
+    """Whether this thread answers calls in batches made durable by one :meth:`Storage.settle`
+    before any reply leaves (the local lane's event loop).
 
-    For a server that answers a batch of calls, then makes all of them durable
-    with one :meth:`Storage.settle` before any reply leaves (the local lane's
-    event loop). Every other thread waits for its own fsync, as before.
+    On such a thread the state a changing method call logs is written without
+    its fsync (``Storage.write(defer=True)``). Only that: a persist, a delete,
+    an alias or a move tells the directory about the change once it is
+    stored, so it is fsync'd before, as on every other thread.
     """
     _deferring.on = on
 
@@ -776,11 +778,14 @@ class Storage:
             self._fsync_dir(os.path.dirname(d))
 
     # -- writing ------------------------------------------------------------------
-    def write(self, rec: Record, durable: bool = True) -> int:
+    def write(self, rec: Record, durable: bool = True, defer: bool = False) -> int:
         """Log ``rec`` (a private copy of its bytes); returns its LSN.
 
         With ``durable`` under the sync policy, returns once it is fsync'd. A
-        batch writes with ``durable=False`` and calls :meth:`sync` once.
+        batch writes with ``durable=False`` and calls :meth:`sync` once. With
+        ``defer`` (a changing call on a thread that settles its calls, see
+        :func:`deferring`) it returns before the fsync: :meth:`settle` makes
+        it durable before the call is answered.
         """
         self._check()
         rec.lsn = self.next_lsn()
@@ -809,7 +814,7 @@ class Storage:
         if reserve:
             self._request_reserve()  # before the fsync: the reserver works while we wait
         if durable and self.policy == "sync":
-            if getattr(_deferring, "on", False):
+            if defer:
                 self._note_deferred(ticket)
             else:
                 self._sync(ticket)
@@ -818,18 +823,12 @@ class Storage:
         return rec.lsn
 
     def sync(self) -> None:
-        """Make everything logged so far durable (under ``sync``; a no-op otherwise).
-
-        On a thread that defers durability (see :func:`deferring`), the fsync is
-        left to that thread's :meth:`settle`."""
+        """Make everything logged so far durable (under ``sync``; a no-op otherwise)."""
         self._check()
         if self.policy != "sync":
             return
         with self._lock:
             ticket = self._written
-        if getattr(_deferring, "on", False):
-            self._note_deferred(ticket)
-            return
         self._sync(ticket)
 
     def _note_deferred(self, ticket: int) -> None:
