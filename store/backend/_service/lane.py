@@ -274,7 +274,7 @@ class LaneServer:
                 if gen != self._gen:
                     break
                 self._wait_for_events()
-        except Exception:
+        except BaseException:  # whatever ends this thread must not end the loop
             log.exception("local lane: the event loop failed; a new owner takes it")
             if gen == self._gen and not self._stopped:
                 time.sleep(0.01)  # a fault that repeats must not spin up threads in a tight loop
@@ -356,7 +356,9 @@ class LaneServer:
         try:
             answer = self._answer(method, timeout, metadata, body)
         except BaseException:
+            # Its reply will never come: close it so its caller learns now, not at its deadline.
             self._done(conn)
+            self._forget(conn)
             raise
         finally:
             me.since = 0.0
@@ -421,7 +423,15 @@ class LaneServer:
             handler = self.table.handler(_CallDetails(f"/{_SERVICE}/{method}", context.invocation_metadata()))
             if handler is None or handler.request_streaming or handler.response_streaming:
                 return b"".join(frames.error_frame(grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!", ()))
-            reply = serve_unary(handler, request, context, method)
+            try:
+                reply = serve_unary(handler, request, context, method)
+            except BaseException as exc:
+                # serve_unary turns an Exception into its status; a method that raises
+                # SystemExit (a BaseException) fails its own call, as any other error
+                # does, instead of ending the thread that serves every connection.
+                log.error("local lane: call %s raised %r", method, exc)
+                code = grpc.StatusCode.UNKNOWN.value[0]
+                return b"".join(frames.error_frame(code, f"Exception calling application: {exc!r}", ()))
         finally:
             context._end()
         if reply is not None:
