@@ -352,7 +352,7 @@ class LaneServer:
         with self._lock:
             self._busy += 1
         conn.busy = True
-        me.since = time.monotonic()
+        self._enter(me)
         try:
             answer = self._answer(method, timeout, metadata, body)
         except BaseException:
@@ -364,6 +364,16 @@ class LaneServer:
             me.since = 0.0
         with self._outbox_lock:
             self._outbox.append((conn, answer, method))
+
+    def _enter(self, me: _Owner) -> None:
+        """The owner starts a call (or a flush) the watchdog must time."""
+        me.since = time.monotonic()
+        # After since is set: the watchdog clears the event, then looks at since
+        # again, so at least one of the two sees the other (no lost wake-up that
+        # would leave a long call holding the loop, and a nested call back into
+        # this backend waiting for its deadline).
+        if not self._active.is_set():
+            self._active.set()
 
     def _take(self, conn: _Conn, data: bytes) -> tuple | None:
         """Add ``data`` to the frame ``conn`` is reading; the request once it is whole.
@@ -444,7 +454,7 @@ class LaneServer:
             batch, self._outbox = self._outbox, []
         if not batch:
             return
-        me.since = time.monotonic()
+        self._enter(me)
         failed: BaseException | None = None
         try:
             if self.settle is not None:
@@ -515,6 +525,8 @@ class LaneServer:
                 self._new_owner()
             elif not since and not self._ready:
                 self._active.clear()  # the next epoll wake-up with events sets it again
+                if self._owner.since or self._ready:  # began meanwhile (see _enter)
+                    self._active.set()
 
 
 def _failure_frame(method: str, exc: BaseException) -> bytes:
