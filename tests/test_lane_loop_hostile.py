@@ -142,14 +142,22 @@ def test_a_sleeping_call_holds_up_no_one_and_eight_sleep_side_by_side(lc, client
         for cell in cells:
             cell.make_persistent(backend=lc.backends[0])
             cell.get()
-        slow = threading.Thread(target=lambda: cells[8].echo(2.0, "slow"))
+        done = []
+
+        def long_one():
+            with dispatching(client):
+                done.append(cells[8].echo(2.0, "slow"))
+
+        slow = threading.Thread(target=long_one)
         slow.start()
         time.sleep(0.2)
         t0 = time.monotonic()
         for k in range(50):
             assert cells[k % 8].get() == k % 8
         assert time.monotonic() - t0 < 1.5  # not behind the 2 s call
+        assert not done  # which was still running
         slow.join(10)
+        assert done == ["slow"]
         got = [None] * 8
 
         def sleeper(k):
