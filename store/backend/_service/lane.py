@@ -274,7 +274,7 @@ class LaneServer:
                 if gen != self._gen:
                     break
                 self._wait_for_events()
-        except Exception:
+        except BaseException:  # whatever ends this thread must not end the loop
             log.exception("local lane: the event loop failed; a new owner takes it")
             if gen == self._gen and not self._stopped:
                 time.sleep(0.01)  # a fault that repeats must not spin up threads in a tight loop
@@ -352,16 +352,28 @@ class LaneServer:
         with self._lock:
             self._busy += 1
         conn.busy = True
-        me.since = time.monotonic()
+        self._enter(me)
         try:
             answer = self._answer(method, timeout, metadata, body)
         except BaseException:
+            # Its reply will never come: close it so its caller learns now, not at its deadline.
             self._done(conn)
+            self._forget(conn)
             raise
         finally:
             me.since = 0.0
         with self._outbox_lock:
             self._outbox.append((conn, answer, method))
+
+    def _enter(self, me: _Owner) -> None:
+        """The owner starts a call (or a flush) the watchdog must time."""
+        me.since = time.monotonic()
+        # After since is set: the watchdog clears the event, then looks at since
+        # again, so at least one of the two sees the other (no lost wake-up that
+        # would leave a long call holding the loop, and a nested call back into
+        # this backend waiting for its deadline).
+        if not self._active.is_set():
+            self._active.set()
 
     def _take(self, conn: _Conn, data: bytes) -> tuple | None:
         """Add ``data`` to the frame ``conn`` is reading; the request once it is whole.
@@ -421,7 +433,15 @@ class LaneServer:
             handler = self.table.handler(_CallDetails(f"/{_SERVICE}/{method}", context.invocation_metadata()))
             if handler is None or handler.request_streaming or handler.response_streaming:
                 return b"".join(frames.error_frame(grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!", ()))
-            reply = serve_unary(handler, request, context, method)
+            try:
+                reply = serve_unary(handler, request, context, method)
+            except BaseException as exc:
+                # serve_unary turns an Exception into its status; a method that raises
+                # SystemExit (a BaseException) fails its own call, as any other error
+                # does, instead of ending the thread that serves every connection.
+                log.error("local lane: call %s raised %r", method, exc)
+                code = grpc.StatusCode.UNKNOWN.value[0]
+                return b"".join(frames.error_frame(code, f"Exception calling application: {exc!r}", ()))
         finally:
             context._end()
         if reply is not None:
@@ -434,7 +454,7 @@ class LaneServer:
             batch, self._outbox = self._outbox, []
         if not batch:
             return
-        me.since = time.monotonic()
+        self._enter(me)
         failed: BaseException | None = None
         try:
             if self.settle is not None:
@@ -505,6 +525,8 @@ class LaneServer:
                 self._new_owner()
             elif not since and not self._ready:
                 self._active.clear()  # the next epoll wake-up with events sets it again
+                if self._owner.since or self._ready:  # began meanwhile (see _enter)
+                    self._active.set()
 
 
 def _failure_frame(method: str, exc: BaseException) -> bytes:
