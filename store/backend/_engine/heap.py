@@ -671,10 +671,12 @@ class Heap:
         fsync'd yet (see storage.deferring) may be what this call saw, so a
         call served elsewhere waits for that fsync before it answers.
         """
-        result = self._invoke(object_id, kind, name, args, kwargs, chain, call_id)
-        if self.storage.unsettled() and not storage_mod.is_deferring():
-            self.storage.settle()
-        return result
+        try:
+            return self._invoke(object_id, kind, name, args, kwargs, chain, call_id)
+        finally:
+            # Also when the call raised: its error may describe the state it saw.
+            if self.storage.unsettled() and not storage_mod.is_deferring():
+                self.storage.settle()
 
     def _invoke(
         self, object_id: str, kind: int, name: str, args: tuple, kwargs: dict, chain: str, call_id: str = ""

@@ -222,12 +222,16 @@ class LaneServer:
 
     def _forget(self, conn: _Conn) -> None:
         with self._lock:
-            if self._conns.get(conn.fd) is conn:
+            mine = self._conns.get(conn.fd) is conn
+            if mine:
                 del self._conns[conn.fd]
-        try:
-            self._epoll.unregister(conn.fd)
-        except (OSError, ValueError, AttributeError):
-            pass
+        if mine:
+            # Only the first forget unregisters: by a second one the fd may belong
+            # to a new connection (it is unregistered before its close, so not before).
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError, AttributeError):
+                pass
         conn.sock.close()
 
     def _rearm(self, conn: _Conn) -> None:
@@ -247,14 +251,16 @@ class LaneServer:
 
     # -- the loop ------------------------------------------------------------------------
     def _new_owner(self) -> None:
+        me = _Owner()
         with self._lock:
             self._gen += 1
             gen = self._gen
-        threading.Thread(target=self._run, args=(gen,), name="lane", daemon=True).start()
+            # Named the owner here, not when its thread first runs: a late start of an
+            # older owner must not make the watchdog time a thread that has ended.
+            self._owner = me
+        threading.Thread(target=self._run, args=(gen, me), name="lane", daemon=True).start()
 
-    def _run(self, gen: int) -> None:
-        me = _Owner()
-        self._owner = me
+    def _run(self, gen: int, me: _Owner) -> None:
         storage_mod.deferring(True)
         try:
             while gen == self._gen:
@@ -284,6 +290,8 @@ class LaneServer:
             # answered goes out now, durable first.
             self._flush(me)
             storage_mod.deferring(False)
+            if self._ready:
+                self._poke()  # connections this thread took from epoll: the owner reads them now
 
     def _wait_for_events(self) -> None:
         now = time.monotonic()
