@@ -23,7 +23,7 @@ meanwhile and answers those too, then makes them all durable with one fsync
 (``settle``), then sends their replies. No reply, read-only ones included,
 leaves before the state it saw is durable; if that fsync fails, every reply
 of the batch is the storage's error instead. Replies are written without
-blocking; one its client is slow to read is finished on a thread of its own.
+blocking; the rest of one its client is slow to read goes out as it reads.
 
 Calls that take long. A call may run for a long time or wait (a method
 that sleeps, a nested call to another backend that calls back here). A
@@ -71,13 +71,14 @@ _SERVICE = _SERVICE_DESC.full_name
 _TIMEVAL = struct.Struct("@ll")  # struct timeval
 _READ = 256 * 1024  # bytes asked of one recv
 _ARM = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_ARM_WRITE = select.EPOLLOUT | select.EPOLLONESHOT  # the rest of a reply, as the client reads
 _SWEEP_EVERY = 1.0  # seconds between two looks for idle connections
 
 
 class _Conn:
     """One client connection and the frame it is reading."""
 
-    __slots__ = ("sock", "fd", "buf", "length", "head", "drop", "last", "busy")
+    __slots__ = ("sock", "fd", "buf", "length", "head", "drop", "last", "busy", "out")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -88,6 +89,7 @@ class _Conn:
         self.drop = 0  # bytes of a refused frame still to read and drop before closing
         self.last = time.monotonic()  # last request or reply
         self.busy = False  # a request of it is being answered (its reply not sent yet)
+        self.out: memoryview | None = None  # the rest of a reply its client is slow to read
 
 
 class _Owner:
@@ -322,13 +324,19 @@ class LaneServer:
 
     def _close_idle(self, now: float) -> None:
         with self._lock:
-            idle = [c for c in self._conns.values() if not c.busy and now - c.last > IDLE_CLOSE]
+            idle = [c for c in self._conns.values() if (not c.busy or c.out is not None) and now - c.last > IDLE_CLOSE]
         for conn in idle:
+            if conn.out is not None:  # its client stopped reading its reply
+                conn.out = None
+                self._done(conn)
             self._forget(conn)
 
     def _read(self, fd: int, me: _Owner) -> None:
         """Read what ``fd`` has; answer its request once the whole frame is in."""
         conn = self._conns.get(fd)
+        if conn is not None and conn.out is not None:
+            self._write_more(conn)
+            return
         if conn is None or conn.busy:
             # Gone, or answered on another thread right now: its rearm after the reply
             # reports any bytes it sent meanwhile.
@@ -483,23 +491,44 @@ class LaneServer:
                     self._forget(conn)
                     continue
                 if sent < len(answer):
-                    # A reply its client is slow to read (a large one, or a client that
-                    # stopped reading): finished on a thread of its own, bounded by
-                    # SO_SNDTIMEO, so that neither the loop nor the other replies wait.
-                    rest = memoryview(answer)[sent:]
-                    threading.Thread(target=self._send_rest, args=(conn, rest), name="lane-reply", daemon=True).start()
+                    # More than the socket holds (a large reply, or a client that stopped
+                    # reading): the loop sends the rest as the client reads it (EPOLLOUT),
+                    # so that neither the loop nor the other replies wait for it.
+                    conn.out = memoryview(answer)[sent:]
+                    conn.last = time.monotonic()
+                    self._arm_write(conn)
                     continue
                 self._replied(conn)
         finally:
             me.since = 0.0
 
-    def _send_rest(self, conn: _Conn, rest: memoryview) -> None:
+    def _arm_write(self, conn: _Conn) -> None:
         try:
-            conn.sock.sendall(rest)
+            self._epoll.modify(conn.fd, _ARM_WRITE)
+        except (OSError, ValueError):
+            self._done(conn)
+            self._forget(conn)
+
+    def _write_more(self, conn: _Conn) -> None:
+        """Send more of a reply its client is reading slowly (epoll said there is room)."""
+        out = conn.out
+        assert out is not None
+        try:
+            sent = conn.sock.send(out, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
         except OSError:
+            conn.out = None
             self._done(conn)
             self._forget(conn)
             return
+        if sent < len(out):
+            if sent:
+                conn.out = out[sent:]
+                conn.last = time.monotonic()
+            self._arm_write(conn)
+            return
+        conn.out = None
         self._replied(conn)
 
     def _replied(self, conn: _Conn) -> None:
