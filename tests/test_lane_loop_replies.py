@@ -19,7 +19,7 @@ import pytest
 
 import store
 from store import LocalCluster, StorageObject, readonly
-from store._client.client import Client
+from store._client.client import TOKEN_HEADER, Client
 from store._model.objects import dispatching
 from store._wire import lane as frames
 
@@ -465,3 +465,35 @@ def test_a_graceful_stop_while_a_large_reply_is_read_slowly_ends_it_whole_or_not
                 assert _carries(outcome[0], "stop", BIG)
         finally:
             slow.close()
+
+
+def test_a_refusal_to_a_client_that_does_not_read_its_replies_stalls_no_one(lc, client, source):
+    """A caller with the token asks for a reply that just fills its socket and reads none
+    of it, then sends a request without the token: the loop's refusal must not wait
+    for room (up to the 120 s send timeout) while every other caller waits for it."""
+    address = lc.processes[0].address
+    refused = b"".join(frames.request_frame("Call", 5.0, ((TOKEN_HEADER, "not-the-token"),), b"\xff" * 16))
+    stuck = []
+    quick = _client(lc, call_timeout=4.0)
+    try:
+        # Sizes around the socket's send buffer: one of them is sent whole and leaves it full.
+        with open("/proc/sys/net/core/wmem_default") as f:
+            wmem = int(f.read())
+        for k, n in enumerate(range(wmem - 17_000, wmem + 5_000, 1000)):
+            seed = f"full{k}"
+            frame = _captured_request(client, source, seed, n)
+            sock = _raw(address)
+            sock.sendall(frame)
+            stuck.append(sock)
+            time.sleep(0.1)  # its reply is sent (or waits for room); the next request is read after
+            sock.sendall(refused)
+            time.sleep(0.1)
+            with dispatching(quick):
+                t0 = time.monotonic()
+                for i in range(5):
+                    assert source.small(i) == i, n
+                assert time.monotonic() - t0 < 3.0, n
+    finally:
+        quick.close()
+        for sock in stuck:
+            sock.close()

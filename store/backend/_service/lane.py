@@ -439,7 +439,15 @@ class LaneServer:
         if self.admits(f"/{_SERVICE}/{method}", metadata):
             return True
         code = grpc.StatusCode.UNAUTHENTICATED.value[0]
-        conn.sock.sendall(b"".join(frames.error_frame(code, "wrong or missing claypot token", ())))
+        refusal = b"".join(frames.error_frame(code, "wrong or missing claypot token", ()))
+        # Never waiting for room: the owner sends it, and a client that left its last
+        # reply unread can keep its socket full for as long as the send timeout.
+        try:
+            sent = conn.sock.send(refusal, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(refusal):
+            raise OSError("no room for the refusal: its client does not read its replies")
         return False
 
     def _answer(self, method: str, timeout: float | None, metadata: tuple, request: memoryview) -> bytes:
