@@ -497,3 +497,35 @@ def test_a_refusal_to_a_client_that_does_not_read_its_replies_stalls_no_one(lc, 
         quick.close()
         for sock in stuck:
             sock.close()
+
+
+def test_readers_that_leave_during_a_graceful_stop_end_its_wait_for_their_replies(tmp_path):
+    """Eight raw clients stop reading their 3 MiB replies; a graceful stop waits for those
+    replies; the clients close a moment later: the loop, still running, counts each
+    one done, so the stop ends then, not at the end of its grace (1 s)."""
+    with LocalCluster(backends=1, data_dir=str(tmp_path / "c"), backend_env=_INLINE) as c:
+        proc = c.processes[0]
+        cl = _client(c)
+        try:
+            with dispatching(cl):
+                cell = Source()
+                cell.make_persistent(backend=c.backends[0])
+            frame = _captured_request(cl, cell, "leave", BIG)
+        finally:
+            cl.close()
+        socks = []
+        for _ in range(8):
+            s = _raw(proc.address)
+            s.sendall(frame)
+            assert len(s.recv(64 * 1024)) > 0  # its reply began, then nobody reads
+            socks.append(s)
+        time.sleep(0.2)
+        closer = threading.Timer(0.2, lambda: [s.close() for s in socks])
+        closer.start()
+        try:
+            took = proc.stop()
+        finally:
+            closer.join(5)
+        # 0.2 s until the clients leave, then the backend's own shutdown (0.5 s here); a
+        # stop that waited out its grace would take that grace (1 s) plus the shutdown.
+        assert 0.2 <= took < 1.25, took
