@@ -502,8 +502,8 @@ class LaneServer:
                     # More than the socket holds (a large reply, or a client that stopped
                     # reading): the loop sends the rest as the client reads it (EPOLLOUT),
                     # so that neither the loop nor the other replies wait for it.
+                    conn.last = time.monotonic()  # before out: the idle sweep reads out, then last
                     conn.out = memoryview(answer)[sent:]
-                    conn.last = time.monotonic()
                     self._arm_write(conn)
                     continue
                 self._replied(conn)
