@@ -134,7 +134,7 @@ class LaneServer:
         self._stopped = False
         self._busy = 0  # calls being answered, replies not yet sent
         self._idle = threading.Condition(self._lock)
-        self._ready: collections.deque[int] = collections.deque()  # fds with bytes to read
+        self._ready: collections.deque[int] = collections.deque()  # fds epoll reported: bytes, or room for a reply
         self._outbox: list[tuple[_Conn, bytes, str]] = []  # answered, waiting for settle
         self._outbox_lock = threading.Lock()
         self._gen = 0  # which owner thread runs the loop
