@@ -10,7 +10,6 @@ leak threads, or acknowledge what a kill -9 then loses. Real backends
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +22,9 @@ import store
 from store import LocalCluster, StorageObject, readonly
 from store._client.client import Client
 from store._model.objects import dispatching
-from store._wire import lane as frames
 from store.errors import ClaypotError
+
+from lanelib import on_lane, raw_lane, thread_count  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -84,23 +84,6 @@ def _client(c, **kw):
     return Client(c.address, c.token, settings=store.Settings.from_env(**kw))
 
 
-def _on_lane(client, address):
-    lane = client.transport._lane
-    return lane is not None and bool(lane._open.get(address))
-
-
-def _threads(pid):
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def _raw(address):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(frames.socket_name(address))
-    assert sock.recv(len(frames.GREETING) + 1) == frames.GREETING + frames.SERVED
-    return sock
-
-
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
     with LocalCluster(backends=2, data_dir=str(tmp_path_factory.mktemp("laneloop") / "c")) as c:
@@ -124,7 +107,7 @@ def test_a_method_raising_systemexit_fails_its_call_and_the_lane_keeps_serving(l
         cell = Tally(1)
         cell.make_persistent(backend=lc.backends[0])
         assert cell.get() == 1
-        assert _on_lane(client, address)
+        assert on_lane(client, address)
         t0 = time.monotonic()
         with pytest.raises(ClaypotError):
             cell.leave()
@@ -133,7 +116,7 @@ def test_a_method_raising_systemexit_fails_its_call_and_the_lane_keeps_serving(l
             t0 = time.monotonic()
             assert cell.echo(0.0, k) == k
             assert time.monotonic() - t0 < 5
-        assert _on_lane(client, address)
+        assert on_lane(client, address)
 
 
 def test_a_sleeping_call_holds_up_no_one_and_eight_sleep_side_by_side(lc, client):
@@ -216,7 +199,7 @@ def test_a_stalled_half_frame_and_an_unread_3_mib_reply_stall_no_one(lc, client)
         cell = Tally(7)
         cell.make_persistent(alias="loop-big-reader", backend=lc.backends[0])
         assert cell.get() == 7
-    half = _raw(address)
+    half = raw_lane(address, 10)
     half.sendall((1 << 20).to_bytes(4, "little") + b"\x04Call")
     reader = subprocess.Popen(
         [sys.executable, "-c", _BIG_READER, lc.address, lc.token, "loop-big-reader"],
@@ -256,7 +239,7 @@ def test_long_and_short_calls_mixed_for_a_while_lose_cross_or_repeat_nothing(lc,
         for cell in mine:
             cell.make_persistent(backend=lc.backends[0])
             cell.get()
-    before = _threads(pid)
+    before = thread_count(pid)
     stop = time.monotonic() + 6.0
     numbers, errors, slowest = [], [], [0.0]
 
@@ -286,7 +269,7 @@ def test_long_and_short_calls_mixed_for_a_while_lose_cross_or_repeat_nothing(lc,
         t.start()
     peak = before
     while any(t.is_alive() for t in threads):
-        peak = max(peak, _threads(pid))
+        peak = max(peak, thread_count(pid))
         time.sleep(0.05)
     for t in threads:
         t.join(30)
@@ -297,7 +280,7 @@ def test_long_and_short_calls_mixed_for_a_while_lose_cross_or_repeat_nothing(lc,
     # A read waits at most for a batch's fsync and a hand-over, never for a poll's timeout.
     assert slowest[0] < 0.5, slowest[0]
     time.sleep(1.0)
-    after = _threads(pid)
+    after = thread_count(pid)
     assert after <= before + 4, (before, peak, after)
 
 

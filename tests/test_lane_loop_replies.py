@@ -10,7 +10,6 @@ one is read slowly. Real backends (LocalCluster), real sockets.
 """
 
 import hashlib
-import os
 import socket
 import threading
 import time
@@ -22,6 +21,8 @@ from store import LocalCluster, StorageObject, readonly
 from store._client.client import TOKEN_HEADER, Client
 from store._model.objects import dispatching
 from store._wire import lane as frames
+
+from lanelib import on_lane, raw_lane, socket_count, thread_count  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,25 +65,6 @@ def _client(c, **kw):
     return Client(c.address, c.token, settings=store.Settings.from_env(**kw))
 
 
-def _on_lane(client, address):
-    lane = client.transport._lane
-    return lane is not None and bool(lane._open.get(address))
-
-
-def _threads(pid):
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def _sockets(pid):
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return n
-
-
 def _until(predicate, timeout):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -92,16 +74,8 @@ def _until(predicate, timeout):
     return predicate()
 
 
-def _raw(address):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(20)
-    sock.connect(frames.socket_name(address))
-    assert sock.recv(len(frames.GREETING) + 1) == frames.GREETING + frames.SERVED
-    return sock
-
-
-def _captured_request(client, cell, seed, n):
-    """The lane frame a real client sends for ``cell.bytes_for(seed, n)``, to replay raw."""
+def _captured(client, call):
+    """The lane frame a real client sends for ``call()`` (made under ``client``), to replay raw."""
     seen = []
     real = frames.request_frame
 
@@ -112,35 +86,34 @@ def _captured_request(client, cell, seed, n):
     frames.request_frame = spy
     try:
         with dispatching(client):
-            assert cell.bytes_for(seed, n) == _pattern(seed, n)
+            call()
     finally:
         frames.request_frame = real
     method, metadata, request = seen[-1]
     return b"".join(real(method, 60.0, metadata, request))
+
+
+def _captured_request(client, cell, seed, n):
+    """The lane frame for ``cell.bytes_for(seed, n)``, checked once on the way."""
+
+    def call():
+        assert cell.bytes_for(seed, n) == _pattern(seed, n)
+
+    return _captured(client, call)
+
+
+def _captured_small(client, cell):
+    """The lane frame for ``cell.small("raw")``."""
+
+    def call():
+        assert cell.small("raw") == "raw"
+
+    return _captured(client, call)
 
 
 def _carries(reply: bytes, seed: str, n: int) -> bool:
     """Whether a raw CallReply holds the value ``_pattern(seed, n)`` inline, whole."""
     return n < len(reply) < n + 4096 and _pattern(seed, n) in reply
-
-
-def _captured_small(client, cell):
-    """A raw lane frame for ``cell.small("raw")``."""
-    seen = []
-    real = frames.request_frame
-
-    def spy(method, timeout, metadata, request):
-        seen.append((method, tuple(metadata or ()), bytes(request)))
-        return real(method, timeout, metadata, request)
-
-    frames.request_frame = spy
-    try:
-        with dispatching(client):
-            assert cell.small("raw") == "raw"
-    finally:
-        frames.request_frame = real
-    method, metadata, request = seen[-1]
-    return b"".join(real(method, 60.0, metadata, request))
 
 
 def _read_reply_slowly(sock, chunk, pause):
@@ -179,13 +152,13 @@ def source(lc, client):
         cell = Source()
         cell.make_persistent(backend=lc.backends[0])
         assert cell.small("x") == "x"
-    assert _on_lane(client, lc.processes[0].address)
+    assert on_lane(client, lc.processes[0].address)
     return cell
 
 
 def test_many_threads_mixing_1_to_3_mib_replies_with_small_calls_each_get_their_own(lc, source):
     pid = lc.processes[0].proc.pid
-    before = _threads(pid)
+    before = thread_count(pid)
     errors, done = [], []
     peak = [before]
 
@@ -202,7 +175,7 @@ def test_many_threads_mixing_1_to_3_mib_replies_with_small_calls_each_get_their_
                     ), seed
                     for j in range(3):
                         assert source.small(f"{seed}-{j}") == f"{seed}-{j}"
-            assert _on_lane(cl, lc.processes[0].address)
+            assert on_lane(cl, lc.processes[0].address)
             done.append(k)
         except Exception as exc:  # reported below
             errors.append((k, exc))
@@ -223,7 +196,7 @@ def test_many_threads_mixing_1_to_3_mib_replies_with_small_calls_each_get_their_
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 60:
-        peak[0] = max(peak[0], _threads(pid))
+        peak[0] = max(peak[0], thread_count(pid))
         time.sleep(0.05)
     for t in threads:
         t.join(5)
@@ -241,8 +214,8 @@ def test_small_calls_flow_while_a_raw_client_reads_a_3_mib_reply_slowly_and_its_
     address = lc.processes[0].address
     pid = lc.processes[0].proc.pid
     frame = _captured_request(client, source, "slow", BIG)
-    sockets_before = _sockets(pid)
-    slow = _raw(address)
+    sockets_before = socket_count(pid)
+    slow = raw_lane(address, 20)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(frame)
     got = []
@@ -271,7 +244,7 @@ def test_small_calls_flow_while_a_raw_client_reads_a_3_mib_reply_slowly_and_its_
         assert _carries(_read_reply_slowly(slow, 256 * 1024, 0), "slow", BIG)
     finally:
         slow.close()
-    assert _until(lambda: _sockets(pid) <= sockets_before, 10), (sockets_before, _sockets(pid))
+    assert _until(lambda: socket_count(pid) <= sockets_before, 10), (sockets_before, socket_count(pid))
 
 
 def test_sixteen_raw_clients_reading_at_different_speeds_each_get_their_own_reply(lc, client, source):
@@ -281,8 +254,8 @@ def test_sixteen_raw_clients_reading_at_different_speeds_each_get_their_own_repl
     pid = lc.processes[0].proc.pid
     seeds = [f"r{k}" for k in range(16)]
     frames_of = {seed: _captured_request(client, source, seed, BIG - 977 * k) for k, seed in enumerate(seeds)}
-    sockets_before = _sockets(pid)
-    socks = {seed: _raw(address) for seed in seeds}
+    sockets_before = socket_count(pid)
+    socks = {seed: raw_lane(address, 20) for seed in seeds}
     results, errors = {}, []
 
     def reader(k, seed):
@@ -315,7 +288,7 @@ def test_sixteen_raw_clients_reading_at_different_speeds_each_get_their_own_repl
     finally:
         for sock in socks.values():
             sock.close()
-    assert _until(lambda: _sockets(pid) <= sockets_before, 10), (sockets_before, _sockets(pid))
+    assert _until(lambda: socket_count(pid) <= sockets_before, 10), (sockets_before, socket_count(pid))
 
 
 def test_hand_overs_while_a_reply_is_read_slowly_lose_none_of_it(lc, client, source):
@@ -325,8 +298,8 @@ def test_hand_overs_while_a_reply_is_read_slowly_lose_none_of_it(lc, client, sou
     address = lc.processes[0].address
     pid = lc.processes[0].proc.pid
     frame = _captured_request(client, source, "handover", BIG)
-    threads_before = _threads(pid)
-    slow = _raw(address)
+    threads_before = thread_count(pid)
+    slow = raw_lane(address, 20)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(frame)
     got, errors = [], []
@@ -362,7 +335,7 @@ def test_hand_overs_while_a_reply_is_read_slowly_lose_none_of_it(lc, client, sou
         assert got and _carries(got[0], "handover", BIG)
     finally:
         slow.close()
-    assert _until(lambda: _threads(pid) <= threads_before + 4, 10), (threads_before, _threads(pid))
+    assert _until(lambda: thread_count(pid) <= threads_before + 4, 10), (threads_before, thread_count(pid))
 
 
 def test_clients_closing_half_way_through_their_large_replies_leak_nothing(tmp_path):
@@ -378,7 +351,7 @@ def test_clients_closing_half_way_through_their_large_replies_leak_nothing(tmp_p
 
             frame = _captured_request(cl, cell, "gone", BIG)
             small = _captured_small(cl, cell)
-            threads_before, sockets_before = _threads(pid), _sockets(pid)
+            threads_before, sockets_before = thread_count(pid), socket_count(pid)
             churn_errors, stop_churn = [], threading.Event()
 
             def churn():
@@ -386,7 +359,7 @@ def test_clients_closing_half_way_through_their_large_replies_leak_nothing(tmp_p
                 # a late event or forget of a closed connection would land on one of these.
                 try:
                     while not stop_churn.is_set():
-                        with _raw(address) as s:
+                        with raw_lane(address, 20) as s:
                             s.sendall(small)
                             code, _, details, _ = frames.parse_reply(frames.read_reply(s))
                             assert code == frames.OK, details
@@ -400,7 +373,7 @@ def test_clients_closing_half_way_through_their_large_replies_leak_nothing(tmp_p
                 for round_ in range(3):
                     socks = []
                     for i in range(16):
-                        s = _raw(address)
+                        s = raw_lane(address, 20)
                         s.sendall(frame)
                         socks.append(s)
                     for i, s in enumerate(socks):
@@ -418,8 +391,8 @@ def test_clients_closing_half_way_through_their_large_replies_leak_nothing(tmp_p
                 for k in range(30):
                     assert cell.small(k) == k
                 assert cell.bytes_for("after", 2 * MIB) == _pattern("after", 2 * MIB)
-            assert _until(lambda: _sockets(pid) <= sockets_before, 10), (sockets_before, _sockets(pid))
-            assert _threads(pid) <= threads_before + 4, (threads_before, _threads(pid))
+            assert _until(lambda: socket_count(pid) <= sockets_before, 10), (sockets_before, socket_count(pid))
+            assert thread_count(pid) <= threads_before + 4, (threads_before, thread_count(pid))
         finally:
             cl.close()
         # Every busy count went back to zero: the stop does not wait out its grace (1 s).
@@ -440,7 +413,7 @@ def test_a_graceful_stop_while_a_large_reply_is_read_slowly_ends_it_whole_or_not
             frame = _captured_request(cl, cell, "stop", BIG)
         finally:
             cl.close()
-        slow = _raw(proc.address)
+        slow = raw_lane(proc.address, 20)
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.sendall(frame)
         outcome = []
@@ -482,7 +455,7 @@ def test_a_refusal_to_a_client_that_does_not_read_its_replies_stalls_no_one(lc, 
         for k, n in enumerate(range(wmem - 17_000, wmem + 5_000, 1000)):
             seed = f"full{k}"
             frame = _captured_request(client, source, seed, n)
-            sock = _raw(address)
+            sock = raw_lane(address, 20)
             sock.sendall(frame)
             stuck.append(sock)
             time.sleep(0.1)  # its reply is sent (or waits for room); the next request is read after
@@ -515,7 +488,7 @@ def test_readers_that_leave_during_a_graceful_stop_end_its_wait_for_their_replie
             cl.close()
         socks = []
         for _ in range(8):
-            s = _raw(proc.address)
+            s = raw_lane(proc.address, 20)
             s.sendall(frame)
             assert len(s.recv(64 * 1024)) > 0  # its reply began, then nobody reads
             socks.append(s)
